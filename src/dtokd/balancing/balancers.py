@@ -1,0 +1,124 @@
+"""Balancers built from a weight rule, and the factory :func:`make_balancer`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dtokd.balancing import rules
+from dtokd.balancing.amortized import AmortizedDTOBalancer
+from dtokd.balancing.base import Balancer, NonFinitePolicy, Rescale, unique_params
+from dtokd.balancing.engines import ENGINES, ExactEngine, RepresentationEngine, SubsetEngine
+from dtokd.balancing.gradnorm import GradNormBalancer
+
+
+class RuleBalancer(Balancer):
+    """A stateless weight rule of :mod:`dtokd.balancing.rules` applied every step."""
+
+    def __init__(self, method: str, engine: Any, *, rule_options: Mapping[str, Any], **kwargs: Any) -> None:
+        super().__init__(engine, **kwargs)
+        rules.check_rule_options(method, rule_options)
+        self.method = method
+        self.rule_options = dict(rule_options)
+        self.needs_gram = method not in rules.GRAM_FREE_RULES
+        if method == "fixed":
+            _check_fixed_weights(self.rule_options.get("weights"))
+
+    def _weights(self, gram: Tensor | None, objective_values: Tensor) -> Tensor:
+        options = dict(self.rule_options)
+        if self.method == "fixed" and isinstance(options["weights"], Mapping):
+            options["weights"] = _ordered_weights(options["weights"], self.names)  # type: ignore[arg-type]
+        if gram is None:
+            m = objective_values.shape[0]
+            gram = torch.zeros(m, m, dtype=torch.float64, device=objective_values.device)
+        return rules.weights(self.method, gram, **options)
+
+
+def _check_fixed_weights(weights: object) -> None:
+    if weights is None:
+        raise TypeError("method 'fixed' needs weights=..., e.g. weights={'distill': 0.9, 'task': 0.1}")
+    if not isinstance(weights, (Mapping, Sequence)) or isinstance(weights, str):
+        raise TypeError(f"fixed: weights must be a mapping name -> weight or a sequence, got {weights!r}")
+
+
+def _ordered_weights(weights: Mapping[str, float], names: tuple[str, ...]) -> list[float]:
+    if set(weights) != set(names):
+        raise ValueError(f"fixed: weights are given for {sorted(weights)}, but the losses are {sorted(names)}")
+    return [float(weights[n]) for n in names]
+
+
+BALANCERS: tuple[str, ...] = (*rules.RULES, "dto-amortized", "gradnorm")
+"""Every method :func:`make_balancer` knows."""
+
+_LOG_BY_DEFAULT = frozenset({"dto", "dto-amortized"})
+
+
+def make_balancer(
+    method: str,
+    params: Iterable[Tensor],
+    *,
+    engine: str = "exact",
+    gram_params: Iterable[Tensor] | None = None,
+    batched: bool = False,
+    log_losses: bool | None = None,
+    loss_floor: float = 1e-8,
+    rescale: Rescale = "none",
+    on_nonfinite: NonFinitePolicy = "raise",
+    **options: Any,
+) -> Balancer:
+    """A balancer for ``method`` (one of :data:`BALANCERS`) over ``params``.
+
+    Then, in the training loop, instead of ``(0.9 * kd + 0.1 * ce).backward()``::
+
+        info = balancer.backward({"distill": kd, "task": ce})
+        optimizer.step()
+
+    ``engine``: ``"exact"`` (default), ``"subset"`` (the Gram over ``gram_params``),
+    ``"representation"`` (pass ``representation=`` to ``backward``); see
+    :mod:`dtokd.balancing.engines`. ``batched``: one vmapped VJP instead of m.
+    ``log_losses``: balance the gradients of ``log L_i`` (default for ``"dto"`` and
+    ``"dto-amortized"``, as in the paper) or of ``L_i`` (default for the others).
+    ``loss_floor``: the smallest loss value the log transform uses. ``rescale``:
+    ``"unit-sum"`` divides the update's coefficients on the raw losses by their absolute sum
+    (default ``"none"``: the paper's ``g* = sum_i pi_i grad log L_i``; the amortized form
+    always uses ``"unit-sum"``, as FAMO does). ``on_nonfinite``: ``"raise"`` or ``"skip"``.
+    ``options``: the rule's own options (e.g. ``constraint="simplex"`` for ``"dto"``,
+    ``weights=`` for ``"fixed"``, ``c=`` for ``"cagrad"``), or those of
+    :class:`~dtokd.balancing.amortized.AmortizedDTOBalancer` and
+    :class:`~dtokd.balancing.gradnorm.GradNormBalancer`.
+    """
+    if method not in BALANCERS:
+        raise ValueError(f"unknown balancing method {method!r}; available: {list(BALANCERS)}")
+    param_list = unique_params(params)
+    built_engine = _make_engine(engine, param_list, gram_params, batched)
+    common: dict[str, Any] = {
+        "log_losses": method in _LOG_BY_DEFAULT if log_losses is None else log_losses,
+        "loss_floor": loss_floor,
+        "on_nonfinite": on_nonfinite,
+    }
+    if method == "dto-amortized":
+        if rescale != "none":
+            raise ValueError("dto-amortized always rescales like FAMO ('unit-sum'); do not pass rescale=")
+        return AmortizedDTOBalancer(built_engine, **common, **options)
+    if method == "gradnorm":
+        return GradNormBalancer(built_engine, rescale=rescale, **common, **options)
+    return RuleBalancer(method, built_engine, rule_options=options, rescale=rescale, **common)
+
+
+def _make_engine(
+    engine: str, params: list[Tensor], gram_params: Iterable[Tensor] | None, batched: bool
+) -> ExactEngine | SubsetEngine | RepresentationEngine:
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r} is not allowed; use one of {list(ENGINES)}")
+    if engine == "subset":
+        if gram_params is None:
+            raise ValueError("engine='subset' needs gram_params= (the parameters the Gram is computed over)")
+        return SubsetEngine(params, unique_params(gram_params, "gram_params"), batched=batched)
+    if gram_params is not None:
+        raise ValueError(f"gram_params= is only used by engine='subset', not engine={engine!r}")
+    if engine == "representation":
+        return RepresentationEngine(params, batched=batched)
+    return ExactEngine(params, batched=batched)

@@ -1,0 +1,208 @@
+"""The balancer contract: ``backward(losses) -> StepInfo``.
+
+One step, for losses ``L_i`` (a mapping name -> scalar tensor)::
+
+    objective_i = log L_i   (log_losses=True, DTO's choice)   or   L_i
+    d_i         = grad objective_i = grad L_i / max(L_i, loss_floor)   (or grad L_i)
+    G[i, j]     = <d_i, d_j>            (from the engine; only if the rule needs it)
+    pi          = rule(G)               (subclass)
+    c_i         = pi_i / max(L_i, loss_floor)   (or pi_i);   rescale="unit-sum": c /= sum_i |c_i|
+    .grad      += sum_i c_i grad L_i
+
+Losses are checked before anything is computed: a non-empty mapping of string names to
+floating scalar tensors in the autograd graph, all on one device, with the same names on
+every call (the first call fixes them and their order). A NaN or infinite loss raises a
+``ValueError`` naming it (``on_nonfinite="skip"`` instead writes no gradient and reports
+``StepInfo.skipped``). With ``log_losses=True`` a negative loss is an error (its log is
+undefined) and a loss below ``loss_floor`` (zero included) is taken as ``loss_floor``.
+
+Mixed precision: under ``torch.autocast`` nothing changes (the Gram is accumulated in
+float64). With ``torch.amp.GradScaler`` pass ``scaler=`` to :meth:`Balancer.backward` instead
+of scaling the losses yourself: gradients are computed from the scaled losses (so fp16 does
+not underflow), the Gram is unscaled before the rule sees it, and ``.grad`` receives the
+scaled combination that ``scaler.step`` expects. If the scaled gradients overflow, ``.grad``
+is filled with NaN so that ``scaler.step`` skips the step and lowers the scale, and the step
+is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from dtokd.balancing.engines import ObjectiveGradients, weighted_sum_backward
+from dtokd.balancing.stepinfo import StepInfo
+
+Rescale = Literal["none", "unit-sum"]
+NonFinitePolicy = Literal["raise", "skip"]
+
+
+class Balancer:
+    """Base class: validation, log transform, engine call, rescale, write-back, StepInfo."""
+
+    needs_gram: bool = True
+    """Whether the weights depend on the Gram matrix (if not, one plain backward suffices)."""
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        log_losses: bool,
+        loss_floor: float = 1e-8,
+        rescale: Rescale = "none",
+        on_nonfinite: NonFinitePolicy = "raise",
+    ) -> None:
+        if not (isinstance(loss_floor, (int, float)) and math.isfinite(loss_floor) and loss_floor > 0):
+            raise ValueError(f"loss_floor must be a positive finite number, got {loss_floor!r}")
+        if rescale not in ("none", "unit-sum"):
+            raise ValueError(f"rescale={rescale!r} is not allowed; use 'none' or 'unit-sum'")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite={on_nonfinite!r} is not allowed; use 'raise' or 'skip'")
+        self.engine = engine
+        self.log_losses = bool(log_losses)
+        self.loss_floor = float(loss_floor)
+        self.rescale = rescale
+        self.on_nonfinite = on_nonfinite
+        self.names: tuple[str, ...] | None = None
+
+    # -- to be provided by subclasses -------------------------------------------------------
+    def _weights(self, gram: Tensor | None, objective_values: Tensor) -> Tensor:
+        """Weights ``pi`` (m, float64) from the Gram of the objective gradients (None if not
+        ``needs_gram``) and the detached loss values as the rule sees them (floored)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """The balancer's state (names and, for learned weights, their parameters)."""
+        return {"names": self.names}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        names = state.get("names")
+        self.names = None if names is None else tuple(names)
+
+    # -- the step ---------------------------------------------------------------------------
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        *,
+        representation: Tensor | Sequence[Tensor] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        diagnose: bool = False,
+    ) -> StepInfo:
+        """Write the balanced gradient of ``losses`` into ``.grad`` and report the step.
+
+        ``representation``: the shared tensor for ``engine="representation"``.
+        ``scaler``: a ``torch.amp.GradScaler`` in use (see the module notes).
+        ``diagnose``: also compute the Gram for balancers that do not need it (fixed,
+        mean, amortized DTO), at the engine's extra cost, so that StepInfo has norms and
+        cosines.
+        """
+        ordered = self._checked(losses)
+        values = torch.stack([v.detach().reshape(()).to(torch.float64) for v in ordered.values()])
+        bad = [n for n, ok in zip(ordered, torch.isfinite(values).tolist()) if not ok]
+        if bad:
+            reason = f"non-finite loss(es) {bad}: " + ", ".join(f"{n}={float(ordered[n])}" for n in bad)
+            if self.on_nonfinite == "raise":
+                raise ValueError(reason + " (pass on_nonfinite='skip' to skip such steps instead)")
+            return self._skipped(values, reason)
+        divisors = self._divisors(values)
+        scale = 1.0 if scaler is None or not scaler.is_enabled() else float(scaler.get_scale())
+        scaled = {n: v * scale for n, v in ordered.items()} if scale != 1.0 else dict(ordered)
+        gradients: ObjectiveGradients | None = None
+        raw_gram = gram = None
+        if self.needs_gram or diagnose:
+            gradients = self.engine.gradients(scaled, representation)
+            raw_gram = gradients.gram / scale**2
+            gram = raw_gram / torch.outer(divisors, divisors)
+            if not bool(torch.isfinite(raw_gram).all()):
+                return self._nonfinite_gradients(values, gradients, raw_gram, scaler is not None)
+        pi = self._weights(gram if self.needs_gram else None, divisors).to(torch.float64)
+        coefficients = pi / divisors
+        if self.rescale == "unit-sum":
+            coefficients = coefficients / coefficients.abs().sum().clamp_min(torch.finfo(torch.float64).tiny)
+        if gradients is not None:
+            gradients.backward(coefficients)
+        else:
+            weighted_sum_backward(list(scaled.values()), coefficients, self.engine.params)
+        return StepInfo(self.names, values, pi, coefficients, gram, raw_gram)  # type: ignore[arg-type]
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _divisors(self, values: Tensor) -> Tensor:
+        """``max(L_i, loss_floor)`` for log losses (the factor of grad log L_i), else ones."""
+        if not self.log_losses:
+            return torch.ones_like(values)
+        negative = [n for n, v in zip(self.names, values.tolist()) if v < 0]  # type: ignore[arg-type]
+        if negative:
+            raise ValueError(
+                f"loss(es) {negative} are negative, but this balancer takes log L (log_losses=True); "
+                "use a non-negative loss or log_losses=False"
+            )
+        return values.clamp_min(self.loss_floor)
+
+    def _checked(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if not isinstance(losses, Mapping):
+            raise TypeError(f"losses must be a mapping name -> scalar tensor, got {type(losses).__name__}")
+        if not losses:
+            raise ValueError("losses is empty: give at least one named loss")
+        devices = set()
+        for name, value in losses.items():
+            if not isinstance(name, str):
+                raise TypeError(f"loss names must be strings, got {name!r}")
+            if not isinstance(value, Tensor) or value.numel() != 1 or not value.is_floating_point():
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"loss {name!r} must be a floating-point scalar tensor, got {shape}")
+            if not value.requires_grad:
+                raise ValueError(
+                    f"loss {name!r} does not require grad: it must be computed from the trained parameters"
+                )
+            devices.add(value.device)
+        if len(devices) > 1:
+            raise ValueError(f"losses are on different devices {sorted(map(str, devices))}; move them to one")
+        if self.names is None:
+            self.names = tuple(losses)
+        elif set(losses) != set(self.names):
+            raise ValueError(
+                f"losses have names {sorted(losses)}, but this balancer was first used with "
+                f"{sorted(self.names)}; a balancer balances a fixed set of objectives"
+            )
+        return {n: losses[n] for n in self.names}
+
+    def _skipped(self, values: Tensor, reason: str) -> StepInfo:
+        nan = torch.full_like(values, math.nan)
+        return StepInfo(self.names, values, nan, nan, skipped_reason=reason)  # type: ignore[arg-type]
+
+    def _nonfinite_gradients(
+        self, values: Tensor, gradients: ObjectiveGradients, raw_gram: Tensor, scaled: bool
+    ) -> StepInfo:
+        reason = "non-finite gradients"
+        if scaled:
+            gradients.backward(torch.full_like(values, math.nan))
+            return self._skipped(values, reason + " (GradScaler overflow: .grad set to NaN so scaler.step skips)")
+        bad = [n for n, v in zip(self.names, raw_gram.diagonal().tolist()) if not math.isfinite(v)]  # type: ignore[arg-type]
+        if self.on_nonfinite == "raise":
+            raise ValueError(f"{reason} for loss(es) {bad or list(self.names)}")  # type: ignore[arg-type]
+        return self._skipped(values, f"{reason} for loss(es) {bad}")
+
+
+def unique_params(params: Iterable[Tensor], argument: str = "params") -> list[Tensor]:
+    """The parameters as a list; errors for non-tensors, non-leaves, duplicates or an empty list."""
+    if isinstance(params, Tensor):
+        params = [params]
+    result, seen = [], set()
+    for k, p in enumerate(params):
+        if isinstance(p, Mapping):
+            raise TypeError(f"{argument}[{k}] is a parameter group dict; pass the tensors themselves")
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{argument}[{k}] must be a torch.Tensor, got {type(p).__name__}")
+        if not p.is_leaf:
+            raise ValueError(f"{argument}[{k}] is not a leaf tensor; pass the model's parameters")
+        if id(p) in seen:
+            raise ValueError(f"{argument}[{k}] appears twice; each parameter must be given once")
+        seen.add(id(p))
+        result.append(p)
+    if not result:
+        raise ValueError(f"{argument} is empty: give the parameters to update (e.g. model.parameters())")
+    return result

@@ -1,0 +1,206 @@
+"""Gradient engines: how the Gram matrix of the objective gradients is obtained, and how the
+combined gradient ``sum_i c_i grad L_i`` is written into ``.grad``.
+
+Three engines, by name (:data:`ENGINES`):
+
+``"exact"``
+    One vector-Jacobian product per objective over the given parameters (or one batched
+    product with ``batched=True``). The Gram is accumulated tensor by tensor,
+    ``G = sum_p J_p J_p^T`` with ``J_p`` the m x numel(p) block of parameter p, and the
+    combination is formed per tensor from the stored gradients: never an m x n matrix of all
+    parameters. Cost: m backward passes.
+``"subset"``
+    The Gram over ``gram_params`` only (e.g. the last block), then one ordinary backward of
+    ``sum_i c_i L_i`` over all parameters. Cost: m partial backward passes + 1 full one.
+``"representation"``
+    The Gram of the gradients with respect to a tensor the caller passes (the logits, a
+    feature map), then one ordinary backward of ``sum_i c_i L_i``. Cost: about one backward.
+
+Every engine accumulates into ``.grad`` exactly like ``loss.backward()`` does: call
+``optimizer.zero_grad()`` as usual. Gram entries are accumulated in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+EngineName = Literal["exact", "subset", "representation"]
+ENGINES: tuple[str, ...] = ("exact", "subset", "representation")
+
+
+class ObjectiveGradients(Protocol):
+    """The per-objective gradients of one step, as an engine holds them."""
+
+    gram: Tensor
+    """m x m float64 Gram matrix of the objective gradients ``<grad L_i, grad L_j>``."""
+
+    def backward(self, coefficients: Tensor) -> None:
+        """Accumulate ``sum_i coefficients[i] * grad L_i`` into the parameters' ``.grad``."""
+
+
+def trainable(params: Sequence[Tensor]) -> list[Tensor]:
+    """The parameters that currently require grad; an error if there are none."""
+    live = [p for p in params if p.requires_grad]
+    if not live:
+        raise ValueError("none of the balancer's parameters requires grad: nothing to update")
+    return live
+
+
+def weighted_sum_backward(losses: Sequence[Tensor], coefficients: Tensor, params: Sequence[Tensor]) -> None:
+    """One ordinary backward pass of ``sum_i c_i L_i`` into ``params`` only (c detached)."""
+    c = coefficients.detach()
+    total = sum(c[i].to(loss.dtype) * loss.reshape(()) for i, loss in enumerate(losses))
+    torch.autograd.backward(total, inputs=trainable(params))
+
+
+def _per_objective_grads(
+    losses: Sequence[Tensor], inputs: Sequence[Tensor], batched: bool, keep_graph: bool
+) -> tuple[list[list[Tensor]], list[bool]]:
+    """grads[i][k] = d losses[i] / d inputs[k] (zeros where a loss does not reach an input),
+    and for each loss whether it reaches any input at all."""
+    m = len(losses)
+    if batched and m > 1:
+        stacked = torch.stack(list(losses))
+        eye = torch.eye(m, dtype=stacked.dtype, device=stacked.device)
+        per_input = torch.autograd.grad(
+            stacked, inputs, grad_outputs=eye, is_grads_batched=True, retain_graph=keep_graph, allow_unused=True
+        )
+        columns = [torch.zeros((m, *x.shape), dtype=x.dtype, device=x.device) if g is None else g
+                   for g, x in zip(per_input, inputs)]
+        reaches = any(g is not None for g in per_input)
+        return [[column[i] for column in columns] for i in range(m)], [reaches] * m
+    grads, reached = [], []
+    for i, loss in enumerate(losses):
+        retain = keep_graph or i < m - 1
+        row = torch.autograd.grad(loss, inputs, retain_graph=retain, allow_unused=True)
+        grads.append([torch.zeros_like(x) if g is None else g for g, x in zip(row, inputs)])
+        reached.append(any(g is not None for g in row))
+    return grads, reached
+
+
+def _gram(grads: list[list[Tensor]]) -> Tensor:
+    """sum over tensors k of J_k J_k^T, J_k the m x numel block of tensor k, in float64."""
+    m = len(grads)
+    device = grads[0][0].device
+    gram = torch.zeros(m, m, dtype=torch.float64, device=device)
+    for k in range(len(grads[0])):
+        block = torch.stack([grads[i][k].reshape(-1) for i in range(m)])
+        gram += (block @ block.T).to(torch.float64)
+    return gram
+
+
+@dataclass
+class _StoredGradients:
+    """Exact engine: the gradients are kept and combined per tensor."""
+
+    gram: Tensor
+    grads: list[list[Tensor]]
+    params: list[Tensor]
+
+    def backward(self, coefficients: Tensor) -> None:
+        m = len(self.grads)
+        for k, p in enumerate(self.params):
+            combined = sum(coefficients[i].to(p.dtype) * self.grads[i][k] for i in range(m))
+            if p.grad is None:
+                p.grad = combined.detach().clone() if m == 1 else combined.detach()
+            else:
+                p.grad.add_(combined)
+
+
+@dataclass
+class _BackwardLater:
+    """Subset and representation engines: one weighted-sum backward pass at the end."""
+
+    gram: Tensor
+    losses: list[Tensor]
+    params: list[Tensor]
+
+    def backward(self, coefficients: Tensor) -> None:
+        weighted_sum_backward(self.losses, coefficients, self.params)
+
+
+class ExactEngine:
+    """Gram over all given parameters, one VJP per objective (``batched``: one vmapped VJP)."""
+
+    name = "exact"
+
+    def __init__(self, params: Sequence[Tensor], *, batched: bool = False) -> None:
+        self.params = list(params)
+        self.batched = bool(batched)
+
+    def gradients(self, losses: Mapping[str, Tensor], representation: object = None) -> ObjectiveGradients:
+        _no_representation(self.name, representation)
+        params = trainable(self.params)
+        grads, _ = _per_objective_grads(list(losses.values()), params, self.batched, keep_graph=False)
+        return _StoredGradients(_gram(grads), grads, params)
+
+
+class SubsetEngine:
+    """Gram over ``gram_params`` (a subset of ``params``); the update still reaches all params."""
+
+    name = "subset"
+
+    def __init__(self, params: Sequence[Tensor], gram_params: Sequence[Tensor], *, batched: bool = False) -> None:
+        self.params = list(params)
+        self.gram_params = list(gram_params)
+        if not self.gram_params:
+            raise ValueError("engine='subset' needs a non-empty gram_params (e.g. the last block's parameters)")
+        ids = {id(p) for p in self.params}
+        outside = [i for i, p in enumerate(self.gram_params) if id(p) not in ids]
+        if outside:
+            raise ValueError(f"gram_params at positions {outside} are not among the balancer's params")
+        self.batched = bool(batched)
+
+    def gradients(self, losses: Mapping[str, Tensor], representation: object = None) -> ObjectiveGradients:
+        _no_representation(self.name, representation)
+        values = list(losses.values())
+        grads, _ = _per_objective_grads(values, trainable(self.gram_params), self.batched, keep_graph=True)
+        return _BackwardLater(_gram(grads), values, self.params)
+
+
+class RepresentationEngine:
+    """Gram of the gradients with respect to a shared tensor (logits, features) of the step."""
+
+    name = "representation"
+
+    def __init__(self, params: Sequence[Tensor], *, batched: bool = False) -> None:
+        self.params = list(params)
+        self.batched = bool(batched)
+
+    def gradients(
+        self, losses: Mapping[str, Tensor], representation: Tensor | Sequence[Tensor] | None = None
+    ) -> ObjectiveGradients:
+        tensors = _representation_tensors(representation)
+        values = list(losses.values())
+        grads, reached = _per_objective_grads(values, tensors, self.batched, keep_graph=True)
+        missing = [name for name, ok in zip(losses, reached) if not ok]
+        if missing:
+            raise ValueError(
+                f"loss(es) {missing} do not depend on the representation tensor: the representation "
+                "engine needs every loss computed from it (pass e.g. the student's logits or a feature "
+                "map that all losses use, or use engine='exact')"
+            )
+        return _BackwardLater(_gram(grads), values, self.params)
+
+
+def _representation_tensors(representation: Tensor | Sequence[Tensor] | None) -> list[Tensor]:
+    if representation is None:
+        raise ValueError(
+            "engine='representation' needs backward(losses, representation=z), z a tensor all losses "
+            "are computed from (e.g. the student's logits)"
+        )
+    tensors = [representation] if isinstance(representation, Tensor) else list(representation)
+    for k, z in enumerate(tensors):
+        if not isinstance(z, Tensor) or not z.requires_grad:
+            raise ValueError(f"representation[{k}] must be a tensor in the autograd graph (requires_grad=True)")
+    return tensors
+
+
+def _no_representation(engine: str, representation: object) -> None:
+    if representation is not None:
+        raise ValueError(f"representation= is only used by engine='representation', not engine={engine!r}")
