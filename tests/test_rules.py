@@ -326,3 +326,18 @@ def test_unknown_method_and_option_are_named():
         weights("fixed", torch.eye(2), weights=[1, 2, 3])
     with pytest.raises(ValueError, match="rtol must be a positive"):
         weights("dto", torch.eye(2), rtol=-1.0)
+
+
+def test_rules_survive_strong_dominance():
+    # a real KD Gram (ResNet-20, first steps): ||g_distill|| / ||g_task|| ~ 7e-5, cos ~ -0.79
+    g = torch.tensor([[4.516e-09, -5.344e-05], [-5.344e-05, 0.99999]], dtype=torch.float64)
+    j = torch.linalg.cholesky(g + 1e-30 * torch.eye(2, dtype=torch.float64))  # rows with this Gram
+    for method in ["dto", "mgda", "upgrad", "imtl-g", "nash-mtl", "aligned-mtl", "cagrad", "pcgrad"]:
+        w = weights(method, g)
+        assert torch.isfinite(w).all(), method
+        assert (w @ j).norm() > 0, method
+    # CAGrad's correction keeps the norm sqrt(phi) instead of being cut to zero
+    w = weights("cagrad", g, c=0.5)
+    g0 = j.mean(0)
+    correction = w @ j - g0
+    assert correction.norm().item() == pytest.approx(0.5 * g0.norm().item(), rel=1e-6)

@@ -38,27 +38,31 @@ def solve_bounded_min_norm(
     at_bound = np.isclose(x, lower, rtol=0.0, atol=tol)
     if sum_to_one and at_bound.all():
         at_bound[np.argmin(np.diag(gram))] = False
+    on_face_minimum = False  # whether x minimises the objective on the current face
     for _ in range(_MAX_ITERATIONS_PER_DIM * max(m, 1)):
         free = ~at_bound
-        step = np.zeros(m)
-        step[free] = _face_step(gram, x, free, sum_to_one)
-        if np.abs(step).max(initial=0.0) <= 1e-13:
-            multipliers = _bound_multipliers(gram, x, free, sum_to_one)
-            candidates = np.where(at_bound, multipliers, np.inf)
-            worst = int(np.argmin(candidates))
-            if candidates[worst] >= -1e-12:
-                return np.maximum(x, lower)
-            at_bound[worst] = False
-            continue
-        length, blocking = 1.0, -1
-        for i in np.flatnonzero(free & (step < 0)):
-            ratio = (lower[i] - x[i]) / step[i]
-            if ratio < length:
-                length, blocking = max(ratio, 0.0), i
-        x = x + length * step
-        if blocking >= 0:
-            x[blocking] = lower[blocking]
-            at_bound[blocking] = True
+        if not on_face_minimum:
+            step = np.zeros(m)
+            step[free] = _face_step(gram, x, free, sum_to_one)
+            if np.abs(step).max(initial=0.0) > 1e-12 * max(1.0, np.abs(x).max()):
+                length, blocking = 1.0, -1
+                for i in np.flatnonzero(free & (step < 0)):
+                    ratio = (lower[i] - x[i]) / step[i]
+                    if ratio < length:
+                        length, blocking = max(ratio, 0.0), i
+                x = x + length * step
+                if blocking >= 0:
+                    x[blocking] = lower[blocking]
+                    at_bound[blocking] = True
+                    continue
+            on_face_minimum = True
+        multipliers = _bound_multipliers(gram, x, free, sum_to_one)
+        candidates = np.where(at_bound, multipliers, np.inf)
+        worst = int(np.argmin(candidates))
+        if candidates[worst] >= -1e-12:
+            return np.maximum(x, lower)
+        at_bound[worst] = False
+        on_face_minimum = False
     raise RuntimeError(
         f"active-set QP did not converge in {_MAX_ITERATIONS_PER_DIM * m} iterations "
         f"(m={m}); the Gram matrix may be ill-conditioned: {gram.tolist()}"

@@ -58,8 +58,8 @@ class AmortizedDTOBalancer(Balancer):
         self._optimizer: torch.optim.Adam | None = None
         self._before: Tensor | None = None  # log losses of the last step, awaiting their "after"
 
-    def _weights(self, gram: Tensor | None, objective_values: Tensor) -> Tensor:
-        log_losses = objective_values.detach().to("cpu", torch.float64).log()
+    def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
+        log_losses = self._divisors(loss_values).to("cpu").log()
         if self._before is not None:
             if self.update_mode == "same-batch":
                 raise RuntimeError(
@@ -69,7 +69,7 @@ class AmortizedDTOBalancer(Balancer):
             self._learn(self._before - log_losses)
         self._ensure_logits(len(log_losses))
         self._before = log_losses
-        return torch.softmax(self.logits.detach(), 0).to(objective_values.device)  # type: ignore[union-attr]
+        return torch.softmax(self.logits.detach(), 0).to(loss_values.device)  # type: ignore[union-attr]
 
     def update(self, losses_after: Mapping[str, Tensor]) -> None:
         """Give the losses re-evaluated after ``optimizer.step()`` on the same batch."""

@@ -27,13 +27,13 @@ class RuleBalancer(Balancer):
         if method == "fixed":
             _check_fixed_weights(self.rule_options.get("weights"))
 
-    def _weights(self, gram: Tensor | None, objective_values: Tensor) -> Tensor:
+    def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
         options = dict(self.rule_options)
         if self.method == "fixed" and isinstance(options["weights"], Mapping):
             options["weights"] = _ordered_weights(options["weights"], self.names)  # type: ignore[arg-type]
         if gram is None:
-            m = objective_values.shape[0]
-            gram = torch.zeros(m, m, dtype=torch.float64, device=objective_values.device)
+            m = loss_values.shape[0]
+            gram = torch.zeros(m, m, dtype=torch.float64, device=loss_values.device)
         return rules.weights(self.method, gram, **options)
 
 

@@ -70,9 +70,9 @@ class Balancer:
         self.names: tuple[str, ...] | None = None
 
     # -- to be provided by subclasses -------------------------------------------------------
-    def _weights(self, gram: Tensor | None, objective_values: Tensor) -> Tensor:
+    def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
         """Weights ``pi`` (m, float64) from the Gram of the objective gradients (None if not
-        ``needs_gram``) and the detached loss values as the rule sees them (floored)."""
+        ``needs_gram``) and the detached float64 loss values of this step."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -104,13 +104,16 @@ class Balancer:
         values = torch.stack([v.detach().reshape(()).to(torch.float64) for v in ordered.values()])
         bad = [n for n, ok in zip(ordered, torch.isfinite(values).tolist()) if not ok]
         if bad:
-            reason = f"non-finite loss(es) {bad}: " + ", ".join(f"{n}={float(ordered[n])}" for n in bad)
+            reason = f"non-finite loss(es) {bad}: " + ", ".join(
+                f"{n}={v}" for n, v in zip(ordered, values.tolist()) if n in bad
+            )
             if self.on_nonfinite == "raise":
                 raise ValueError(reason + " (pass on_nonfinite='skip' to skip such steps instead)")
             return self._skipped(values, reason)
         divisors = self._divisors(values)
-        scale = 1.0 if scaler is None or not scaler.is_enabled() else float(scaler.get_scale())
-        scaled = {n: v * scale for n, v in ordered.items()} if scale != 1.0 else dict(ordered)
+        scaling = scaler is not None and scaler.is_enabled()
+        scaled = {n: scaler.scale(v) for n, v in ordered.items()} if scaling else dict(ordered)  # type: ignore[union-attr]
+        scale = float(scaler.get_scale()) if scaling else 1.0  # type: ignore[union-attr]
         gradients: ObjectiveGradients | None = None
         raw_gram = gram = None
         if self.needs_gram or diagnose:
@@ -118,8 +121,8 @@ class Balancer:
             raw_gram = gradients.gram / scale**2
             gram = raw_gram / torch.outer(divisors, divisors)
             if not bool(torch.isfinite(raw_gram).all()):
-                return self._nonfinite_gradients(values, gradients, raw_gram, scaler is not None)
-        pi = self._weights(gram if self.needs_gram else None, divisors).to(torch.float64)
+                return self._nonfinite_gradients(values, gradients, raw_gram, scaling)
+        pi = self._weights(gram if self.needs_gram else None, values).to(torch.float64)
         coefficients = pi / divisors
         if self.rescale == "unit-sum":
             coefficients = coefficients / coefficients.abs().sum().clamp_min(torch.finfo(torch.float64).tiny)

@@ -37,9 +37,9 @@ class GradNormBalancer(Balancer):
         self.initial_losses: Tensor | None = None
         self._optimizer: torch.optim.Adam | None = None
 
-    def _weights(self, gram: Tensor | None, objective_values: Tensor) -> Tensor:
+    def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
         assert gram is not None
-        losses = objective_values.detach().to("cpu", torch.float64)
+        losses = loss_values.to("cpu")
         if self.loss_weights is None:
             self._init(len(losses), losses)
         used = self.loss_weights.detach().clone()  # type: ignore[union-attr]
@@ -53,7 +53,7 @@ class GradNormBalancer(Balancer):
         with torch.no_grad():
             self.loss_weights.clamp_(min=1e-8)  # type: ignore[union-attr]
             self.loss_weights.div_(self.loss_weights.sum())  # type: ignore[union-attr]
-        return used.to(objective_values.device)
+        return used.to(loss_values.device)
 
     def _init(self, m: int, losses: Tensor) -> None:
         self.loss_weights = torch.full((m,), 1.0 / m, dtype=torch.float64, requires_grad=True)

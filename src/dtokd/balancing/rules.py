@@ -206,7 +206,7 @@ def aligned_mtl(
     return _back(balance @ pref, gram)
 
 
-def cagrad(gram: Tensor, *, c: float = 0.4, norm_eps: float = 1e-4) -> Tensor:
+def cagrad(gram: Tensor, *, c: float = 0.4, norm_eps: float = 1e-12) -> Tensor:
     r"""CAGrad (Liu et al., "Conflict-Averse Gradient Descent for MTL", NeurIPS 2021).
 
     With ``g0 = mean_i g_i`` and ``phi = c^2 ||g0||^2``::
@@ -215,7 +215,11 @@ def cagrad(gram: Tensor, *, c: float = 0.4, norm_eps: float = 1e-4) -> Tensor:
         g  = g0 + sqrt(phi) / ||g_w*|| g_w*   ->   weights 1/m + sqrt(phi)/||g_w*|| w*
 
     on the Gram normalised to unit trace (as TorchJD does), solved with SLSQP (as the
-    authors' code does). If ``||g_w*|| < norm_eps`` the weights are zero (TorchJD's convention).
+    authors' code does). If ``||g_w*|| < norm_eps`` (relative to the normalised Gram) the
+    weights are zero. TorchJD uses ``norm_eps = 1e-4``, which zeroes the update whenever one
+    gradient is 1e-4 times smaller than the other, a dominance seen in KD; the correction
+    ``sqrt(phi) g_w / ||g_w||`` keeps norm ``sqrt(phi)`` as ``g_w -> 0``, so our default
+    1e-12 only guards against an exactly vanishing ``g_w``.
     """
     _check_non_negative("c", c)
     _check_non_negative("norm_eps", norm_eps)

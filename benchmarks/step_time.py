@@ -1,0 +1,265 @@
+"""Step time and peak memory of every balancing engine against plain fixed-weight KD.
+
+One training step = teacher forward (no grad) + student forward + backward + SGD step, on a
+fixed random batch (timing does not depend on the data). Methods run interleaved, round after
+round, in one process; the figure per method is the median step time after warm-up, and the
+ratio to plain KD is taken from the same run. Peak memory is measured per method in a fresh
+subprocess as the growth of the peak resident set over the set-up (CPU) or
+``torch.cuda.max_memory_allocated`` (GPU).
+
+    python benchmarks/step_time.py                       # ResNet-56 -> ResNet-20, batch 128, CPU
+    python benchmarks/step_time.py --rounds 3 --quick    # a short smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dtokd import make_balancer
+from dtokd.models.cifar_resnet import cifar_resnet
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+    return F.kl_div(
+        F.log_softmax(student_logits / temperature, 1), F.softmax(teacher_logits / temperature, 1), reduction="batchmean"
+    ) * temperature**2
+
+
+class Setup:
+    def __init__(self, batch: int, device: str, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.device = device
+        self.teacher = cifar_resnet(56).to(device).eval()
+        self.student = cifar_resnet(20).to(device).train()
+        self.params = list(self.student.parameters())
+        self.optimizer = torch.optim.SGD(self.params, lr=0.01, momentum=0.9)
+        self.x = torch.randn(batch, 3, 32, 32, device=device)
+        self.y = torch.randint(0, 10, (batch,), device=device)
+
+    def losses(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        with torch.no_grad():
+            teacher_logits = self.teacher(self.x)
+        logits = self.student(self.x)
+        return {"distill": kd_loss(logits, teacher_logits), "task": F.cross_entropy(logits, self.y)}, logits
+
+
+def make_steps(s: Setup) -> dict[str, Callable[[], None]]:
+    """Every method's full training step, by name."""
+    last_block = list(s.student.stages[-1][-1].parameters()) + list(s.student.head.parameters())
+
+    def plain_kd() -> None:
+        s.optimizer.zero_grad(set_to_none=True)
+        losses, _ = s.losses()
+        (0.9 * losses["distill"] + 0.1 * losses["task"]).backward()
+        s.optimizer.step()
+
+    def two_backward_floor() -> None:
+        s.optimizer.zero_grad(set_to_none=True)
+        losses, _ = s.losses()
+        total = 0.9 * losses["distill"] + 0.1 * losses["task"]
+        total.backward(retain_graph=True)
+        total.backward()
+        s.optimizer.step()
+
+    def balanced(method: str, **options) -> Callable[[], None]:
+        balancer = make_balancer(method, s.params, **options)
+        representation = options.get("engine") == "representation"
+
+        def step() -> None:
+            s.optimizer.zero_grad(set_to_none=True)
+            losses, logits = s.losses()
+            balancer.backward(losses, representation=logits if representation else None)
+            s.optimizer.step()
+            if method == "dto-amortized" and options.get("update", "same-batch") == "same-batch":
+                with torch.no_grad():
+                    after, _ = s.losses()
+                balancer.update(after)
+
+        return step
+
+    def torchjd_step(aggregator_name: str) -> Callable[[], None]:
+        from torchjd import aggregation, autojac
+
+        aggregator = getattr(aggregation, aggregator_name)()
+
+        def step() -> None:
+            s.optimizer.zero_grad(set_to_none=True)
+            losses, _ = s.losses()
+            autojac.backward([losses["distill"], losses["task"]], inputs=s.params)
+            autojac.jac_to_grad(s.params, aggregator)
+            s.optimizer.step()
+
+        return step
+
+    steps: dict[str, Callable[[], None]] = {
+        "plain KD (fixed 0.9/0.1)": plain_kd,
+        "two-backward floor": two_backward_floor,
+        "fixed via balancer": balanced("fixed", weights=[0.9, 0.1]),
+        "DTO exact": balanced("dto"),
+        "DTO exact, batched VJP": balanced("dto", batched=True),
+        "DTO subset (last block + head)": balanced("dto", engine="subset", gram_params=last_block),
+        "DTO representation (logits)": balanced("dto", engine="representation"),
+        "DTO amortized, next-step": balanced("dto-amortized", update="next-step"),
+        "DTO amortized, same-batch": balanced("dto-amortized", update="same-batch"),
+        "MGDA exact (ours)": balanced("mgda"),
+        "UPGrad exact (ours)": balanced("upgrad"),
+    }
+    try:
+        steps["TorchJD MGDA (autojac)"] = torchjd_step("MGDA")
+        steps["TorchJD UPGrad (autojac)"] = torchjd_step("UPGrad")
+    except ImportError:
+        print("torchjd is not installed: its rows are left out", file=sys.stderr)
+    return steps
+
+
+def interquartile_range(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    quartiles = statistics.quantiles(values, n=4)
+    return quartiles[2] - quartiles[0]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_steps(args: argparse.Namespace) -> dict[str, list[float]]:
+    s = Setup(args.batch, args.device)
+    steps = make_steps(s)
+    for name, step in steps.items():
+        for _ in range(args.warmup):
+            step()
+    sync(args.device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(args.rounds):
+        for name, step in steps.items():
+            for _ in range(args.steps):
+                sync(args.device)
+                start = time.perf_counter()
+                step()
+                sync(args.device)
+                times[name].append(time.perf_counter() - start)
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    return times
+
+
+def peak_memory_of(args: argparse.Namespace, method: str) -> float:
+    """MB of peak memory the step adds on top of the set-up, in a fresh process."""
+    command = [sys.executable, __file__, "--memory-of", method, "--batch", str(args.batch), "--device", args.device]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return float(output.strip().splitlines()[-1])
+
+
+def measure_memory(args: argparse.Namespace) -> None:
+    s = Setup(args.batch, args.device)
+    step = make_steps(s)[args.memory_of]
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        print((torch.cuda.max_memory_allocated() - base) / 2**20)
+        return
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(3):
+        step()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {torch.get_num_threads()} threads{gpu}; torch {torch.__version__}; Python {platform.python_version()}"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per method per round")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--output", default=None, help="results stem (default: benchmarks/results/step_time_<device>)")
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_of:
+        measure_memory(args)
+        return
+    times = time_steps(args)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    plain, floor = medians["plain KD (fixed 0.9/0.1)"], medians["two-backward floor"]
+    rows = []
+    for name, median in medians.items():
+        memory = None if args.no_memory else peak_memory_of(args, name)
+        rows.append({
+            "method": name,
+            "median_s": median,
+            "iqr_s": interquartile_range(times[name]),
+            "vs_plain_kd": median / plain,
+            "vs_two_backward_floor": median / floor,
+            "peak_extra_mb": memory,
+            "samples": len(times[name]),
+        })
+    command = "python " + " ".join(sys.argv)
+    record = {
+        "benchmark": "step time, CIFAR ResNet-56 teacher -> ResNet-20 student, 32x32 inputs",
+        "batch": args.batch, "device": args.device, "rounds": args.rounds, "steps_per_round": args.steps,
+        "command": command, "commit": commit(), "machine": machine(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows,
+    }
+    stem = Path(args.output) if args.output else RESULTS / f"step_time_{args.device.split(':')[0]}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = [
+        f"# {record['benchmark']}", "",
+        f"- command: `{command}`", f"- commit: `{record['commit']}`", f"- machine: {record['machine']}",
+        f"- date: {record['date']}; batch {args.batch}; median of {args.rounds} rounds x {args.steps} steps after "
+        f"{args.warmup} warm-up steps per method, methods interleaved", "",
+        "| method | median step (ms) | IQR (ms) | / plain KD | / two-backward floor | peak extra memory (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        memory = "-" if row["peak_extra_mb"] is None else f"{row['peak_extra_mb']:.0f}"
+        lines.append(
+            f"| {row['method']} | {1000 * row['median_s']:.1f} | {1000 * row['iqr_s']:.1f} | "
+            f"{row['vs_plain_kd']:.3f} | {row['vs_two_backward_floor']:.3f} | {memory} |"
+        )
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
