@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -178,10 +177,18 @@ def measure_memory(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         print((torch.cuda.max_memory_allocated() - base) / 2**20)
         return
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_resident_kb()
     for _ in range(3):
         step()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    print((peak_resident_kb() - base) / 1024)
+
+
+def peak_resident_kb() -> int:
+    """VmHWM: this process image's peak resident set (unlike ru_maxrss, not inherited at fork/exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("/proc/self/status has no VmHWM line (not Linux?)")
 
 
 def machine() -> str:

@@ -1,40 +1,111 @@
-"""The ``dtokd`` command."""
+"""The ``dtokd`` command: train, distill, eval, report, demo.
+
+    dtokd train   CONFIG [key=value ...] [--out DIR] [--resume]     a model alone (a teacher, or a baseline)
+    dtokd distill CONFIG [key=value ...] [--balancer M] [--out DIR] [--resume]
+    dtokd eval    RUN_DIR [--which best|last]
+    dtokd report  RUN_DIR [RUN_DIR ...] --out DIR
+    dtokd demo    [--out DIR] [--quick]
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 import torch
-from torch import nn
+
+from dtokd.train.config import ConfigError, load_config
 
 
-def _balancing_demo() -> None:
-    """A few DTO steps on a tiny regression with two conflicting objectives."""
-    from dtokd import make_balancer
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1 epochs=20")
+    parser.add_argument("--out", help="run folder (default: runs/<name>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--data-root", help="where the data set lives (same as data.root=...)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    torch.manual_seed(0)
-    model = nn.Linear(4, 1)
-    x = torch.randn(64, 4)
-    a, b = x @ torch.tensor([1.0, 2.0, 0.0, 0.0]), x @ torch.tensor([1.0, -2.0, 0.0, 0.0])
-    balancer = make_balancer("dto", model.parameters())
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    for step in range(5):
-        optimizer.zero_grad()
-        y = model(x).squeeze(1)
-        info = balancer.backward({"distill": (y - a).pow(2).mean(), "task": (y - b).pow(2).mean()})
-        optimizer.step()
-        print(f"step {step}: losses {info.losses} weights {info.weights} conflict {info.conflict:+.3f}")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dtokd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("train", help="train a model alone (a teacher, or a student baseline)"))
+    distill = sub.add_parser("distill", help="distil a teacher into a student with a balancer")
+    _common(distill)
+    distill.add_argument("--balancer", help="balancing method (same as balancer.method=...)")
+    evaluate = sub.add_parser("eval", help="evaluate a run's model on its test split")
+    evaluate.add_argument("run", help="run folder")
+    evaluate.add_argument("--which", choices=("best", "last"), default="best")
+    report = sub.add_parser("report", help="plots and a markdown table from run folders")
+    report.add_argument("runs", nargs="+")
+    report.add_argument("--out", required=True)
+    demo = sub.add_parser("demo", help="Fashion-MNIST: teacher, then a student alone / fixed KD / DTO-KD")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--quick", action="store_true", help="a tiny version for smoke tests")
+    demo.add_argument("--data-root", help="where Fashion-MNIST lives")
+    return parser
+
+
+def _run_training(args: argparse.Namespace, distill: bool) -> int:
+    from dtokd.train import train
+
+    overrides = list(args.overrides)
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    if distill and args.balancer:
+        overrides.append(f"balancer.method={args.balancer}")
+    config = load_config(args.config, overrides)
+    if distill and not config.teacher.name:
+        raise ConfigError("dtokd distill needs a teacher: set teacher.name and teacher.checkpoint")
+    if not distill and config.teacher.name:
+        raise ConfigError("dtokd train trains a model alone; this config names a teacher: use dtokd distill")
+    folder = Path(args.out or Path("runs") / config.name)
+    summary = train(config, folder, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    print(f"run folder: {folder}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from dtokd.data import build_data
+    from dtokd.models import create_model
+    from dtokd.train import evaluate
+    from dtokd.train.checkpoint import load_checked
+
+    folder = Path(args.run)
+    config = load_config(folder / "config.yaml")
+    data = build_data(config.data.name, config.data.root, val_fraction=config.data.val_fraction, seed=config.seed,
+                      augment=False, image_size=config.data.image_size)
+    model = create_model(config.student.name, data.num_classes, data.in_channels, data.image_size)
+    path = folder / ("best.pt" if args.which == "best" else "checkpoint.pt")
+    state = load_checked(path, {"student": config.student.name, "num_classes": data.num_classes})
+    model.load_state_dict(state["model"] if "model" in state else state["student"])
+    result = evaluate(model, data.test, config.eval_batch_size, torch.device(config.device))
+    print(json.dumps({"run": str(folder), "checkpoint": path.name, "epoch": state["epoch"], **result}, indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dtokd", description="Knowledge distillation with DTO-KD balancing")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run the demo")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        _balancing_demo()
-    return 0
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("train", "distill"):
+            return _run_training(args, args.command == "distill")
+        if args.command == "eval":
+            return _evaluate(args)
+        if args.command == "report":
+            from dtokd.report import report
+
+            print(f"report: {report(args.runs, args.out)}")
+            return 0
+        from dtokd.demo import run_demo
+
+        run_demo(Path(args.out), quick=args.quick, data_root=args.data_root)
+        return 0
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"dtokd {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,110 @@
+"""Data sets by name, split into train / validation (carved from train, seeded) / test."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+
+from dtokd.data import sources
+from dtokd.data.tensor_dataset import Augmentation, TensorImageDataset, batch_collate
+
+DATASETS = ("fashion-mnist", "image-folder", "cifar10", "cifar100", "digits", "synthetic")
+DEFAULT_AUGMENTATION = {
+    "fashion-mnist": Augmentation(pad=2, flip=True),
+    "image-folder": Augmentation(pad=4, flip=True),
+    "cifar10": Augmentation(pad=4, flip=True),
+    "cifar100": Augmentation(pad=4, flip=True),
+    "digits": Augmentation(pad=1, flip=False),
+    "synthetic": Augmentation(),
+}
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    name: str
+    train: TensorImageDataset
+    val: TensorImageDataset | None
+    test: TensorImageDataset
+    classes: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+
+def build_data(
+    name: str,
+    root: str | None = None,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    augment: bool = True,
+    image_size: int = 32,
+    limit_train: int | None = None,
+) -> DataBundle:
+    """Load ``name`` (one of :data:`DATASETS`) and split it.
+
+    The validation split is ``val_fraction`` of the training set, drawn with ``seed``; the
+    test split is the data set's own. Normalisation uses the training split's per-channel
+    mean and std. ``limit_train`` keeps only the first N training images (after shuffling with
+    ``seed``), for quick runs.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    raw = _load(name, root, image_size)
+    n = raw.train_labels.shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(val_fraction * n))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    if limit_train is not None:
+        train_idx = train_idx[:limit_train]
+    pixels = raw.train_images[train_idx].float() / 255.0
+    mean = tuple(pixels.mean((0, 2, 3)).tolist())
+    std = tuple(pixels.std((0, 2, 3)).clamp_min(1e-3).tolist())
+    full = TensorImageDataset(raw.train_images, raw.train_labels, mean, std)
+    train = full.subset(train_idx, DEFAULT_AUGMENTATION[name] if augment else None)
+    val = full.subset(val_idx, None) if n_val else None
+    test = TensorImageDataset(raw.test_images, raw.test_labels, mean, std)
+    return DataBundle(name, train, val, test, raw.classes)
+
+
+def _load(name: str, root: str | None, image_size: int) -> sources.RawSplits:
+    if name == "fashion-mnist":
+        return sources.load_fashion_mnist(root)
+    if name == "image-folder":
+        if not root:
+            raise ValueError("dataset 'image-folder' needs data.root: a folder (train/, val|test/) or a .tar.gz of one")
+        return sources.load_image_folder(Path(root), image_size)
+    if name in ("cifar10", "cifar100"):
+        if not root:
+            raise ValueError(f"dataset {name!r} needs data.root: the folder holding its python-format files")
+        return sources.load_cifar(root, 10 if name == "cifar10" else 100)
+    if name == "digits":
+        return sources.load_digits()
+    return sources.load_synthetic()
+
+
+def train_loader(dataset: TensorImageDataset, batch_size: int, seed: int, epoch: int) -> DataLoader:
+    """Shuffled batches whose order and augmentation depend only on (seed, epoch): a run
+    resumed at an epoch boundary sees exactly the batches an uninterrupted run sees."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    dataset.generator.manual_seed(seed * 100_019 + epoch)
+    return DataLoader(dataset, batch_size=batch_size, sampler=RandomSampler(dataset, generator=generator),
+                      collate_fn=batch_collate, drop_last=len(dataset) > batch_size)
+
+
+def eval_loader(dataset: TensorImageDataset, batch_size: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=SequentialSampler(dataset), collate_fn=batch_collate)

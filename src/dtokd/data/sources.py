@@ -1,0 +1,216 @@
+"""Where the data come from: Fashion-MNIST, image folders (or a .tar.gz of one), CIFAR in its
+python format, scikit-learn's digits, and a synthetic set for tests. Each loader returns uint8
+image tensors and labels; :mod:`dtokd.data.bundle` splits and wraps them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+@dataclass(frozen=True)
+class RawSplits:
+    """uint8 images (N, C, H, W) and int64 labels for the train and test splits."""
+
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+    classes: tuple[str, ...]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DTOKD_CACHE", Path.home() / ".cache" / "dtokd"))
+
+
+# ------------------------------------------------------------------------ Fashion-MNIST
+
+def fashion_mnist_candidates(root: str | Path | None) -> list[Path]:
+    """Where to look, in order: the given root, $DTOKD_DATA, Debian's install location."""
+    places = []
+    if root:
+        places += [Path(root), Path(root) / "fashion-mnist", Path(root) / "FashionMNIST" / "raw"]
+    if os.environ.get("DTOKD_DATA"):
+        base = Path(os.environ["DTOKD_DATA"])
+        places += [base, base / "fashion-mnist", base / "FashionMNIST" / "raw"]
+    places += [DEBIAN_FASHION_MNIST, cache_dir() / "FashionMNIST" / "raw"]
+    return places
+
+
+def load_fashion_mnist(root: str | Path | None = None, download: bool = True) -> RawSplits:
+    """Fashion-MNIST from the original ``*-ubyte.gz`` files (see :func:`fashion_mnist_candidates`);
+    if none has them, torchvision's download into the cache where the network allows."""
+    places = fashion_mnist_candidates(root)
+    for place in places:
+        if all((place / f).is_file() for pair in FASHION_FILES.values() for f in pair):
+            return _read_fashion(place)
+    if download:
+        try:
+            import torchvision
+
+            torchvision.datasets.FashionMNIST(str(cache_dir()), train=True, download=True)
+            return _read_fashion(cache_dir() / "FashionMNIST" / "raw")
+        except Exception as error:  # noqa: BLE001 - any network/IO failure ends in the message below
+            reason = f"download failed: {error}"
+    else:
+        reason = "download disabled"
+    raise FileNotFoundError(
+        "Fashion-MNIST not found. Looked for the four *-ubyte.gz files in: "
+        + ", ".join(str(p) for p in places)
+        + f" ({reason}). Get it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or "
+        "put the files in a folder and pass --data-root / data.root=..., or set DTOKD_DATA."
+    )
+
+
+def _read_fashion(folder: Path) -> RawSplits:
+    def idx(path: Path) -> np.ndarray:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+        dims = data[3]
+        shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+    arrays = {split: (idx(folder / a), idx(folder / b)) for split, (a, b) in FASHION_FILES.items()}
+    (tri, trl), (tei, tel) = arrays["train"], arrays["test"]
+    return RawSplits(
+        torch.from_numpy(tri.copy()).unsqueeze(1), torch.from_numpy(trl.astype(np.int64)),
+        torch.from_numpy(tei.copy()).unsqueeze(1), torch.from_numpy(tel.astype(np.int64)), FASHION_CLASSES,
+    )
+
+
+# ------------------------------------------------------------------------ image folders
+
+def load_image_folder(path: str | Path, image_size: int) -> RawSplits:
+    """An ImageNet-layout folder (``train/<class>/*`` and ``val/`` or ``test/``), or a ``.tar.gz``
+    of one (extracted once into the cache). Images are resized to ``image_size`` squares and kept
+    in memory as uint8, cached as a tensor file for reruns."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image folder or archive {str(path)!r} does not exist")
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime}:{image_size}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "tensors" / f"{path.name}-{key}.pt"
+    if cached.is_file():
+        return RawSplits(**torch.load(cached, weights_only=False))
+    folder = _extracted(path, key) if path.is_file() else path
+    root = _find_split_root(folder)
+    test_name = next((n for n in ("val", "test") if (root / n).is_dir()), None)
+    if test_name is None:
+        raise FileNotFoundError(f"{root} has a train/ folder but neither val/ nor test/")
+    classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
+    train_images, train_labels = _read_images(root / "train", classes, image_size)
+    test_images, test_labels = _read_images(root / test_name, classes, image_size)
+    splits = RawSplits(train_images, train_labels, test_images, test_labels, classes)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    temporary = cached.with_suffix(".tmp")
+    torch.save(splits.__dict__, temporary)
+    os.replace(temporary, cached)
+    return splits
+
+
+def _extracted(archive: Path, key: str) -> Path:
+    target = cache_dir() / "extracted" / f"{archive.name}-{key}"
+    done = target / ".complete"
+    if not done.is_file():
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(target, filter="data")
+        done.touch()
+    return target
+
+
+def _find_split_root(folder: Path) -> Path:
+    for candidate in [folder, *sorted(p for p in folder.rglob("train") if p.is_dir())]:
+        root = candidate if (candidate / "train").is_dir() else candidate.parent
+        if (root / "train").is_dir():
+            return root
+    raise FileNotFoundError(f"no train/<class>/ folder found under {folder}")
+
+
+def _read_images(folder: Path, classes: tuple[str, ...], image_size: int) -> tuple[Tensor, Tensor]:
+    from PIL import Image
+    from tqdm import tqdm
+
+    files = [(f, label) for label, c in enumerate(classes) for f in sorted((folder / c).iterdir()) if f.is_file()]
+    images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
+    for i, (file, _) in enumerate(tqdm(files, desc=f"reading {folder.name}", unit="img", leave=False)):
+        with Image.open(file) as image:
+            image = image.convert("RGB")
+            if image.size != (image_size, image_size):
+                image = image.resize((image_size, image_size), Image.BILINEAR)
+            images[i] = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    return images, torch.tensor([label for _, label in files], dtype=torch.int64)
+
+
+# ------------------------------------------------------------------------ CIFAR (python format)
+
+def load_cifar(root: str | Path, num_classes: int) -> RawSplits:
+    """CIFAR-10 (``cifar-10-batches-py``) or CIFAR-100 (``cifar-100-python``) under ``root``."""
+    folder = Path(root) / ("cifar-10-batches-py" if num_classes == 10 else "cifar-100-python")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"CIFAR-{num_classes} python files not found in {folder}")
+    label_key = b"labels" if num_classes == 10 else b"fine_labels"
+    names = ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]) if num_classes == 10 else (["train"], ["test"])
+
+    def read(files: list[str]) -> tuple[Tensor, Tensor]:
+        data, labels = [], []
+        for name in files:
+            with open(folder / name, "rb") as f:
+                entry = pickle.load(f, encoding="bytes")
+            data.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels += list(entry[label_key])
+        return torch.from_numpy(np.concatenate(data)), torch.tensor(labels, dtype=torch.int64)
+
+    meta_name = "batches.meta" if num_classes == 10 else "meta"
+    with open(folder / meta_name, "rb") as f:
+        meta = pickle.load(f, encoding="bytes")
+    classes = tuple(c.decode() for c in meta[b"label_names" if num_classes == 10 else b"fine_label_names"])
+    (tri, trl), (tei, tel) = read(names[0]), read(names[1])
+    return RawSplits(tri, trl, tei, tel, classes)
+
+
+# ------------------------------------------------------------------------ tests and quick checks
+
+def load_digits() -> RawSplits:
+    """scikit-learn's 8x8 digits (1,797 images), scaled to uint8, split 80/20 with a fixed seed."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    images = torch.from_numpy((bunch.images * (255.0 / 16.0)).round().astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    cut = int(0.8 * len(labels))
+    train, test = order[:cut], order[cut:]
+    return RawSplits(images[train], labels[train], images[test], labels[test], tuple(str(d) for d in range(10)))
+
+
+def load_synthetic(num_classes: int = 4, size: int = 8, channels: int = 1, n_train: int = 256, n_test: int = 64) -> RawSplits:
+    """Class-dependent blobs: learnable in a few steps. For tests only."""
+    generator = torch.Generator().manual_seed(1234)
+    prototypes = torch.rand(num_classes, channels, size, size, generator=generator)
+
+    def sample(n: int) -> tuple[Tensor, Tensor]:
+        labels = torch.arange(n) % num_classes
+        noise = 0.35 * torch.randn(n, channels, size, size, generator=generator)
+        images = ((prototypes[labels] + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+        return images, labels
+
+    (tri, trl), (tei, tel) = sample(n_train), sample(n_test)
+    return RawSplits(tri, trl, tei, tel, tuple(f"class{i}" for i in range(num_classes)))

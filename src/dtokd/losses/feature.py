@@ -1,0 +1,76 @@
+"""Feature distillation through a learned projector (in the style of VkD, Miles et al. CVPR 2024).
+
+The student feature ``f_s`` (B, C_s[, H, W]) is mapped to the teacher's width by a projector:
+a linear map for vectors, a 1x1 convolution for maps; ``orthogonal=True`` constrains its weight
+to orthonormal rows/columns (``torch.nn.utils.parametrizations.orthogonal``), as VkD does. The
+teacher feature is normalised without learned parameters (``"layernorm"`` over channels, or
+``"standardize"`` per channel over the batch, or ``"none"``). Then
+``loss = smooth_l1(P(f_s), norm(f_t))`` (or MSE). Spatial sizes must match.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import orthogonal
+
+
+class FeatureProjector(nn.Module):
+    def __init__(
+        self,
+        student_channels: int,
+        teacher_channels: int,
+        *,
+        spatial: bool,
+        orthogonal_weight: bool = True,
+        teacher_norm: Literal["layernorm", "standardize", "none"] = "layernorm",
+        distance: Literal["smooth_l1", "mse"] = "smooth_l1",
+    ) -> None:
+        super().__init__()
+        if teacher_norm not in ("layernorm", "standardize", "none"):
+            raise ValueError(f"teacher_norm={teacher_norm!r} is not allowed; use 'layernorm', 'standardize' or 'none'")
+        if distance not in ("smooth_l1", "mse"):
+            raise ValueError(f"distance={distance!r} is not allowed; use 'smooth_l1' or 'mse'")
+        self.spatial = spatial
+        self.proj = (nn.Conv2d(student_channels, teacher_channels, 1, bias=False) if spatial
+                     else nn.Linear(student_channels, teacher_channels, bias=False))
+        if orthogonal_weight:
+            orthogonal(self.proj, "weight")
+        self.teacher_norm, self.distance = teacher_norm, distance
+
+    def normalise(self, teacher: Tensor) -> Tensor:
+        if self.teacher_norm == "none":
+            return teacher
+        channel_last = teacher.movedim(1, -1)
+        if self.teacher_norm == "layernorm":
+            return F.layer_norm(channel_last, channel_last.shape[-1:]).movedim(-1, 1)
+        dims = [d for d in range(teacher.dim()) if d != 1]
+        return (teacher - teacher.mean(dims, keepdim=True)) / teacher.std(dims, keepdim=True).clamp_min(1e-6)
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        projected = self.proj(student)
+        if projected.shape != teacher.shape:
+            raise ValueError(f"projected student feature {tuple(projected.shape)} does not match teacher feature {tuple(teacher.shape)}")
+        target = self.normalise(teacher.detach())
+        if self.distance == "mse":
+            return F.mse_loss(projected, target)
+        return F.smooth_l1_loss(projected, target)
+
+
+def feature_shape(model: nn.Module, tap: str, sample: Tensor) -> torch.Size:
+    """The shape of the tapped feature for one sample batch (used to size projectors)."""
+    from dtokd.models.taps import FeatureTaps
+
+    taps = FeatureTaps(model, [tap])
+    try:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(sample)
+        model.train(was_training)
+        return taps.features[tap].shape
+    finally:
+        taps.close()

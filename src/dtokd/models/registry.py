@@ -1,0 +1,86 @@
+"""Models by name: the project's zoo, ``torchvision:<name>`` and ``timm:<name>`` (when installed).
+
+``create_model(name, num_classes, in_channels)`` builds a model with freshly initialised
+weights; ``load_weights(model, path)`` loads a local checkpoint (no run-time downloads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dtokd.models.cifar_others import VGG, MobileNetV2, ResNet50, ShuffleNetV1, ShuffleNetV2, WideResNet
+from dtokd.models.cifar_resnet import cifar_resnet
+from dtokd.models.small import MLP, SmallCNN
+
+Builder = Callable[[int, int, int], nn.Module]  # (num_classes, in_channels, image_size) -> model
+
+
+def _zoo() -> dict[str, Builder]:
+    zoo: dict[str, Builder] = {
+        "cnn": lambda k, c, s: SmallCNN(32, k, c),
+        "cnn_small": lambda k, c, s: SmallCNN(8, k, c),
+        "mlp": lambda k, c, s: MLP(c * s * s, (256, 128), k),
+        "mlp_small": lambda k, c, s: MLP(c * s * s, (64,), k),
+        "mobilenetv2": lambda k, c, s: MobileNetV2(0.5, k, c),
+        "shufflenetv1": lambda k, c, s: ShuffleNetV1(k, c),
+        "shufflenetv2": lambda k, c, s: ShuffleNetV2(k, c),
+        "resnet50": lambda k, c, s: ResNet50(k, c),
+    }
+    for depth in (8, 14, 20, 32, 44, 56, 110):
+        zoo[f"resnet{depth}"] = lambda k, c, s, d=depth: cifar_resnet(d, num_classes=k, in_channels=c)
+    for depth in (8, 32):
+        zoo[f"resnet{depth}x4"] = lambda k, c, s, d=depth: cifar_resnet(d, wide=True, num_classes=k, in_channels=c)
+    for depth, widen in ((16, 2), (40, 1), (40, 2)):
+        zoo[f"wrn_{depth}_{widen}"] = lambda k, c, s, d=depth, w=widen: WideResNet(d, w, k, c)
+    for depth in (8, 11, 13):
+        zoo[f"vgg{depth}"] = lambda k, c, s, d=depth: VGG(d, k, c)
+    return zoo
+
+
+ZOO = _zoo()
+
+
+def available_models() -> list[str]:
+    return sorted(ZOO) + ["torchvision:<name>", "timm:<name>"]
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """A freshly initialised classifier ``name`` with ``num_classes`` outputs."""
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if name in ZOO:
+        return ZOO[name](num_classes, in_channels, image_size)
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        arch = name.split(":", 1)[1]
+        if arch not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(f"unknown torchvision classification model {arch!r}")
+        if in_channels != 3:
+            raise ValueError(f"torchvision models take 3-channel images; the data has {in_channels}")
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if name.startswith("timm:"):
+        try:
+            import timm
+        except ImportError:
+            raise ValueError(f"model {name!r} needs timm: pip install 'dtokd[timm]'") from None
+        return timm.create_model(name.split(":", 1)[1], pretrained=False, num_classes=num_classes, in_chans=in_channels)
+    raise ValueError(f"unknown model {name!r}; available: {available_models()}")
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a state dict (or a dtokd checkpoint's ``model``) from a local file, strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"weights in {str(path)!r} do not fit model {type(model).__name__}: {error}") from None

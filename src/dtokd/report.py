@@ -1,0 +1,109 @@
+"""Plots and tables from run folders: accuracy and loss curves, the balancer's weights, conflict
+and dominance over training (PNG), and a markdown summary with several runs side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from dtokd.train.records import read_jsonl  # noqa: E402
+
+
+def load_run(folder: Path) -> dict[str, Any]:
+    folder = Path(folder)
+    summary_path = folder / "summary.json"
+    if not (folder / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{folder} is not a run folder (no metrics.jsonl)")
+    return {
+        "folder": folder,
+        "name": folder.name,
+        "summary": json.loads(summary_path.read_text()) if summary_path.is_file() else {},
+        "metrics": read_jsonl(folder / "metrics.jsonl"),
+        "steps": read_jsonl(folder / "steps.jsonl"),
+    }
+
+
+def report(folders: list[str | Path], out: str | Path) -> Path:
+    """Write ``report.md`` and its PNG plots into ``out``; return the markdown path."""
+    if not folders:
+        raise ValueError("report needs at least one run folder")
+    runs = [load_run(Path(f)) for f in folders]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [
+        _curves(runs, out / "accuracy.png", "test_top1", "test top-1 (%)"),
+        _curves(runs, out / "loss.png", "train_loss", "training loss (sum of the losses)"),
+        _step_plot(runs, out / "weights.png", "loss_weight/", "coefficient on each loss gradient"),
+        _step_plot(runs, out / "conflict.png", "conflict", "conflict cos(g_1, g_2)"),
+        _step_plot(runs, out / "dominance.png", "dominance", "dominance ||g_1|| / ||g_2||", log=True),
+    ]
+    lines = ["# dtokd report", "", table(runs), ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots if p is not None]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    rows = ["| run | method | seed | epochs | best val top-1 | test top-1 at best val | best test top-1 | last test top-1 | s / epoch |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        s = run["summary"]
+        rows.append(f"| {run['name']} | {s.get('method', '?')} | {s.get('seed', '?')} | {s.get('epochs_run', len(run['metrics']))} | "
+                    f"{_fmt(s.get('best_val_top1'))} | {_fmt(s.get('test_top1_at_best_val'))} | {_fmt(s.get('best_test_top1'))} | "
+                    f"{_fmt(s.get('last_test_top1'))} | {_fmt(s.get('seconds_per_epoch'), 1)} |")
+    return "\n".join(rows)
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _curves(runs: list[dict[str, Any]], path: Path, key: str, label: str) -> Path | None:
+    series = [(r["name"], [m["epoch"] + 1 for m in r["metrics"] if key in m], [m[key] for m in r["metrics"] if key in m]) for r in runs]
+    series = [s for s in series if s[1]]
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, x, y in series:
+        ax.plot(x, y, marker="o", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _step_plot(runs: list[dict[str, Any]], path: Path, key: str, label: str, log: bool = False) -> Path | None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for run in runs:
+        keys = sorted({k for row in run["steps"] for k in row if k == key or (key.endswith("/") and k.startswith(key))})
+        for k in keys:
+            points = [(row["step"], row[k]) for row in run["steps"] if k in row]
+            if points:
+                suffix = f" {k[len(key):]}" if key.endswith("/") else ""
+                ax.plot(*zip(*points), label=f"{run['name']}{suffix}")
+                drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,173 @@
+"""Run configuration: plain dataclasses, read from YAML, overridden with ``key.sub=value``.
+
+Unknown keys and ill-typed values are errors that list what is allowed. ``to_dict`` gives the
+resolved configuration that every run folder keeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"
+    root: str | None = None
+    val_fraction: float = 0.1
+    image_size: int = 32
+    augment: bool = True
+    limit_train: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    weights: str | None = None
+
+
+@dataclass
+class TeacherConfig:
+    name: str | None = None
+    checkpoint: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    grad_clip: float | None = None
+
+
+@dataclass
+class BalancerConfig:
+    method: str = "fixed"
+    engine: str = "exact"
+    gram_params: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    """Everything a run needs. ``losses`` maps a loss name to its spec (``type`` + options)."""
+
+    name: str = "run"
+    seed: int = 0
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    device: str = "cpu"
+    amp: str = "none"
+    log_every: int = 50
+    data: DataConfig = field(default_factory=DataConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    losses: dict[str, dict[str, Any]] = field(default_factory=lambda: {"task": {"type": "ce"}})
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that is not allowed."""
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or start from the defaults), apply ``key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(Config, raw, "")
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """``a.b.c=value`` (value parsed as YAML: numbers, booleans, null, lists, mappings)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=0.1)")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r} has an empty key segment")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(text)
+
+
+def from_dict(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {[_join(where, k) for k in unknown]}; valid keys here: {names}")
+    values = {}
+    for name in names:
+        if name in raw:
+            values[name] = _coerce(hints[name], raw[name], _join(where, name))
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{where}: {value!r} is not allowed")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where} must be of type {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key

@@ -1,0 +1,250 @@
+"""The training loop: one readable function, :func:`train`, for a model alone or distilled.
+
+Each epoch: shuffled batches (order and augmentation fixed by seed and epoch), forward under
+autocast if asked, named losses from the distiller, ``balancer.backward`` (the only place
+where losses become gradients), optional gradient clipping, optimizer step, then evaluation on
+the validation and test splits, a metrics line, and an atomic checkpoint. ``resume=True``
+continues from the checkpoint so that the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from dtokd.balancing import Balancer, make_balancer
+from dtokd.data import DataBundle, build_data, eval_loader, train_loader
+from dtokd.losses import Distiller
+from dtokd.models import create_model, load_weights
+from dtokd.train import checkpoint as ckpt
+from dtokd.train.config import Config, to_dict
+from dtokd.train.optim import make_optimizer, make_scheduler
+from dtokd.train.records import MetricLog, metadata, write_yaml
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def train(config: Config, folder: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train (or distil) as configured, keeping everything in ``folder``; returns the summary."""
+    folder = Path(folder)
+    checkpoint_path = folder / "checkpoint.pt"
+    if checkpoint_path.exists() and not resume:
+        raise FileExistsError(f"{folder} already holds a run (checkpoint.pt); pass --resume to continue it "
+                              "or choose another output folder")
+    if config.amp not in AMP_DTYPES:
+        raise ValueError(f"amp={config.amp!r} is not allowed; use one of {list(AMP_DTYPES)}")
+    device = torch.device(config.device)
+    ckpt.seed_everything(config.seed)
+    data = build_data(config.data.name, config.data.root, val_fraction=config.data.val_fraction, seed=config.seed,
+                      augment=config.data.augment, image_size=config.data.image_size, limit_train=config.data.limit_train)
+    student = create_model(config.student.name, data.num_classes, data.in_channels, data.image_size)
+    if config.student.weights:
+        load_weights(student, config.student.weights)
+    teacher = _load_teacher(config, data)
+    sample = data.train.__getitems__([0, 1])[0]
+    distiller = Distiller(student, teacher, config.losses, sample).to(device)
+    if teacher is not None:
+        teacher.to(device)
+    params = list(distiller.parameters())
+    optimizer = make_optimizer(params, config.optim)
+    scheduler = make_scheduler(optimizer, config.optim, config.epochs)
+    balancer = _make_balancer(config, distiller, params)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    identity = {"student": config.student.name, "num_classes": data.num_classes, "losses": list(distiller.specs),
+                "balancer": config.balancer.method, "teacher": config.teacher.name}
+    folder.mkdir(parents=True, exist_ok=True)
+    log = MetricLog(folder)
+    start_epoch, history = 0, []
+    if resume:
+        state = ckpt.load_checked(checkpoint_path, identity)
+        student.load_state_dict(state["student"])
+        distiller.projectors.load_state_dict(state["projectors"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        balancer.load_state_dict(state["balancer"])
+        scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        start_epoch, history = state["epoch"], state["history"]
+        log.truncate_after(start_epoch)
+    else:
+        write_yaml(folder / "config.yaml", to_dict(config))
+        (folder / "meta.json").write_text(json.dumps(metadata(config.seed), indent=2) + "\n")
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            row = _train_epoch(config, distiller, balancer, optimizer, scaler, data, epoch, device, log, progress)
+            scheduler.step()
+            row.update(_prefixed("val", evaluate(student, data.val, config.eval_batch_size, device)))
+            row.update(_prefixed("test", evaluate(student, data.test, config.eval_batch_size, device)))
+            history.append(row)
+            log.write("metrics.jsonl", row, epoch)
+            if _is_best(history):
+                ckpt.save_atomic({"model": student.state_dict(), "identity": identity, "epoch": epoch + 1}, folder / "best.pt")
+            ckpt.save_atomic({
+                "identity": identity, "epoch": epoch + 1, "history": history, "student": student.state_dict(),
+                "projectors": distiller.projectors.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "balancer": balancer.state_dict(), "scaler": scaler.state_dict(),
+                "rng": ckpt.rng_state(),
+            }, checkpoint_path)
+            if progress:
+                print(f"[{config.name}] epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f} "
+                      f"val top1 {row.get('val_top1', float('nan')):.2f} test top1 {row['test_top1']:.2f} "
+                      f"({row['epoch_seconds']:.1f}s)", flush=True)
+    finally:
+        log.close()
+    summary = summarize(history, config)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _load_teacher(config: Config, data: DataBundle) -> nn.Module | None:
+    if not config.teacher.name:
+        return None
+    if not config.teacher.checkpoint:
+        raise ValueError("teacher.checkpoint is required: a teacher must be trained (dtokd train) or given as weights")
+    path = Path(config.teacher.checkpoint)
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        identity = saved.get("identity") if isinstance(saved, dict) else None
+        if identity and identity.get("num_classes") != data.num_classes:
+            raise ValueError(f"teacher checkpoint {path} was trained for {identity.get('num_classes')} classes, "
+                             f"but data set {data.name!r} has {data.num_classes}")
+        if identity and identity.get("student") != config.teacher.name:
+            raise ValueError(f"teacher checkpoint {path} holds a {identity.get('student')!r}, not the configured "
+                             f"teacher.name {config.teacher.name!r}")
+    teacher = create_model(config.teacher.name, data.num_classes, data.in_channels, data.image_size)
+    load_weights(teacher, path)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def _make_balancer(config: Config, distiller: Distiller, params: list[torch.Tensor]) -> Balancer:
+    cfg = config.balancer
+    gram_params = None
+    if cfg.gram_params:
+        gram_params = [p for n, p in distiller.student.named_parameters() if n == cfg.gram_params or n.startswith(cfg.gram_params + ".")]
+        if not gram_params:
+            names = sorted({n.rsplit(".", 1)[0] for n, _ in distiller.student.named_parameters()})
+            raise ValueError(f"balancer.gram_params={cfg.gram_params!r} matches no student parameter; modules: {names[-20:]}")
+    options = dict(cfg.options)
+    if cfg.method == "fixed" and "weights" not in options and len(distiller.specs) == 1:
+        options["weights"] = [1.0]  # a single loss: the plain backward pass
+    return make_balancer(cfg.method, params, engine=cfg.engine, gram_params=gram_params, **options)
+
+
+def _train_epoch(config: Config, distiller: Distiller, balancer: Balancer, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, data: DataBundle, epoch: int, device: torch.device, log: MetricLog,
+                 progress: bool) -> dict[str, Any]:
+    distiller.student.train()
+    loader = train_loader(data.train, config.batch_size, config.seed, epoch)
+    amp_dtype = AMP_DTYPES[config.amp]
+    representation = config.balancer.engine == "representation"
+    same_batch = config.balancer.method == "dto-amortized" and config.balancer.options.get("update", "same-batch") == "same-batch"
+    totals: dict[str, float] = {}
+    count, skipped, start = 0, 0, time.perf_counter()
+    for i, (x, y) in enumerate(tqdm(loader, desc=f"{config.name} epoch {epoch + 1}/{config.epochs}", leave=False,
+                                    disable=not progress, unit="batch")):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        step = epoch * len(loader) + i
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits, losses = distiller(x, y, epoch)
+        diagnose = step % config.log_every == 0
+        info = balancer.backward(losses, representation=logits if representation else None, scaler=scaler, diagnose=diagnose)
+        if config.optim.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(distiller.parameters(), config.optim.grad_clip)
+        if info.skipped and not scaler.is_enabled():
+            skipped += 1
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+        if same_batch:
+            with torch.no_grad(), _frozen_batchnorm_statistics(distiller.student), \
+                    torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                _, after = distiller(x, y, epoch)
+            balancer.update(after)
+        for name, value in info.losses.items():
+            totals[f"loss/{name}"] = totals.get(f"loss/{name}", 0.0) + value
+        for name, value in info.loss_weights.items():
+            totals[f"loss_weight/{name}"] = totals.get(f"loss_weight/{name}", 0.0) + value
+        count += 1
+        if diagnose:
+            log.write("steps.jsonl", {"epoch": epoch, "step": step, **info.as_dict()}, step)
+    row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - start,
+                           "skipped_steps": skipped}
+    row.update({k: v / max(count, 1) for k, v in totals.items()})
+    row["train_loss"] = sum(v for k, v in row.items() if k.startswith("loss/"))
+    return row
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
+    """Forward in training mode without touching BatchNorm running statistics (for re-evaluation)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Top-1, top-5 (top-k with k = min(5, classes)) in percent, and mean cross-entropy."""
+    if dataset is None or len(dataset) == 0:
+        return {}
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = 0
+    loss_sum, n = 0.0, 0
+    for x, y in eval_loader(dataset, batch_size):
+        x, y = x.to(device), y.to(device)
+        logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), 1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(1).sum().item()
+        n += y.shape[0]
+    model.train(was_training)
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n}
+
+
+def summarize(history: list[dict[str, Any]], config: Config) -> dict[str, Any]:
+    """Best epoch (by validation top-1 when there is a validation split, else test), its test
+    accuracy, the best and last test accuracy, and the mean training seconds per epoch."""
+    if not history:
+        return {"name": config.name, "epochs_run": 0}
+    key = "val_top1" if "val_top1" in history[0] else "test_top1"
+    best = max(range(len(history)), key=lambda i: history[i][key])
+    return {
+        "name": config.name, "method": config.balancer.method if config.teacher.name else "student alone",
+        "seed": config.seed, "epochs_run": len(history), "best_epoch": best + 1,
+        "best_val_top1": history[best].get("val_top1"), "test_top1_at_best_val": history[best]["test_top1"],
+        "best_test_top1": max(r["test_top1"] for r in history), "last_test_top1": history[-1]["test_top1"],
+        "last_test_top5": history[-1]["test_top5"],
+        "seconds_per_epoch": sum(r["epoch_seconds"] for r in history) / len(history),
+    }
+
+
+def _is_best(history: list[dict[str, Any]]) -> bool:
+    key = "val_top1" if "val_top1" in history[-1] else "test_top1"
+    return history[-1][key] >= max(r[key] for r in history)
+
+
+def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}_{k}": v for k, v in metrics.items()}

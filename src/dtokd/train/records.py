@@ -1,0 +1,95 @@
+"""What a run folder keeps: resolved config, metadata (seed, versions, commit, machine),
+metrics as JSON lines, and TensorBoard events when tensorboard is installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads{gpu}"
+
+
+def metadata(seed: int) -> dict[str, Any]:
+    import torchvision
+
+    from dtokd import __version__
+
+    return {
+        "seed": seed, "commit": git_commit(), "machine": machine(), "command": " ".join(sys.argv),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"dtokd": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                     "python": platform.python_version()},
+    }
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+class MetricLog:
+    """Append-only JSON lines (``metrics.jsonl`` per epoch, ``steps.jsonl`` per logged step),
+    mirrored to TensorBoard when available."""
+
+    def __init__(self, folder: Path, tensorboard: bool = True) -> None:
+        self.folder = folder
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(folder / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, file: str, row: dict[str, Any], step: int) -> None:
+        with open(self.folder / file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                    self.writer.add_scalar(f"{file.split('.')[0]}/{key}", value, step)
+
+    def truncate_after(self, epoch: int) -> None:
+        """On resume: drop lines written after the checkpoint's epoch (a killed epoch's partial log)."""
+        for file in ("metrics.jsonl", "steps.jsonl"):
+            path = self.folder / file
+            if path.is_file():
+                rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+                kept = [r for r in rows if r.get("epoch", 0) < epoch]
+                path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
