@@ -21,8 +21,8 @@ Builder = Callable[[int, int, int], nn.Module]  # (num_classes, in_channels, ima
 
 def _zoo() -> dict[str, Builder]:
     zoo: dict[str, Builder] = {
-        "cnn": lambda k, c, s: SmallCNN(32, k, c),
-        "cnn_small": lambda k, c, s: SmallCNN(8, k, c),
+        "cnn": lambda k, c, s: SmallCNN(32, k, c, s, hidden=128),
+        "cnn_small": lambda k, c, s: SmallCNN(8, k, c, s, hidden=32),
         "mlp": lambda k, c, s: MLP(c * s * s, (256, 128), k),
         "mlp_small": lambda k, c, s: MLP(c * s * s, (64,), k),
         "mobilenetv2": lambda k, c, s: MobileNetV2(0.5, k, c),

@@ -10,25 +10,28 @@ from torch import Tensor, nn
 
 
 class SmallCNN(nn.Module):
-    """conv(w)-BN-ReLU-pool, conv(2w)-BN-ReLU-pool, conv(4w)-BN-ReLU-global pool, linear head."""
+    """conv(w)-BN-ReLU-maxpool, conv(2w)-BN-ReLU-maxpool, flatten, linear(hidden)-ReLU, linear head.
 
-    def __init__(self, width: int = 32, num_classes: int = 10, in_channels: int = 1) -> None:
+    The flattened map keeps the spatial layout, which Fashion-MNIST's classes (shirt, coat,
+    pullover) need; ``stages`` holds the two conv blocks for feature taps.
+    """
+
+    def __init__(self, width: int = 32, num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
+                 hidden: int = 128) -> None:
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                                 nn.MaxPool2d(2))
 
-        self.stages = nn.Sequential(
-            nn.Sequential(block(in_channels, width), nn.MaxPool2d(2)),
-            nn.Sequential(block(width, 2 * width), nn.MaxPool2d(2)),
-            block(2 * width, 4 * width),
-        )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.num_features = 4 * width
-        self.head = nn.Linear(4 * width, num_classes)
+        self.stages = nn.Sequential(block(in_channels, width), block(width, 2 * width))
+        side = image_size // 4
+        self.neck = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * side * side, hidden), nn.ReLU())
+        self.num_features = hidden
+        self.head = nn.Linear(hidden, num_classes)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        return self.pool(self.stages(x)).flatten(1)
+        return self.neck(self.stages(x))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x))
