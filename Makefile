@@ -1,11 +1,12 @@
 # Two entry points a new user runs on a fresh machine (see README):
-#   make demo   -- set everything up, then run the demo
+#   make demo   -- set everything up (venv, installs, Fashion-MNIST), then run the demo
 #   make test   -- set everything up, then run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup demo test bench clean
+.PHONY: setup fashion-mnist demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -14,10 +15,23 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,tensorboard]"
 	touch $@
 
-demo: setup
+# Debian's dataset-fashion-mnist package when it is missing and apt is at hand; otherwise the
+# loader looks in $DTOKD_DATA and tries torchvision's download (see README).
+fashion-mnist:
+	@if [ -f $(FASHION_MNIST) ] || [ -n "$$DTOKD_DATA" ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else SUDO=none; fi; \
+	  if [ "$$SUDO" != none ]; then \
+	    echo "installing Debian's dataset-fashion-mnist"; \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null || \
+	      echo "could not install dataset-fashion-mnist; the demo will try torchvision's download"; \
+	  fi; \
+	else echo "no apt-get: the demo will look in \$$DTOKD_DATA, then try torchvision's download"; fi
+
+demo: setup fashion-mnist
 	$(PY) -m dtokd.cli demo
 
-test: setup
+test: setup fashion-mnist
 	$(PY) -m pytest -q
 
 bench: setup

@@ -1,0 +1,209 @@
+"""Data loading, the model zoo, feature taps and distillation losses."""
+
+import gzip
+import math
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dtokd.data import build_data, train_loader
+from dtokd.data import sources
+from dtokd.data.tensor_dataset import Augmentation
+from dtokd.losses import Distiller, FeatureProjector, dkd_loss, kd_loss
+from dtokd.losses.dkd import dkd_parts
+from dtokd.models import FeatureTaps, create_model
+from dtokd.models.registry import ZOO
+
+# ------------------------------------------------------------------ data
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    a, b, c = (build_data("synthetic", val_fraction=0.25, seed=s) for s in (1, 1, 2))
+    assert len(a.val) == 64 and len(a.train) == 192 and len(a.test) == 64
+    assert torch.equal(a.val.images, b.val.images)
+    assert not torch.equal(a.val.images, c.val.images)
+    train_rows = {tuple(r.flatten().tolist()) for r in a.train.images}
+    assert not any(tuple(r.flatten().tolist()) in train_rows for r in a.val.images[:10])
+
+
+def test_normalisation_uses_training_statistics():
+    data = build_data("synthetic", augment=False)
+    images, _ = data.train.__getitems__(list(range(len(data.train))))
+    assert images.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert images.std().item() == pytest.approx(1.0, abs=1e-2)
+
+
+def test_crop_matches_a_naive_reference():
+    images = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    generator = torch.Generator().manual_seed(0)
+    out = Augmentation(pad=1)(images, generator)
+    generator = torch.Generator().manual_seed(0)
+    dy = torch.randint(0, 3, (2,), generator=generator)
+    dx = torch.randint(0, 3, (2,), generator=generator)
+    padded = F.pad(images, (1, 1, 1, 1))
+    for i in range(2):
+        assert torch.equal(out[i], padded[i, :, dy[i]: dy[i] + 4, dx[i]: dx[i] + 4])
+
+
+def test_batches_depend_only_on_seed_and_epoch():
+    data = build_data("synthetic")
+    first = [y for _, y in train_loader(data.train, 32, seed=3, epoch=1)]
+    build_data("synthetic")  # unrelated work in between
+    again = [y for _, y in train_loader(data.train, 32, seed=3, epoch=1)]
+    other = [y for _, y in train_loader(data.train, 32, seed=3, epoch=2)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reader_and_search_order(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    train_images, test_images = rng.integers(0, 255, (20, 28, 28)), rng.integers(0, 255, (5, 28, 28))
+    for (img_name, lab_name), images in zip(sources.FASHION_FILES.values(), (train_images, test_images)):
+        _write_idx(tmp_path / img_name, images)
+        _write_idx(tmp_path / lab_name, np.arange(len(images)) % 10)
+    monkeypatch.setenv("DTOKD_DATA", str(tmp_path))
+    raw = sources.load_fashion_mnist(None, download=False)
+    assert raw.train_images.shape == (20, 1, 28, 28)
+    assert torch.equal(raw.train_images[3, 0], torch.from_numpy(train_images[3].astype(np.uint8)))
+    assert raw.test_labels.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_missing_fashion_mnist_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv("DTOKD_DATA", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    monkeypatch.setenv("DTOKD_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="nowhere.*apt-get install dataset-fashion-mnist"):
+        sources.load_fashion_mnist(None, download=False)
+
+
+def test_image_folder_from_tar_gz(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("DTOKD_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "toy"
+    colours = {"cat": (255, 0, 0), "dog": (0, 0, 255)}
+    for split, n in (("train", 3), ("test", 2)):
+        for name, colour in colours.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), colour).save(root / split / name / f"{i}.png")
+    archive = tmp_path / "toy.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="toy")
+    raw = sources.load_image_folder(archive, image_size=8)
+    assert raw.classes == ("cat", "dog")
+    assert raw.train_images.shape == (6, 3, 8, 8) and raw.test_labels.tolist() == [0, 0, 1, 1]
+    assert raw.train_images[0, :, 0, 0].tolist() == [255, 0, 0]
+    cached = sources.load_image_folder(archive, image_size=8)  # second read comes from the tensor cache
+    assert torch.equal(cached.train_images, raw.train_images)
+
+
+def test_unknown_dataset_is_named():
+    with pytest.raises(ValueError, match="unknown dataset 'mnist3'"):
+        build_data("mnist3")
+
+
+# ------------------------------------------------------------------ models
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_models_classify(name):
+    small = name.startswith(("cnn", "mlp"))
+    channels, size = (1, 28) if small else (3, 32)
+    model = create_model(name, 7, channels, size).eval()
+    x = torch.randn(2, channels, size, size)
+    with torch.no_grad():
+        logits = model(x)
+        features = model.forward_features(x)
+    assert logits.shape == (2, 7)
+    torch.testing.assert_close(model.head(features), logits)
+
+
+def test_torchvision_model_by_name_and_unknown_names():
+    model = create_model("torchvision:resnet18", 5).eval()
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+    with pytest.raises(ValueError, match="unknown model 'resnet21'"):
+        create_model("resnet21", 10)
+    with pytest.raises(ValueError, match="unknown torchvision classification model"):
+        create_model("torchvision:nothing", 10)
+
+
+def test_feature_taps():
+    model = create_model("resnet20", 10).eval()
+    taps = FeatureTaps(model, ["stages.1", "features"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        expected = model.forward_features(x)
+    assert taps.features["stages.1"].shape == (2, 32, 16, 16)
+    torch.testing.assert_close(taps.features["features"], expected)
+    taps.close()
+    with pytest.raises(ValueError, match="no submodule 'stages.9'"):
+        FeatureTaps(model, ["stages.9"])
+
+
+# ------------------------------------------------------------------ losses
+
+
+def test_kd_loss_against_explicit_formula():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
+    T = 3.0
+    p_t, p_s = torch.softmax(t / T, 1), torch.softmax(s / T, 1)
+    expected = (p_t * (p_t.log() - p_s.log())).sum(1).mean() * T * T
+    torch.testing.assert_close(kd_loss(s, t, T), expected)
+    assert kd_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_dkd_decomposes_kd_per_sample():
+    """DKD paper, Eq. (1)-(3): KD = TCKD + (1 - p_t^T) NCKD for each sample."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        s, t = torch.randn(1, 6, generator=g, dtype=torch.float64), torch.randn(1, 6, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 6, (1,), generator=g)
+        tckd, nckd = dkd_parts(s, t, y, temperature=2.0)
+        p_target = torch.softmax(t / 2.0, 1)[0, y]
+        torch.testing.assert_close(kd_loss(s, t, 2.0), tckd + (1 - p_target[0]) * nckd)
+        torch.testing.assert_close(dkd_loss(s, t, y, alpha=1.0, beta=8.0, temperature=2.0), tckd + 8 * nckd)
+
+
+def test_feature_projector_orthogonal_and_loss():
+    projector = FeatureProjector(4, 6, spatial=False, orthogonal_weight=True, teacher_norm="none", distance="mse")
+    w = projector.proj.weight  # (6, 4): orthonormal columns
+    torch.testing.assert_close(w.T @ w, torch.eye(4), atol=1e-5, rtol=0)
+    s, t = torch.randn(3, 4), torch.randn(3, 6)
+    torch.testing.assert_close(projector(s, t), ((s @ w.T - t) ** 2).mean())
+    ln = FeatureProjector(4, 6, spatial=True, teacher_norm="layernorm")
+    t_map = torch.randn(2, 6, 3, 3) * 5 + 2
+    normalised = ln.normalise(t_map)
+    torch.testing.assert_close(normalised.mean(1), torch.zeros(2, 3, 3), atol=1e-5, rtol=0)
+
+
+def test_distiller_returns_named_losses_in_order_and_checks_specs():
+    student, teacher = create_model("mlp_small", 4, 1, 8), create_model("cnn_small", 4, 1, 8).eval()
+    sample = torch.randn(2, 1, 8, 8)
+    specs = {"distill": {"type": "kd"}, "feat": {"type": "feature", "student_tap": "features", "teacher_tap": "stages.1"}}
+    with pytest.raises(ValueError, match="differ in spatial size"):
+        Distiller(student, teacher, specs, sample)
+    specs["feat"]["teacher_tap"] = "features"
+    specs["task"] = {"type": "ce"}
+    distiller = Distiller(student, teacher, specs, sample)
+    _, losses = distiller(torch.randn(5, 1, 8, 8), torch.randint(0, 4, (5,)))
+    assert list(losses) == ["distill", "feat", "task"]
+    assert any(p is distiller.projectors["feat"].proj.parametrizations.weight.original for p in distiller.parameters())
+    assert not any(p is q for p in distiller.parameters() for q in teacher.parameters())
+    with pytest.raises(ValueError, match="need a teacher"):
+        Distiller(student, None, {"distill": {"type": "kd"}}, sample)
+    with pytest.raises(ValueError, match="type='kl'"):
+        Distiller(student, teacher, {"distill": {"type": "kl"}}, sample)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['temp'\]"):
+        Distiller(student, teacher, {"distill": {"type": "kd", "temp": 4}}, sample)

@@ -1,0 +1,165 @@
+"""End to end on tiny synthetic data: train, distill, eval, report, resume, config and checkpoint errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtokd import cli
+from dtokd.train import ConfigError, load_config, train
+from dtokd.train import loop as loop_module
+
+BASE = ["data.name=synthetic", "batch_size=32", "log_every=2", "eval_batch_size=64"]
+
+
+def teacher_run(folder: Path) -> Path:
+    config = load_config(None, BASE + ["name=teacher", "student.name=cnn_small", "epochs=2"])
+    train(config, folder, progress=False)
+    return folder / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return teacher_run(tmp_path_factory.mktemp("teacher") / "run")
+
+
+def student_overrides(teacher: Path, method: str = "dto", epochs: int = 3) -> list[str]:
+    return BASE + [
+        "name=student", "student.name=mlp_small", f"epochs={epochs}", "teacher.name=cnn_small",
+        f"teacher.checkpoint={teacher}", "losses={distill: {type: kd}, task: {type: ce}}", f"balancer.method={method}",
+    ]
+
+
+def test_distill_writes_a_complete_run_folder(teacher, tmp_path):
+    config = load_config(None, student_overrides(teacher))
+    summary = train(config, tmp_path / "s", progress=False)
+    folder = tmp_path / "s"
+    for name in ("config.yaml", "meta.json", "metrics.jsonl", "steps.jsonl", "summary.json", "best.pt", "checkpoint.pt"):
+        assert (folder / name).is_file(), name
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["seed"] == 0 and meta["versions"]["torch"] == torch.__version__ and meta["commit"]
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert summary["last_test_top1"] == rows[-1]["test_top1"] and summary["method"] == "dto"
+    steps = [json.loads(line) for line in (folder / "steps.jsonl").read_text().splitlines()]
+    assert steps and all(-1 <= s["conflict"] <= 1 and s["dominance"] > 0 for s in steps)
+    assert load_config(folder / "config.yaml") == config
+
+
+def test_distillation_actually_learns(teacher, tmp_path):
+    summary = train(load_config(None, student_overrides(teacher, epochs=4)), tmp_path / "s", progress=False)
+    assert summary["best_test_top1"] > 50.0  # 4 classes: chance is 25 %
+
+
+def _interrupt_after(monkeypatch, epochs_before_kill: int):
+    real = loop_module._train_epoch
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        if calls["n"] == epochs_before_kill:
+            raise KeyboardInterrupt("killed")
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "_train_epoch", flaky)
+
+
+@pytest.mark.parametrize("method, extra", [("dto", []), ("dto-amortized", []), ("pcgrad", [])])
+def test_killed_and_resumed_run_ends_with_the_same_weights(teacher, tmp_path, monkeypatch, method, extra):
+    overrides = student_overrides(teacher, method=method, epochs=3) + extra
+    train(load_config(None, overrides), tmp_path / "straight", progress=False)
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            train(load_config(None, overrides), tmp_path / "resumed", progress=False)
+    train(load_config(None, overrides), tmp_path / "resumed", resume=True, progress=False)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 3
+    for key in a["student"]:
+        assert torch.equal(a["student"][key], b["student"][key]), key
+    assert a["history"][-1]["test_top1"] == b["history"][-1]["test_top1"]
+    metrics = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in metrics] == [0, 1, 2]
+
+
+def test_corrupt_checkpoint_is_reported_and_never_overwritten(teacher, tmp_path):
+    overrides = student_overrides(teacher, epochs=1)
+    folder = tmp_path / "s"
+    train(load_config(None, overrides), folder, progress=False)
+    (folder / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt"):
+        train(load_config(None, overrides), folder, resume=True, progress=False)
+    assert (folder / "checkpoint.pt").read_bytes() == b"not a checkpoint"
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(load_config(None, overrides), folder, progress=False)
+
+
+def test_mismatched_checkpoint_is_refused(teacher, tmp_path):
+    folder = tmp_path / "s"
+    train(load_config(None, student_overrides(teacher, epochs=1)), folder, progress=False)
+    before = (folder / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match="different run.*student"):
+        train(load_config(None, student_overrides(teacher, epochs=2) + ["student.name=mlp"]), folder, resume=True, progress=False)
+    assert (folder / "checkpoint.pt").read_bytes() == before
+
+
+def test_teacher_class_count_mismatch_is_caught_before_training(teacher, tmp_path):
+    overrides = student_overrides(teacher) + ["data.name=digits"]
+    with pytest.raises(ValueError, match="trained for 4 classes, but data set 'digits' has 10"):
+        train(load_config(None, overrides), tmp_path / "s", progress=False)
+    assert not (tmp_path / "s" / "checkpoint.pt").exists()
+
+
+def test_config_errors_name_the_key_and_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['optim.lrr'\]; valid keys here: \['name', 'lr'"):
+        load_config(None, ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match="epochs must be of type int, got 'ten'"):
+        load_config(None, ["epochs=ten"])
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        load_config(None, ["epochs"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 3\noptim: {lr: 0.2}\n")
+    config = load_config(path, ["optim.lr=0.3", "data.limit_train=null"])
+    assert config.epochs == 3 and config.optim.lr == 0.3 and config.data.limit_train is None
+
+
+def test_cli_commands_end_to_end(teacher, tmp_path, capsys):
+    config = tmp_path / "student.yaml"
+    config.write_text("\n".join([
+        "name: cli", "epochs: 2", "batch_size: 32", "data: {name: synthetic}", "student: {name: mlp_small}",
+        f"teacher: {{name: cnn_small, checkpoint: {teacher}}}", "losses: {distill: {type: kd}, task: {type: ce}}",
+    ]))
+    assert cli.main(["distill", str(config), "--balancer", "mgda", "--out", str(tmp_path / "mgda"), "--quiet"]) == 0
+    assert cli.main(["distill", str(config), "--balancer", "dto-amortized", "--out", str(tmp_path / "amo"), "--quiet"]) == 0
+    assert cli.main(["eval", str(tmp_path / "mgda")]) == 0
+    evaluated = json.loads(capsys.readouterr().out.split("run folder")[-1].split("\n", 1)[1])
+    best = json.loads((tmp_path / "mgda" / "summary.json").read_text())["test_top1_at_best_val"]
+    assert evaluated["top1"] == pytest.approx(best)
+    assert cli.main(["report", str(tmp_path / "mgda"), str(tmp_path / "amo"), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| mgda | mgda |" in text and "| amo | dto-amortized |" in text
+    for png in ("accuracy.png", "loss.png", "weights.png", "conflict.png", "dominance.png"):
+        assert (tmp_path / "rep" / png).stat().st_size > 1000, png
+    assert cli.main(["train", str(config), "--out", str(tmp_path / "x")]) == 2
+    assert "names a teacher: use dtokd distill" in capsys.readouterr().err
+    assert cli.main(["distill", str(config), "optim.bogus=1", "--out", str(tmp_path / "y")]) == 2
+    assert "unknown key(s) ['optim.bogus']" in capsys.readouterr().err
+
+
+def test_demo_quick_on_fashion_mnist(tmp_path, monkeypatch, capsys):
+    from dtokd.data import sources
+
+    if not any(all((p / f).is_file() for pair in sources.FASHION_FILES.values() for f in pair)
+               for p in sources.fashion_mnist_candidates(None)):
+        pytest.skip("Fashion-MNIST is not installed (Debian package dataset-fashion-mnist, or $DTOKD_DATA)")
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "| student-alone | student alone |" in out and "| dto-kd | dto |" in out and "| fixed-kd | fixed |" in out
+    assert (tmp_path / "demo" / "report" / "report.md").is_file()
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    assert "reusing the trained teacher" in capsys.readouterr().out
