@@ -207,3 +207,25 @@ def test_distiller_returns_named_losses_in_order_and_checks_specs():
         Distiller(student, teacher, {"distill": {"type": "kl"}}, sample)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['temp'\]"):
         Distiller(student, teacher, {"distill": {"type": "kd", "temp": 4}}, sample)
+
+
+def test_cifar_python_format_reader(tmp_path):
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 255, (4, 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": [0, 1, 2, 3]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
+    raw = sources.load_cifar(tmp_path, 10)
+    assert raw.train_images.shape == (20, 3, 32, 32) and raw.test_images.shape == (4, 3, 32, 32)
+    assert raw.classes[3] == "c3" and raw.train_labels[:4].tolist() == [0, 1, 2, 3]
+    with open(folder / "data_batch_1", "rb") as f:
+        first = pickle.load(f)[b"data"][0]
+    assert raw.train_images[0, 0, 0, :3].tolist() == first[:3].tolist()  # channel-major rows
+    with pytest.raises(FileNotFoundError, match="CIFAR-100 python files not found"):
+        sources.load_cifar(tmp_path, 100)

@@ -163,3 +163,37 @@ def test_demo_quick_on_fashion_mnist(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "demo" / "report" / "report.md").is_file()
     assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     assert "reusing the trained teacher" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["losses={distill: {type: dkd, warmup_epochs: 2}, task: {type: ce}}"],
+        ["losses={distill: {type: kd}, feat: {type: feature, student_tap: features, teacher_tap: features}, task: {type: ce}}",
+         "balancer.method=upgrad"],
+        ["amp=bf16", "optim.grad_clip=1.0"],
+        ["optim.name=adamw", "optim.lr=0.003", "optim.schedule=step", "optim.milestones=[1]", "optim.warmup_epochs=1"],
+        ["balancer.engine=subset", "balancer.gram_params=head"],
+        ["balancer.engine=representation"],
+        ["balancer.method=gradnorm"],
+        ["balancer.method=dto-amortized", "balancer.options={update: next-step}"],
+    ],
+    ids=["dkd", "feature-upgrad", "bf16-clip", "adamw-step-warmup", "subset", "representation", "gradnorm", "amortized-next"],
+)
+def test_trainer_options_run_and_learn(teacher, tmp_path, extra):
+    summary = train(load_config(None, student_overrides(teacher, epochs=2) + extra), tmp_path / "s", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["skipped_steps"] == 0 for r in rows)
+    assert summary["best_test_top1"] > 25.0  # above chance (4 classes)
+
+
+def test_learning_rate_schedule_by_hand():
+    from dtokd.train.config import OptimConfig
+    from dtokd.train.optim import lr_factor
+
+    cosine = OptimConfig(schedule="cosine", warmup_epochs=1)
+    assert [round(lr_factor(cosine, e, 5), 6) for e in range(5)] == [0.5, 1.0, 0.853553, 0.5, 0.146447]
+    step = OptimConfig(schedule="step", milestones=[2, 4], gamma=0.1)
+    assert [lr_factor(step, e, 6) for e in range(6)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    with pytest.raises(ValueError, match="schedule='linear'"):
+        lr_factor(OptimConfig(schedule="linear"), 0, 5)
