@@ -4,6 +4,7 @@
     dtokd distill CONFIG [key=value ...] [--balancer M] [--out DIR] [--resume]
     dtokd eval    RUN_DIR [--which best|last]
     dtokd report  RUN_DIR [RUN_DIR ...] --out DIR
+    dtokd bench   MATRIX.yaml [--out DIR]                            pairs x methods x seeds, resumable
     dtokd demo    [--out DIR] [--quick]
 """
 
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="plots and a markdown table from run folders")
     report.add_argument("runs", nargs="+")
     report.add_argument("--out", required=True)
+    bench = sub.add_parser("bench", help="run (or finish) an accuracy matrix and aggregate it")
+    bench.add_argument("matrix", help="matrix YAML (see configs/bench_fmnist.yaml)")
+    bench.add_argument("--out", help="output folder (default: runs/bench_<file stem>)")
+    bench.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables and plots")
+    bench.add_argument("--progress", action="store_true", help="progress bars for every run")
     demo = sub.add_parser("demo", help="Fashion-MNIST: teacher, then a student alone / fixed KD / DTO-KD")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a tiny version for smoke tests")
@@ -98,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
             from dtokd.report import report
 
             print(f"report: {report(args.runs, args.out)}")
+            return 0
+        if args.command == "bench":
+            from dtokd.bench import aggregate, load_matrix, run_matrix
+
+            matrix = load_matrix(args.matrix)
+            out = Path(args.out or Path("runs") / f"bench_{Path(args.matrix).stem}")
+            path = aggregate(matrix, out) if args.aggregate_only else run_matrix(matrix, out, progress=args.progress)
+            print(f"results: {path}")
             return 0
         from dtokd.demo import run_demo
 

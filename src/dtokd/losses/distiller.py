@@ -84,12 +84,19 @@ class Distiller(nn.Module):
         self.student_taps = FeatureTaps(student, sorted(set(student_taps)))
         self.teacher_taps = FeatureTaps(teacher, sorted(set(teacher_taps))) if teacher is not None else None
 
-    def forward(self, x: Tensor, y: Tensor, epoch: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, y: Tensor, epoch: int = 0, *, reuse_teacher: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """``reuse_teacher=True`` takes the teacher's outputs of the previous call (same batch),
+        e.g. to re-evaluate the losses after an optimizer step without a second teacher pass."""
         teacher = self.teacher[0]
-        teacher_logits = None
-        if teacher is not None and len(self.specs) > sum(s["type"] == "ce" for s in self.specs.values()):
-            with torch.no_grad():
-                teacher_logits = teacher(x)
+        if reuse_teacher:
+            teacher_logits, teacher_features = self._last_teacher
+        else:
+            teacher_logits, teacher_features = None, {}
+            if teacher is not None and len(self.specs) > sum(s["type"] == "ce" for s in self.specs.values()):
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+                teacher_features = dict(self.teacher_taps.features) if self.teacher_taps is not None else {}
+            self._last_teacher = (teacher_logits, teacher_features)
         logits = self.student(x)
         losses: dict[str, Tensor] = {}
         for name, spec in self.specs.items():
@@ -103,6 +110,6 @@ class Distiller(nn.Module):
                 losses[name] = ramp * dkd_loss(logits, teacher_logits, y, spec["alpha"], spec["beta"], spec["temperature"])
             else:
                 losses[name] = self.projectors[name](
-                    self.student_taps.features[spec["student_tap"]], self.teacher_taps.features[spec["teacher_tap"]]
+                    self.student_taps.features[spec["student_tap"]], teacher_features[spec["teacher_tap"]]
                 )
         return logits, losses

@@ -171,7 +171,7 @@ def _train_epoch(config: Config, distiller: Distiller, balancer: Balancer, optim
         if same_batch:
             with torch.no_grad(), _frozen_batchnorm_statistics(distiller.student), \
                     torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                _, after = distiller(x, y, epoch)
+                _, after = distiller(x, y, epoch, reuse_teacher=True)
             balancer.update(after)
         for name, value in info.losses.items():
             totals[f"loss/{name}"] = totals.get(f"loss/{name}", 0.0) + value

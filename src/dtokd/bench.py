@@ -1,0 +1,255 @@
+"""Accuracy benchmark: a matrix of (teacher -> student pair) x (method) x (seed) from one config.
+
+Config (YAML)::
+
+    name: fmnist-matrix
+    seeds: [0, 1, 2]
+    base: [epochs=8, data.limit_train=20000, ...]          # overrides shared by every run
+    student_config: configs/fmnist_distill_mlp.yaml         # the run config the overrides apply to
+    teacher_config: configs/fmnist_teacher.yaml             # how a missing teacher is trained
+    pairs:
+      cnn-mlp: {teacher: cnn, student: mlp}
+    methods:                                                # name -> overrides
+      student-alone: [teacher.name=null, teacher.checkpoint=null, "losses={task: {type: ce}}", balancer.method=fixed]
+      kd-fixed: [balancer.method=fixed, "balancer.options={weights: {distill: 0.9, task: 0.1}}"]
+    reference: kd-fixed                                     # the baseline for time ratios and convergence
+    grid_prefix: kd-grid                                    # methods tuned on the validation split
+
+Runs go to ``OUT/<pair>/<method>/seed<k>``; a finished run (``summary.json``) is skipped and a
+killed one resumed, so rerunning the command finishes a partial matrix. Teachers are trained
+once per teacher name (seed 0) into ``OUT/teachers/<name>``. The aggregate is written as
+``results.md`` / ``results.csv`` with plots next to them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dtokd.train import load_config, train
+from dtokd.train.records import git_commit, machine, read_jsonl
+
+
+@dataclass(frozen=True)
+class Matrix:
+    name: str
+    seeds: list[int]
+    base: list[str]
+    student_config: Path
+    teacher_config: Path
+    pairs: dict[str, dict[str, str]]
+    methods: dict[str, list[str]]
+    reference: str
+    grid_prefix: str | None
+
+
+MATRIX_KEYS = {"name", "seeds", "base", "student_config", "teacher_config", "pairs", "methods", "reference", "grid_prefix"}
+
+
+def load_matrix(path: str | Path) -> Matrix:
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text())
+    unknown = sorted(set(raw) - MATRIX_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; valid: {sorted(MATRIX_KEYS)}")
+    missing = sorted({"name", "seeds", "pairs", "methods", "student_config", "teacher_config", "reference"} - set(raw))
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}")
+    if raw["reference"] not in raw["methods"]:
+        raise ValueError(f"{path}: reference {raw['reference']!r} is not one of the methods {list(raw['methods'])}")
+    for pair, spec in raw["pairs"].items():
+        if set(spec) != {"teacher", "student"}:
+            raise ValueError(f"{path}: pair {pair!r} must give exactly 'teacher' and 'student', got {sorted(spec)}")
+    root = path.parent.parent if path.parent.name == "configs" else Path.cwd()
+    return Matrix(
+        name=raw["name"], seeds=[int(s) for s in raw["seeds"]], base=[str(o) for o in raw.get("base", [])],
+        student_config=root / raw["student_config"], teacher_config=root / raw["teacher_config"],
+        pairs=raw["pairs"], methods={k: [str(o) for o in v] for k, v in raw["methods"].items()},
+        reference=raw["reference"], grid_prefix=raw.get("grid_prefix"),
+    )
+
+
+def run_matrix(matrix: Matrix, out: Path, *, progress: bool = False) -> Path:
+    """Run (or finish) every cell, then aggregate; returns the markdown results path."""
+    out.mkdir(parents=True, exist_ok=True)
+    total = len(matrix.pairs) * len(matrix.methods) * len(matrix.seeds)
+    done, began = 0, time.perf_counter()
+    for pair, spec in matrix.pairs.items():
+        teacher = _ensure_teacher(matrix, out / "teachers" / spec["teacher"], spec["teacher"], progress)
+        for method, overrides in matrix.methods.items():
+            for seed in matrix.seeds:
+                folder = out / pair / method / f"seed{seed}"
+                done += 1
+                if (folder / "summary.json").is_file():
+                    continue
+                config = load_config(matrix.student_config, [
+                    *matrix.base, f"name={method}", f"seed={seed}", f"student.name={spec['student']}",
+                    f"teacher.name={spec['teacher']}", f"teacher.checkpoint={teacher}", *overrides,
+                ])
+                elapsed = time.perf_counter() - began
+                print(f"[bench] {done}/{total} {pair} {method} seed {seed} (elapsed {elapsed / 60:.1f} min)", flush=True)
+                train(config, folder, resume=(folder / "checkpoint.pt").is_file(), progress=progress)
+    return aggregate(matrix, out)
+
+
+def _ensure_teacher(matrix: Matrix, folder: Path, name: str, progress: bool) -> Path:
+    if not (folder / "summary.json").is_file():
+        config = load_config(matrix.teacher_config, [f"student.name={name}", f"name=teacher-{name}", "seed=0"])
+        print(f"[bench] training teacher {name} into {folder}", flush=True)
+        train(config, folder, resume=(folder / "checkpoint.pt").is_file(), progress=progress)
+    return folder / "best.pt"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def cell_statistics(folders: list[Path]) -> dict[str, Any]:
+    """Mean and standard deviation over seeds, and the means of the logged balancer quantities."""
+    summaries = [json.loads((f / "summary.json").read_text()) for f in folders if (f / "summary.json").is_file()]
+    metrics = [read_jsonl(f / "metrics.jsonl") for f in folders if (f / "summary.json").is_file()]
+    steps = [row for f in folders for row in read_jsonl(f / "steps.jsonl")]
+    cell: dict[str, Any] = {"seeds": len(summaries)}
+    for key in ("test_top1_at_best_val", "best_val_top1", "best_test_top1", "last_test_top1", "seconds_per_epoch"):
+        cell[key], cell[key + "_std"] = _mean_std([s[key] for s in summaries if s.get(key) is not None])
+    epochs = min((len(m) for m in metrics), default=0)
+    cell["curve"] = [statistics.fmean(m[e]["test_top1"] for m in metrics) for e in range(epochs)]
+    cell["curve_std"] = [statistics.stdev([m[e]["test_top1"] for m in metrics]) if len(metrics) > 1 else 0.0 for e in range(epochs)]
+    for key in sorted({k for row in steps for k in row if k.startswith(("loss_weight/", "weight/"))}):
+        cell[key] = statistics.fmean(row[key] for row in steps if key in row)
+    first_weight = next((k for k in sorted({k for row in steps for k in row}) if k.startswith("loss_weight/")), None)
+    by_step: dict[int, list[float]] = {}
+    for row in steps:
+        if first_weight in row:
+            by_step.setdefault(row["step"], []).append(row[first_weight])
+    cell["weight_curve_name"] = first_weight
+    cell["weight_curve"] = [(step, statistics.fmean(v)) for step, v in sorted(by_step.items())]
+    conflicts = [row["conflict"] for row in steps if "conflict" in row]
+    dominances = [row["dominance"] for row in steps if "dominance" in row and 0 < row["dominance"] < math.inf]
+    cell["conflict"] = statistics.fmean(conflicts) if conflicts else None
+    cell["dominance"] = math.exp(statistics.fmean(math.log(d) for d in dominances)) if dominances else None
+    return cell
+
+
+def aggregate(matrix: Matrix, out: Path) -> Path:
+    rows: list[dict[str, Any]] = []
+    for pair in matrix.pairs:
+        cells = {m: cell_statistics([out / pair / m / f"seed{s}" for s in matrix.seeds]) for m in matrix.methods}
+        reference = cells[matrix.reference]
+        target = reference["curve"][-1] if reference["curve"] else math.nan
+        tuned = None
+        if matrix.grid_prefix:
+            grid = [m for m in cells if (m.startswith(matrix.grid_prefix) or m == matrix.reference) and cells[m]["seeds"]]
+            tuned = max(grid, key=lambda m: cells[m]["best_val_top1"], default=None)
+        for method, cell in cells.items():
+            if not cell["seeds"]:
+                continue
+            reach = next((e + 1 for e, acc in enumerate(cell["curve"]) if acc >= target), None)
+            rows.append({
+                "pair": pair, "method": method + (" (tuned on val)" if method == tuned else ""), **cell,
+                "epochs_to_reference_final": reach,
+                "time_vs_reference": cell["seconds_per_epoch"] / reference["seconds_per_epoch"],
+            })
+    csv_path, md_path = out / "results.csv", out / "results.md"
+    series = ("curve", "curve_std", "weight_curve", "weight_curve_name")
+    scalar_keys = [k for k in rows[0] if k not in series] if rows else []
+    all_keys = sorted({k for r in rows for k in r if k not in series}, key=lambda k: (k not in scalar_keys, k))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=all_keys)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k) for k in all_keys})
+    plots = _plots(matrix, rows, out)
+    md_path.write_text(_markdown(matrix, rows, plots))
+    return md_path
+
+
+def _fmt(mean: float | None, std: float | None = None, digits: int = 2) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def _markdown(matrix: Matrix, rows: list[dict[str, Any]], plots: list[Path]) -> str:
+    lines = [
+        f"# Accuracy benchmark: {matrix.name}", "",
+        f"- commit `{git_commit()[:10]}`; machine: {machine()}",
+        f"- seeds {matrix.seeds}; shared overrides: `{' '.join(matrix.base)}`; run config `{matrix.student_config.name}`",
+        f"- reference for time ratios and convergence: `{matrix.reference}`; mean ± standard deviation over seeds",
+        "", "| pair | method | test top-1 at best val | best test top-1 | last test top-1 | epochs to ref. final | "
+        "s / epoch | time / ref. | mean weights (on raw loss grads) | conflict | dominance |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        weights = ", ".join(f"{k.split('/', 1)[1]} {v:.3g}" for k, v in r.items() if k.startswith("loss_weight/"))
+        lines.append(
+            f"| {r['pair']} | {r['method']} | {_fmt(r['test_top1_at_best_val'], r['test_top1_at_best_val_std'])} | "
+            f"{_fmt(r['best_test_top1'], r['best_test_top1_std'])} | {_fmt(r['last_test_top1'], r['last_test_top1_std'])} | "
+            f"{r['epochs_to_reference_final'] or '-'} | {_fmt(r['seconds_per_epoch'], None, 1)} | {_fmt(r['time_vs_reference'], None)} | "
+            f"{weights or '-'} | {_fmt(r['conflict'], None, 3)} | {_fmt(r['dominance'], None, 3)} |"
+        )
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(matrix: Matrix, rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for pair in matrix.pairs:
+        pair_rows = [r for r in rows if r["pair"] == pair]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in pair_rows:
+            x = range(1, len(r["curve"]) + 1)
+            ax.plot(x, r["curve"], label=r["method"])
+            ax.fill_between(x, [m - s for m, s in zip(r["curve"], r["curve_std"])],
+                            [m + s for m, s in zip(r["curve"], r["curve_std"])], alpha=0.15)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test top-1 (%), mean ± std over seeds")
+        ax.set_title(pair)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        paths.append(out / f"accuracy_{pair}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in pair_rows:
+            if r["weight_curve"]:
+                ax.plot(*zip(*r["weight_curve"]), label=r["method"])
+        ax.set_xlabel("step")
+        ax.set_ylabel("coefficient on the first loss (distill), mean over seeds")
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.set_title(f"{pair}: weights over training")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        paths.append(out / f"weights_{pair}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for r in pair_rows:
+            ax.errorbar(r["time_vs_reference"], r["test_top1_at_best_val"], yerr=r["test_top1_at_best_val_std"], fmt="o")
+            ax.annotate(r["method"], (r["time_vs_reference"], r["test_top1_at_best_val"]), fontsize=6)
+        ax.set_xlabel(f"time per epoch / {matrix.reference}")
+        ax.set_ylabel("test top-1 at best val (%)")
+        ax.set_title(f"{pair}: accuracy against cost")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        paths.append(out / f"cost_{pair}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,69 @@
+"""The accuracy-matrix runner on tiny synthetic data: runs, resumes a partial matrix, aggregates."""
+
+import csv
+import json
+
+import pytest
+
+from dtokd import cli
+from dtokd.bench import load_matrix
+
+
+def write_matrix(tmp_path, methods: str) -> str:
+    student = tmp_path / "student.yaml"
+    student.write_text("\n".join([
+        "name: s", "batch_size: 32", "log_every: 2", "data: {name: synthetic}", "student: {name: mlp_small}",
+        "teacher: {name: cnn_small, checkpoint: none}", "losses: {distill: {type: kd}, task: {type: ce}}",
+    ]))
+    teacher = tmp_path / "teacher.yaml"
+    teacher.write_text("\n".join(["name: t", "epochs: 2", "batch_size: 32", "data: {name: synthetic}", "student: {name: cnn_small}"]))
+    matrix = tmp_path / "matrix.yaml"
+    matrix.write_text("\n".join([
+        "name: tiny", "seeds: [0, 1]", f"student_config: {student}", f"teacher_config: {teacher}", "base: [epochs=3]",
+        "pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}", "reference: kd-fixed", "grid_prefix: kd-grid",
+        "methods:", methods,
+    ]))
+    return str(matrix)
+
+
+METHODS = "\n".join([
+    "  kd-fixed: [balancer.method=fixed, 'balancer.options={weights: {distill: 0.9, task: 0.1}}']",
+    "  kd-grid-a0.5: [balancer.method=fixed, 'balancer.options={weights: {distill: 0.5, task: 0.5}}']",
+    "  dto: [balancer.method=dto]",
+])
+
+
+def test_bench_runs_resumes_and_aggregates(tmp_path, capsys):
+    matrix = write_matrix(tmp_path, METHODS)
+    out = tmp_path / "out"
+    assert cli.main(["bench", matrix, "--out", str(out)]) == 0
+    summary = out / "cnn-mlp" / "dto" / "seed1" / "summary.json"
+    first = json.loads(summary.read_text())
+    # a killed cell: remove its summary; rerunning finishes it from its checkpoint, the rest is skipped
+    summary.unlink()
+    capsys.readouterr()
+    assert cli.main(["bench", matrix, "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "dto seed 1" in log and "kd-fixed seed 0" not in log
+    assert json.loads(summary.read_text())["last_test_top1"] == first["last_test_top1"]
+    with open(out / "results.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert {"dto", "kd-grid-a0.5"} <= {m.split(" ")[0] for m in rows}
+    assert sum("(tuned on val)" in m for m in rows) == 1
+    dto = rows["dto"]
+    assert int(dto["seeds"]) == 2 and float(dto["time_vs_reference"]) > 0
+    summaries = [json.loads((out / "cnn-mlp" / "dto" / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
+    assert float(dto["last_test_top1"]) == pytest.approx(sum(s["last_test_top1"] for s in summaries) / 2)
+    assert -1 <= float(dto["conflict"]) <= 1
+    text = (out / "results.md").read_text()
+    assert "| cnn-mlp | dto |" in text and "accuracy_cnn-mlp.png" in text
+    for png in ("accuracy_cnn-mlp.png", "cost_cnn-mlp.png", "weights_cnn-mlp.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_bad_matrix_is_named(tmp_path):
+    matrix = write_matrix(tmp_path, METHODS)
+    text = open(matrix).read().replace("reference: kd-fixed", "reference: kd-none")
+    open(matrix, "w").write(text)
+    with pytest.raises(ValueError, match="reference 'kd-none' is not one of the methods"):
+        load_matrix(matrix)
