@@ -79,7 +79,10 @@ class AmortizedDTOBalancer(Balancer):
             raise RuntimeError("update() called before backward(): nothing to compare with")
         if self.names is None or set(losses_after) != set(self.names):
             raise ValueError(f"update(): losses must have the names {self.names}, got {sorted(losses_after)}")
-        after = torch.stack([losses_after[n].detach().reshape(()).to("cpu", torch.float64) for n in self.names])
+        after = torch.stack([losses_after[n].detach().reshape(()).to(torch.float64) for n in self.names])
+        if self.sync.global_mode:
+            after = self.sync.mean(after)
+        after = after.to("cpu")
         if not torch.isfinite(after).all():
             raise ValueError(f"update(): non-finite losses after the step {dict(zip(self.names, after.tolist()))}")
         self._learn(self._before - self._divisors(after).log())

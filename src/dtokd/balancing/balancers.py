@@ -11,6 +11,7 @@ from torch import Tensor
 from dtokd.balancing import rules
 from dtokd.balancing.amortized import AmortizedDTOBalancer
 from dtokd.balancing.base import Balancer, NonFinitePolicy, Rescale, unique_params
+from dtokd.balancing.distributed import Sync, SyncMode
 from dtokd.balancing.engines import ENGINES, ExactEngine, RepresentationEngine, SubsetEngine
 from dtokd.balancing.gradnorm import GradNormBalancer
 
@@ -67,6 +68,8 @@ def make_balancer(
     loss_floor: float = 1e-8,
     rescale: Rescale = "none",
     on_nonfinite: NonFinitePolicy = "raise",
+    sync: SyncMode = "global",
+    check_sync: bool | None = None,
     **options: Any,
 ) -> Balancer:
     """A balancer for ``method`` (one of :data:`BALANCERS`) over ``params``.
@@ -85,6 +88,10 @@ def make_balancer(
     ``"unit-sum"`` divides the update's coefficients on the raw losses by their absolute sum
     (default ``"none"``: the paper's ``g* = sum_i pi_i grad log L_i``; the amortized form
     always uses ``"unit-sum"``, as FAMO does). ``on_nonfinite``: ``"raise"`` or ``"skip"``.
+    ``sync``: under ``torch.distributed``, ``"global"`` (the global batch's Gram and losses,
+    weights identical on all ranks), ``"local"`` or ``"off"``; ``check_sync`` verifies that
+    all ranks computed the same weights (default: ``DTOKD_DEBUG=1``). See
+    :mod:`dtokd.balancing.distributed`.
     ``options``: the rule's own options (e.g. ``constraint="simplex"`` for ``"dto"``,
     ``weights=`` for ``"fixed"``, ``c=`` for ``"cagrad"``), or those of
     :class:`~dtokd.balancing.amortized.AmortizedDTOBalancer` and
@@ -98,6 +105,7 @@ def make_balancer(
         "log_losses": method in _LOG_BY_DEFAULT if log_losses is None else log_losses,
         "loss_floor": loss_floor,
         "on_nonfinite": on_nonfinite,
+        "sync": Sync(sync, check=check_sync),
     }
     if method == "dto-amortized":
         if rescale != "none":

@@ -23,6 +23,9 @@ not underflow), the Gram is unscaled before the rule sees it, and ``.grad`` rece
 scaled combination that ``scaler.step`` expects. If the scaled gradients overflow, ``.grad``
 is filled with NaN so that ``scaler.step`` skips the step and lowers the scale, and the step
 is reported as skipped.
+
+Data parallelism: see :mod:`dtokd.balancing.distributed` (``sync=``); losses and Gram are
+those of the global batch by default.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from dtokd.balancing.distributed import Sync
 from dtokd.balancing.engines import ObjectiveGradients, weighted_sum_backward
 from dtokd.balancing.stepinfo import StepInfo
 
@@ -55,6 +59,7 @@ class Balancer:
         loss_floor: float = 1e-8,
         rescale: Rescale = "none",
         on_nonfinite: NonFinitePolicy = "raise",
+        sync: Sync | None = None,
     ) -> None:
         if not (isinstance(loss_floor, (int, float)) and math.isfinite(loss_floor) and loss_floor > 0):
             raise ValueError(f"loss_floor must be a positive finite number, got {loss_floor!r}")
@@ -67,6 +72,7 @@ class Balancer:
         self.loss_floor = float(loss_floor)
         self.rescale = rescale
         self.on_nonfinite = on_nonfinite
+        self.sync = sync if sync is not None else Sync("global")
         self.names: tuple[str, ...] | None = None
 
     # -- to be provided by subclasses -------------------------------------------------------
@@ -102,6 +108,8 @@ class Balancer:
         """
         ordered = self._checked(losses)
         values = torch.stack([v.detach().reshape(()).to(torch.float64) for v in ordered.values()])
+        if self.sync.global_mode:
+            values = self.sync.mean(values)  # the objective is log of the global mean loss
         bad = [n for n, ok in zip(ordered, torch.isfinite(values).tolist()) if not ok]
         if bad:
             reason = f"non-finite loss(es) {bad}: " + ", ".join(
@@ -117,12 +125,16 @@ class Balancer:
         gradients: ObjectiveGradients | None = None
         raw_gram = gram = None
         if self.needs_gram or diagnose:
-            gradients = self.engine.gradients(scaled, representation)
+            gradients = self.engine.gradients(scaled, representation, self.sync)
             raw_gram = gradients.gram / scale**2
             gram = raw_gram / torch.outer(divisors, divisors)
             if not bool(torch.isfinite(raw_gram).all()):
                 return self._nonfinite_gradients(values, gradients, raw_gram, scaling)
         pi = self._weights(gram if self.needs_gram else None, values).to(torch.float64)
+        if self.sync.global_mode:
+            pi = self.sync.agree(pi, self.engine.params)
+        elif self.sync.local_mode:
+            pi = self.sync.mean(pi)
         coefficients = pi / divisors
         if self.rescale == "unit-sum":
             coefficients = coefficients / coefficients.abs().sum().clamp_min(torch.finfo(torch.float64).tiny)

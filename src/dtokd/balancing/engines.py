@@ -17,7 +17,9 @@ Three engines, by name (:data:`ENGINES`):
     feature map), then one ordinary backward of ``sum_i c_i L_i``. Cost: about one backward.
 
 Every engine accumulates into ``.grad`` exactly like ``loss.backward()`` does: call
-``optimizer.zero_grad()`` as usual. Gram entries are accumulated in float64.
+``optimizer.zero_grad()`` as usual. Gram entries are accumulated in float64. Under
+``torch.distributed`` the engines make the Gram that of the global batch (see
+:mod:`dtokd.balancing.distributed`); the weighted-sum backward relies on DDP's averaging.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
+
+from dtokd.balancing.distributed import Sync
 
 EngineName = Literal["exact", "subset", "representation"]
 ENGINES: tuple[str, ...] = ("exact", "subset", "representation")
@@ -96,20 +100,25 @@ def _gram(grads: list[list[Tensor]]) -> Tensor:
 
 @dataclass
 class _StoredGradients:
-    """Exact engine: the gradients are kept and combined per tensor."""
+    """Exact engine: the gradients are kept and combined per tensor (averaged across ranks
+    first when ``average`` is a local-mode Sync)."""
 
     gram: Tensor
     grads: list[list[Tensor]]
     params: list[Tensor]
+    average: Sync | None = None
 
     def backward(self, coefficients: Tensor) -> None:
         m = len(self.grads)
-        for k, p in enumerate(self.params):
-            combined = sum(coefficients[i].to(p.dtype) * self.grads[i][k] for i in range(m))
+        combined = [sum(coefficients[i].to(p.dtype) * self.grads[i][k] for i in range(m)).detach()
+                    for k, p in enumerate(self.params)]
+        if self.average is not None:
+            self.average.average_in_place(combined)
+        for p, update in zip(self.params, combined):
             if p.grad is None:
-                p.grad = combined.detach().clone() if m == 1 else combined.detach()
+                p.grad = update.clone() if m == 1 else update
             else:
-                p.grad.add_(combined)
+                p.grad.add_(update)
 
 
 @dataclass
@@ -133,11 +142,15 @@ class ExactEngine:
         self.params = list(params)
         self.batched = bool(batched)
 
-    def gradients(self, losses: Mapping[str, Tensor], representation: object = None) -> ObjectiveGradients:
+    def gradients(self, losses: Mapping[str, Tensor], representation: object = None, sync: Sync | None = None) -> ObjectiveGradients:
         _no_representation(self.name, representation)
         params = trainable(self.params)
         grads, _ = _per_objective_grads(list(losses.values()), params, self.batched, keep_graph=False)
-        return _StoredGradients(_gram(grads), grads, params)
+        if sync is not None and sync.global_mode:
+            for row in grads:
+                sync.average_in_place(row)
+        average = sync if (sync is not None and sync.local_mode) else None
+        return _StoredGradients(_gram(grads), grads, params, average)
 
 
 class SubsetEngine:
@@ -156,10 +169,13 @@ class SubsetEngine:
             raise ValueError(f"gram_params at positions {outside} are not among the balancer's params")
         self.batched = bool(batched)
 
-    def gradients(self, losses: Mapping[str, Tensor], representation: object = None) -> ObjectiveGradients:
+    def gradients(self, losses: Mapping[str, Tensor], representation: object = None, sync: Sync | None = None) -> ObjectiveGradients:
         _no_representation(self.name, representation)
         values = list(losses.values())
         grads, _ = _per_objective_grads(values, trainable(self.gram_params), self.batched, keep_graph=True)
+        if sync is not None and sync.global_mode:
+            for row in grads:
+                sync.average_in_place(row)
         return _BackwardLater(_gram(grads), values, self.params)
 
 
@@ -173,7 +189,8 @@ class RepresentationEngine:
         self.batched = bool(batched)
 
     def gradients(
-        self, losses: Mapping[str, Tensor], representation: Tensor | Sequence[Tensor] | None = None
+        self, losses: Mapping[str, Tensor], representation: Tensor | Sequence[Tensor] | None = None,
+        sync: Sync | None = None,
     ) -> ObjectiveGradients:
         tensors = _representation_tensors(representation)
         values = list(losses.values())
@@ -185,7 +202,10 @@ class RepresentationEngine:
                 "engine needs every loss computed from it (pass e.g. the student's logits or a feature "
                 "map that all losses use, or use engine='exact')"
             )
-        return _BackwardLater(_gram(grads), values, self.params)
+        gram = _gram(grads)
+        if sync is not None and sync.global_mode:
+            gram = sync.sum(gram) / sync.world_size**2
+        return _BackwardLater(gram, values, self.params)
 
 
 def _representation_tensors(representation: Tensor | Sequence[Tensor] | None) -> list[Tensor]:

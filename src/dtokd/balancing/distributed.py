@@ -1,0 +1,120 @@
+"""Balancing under data parallelism (``torch.distributed``, e.g. ``torchrun`` + DDP).
+
+Each rank sees its own shard of the batch. Without care every rank would compute weights from
+its own Gram matrix, and the "balanced" update would differ between ranks and from the one the
+method defines for the global batch. With equal local batch sizes (``DistributedSampler`` with
+``drop_last=True``, or the trainer's sharding) the global loss is ``L_i = mean_r L_i,r`` and
+its gradient is the rank average of the local gradients; the modes are:
+
+``"global"`` (default when a process group is initialised)
+    The Gram matrix of the global batch, exactly:
+
+    - exact / subset engines: the per-objective gradients are averaged across ranks before the
+      Gram is formed (one all-reduce of each objective's gradient: for m = 2 about one gradient
+      all-reduce more than plain DDP); the combined update is then formed from the averaged
+      gradients, identical on every rank, and written to ``.grad`` directly;
+    - representation engine: ``G = (1 / R^2) sum_r G_r`` (the gradient of the global mean loss
+      with respect to rank r's part of the representation is ``1/R`` of the local one), one
+      all-reduce of m x m numbers; then one ordinary DDP backward of ``sum_i c_i L_i``;
+    - the log transform uses the global losses (one all-reduce of m numbers): the objective is
+      ``log`` of the global mean loss, not the mean of the local logs.
+
+    The weights are then broadcast from rank 0, so randomised rules (PCGrad's order) agree too.
+``"local"``
+    Each rank's own Gram and weights; the weights are averaged across ranks, and the update
+    goes through one ordinary DDP backward (or one averaged write for the exact engine).
+    Cheap, but not the method's update for the global batch.
+``"off"``
+    Ignore the process group (single-process semantics on each rank).
+
+``check=True`` (default: ``DTOKD_DEBUG=1`` in the environment) compares, every step, a
+fingerprint of the parameters and the weights every rank computed before the broadcast, and
+raises if they differ: a desynchronised rank is reported (cost: two reductions of a few numbers
+and one pass over the parameters).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+SyncMode = Literal["global", "local", "off"]
+SYNC_MODES = ("global", "local", "off")
+
+
+class Sync:
+    """The collective operations a balancer needs, or none outside a process group."""
+
+    def __init__(self, mode: SyncMode = "global", *, check: bool | None = None, group: object = None) -> None:
+        if mode not in SYNC_MODES:
+            raise ValueError(f"sync={mode!r} is not allowed; use one of {list(SYNC_MODES)}")
+        self.mode = mode
+        self.group = group
+        self.check = os.environ.get("DTOKD_DEBUG", "") == "1" if check is None else bool(check)
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "off" and dist.is_available() and dist.is_initialized() and self.world_size > 1
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def global_mode(self) -> bool:
+        return self.active and self.mode == "global"
+
+    @property
+    def local_mode(self) -> bool:
+        return self.active and self.mode == "local"
+
+    def mean(self, tensor: Tensor) -> Tensor:
+        """The rank average of ``tensor`` (a new tensor)."""
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
+        return out / self.world_size
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
+        return out
+
+    def average_in_place(self, tensors: list[Tensor]) -> None:
+        """Average a list of tensors across ranks with one all-reduce of a flat buffer."""
+        if not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        flat /= self.world_size
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def agree(self, weights: Tensor, params: list[Tensor]) -> Tensor:
+        """Rank 0's ``weights`` on every rank. With ``check``, first verify that all ranks hold
+        the same parameters (a fingerprint: sum and sum of squares) and computed the same weights."""
+        if self.check:
+            fingerprint = torch.stack([
+                sum(p.detach().double().sum() for p in params), sum(p.detach().double().pow(2).sum() for p in params)
+            ]).to(weights.device)
+            self._check_equal(fingerprint, "parameters (sum, sum of squares)")
+            self._check_equal(weights, "balancing weights")
+        out = weights.detach().clone()
+        dist.broadcast(out, src=0, group=self.group)
+        return out
+
+    def _check_equal(self, value: Tensor, what: str) -> None:
+        low, high = value.detach().clone(), value.detach().clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.group)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=self.group)
+        spread = (high - low).abs().max().item()
+        if spread > 1e-6 * max(high.abs().max().item(), 1e-12):
+            raise RuntimeError(
+                f"ranks disagree on the {what}: rank {dist.get_rank(self.group)} has {value.tolist()}, "
+                f"spread {spread:.3g} across ranks; a rank is desynchronised"
+            )

@@ -1,0 +1,115 @@
+"""Two processes (gloo, CPU) against one process on the concatenated batch."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from dtokd import make_balancer
+
+STEPS = 4
+GLOBAL_BATCH = 16
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 4)).double()
+
+
+def batch(step: int):
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(GLOBAL_BATCH, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (GLOBAL_BATCH,), generator=g)
+    teacher = torch.randn(GLOBAL_BATCH, 4, generator=g, dtype=torch.float64)
+    return x, y, teacher
+
+
+def losses_of(logits, y, teacher):
+    kd = nn.functional.kl_div(nn.functional.log_softmax(logits / 2, 1), nn.functional.softmax(teacher / 2, 1),
+                              reduction="batchmean") * 4
+    return {"distill": kd, "task": nn.functional.cross_entropy(logits, y)}
+
+
+def train_steps(model, forward, method, options, rank=0, world=1):
+    """STEPS balanced SGD steps on this rank's shard; ``forward`` is the (DDP-wrapped) model."""
+    forward = forward or model
+    params = list(model.parameters())
+    if options.get("engine") == "subset":
+        options = {**options, "gram_params": list(model[2].parameters())}  # the last layer
+    balancer = make_balancer(method, params, **options)
+    optimizer = torch.optim.SGD(params, lr=0.2)
+    weights = []
+    representation = options.get("engine") == "representation"
+    for step in range(STEPS):
+        x, y, t = batch(step)
+        shard = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+        optimizer.zero_grad()
+        logits = forward(x[shard])
+        info = balancer.backward(losses_of(logits, y[shard], t[shard]), representation=logits if representation else None)
+        optimizer.step()
+        if method == "dto-amortized" and options.get("update", "same-batch") == "same-batch":
+            with torch.no_grad():
+                balancer.update(losses_of(forward(x[shard]), y[shard], t[shard]))
+        weights.append(list(info.weights.values()))
+    return weights, [p.detach().clone() for p in params]
+
+
+def worker(rank, world, init_file, method, options, out, desync):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = make_model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        if desync and rank == 1:
+            with torch.no_grad():
+                model[0].bias.add_(0.01)
+        try:
+            weights, params = train_steps(model, ddp, method, options, rank, world)
+            torch.save({"weights": weights, "params": params}, f"{out}.{rank}")
+        except RuntimeError as error:
+            torch.save({"error": str(error)}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_two_processes(tmp_path, method, options, desync=False):
+    out = tmp_path / "result"
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), method, options, str(out), desync), nprocs=2, join=True)
+    return [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+
+
+CASES = [
+    ("dto", {}),
+    ("dto", {"engine": "representation"}),
+    ("dto", {"engine": "subset"}),
+    ("dto-amortized", {}),
+    ("dto-amortized", {"update": "next-step"}),
+    ("mgda", {}),
+    ("fixed", {"weights": [0.9, 0.1]}),
+]
+
+
+@pytest.mark.parametrize("method, options", CASES, ids=[f"{m}-{o.get('engine', o.get('update', ''))}" for m, o in CASES])
+def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, method, options):
+    ref_weights, ref_params = train_steps(make_model(), None, method, options)
+    results = run_two_processes(tmp_path, method, options)
+    for result in results:
+        assert "error" not in result, result.get("error")
+        for got, want in zip(result["weights"], ref_weights):
+            assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+        for got, want in zip(result["params"], ref_params):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    for a, b in zip(results[0]["params"], results[1]["params"]):
+        assert torch.equal(a, b)
+
+
+def test_local_mode_averages_the_rank_weights(tmp_path):
+    results = run_two_processes(tmp_path, "dto", {"sync": "local"})
+    assert results[0]["weights"] == results[1]["weights"]
+    ref_weights, _ = train_steps(make_model(), None, "dto", {})
+    assert results[0]["weights"][0] != pytest.approx(ref_weights[0], rel=1e-9)  # not the global-batch weights
+
+
+def test_desynchronised_rank_is_detected(tmp_path):
+    results = run_two_processes(tmp_path, "dto", {"check_sync": True}, desync=True)
+    assert all("ranks disagree on the parameters" in r.get("error", "") for r in results)
