@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,8 +70,9 @@ def _run_training(args: argparse.Namespace, distill: bool) -> int:
         raise ConfigError("dtokd train trains a model alone; this config names a teacher: use dtokd distill")
     folder = Path(args.out or Path("runs") / config.name)
     summary = train(config, folder, resume=args.resume, progress=not args.quiet)
-    print(json.dumps(summary, indent=2))
-    print(f"run folder: {folder}")
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary, indent=2))
+        print(f"run folder: {folder}")
     return 0
 
 
@@ -94,7 +96,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command in ("train", "distill") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # key=value overrides may also follow the options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command in ("train", "distill"):
             return _run_training(args, args.command == "distill")

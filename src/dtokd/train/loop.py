@@ -26,6 +26,7 @@ from dtokd.data import DataBundle, build_data, eval_loader, train_loader
 from dtokd.losses import Distiller
 from dtokd.models import create_model, load_weights
 from dtokd.train import checkpoint as ckpt
+from dtokd.train import distributed
 from dtokd.train.config import Config, to_dict
 from dtokd.train.optim import make_optimizer, make_scheduler
 from dtokd.train.records import MetricLog, metadata, write_yaml
@@ -42,7 +43,7 @@ def train(config: Config, folder: str | Path, *, resume: bool = False, progress:
                               "or choose another output folder")
     if config.amp not in AMP_DTYPES:
         raise ValueError(f"amp={config.amp!r} is not allowed; use one of {list(AMP_DTYPES)}")
-    device = torch.device(config.device)
+    ranks, device = distributed.setup(config.device, config.batch_size)
     ckpt.seed_everything(config.seed)
     data = build_data(config.data.name, config.data.root, val_fraction=config.data.val_fraction, seed=config.seed,
                       augment=config.data.augment, image_size=config.data.image_size, limit_train=config.data.limit_train)
@@ -55,6 +56,7 @@ def train(config: Config, folder: str | Path, *, resume: bool = False, progress:
     if teacher is not None:
         teacher.to(device)
     params = list(distiller.parameters())
+    forward = nn.parallel.DistributedDataParallel(distiller) if ranks.world > 1 else distiller
     optimizer = make_optimizer(params, config.optim)
     scheduler = make_scheduler(optimizer, config.optim, config.epochs)
     balancer = _make_balancer(config, distiller, params)
@@ -62,7 +64,8 @@ def train(config: Config, folder: str | Path, *, resume: bool = False, progress:
     identity = {"student": config.student.name, "num_classes": data.num_classes, "losses": list(distiller.specs),
                 "balancer": config.balancer.method, "teacher": config.teacher.name}
     folder.mkdir(parents=True, exist_ok=True)
-    log = MetricLog(folder)
+    log = MetricLog(folder, enabled=ranks.main)
+    progress = progress and ranks.main
     start_epoch, history = 0, []
     if resume:
         state = ckpt.load_checked(checkpoint_path, identity)
@@ -75,25 +78,28 @@ def train(config: Config, folder: str | Path, *, resume: bool = False, progress:
         ckpt.set_rng_state(state["rng"])
         start_epoch, history = state["epoch"], state["history"]
         log.truncate_after(start_epoch)
-    else:
+    elif ranks.main:
         write_yaml(folder / "config.yaml", to_dict(config))
         (folder / "meta.json").write_text(json.dumps(metadata(config.seed), indent=2) + "\n")
     try:
         for epoch in range(start_epoch, config.epochs):
-            row = _train_epoch(config, distiller, balancer, optimizer, scaler, data, epoch, device, log, progress)
+            row = _train_epoch(config, forward, distiller, balancer, optimizer, scaler, data, epoch, device, log,
+                               progress, ranks)
             scheduler.step()
             row.update(_prefixed("val", evaluate(student, data.val, config.eval_batch_size, device)))
             row.update(_prefixed("test", evaluate(student, data.test, config.eval_batch_size, device)))
             history.append(row)
             log.write("metrics.jsonl", row, epoch)
-            if _is_best(history):
+            if ranks.main and _is_best(history):
                 ckpt.save_atomic({"model": student.state_dict(), "identity": identity, "epoch": epoch + 1}, folder / "best.pt")
-            ckpt.save_atomic({
+            if ranks.main:
+                ckpt.save_atomic({
                 "identity": identity, "epoch": epoch + 1, "history": history, "student": student.state_dict(),
                 "projectors": distiller.projectors.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "balancer": balancer.state_dict(), "scaler": scaler.state_dict(),
                 "rng": ckpt.rng_state(),
-            }, checkpoint_path)
+                }, checkpoint_path)
+            ranks.barrier()
             if progress:
                 print(f"[{config.name}] epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f} "
                       f"val top1 {row.get('val_top1', float('nan')):.2f} test top1 {row['test_top1']:.2f} "
@@ -101,7 +107,8 @@ def train(config: Config, folder: str | Path, *, resume: bool = False, progress:
     finally:
         log.close()
     summary = summarize(history, config)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if ranks.main:
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -141,9 +148,11 @@ def _make_balancer(config: Config, distiller: Distiller, params: list[torch.Tens
     return make_balancer(cfg.method, params, engine=cfg.engine, gram_params=gram_params, **options)
 
 
-def _train_epoch(config: Config, distiller: Distiller, balancer: Balancer, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, data: DataBundle, epoch: int, device: torch.device, log: MetricLog,
-                 progress: bool) -> dict[str, Any]:
+def _train_epoch(config: Config, forward: nn.Module, distiller: Distiller, balancer: Balancer,
+                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, data: DataBundle, epoch: int,
+                 device: torch.device, log: MetricLog, progress: bool, ranks: distributed.Ranks) -> dict[str, Any]:
+    """One epoch; ``forward`` is the distiller or its DDP wrapper, and each rank trains on its
+    shard of every global batch."""
     distiller.student.train()
     loader = train_loader(data.train, config.batch_size, config.seed, epoch)
     amp_dtype = AMP_DTYPES[config.amp]
@@ -153,11 +162,12 @@ def _train_epoch(config: Config, distiller: Distiller, balancer: Balancer, optim
     count, skipped, start = 0, 0, time.perf_counter()
     for i, (x, y) in enumerate(tqdm(loader, desc=f"{config.name} epoch {epoch + 1}/{config.epochs}", leave=False,
                                     disable=not progress, unit="batch")):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        shard = ranks.shard(x.shape[0])
+        x, y = x[shard].to(device, non_blocking=True), y[shard].to(device, non_blocking=True)
         step = epoch * len(loader) + i
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits, losses = distiller(x, y, epoch)
+            logits, losses = forward(x, y, epoch)
         diagnose = step % config.log_every == 0
         info = balancer.backward(losses, representation=logits if representation else None, scaler=scaler, diagnose=diagnose)
         if config.optim.grad_clip:
@@ -171,7 +181,7 @@ def _train_epoch(config: Config, distiller: Distiller, balancer: Balancer, optim
         if same_batch:
             with torch.no_grad(), _frozen_batchnorm_statistics(distiller.student), \
                     torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                _, after = distiller(x, y, epoch, reuse_teacher=True)
+                _, after = forward(x, y, epoch, reuse_teacher=True)
             balancer.update(after)
         for name, value in info.losses.items():
             totals[f"loss/{name}"] = totals.get(f"loss/{name}", 0.0) + value

@@ -54,12 +54,13 @@ def write_yaml(path: Path, data: dict[str, Any]) -> None:
 
 class MetricLog:
     """Append-only JSON lines (``metrics.jsonl`` per epoch, ``steps.jsonl`` per logged step),
-    mirrored to TensorBoard when available."""
+    mirrored to TensorBoard when available; a no-op when not ``enabled`` (ranks other than 0)."""
 
-    def __init__(self, folder: Path, tensorboard: bool = True) -> None:
+    def __init__(self, folder: Path, tensorboard: bool = True, enabled: bool = True) -> None:
         self.folder = folder
+        self.enabled = enabled
         self.writer = None
-        if tensorboard:
+        if tensorboard and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -68,6 +69,8 @@ class MetricLog:
                 pass
 
     def write(self, file: str, row: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
         with open(self.folder / file, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.writer is not None:
@@ -77,6 +80,8 @@ class MetricLog:
 
     def truncate_after(self, epoch: int) -> None:
         """On resume: drop lines written after the checkpoint's epoch (a killed epoch's partial log)."""
+        if not self.enabled:
+            return
         for file in ("metrics.jsonl", "steps.jsonl"):
             path = self.folder / file
             if path.is_file():

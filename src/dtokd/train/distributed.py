@@ -1,0 +1,56 @@
+"""Running the trainer under ``torchrun``: process group, device, and batch sharding.
+
+``torchrun --nproc_per_node N -m dtokd.cli distill CONFIG ...`` starts N processes; each
+initialises the process group from the environment (gloo on CPU, NCCL on CUDA), takes device
+``cuda:LOCAL_RANK`` when the config says ``cuda``, and trains on its slice of every global
+batch: ``batch_size`` is the global batch, each rank takes ``batch_size / N`` consecutive
+samples of it. Every rank draws the same global batch (order and augmentation fixed by seed
+and epoch), so a run's data do not depend on N. Rank 0 alone writes logs, checkpoints and
+reports. BatchNorm statistics stay per rank (PyTorch's default under DDP), so models with
+BatchNorm differ slightly from a one-process run; BatchNorm-free models match it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batch_size: int) -> slice:
+        """This rank's part of a global batch of ``batch_size`` samples."""
+        per_rank = batch_size // self.world
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup(device_name: str, batch_size: int) -> tuple[Ranks, torch.device]:
+    """Join the process group that ``torchrun`` describes (if any) and pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks(), torch.device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if batch_size % world:
+        raise ValueError(f"batch_size={batch_size} (the global batch) must be divisible by the {world} processes")
+    cuda = device_name.startswith("cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device(device_name)
+    if cuda:
+        torch.cuda.set_device(device)
+    return Ranks(rank, world, local_rank), device
