@@ -7,8 +7,10 @@ ratio to plain KD is taken from the same run. Peak memory is measured per method
 subprocess as the growth of the peak resident set over the set-up (CPU) or
 ``torch.cuda.max_memory_allocated`` (GPU).
 
-    python benchmarks/step_time.py                       # ResNet-56 -> ResNet-20, batch 128, CPU
-    python benchmarks/step_time.py --rounds 3 --quick    # a short smoke run
+    python benchmarks/step_time.py                                  # ResNet-56 -> ResNet-20, batch 128, CPU
+    python benchmarks/step_time.py --rounds 1 --steps 2 --no-memory  # a short smoke run
+    python benchmarks/step_time.py --device cuda --batch 256 --amp bf16 \
+        --images ../shared/data/cifar10-jpeg.tar.gz --methods core   # the GPU comparison (scale-out issue)
 """
 
 from __future__ import annotations
@@ -40,21 +42,36 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 class Setup:
-    def __init__(self, batch: int, device: str, seed: int = 0) -> None:
+    def __init__(self, batch: int, device: str, amp: str = "none", images: str | None = None, seed: int = 0) -> None:
         torch.manual_seed(seed)
         self.device = device
+        self.amp = {"none": None, "bf16": torch.bfloat16}[amp]
         self.teacher = cifar_resnet(56).to(device).eval()
         self.student = cifar_resnet(20).to(device).train()
         self.params = list(self.student.parameters())
         self.optimizer = torch.optim.SGD(self.params, lr=0.01, momentum=0.9)
-        self.x = torch.randn(batch, 3, 32, 32, device=device)
-        self.y = torch.randint(0, 10, (batch,), device=device)
+        if images:
+            from dtokd.data import build_data
+
+            data = build_data("image-folder", images, val_fraction=0.0, augment=True)
+            x, y = data.train.__getitems__(list(range(batch)))
+            self.x, self.y = x.to(device), y.to(device)
+        else:
+            self.x = torch.randn(batch, 3, 32, 32, device=device)
+            self.y = torch.randint(0, 10, (batch,), device=device)
 
     def losses(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        with torch.no_grad():
-            teacher_logits = self.teacher(self.x)
-        logits = self.student(self.x)
-        return {"distill": kd_loss(logits, teacher_logits), "task": F.cross_entropy(logits, self.y)}, logits
+        device_type = torch.device(self.device).type
+        with torch.autocast(device_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            with torch.no_grad():
+                teacher_logits = self.teacher(self.x)
+            logits = self.student(self.x)
+            losses = {"distill": kd_loss(logits.float(), teacher_logits.float()), "task": F.cross_entropy(logits.float(), self.y)}
+        return losses, logits
+
+
+CORE = ("plain KD (fixed 0.9/0.1)", "two-backward floor", "DTO exact", "DTO representation (logits)",
+        "DTO amortized, next-step", "DTO amortized, same-batch")
 
 
 def make_steps(s: Setup) -> dict[str, Callable[[], None]]:
@@ -138,9 +155,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(args: argparse.Namespace) -> dict[str, list[float]]:
-    s = Setup(args.batch, args.device)
+def selected_steps(s: Setup, methods: str) -> dict[str, Callable[[], None]]:
     steps = make_steps(s)
+    if methods == "all":
+        return steps
+    wanted = CORE if methods == "core" else tuple(m.strip() for m in methods.split(","))
+    unknown = [m for m in wanted if m not in steps]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; available: {list(steps)} (or 'all', 'core')")
+    return {m: steps[m] for m in wanted}
+
+
+def time_steps(args: argparse.Namespace) -> dict[str, list[float]]:
+    s = Setup(args.batch, args.device, args.amp, args.images)
+    steps = selected_steps(s, args.methods)
     for name, step in steps.items():
         for _ in range(args.warmup):
             step()
@@ -160,13 +188,14 @@ def time_steps(args: argparse.Namespace) -> dict[str, list[float]]:
 
 def peak_memory_of(args: argparse.Namespace, method: str) -> float:
     """MB of peak memory the step adds on top of the set-up, in a fresh process."""
-    command = [sys.executable, __file__, "--memory-of", method, "--batch", str(args.batch), "--device", args.device]
+    command = [sys.executable, __file__, "--memory-of", method, "--batch", str(args.batch), "--device", args.device,
+               "--amp", args.amp] + (["--images", args.images] if args.images else [])
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return float(output.strip().splitlines()[-1])
 
 
 def measure_memory(args: argparse.Namespace) -> None:
-    s = Setup(args.batch, args.device)
+    s = Setup(args.batch, args.device, args.amp, args.images)
     step = make_steps(s)[args.memory_of]
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -218,6 +247,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per method per round")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--amp", choices=("none", "bf16"), default="none")
+    parser.add_argument("--images", default=None, help="an image folder / .tar.gz to take the batch from (default: random)")
+    parser.add_argument("--methods", default="all", help="'all', 'core', or a comma-separated list of method names")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--output", default=None, help="results stem (default: benchmarks/results/step_time_<device>)")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
@@ -237,13 +269,15 @@ def main() -> None:
             "iqr_s": interquartile_range(times[name]),
             "vs_plain_kd": median / plain,
             "vs_two_backward_floor": median / floor,
+            "images_per_s": args.batch / median,
             "peak_extra_mb": memory,
             "samples": len(times[name]),
         })
     command = "python " + " ".join(sys.argv)
     record = {
         "benchmark": "step time, CIFAR ResNet-56 teacher -> ResNet-20 student, 32x32 inputs",
-        "batch": args.batch, "device": args.device, "rounds": args.rounds, "steps_per_round": args.steps,
+        "batch": args.batch, "device": args.device, "amp": args.amp, "images": args.images or "random",
+        "rounds": args.rounds, "steps_per_round": args.steps,
         "command": command, "commit": commit(), "machine": machine(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows,
     }
@@ -253,15 +287,15 @@ def main() -> None:
     lines = [
         f"# {record['benchmark']}", "",
         f"- command: `{command}`", f"- commit: `{record['commit']}`", f"- machine: {record['machine']}",
-        f"- date: {record['date']}; batch {args.batch}; median of {args.rounds} rounds x {args.steps} steps after "
+        f"- date: {record['date']}; batch {args.batch}; amp {args.amp}; inputs {record['images']}; median of {args.rounds} rounds x {args.steps} steps after "
         f"{args.warmup} warm-up steps per method, methods interleaved", "",
-        "| method | median step (ms) | IQR (ms) | / plain KD | / two-backward floor | peak extra memory (MB) |",
-        "|---|---|---|---|---|---|",
+        "| method | median step (ms) | IQR (ms) | images/s | / plain KD | / two-backward floor | peak extra memory (MB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         memory = "-" if row["peak_extra_mb"] is None else f"{row['peak_extra_mb']:.0f}"
         lines.append(
-            f"| {row['method']} | {1000 * row['median_s']:.1f} | {1000 * row['iqr_s']:.1f} | "
+            f"| {row['method']} | {1000 * row['median_s']:.1f} | {1000 * row['iqr_s']:.1f} | {row['images_per_s']:.0f} | "
             f"{row['vs_plain_kd']:.3f} | {row['vs_two_backward_floor']:.3f} | {memory} |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
