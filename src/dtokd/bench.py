@@ -208,6 +208,18 @@ def _plots(matrix: Matrix, rows: list[dict[str, Any]], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def save(fig, ax, name: str, xlabel: str, ylabel: str, title: str, legend: bool = True) -> Path:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if legend:
+            ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        return out / name
+
     paths = []
     for pair in matrix.pairs:
         pair_rows = [r for r in rows if r["pair"] == pair]
@@ -217,39 +229,18 @@ def _plots(matrix: Matrix, rows: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.plot(x, r["curve"], label=r["method"])
             ax.fill_between(x, [m - s for m, s in zip(r["curve"], r["curve_std"])],
                             [m + s for m, s in zip(r["curve"], r["curve_std"])], alpha=0.15)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test top-1 (%), mean ± std over seeds")
-        ax.set_title(pair)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        paths.append(out / f"accuracy_{pair}.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(save(fig, ax, f"accuracy_{pair}.png", "epoch", "test top-1 (%), mean ± std over seeds", pair))
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in pair_rows:
             if r["weight_curve"]:
                 ax.plot(*zip(*r["weight_curve"]), label=r["method"])
-        ax.set_xlabel("step")
-        ax.set_ylabel("coefficient on the first loss (distill), mean over seeds")
         ax.set_yscale("symlog", linthresh=0.1)
-        ax.set_title(f"{pair}: weights over training")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        paths.append(out / f"weights_{pair}.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(save(fig, ax, f"weights_{pair}.png", "step", "coefficient on the first loss (distill), mean over seeds",
+                          f"{pair}: weights over training"))
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for r in pair_rows:
             ax.errorbar(r["time_vs_reference"], r["test_top1_at_best_val"], yerr=r["test_top1_at_best_val_std"], fmt="o")
             ax.annotate(r["method"], (r["time_vs_reference"], r["test_top1_at_best_val"]), fontsize=6)
-        ax.set_xlabel(f"time per epoch / {matrix.reference}")
-        ax.set_ylabel("test top-1 at best val (%)")
-        ax.set_title(f"{pair}: accuracy against cost")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        paths.append(out / f"cost_{pair}.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(save(fig, ax, f"cost_{pair}.png", f"time per epoch / {matrix.reference}", "test top-1 at best val (%)",
+                          f"{pair}: accuracy against cost", legend=False))
     return paths
