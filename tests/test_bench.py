@@ -30,6 +30,7 @@ METHODS = "\n".join([
     "  kd-fixed: [balancer.method=fixed, 'balancer.options={weights: {distill: 0.9, task: 0.1}}']",
     "  kd-grid-a0.5: [balancer.method=fixed, 'balancer.options={weights: {distill: 0.5, task: 0.5}}']",
     "  dto: [balancer.method=dto]",
+    "  blowup: [balancer.method=fixed, 'balancer.options={weights: {distill: 0.9, task: 0.1}}', optim.lr=1.0e+12]",
 ])
 
 
@@ -57,6 +58,9 @@ def test_bench_runs_resumes_and_aggregates(tmp_path, capsys):
     assert -1 <= float(dto["conflict"]) <= 1
     text = (out / "results.md").read_text()
     assert "| cnn-mlp | dto |" in text and "accuracy_cnn-mlp.png" in text
+    assert int(rows["blowup"]["diverged"]) == 2 and int(rows["blowup"]["seeds"]) == 0
+    assert "blowup (**2 of 2 seeds diverged**" in text
+    assert (out / "cnn-mlp" / "blowup" / "seed0" / "diverged.json").is_file()
     for png in ("accuracy_cnn-mlp.png", "cost_cnn-mlp.png", "weights_cnn-mlp.png"):
         assert (out / png).stat().st_size > 1000
 

@@ -16,7 +16,8 @@ Config (YAML)::
     grid_prefix: kd-grid                                    # methods tuned on the validation split
 
 Runs go to ``OUT/<pair>/<method>/seed<k>``; a finished run (``summary.json``) is skipped and a
-killed one resumed, so rerunning the command finishes a partial matrix. Teachers are trained
+killed one resumed, so rerunning the command finishes a partial matrix. A run whose losses
+become NaN/inf is recorded as diverged (``diverged.json``) and reported as such, not retried. Teachers are trained
 once per teacher name (seed 0) into ``OUT/teachers/<name>``. The aggregate is written as
 ``results.md`` / ``results.csv`` with plots next to them.
 """
@@ -88,7 +89,7 @@ def run_matrix(matrix: Matrix, out: Path, *, progress: bool = False) -> Path:
             for seed in matrix.seeds:
                 folder = out / pair / method / f"seed{seed}"
                 done += 1
-                if (folder / "summary.json").is_file():
+                if (folder / "summary.json").is_file() or (folder / "diverged.json").is_file():
                     continue
                 config = load_config(matrix.student_config, [
                     *matrix.base, f"name={method}", f"seed={seed}", f"student.name={spec['student']}",
@@ -96,7 +97,14 @@ def run_matrix(matrix: Matrix, out: Path, *, progress: bool = False) -> Path:
                 ])
                 elapsed = time.perf_counter() - began
                 print(f"[bench] {done}/{total} {pair} {method} seed {seed} (elapsed {elapsed / 60:.1f} min)", flush=True)
-                train(config, folder, resume=(folder / "checkpoint.pt").is_file(), progress=progress)
+                try:
+                    train(config, folder, resume=(folder / "checkpoint.pt").is_file(), progress=progress)
+                except ValueError as error:
+                    if "non-finite" not in str(error):
+                        raise
+                    epochs = len(read_jsonl(folder / "metrics.jsonl"))
+                    (folder / "diverged.json").write_text(json.dumps({"error": str(error), "epochs_completed": epochs}) + "\n")
+                    print(f"[bench] {pair} {method} seed {seed} diverged in epoch {epochs + 1}: {error}", flush=True)
     return aggregate(matrix, out)
 
 
@@ -117,9 +125,10 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def cell_statistics(folders: list[Path]) -> dict[str, Any]:
     """Mean and standard deviation over seeds, and the means of the logged balancer quantities."""
     summaries = [json.loads((f / "summary.json").read_text()) for f in folders if (f / "summary.json").is_file()]
+    diverged = sum((f / "diverged.json").is_file() for f in folders)
     metrics = [read_jsonl(f / "metrics.jsonl") for f in folders if (f / "summary.json").is_file()]
     steps = [row for f in folders for row in read_jsonl(f / "steps.jsonl")]
-    cell: dict[str, Any] = {"seeds": len(summaries)}
+    cell: dict[str, Any] = {"seeds": len(summaries), "diverged": diverged}
     for key in ("test_top1_at_best_val", "best_val_top1", "best_test_top1", "last_test_top1", "seconds_per_epoch"):
         cell[key], cell[key + "_std"] = _mean_std([s[key] for s in summaries if s.get(key) is not None])
     epochs = min((len(m) for m in metrics), default=0)
@@ -152,9 +161,13 @@ def aggregate(matrix: Matrix, out: Path) -> Path:
             grid = [m for m in cells if (m.startswith(matrix.grid_prefix) or m == matrix.reference) and cells[m]["seeds"]]
             tuned = max(grid, key=lambda m: cells[m]["best_val_top1"], default=None)
         for method, cell in cells.items():
-            if not cell["seeds"]:
+            if not cell["seeds"] and not cell["diverged"]:
                 continue
             reach = next((e + 1 for e, acc in enumerate(cell["curve"]) if acc >= target), None)
+            if not cell["seeds"]:
+                rows.append({"pair": pair, "method": method, **cell, "epochs_to_reference_final": None,
+                             "time_vs_reference": math.nan})
+                continue
             rows.append({
                 "pair": pair, "method": method + (" (tuned on val)" if method == tuned else ""), **cell,
                 "epochs_to_reference_final": reach,
@@ -180,6 +193,12 @@ def _fmt(mean: float | None, std: float | None = None, digits: int = 2) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
+def _diverged(row: dict[str, Any]) -> str:
+    if not row["diverged"]:
+        return ""
+    return f" (**{row['diverged']} of {row['diverged'] + row['seeds']} seeds diverged**; stats over the rest)"
+
+
 def _markdown(matrix: Matrix, rows: list[dict[str, Any]], plots: list[Path]) -> str:
     lines = [
         f"# Accuracy benchmark: {matrix.name}", "",
@@ -193,7 +212,7 @@ def _markdown(matrix: Matrix, rows: list[dict[str, Any]], plots: list[Path]) -> 
     for r in rows:
         weights = ", ".join(f"{k.split('/', 1)[1]} {v:.3g}" for k, v in r.items() if k.startswith("loss_weight/"))
         lines.append(
-            f"| {r['pair']} | {r['method']} | {_fmt(r['test_top1_at_best_val'], r['test_top1_at_best_val_std'])} | "
+            f"| {r['pair']} | {r['method']}{_diverged(r)} | {_fmt(r['test_top1_at_best_val'], r['test_top1_at_best_val_std'])} | "
             f"{_fmt(r['best_test_top1'], r['best_test_top1_std'])} | {_fmt(r['last_test_top1'], r['last_test_top1_std'])} | "
             f"{r['epochs_to_reference_final'] or '-'} | {_fmt(r['seconds_per_epoch'], None, 1)} | {_fmt(r['time_vs_reference'], None)} | "
             f"{weights or '-'} | {_fmt(r['conflict'], None, 3)} | {_fmt(r['dominance'], None, 3)} |"
