@@ -6,7 +6,9 @@ distillation loss before the task loss to get ``conflict = cos(g_distill, g_task
 - ``ce``: cross-entropy with the labels;
 - ``kd``: Hinton's KD, option ``temperature`` (default 4);
 - ``dkd``: decoupled KD, options ``alpha`` 1, ``beta`` 8, ``temperature`` 4, ``warmup_epochs`` 20
-  (the loss is scaled by ``min(1, (epoch + 1) / warmup_epochs)``, as in the DKD paper);
+  (the loss is scaled by ``min(1, progress / warmup_epochs)``, ``progress`` counting epochs
+  including the current step, a per-step version of the DKD paper's linear warm-up; a
+  fractional ``warmup_epochs`` is allowed for short schedules);
 - ``feature``: projector feature loss, options ``student_tap`` and ``teacher_tap`` (submodule
   names, or ``"features"`` for the pooled feature before the head), ``orthogonal`` (True),
   ``teacher_norm`` (``"layernorm"``), ``distance`` (``"smooth_l1"``).
@@ -54,7 +56,7 @@ def resolve_loss_specs(specs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict
 
 
 class Distiller(nn.Module):
-    """``forward(x, y, epoch) -> (student logits, {name: loss})``."""
+    """``forward(x, y, progress) -> (student logits, {name: loss})``."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, specs: Mapping[str, Mapping[str, Any]],
                  sample: Tensor) -> None:
@@ -84,9 +86,11 @@ class Distiller(nn.Module):
         self.student_taps = FeatureTaps(student, sorted(set(student_taps)))
         self.teacher_taps = FeatureTaps(teacher, sorted(set(teacher_taps))) if teacher is not None else None
 
-    def forward(self, x: Tensor, y: Tensor, epoch: int = 0, *, reuse_teacher: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        """``reuse_teacher=True`` takes the teacher's outputs of the previous call (same batch),
-        e.g. to re-evaluate the losses after an optimizer step without a second teacher pass."""
+    def forward(self, x: Tensor, y: Tensor, progress: float = 1.0, *, reuse_teacher: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """``progress``: epochs of training done, counting this step (2.5 = halfway through the
+        third epoch); only warm-ups use it. ``reuse_teacher=True`` takes the teacher's outputs of
+        the previous call (same batch), e.g. to re-evaluate the losses after an optimizer step
+        without a second teacher pass."""
         teacher = self.teacher[0]
         if reuse_teacher:
             teacher_logits, teacher_features = self._last_teacher
@@ -106,7 +110,7 @@ class Distiller(nn.Module):
             elif kind == "kd":
                 losses[name] = kd_loss(logits, teacher_logits, spec["temperature"])
             elif kind == "dkd":
-                ramp = min(1.0, (epoch + 1) / spec["warmup_epochs"]) if spec["warmup_epochs"] > 0 else 1.0
+                ramp = min(1.0, progress / spec["warmup_epochs"]) if spec["warmup_epochs"] > 0 else 1.0
                 losses[name] = ramp * dkd_loss(logits, teacher_logits, y, spec["alpha"], spec["beta"], spec["temperature"])
             else:
                 losses[name] = self.projectors[name](

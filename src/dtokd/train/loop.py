@@ -79,6 +79,7 @@ def train(config: Config, folder: str | Path, *, resume: bool = False, progress:
         start_epoch, history = state["epoch"], state["history"]
         log.truncate_after(start_epoch)
     elif ranks.main:
+        log.truncate_after(0)  # a fresh start: drop what an attempt killed before its first checkpoint logged
         write_yaml(folder / "config.yaml", to_dict(config))
         (folder / "meta.json").write_text(json.dumps(metadata(config.seed), indent=2) + "\n")
     try:
@@ -165,9 +166,10 @@ def _train_epoch(config: Config, forward: nn.Module, distiller: Distiller, balan
         shard = ranks.shard(x.shape[0])
         x, y = x[shard].to(device, non_blocking=True), y[shard].to(device, non_blocking=True)
         step = epoch * len(loader) + i
+        progress = epoch + (i + 1) / len(loader)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits, losses = forward(x, y, epoch)
+            logits, losses = forward(x, y, progress)
         diagnose = step % config.log_every == 0
         info = balancer.backward(losses, representation=logits if representation else None, scaler=scaler, diagnose=diagnose)
         if config.optim.grad_clip:
@@ -181,7 +183,7 @@ def _train_epoch(config: Config, forward: nn.Module, distiller: Distiller, balan
         if same_batch:
             with torch.no_grad(), _frozen_batchnorm_statistics(distiller.student), \
                     torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                _, after = forward(x, y, epoch, reuse_teacher=True)
+                _, after = forward(x, y, progress, reuse_teacher=True)
             balancer.update(after)
         for name, value in info.losses.items():
             totals[f"loss/{name}"] = totals.get(f"loss/{name}", 0.0) + value
