@@ -229,3 +229,13 @@ def test_cifar_python_format_reader(tmp_path):
     assert raw.train_images[0, 0, 0, :3].tolist() == first[:3].tolist()  # channel-major rows
     with pytest.raises(FileNotFoundError, match="CIFAR-100 python files not found"):
         sources.load_cifar(tmp_path, 100)
+
+
+def test_dkd_warm_up_ramps_linearly_with_progress():
+    student, teacher = create_model("mlp_small", 4, 1, 8), create_model("cnn_small", 4, 1, 8).eval()
+    sample = torch.randn(2, 1, 8, 8)
+    distiller = Distiller(student, teacher, {"distill": {"type": "dkd", "warmup_epochs": 2}}, sample)
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 4, (6,))
+    full = distiller(x, y)[1]["distill"]
+    torch.testing.assert_close(distiller(x, y, 0.5)[1]["distill"], 0.25 * full)
+    torch.testing.assert_close(distiller(x, y, 3.0)[1]["distill"], full)

@@ -15,6 +15,9 @@ Config (YAML)::
     reference: kd-fixed                                     # the baseline for time ratios and convergence
     grid_prefix: kd-grid                                    # methods tuned on the validation split
 
+Relative ``student_config`` / ``teacher_config`` paths are read from the repository root when
+the matrix file lives in ``configs/``, else from the current directory.
+
 Runs go to ``OUT/<pair>/<method>/seed<k>``; a finished run (``summary.json``) is skipped and a
 killed one resumed, so rerunning the command finishes a partial matrix. A run whose losses
 become NaN/inf is recorded as diverged (``diverged.json``) and reported as such, not retried. Teachers are trained

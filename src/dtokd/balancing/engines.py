@@ -116,7 +116,7 @@ class _StoredGradients:
             self.average.average_in_place(combined)
         for p, update in zip(self.params, combined):
             if p.grad is None:
-                p.grad = update.clone() if m == 1 else update
+                p.grad = update
             else:
                 p.grad.add_(update)
 

@@ -2,7 +2,7 @@
 
 Images are ``(N, C, H, W)`` uint8; a batch is converted to float, normalised with the data
 set's mean and std, and (for training) augmented on the whole batch at once: random crop
-with zero padding and horizontal flip, as is standard for 32x32 and 28x28 images. The
+with padding and horizontal flip, as is standard for 32x32 and 28x28 images. The
 dataset implements ``__getitems__`` so that a ``DataLoader`` fetches a batch in one call.
 """
 
@@ -17,7 +17,10 @@ from torch.utils.data import Dataset
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Random crop after ``pad`` pixels of zero padding, and horizontal flip with probability 1/2."""
+    """Random crop after ``pad`` pixels of padding, and horizontal flip with probability 1/2.
+
+    Applied to normalised images, so the padding is zero in normalised space (the mean colour).
+    """
 
     pad: int = 0
     flip: bool = False

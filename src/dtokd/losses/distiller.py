@@ -86,9 +86,10 @@ class Distiller(nn.Module):
         self.student_taps = FeatureTaps(student, sorted(set(student_taps)))
         self.teacher_taps = FeatureTaps(teacher, sorted(set(teacher_taps))) if teacher is not None else None
 
-    def forward(self, x: Tensor, y: Tensor, progress: float = 1.0, *, reuse_teacher: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, y: Tensor, progress: float | None = None, *,
+                reuse_teacher: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         """``progress``: epochs of training done, counting this step (2.5 = halfway through the
-        third epoch); only warm-ups use it. ``reuse_teacher=True`` takes the teacher's outputs of
+        third epoch); only warm-ups use it, and ``None`` means warm-up is over. ``reuse_teacher=True`` takes the teacher's outputs of
         the previous call (same batch), e.g. to re-evaluate the losses after an optimizer step
         without a second teacher pass."""
         teacher = self.teacher[0]
@@ -110,7 +111,8 @@ class Distiller(nn.Module):
             elif kind == "kd":
                 losses[name] = kd_loss(logits, teacher_logits, spec["temperature"])
             elif kind == "dkd":
-                ramp = min(1.0, progress / spec["warmup_epochs"]) if spec["warmup_epochs"] > 0 else 1.0
+                warmup = spec["warmup_epochs"]
+                ramp = 1.0 if (progress is None or warmup <= 0) else min(1.0, progress / warmup)
                 losses[name] = ramp * dkd_loss(logits, teacher_logits, y, spec["alpha"], spec["beta"], spec["temperature"])
             else:
                 losses[name] = self.projectors[name](
