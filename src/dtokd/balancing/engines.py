@@ -88,13 +88,15 @@ def _per_objective_grads(
 
 
 def _gram(grads: list[list[Tensor]]) -> Tensor:
-    """sum over tensors k of J_k J_k^T, J_k the m x numel block of tensor k, in float64."""
+    """``G[i, j] = sum over tensors k of <grads[i][k], grads[j][k]>`` (per-tensor dot products on
+    flat views, no copies), accumulated in float64."""
     m = len(grads)
-    device = grads[0][0].device
-    gram = torch.zeros(m, m, dtype=torch.float64, device=device)
-    for k in range(len(grads[0])):
-        block = torch.stack([grads[i][k].reshape(-1) for i in range(m)])
-        gram += (block @ block.T).to(torch.float64)
+    flat = [[g.reshape(-1) for g in row] for row in grads]
+    gram = torch.zeros(m, m, dtype=torch.float64, device=grads[0][0].device)
+    for i in range(m):
+        for j in range(i, m):
+            entry = torch.stack([torch.dot(a, b) for a, b in zip(flat[i], flat[j])]).to(torch.float64).sum()
+            gram[i, j] = gram[j, i] = entry
     return gram
 
 

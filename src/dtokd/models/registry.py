@@ -72,15 +72,26 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
     raise ValueError(f"unknown model {name!r}; available: {available_models()}")
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a state dict (or a dtokd checkpoint's ``model``) from a local file, strictly."""
+def read_weights(path: str | Path) -> tuple[dict, dict]:
+    """A local weights file as ``(state_dict, identity)``: a plain state dict, or a dtokd
+    checkpoint's ``model`` with its ``identity`` (model name, classes; empty for plain files)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
+        return state["model"], dict(state.get("identity") or {})
+    return state, {}
+
+
+def apply_weights(model: nn.Module, state: dict, source: str | Path) -> None:
+    """``model.load_state_dict(state)`` strictly, with an error naming ``source`` if it does not fit."""
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise ValueError(f"weights in {str(path)!r} do not fit model {type(model).__name__}: {error}") from None
+        raise ValueError(f"weights in {str(source)!r} do not fit model {type(model).__name__}: {error}") from None
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a state dict (or a dtokd checkpoint's ``model``) from a local file, strictly."""
+    apply_weights(model, read_weights(path)[0], path)

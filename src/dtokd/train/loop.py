@@ -25,6 +25,7 @@ from dtokd.balancing import Balancer, make_balancer
 from dtokd.data import DataBundle, build_data, eval_loader, train_loader
 from dtokd.losses import Distiller
 from dtokd.models import create_model, load_weights
+from dtokd.models.registry import apply_weights, read_weights
 from dtokd.train import checkpoint as ckpt
 from dtokd.train import distributed
 from dtokd.train.config import Config, to_dict
@@ -119,17 +120,15 @@ def _load_teacher(config: Config, data: DataBundle) -> nn.Module | None:
     if not config.teacher.checkpoint:
         raise ValueError("teacher.checkpoint is required: a teacher must be trained (dtokd train) or given as weights")
     path = Path(config.teacher.checkpoint)
-    if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        identity = saved.get("identity") if isinstance(saved, dict) else None
-        if identity and identity.get("num_classes") != data.num_classes:
-            raise ValueError(f"teacher checkpoint {path} was trained for {identity.get('num_classes')} classes, "
-                             f"but data set {data.name!r} has {data.num_classes}")
-        if identity and identity.get("student") != config.teacher.name:
-            raise ValueError(f"teacher checkpoint {path} holds a {identity.get('student')!r}, not the configured "
-                             f"teacher.name {config.teacher.name!r}")
+    state, identity = read_weights(path)
+    if identity and identity.get("num_classes") != data.num_classes:
+        raise ValueError(f"teacher checkpoint {path} was trained for {identity.get('num_classes')} classes, "
+                         f"but data set {data.name!r} has {data.num_classes}")
+    if identity and identity.get("student") != config.teacher.name:
+        raise ValueError(f"teacher checkpoint {path} holds a {identity.get('student')!r}, not the configured "
+                         f"teacher.name {config.teacher.name!r}")
     teacher = create_model(config.teacher.name, data.num_classes, data.in_channels, data.image_size)
-    load_weights(teacher, path)
+    apply_weights(teacher, state, path)
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
