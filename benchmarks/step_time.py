@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -186,6 +187,22 @@ def time_steps(args: argparse.Namespace) -> dict[str, list[float]]:
     return times
 
 
+def host_syncs_per_step(step: Callable[[], None]) -> int:
+    """How many times one step makes the host wait for the GPU (CUDA's sync debug mode warns
+    on each synchronising call: ``.item()``, ``.cpu()``, ``.tolist()``, ...), counted on the
+    second step so that one-off set-up is left out."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def peak_memory_of(args: argparse.Namespace, method: str) -> float:
     """MB of peak memory the step adds on top of the set-up, in a fresh process."""
     command = [sys.executable, __file__, "--memory-of", method, "--batch", str(args.batch), "--device", args.device,
@@ -258,6 +275,10 @@ def main() -> None:
         measure_memory(args)
         return
     times = time_steps(args)
+    syncs = {}
+    if args.device.startswith("cuda"):
+        steps = selected_steps(Setup(args.batch, args.device, args.amp, args.images), args.methods)
+        syncs = {name: host_syncs_per_step(step) for name, step in steps.items()}
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     plain, floor = medians["plain KD (fixed 0.9/0.1)"], medians["two-backward floor"]
     rows = []
@@ -271,6 +292,7 @@ def main() -> None:
             "vs_two_backward_floor": median / floor,
             "images_per_s": args.batch / median,
             "peak_extra_mb": memory,
+            "host_syncs_per_step": syncs.get(name),
             "samples": len(times[name]),
         })
     command = "python " + " ".join(sys.argv)
@@ -289,14 +311,15 @@ def main() -> None:
         f"- command: `{command}`", f"- commit: `{record['commit']}`", f"- machine: {record['machine']}",
         f"- date: {record['date']}; batch {args.batch}; amp {args.amp}; inputs {record['images']}; median of {args.rounds} rounds x {args.steps} steps after "
         f"{args.warmup} warm-up steps per method, methods interleaved", "",
-        "| method | median step (ms) | IQR (ms) | images/s | / plain KD | / two-backward floor | peak extra memory (MB) |",
-        "|---|---|---|---|---|---|---|",
+        "| method | median step (ms) | IQR (ms) | images/s | / plain KD | / two-backward floor | peak extra memory (MB) | host syncs / step |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         memory = "-" if row["peak_extra_mb"] is None else f"{row['peak_extra_mb']:.0f}"
         lines.append(
             f"| {row['method']} | {1000 * row['median_s']:.1f} | {1000 * row['iqr_s']:.1f} | {row['images_per_s']:.0f} | "
-            f"{row['vs_plain_kd']:.3f} | {row['vs_two_backward_floor']:.3f} | {memory} |"
+            f"{row['vs_plain_kd']:.3f} | {row['vs_two_backward_floor']:.3f} | {memory} | "
+            f"{'-' if row['host_syncs_per_step'] is None else row['host_syncs_per_step']} |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -282,11 +282,16 @@ def test_gradnorm_matches_hand_computation():
 def test_nan_loss_raises_naming_it_or_skips():
     net = Net()
     x, y, t = batch()
-    losses = kd_losses(net(x), y, t)
-    losses["task"] = losses["task"] * float("nan")
+
+    def nan_losses() -> dict[str, torch.Tensor]:
+        losses = kd_losses(net(x), y, t)
+        losses["task"] = losses["task"] * float("nan")
+        return losses
+
     with pytest.raises(ValueError, match=r"non-finite loss\(es\) \['task'\]"):
-        make_balancer("dto", net.parameters()).backward(losses)
-    info = make_balancer("dto", net.parameters(), on_nonfinite="skip").backward(losses)
+        make_balancer("dto", net.parameters()).backward(nan_losses())
+    assert all(p.grad is None for p in net.parameters())
+    info = make_balancer("dto", net.parameters(), on_nonfinite="skip").backward(nan_losses())
     assert info.skipped and "task" in info.skipped_reason
     assert all(p.grad is None for p in net.parameters())
 
@@ -313,10 +318,14 @@ def test_zero_loss_under_log_is_floored_not_nan():
 def test_negative_loss_under_log_is_an_error():
     net = Net()
     x, y, t = batch()
-    losses = {"a": -net(x).pow(2).mean(), "b": net(x).pow(2).mean()}
+
+    def losses() -> dict[str, torch.Tensor]:
+        return {"a": -net(x).pow(2).mean(), "b": net(x).pow(2).mean()}
+
     with pytest.raises(ValueError, match=r"loss\(es\) \['a'\] are negative"):
-        make_balancer("dto", net.parameters()).backward(losses)
-    make_balancer("dto", net.parameters(), log_losses=False).backward(losses)  # allowed without log
+        make_balancer("dto", net.parameters()).backward(losses())
+    assert all(p.grad is None for p in net.parameters())
+    make_balancer("dto", net.parameters(), log_losses=False).backward(losses())  # allowed without log
 
 
 def test_one_objective_is_plain_backward():

@@ -13,7 +13,8 @@ Losses are checked before anything is computed: a non-empty mapping of string na
 floating scalar tensors in the autograd graph, all on one device, with the same names on
 every call (the first call fixes them and their order). A NaN or infinite loss raises a
 ``ValueError`` naming it (``on_nonfinite="skip"`` instead writes no gradient and reports
-``StepInfo.skipped``). With ``log_losses=True`` a negative loss is an error (its log is
+``StepInfo.skipped``); its values are checked after the engine has run, with the Gram,
+so that a step synchronises with the device once. With ``log_losses=True`` a negative loss is an error (its log is
 undefined) and a loss below ``loss_floor`` (zero included) is taken as ``loss_floor``.
 
 Mixed precision: under ``torch.autocast`` nothing changes (the Gram is accumulated in
@@ -23,6 +24,10 @@ not underflow), the Gram is unscaled before the rule sees it, and ``.grad`` rece
 scaled combination that ``scaler.step`` expects. If the scaled gradients overflow, ``.grad``
 is filled with NaN so that ``scaler.step`` skips the step and lowers the scale, and the step
 is reported as skipped.
+
+Host synchronisation: one device-to-host copy per step (the loss values, the Gram and the
+loss scale together); the weight rule then runs on the CPU in float64 and StepInfo holds CPU
+tensors.
 
 Data parallelism: see :mod:`dtokd.balancing.distributed` (``sync=``); losses and Gram are
 those of the global batch by default.
@@ -110,7 +115,13 @@ class Balancer:
         values = torch.stack([v.detach().reshape(()).to(torch.float64) for v in ordered.values()])
         if self.sync.global_mode:
             values = self.sync.mean(values)  # the objective is log of the global mean loss
-        bad = [n for n, ok in zip(ordered, torch.isfinite(values).tolist()) if not ok]
+        scaling = scaler is not None and scaler.is_enabled()
+        scaled = {n: scaler.scale(v) for n, v in ordered.items()} if scaling else dict(ordered)  # type: ignore[union-attr]
+        gradients: ObjectiveGradients | None = None
+        if self.needs_gram or diagnose:
+            gradients = self.engine.gradients(scaled, representation, self.sync)
+        values, scaled_gram, scale = _to_host(values, gradients, scaler if scaling else None)
+        bad = [n for n, v in zip(ordered, values.tolist()) if not math.isfinite(v)]
         if bad:
             reason = f"non-finite loss(es) {bad}: " + ", ".join(
                 f"{n}={v}" for n, v in zip(ordered, values.tolist()) if n in bad
@@ -119,14 +130,9 @@ class Balancer:
                 raise ValueError(reason + " (pass on_nonfinite='skip' to skip such steps instead)")
             return self._skipped(values, reason)
         divisors = self._divisors(values)
-        scaling = scaler is not None and scaler.is_enabled()
-        scaled = {n: scaler.scale(v) for n, v in ordered.items()} if scaling else dict(ordered)  # type: ignore[union-attr]
-        scale = float(scaler.get_scale()) if scaling else 1.0  # type: ignore[union-attr]
-        gradients: ObjectiveGradients | None = None
         raw_gram = gram = None
-        if self.needs_gram or diagnose:
-            gradients = self.engine.gradients(scaled, representation, self.sync)
-            raw_gram = gradients.gram / scale**2
+        if gradients is not None:
+            raw_gram = scaled_gram / scale**2
             gram = raw_gram / torch.outer(divisors, divisors)
             if not bool(torch.isfinite(raw_gram).all()):
                 return self._nonfinite_gradients(values, gradients, raw_gram, scaling)
@@ -221,3 +227,20 @@ def unique_params(params: Iterable[Tensor], argument: str = "params") -> list[Te
     if not result:
         raise ValueError(f"{argument} is empty: give the parameters to update (e.g. model.parameters())")
     return result
+
+
+def _to_host(
+    values: Tensor, gradients: ObjectiveGradients | None, scaler: torch.amp.GradScaler | None
+) -> tuple[Tensor, Tensor | None, float]:
+    """The loss values, the (scaled) Gram and the loss scale on the CPU in float64, read with
+    ONE device-to-host copy: the only host synchronisation of a step."""
+    parts = [values]
+    if gradients is not None:
+        parts.append(gradients.gram.reshape(-1).to(values.device, torch.float64))
+    if scaler is not None:
+        parts.append(scaler.scale(torch.ones((), device=values.device)).to(torch.float64).reshape(1))
+    host = torch.cat(parts).cpu()
+    m = values.numel()
+    gram = host[m: m + m * m].view(m, m) if gradients is not None else None
+    scale = float(host[-1]) if scaler is not None else 1.0
+    return host[:m], gram, scale

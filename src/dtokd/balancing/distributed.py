@@ -73,27 +73,28 @@ class Sync:
         return self.active and self.mode == "local"
 
     def mean(self, tensor: Tensor) -> Tensor:
-        """The rank average of ``tensor`` (a new tensor)."""
-        out = tensor.detach().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
-        return out / self.world_size
+        """The rank average of ``tensor`` (a new tensor, on ``tensor``'s device)."""
+        return self.sum(tensor) / self.world_size
 
     def sum(self, tensor: Tensor) -> Tensor:
-        out = tensor.detach().clone()
+        """The rank sum of ``tensor`` (a new tensor, on ``tensor``'s device; reduced on the
+        backend's device, so CPU tensors work under NCCL)."""
+        out = tensor.detach().to(self._backend_device(tensor), copy=True)
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
-        return out
+        return out.to(tensor.device)
 
     def average_in_place(self, tensors: list[Tensor]) -> None:
-        """Average a list of tensors across ranks with one all-reduce of a flat buffer."""
-        if not tensors:
-            return
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
-        flat /= self.world_size
-        offset = 0
+        """Average each tensor across ranks, in place: one all-reduce per tensor, so pass a few
+        large flat buffers (the engines' gradient chunks), not one tensor per parameter."""
         for t in tensors:
-            t.copy_(flat[offset: offset + t.numel()].view_as(t))
-            offset += t.numel()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+            t.div_(self.world_size)
+
+    def _backend_device(self, tensor: Tensor) -> torch.device:
+        """Where a collective on ``tensor`` can run: the current CUDA device under NCCL."""
+        if tensor.device.type == "cpu" and dist.get_backend(self.group) == dist.Backend.NCCL:
+            return torch.device("cuda", torch.cuda.current_device())
+        return tensor.device
 
     def agree(self, weights: Tensor, params: list[Tensor]) -> Tensor:
         """Rank 0's ``weights`` on every rank. With ``check``, first verify that all ranks hold
@@ -101,15 +102,16 @@ class Sync:
         if self.check:
             fingerprint = torch.stack([
                 sum(p.detach().double().sum() for p in params), sum(p.detach().double().pow(2).sum() for p in params)
-            ]).to(weights.device)
+            ])
             self._check_equal(fingerprint, "parameters (sum, sum of squares)")
             self._check_equal(weights, "balancing weights")
-        out = weights.detach().clone()
+        out = weights.detach().to(self._backend_device(weights), copy=True)
         dist.broadcast(out, src=0, group=self.group)
-        return out
+        return out.to(weights.device)
 
     def _check_equal(self, value: Tensor, what: str) -> None:
-        low, high = value.detach().clone(), value.detach().clone()
+        device = self._backend_device(value)
+        low, high = value.detach().to(device, copy=True), value.detach().to(device, copy=True)
         dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.group)
         dist.all_reduce(high, op=dist.ReduceOp.MAX, group=self.group)
         spread = (high - low).abs().max().item()

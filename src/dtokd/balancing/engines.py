@@ -5,10 +5,11 @@ Three engines, by name (:data:`ENGINES`):
 
 ``"exact"``
     One vector-Jacobian product per objective over the given parameters (or one batched
-    product with ``batched=True``). The Gram is accumulated tensor by tensor,
-    ``G = sum_p J_p J_p^T`` with ``J_p`` the m x numel(p) block of parameter p, and the
-    combination is formed per tensor from the stored gradients: never an m x n matrix of all
-    parameters. Cost: m backward passes.
+    product with ``batched=True``). Each objective's gradient is kept as a few flat chunks
+    (:mod:`dtokd.balancing.flat`): ``G = sum_k J_k J_k^T`` over chunks k, and the combination
+    is formed chunk by chunk and written back as views, in a handful of kernel launches
+    whatever the number of parameter tensors. Memory: the m gradients plus at most one
+    chunk each. Cost: m backward passes.
 ``"subset"``
     The Gram over ``gram_params`` only (e.g. the last block), then one ordinary backward of
     ``sum_i c_i L_i`` over all parameters. Cost: m partial backward passes + 1 full one.
@@ -17,7 +18,8 @@ Three engines, by name (:data:`ENGINES`):
     feature map), then one ordinary backward of ``sum_i c_i L_i``. Cost: about one backward.
 
 Every engine accumulates into ``.grad`` exactly like ``loss.backward()`` does: call
-``optimizer.zero_grad()`` as usual. Gram entries are accumulated in float64. Under
+``optimizer.zero_grad()`` as usual. Gram entries: dot products in the gradients' precision
+(float32 at least) per chunk, summed in float64. Under
 ``torch.distributed`` the engines make the Gram that of the global batch (see
 :mod:`dtokd.balancing.distributed`); the weighted-sum backward relies on DDP's averaging.
 """
@@ -31,7 +33,9 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
+from dtokd.balancing import flat
 from dtokd.balancing.distributed import Sync
+from dtokd.balancing.flat import ChunkLayout
 
 EngineName = Literal["exact", "subset", "representation"]
 ENGINES: tuple[str, ...] = ("exact", "subset", "representation")
@@ -87,40 +91,36 @@ def _per_objective_grads(
     return grads, reached
 
 
-def _gram(grads: list[list[Tensor]]) -> Tensor:
-    """``G[i, j] = sum over tensors k of <grads[i][k], grads[j][k]>`` (per-tensor dot products on
-    flat views, no copies), accumulated in float64."""
-    m = len(grads)
-    flat = [[g.reshape(-1) for g in row] for row in grads]
-    gram = torch.zeros(m, m, dtype=torch.float64, device=grads[0][0].device)
-    for i in range(m):
-        for j in range(i, m):
-            entry = torch.stack([torch.dot(a, b) for a, b in zip(flat[i], flat[j])]).to(torch.float64).sum()
-            gram[i, j] = gram[j, i] = entry
-    return gram
+def _flat_gradients(
+    losses: Sequence[Tensor], inputs: Sequence[Tensor], batched: bool, keep_graph: bool, sync: Sync | None
+) -> tuple[ChunkLayout, list[list[Tensor]], list[bool]]:
+    """Each loss's gradients as flat chunks (see :mod:`dtokd.balancing.flat`), averaged across
+    ranks in ``sync``'s global mode; and for each loss whether it reaches any input."""
+    grads, reached = _per_objective_grads(losses, inputs, batched, keep_graph)
+    layout = ChunkLayout.of(inputs)
+    chunks = [layout.flatten(row) for row in grads]  # type: ignore[arg-type]
+    if sync is not None and sync.global_mode:
+        for row in chunks:
+            sync.average_in_place(row)
+    return layout, chunks, reached
 
 
 @dataclass
 class _StoredGradients:
-    """Exact engine: the gradients are kept and combined per tensor (averaged across ranks
-    first when ``average`` is a local-mode Sync)."""
+    """Exact engine: the gradients are kept as flat chunks and combined chunk by chunk
+    (the combination averaged across ranks when ``average`` is a local-mode Sync)."""
 
     gram: Tensor
-    grads: list[list[Tensor]]
+    layout: ChunkLayout
+    chunks: list[list[Tensor]]
     params: list[Tensor]
     average: Sync | None = None
 
     def backward(self, coefficients: Tensor) -> None:
-        m = len(self.grads)
-        combined = [sum(coefficients[i].to(p.dtype) * self.grads[i][k] for i in range(m)).detach()
-                    for k, p in enumerate(self.params)]
+        combined = flat.combine(self.chunks, coefficients.detach().to("cpu", torch.float64).tolist())
         if self.average is not None:
             self.average.average_in_place(combined)
-        for p, update in zip(self.params, combined):
-            if p.grad is None:
-                p.grad = update
-            else:
-                p.grad.add_(update)
+        flat.accumulate_grads(self.params, self.layout.views(combined))
 
 
 @dataclass
@@ -147,12 +147,9 @@ class ExactEngine:
     def gradients(self, losses: Mapping[str, Tensor], representation: object = None, sync: Sync | None = None) -> ObjectiveGradients:
         _no_representation(self.name, representation)
         params = trainable(self.params)
-        grads, _ = _per_objective_grads(list(losses.values()), params, self.batched, keep_graph=False)
-        if sync is not None and sync.global_mode:
-            for row in grads:
-                sync.average_in_place(row)
+        layout, chunks, _ = _flat_gradients(list(losses.values()), params, self.batched, False, sync)
         average = sync if (sync is not None and sync.local_mode) else None
-        return _StoredGradients(_gram(grads), grads, params, average)
+        return _StoredGradients(flat.gram(chunks), layout, chunks, params, average)
 
 
 class SubsetEngine:
@@ -174,11 +171,8 @@ class SubsetEngine:
     def gradients(self, losses: Mapping[str, Tensor], representation: object = None, sync: Sync | None = None) -> ObjectiveGradients:
         _no_representation(self.name, representation)
         values = list(losses.values())
-        grads, _ = _per_objective_grads(values, trainable(self.gram_params), self.batched, keep_graph=True)
-        if sync is not None and sync.global_mode:
-            for row in grads:
-                sync.average_in_place(row)
-        return _BackwardLater(_gram(grads), values, self.params)
+        _, chunks, _ = _flat_gradients(values, trainable(self.gram_params), self.batched, True, sync)
+        return _BackwardLater(flat.gram(chunks), values, self.params)
 
 
 class RepresentationEngine:
@@ -196,7 +190,7 @@ class RepresentationEngine:
     ) -> ObjectiveGradients:
         tensors = _representation_tensors(representation)
         values = list(losses.values())
-        grads, reached = _per_objective_grads(values, tensors, self.batched, keep_graph=True)
+        _, chunks, reached = _flat_gradients(values, tensors, self.batched, True, sync=None)
         missing = [name for name, ok in zip(losses, reached) if not ok]
         if missing:
             raise ValueError(
@@ -204,7 +198,7 @@ class RepresentationEngine:
                 "engine needs every loss computed from it (pass e.g. the student's logits or a feature "
                 "map that all losses use, or use engine='exact')"
             )
-        gram = _gram(grads)
+        gram = flat.gram(chunks)
         if sync is not None and sync.global_mode:
             gram = sync.sum(gram) / sync.world_size**2
         return _BackwardLater(gram, values, self.params)

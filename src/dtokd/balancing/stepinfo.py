@@ -1,6 +1,6 @@
 """What a balancer reports about one step, for logging.
 
-Tensors are kept as computed (no host synchronisation until a property is read).
+Tensors are float64 on the CPU (read by the balancer's one host copy per step).
 """
 
 from __future__ import annotations
