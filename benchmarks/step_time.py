@@ -203,6 +203,18 @@ def host_syncs_per_step(step: Callable[[], None]) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def kernels_per_step(step: Callable[[], None]) -> int:
+    """How many GPU kernels one step launches (the PyTorch profiler's CUDA kernel events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def peak_memory_of(args: argparse.Namespace, method: str) -> float:
     """MB of peak memory the step adds on top of the set-up, in a fresh process."""
     command = [sys.executable, __file__, "--memory-of", method, "--batch", str(args.batch), "--device", args.device,
@@ -275,10 +287,11 @@ def main() -> None:
         measure_memory(args)
         return
     times = time_steps(args)
-    syncs = {}
+    syncs, kernels = {}, {}
     if args.device.startswith("cuda"):
         steps = selected_steps(Setup(args.batch, args.device, args.amp, args.images), args.methods)
         syncs = {name: host_syncs_per_step(step) for name, step in steps.items()}
+        kernels = {name: kernels_per_step(step) for name, step in steps.items()}
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     plain, floor = medians["plain KD (fixed 0.9/0.1)"], medians["two-backward floor"]
     rows = []
@@ -293,6 +306,7 @@ def main() -> None:
             "images_per_s": args.batch / median,
             "peak_extra_mb": memory,
             "host_syncs_per_step": syncs.get(name),
+            "gpu_kernels_per_step": kernels.get(name),
             "samples": len(times[name]),
         })
     command = "python " + " ".join(sys.argv)
@@ -311,15 +325,16 @@ def main() -> None:
         f"- command: `{command}`", f"- commit: `{record['commit']}`", f"- machine: {record['machine']}",
         f"- date: {record['date']}; batch {args.batch}; amp {args.amp}; inputs {record['images']}; median of {args.rounds} rounds x {args.steps} steps after "
         f"{args.warmup} warm-up steps per method, methods interleaved", "",
-        "| method | median step (ms) | IQR (ms) | images/s | / plain KD | / two-backward floor | peak extra memory (MB) | host syncs / step |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | median step (ms) | IQR (ms) | images/s | / plain KD | / two-backward floor | peak extra memory (MB) | host syncs / step | GPU kernels / step |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         memory = "-" if row["peak_extra_mb"] is None else f"{row['peak_extra_mb']:.0f}"
         lines.append(
             f"| {row['method']} | {1000 * row['median_s']:.1f} | {1000 * row['iqr_s']:.1f} | {row['images_per_s']:.0f} | "
             f"{row['vs_plain_kd']:.3f} | {row['vs_two_backward_floor']:.3f} | {memory} | "
-            f"{'-' if row['host_syncs_per_step'] is None else row['host_syncs_per_step']} |"
+            f"{'-' if row['host_syncs_per_step'] is None else row['host_syncs_per_step']} | "
+            f"{'-' if row['gpu_kernels_per_step'] is None else row['gpu_kernels_per_step']} |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -3,9 +3,9 @@
 Every rule sees only ``G[i, j] = <g_i, g_j>``, the inner products of the objective
 gradients, and returns the weights ``w`` of the combined update ``g = sum_i w_i g_i``.
 No autograd, no modules; the only state is what a caller passes in (``generator`` for
-PCGrad's random order). Computation happens in float64 on the CPU (the matrices are tiny)
-except for the DTO fast path, which stays on the Gram's device; results come back in the
-Gram's dtype and device.
+PCGrad's random order). Computation happens in float64 on the CPU (the matrices are tiny;
+a Gram on a GPU is read once, which synchronises); results come back in the Gram's dtype
+and device.
 
 Degenerate inputs have documented answers rather than NaN: an all-zero Gram (every
 gradient zero) gives uniform weights for DTO, MGDA and IMTL-G; singular Grams (identical or
@@ -16,6 +16,7 @@ Use :func:`weights` (``weights("dto", gram)``); :data:`RULES` lists the names.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -73,12 +74,11 @@ def dto(
 
 
 def _dto_two(g: Tensor, rtol: float) -> Tensor:
-    """Theorem 3.1 in closed form, without host synchronisation (``torch.where``)."""
-    denominator = g[0, 0] + g[1, 1] - 2 * g[0, 1]
-    degenerate = denominator <= rtol * (g[0, 0] + g[1, 1])
-    safe = torch.where(degenerate, torch.ones_like(denominator), denominator)
-    pi_1 = torch.where(degenerate, torch.full_like(denominator, 0.5), (g[1, 1] - g[0, 1]) / safe)
-    return torch.stack([pi_1, 1 - pi_1])
+    """Theorem 3.1 in closed form, in Python floats (two weights: no tensor arithmetic needed)."""
+    (g11, g12), (_, g22) = g.tolist()
+    denominator = g11 + g22 - 2 * g12
+    pi_1 = 0.5 if denominator <= rtol * (g11 + g22) else (g22 - g12) / denominator
+    return torch.tensor([pi_1, 1 - pi_1], dtype=torch.float64, device=g.device)
 
 
 def _complement_of_ones(m: int, device: torch.device) -> Tensor:
@@ -340,6 +340,7 @@ GRAM_FREE_RULES = frozenset({"mean", "fixed"})
 """Rules whose weights do not depend on the Gram matrix."""
 
 
+@functools.lru_cache(maxsize=None)
 def rule_options(method: str) -> tuple[str, ...]:
     """The keyword options that rule ``method`` accepts."""
     rule = _lookup(method)
@@ -377,13 +378,16 @@ def check_gram(gram: Tensor) -> None:
         raise ValueError(f"gram must be a square m x m matrix with m >= 1, got shape {tuple(gram.shape)}")
     if not gram.is_floating_point():
         raise ValueError(f"gram must be floating point, got dtype {gram.dtype}")
-    if not torch.isfinite(gram).all():
-        raise ValueError(f"gram contains non-finite entries: {gram.tolist()}")
-    scale = gram.diagonal().abs().max().clamp_min(torch.finfo(gram.dtype).tiny)
-    if (gram - gram.T).abs().max() > 1e-5 * scale:
-        raise ValueError(f"gram must be symmetric, got {gram.tolist()}")
-    if (gram.diagonal() < 0).any():
-        raise ValueError(f"gram must have a non-negative diagonal (squared norms), got {gram.diagonal().tolist()}")
+    g = gram.detach().tolist()
+    m = len(g)
+    if not all(math.isfinite(v) for row in g for v in row):
+        raise ValueError(f"gram contains non-finite entries: {g}")
+    diagonal = [g[i][i] for i in range(m)]
+    scale = max(max(abs(v) for v in diagonal), torch.finfo(gram.dtype).tiny)
+    if any(abs(g[i][j] - g[j][i]) > 1e-5 * scale for i in range(m) for j in range(i + 1, m)):
+        raise ValueError(f"gram must be symmetric, got {g}")
+    if any(v < 0 for v in diagonal):
+        raise ValueError(f"gram must have a non-negative diagonal (squared norms), got {diagonal}")
 
 
 def _lookup(method: str) -> Callable[..., Tensor]:
