@@ -23,7 +23,7 @@ PYTHONPATH=src python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 
 # decode the archive once into the tensor cache, so that the timed runs and their memory subprocesses do not
 PYTHONPATH=src python3 -c "from dtokd.data import build_data; build_data('image-folder', '$images', val_fraction=0.0, augment=True)"
 
-common=(--device cuda --batch 256 --amp bf16 --images "$images" --rounds 7 --steps 10 --warmup 10)
+common=(--device cuda --batch 256 --amp bf16 --images "$images" --rounds 20 --steps 5 --warmup 10)
 if [ -d .device-data/before/src ]; then
   PYTHONPATH=.device-data/before/src python3 benchmarks/step_time.py "${common[@]}" --methods core --no-memory \
     --output "$out/step_time_cuda_bf16_before" 2>&1 | tee "$out/step_time_cuda_bf16_before.log"
