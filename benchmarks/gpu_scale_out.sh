@@ -1,32 +1,43 @@
 #!/usr/bin/env bash
 # The scale-out issue's GPU check and comparison, for one run on a lent H100/H200 (device tool):
 #   1. the CUDA tests (tests/test_cuda.py: CUDA update = CPU update, one host sync per step, bf16/fp16);
-#   2. step time, CIFAR-10 JPEG batch of 256, ResNet-56 -> ResNet-20, bf16 autocast, every method,
-#      with peak memory and host syncs per step;
+#   2. step time, CIFAR-10 JPEG, ResNet-56 -> ResNet-20, bf16 autocast, for each batch size in
+#      $BATCHES (default 256) and the methods in $METHODS (default all), with peak memory
+#      (unless NO_MEMORY=1), host syncs and GPU kernels per step;
 #   3. if .device-data/before/src exists (another commit's src/, e.g. `git archive COMMIT src`),
 #      the core methods again with that code, in the same run on the same card: before/after.
 #
 # Here, before the call:  mkdir -p .device-data && cp ../shared/data/cifar10-jpeg.tar.gz .device-data/
 #                         echo /.device-data/ >> .git/info/exclude
+#                         git rev-parse --short HEAD > .device-data/COMMIT   (the copy there has no git history)
 #                         (optional) mkdir -p .device-data/before && git archive COMMIT src | tar -x -C .device-data/before
-# Device call:            carry [".device-data"], command "bash benchmarks/gpu_scale_out.sh", timeout_s 420
+# Device call:            carry [".device-data"], command "bash benchmarks/gpu_scale_out.sh", timeout_s 360
+#                         (e.g. "TESTS=0 NO_MEMORY=1 BATCHES='256 1024' METHODS=core bash benchmarks/gpu_scale_out.sh")
 # The image there has torch, numpy, scipy, pyyaml, tqdm, pytest: src/ is used through PYTHONPATH.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 DTOKD_CACHE=/tmp/dtokd-cache TQDM_DISABLE=1
+export DTOKD_COMMIT="$(cat .device-data/COMMIT 2>/dev/null || echo unknown)"
 out="${OUT:-benchmarks/results}"
 images=.device-data/cifar10-jpeg.tar.gz
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv || true
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 
-PYTHONPATH=src python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
+if [ "${TESTS:-1}" = 1 ]; then
+  PYTHONPATH=src python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
+fi
 
 # decode the archive once into the tensor cache, so that the timed runs and their memory subprocesses do not
 PYTHONPATH=src python3 -c "from dtokd.data import build_data; build_data('image-folder', '$images', val_fraction=0.0, augment=True)"
 
-common=(--device cuda --batch 256 --amp bf16 --images "$images" --rounds 20 --steps 5 --warmup 10)
-if [ -d .device-data/before/src ]; then
-  PYTHONPATH=.device-data/before/src python3 benchmarks/step_time.py "${common[@]}" --methods core --no-memory \
-    --output "$out/step_time_cuda_bf16_before" 2>&1 | tee "$out/step_time_cuda_bf16_before.log"
-fi
-PYTHONPATH=src python3 benchmarks/step_time.py "${common[@]}" --methods all \
-  --output "$out/step_time_cuda_bf16" 2>&1 | tee "$out/step_time_cuda_bf16.log"
+memory=()
+[ "${NO_MEMORY:-0}" = 1 ] && memory=(--no-memory)
+for batch in ${BATCHES:-256}; do
+  common=(--device cuda --batch "$batch" --amp bf16 --images "$images" --rounds 20 --steps 5 --warmup 10)
+  if [ -d .device-data/before/src ]; then
+    PYTHONPATH=.device-data/before/src DTOKD_COMMIT="$(cat .device-data/before/COMMIT 2>/dev/null || echo before)" \
+      python3 benchmarks/step_time.py "${common[@]}" --methods core --no-memory \
+      --output "$out/step_time_cuda_bf16_b${batch}_before" 2>&1 | tee "$out/step_time_cuda_bf16_b${batch}_before.log"
+  fi
+  PYTHONPATH=src python3 benchmarks/step_time.py "${common[@]}" --methods "${METHODS:-all}" "${memory[@]}" \
+    --output "$out/step_time_cuda_bf16_b${batch}" 2>&1 | tee "$out/step_time_cuda_bf16_b${batch}.log"
+done

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -131,6 +132,7 @@ def make_steps(s: Setup) -> dict[str, Callable[[], None]]:
         "DTO exact, batched VJP": balanced("dto", batched=True),
         "DTO subset (last block + head)": balanced("dto", engine="subset", gram_params=last_block),
         "DTO representation (logits)": balanced("dto", engine="representation"),
+        "DTO representation, batched VJP": balanced("dto", engine="representation", batched=True),
         "DTO amortized, next-step": balanced("dto-amortized", update="next-step"),
         "DTO amortized, same-batch": balanced("dto-amortized", update="same-batch"),
         "MGDA exact (ours)": balanced("mgda"),
@@ -160,7 +162,7 @@ def selected_steps(s: Setup, methods: str) -> dict[str, Callable[[], None]]:
     steps = make_steps(s)
     if methods == "all":
         return steps
-    wanted = CORE if methods == "core" else tuple(m.strip() for m in methods.split(","))
+    wanted = CORE if methods == "core" else tuple(m.strip() for m in methods.split(";"))
     unknown = [m for m in wanted if m not in steps]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; available: {list(steps)} (or 'all', 'core')")
@@ -263,6 +265,9 @@ def machine() -> str:
 
 
 def commit() -> str:
+    """``DTOKD_COMMIT`` if set (a copy of the tree without its git history, e.g. on a lent GPU), else git's HEAD."""
+    if os.environ.get("DTOKD_COMMIT"):
+        return os.environ["DTOKD_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -278,7 +283,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--amp", choices=("none", "bf16"), default="none")
     parser.add_argument("--images", default=None, help="an image folder / .tar.gz to take the batch from (default: random)")
-    parser.add_argument("--methods", default="all", help="'all', 'core', or a comma-separated list of method names")
+    parser.add_argument("--methods", default="all", help="'all', 'core', or method names separated by ';'")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--output", default=None, help="results stem (default: benchmarks/results/step_time_<device>)")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
