@@ -27,6 +27,7 @@ class RuleBalancer(Balancer):
         self.needs_gram = method not in rules.GRAM_FREE_RULES
         if method == "fixed":
             _check_fixed_weights(self.rule_options.get("weights"))
+        self._fixed_on_device: Tensor | None = None
 
     def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
         options = dict(self.rule_options)
@@ -36,6 +37,23 @@ class RuleBalancer(Balancer):
             m = loss_values.shape[0]
             gram = torch.zeros(m, m, dtype=torch.float64, device=loss_values.device)
         return rules.weights(self.method, gram, **options)
+
+
+    def _weights_on_device(self, gram: Tensor | None, loss_values: Tensor) -> Tensor | None:
+        """DTO (affine) with one or two objectives, mean and fixed need no host read: their
+        weights are computed where the losses are (the Gram comes from this balancer's engine,
+        square and symmetric by construction; finiteness is checked after the step)."""
+        m, device = loss_values.shape[0], loss_values.device
+        if self.method == "dto" and self.rule_options.get("constraint", "affine") == "affine" and m <= 2:
+            return rules.dto(gram, **self.rule_options).to(torch.float64)  # type: ignore[arg-type]
+        if self.method == "mean":
+            return torch.full((m,), 1.0 / m, dtype=torch.float64, device=device)
+        if self.method == "fixed":
+            if self._fixed_on_device is None or self._fixed_on_device.device != device:
+                host = self._weights(None, loss_values.new_zeros(m).cpu())
+                self._fixed_on_device = host.to(device)  # once: the weights are constant
+            return self._fixed_on_device
+        return None
 
 
 def _check_fixed_weights(weights: object) -> None:

@@ -120,6 +120,10 @@ class Balancer:
         gradients: ObjectiveGradients | None = None
         if self.needs_gram or diagnose:
             gradients = self.engine.gradients(scaled, representation, self.sync)
+        if self.on_nonfinite == "raise" and (gradients is None or self.engine.name != "exact"):
+            on_device = self._step_on_device(values, gradients, scaled, scaler if scaling else None)
+            if on_device is not None:
+                return on_device
         values, scaled_gram, scale = _to_host(values, gradients, scaler if scaling else None)
         bad = [n for n, v in zip(ordered, values.tolist()) if not math.isfinite(v)]
         if bad:
@@ -148,6 +152,62 @@ class Balancer:
             gradients.backward(coefficients)
         else:
             weighted_sum_backward(list(scaled.values()), coefficients, self.engine.params)
+        return StepInfo(self.names, values, pi, coefficients, gram, raw_gram)  # type: ignore[arg-type]
+
+    def _weights_on_device(self, gram: Tensor | None, loss_values: Tensor) -> Tensor | None:
+        """The weights ``pi`` as a float64 tensor on the losses' device, computed without any
+        host synchronisation; None (the default) when the rule needs the Gram on the host."""
+        return None
+
+    def _step_on_device(
+        self, values: Tensor, gradients: ObjectiveGradients | None, scaled: dict[str, Tensor],
+        scaler: torch.amp.GradScaler | None,
+    ) -> StepInfo | None:
+        """The step with no host synchronisation before the update is written, for rules that
+        have :meth:`_weights_on_device`: the weights, the coefficients and the update are
+        queued on the device, and the one host read (losses, Gram, weights) follows them, so
+        that the CPU keeps queueing work while the GPU runs the forward pass. The checks come
+        after the update: a non-finite or (under log) negative loss raises as on the host path,
+        but ``.grad`` then already holds that step's gradient (``on_nonfinite="skip"`` uses the
+        host path, which writes nothing). Returns None where the rule has no device form."""
+        divisors = values.clamp_min(self.loss_floor) if self.log_losses else torch.ones_like(values)
+        raw_gram = gram = None
+        if gradients is not None:
+            scale = 1.0 if scaler is None else scaler.scale(torch.ones((), device=values.device)).to(torch.float64)
+            raw_gram = gradients.gram.to(values.device) / scale**2
+            gram = raw_gram / torch.outer(divisors, divisors)
+        pi = self._weights_on_device(gram if self.needs_gram else None, values)
+        if pi is None:
+            return None
+        if self.sync.global_mode:
+            pi = self.sync.agree(pi, self.engine.params)
+        elif self.sync.local_mode:
+            pi = self.sync.mean(pi)
+        coefficients = pi / divisors
+        if self.rescale == "unit-sum":
+            coefficients = coefficients / coefficients.abs().sum().clamp_min(torch.finfo(torch.float64).tiny)
+        if raw_gram is not None:  # a non-finite Gram (GradScaler overflow) makes the whole update NaN
+            coefficients = torch.where(torch.isfinite(raw_gram).all(), coefficients, math.nan)
+        if gradients is not None:
+            gradients.backward(coefficients)
+        else:
+            weighted_sum_backward(list(scaled.values()), coefficients, self.engine.params)
+        m = values.numel()
+        parts = [values, pi, coefficients] + ([] if raw_gram is None else [raw_gram.reshape(-1), gram.reshape(-1)])  # type: ignore[union-attr]
+        host = torch.cat(parts).cpu()
+        values, pi, coefficients = host[:m], host[m: 2 * m], host[2 * m: 3 * m]
+        raw_gram, gram = (None, None) if raw_gram is None else (host[3 * m: 3 * m + m * m].view(m, m), host[3 * m + m * m:].view(m, m))
+        bad = [n for n, v in zip(self.names, values.tolist()) if not math.isfinite(v)]  # type: ignore[arg-type]
+        if bad:
+            raise ValueError(
+                f"non-finite loss(es) {bad}: " + ", ".join(f"{n}={v}" for n, v in zip(self.names, values.tolist()) if n in bad)  # type: ignore[arg-type]
+                + " (.grad holds this step's non-finite gradient; pass on_nonfinite='skip' to skip such steps instead)"
+            )
+        self._divisors(values)  # raises for a negative loss under log
+        if raw_gram is not None and not bool(torch.isfinite(raw_gram).all()):
+            if scaler is None:
+                return self._nonfinite_gradients(values, gradients, raw_gram, scaled=False)  # type: ignore[arg-type]
+            return self._skipped(values, "non-finite gradients (GradScaler overflow: .grad set to NaN so scaler.step skips)")
         return StepInfo(self.names, values, pi, coefficients, gram, raw_gram)  # type: ignore[arg-type]
 
     # -- helpers ----------------------------------------------------------------------------

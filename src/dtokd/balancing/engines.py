@@ -61,8 +61,8 @@ def trainable(params: Sequence[Tensor]) -> list[Tensor]:
 
 def weighted_sum_backward(losses: Sequence[Tensor], coefficients: Tensor, params: Sequence[Tensor]) -> None:
     """One ordinary backward pass of ``sum_i c_i L_i`` into ``params`` only (c detached)."""
-    c = coefficients.detach().to("cpu", torch.float64).tolist()
-    total = sum(loss.reshape(()) * c_i for loss, c_i in zip(losses, c))
+    c = coefficients.detach()
+    total = sum(loss.reshape(()) * c[i].to(loss.dtype) for i, loss in enumerate(losses))
     torch.autograd.backward(total, inputs=trainable(params))
 
 

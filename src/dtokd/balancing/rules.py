@@ -4,8 +4,8 @@ Every rule sees only ``G[i, j] = <g_i, g_j>``, the inner products of the objecti
 gradients, and returns the weights ``w`` of the combined update ``g = sum_i w_i g_i``.
 No autograd, no modules; the only state is what a caller passes in (``generator`` for
 PCGrad's random order). Computation happens in float64 on the CPU (the matrices are tiny;
-a Gram on a GPU is read once, which synchronises); results come back in the Gram's dtype
-and device.
+a Gram on a GPU is read once, which synchronises), except for DTO with two objectives, which
+stays on the Gram's device; results come back in the Gram's dtype and device.
 
 Degenerate inputs have documented answers rather than NaN: an all-zero Gram (every
 gradient zero) gives uniform weights for DTO, MGDA and IMTL-G; singular Grams (identical or
@@ -74,11 +74,13 @@ def dto(
 
 
 def _dto_two(g: Tensor, rtol: float) -> Tensor:
-    """Theorem 3.1 in closed form, in Python floats (two weights: no tensor arithmetic needed)."""
-    (g11, g12), (_, g22) = g.tolist()
-    denominator = g11 + g22 - 2 * g12
-    pi_1 = 0.5 if denominator <= rtol * (g11 + g22) else (g22 - g12) / denominator
-    return torch.tensor([pi_1, 1 - pi_1], dtype=torch.float64, device=g.device)
+    """Theorem 3.1 in closed form, without host synchronisation (``torch.where``): on a GPU
+    Gram the weights stay on the GPU."""
+    denominator = g[0, 0] + g[1, 1] - 2 * g[0, 1]
+    degenerate = denominator <= rtol * (g[0, 0] + g[1, 1])
+    safe = torch.where(degenerate, torch.ones_like(denominator), denominator)
+    pi_1 = torch.where(degenerate, torch.full_like(denominator, 0.5), (g[1, 1] - g[0, 1]) / safe)
+    return torch.stack([pi_1, 1 - pi_1])
 
 
 def _complement_of_ones(m: int, device: torch.device) -> Tensor:
