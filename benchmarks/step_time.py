@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from dtokd import make_balancer
+from dtokd.profiling import host_syncs
 from dtokd.models.cifar_resnet import cifar_resnet
 
 RESULTS = Path(__file__).parent / "results"
@@ -190,19 +190,9 @@ def time_steps(args: argparse.Namespace) -> dict[str, list[float]]:
 
 
 def host_syncs_per_step(step: Callable[[], None]) -> int:
-    """How many times one step makes the host wait for the GPU (CUDA's sync debug mode warns
-    on each synchronising call: ``.item()``, ``.cpu()``, ``.tolist()``, ...), counted on the
-    second step so that one-off set-up is left out."""
+    """Host synchronisations of one step, counted on the second step (one-off set-up left out)."""
     step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return host_syncs(step)
 
 
 def kernels_per_step(step: Callable[[], None]) -> int:

@@ -2,15 +2,20 @@
 synchronisation, mixed precision. Skipped where no CUDA device is present (CI has none; run
 them on a GPU machine: ``pytest tests/test_cuda.py``)."""
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
 
 from dtokd import make_balancer
+from dtokd.profiling import host_syncs
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no CUDA device is present")
+def test_host_syncs_needs_cuda():
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        host_syncs(lambda: None)
 
 
 def net(device, dtype=torch.float64):
@@ -46,6 +51,7 @@ def balanced_step(device, method, **options):
     return info, [p.grad.detach().cpu() for p in model.parameters()]
 
 
+@needs_cuda
 @pytest.mark.parametrize("method, options", [
     ("dto", {}), ("dto", {"engine": "representation"}), ("dto", {"engine": "subset"}),
     ("dto", {"batched": True}), ("mgda", {}), ("dto-amortized", {"update": "next-step"}), ("fixed", {"weights": [0.9, 0.1]}),
@@ -57,6 +63,7 @@ def test_cuda_update_equals_cpu_update(method, options):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@needs_cuda
 @pytest.mark.parametrize("method, options", [
     ("dto", {}), ("dto", {"engine": "representation"}), ("dto-amortized", {"update": "next-step"}),
     ("fixed", {"weights": [0.9, 0.1]}),
@@ -72,18 +79,10 @@ def test_one_host_synchronisation_per_step(method, options):
         balancer.backward(losses_of(logits, y, t), representation=representation)
 
     step()  # one-off set-up (cached index tensors) left out
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, syncs
+    assert host_syncs(step) == 1
 
 
+@needs_cuda
 @pytest.mark.parametrize("engine", ["exact", "representation"])
 def test_bf16_autocast_and_fp16_grad_scaler_on_cuda(engine):
     model = net("cuda", torch.float32)

@@ -125,11 +125,8 @@ class Balancer:
             if on_device is not None:
                 return on_device
         values, scaled_gram, scale = _to_host(values, gradients, scaler if scaling else None)
-        bad = [n for n, v in zip(ordered, values.tolist()) if not math.isfinite(v)]
-        if bad:
-            reason = f"non-finite loss(es) {bad}: " + ", ".join(
-                f"{n}={v}" for n, v in zip(ordered, values.tolist()) if n in bad
-            )
+        reason = self._nonfinite_losses(values)
+        if reason:
             if self.on_nonfinite == "raise":
                 raise ValueError(reason + " (pass on_nonfinite='skip' to skip such steps instead)")
             return self._skipped(values, reason)
@@ -140,18 +137,8 @@ class Balancer:
             gram = raw_gram / torch.outer(divisors, divisors)
             if not bool(torch.isfinite(raw_gram).all()):
                 return self._nonfinite_gradients(values, gradients, raw_gram, scaling)
-        pi = self._weights(gram if self.needs_gram else None, values).to(torch.float64)
-        if self.sync.global_mode:
-            pi = self.sync.agree(pi, self.engine.params)
-        elif self.sync.local_mode:
-            pi = self.sync.mean(pi)
-        coefficients = pi / divisors
-        if self.rescale == "unit-sum":
-            coefficients = coefficients / coefficients.abs().sum().clamp_min(torch.finfo(torch.float64).tiny)
-        if gradients is not None:
-            gradients.backward(coefficients)
-        else:
-            weighted_sum_backward(list(scaled.values()), coefficients, self.engine.params)
+        pi, coefficients = self._coefficients(self._weights(gram if self.needs_gram else None, values), divisors)
+        self._write(gradients, scaled, coefficients)
         return StepInfo(self.names, values, pi, coefficients, gram, raw_gram)  # type: ignore[arg-type]
 
     def _weights_on_device(self, gram: Tensor | None, loss_values: Tensor) -> Tensor | None:
@@ -176,32 +163,22 @@ class Balancer:
             scale = 1.0 if scaler is None else scaler.scale(torch.ones((), device=values.device)).to(torch.float64)
             raw_gram = gradients.gram.to(values.device) / scale**2
             gram = raw_gram / torch.outer(divisors, divisors)
-        pi = self._weights_on_device(gram if self.needs_gram else None, values)
-        if pi is None:
+        weights = self._weights_on_device(gram if self.needs_gram else None, values)
+        if weights is None:
             return None
-        if self.sync.global_mode:
-            pi = self.sync.agree(pi, self.engine.params)
-        elif self.sync.local_mode:
-            pi = self.sync.mean(pi)
-        coefficients = pi / divisors
-        if self.rescale == "unit-sum":
-            coefficients = coefficients / coefficients.abs().sum().clamp_min(torch.finfo(torch.float64).tiny)
+        pi, coefficients = self._coefficients(weights, divisors)
         if raw_gram is not None:  # a non-finite Gram (GradScaler overflow) makes the whole update NaN
             coefficients = torch.where(torch.isfinite(raw_gram).all(), coefficients, math.nan)
-        if gradients is not None:
-            gradients.backward(coefficients)
-        else:
-            weighted_sum_backward(list(scaled.values()), coefficients, self.engine.params)
+        self._write(gradients, scaled, coefficients)
         m = values.numel()
         parts = [values, pi, coefficients] + ([] if raw_gram is None else [raw_gram.reshape(-1), gram.reshape(-1)])  # type: ignore[union-attr]
         host = torch.cat(parts).cpu()
         values, pi, coefficients = host[:m], host[m: 2 * m], host[2 * m: 3 * m]
         raw_gram, gram = (None, None) if raw_gram is None else (host[3 * m: 3 * m + m * m].view(m, m), host[3 * m + m * m:].view(m, m))
-        bad = [n for n, v in zip(self.names, values.tolist()) if not math.isfinite(v)]  # type: ignore[arg-type]
-        if bad:
+        reason = self._nonfinite_losses(values)
+        if reason:
             raise ValueError(
-                f"non-finite loss(es) {bad}: " + ", ".join(f"{n}={v}" for n, v in zip(self.names, values.tolist()) if n in bad)  # type: ignore[arg-type]
-                + " (.grad holds this step's non-finite gradient; pass on_nonfinite='skip' to skip such steps instead)"
+                reason + " (.grad holds this step's non-finite gradient; pass on_nonfinite='skip' to skip such steps instead)"
             )
         self._divisors(values)  # raises for a negative loss under log
         if raw_gram is not None and not bool(torch.isfinite(raw_gram).all()):
@@ -211,6 +188,34 @@ class Balancer:
         return StepInfo(self.names, values, pi, coefficients, gram, raw_gram)  # type: ignore[arg-type]
 
     # -- helpers ----------------------------------------------------------------------------
+    def _coefficients(self, weights: Tensor, divisors: Tensor) -> tuple[Tensor, Tensor]:
+        """The weights every rank applies (rank 0's in global mode, the rank mean in local
+        mode) and the coefficients on the raw losses, ``c = pi / divisors`` (rescaled)."""
+        pi = weights.to(torch.float64)
+        if self.sync.global_mode:
+            pi = self.sync.agree(pi, self.engine.params)
+        elif self.sync.local_mode:
+            pi = self.sync.mean(pi)
+        coefficients = pi / divisors
+        if self.rescale == "unit-sum":
+            coefficients = coefficients / coefficients.abs().sum().clamp_min(torch.finfo(torch.float64).tiny)
+        return pi, coefficients
+
+    def _write(self, gradients: ObjectiveGradients | None, scaled: dict[str, Tensor], coefficients: Tensor) -> None:
+        """``.grad += sum_i c_i grad L_i``: from the engine's gradients, or one weighted-sum backward."""
+        if gradients is not None:
+            gradients.backward(coefficients)
+        else:
+            weighted_sum_backward(list(scaled.values()), coefficients, self.engine.params)
+
+    def _nonfinite_losses(self, values: Tensor) -> str | None:
+        """A message naming the non-finite losses among the (host) ``values``, or None."""
+        listed = values.tolist()
+        bad = [n for n, v in zip(self.names, listed) if not math.isfinite(v)]  # type: ignore[arg-type]
+        if not bad:
+            return None
+        return f"non-finite loss(es) {bad}: " + ", ".join(f"{n}={v}" for n, v in zip(self.names, listed) if n in bad)  # type: ignore[arg-type]
+
     def _divisors(self, values: Tensor) -> Tensor:
         """``max(L_i, loss_floor)`` for log losses (the factor of grad log L_i), else ones."""
         if not self.log_losses:
