@@ -77,3 +77,37 @@ def test_device_step_under_grad_scaler_overflow_is_skipped_with_nan_grads():
     info, grads = step("raise", "dto", scale=2.0**100, corrupt=("distill", 1e300))  # scaled gradients overflow float64
     assert info.skipped and "GradScaler" in info.skipped_reason
     assert all(torch.isnan(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("mode", ["next-step", "same-batch"])
+def test_amortized_learner_is_the_same_on_both_paths(mode):
+    """dto-amortized learns on the losses' device inside the deferred step; over several steps
+    its weights and updates equal the host path's (on_nonfinite='skip')."""
+
+    def run(on_nonfinite):
+        net = model()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+        balancer = make_balancer("dto-amortized", net.parameters(), update=mode, on_nonfinite=on_nonfinite)
+        weights = []
+        for seed in range(5):
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(16, 5, generator=g, dtype=torch.float64)
+            y = torch.randint(0, 3, (16,), generator=g)
+
+            def losses():
+                logits = net(x)
+                return {"distill": logits.pow(2).mean(), "task": nn.functional.cross_entropy(logits, y)}
+
+            optimizer.zero_grad()
+            weights.append(balancer.backward(losses()).weight_values)
+            optimizer.step()
+            if mode == "same-batch":
+                with torch.no_grad():
+                    balancer.update(losses())
+        return torch.stack(weights), [p.detach().clone() for p in net.parameters()]
+
+    (device_weights, device_params), (host_weights, host_params) = run("raise"), run("skip")
+    assert not torch.allclose(device_weights[-1], device_weights[0])  # it learned
+    torch.testing.assert_close(device_weights, host_weights, rtol=0, atol=0)
+    for a, b in zip(device_params, host_params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

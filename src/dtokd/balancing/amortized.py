@@ -16,10 +16,16 @@ call is an error at the next ``backward``. ``update="next-step"``: the losses of
 ``backward`` (a new batch) serve as the "after" values, so the method costs nothing beyond
 one backward; this is noisier, the batches being different. ``L`` is ``max(L, loss_floor)``
 throughout (FAMO adds 1e-8 instead).
+
+The learner's state lives on the device of the losses and its Adam step is written out in
+tensor operations (torch.optim.Adam's update, operation for operation), so that a step on a
+GPU needs no host read before its update is queued (see :class:`~dtokd.balancing.base.Balancer`);
+``state_dict()`` holds CPU copies.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -29,6 +35,9 @@ from torch import Tensor
 from dtokd.balancing.base import Balancer
 
 UpdateMode = Literal["same-batch", "next-step"]
+
+_BETAS = (0.9, 0.999)
+_EPS = 1e-8
 
 
 class AmortizedDTOBalancer(Balancer):
@@ -55,11 +64,14 @@ class AmortizedDTOBalancer(Balancer):
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
         self.lr, self.weight_decay, self.update_mode = float(lr), float(weight_decay), update
         self.logits: Tensor | None = None
-        self._optimizer: torch.optim.Adam | None = None
+        self._exp_avg: Tensor | None = None
+        self._exp_avg_sq: Tensor | None = None
+        self._adam_steps = 0
         self._before: Tensor | None = None  # log losses of the last step, awaiting their "after"
 
     def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
-        log_losses = self._divisors(loss_values).to("cpu").log()
+        log_losses = loss_values.clamp_min(self.loss_floor).log()
+        self._place(log_losses.device, len(log_losses))
         if self._before is not None:
             if self.update_mode == "same-batch":
                 raise RuntimeError(
@@ -67,9 +79,12 @@ class AmortizedDTOBalancer(Balancer):
                     "optimizer.step(), with the losses re-evaluated on the same batch under torch.no_grad()"
                 )
             self._learn(self._before - log_losses)
-        self._ensure_logits(len(log_losses))
         self._before = log_losses
-        return torch.softmax(self.logits.detach(), 0).to(loss_values.device)  # type: ignore[union-attr]
+        return torch.softmax(self.logits, 0)  # type: ignore[arg-type]
+
+    def _weights_on_device(self, gram: Tensor | None, loss_values: Tensor) -> Tensor | None:
+        """The same weights: the learner runs on the losses' device, with no host read."""
+        return self._weights(gram, loss_values)
 
     def update(self, losses_after: Mapping[str, Tensor]) -> None:
         """Give the losses re-evaluated after ``optimizer.step()`` on the same batch."""
@@ -79,42 +94,56 @@ class AmortizedDTOBalancer(Balancer):
             raise RuntimeError("update() called before backward(): nothing to compare with")
         if self.names is None or set(losses_after) != set(self.names):
             raise ValueError(f"update(): losses must have the names {self.names}, got {sorted(losses_after)}")
-        after = torch.stack([losses_after[n].detach().reshape(()).to(torch.float64) for n in self.names])
+        after = torch.stack([losses_after[n].detach().reshape(()) for n in self.names]).to(torch.float64)
         if self.sync.global_mode:
             after = self.sync.mean(after)
-        after = after.to("cpu")
-        if not torch.isfinite(after).all():
+        after = after.to(self._before.device)
+        if not bool(torch.isfinite(after).all()):
             raise ValueError(f"update(): non-finite losses after the step {dict(zip(self.names, after.tolist()))}")
-        self._learn(self._before - self._divisors(after).log())
+        self._learn(self._before - after.clamp_min(self.loss_floor).log())
         self._before = None
 
     def _learn(self, delta: Tensor) -> None:
-        pi = torch.softmax(self.logits.detach(), 0)  # type: ignore[union-attr]
-        self.logits.grad = pi * (delta - (pi * delta).sum())  # type: ignore[union-attr]
-        self._optimizer.step()  # type: ignore[union-attr]
+        """One Adam step (L2 weight decay) on ``xi`` with gradient ``pi * (delta - <pi, delta>)``."""
+        xi = self.logits
+        pi = torch.softmax(xi, 0)  # type: ignore[arg-type]
+        grad = pi * (delta - (pi * delta).sum()) + self.weight_decay * xi
+        beta1, beta2 = _BETAS
+        self._adam_steps += 1
+        self._exp_avg.lerp_(grad, 1 - beta1)  # type: ignore[union-attr]
+        self._exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # type: ignore[union-attr]
+        step_size = self.lr / (1 - beta1**self._adam_steps)
+        denominator = (self._exp_avg_sq.sqrt() / math.sqrt(1 - beta2**self._adam_steps)).add_(_EPS)  # type: ignore[union-attr]
+        xi.addcdiv_(self._exp_avg, denominator, value=-step_size)  # type: ignore[union-attr]
 
-    def _ensure_logits(self, m: int) -> None:
+    def _place(self, device: torch.device, m: int) -> None:
+        """Create the learner's state (zeros) on ``device``, or move it there."""
         if self.logits is None:
-            self.logits = torch.zeros(m, dtype=torch.float64, requires_grad=True)
-            self._optimizer = torch.optim.Adam([self.logits], lr=self.lr, weight_decay=self.weight_decay)
+            self.logits, self._exp_avg, self._exp_avg_sq = (torch.zeros(m, dtype=torch.float64, device=device) for _ in range(3))
+        elif self.logits.device != device:
+            self.logits, self._exp_avg, self._exp_avg_sq = (
+                t.to(device) for t in (self.logits, self._exp_avg, self._exp_avg_sq)  # type: ignore[union-attr]
+            )
+            self._before = None if self._before is None else self._before.to(device)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self.logits is not None:
             state.update(
-                logits=self.logits.detach().clone(),
-                optimizer=self._optimizer.state_dict(),  # type: ignore[union-attr]
-                before=None if self._before is None else self._before.clone(),
+                logits=self.logits.cpu().clone(),
+                adam={"exp_avg": self._exp_avg.cpu().clone(), "exp_avg_sq": self._exp_avg_sq.cpu().clone(),  # type: ignore[union-attr]
+                      "steps": self._adam_steps},
+                before=None if self._before is None else self._before.cpu().clone(),
             )
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         if "logits" in state:
-            self.logits = None
-            self._ensure_logits(len(state["logits"]))
-            with torch.no_grad():
-                self.logits.copy_(state["logits"])  # type: ignore[union-attr]
-            self._optimizer.load_state_dict(state["optimizer"])  # type: ignore[union-attr]
+            adam = state["adam"]
+            self.logits = state["logits"].to(torch.float64).clone()
+            self._exp_avg = adam["exp_avg"].to(torch.float64).clone()
+            self._exp_avg_sq = adam["exp_avg_sq"].to(torch.float64).clone()
+            self._adam_steps = int(adam["steps"])
             before = state.get("before")
-            self._before = None if before is None else before.clone()
+            self._before = None if before is None else before.to(torch.float64).clone()

@@ -112,7 +112,7 @@ class Balancer:
         cosines.
         """
         ordered = self._checked(losses)
-        values = torch.stack([v.detach().reshape(()).to(torch.float64) for v in ordered.values()])
+        values = torch.stack([v.detach().reshape(()) for v in ordered.values()]).to(torch.float64)
         if self.sync.global_mode:
             values = self.sync.mean(values)  # the objective is log of the global mean loss
         scaling = scaler is not None and scaler.is_enabled()

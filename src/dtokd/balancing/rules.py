@@ -75,12 +75,11 @@ def dto(
 
 def _dto_two(g: Tensor, rtol: float) -> Tensor:
     """Theorem 3.1 in closed form, without host synchronisation (``torch.where``): on a GPU
-    Gram the weights stay on the GPU."""
-    denominator = g[0, 0] + g[1, 1] - 2 * g[0, 1]
-    degenerate = denominator <= rtol * (g[0, 0] + g[1, 1])
-    safe = torch.where(degenerate, torch.ones_like(denominator), denominator)
-    pi_1 = torch.where(degenerate, torch.full_like(denominator, 0.5), (g[1, 1] - g[0, 1]) / safe)
-    return torch.stack([pi_1, 1 - pi_1])
+    Gram the weights stay on the GPU. ``(pi_1, pi_2) = (G22 - G12, G11 - G12) / denominator``."""
+    numerators = g.diagonal().flip(0) - g[0, 1]
+    denominator = numerators.sum()
+    degenerate = denominator <= rtol * g.trace()
+    return torch.where(degenerate, 0.5, numerators / denominator)
 
 
 def _complement_of_ones(m: int, device: torch.device) -> Tensor:
