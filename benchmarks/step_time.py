@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from dtokd import make_balancer
-from dtokd.profiling import host_syncs
 from dtokd.models.cifar_resnet import cifar_resnet
 
 RESULTS = Path(__file__).parent / "results"
@@ -191,6 +190,8 @@ def time_steps(args: argparse.Namespace) -> dict[str, list[float]]:
 
 def host_syncs_per_step(step: Callable[[], None]) -> int:
     """Host synchronisations of one step, counted on the second step (one-off set-up left out)."""
+    from dtokd.profiling import host_syncs  # here, so that the script also times older versions of dtokd
+
     step()
     return host_syncs(step)
 
