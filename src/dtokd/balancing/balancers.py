@@ -38,7 +38,6 @@ class RuleBalancer(Balancer):
             gram = torch.zeros(m, m, dtype=torch.float64, device=loss_values.device)
         return rules.weights(self.method, gram, **options)
 
-
     def _weights_on_device(self, gram: Tensor | None, loss_values: Tensor) -> Tensor | None:
         """DTO (affine) with one or two objectives, mean and fixed need no host read: their
         weights are computed where the losses are (the Gram comes from this balancer's engine,

@@ -9,25 +9,33 @@ One step, for losses ``L_i`` (a mapping name -> scalar tensor)::
     c_i         = pi_i / max(L_i, loss_floor)   (or pi_i);   rescale="unit-sum": c /= sum_i |c_i|
     .grad      += sum_i c_i grad L_i
 
-Losses are checked before anything is computed: a non-empty mapping of string names to
+The losses' structure is checked before anything is computed: a non-empty mapping of string names to
 floating scalar tensors in the autograd graph, all on one device, with the same names on
 every call (the first call fixes them and their order). A NaN or infinite loss raises a
 ``ValueError`` naming it (``on_nonfinite="skip"`` instead writes no gradient and reports
-``StepInfo.skipped``); its values are checked after the engine has run, with the Gram,
-so that a step synchronises with the device once. With ``log_losses=True`` a negative loss is an error (its log is
+``StepInfo.skipped``). With ``log_losses=True`` a negative loss is an error (its log is
 undefined) and a loss below ``loss_floor`` (zero included) is taken as ``loss_floor``.
 
-Mixed precision: under ``torch.autocast`` nothing changes (the Gram is accumulated in
-float64). With ``torch.amp.GradScaler`` pass ``scaler=`` to :meth:`Balancer.backward` instead
-of scaling the losses yourself: gradients are computed from the scaled losses (so fp16 does
+Host synchronisation: a step reads the device once (loss values, Gram, loss scale in one
+copy), and the value checks above use that read. Two paths:
+
+- on the host (rules that need the Gram on the CPU, the exact engine, ``on_nonfinite="skip"``):
+  read, check, run the rule in float64 on the CPU, then write the update; a failed check
+  writes nothing;
+- on the device (:meth:`Balancer._weights_on_device`: DTO with m <= 2, mean, fixed,
+  amortized DTO; no Gram from the exact engine; ``on_nonfinite="raise"``): the weights and the update
+  are queued on the device first and the read follows, so the CPU never waits for the forward
+  pass; a failed check then raises with ``.grad`` already written.
+
+StepInfo holds CPU tensors either way.
+
+Mixed precision: under ``torch.autocast`` nothing changes (the Gram's dot products run in
+float32 at least and are summed in float64). With ``torch.amp.GradScaler`` pass ``scaler=``
+to :meth:`Balancer.backward` instead of scaling the losses yourself: gradients are computed from the scaled losses (so fp16 does
 not underflow), the Gram is unscaled before the rule sees it, and ``.grad`` receives the
 scaled combination that ``scaler.step`` expects. If the scaled gradients overflow, ``.grad``
 is filled with NaN so that ``scaler.step`` skips the step and lowers the scale, and the step
 is reported as skipped.
-
-Host synchronisation: one device-to-host copy per step (the loss values, the Gram and the
-loss scale together); the weight rule then runs on the CPU in float64 and StepInfo holds CPU
-tensors.
 
 Data parallelism: see :mod:`dtokd.balancing.distributed` (``sync=``); losses and Gram are
 those of the global batch by default.

@@ -8,8 +8,8 @@ Three engines, by name (:data:`ENGINES`):
     product with ``batched=True``). Each objective's gradient is kept as a few flat chunks
     (:mod:`dtokd.balancing.flat`): ``G = sum_k J_k J_k^T`` over chunks k, and the combination
     is formed chunk by chunk and written back as views, in a handful of kernel launches
-    whatever the number of parameter tensors. Memory: the m gradients plus at most one
-    chunk each. Cost: m backward passes.
+    whatever the number of parameter tensors. Memory: the m gradients, plus one chunk while
+    they are flattened. Cost: m backward passes.
 ``"subset"``
     The Gram over ``gram_params`` only (e.g. the last block), then one ordinary backward of
     ``sum_i c_i L_i`` over all parameters. Cost: m partial backward passes + 1 full one.
@@ -62,7 +62,7 @@ def trainable(params: Sequence[Tensor]) -> list[Tensor]:
 def weighted_sum_backward(losses: Sequence[Tensor], coefficients: Tensor, params: Sequence[Tensor]) -> None:
     """One ordinary backward pass of ``sum_i c_i L_i`` into ``params`` only (c detached)."""
     c = coefficients.detach()
-    total = sum(loss.reshape(()) * c[i].to(loss.dtype) for i, loss in enumerate(losses))
+    total = sum(c[i].to(loss.dtype) * loss.reshape(()) for i, loss in enumerate(losses))
     torch.autograd.backward(total, inputs=trainable(params))
 
 

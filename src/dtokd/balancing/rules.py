@@ -3,9 +3,10 @@
 Every rule sees only ``G[i, j] = <g_i, g_j>``, the inner products of the objective
 gradients, and returns the weights ``w`` of the combined update ``g = sum_i w_i g_i``.
 No autograd, no modules; the only state is what a caller passes in (``generator`` for
-PCGrad's random order). Computation happens in float64 on the CPU (the matrices are tiny;
-a Gram on a GPU is read once, which synchronises), except for DTO with two objectives, which
-stays on the Gram's device; results come back in the Gram's dtype and device.
+PCGrad's random order). Computation happens in float64 on the CPU (the matrices are tiny),
+except for DTO with at most two objectives, which runs on the Gram's device with no host
+read when called directly (``dto(gram)``); :func:`weights` first validates the Gram on the
+host. Results come back in the Gram's dtype and device.
 
 Degenerate inputs have documented answers rather than NaN: an all-zero Gram (every
 gradient zero) gives uniform weights for DTO, MGDA and IMTL-G; singular Grams (identical or
