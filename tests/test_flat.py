@@ -124,3 +124,29 @@ def test_exact_engine_with_many_chunks_equals_one_chunk(monkeypatch):
     torch.testing.assert_close(many_info.gram, one_info.gram, rtol=1e-12, atol=1e-14)
     for a, b in zip(many_grads, one_grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_exact_engine_with_channels_last_and_empty_parameters_matches_plain_backward():
+    """Non-contiguous (channels_last) gradients are flattened in logical order and written back
+    with the parameters' shapes; an empty parameter is carried along."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 2)).double()
+    net = net.to(memory_format=torch.channels_last)
+    empty = torch.nn.Parameter(torch.zeros(0, dtype=torch.float64))
+    params = [*net.parameters(), empty]
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64).to(memory_format=torch.channels_last)
+
+    def losses():
+        out = net(x)
+        return {"a": out.pow(2).mean() + empty.sum(), "b": (out - 1).abs().mean()}
+
+    info = make_balancer("fixed", params, weights=[0.3, 0.7]).backward(losses(), diagnose=True)
+    written = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    values = losses()
+    (0.3 * values["a"] + 0.7 * values["b"]).backward()
+    assert info.gram is not None
+    for got, want in zip(written, [p.grad for p in params]):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
