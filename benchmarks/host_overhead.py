@@ -23,27 +23,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dtokd import make_balancer
+from dtokd.profiling import ComputeOpCounter
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_time import commit, machine  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the dispatched tensor operations that compute (views excluded)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if not func.is_view:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def make_steps() -> dict[str, Callable[[], None]]:
@@ -92,7 +79,7 @@ def main() -> None:
     for name, step in steps.items():
         for _ in range(20):
             step()
-        with CountOps() as counter:
+        with ComputeOpCounter() as counter:
             step()
         ops[name] = counter.count
     samples: dict[str, list[float]] = {name: [] for name in steps}

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dtokd import make_balancer
 from dtokd.balancing import flat
 from dtokd.balancing.flat import ChunkLayout
+from dtokd.profiling import ComputeOpCounter
 
 
 def tensors(shapes, dtypes=None, seed=0):
@@ -76,19 +76,6 @@ def test_accumulate_grads_adds_or_sets():
     torch.testing.assert_close(params[1].grad, torch.full((2, 2), 5.0))
 
 
-class CountComputeOps(TorchDispatchMode):
-    """Counts the operations that compute (launch kernels), not the metadata-only views."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func.overloadpacket not in (torch.ops.aten.split, torch.ops.aten.split_with_sizes):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("m", [2, 3])
 def test_operations_do_not_grow_with_the_number_of_tensors(m):
     """The point of the chunks: the Gram, the combination and the write-back cost a number of
@@ -101,7 +88,7 @@ def test_operations_do_not_grow_with_the_number_of_tensors(m):
         for p in params:
             p.grad = torch.zeros_like(p)
         layout = ChunkLayout.of(rows[0])
-        with CountComputeOps() as ops:
+        with ComputeOpCounter() as ops:
             chunks = [layout.flatten(list(row)) for row in rows]
             flat.gram(chunks)
             flat.accumulate_grads(params, layout.views(flat.combine(chunks, [1.0] * m)))

@@ -1,4 +1,4 @@
-"""Counting what a step costs the host on a CUDA device."""
+"""Counting what a step costs the host: synchronisations on a CUDA device, dispatched operations."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def host_syncs(fn: Callable[[], object]) -> int:
@@ -23,3 +24,22 @@ def host_syncs(fn: Callable[[], object]) -> int:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) and "prototype" not in str(w.message) for w in caught)
+
+
+class ComputeOpCounter(TorchDispatchMode):
+    """Counts the tensor operations dispatched while active that compute (each one a kernel
+    launch on a GPU); metadata-only views and splits are left out.
+
+        with ComputeOpCounter() as ops:
+            step()
+        ops.count
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if not func.is_view and func.overloadpacket not in (torch.ops.aten.split, torch.ops.aten.split_with_sizes):
+            self.count += 1
+        return func(*args, **(kwargs or {}))

@@ -55,6 +55,7 @@ from dtokd.balancing.engines import ObjectiveGradients, weighted_sum_backward
 from dtokd.balancing.stepinfo import StepInfo
 
 Rescale = Literal["none", "unit-sum"]
+_OVERFLOW = "non-finite gradients (GradScaler overflow: .grad set to NaN so scaler.step skips)"
 NonFinitePolicy = Literal["raise", "skip"]
 
 
@@ -192,7 +193,7 @@ class Balancer:
         if raw_gram is not None and not bool(torch.isfinite(raw_gram).all()):
             if scaler is None:
                 return self._nonfinite_gradients(values, gradients, raw_gram, scaled=False)  # type: ignore[arg-type]
-            return self._skipped(values, "non-finite gradients (GradScaler overflow: .grad set to NaN so scaler.step skips)")
+            return self._skipped(values, _OVERFLOW)
         return StepInfo(self.names, values, pi, coefficients, gram, raw_gram)  # type: ignore[arg-type]
 
     # -- helpers ----------------------------------------------------------------------------
@@ -274,7 +275,7 @@ class Balancer:
         reason = "non-finite gradients"
         if scaled:
             gradients.backward(torch.full_like(values, math.nan))
-            return self._skipped(values, reason + " (GradScaler overflow: .grad set to NaN so scaler.step skips)")
+            return self._skipped(values, _OVERFLOW)
         bad = [n for n, v in zip(self.names, raw_gram.diagonal().tolist()) if not math.isfinite(v)]  # type: ignore[arg-type]
         if self.on_nonfinite == "raise":
             raise ValueError(f"{reason} for loss(es) {bad or list(self.names)}")  # type: ignore[arg-type]
