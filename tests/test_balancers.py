@@ -254,6 +254,13 @@ def test_stateful_balancer_resumes_from_state_dict(method, extra):
     assert first + second == straight
 
 
+def test_amortized_state_without_adam_entry_is_refused_by_name():
+    balancer = make_balancer("dto-amortized", Net().parameters())
+    old_format = {"names": ("distill", "task"), "logits": torch.zeros(2, dtype=torch.float64), "optimizer": {}}
+    with pytest.raises(ValueError, match="no 'adam' entry"):
+        balancer.load_state_dict(old_format)
+
+
 def test_gradnorm_matches_hand_computation():
     net = Net()
     params = list(net.parameters())

@@ -140,6 +140,11 @@ class AmortizedDTOBalancer(Balancer):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         if "logits" in state:
+            if "adam" not in state:
+                raise ValueError(
+                    "dto-amortized state has no 'adam' entry (a checkpoint from before the learner moved to "
+                    f"the losses' device, keys {sorted(state)}); it cannot be resumed by this version"
+                )
             adam = state["adam"]
             self.logits = state["logits"].to(torch.float64).clone()
             self._exp_avg = adam["exp_avg"].to(torch.float64).clone()
