@@ -8,6 +8,7 @@ from torch import nn
 
 from dtokd import make_balancer
 from dtokd.balancing import BALANCERS
+from dtokd.balancing.engines import only_through
 
 
 class Net(nn.Module):
@@ -86,7 +87,8 @@ def test_subset_engine_uses_subset_gram_and_updates_everything():
     torch.testing.assert_close(written_grad(params), expected, rtol=1e-10, atol=1e-12)
 
 
-def test_representation_engine_uses_gram_at_the_logits():
+@pytest.mark.parametrize("batched", [False, True])
+def test_representation_engine_uses_gram_at_the_logits(batched):
     net = Net()
     params = list(net.parameters())
     x, y, t = batch()
@@ -97,9 +99,46 @@ def test_representation_engine_uses_gram_at_the_logits():
     z2 = torch.autograd.grad(losses["task"], logits, retain_graph=True)[0].reshape(-1) / l2
     pi1, pi2 = dto_reference_two(z1, z2)
     expected = pi1 / l1 * flat_grad(losses["distill"], params) + pi2 / l2 * flat_grad(losses["task"], params)
-    info = make_balancer("dto", params, engine="representation").backward(losses, representation=logits)
+    assert only_through(list(losses.values()), [logits])  # the update is back-propagated from the logits
+    info = make_balancer("dto", params, engine="representation", batched=batched).backward(losses, representation=logits)
     torch.testing.assert_close(written_grad(params), expected, rtol=1e-10, atol=1e-12)
     assert info.weights["distill"] == pytest.approx(pi1.item(), rel=1e-10)
+
+
+def test_representation_engine_with_a_loss_that_also_reaches_the_parameters_directly():
+    """A loss with a term outside the representation (a weight penalty) gets its full
+    gradient: the update is then the ordinary backward of sum_i c_i L_i."""
+    net = Net()
+    params = list(net.parameters())
+    x, y, t = batch()
+    logits = net(x)
+    losses = kd_losses(logits, y, t)
+    losses["task"] = losses["task"] + 0.1 * net.body[0].weight.pow(2).sum()
+    assert not only_through(list(losses.values()), [logits])
+    l1, l2 = losses["distill"].item(), losses["task"].item()
+    z1 = torch.autograd.grad(losses["distill"], logits, retain_graph=True)[0].reshape(-1) / l1
+    z2 = torch.autograd.grad(losses["task"], logits, retain_graph=True)[0].reshape(-1) / l2
+    pi1, pi2 = dto_reference_two(z1, z2)
+    expected = pi1 / l1 * flat_grad(losses["distill"], params) + pi2 / l2 * flat_grad(losses["task"], params)
+    make_balancer("dto", params, engine="representation").backward(losses, representation=logits)
+    torch.testing.assert_close(written_grad(params), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_only_through_follows_every_path_to_a_trainable_leaf():
+    net = Net()
+    x, y, t = batch()
+    features = net.body(x)
+    logits = net.head(features)
+    ce = nn.functional.cross_entropy(logits, y)
+    assert only_through([ce], [logits])
+    assert not only_through([ce], [features])  # the head's parameters lie between the two
+    assert only_through([ce], [features, logits])
+    assert not only_through([ce + features.pow(2).mean()], [logits])  # a second path, around the head
+    leaf = torch.randn(4, 3, requires_grad=True)
+    assert not only_through([leaf.sum()], [leaf])  # a leaf representation: no node to stop at
+    first, second = net.body(x).chunk(2)  # two outputs of one node: reaching the other one counts
+    assert not only_through([first.sum() + second.sum()], [first])
+    assert only_through([first.sum() + second.sum()], [first, second])
 
 
 def test_fixed_equals_plain_weighted_backward():

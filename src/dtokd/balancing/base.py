@@ -169,14 +169,15 @@ class Balancer:
         divisors = values.clamp_min(self.loss_floor) if self.log_losses else torch.ones_like(values)
         raw_gram = gram = None
         if gradients is not None:
-            scale = 1.0 if scaler is None else scaler.scale(torch.ones((), device=values.device)).to(torch.float64)
-            raw_gram = gradients.gram.to(values.device) / scale**2
+            raw_gram = gradients.gram.to(values.device)
+            if scaler is not None:
+                raw_gram = raw_gram / scaler.scale(torch.ones((), device=values.device)).to(torch.float64) ** 2
             gram = raw_gram / torch.outer(divisors, divisors)
         weights = self._weights_on_device(gram if self.needs_gram else None, values)
         if weights is None:
             return None
         pi, coefficients = self._coefficients(weights, divisors)
-        if raw_gram is not None:  # a non-finite Gram (GradScaler overflow) makes the whole update NaN
+        if raw_gram is not None and scaler is not None:  # an overflow makes the whole update NaN
             coefficients = torch.where(torch.isfinite(raw_gram).all(), coefficients, math.nan)
         self._write(gradients, scaled, coefficients)
         m = values.numel()
