@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The scale-out issue's GPU check and comparison, for one run on a lent H100/H200 (device tool):
-#   1. the CUDA tests (tests/test_cuda.py: CUDA update = CPU update, one host sync per step, bf16/fp16);
+#   1. the CUDA tests (tests/test_cuda.py: CUDA update = CPU update, where a step waits for the
+#      device, bf16/fp16);
 #   2. step time, CIFAR-10 JPEG, ResNet-56 -> ResNet-20, bf16 autocast, for each batch size in
-#      $BATCHES (default 256) and the methods in $METHODS (default all), with peak memory
-#      (unless NO_MEMORY=1), host syncs and GPU kernels per step;
+#      $BATCHES (default 256), each timing in $TIMINGS (default "per-step back-to-back", see
+#      step_time.py) and the methods in $METHODS (default all), with peak memory (unless
+#      NO_MEMORY=1), host syncs, device waits and GPU kernels per step;
 #   3. if .device-data/before/src exists (another commit's src/, e.g. `git archive COMMIT src`),
 #      the core methods again with that code, in the same run on the same card: before/after.
 #
@@ -29,15 +31,19 @@ fi
 # decode the archive once into the tensor cache, so that the timed runs and their memory subprocesses do not
 PYTHONPATH=src python3 -c "from dtokd.data import build_data; build_data('image-folder', '$images', val_fraction=0.0, augment=True)"
 
-memory=()
-[ "${NO_MEMORY:-0}" = 1 ] && memory=(--no-memory)
 for batch in ${BATCHES:-256}; do
-  common=(--device cuda --batch "$batch" --amp bf16 --images "$images" --rounds 20 --steps 5 --warmup 10)
-  if [ -d .device-data/before/src ]; then
-    PYTHONPATH=.device-data/before/src DTOKD_COMMIT="$(cat .device-data/before/COMMIT 2>/dev/null || echo before)" \
-      python3 benchmarks/step_time.py "${common[@]}" --methods core --no-memory \
-      --output "$out/step_time_cuda_bf16_b${batch}_before" 2>&1 | tee "$out/step_time_cuda_bf16_b${batch}_before.log"
-  fi
-  PYTHONPATH=src python3 benchmarks/step_time.py "${common[@]}" --methods "${METHODS:-all}" "${memory[@]}" \
-    --output "$out/step_time_cuda_bf16_b${batch}" 2>&1 | tee "$out/step_time_cuda_bf16_b${batch}.log"
+  memory=()
+  [ "${NO_MEMORY:-0}" = 1 ] && memory=(--no-memory)
+  for timing in ${TIMINGS:-per-step back-to-back}; do
+    common=(--device cuda --batch "$batch" --amp bf16 --images "$images" --rounds 20 --steps 5 --warmup 10 --timing "$timing")
+    name="step_time_cuda_bf16_b${batch}_${timing}"
+    if [ -d .device-data/before/src ]; then
+      PYTHONPATH=.device-data/before/src DTOKD_COMMIT="$(cat .device-data/before/COMMIT 2>/dev/null || echo before)" \
+        python3 benchmarks/step_time.py "${common[@]}" --methods core --no-memory \
+        --output "$out/${name}_before" 2>&1 | tee "$out/${name}_before.log"
+    fi
+    PYTHONPATH=src python3 benchmarks/step_time.py "${common[@]}" --methods "${METHODS:-all}" "${memory[@]}" \
+      --output "$out/$name" 2>&1 | tee "$out/$name.log"
+    memory=(--no-memory)  # memory does not depend on the timing: measured once per batch size
+  done
 done

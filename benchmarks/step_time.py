@@ -3,7 +3,10 @@
 One training step = teacher forward (no grad) + student forward + backward + SGD step, on a
 fixed random batch (timing does not depend on the data). Methods run interleaved, round after
 round, in one process; the figure per method is the median step time after warm-up, and the
-ratio to plain KD is taken from the same run. Peak memory is measured per method in a fresh
+ratio to plain KD is taken from the same run. ``--timing per-step`` (default) waits for the
+device before and after every step; ``--timing back-to-back`` times ``--steps`` consecutive
+steps with one wait at the end (a training loop, where the host queues the next step while
+the device runs this one: a step that waits for the device mid-way loses that overlap). Peak memory is measured per method in a fresh
 subprocess as the growth of the peak resident set over the set-up (CPU) or
 ``torch.cuda.max_memory_allocated`` (GPU).
 
@@ -73,6 +76,8 @@ class Setup:
 
 CORE = ("plain KD (fixed 0.9/0.1)", "two-backward floor", "DTO exact", "DTO representation (logits)",
         "DTO amortized, next-step", "DTO amortized, same-batch")
+DEFERRED = ("fixed via balancer, deferred checks", "DTO representation, deferred checks",
+            "DTO amortized, next-step, deferred checks")
 
 
 def make_steps(s: Setup) -> dict[str, Callable[[], None]]:
@@ -138,6 +143,12 @@ def make_steps(s: Setup) -> dict[str, Callable[[], None]]:
         "UPGrad exact (ours)": balanced("upgrad"),
     }
     try:
+        steps["fixed via balancer, deferred checks"] = balanced("fixed", weights=[0.9, 0.1], deferred_checks=True)
+        steps["DTO representation, deferred checks"] = balanced("dto", engine="representation", deferred_checks=True)
+        steps["DTO amortized, next-step, deferred checks"] = balanced("dto-amortized", update="next-step", deferred_checks=True)
+    except (TypeError, ValueError):
+        print("this version of dtokd has no deferred_checks: its rows are left out", file=sys.stderr)
+    try:
         steps["TorchJD MGDA (autojac)"] = torchjd_step("MGDA")
         steps["TorchJD UPGrad (autojac)"] = torchjd_step("UPGrad")
     except ImportError:
@@ -161,7 +172,7 @@ def selected_steps(s: Setup, methods: str) -> dict[str, Callable[[], None]]:
     steps = make_steps(s)
     if methods == "all":
         return steps
-    wanted = CORE if methods == "core" else tuple(m.strip() for m in methods.split(";"))
+    wanted = CORE + tuple(d for d in DEFERRED if d in steps) if methods == "core" else tuple(m.strip() for m in methods.split(";"))
     unknown = [m for m in wanted if m not in steps]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; available: {list(steps)} (or 'all', 'core')")
@@ -178,6 +189,14 @@ def time_steps(args: argparse.Namespace) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(args.rounds):
         for name, step in steps.items():
+            if args.timing == "back-to-back":
+                sync(args.device)
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    step()
+                sync(args.device)
+                times[name].append((time.perf_counter() - start) / args.steps)
+                continue
             for _ in range(args.steps):
                 sync(args.device)
                 start = time.perf_counter()
@@ -194,6 +213,17 @@ def host_syncs_per_step(step: Callable[[], None]) -> int:
 
     step()
     return host_syncs(step)
+
+
+def waits_mid_step(step: Callable[[], None]) -> bool | None:
+    """Whether a step returns only after the device finished the work queued before it (None
+    where this version of dtokd has no ``waits_for_device``)."""
+    try:
+        from dtokd.profiling import waits_for_device
+    except ImportError:
+        return None
+    step()
+    return waits_for_device(step)
 
 
 def kernels_per_step(step: Callable[[], None]) -> int:
@@ -272,6 +302,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per method per round")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--timing", choices=("per-step", "back-to-back"), default="per-step")
     parser.add_argument("--amp", choices=("none", "bf16"), default="none")
     parser.add_argument("--images", default=None, help="an image folder / .tar.gz to take the batch from (default: random)")
     parser.add_argument("--methods", default="all", help="'all', 'core', or method names separated by ';'")
@@ -283,10 +314,11 @@ def main() -> None:
         measure_memory(args)
         return
     times = time_steps(args)
-    syncs, kernels = {}, {}
+    syncs, waits, kernels = {}, {}, {}
     if args.device.startswith("cuda"):
         steps = selected_steps(Setup(args.batch, args.device, args.amp, args.images), args.methods)
         syncs = {name: host_syncs_per_step(step) for name, step in steps.items()}
+        waits = {name: waits_mid_step(step) for name, step in steps.items()}
         kernels = {name: kernels_per_step(step) for name, step in steps.items()}
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     plain, floor = medians["plain KD (fixed 0.9/0.1)"], medians["two-backward floor"]
@@ -302,6 +334,7 @@ def main() -> None:
             "images_per_s": args.batch / median,
             "peak_extra_mb": memory,
             "host_syncs_per_step": syncs.get(name),
+            "waits_for_device": waits.get(name),
             "gpu_kernels_per_step": kernels.get(name),
             "samples": len(times[name]),
         })
@@ -309,7 +342,7 @@ def main() -> None:
     record = {
         "benchmark": "step time, CIFAR ResNet-56 teacher -> ResNet-20 student, 32x32 inputs",
         "batch": args.batch, "device": args.device, "amp": args.amp, "images": args.images or "random",
-        "rounds": args.rounds, "steps_per_round": args.steps,
+        "rounds": args.rounds, "steps_per_round": args.steps, "timing": args.timing,
         "command": command, "commit": commit(), "machine": machine(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows,
     }
@@ -320,9 +353,9 @@ def main() -> None:
         f"# {record['benchmark']}", "",
         f"- command: `{command}`", f"- commit: `{record['commit']}`", f"- machine: {record['machine']}",
         f"- date: {record['date']}; batch {args.batch}; amp {args.amp}; inputs {record['images']}; median of {args.rounds} rounds x {args.steps} steps after "
-        f"{args.warmup} warm-up steps per method, methods interleaved", "",
-        "| method | median step (ms) | IQR (ms) | images/s | / plain KD | / two-backward floor | peak extra memory (MB) | host syncs / step | GPU kernels / step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"{args.warmup} warm-up steps per method, methods interleaved; timing {args.timing}", "",
+        "| method | median step (ms) | IQR (ms) | images/s | / plain KD | / two-backward floor | peak extra memory (MB) | host syncs / step | waits for the device | GPU kernels / step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         memory = "-" if row["peak_extra_mb"] is None else f"{row['peak_extra_mb']:.0f}"
@@ -330,6 +363,7 @@ def main() -> None:
             f"| {row['method']} | {1000 * row['median_s']:.1f} | {1000 * row['iqr_s']:.1f} | {row['images_per_s']:.0f} | "
             f"{row['vs_plain_kd']:.3f} | {row['vs_two_backward_floor']:.3f} | {memory} | "
             f"{'-' if row['host_syncs_per_step'] is None else row['host_syncs_per_step']} | "
+            f"{'-' if row['waits_for_device'] is None else ('yes' if row['waits_for_device'] else 'no')} | "
             f"{'-' if row['gpu_kernels_per_step'] is None else row['gpu_kernels_per_step']} |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dtokd import make_balancer
-from dtokd.profiling import host_syncs
+from dtokd.profiling import host_syncs, waits_for_device
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -16,6 +16,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_host_syncs_needs_cuda():
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         host_syncs(lambda: None)
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        waits_for_device(lambda: None)
 
 
 def net(device, dtype=torch.float64):
@@ -64,22 +66,33 @@ def test_cuda_update_equals_cpu_update(method, options):
 
 
 @needs_cuda
-@pytest.mark.parametrize("method, options", [
-    ("dto", {}), ("dto", {"engine": "representation"}), ("dto-amortized", {"update": "next-step"}),
-    ("fixed", {"weights": [0.9, 0.1]}),
+@pytest.mark.parametrize("method, options, waits, syncs", [
+    ("dto", {}, True, 1),  # the exact engine reads the Gram with .cpu() before its update
+    ("dto", {"engine": "representation"}, True, 0),  # device path: waits on the copy's event
+    ("dto-amortized", {"update": "next-step"}, True, 0),
+    ("fixed", {"weights": [0.9, 0.1]}, True, 0),
+    ("dto", {"engine": "representation", "deferred_checks": True}, False, 0),
+    ("dto-amortized", {"update": "next-step", "deferred_checks": True}, False, 0),
+    ("fixed", {"weights": [0.9, 0.1], "deferred_checks": True}, False, 0),
 ])
-def test_one_host_synchronisation_per_step(method, options):
+def test_where_a_step_waits_for_the_device(method, options, waits, syncs):
+    """A step reads the host once, after its update is queued (it returns once the device is
+    done); with deferred_checks it does not wait at all. ``syncs``: the blocking calls CUDA's
+    sync debug mode reports (event waits are not among them)."""
     model = net("cuda", torch.float32)
     x, y, t = data("cuda", torch.float32)
     balancer = make_balancer(method, model.parameters(), **options)
+    infos = []
 
     def step():
         logits = model(x)
         representation = logits if options.get("engine") == "representation" else None
-        balancer.backward(losses_of(logits, y, t), representation=representation)
+        infos.append(balancer.backward(losses_of(logits, y, t), representation=representation))
 
     step()  # one-off set-up (cached index tensors) left out
-    assert host_syncs(step) == 1
+    assert waits_for_device(step) is waits
+    assert host_syncs(step) == syncs
+    assert all(torch.isfinite(torch.tensor(list(info.losses.values()))).all() for info in infos)  # read after the fact
 
 
 @needs_cuda

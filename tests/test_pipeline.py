@@ -197,3 +197,22 @@ def test_learning_rate_schedule_by_hand():
     assert [lr_factor(step, e, 6) for e in range(6)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
     with pytest.raises(ValueError, match="schedule='linear'"):
         lr_factor(OptimConfig(schedule="linear"), 0, 5)
+
+
+@pytest.mark.parametrize("balancer", [["balancer.engine=representation"],
+                                      ["balancer.method=dto-amortized", "balancer.options={update: next-step}"]])
+def test_deferred_checks_train_to_the_same_weights_and_metrics(teacher, tmp_path, balancer):
+    """balancer.options.deferred_checks only moves the checks to the next step: same run."""
+    overrides = student_overrides(teacher, epochs=2) + balancer
+    deferred = [o.replace("}", ", deferred_checks: true}") for o in overrides if o.startswith("balancer.options")]
+    deferred = deferred or ["balancer.options={deferred_checks: true}"]
+    train(load_config(None, overrides), tmp_path / "checked", progress=False)
+    train(load_config(None, [o for o in overrides if not o.startswith("balancer.options")] + deferred),
+          tmp_path / "deferred", progress=False)
+    a = torch.load(tmp_path / "checked" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "deferred" / "checkpoint.pt", weights_only=False)
+    for key in a["student"]:
+        assert torch.equal(a["student"][key], b["student"][key]), key
+    rows = [[{k: v for k, v in json.loads(line).items() if k != "epoch_seconds"}
+             for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("checked", "deferred")]
+    assert rows[0] == rows[1] and "loss_weight/distill" in rows[0][0]

@@ -111,3 +111,110 @@ def test_amortized_learner_is_the_same_on_both_paths(mode):
     torch.testing.assert_close(device_weights, host_weights, rtol=0, atol=0)
     for a, b in zip(device_params, host_params):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# -- deferred checks: no host read in the step, the checks at the next backward ---------------
+
+DEFERRED_CASES = CASES + [("dto-amortized", {"update": "next-step"}), ("fixed", {"engine": "exact", "weights": [0.9, 0.1]})]
+
+
+@pytest.mark.parametrize("method, options", DEFERRED_CASES)
+def test_deferred_step_equals_checked_step(method, options):
+    deferred_info, deferred_grads = step("raise", method, deferred_checks=True, **options)
+    checked_info, checked_grads = step("raise", method, **options)
+    for a, b in zip(deferred_grads, checked_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for name in ("loss_values", "weight_values", "coefficient_values", "gram", "raw_gram"):
+        a, b = getattr(deferred_info, name), getattr(checked_info, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def training(deferred_checks, corrupt_step=None, corruption=math.nan, steps=4, method="dto", **options):
+    """A few SGD steps of the representation engine; ``corrupt_step`` multiplies the task loss
+    of that step by ``corruption``. Returns the balancer, the parameters and the step infos."""
+    net = model()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    balancer = make_balancer(method, net.parameters(), engine="representation", deferred_checks=deferred_checks, **options)
+    infos = []
+    for k in range(steps):
+        g = torch.Generator().manual_seed(k)
+        x, y = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+        logits = net(x)
+        losses = {"distill": logits.pow(2).mean(), "task": nn.functional.cross_entropy(logits, y)}
+        if k == corrupt_step:
+            losses["task"] = losses["task"] * corruption
+        optimizer.zero_grad()
+        infos.append(balancer.backward(losses, representation=logits))
+        optimizer.step()
+    return balancer, list(net.parameters()), infos
+
+
+def test_deferred_training_equals_checked_training():
+    _, deferred, deferred_infos = training(True)
+    _, checked, checked_infos = training(False)
+    for a, b in zip(deferred, checked):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [i.weights for i in deferred_infos] == [i.weights for i in checked_infos]
+
+
+@pytest.mark.parametrize("corruption, message", [(math.nan, r"non-finite loss\(es\) \['task'\]"), (-1.0, r"\['task'\] are negative")])
+def test_deferred_check_raises_at_the_next_backward_naming_the_previous_step(corruption, message):
+    with pytest.raises(ValueError, match=r"^the previous step \(deferred_checks=True.*" + message):
+        training(True, corrupt_step=1, corruption=corruption)
+    with pytest.raises(ValueError, match=message):  # checked at once: the same error, in the step itself
+        training(False, corrupt_step=1, corruption=corruption)
+
+
+def test_deferred_check_of_the_last_step_by_check_deferred():
+    balancer, params, infos = training(True, corrupt_step=3, steps=4)  # the last step is bad: nothing raised yet
+    assert all(torch.isnan(p).any() for p in params)  # the price of deferring: the bad update was applied
+    assert math.isnan(infos[-1].losses["task"])
+    with pytest.raises(ValueError, match=r"the previous step .*non-finite loss\(es\) \['task'\]"):
+        balancer.check_deferred()
+    balancer.check_deferred()  # reported once; nothing left to check
+
+
+def test_deferred_check_of_nonfinite_gradients_with_finite_losses():
+    net = model()
+    x = torch.randn(16, 5, dtype=torch.float64)
+    logits = net(x)
+    losses = {"distill": logits.pow(2).mean(), "task": (logits * 0).abs().sqrt().sum() + 1.0}  # grad 0 * inf = NaN
+    balancer = make_balancer("dto", net.parameters(), engine="representation", deferred_checks=True)
+    balancer.backward(losses, representation=logits)
+    with pytest.raises(ValueError, match=r"the previous step .*non-finite gradients for loss\(es\)"):
+        balancer.check_deferred()
+
+
+def test_deferred_step_under_grad_scaler_overflow_is_reported_as_skipped():
+    info, grads = step("raise", "dto", scale=2.0**100, corrupt=("distill", 1e300), deferred_checks=True)
+    assert info.skipped and "GradScaler" in info.skipped_reason
+    assert all(torch.isnan(g).all() for g in grads)
+
+
+def test_deferred_checks_refuse_steps_that_need_a_host_read():
+    with pytest.raises(ValueError, match="deferred_checks=True cannot be combined with on_nonfinite='skip'"):
+        make_balancer("dto", model().parameters(), deferred_checks=True, on_nonfinite="skip")
+    with pytest.raises(TypeError, match="deferred_checks must be True or False, got 'yes'"):
+        make_balancer("dto", model().parameters(), deferred_checks="yes")
+    for method, engine in (("dto", "exact"), ("mgda", "representation"), ("dto-simplex", "representation")):
+        options = {"constraint": "simplex"} if method == "dto-simplex" else {}
+        with pytest.raises(ValueError, match=r"deferred_checks=True, but this step .*needs a host read"):
+            step("raise", method.split("-")[0], engine=engine, deferred_checks=True, **options)
+    with pytest.raises(ValueError, match=r"\(engine 'representation', 3 losses\) needs a host read"):
+        net = model()
+        logits = net(torch.randn(4, 5, dtype=torch.float64))
+        losses = {k: logits[:, i].pow(2).mean() for i, k in enumerate("abc")}
+        make_balancer("dto", net.parameters(), engine="representation", deferred_checks=True).backward(losses, representation=logits)
+
+
+def test_deferred_checks_allow_a_diagnose_step_on_the_host_and_check_it_at_once():
+    net = model()
+    logits = net(torch.randn(4, 5, dtype=torch.float64))
+    balancer = make_balancer("fixed", net.parameters(), weights=[0.5, 0.5], deferred_checks=True)
+    info = balancer.backward({"a": logits.pow(2).mean(), "b": logits.abs().mean()}, diagnose=True)
+    assert info.raw_gram is not None
+    logits = net(torch.randn(4, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"^non-finite loss\(es\) \['b'\]"):
+        balancer.backward({"a": logits.pow(2).mean(), "b": logits.abs().mean() * math.nan}, diagnose=True)

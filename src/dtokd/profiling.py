@@ -26,6 +26,21 @@ def host_syncs(fn: Callable[[], object]) -> int:
     return sum("synchroniz" in str(w.message) and "prototype" not in str(w.message) for w in caught)
 
 
+def waits_for_device(fn: Callable[[], object], cycles: int = 10**9) -> bool:
+    """Whether ``fn()`` returns only after the device finished the work queued before it: a
+    kernel that spins for ``cycles`` GPU clock cycles (about half a second) is queued first,
+    and the stream is queried as ``fn`` returns. Catches every kind of wait, event waits
+    included (which :func:`host_syncs` does not see). Needs a CUDA device."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("waits_for_device needs a CUDA device")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(cycles)
+    fn()
+    drained = torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    return drained
+
+
 class ComputeOpCounter(TorchDispatchMode):
     """Counts the tensor operations dispatched while active that compute (each one a kernel
     launch on a GPU); metadata-only views and splits are left out.

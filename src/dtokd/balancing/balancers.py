@@ -85,6 +85,7 @@ def make_balancer(
     loss_floor: float = 1e-8,
     rescale: Rescale = "none",
     on_nonfinite: NonFinitePolicy = "raise",
+    deferred_checks: bool = False,
     sync: SyncMode = "global",
     check_sync: bool | None = None,
     **options: Any,
@@ -105,6 +106,9 @@ def make_balancer(
     ``"unit-sum"`` divides the update's coefficients on the raw losses by their absolute sum
     (default ``"none"``: the paper's ``g* = sum_i pi_i grad log L_i``; the amortized form
     always uses ``"unit-sum"``, as FAMO does). ``on_nonfinite``: ``"raise"`` or ``"skip"``.
+    ``deferred_checks``: no host synchronisation in a step; a non-finite or negative loss is
+    reported by the next ``backward`` (or ``balancer.check_deferred()``), after that step's
+    update was applied (see :class:`~dtokd.balancing.base.Balancer`).
     ``sync``: under ``torch.distributed``, ``"global"`` (the global batch's Gram and losses,
     weights identical on all ranks), ``"local"`` or ``"off"``; ``check_sync`` verifies that
     all ranks computed the same weights (default: ``DTOKD_DEBUG=1``). See
@@ -122,6 +126,7 @@ def make_balancer(
         "log_losses": method in _LOG_BY_DEFAULT if log_losses is None else log_losses,
         "loss_floor": loss_floor,
         "on_nonfinite": on_nonfinite,
+        "deferred_checks": deferred_checks,
         "sync": Sync(sync, check=check_sync),
     }
     if method == "dto-amortized":

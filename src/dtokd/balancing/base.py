@@ -27,7 +27,17 @@ copy), and the value checks above use that read. Two paths:
   are queued on the device first and the read follows, so the CPU never waits for the forward
   pass; a failed check then raises with ``.grad`` already written.
 
-StepInfo holds CPU tensors either way.
+``deferred_checks=True`` takes the device path one step further: the step's numbers are
+copied to the host asynchronously and checked at the start of the next ``backward`` (or by
+:meth:`Balancer.check_deferred`), so that a step makes no host synchronisation at all, like a
+plain ``loss.backward()``, and the CPU can queue the next step while the device finishes this
+one. The price: a non-finite or negative loss is reported one step late, after
+``optimizer.step()`` has applied that step's non-finite update (call ``check_deferred()``
+before saving a checkpoint). Every step must then take the device path (else a
+``ValueError``); only a ``diagnose=True`` step of a Gram-free balancer with the exact engine
+runs on the host, and is checked at once.
+
+StepInfo's numbers are read from the device on first access (see :class:`StepInfo`).
 
 Mixed precision: under ``torch.autocast`` nothing changes (the Gram's dot products run in
 float32 at least and are summed in float64). With ``torch.amp.GradScaler`` pass ``scaler=``
@@ -52,10 +62,9 @@ from torch import Tensor
 
 from dtokd.balancing.distributed import Sync
 from dtokd.balancing.engines import ObjectiveGradients, weighted_sum_backward
-from dtokd.balancing.stepinfo import StepInfo
+from dtokd.balancing.stepinfo import OVERFLOW, StepInfo
 
 Rescale = Literal["none", "unit-sum"]
-_OVERFLOW = "non-finite gradients (GradScaler overflow: .grad set to NaN so scaler.step skips)"
 NonFinitePolicy = Literal["raise", "skip"]
 
 
@@ -73,6 +82,7 @@ class Balancer:
         loss_floor: float = 1e-8,
         rescale: Rescale = "none",
         on_nonfinite: NonFinitePolicy = "raise",
+        deferred_checks: bool = False,
         sync: Sync | None = None,
     ) -> None:
         if not (isinstance(loss_floor, (int, float)) and math.isfinite(loss_floor) and loss_floor > 0):
@@ -81,13 +91,22 @@ class Balancer:
             raise ValueError(f"rescale={rescale!r} is not allowed; use 'none' or 'unit-sum'")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite={on_nonfinite!r} is not allowed; use 'raise' or 'skip'")
+        if not isinstance(deferred_checks, bool):
+            raise TypeError(f"deferred_checks must be True or False, got {deferred_checks!r}")
+        if deferred_checks and on_nonfinite == "skip":
+            raise ValueError(
+                "deferred_checks=True cannot be combined with on_nonfinite='skip': skipping a step needs its "
+                "loss values on the host before the update is written"
+            )
         self.engine = engine
         self.log_losses = bool(log_losses)
         self.loss_floor = float(loss_floor)
         self.rescale = rescale
         self.on_nonfinite = on_nonfinite
+        self.deferred_checks = deferred_checks
         self.sync = sync if sync is not None else Sync("global")
         self.names: tuple[str, ...] | None = None
+        self._unchecked: StepInfo | None = None  # the last step, while its checks are deferred
 
     # -- to be provided by subclasses -------------------------------------------------------
     def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
@@ -120,6 +139,7 @@ class Balancer:
         mean, amortized DTO), at the engine's extra cost, so that StepInfo has norms and
         cosines.
         """
+        self.check_deferred()
         ordered = self._checked(losses)
         values = torch.stack([v.detach().reshape(()) for v in ordered.values()]).to(torch.float64)
         if self.sync.global_mode:
@@ -133,6 +153,13 @@ class Balancer:
             on_device = self._step_on_device(values, gradients, scaled, scaler if scaling else None)
             if on_device is not None:
                 return on_device
+        if self.deferred_checks and (self.needs_gram or not diagnose):
+            raise ValueError(
+                f"deferred_checks=True, but this step of {type(self).__name__} (engine {self.engine.name!r}, "
+                f"{len(ordered)} losses) needs a host read before its update: deferred checks need a step that "
+                "runs on the device (dto with the affine constraint and at most 2 losses, mean, fixed or "
+                "dto-amortized; engine 'representation' or 'subset' for the rules that need a Gram)"
+            )
         values, scaled_gram, scale = _to_host(values, gradients, scaler if scaling else None)
         reason = self._nonfinite_losses(values)
         if reason:
@@ -178,24 +205,44 @@ class Balancer:
             return None
         pi, coefficients = self._coefficients(weights, divisors)
         if raw_gram is not None and scaler is not None:  # an overflow makes the whole update NaN
-            coefficients = torch.where(torch.isfinite(raw_gram).all(), coefficients, math.nan)
+            finite = torch.isfinite(raw_gram).all()
+            pi, coefficients = torch.where(finite, pi, math.nan), torch.where(finite, coefficients, math.nan)
         self._write(gradients, scaled, coefficients)
-        m = values.numel()
-        parts = [values, pi, coefficients] + ([] if raw_gram is None else [raw_gram.reshape(-1), gram.reshape(-1)])  # type: ignore[union-attr]
-        host = torch.cat(parts).cpu()
-        values, pi, coefficients = host[:m], host[m: 2 * m], host[2 * m: 3 * m]
-        raw_gram, gram = (None, None) if raw_gram is None else (host[3 * m: 3 * m + m * m].view(m, m), host[3 * m + m * m:].view(m, m))
-        reason = self._nonfinite_losses(values)
-        if reason:
-            raise ValueError(
-                reason + " (.grad holds this step's non-finite gradient; pass on_nonfinite='skip' to skip such steps instead)"
+        info = StepInfo(self.names, values, pi, coefficients, gram, raw_gram, overflow_skips=scaler is not None)  # type: ignore[arg-type]
+        if self.deferred_checks:
+            self._unchecked = info
+        else:
+            self._check(info, deferred=False)
+        return info
+
+    def check_deferred(self) -> None:
+        """With ``deferred_checks=True``: run the checks of the last step now (waiting for its
+        numbers only) and raise a ``ValueError`` if its losses or gradients were invalid.
+        Called by every ``backward``; call it before saving a checkpoint and after the last
+        step. Nothing to do otherwise."""
+        info, self._unchecked = self._unchecked, None
+        if info is not None:
+            self._check(info, deferred=True)
+
+    def _check(self, info: StepInfo, deferred: bool) -> None:
+        """The device path's checks, on the step's host copy: non-finite or (under log)
+        negative losses, non-finite gradients outside a GradScaler overflow."""
+        values = info.loss_values
+        problem = self._nonfinite_losses(values)
+        if problem:
+            problem += " (.grad holds this step's non-finite gradient; pass on_nonfinite='skip' to skip such steps instead)"
+        else:
+            problem = self._negative_losses(values)
+        raw_gram = info.raw_gram
+        if problem is None and raw_gram is not None and not info.skipped and not bool(torch.isfinite(raw_gram).all()):
+            problem = f"non-finite gradients for loss(es) {self._nonfinite_diagonal(raw_gram)}"
+        if problem and deferred:
+            problem = (
+                "the previous step (deferred_checks=True: its update was written to .grad and applied by "
+                f"optimizer.step() if that ran): {problem}"
             )
-        self._divisors(values)  # raises for a negative loss under log
-        if raw_gram is not None and not bool(torch.isfinite(raw_gram).all()):
-            if scaler is None:
-                return self._nonfinite_gradients(values, gradients, raw_gram, scaled=False)  # type: ignore[arg-type]
-            return self._skipped(values, _OVERFLOW)
-        return StepInfo(self.names, values, pi, coefficients, gram, raw_gram)  # type: ignore[arg-type]
+        if problem:
+            raise ValueError(problem)
 
     # -- helpers ----------------------------------------------------------------------------
     def _coefficients(self, weights: Tensor, divisors: Tensor) -> tuple[Tensor, Tensor]:
@@ -226,17 +273,30 @@ class Balancer:
             return None
         return f"non-finite loss(es) {bad}: " + ", ".join(f"{n}={v}" for n, v in zip(self.names, listed) if n in bad)  # type: ignore[arg-type]
 
-    def _divisors(self, values: Tensor) -> Tensor:
-        """``max(L_i, loss_floor)`` for log losses (the factor of grad log L_i), else ones."""
+    def _negative_losses(self, values: Tensor) -> str | None:
+        """A message naming the negative losses among the (host) ``values`` under log, or None."""
         if not self.log_losses:
-            return torch.ones_like(values)
+            return None
         negative = [n for n, v in zip(self.names, values.tolist()) if v < 0]  # type: ignore[arg-type]
+        if not negative:
+            return None
+        return (
+            f"loss(es) {negative} are negative, but this balancer takes log L (log_losses=True); "
+            "use a non-negative loss or log_losses=False"
+        )
+
+    def _divisors(self, values: Tensor) -> Tensor:
+        """``max(L_i, loss_floor)`` for log losses (the factor of grad log L_i), else ones;
+        a negative loss under log is an error."""
+        negative = self._negative_losses(values)
         if negative:
-            raise ValueError(
-                f"loss(es) {negative} are negative, but this balancer takes log L (log_losses=True); "
-                "use a non-negative loss or log_losses=False"
-            )
-        return values.clamp_min(self.loss_floor)
+            raise ValueError(negative)
+        return values.clamp_min(self.loss_floor) if self.log_losses else torch.ones_like(values)
+
+    def _nonfinite_diagonal(self, raw_gram: Tensor) -> list[str]:
+        """The losses whose gradient norm is not finite (all of them if none alone is)."""
+        bad = [n for n, v in zip(self.names, raw_gram.diagonal().tolist()) if not math.isfinite(v)]  # type: ignore[arg-type]
+        return bad or list(self.names)  # type: ignore[arg-type]
 
     def _checked(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if not isinstance(losses, Mapping):
@@ -273,14 +333,13 @@ class Balancer:
     def _nonfinite_gradients(
         self, values: Tensor, gradients: ObjectiveGradients, raw_gram: Tensor, scaled: bool
     ) -> StepInfo:
-        reason = "non-finite gradients"
         if scaled:
             gradients.backward(torch.full_like(values, math.nan))
-            return self._skipped(values, _OVERFLOW)
-        bad = [n for n, v in zip(self.names, raw_gram.diagonal().tolist()) if not math.isfinite(v)]  # type: ignore[arg-type]
+            return self._skipped(values, OVERFLOW)
+        reason = f"non-finite gradients for loss(es) {self._nonfinite_diagonal(raw_gram)}"
         if self.on_nonfinite == "raise":
-            raise ValueError(f"{reason} for loss(es) {bad or list(self.names)}")  # type: ignore[arg-type]
-        return self._skipped(values, f"{reason} for loss(es) {bad}")
+            raise ValueError(reason)
+        return self._skipped(values, reason)
 
 
 def unique_params(params: Iterable[Tensor], argument: str = "params") -> list[Tensor]:

@@ -1,18 +1,23 @@
 """What a balancer reports about one step, for logging.
 
-Tensors are float64 on the CPU (read by the balancer's one host copy per step).
+The numbers of a step are packed into one float64 vector where they were computed (the
+losses' device) and copied to the host asynchronously as the step is built; the first access
+to any of them waits for that copy only (not for later work queued on the device). The
+tensors the properties return are float64 on the CPU.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+OVERFLOW = "non-finite gradients (GradScaler overflow: .grad set to NaN so scaler.step skips)"
 
-@dataclass(frozen=True)
+
 class StepInfo:
     """One balancer step.
 
@@ -28,13 +33,74 @@ class StepInfo:
     ``||g_distill|| / ||g_task||``.
     """
 
-    names: tuple[str, ...]
-    loss_values: Tensor
-    weight_values: Tensor
-    coefficient_values: Tensor
-    gram: Tensor | None = None
-    raw_gram: Tensor | None = None
-    skipped_reason: str | None = None
+    def __init__(
+        self,
+        names: Sequence[str],
+        loss_values: Tensor,
+        weight_values: Tensor,
+        coefficient_values: Tensor,
+        gram: Tensor | None = None,
+        raw_gram: Tensor | None = None,
+        *,
+        skipped_reason: str | None = None,
+        overflow_skips: bool = False,
+    ) -> None:
+        """``overflow_skips``: the step ran under a GradScaler, so a non-finite ``raw_gram``
+        means that it was skipped (reported in ``skipped_reason`` once read)."""
+        self.names = tuple(names)
+        self.has_gram = raw_gram is not None
+        parts = [loss_values, weight_values, coefficient_values]
+        if raw_gram is not None:
+            parts += [raw_gram.reshape(-1), gram.reshape(-1)]  # type: ignore[union-attr]
+        self.packed = torch.cat([p.detach().to(torch.float64) for p in parts])
+        """The step's numbers, on the losses' device: losses, weights, coefficients, then the
+        raw Gram and the Gram row-major when computed."""
+        self._reason = skipped_reason
+        self._overflow_skips = overflow_skips
+        self._copy, self._copied = _start_host_copy(self.packed)
+
+    @functools.cached_property
+    def _host(self) -> Tensor:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._copy
+
+    def _part(self, k: int) -> Tensor:
+        m = len(self.names)
+        return self._host[k * m: (k + 1) * m]
+
+    def _matrix(self, k: int) -> Tensor | None:
+        if not self.has_gram:
+            return None
+        m = len(self.names)
+        return self._host[3 * m + k * m * m: 3 * m + (k + 1) * m * m].view(m, m)
+
+    @property
+    def loss_values(self) -> Tensor:
+        return self._part(0)
+
+    @property
+    def weight_values(self) -> Tensor:
+        return self._part(1)
+
+    @property
+    def coefficient_values(self) -> Tensor:
+        return self._part(2)
+
+    @property
+    def raw_gram(self) -> Tensor | None:
+        return self._matrix(0)
+
+    @property
+    def gram(self) -> Tensor | None:
+        return self._matrix(1)
+
+    @property
+    def skipped_reason(self) -> str | None:
+        """Why no gradient was written this step, or None."""
+        if self._reason is None and self._overflow_skips and not bool(torch.isfinite(self.raw_gram).all()):  # type: ignore[arg-type]
+            return OVERFLOW
+        return self._reason
 
     @property
     def skipped(self) -> bool:
@@ -104,4 +170,19 @@ class StepInfo:
         return row
 
     def _by_name(self, values: Tensor) -> dict[str, float]:
-        return dict(zip(self.names, values.detach().to("cpu", torch.float64).tolist()))
+        return dict(zip(self.names, values.tolist()))
+
+    def __repr__(self) -> str:
+        return f"StepInfo(losses={self.losses}, weights={self.weights}, skipped_reason={self.skipped_reason!r})"
+
+
+def _start_host_copy(packed: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
+    """A CPU copy of ``packed`` and, on a CUDA device, the event that marks it complete: the
+    copy goes into pinned memory without blocking, ordered after the work that computes it."""
+    if packed.device.type != "cuda":
+        return packed.cpu(), None
+    host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+    host.copy_(packed, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(packed.device))
+    return host, copied

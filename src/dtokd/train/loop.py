@@ -158,7 +158,7 @@ def _train_epoch(config: Config, forward: nn.Module, distiller: Distiller, balan
     amp_dtype = AMP_DTYPES[config.amp]
     representation = config.balancer.engine == "representation"
     same_batch = config.balancer.method == "dto-amortized" and config.balancer.options.get("update", "same-batch") == "same-batch"
-    totals: dict[str, float] = {}
+    totals: torch.Tensor | None = None  # sums of the steps' losses and loss weights, kept where they are computed
     count, skipped, start = 0, 0, time.perf_counter()
     for i, (x, y) in enumerate(tqdm(loader, desc=f"{config.name} epoch {epoch + 1}/{config.epochs}", leave=False,
                                     disable=not progress, unit="batch")):
@@ -184,16 +184,19 @@ def _train_epoch(config: Config, forward: nn.Module, distiller: Distiller, balan
                     torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 _, after = forward(x, y, progress, reuse_teacher=True)
             balancer.update(after)
-        for name, value in info.losses.items():
-            totals[f"loss/{name}"] = totals.get(f"loss/{name}", 0.0) + value
-        for name, value in info.loss_weights.items():
-            totals[f"loss_weight/{name}"] = totals.get(f"loss_weight/{name}", 0.0) + value
+        losses_and_weights = info.packed[: 3 * len(info.names)]  # no host read: see StepInfo
+        totals = losses_and_weights.clone() if totals is None else totals.add_(losses_and_weights)
         count += 1
         if diagnose:
             log.write("steps.jsonl", {"epoch": epoch, "step": step, **info.as_dict()}, step)
+    balancer.check_deferred()  # before the epoch's checkpoint
     row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - start,
                            "skipped_steps": skipped}
-    row.update({k: v / max(count, 1) for k, v in totals.items()})
+    if totals is not None:
+        m = len(info.names)
+        means = (totals / count).tolist()
+        row.update({f"loss/{n}": means[k] for k, n in enumerate(info.names)})
+        row.update({f"loss_weight/{n}": means[2 * m + k] for k, n in enumerate(info.names)})
     row["train_loss"] = sum(v for k, v in row.items() if k.startswith("loss/"))
     return row
 
