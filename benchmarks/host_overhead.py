@@ -63,6 +63,8 @@ def make_steps() -> dict[str, Callable[[], None]]:
         "DTO exact": balanced("dto"),
         "DTO representation": balanced("dto", engine="representation"),
         "DTO amortized, next-step": balanced("dto-amortized", update="next-step"),
+        "DTO representation, deferred checks": balanced("dto", engine="representation", deferred_checks=True),
+        "DTO amortized, next-step, deferred checks": balanced("dto-amortized", update="next-step", deferred_checks=True),
         "MGDA exact": balanced("mgda"),
     }
 

@@ -234,7 +234,7 @@ class Balancer:
         else:
             problem = self._negative_losses(values)
         raw_gram = info.raw_gram
-        if problem is None and raw_gram is not None and not info.skipped and not bool(torch.isfinite(raw_gram).all()):
+        if problem is None and raw_gram is not None and not all(map(math.isfinite, raw_gram.view(-1).tolist())) and not info.skipped:
             problem = f"non-finite gradients for loss(es) {self._nonfinite_diagonal(raw_gram)}"
         if problem and deferred:
             problem = (

@@ -52,7 +52,7 @@ class StepInfo:
         parts = [loss_values, weight_values, coefficient_values]
         if raw_gram is not None:
             parts += [raw_gram.reshape(-1), gram.reshape(-1)]  # type: ignore[union-attr]
-        self.packed = torch.cat([p.detach().to(torch.float64) for p in parts])
+        self.packed = torch.cat(parts).detach().to(torch.float64)
         """The step's numbers, on the losses' device: losses, weights, coefficients, then the
         raw Gram and the Gram row-major when computed."""
         self._reason = skipped_reason
