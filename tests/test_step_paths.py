@@ -218,3 +218,39 @@ def test_deferred_checks_allow_a_diagnose_step_on_the_host_and_check_it_at_once(
     logits = net(torch.randn(4, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"^non-finite loss\(es\) \['b'\]"):
         balancer.backward({"a": logits.pow(2).mean(), "b": logits.abs().mean() * math.nan}, diagnose=True)
+
+
+def amortized_same_batch(deferred_checks, bad_after_step=None, steps=3):
+    net = model()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    balancer = make_balancer("dto-amortized", net.parameters(), deferred_checks=deferred_checks)
+    for k in range(steps):
+        g = torch.Generator().manual_seed(k)
+        x, y = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+
+        def losses():
+            logits = net(x)
+            return {"distill": logits.pow(2).mean(), "task": nn.functional.cross_entropy(logits, y)}
+
+        optimizer.zero_grad()
+        balancer.backward(losses())
+        optimizer.step()
+        with torch.no_grad():
+            after = losses()
+        if k == bad_after_step:
+            after["task"] = after["task"] * math.nan
+        balancer.update(after)
+    return balancer, [p.detach().clone() for p in net.parameters()]
+
+
+def test_deferred_checks_with_same_batch_amortized_updates():
+    (_, deferred), (_, checked) = amortized_same_batch(True), amortized_same_batch(False)
+    for a, b in zip(deferred, checked):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"^update\(\): non-finite losses after the step"):
+        amortized_same_batch(False, bad_after_step=0)
+    with pytest.raises(ValueError, match=r"^the previous step \(deferred_checks=True.*update\(\): non-finite losses"):
+        amortized_same_batch(True, bad_after_step=0)  # raised by the next backward
+    balancer, _ = amortized_same_batch(True, bad_after_step=2, steps=3)  # the last update: nothing raised yet
+    with pytest.raises(ValueError, match=r"update\(\): non-finite losses"):
+        balancer.check_deferred()

@@ -15,7 +15,8 @@ with the updated student under ``torch.no_grad()`` and calls :meth:`update`; a f
 call is an error at the next ``backward``. ``update="next-step"``: the losses of the next
 ``backward`` (a new batch) serve as the "after" values, so the method costs nothing beyond
 one backward; this is noisier, the batches being different. ``L`` is ``max(L, loss_floor)``
-throughout (FAMO adds 1e-8 instead).
+throughout (FAMO adds 1e-8 instead). With ``deferred_checks=True`` the finiteness check of
+:meth:`update`'s losses is deferred to the next step as well.
 
 The learner's state lives on the device of the losses and its Adam step is written out in
 tensor operations (torch.optim.Adam's update, operation for operation), so that a step on a
@@ -32,7 +33,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from dtokd.balancing.base import Balancer
+from dtokd.balancing.base import Balancer, deferred_message
+from dtokd.balancing.stepinfo import HostCopy
 
 UpdateMode = Literal["same-batch", "next-step"]
 
@@ -68,6 +70,7 @@ class AmortizedDTOBalancer(Balancer):
         self._exp_avg_sq: Tensor | None = None
         self._adam_steps = 0
         self._before: Tensor | None = None  # log losses of the last step, awaiting their "after"
+        self._unchecked_after: HostCopy | None = None  # update()'s losses, while their check is deferred
 
     def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
         log_losses = loss_values.clamp_min(self.loss_floor).log()
@@ -98,10 +101,25 @@ class AmortizedDTOBalancer(Balancer):
         if self.sync.global_mode:
             after = self.sync.mean(after)
         after = after.to(self._before.device)
-        if not bool(torch.isfinite(after).all()):
-            raise ValueError(f"update(): non-finite losses after the step {dict(zip(self.names, after.tolist()))}")
+        if self.deferred_checks:
+            self._unchecked_after = HostCopy(after)
+        else:
+            self._check_after(after, deferred=False)
         self._learn(self._before - after.clamp_min(self.loss_floor).log())
         self._before = None
+
+    def check_deferred(self) -> None:
+        """The deferred checks of the last step, and those of its :meth:`update` losses."""
+        after, self._unchecked_after = self._unchecked_after, None
+        super().check_deferred()
+        if after is not None:
+            self._check_after(after.tensor, deferred=True)
+
+    def _check_after(self, after: Tensor, deferred: bool) -> None:
+        listed = after.tolist()
+        if not all(map(math.isfinite, listed)):
+            problem = f"update(): non-finite losses after the step {dict(zip(self.names, listed))}"  # type: ignore[arg-type]
+            raise ValueError(deferred_message(problem) if deferred else problem)
 
     def _learn(self, delta: Tensor) -> None:
         """One Adam step (L2 weight decay) on ``xi`` with gradient ``pi * (delta - <pi, delta>)``."""

@@ -229,20 +229,15 @@ class Balancer:
         negative losses, non-finite gradients outside a GradScaler overflow."""
         values = info.loss_values
         problem = self._nonfinite_losses(values)
-        if problem:
+        if problem and not deferred:
             problem += " (.grad holds this step's non-finite gradient; pass on_nonfinite='skip' to skip such steps instead)"
-        else:
+        elif not problem:
             problem = self._negative_losses(values)
         raw_gram = info.raw_gram
         if problem is None and raw_gram is not None and not all(map(math.isfinite, raw_gram.view(-1).tolist())) and not info.skipped:
             problem = f"non-finite gradients for loss(es) {self._nonfinite_diagonal(raw_gram)}"
-        if problem and deferred:
-            problem = (
-                "the previous step (deferred_checks=True: its update was written to .grad and applied by "
-                f"optimizer.step() if that ran): {problem}"
-            )
         if problem:
-            raise ValueError(problem)
+            raise ValueError(deferred_message(problem) if deferred else problem)
 
     # -- helpers ----------------------------------------------------------------------------
     def _coefficients(self, weights: Tensor, divisors: Tensor) -> tuple[Tensor, Tensor]:
@@ -340,6 +335,14 @@ class Balancer:
         if self.on_nonfinite == "raise":
             raise ValueError(reason)
         return self._skipped(values, reason)
+
+
+def deferred_message(problem: str) -> str:
+    """The error for a problem found by a deferred check (it concerns the previous step)."""
+    return (
+        "the previous step (deferred_checks=True: its update was written to .grad and applied by "
+        f"optimizer.step() if that ran): {problem}"
+    )
 
 
 def unique_params(params: Iterable[Tensor], argument: str = "params") -> list[Tensor]:

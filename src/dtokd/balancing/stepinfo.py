@@ -57,13 +57,11 @@ class StepInfo:
         raw Gram and the Gram row-major when computed."""
         self._reason = skipped_reason
         self._overflow_skips = overflow_skips
-        self._copy, self._copied = _start_host_copy(self.packed)
+        self._copy = HostCopy(self.packed)
 
     @functools.cached_property
     def _host(self) -> Tensor:
-        if self._copied is not None:
-            self._copied.synchronize()
-        return self._copy
+        return self._copy.tensor
 
     def _part(self, k: int) -> Tensor:
         m = len(self.names)
@@ -176,13 +174,24 @@ class StepInfo:
         return f"StepInfo(losses={self.losses}, weights={self.weights}, skipped_reason={self.skipped_reason!r})"
 
 
-def _start_host_copy(packed: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
-    """A CPU copy of ``packed`` and, on a CUDA device, the event that marks it complete: the
-    copy goes into pinned memory without blocking, ordered after the work that computes it."""
-    if packed.device.type != "cuda":
-        return packed.cpu(), None
-    host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-    host.copy_(packed, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record(torch.cuda.current_stream(packed.device))
-    return host, copied
+class HostCopy:
+    """A CPU copy of a tensor, started now and waited for on first use: from a CUDA device
+    the copy goes into pinned memory without blocking, ordered after the work that computes
+    the tensor, and :attr:`tensor` waits for that copy only (an event), not for later work."""
+
+    def __init__(self, source: Tensor) -> None:
+        self._event: torch.cuda.Event | None = None
+        if source.device.type != "cuda":
+            self._copy = source.detach().cpu()
+            return
+        self._copy = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
+        self._copy.copy_(source.detach(), non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record(torch.cuda.current_stream(source.device))
+
+    @property
+    def tensor(self) -> Tensor:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._copy
