@@ -8,7 +8,6 @@ tensors the properties return are float64 on the CPU.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -59,7 +58,7 @@ class StepInfo:
         self._overflow_skips = overflow_skips
         self._copy = HostCopy(self.packed)
 
-    @functools.cached_property
+    @property
     def _host(self) -> Tensor:
         return self._copy.tensor
 
