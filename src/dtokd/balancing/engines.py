@@ -211,7 +211,7 @@ def only_through(losses: Sequence[Tensor], tensors: Sequence[Tensor]) -> bool:
         for following, output in node.next_functions:
             if following is None or (following, output) in stops:
                 continue
-            if not following.next_functions and type(following).__name__ == "AccumulateGrad":
+            if type(following).__name__ == "AccumulateGrad":
                 return False
             pending.append(following)
     return True

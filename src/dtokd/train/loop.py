@@ -174,7 +174,7 @@ def _train_epoch(config: Config, forward: nn.Module, distiller: Distiller, balan
         if config.optim.grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(distiller.parameters(), config.optim.grad_clip)
-        if info.skipped and not scaler.is_enabled():
+        if not scaler.is_enabled() and info.skipped:  # under a GradScaler, scaler.step handles the skip
             skipped += 1
         else:
             scaler.step(optimizer)
