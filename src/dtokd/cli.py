@@ -16,8 +16,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from dtokd.train.config import ConfigError, load_config
 
 
@@ -40,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluate a run's model on its test split")
     evaluate.add_argument("run", help="run folder")
     evaluate.add_argument("--which", choices=("best", "last"), default="best")
+    evaluate.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     report = sub.add_parser("report", help="plots and a markdown table from run folders")
     report.add_argument("runs", nargs="+")
     report.add_argument("--out", required=True)
@@ -79,18 +78,22 @@ def _run_training(args: argparse.Namespace, distill: bool) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from dtokd.data import build_data
     from dtokd.models import create_model
+    from dtokd.models.foreign import check_normalize
     from dtokd.train import evaluate
     from dtokd.train.checkpoint import load_checked
+    from dtokd.train.distributed import resolve_device
 
     folder = Path(args.run)
     config = load_config(folder / "config.yaml")
+    device = resolve_device(args.device)
     data = build_data(config.data.name, config.data.root, val_fraction=config.data.val_fraction, seed=config.seed,
-                      augment=False, image_size=config.data.image_size)
-    model = create_model(config.student.name, data.num_classes, data.in_channels, data.image_size)
+                      augment=False, image_size=config.data.image_size, limit_train=config.data.limit_train,
+                      normalize=check_normalize(config.student.normalize, "student.normalize"))
+    model = create_model(config.student.name, data.num_classes, data.in_channels, data.image_size).to(device)
     path = folder / ("best.pt" if args.which == "best" else "checkpoint.pt")
     state = load_checked(path, {"student": config.student.name, "num_classes": data.num_classes})
     model.load_state_dict(state["model"] if "model" in state else state["student"])
-    result = evaluate(model, data.test, config.eval_batch_size, torch.device(config.device))
+    result = evaluate(model, data.test, config.eval_batch_size, device)
     print(json.dumps({"run": str(folder), "checkpoint": path.name, "epoch": state["epoch"], **result}, indent=2))
     return 0
 

@@ -89,6 +89,9 @@ class AmortizedDTOBalancer(Balancer):
         """The same weights: the learner runs on the losses' device, with no host read."""
         return self._weights(gram, loss_values)
 
+    def _has_device_rule(self, num_losses: int) -> bool:
+        return True
+
     def update(self, losses_after: Mapping[str, Tensor]) -> None:
         """Give the losses re-evaluated after ``optimizer.step()`` on the same batch."""
         if self.update_mode != "same-batch":

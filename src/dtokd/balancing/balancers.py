@@ -43,16 +43,21 @@ class RuleBalancer(Balancer):
         weights are computed where the losses are (the Gram comes from this balancer's engine,
         square and symmetric by construction; finiteness is checked after the step)."""
         m, device = loss_values.shape[0], loss_values.device
-        if self.method == "dto" and self.rule_options.get("constraint", "affine") == "affine" and m <= 2:
+        if not self._has_device_rule(m):
+            return None
+        if self.method == "dto":
             return rules.dto(gram, **self.rule_options).to(torch.float64)  # type: ignore[arg-type]
         if self.method == "mean":
             return torch.full((m,), 1.0 / m, dtype=torch.float64, device=device)
-        if self.method == "fixed":
-            if self._fixed_on_device is None or self._fixed_on_device.device != device:
-                host = self._weights(None, loss_values.new_zeros(m).cpu())
-                self._fixed_on_device = host.to(device)  # once: the weights are constant
-            return self._fixed_on_device
-        return None
+        if self._fixed_on_device is None or self._fixed_on_device.device != device:  # fixed
+            host = self._weights(None, loss_values.new_zeros(m).cpu())
+            self._fixed_on_device = host.to(device)  # once: the weights are constant
+        return self._fixed_on_device
+
+    def _has_device_rule(self, num_losses: int) -> bool:
+        if self.method == "dto":
+            return self.rule_options.get("constraint", "affine") == "affine" and num_losses <= 2
+        return self.method in ("mean", "fixed")
 
 
 def _check_fixed_weights(weights: object) -> None:

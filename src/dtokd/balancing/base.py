@@ -142,6 +142,7 @@ class Balancer:
         self.check_deferred()
         ordered = self._checked(losses)
         values = torch.stack([v.detach().reshape(()) for v in ordered.values()]).to(torch.float64)
+        device = values.device
         if self.sync.global_mode:
             values = self.sync.mean(values)  # the objective is log of the global mean loss
         scaling = scaler is not None and scaler.is_enabled()
@@ -165,22 +166,32 @@ class Balancer:
         if reason:
             if self.on_nonfinite == "raise":
                 raise ValueError(reason + " (pass on_nonfinite='skip' to skip such steps instead)")
-            return self._skipped(values, reason)
+            return self._skipped(values, reason, device)
         divisors = self._divisors(values)
         raw_gram = gram = None
         if gradients is not None:
             raw_gram = scaled_gram / scale**2
             gram = raw_gram / torch.outer(divisors, divisors)
             if not bool(torch.isfinite(raw_gram).all()):
-                return self._nonfinite_gradients(values, gradients, raw_gram, scaling)
+                return self._nonfinite_gradients(values, gradients, raw_gram, scaling, device)
         pi, coefficients = self._coefficients(self._weights(gram if self.needs_gram else None, values), divisors)
         self._write(gradients, scaled, coefficients)
-        return StepInfo(self.names, values, pi, coefficients, gram, raw_gram)  # type: ignore[arg-type]
+        return StepInfo(self.names, values, pi, coefficients, gram, raw_gram, device=device)  # type: ignore[arg-type]
 
     def _weights_on_device(self, gram: Tensor | None, loss_values: Tensor) -> Tensor | None:
         """The weights ``pi`` as a float64 tensor on the losses' device, computed without any
         host synchronisation; None (the default) when the rule needs the Gram on the host."""
         return None
+
+    def _has_device_rule(self, num_losses: int) -> bool:
+        """Whether :meth:`_weights_on_device` gives the weights for ``num_losses`` objectives."""
+        return False
+
+    def can_defer_checks(self, num_losses: int) -> bool:
+        """Whether every step of this balancer over ``num_losses`` objectives, diagnostic steps
+        included, can run with ``deferred_checks=True`` (no host read before the update)."""
+        return (self.on_nonfinite == "raise" and self._has_device_rule(num_losses)
+                and (self.engine.name != "exact" or not self.needs_gram))
 
     def _step_on_device(
         self, values: Tensor, gradients: ObjectiveGradients | None, scaled: dict[str, Tensor],
@@ -321,20 +332,20 @@ class Balancer:
             )
         return {n: losses[n] for n in self.names}
 
-    def _skipped(self, values: Tensor, reason: str) -> StepInfo:
+    def _skipped(self, values: Tensor, reason: str, device: torch.device) -> StepInfo:
         nan = torch.full_like(values, math.nan)
-        return StepInfo(self.names, values, nan, nan, skipped_reason=reason)  # type: ignore[arg-type]
+        return StepInfo(self.names, values, nan, nan, skipped_reason=reason, device=device)  # type: ignore[arg-type]
 
     def _nonfinite_gradients(
-        self, values: Tensor, gradients: ObjectiveGradients, raw_gram: Tensor, scaled: bool
+        self, values: Tensor, gradients: ObjectiveGradients, raw_gram: Tensor, scaled: bool, device: torch.device
     ) -> StepInfo:
         if scaled:
             gradients.backward(torch.full_like(values, math.nan))
-            return self._skipped(values, OVERFLOW)
+            return self._skipped(values, OVERFLOW, device)
         reason = f"non-finite gradients for loss(es) {self._nonfinite_diagonal(raw_gram)}"
         if self.on_nonfinite == "raise":
             raise ValueError(reason)
-        return self._skipped(values, reason)
+        return self._skipped(values, reason, device)
 
 
 def deferred_message(problem: str) -> str:

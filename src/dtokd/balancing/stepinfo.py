@@ -43,20 +43,25 @@ class StepInfo:
         *,
         skipped_reason: str | None = None,
         overflow_skips: bool = False,
+        device: torch.device | None = None,
     ) -> None:
         """``overflow_skips``: the step ran under a GradScaler, so a non-finite ``raw_gram``
-        means that it was skipped (reported in ``skipped_reason`` once read)."""
+        means that it was skipped (reported in ``skipped_reason`` once read). ``device``: the
+        losses' device, where :attr:`packed` is kept whatever device the numbers were computed
+        on (a step that ran its rule on the host gives host tensors; a training loop that sums
+        ``packed`` over steps must find every step's numbers on one device)."""
         self.names = tuple(names)
         self.has_gram = raw_gram is not None
         parts = [loss_values, weight_values, coefficient_values]
         if raw_gram is not None:
             parts += [raw_gram.reshape(-1), gram.reshape(-1)]  # type: ignore[union-attr]
-        self.packed = torch.cat(parts).detach().to(torch.float64)
+        packed = torch.cat(parts).detach().to(torch.float64)
+        self._copy = HostCopy(packed)
+        self.packed = packed if device is None else packed.to(device, non_blocking=True)
         """The step's numbers, on the losses' device: losses, weights, coefficients, then the
         raw Gram and the Gram row-major when computed."""
         self._reason = skipped_reason
         self._overflow_skips = overflow_skips
-        self._copy = HostCopy(self.packed)
 
     @property
     def _host(self) -> Tensor:

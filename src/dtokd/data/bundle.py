@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch import Tensor
 
 from dtokd.data import sources
-from dtokd.data.tensor_dataset import Augmentation, TensorImageDataset, batch_collate
+from dtokd.data.tensor_dataset import Augmentation, InMemoryBatches, TensorImageDataset
 
 DATASETS = ("fashion-mnist", "image-folder", "cifar10", "cifar100", "digits", "synthetic")
 DEFAULT_AUGMENTATION = {
@@ -42,6 +43,36 @@ class DataBundle:
     def image_size(self) -> int:
         return int(self.train.images.shape[-1])
 
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The per-channel ``(mean, std)`` every split is normalised with."""
+        return tuple(self.train.mean.flatten().tolist()), tuple(self.train.std.flatten().tolist())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(split.nbytes for split in (self.train, self.val, self.test) if split is not None)
+
+    def to(self, device: torch.device) -> "DataBundle":
+        """The same splits with their images on ``device``."""
+        val = self.val.to(device) if self.val is not None else None
+        return DataBundle(self.name, self.train.to(device), val, self.test.to(device), self.classes)
+
+
+PLACEMENTS = ("auto", "device", "host")
+
+
+def place_data(data: DataBundle, device: torch.device, placement: str) -> DataBundle:
+    """Put the in-memory images where training reads them (see ``DataConfig.placement``):
+    ``device`` moves them to ``device`` once; ``host`` leaves them on the CPU; ``auto`` moves
+    them when they take at most a quarter of the accelerator's memory."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"data.placement={placement!r} is not allowed; use one of {list(PLACEMENTS)}")
+    if device.type == "cpu" or placement == "host":
+        return data
+    if placement == "auto" and data.nbytes > torch.cuda.get_device_properties(device).total_memory // 4:
+        return data
+    return data.to(device)
+
 
 def build_data(
     name: str,
@@ -52,13 +83,15 @@ def build_data(
     augment: bool = True,
     image_size: int = 32,
     limit_train: int | None = None,
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> DataBundle:
     """Load ``name`` (one of :data:`DATASETS`) and split it.
 
     The validation split is ``val_fraction`` of the training set, drawn with ``seed``; the
     test split is the data set's own. Normalisation uses the training split's per-channel
-    mean and std. ``limit_train`` keeps only the first N training images (after shuffling with
-    ``seed``), for quick runs.
+    mean and std, or ``normalize`` = ``(mean, std)`` where given (e.g. the statistics a
+    pretrained student was trained with). ``limit_train`` keeps only the first N training
+    images (after shuffling with ``seed``), for quick runs.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
@@ -71,9 +104,16 @@ def build_data(
     val_idx, train_idx = order[:n_val], order[n_val:]
     if limit_train is not None:
         train_idx = train_idx[:limit_train]
-    pixels = raw.train_images[train_idx].float() / 255.0
-    mean = tuple(pixels.mean((0, 2, 3)).tolist())
-    std = tuple(pixels.std((0, 2, 3)).clamp_min(1e-3).tolist())
+    channels = raw.train_images.shape[1]
+    if normalize is not None:
+        mean, std = normalize
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"normalize gives {len(mean)} means and {len(std)} stds, but data set {name!r} has "
+                             f"{channels} channel(s)")
+    else:
+        pixels = raw.train_images[train_idx].float() / 255.0
+        mean = tuple(pixels.mean((0, 2, 3)).tolist())
+        std = tuple(pixels.std((0, 2, 3)).clamp_min(1e-3).tolist())
     full = TensorImageDataset(raw.train_images, raw.train_labels, mean, std)
     train = full.subset(train_idx, DEFAULT_AUGMENTATION[name] if augment else None)
     val = full.subset(val_idx, None) if n_val else None
@@ -97,14 +137,17 @@ def _load(name: str, root: str | None, image_size: int) -> sources.RawSplits:
     return sources.load_synthetic()
 
 
-def train_loader(dataset: TensorImageDataset, batch_size: int, seed: int, epoch: int) -> DataLoader:
+def train_loader(dataset: TensorImageDataset, batch_size: int, seed: int, epoch: int) -> InMemoryBatches:
     """Shuffled batches whose order and augmentation depend only on (seed, epoch): a run
-    resumed at an epoch boundary sees exactly the batches an uninterrupted run sees."""
+    resumed at an epoch boundary sees exactly the batches an uninterrupted run sees, and a
+    data set moved to an accelerator (:meth:`TensorImageDataset.to`) gives the same batches
+    there, gathered and augmented on the device."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     dataset.generator.manual_seed(seed * 100_019 + epoch)
-    return DataLoader(dataset, batch_size=batch_size, sampler=RandomSampler(dataset, generator=generator),
-                      collate_fn=batch_collate, drop_last=len(dataset) > batch_size)
+    return InMemoryBatches(dataset, batch_size, generator, drop_last=len(dataset) > batch_size)
 
 
-def eval_loader(dataset: TensorImageDataset, batch_size: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=SequentialSampler(dataset), collate_fn=batch_collate)
+def eval_loader(dataset: TensorImageDataset, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """The data set in order, in batches of ``batch_size``, gathered where its tensors live."""
+    for start in range(0, len(dataset), batch_size):
+        yield dataset.__getitems__(torch.arange(start, min(start + batch_size, len(dataset)), device=dataset.device))

@@ -13,7 +13,9 @@ distillation loss before the task loss to get ``conflict = cos(g_distill, g_task
   names, or ``"features"`` for the pooled feature before the head), ``orthogonal`` (True),
   ``teacher_norm`` (``"layernorm"``), ``distance`` (``"smooth_l1"``).
 
-The projectors are submodules of the distiller and are trained with the student.
+The projectors are submodules of the distiller and are trained with the student. A teacher
+trained with another input normalisation than the student's gets ``teacher_input`` (a
+:class:`~dtokd.models.foreign.Renormalize`) applied to the batch before it.
 """
 
 from __future__ import annotations
@@ -59,10 +61,11 @@ class Distiller(nn.Module):
     """``forward(x, y, progress) -> (student logits, {name: loss})``."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, specs: Mapping[str, Mapping[str, Any]],
-                 sample: Tensor) -> None:
+                 sample: Tensor, teacher_input: nn.Module | None = None) -> None:
         super().__init__()
         self.student = student
         self.teacher = [teacher]  # a list keeps the frozen teacher out of parameters() and state_dict()
+        self.teacher_input = teacher_input if teacher_input is not None else nn.Identity()
         self.specs = resolve_loss_specs(specs)
         needs_teacher = [n for n, s in self.specs.items() if s["type"] != "ce"]
         if needs_teacher and teacher is None:
@@ -73,7 +76,7 @@ class Distiller(nn.Module):
             if spec["type"] != "feature":
                 continue
             s_shape = feature_shape(student, spec["student_tap"], sample)
-            t_shape = feature_shape(teacher, spec["teacher_tap"], sample)
+            t_shape = feature_shape(teacher, spec["teacher_tap"], self.teacher_input(sample))
             if s_shape[2:] != t_shape[2:]:
                 raise ValueError(f"losses.{name}: student feature {tuple(s_shape)} and teacher feature "
                                  f"{tuple(t_shape)} differ in spatial size; tap layers of equal resolution")
@@ -99,7 +102,7 @@ class Distiller(nn.Module):
             teacher_logits, teacher_features = None, {}
             if teacher is not None and len(self.specs) > sum(s["type"] == "ce" for s in self.specs.values()):
                 with torch.no_grad():
-                    teacher_logits = teacher(x)
+                    teacher_logits = teacher(self.teacher_input(x))
                 teacher_features = dict(self.teacher_taps.features) if self.teacher_taps is not None else {}
             self._last_teacher = (teacher_logits, teacher_features)
         logits = self.student(x)

@@ -14,6 +14,7 @@ from torch import nn
 
 from dtokd.models.cifar_others import VGG, MobileNetV2, ResNet50, ShuffleNetV1, ShuffleNetV2, WideResNet
 from dtokd.models.cifar_resnet import cifar_resnet
+from dtokd.models.foreign import remap_keys
 from dtokd.models.small import MLP, SmallCNN
 
 Builder = Callable[[int, int, int], nn.Module]  # (num_classes, in_channels, image_size) -> model
@@ -92,6 +93,8 @@ def apply_weights(model: nn.Module, state: dict, source: str | Path) -> None:
         raise ValueError(f"weights in {str(source)!r} do not fit model {type(model).__name__}: {error}") from None
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a state dict (or a dtokd checkpoint's ``model``) from a local file, strictly."""
-    apply_weights(model, read_weights(path)[0], path)
+def load_weights(model: nn.Module, path: str | Path, key_map: str | list[list[str]] | None = None,
+                 argument: str = "key_map") -> None:
+    """Load a state dict (or a dtokd checkpoint's ``model``) from a local file, strictly, its
+    parameter names rewritten by ``key_map`` (see :mod:`dtokd.models.foreign`)."""
+    apply_weights(model, remap_keys(read_weights(path)[0], key_map, argument), path)

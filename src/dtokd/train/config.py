@@ -18,24 +18,42 @@ import yaml
 
 @dataclass
 class DataConfig:
+    """``placement``: where the in-memory images live during training: ``device`` (moved to
+    the accelerator once; batches gathered and augmented there), ``host`` (batches built on
+    the CPU, copied from pinned memory), ``auto`` (``device`` when they take at most a quarter
+    of the accelerator's memory, else ``host``; the CPU when training on the CPU)."""
+
     name: str = "fashion-mnist"
     root: str | None = None
     val_fraction: float = 0.1
     image_size: int = 32
     augment: bool = True
     limit_train: int | None = None
+    placement: str = "auto"
 
 
 @dataclass
 class ModelConfig:
+    """``weights``: a local state dict (or dtokd checkpoint) to start from; ``key_map``: how its
+    parameter names map to this model's (a preset or ``[[pattern, replacement], ...]``, see
+    :mod:`dtokd.models.foreign`); ``normalize``: ``{mean: [...], std: [...]}`` the model expects
+    (for the student: the data's normalisation; default: the training split's statistics)."""
+
     name: str = "mlp"
     weights: str | None = None
+    key_map: str | list[list[str]] | None = None
+    normalize: dict[str, list[float]] | None = None
 
 
 @dataclass
 class TeacherConfig:
+    """``checkpoint``: a dtokd run's ``best.pt`` or a state dict from elsewhere (with ``key_map``);
+    ``normalize``: the input statistics the teacher was trained with (default: the student's)."""
+
     name: str | None = None
     checkpoint: str | None = None
+    key_map: str | list[list[str]] | None = None
+    normalize: dict[str, list[float]] | None = None
 
 
 @dataclass
@@ -62,15 +80,23 @@ class BalancerConfig:
 
 @dataclass
 class Config:
-    """Everything a run needs. ``losses`` maps a loss name to its spec (``type`` + options)."""
+    """Everything a run needs. ``losses`` maps a loss name to its spec (``type`` + options).
+
+    ``device``: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+    ``compile``: ``none``, or a ``torch.compile`` mode for the student (``default``,
+    ``reduce-overhead`` = CUDA graphs, ``max-autotune``); ``channels_last``: student, teacher
+    and images in channels-last memory format (faster convolutions on tensor cores).
+    """
 
     name: str = "run"
     seed: int = 0
     epochs: int = 10
     batch_size: int = 128
     eval_batch_size: int = 512
-    device: str = "cpu"
+    device: str = "auto"
     amp: str = "none"
+    compile: str = "none"
+    channels_last: bool = False
     log_every: int = 50
     data: DataConfig = field(default_factory=DataConfig)
     student: ModelConfig = field(default_factory=ModelConfig)

@@ -39,18 +39,40 @@ class Ranks:
             dist.barrier()
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` when a CUDA device is present, else ``cpu``; ``cpu``, ``cuda`` and
+    ``cuda:N`` as given, with an error when CUDA (or device N) is not there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r} is not allowed; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r}, but no CUDA device is available here "
+                             "(torch.cuda.is_available() is False); use device=auto or device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r}, but only {torch.cuda.device_count()} CUDA device(s) are present")
+    return device
+
+
 def setup(device_name: str, batch_size: int) -> tuple[Ranks, torch.device]:
-    """Join the process group that ``torchrun`` describes (if any) and pick this rank's device."""
+    """Join the process group that ``torchrun`` describes (if any) and pick this rank's device
+    (see :func:`resolve_device`; under torchrun a CUDA run takes ``cuda:LOCAL_RANK``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
     if world <= 1:
-        return Ranks(), torch.device(device_name)
+        return Ranks(), device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if batch_size % world:
         raise ValueError(f"batch_size={batch_size} (the global batch) must be divisible by the {world} processes")
-    cuda = device_name.startswith("cuda")
+    cuda = device.type == "cuda"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device(device_name)
+    device = torch.device(f"cuda:{local_rank}") if cuda else device
     if cuda:
         torch.cuda.set_device(device)
     return Ranks(rank, world, local_rank), device

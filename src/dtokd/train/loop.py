@@ -22,9 +22,10 @@ from torch import nn
 from tqdm import tqdm
 
 from dtokd.balancing import Balancer, make_balancer
-from dtokd.data import DataBundle, build_data, eval_loader, train_loader
+from dtokd.data import DataBundle, build_data, eval_loader, place_data, train_loader
 from dtokd.losses import Distiller
 from dtokd.models import create_model, load_weights
+from dtokd.models.foreign import Renormalize, WithInput, check_normalize, remap_keys
 from dtokd.models.registry import apply_weights, read_weights
 from dtokd.train import checkpoint as ckpt
 from dtokd.train import distributed
@@ -45,17 +46,28 @@ def train(config: Config, folder: str | Path, *, resume: bool = False, progress:
     if config.amp not in AMP_DTYPES:
         raise ValueError(f"amp={config.amp!r} is not allowed; use one of {list(AMP_DTYPES)}")
     ranks, device = distributed.setup(config.device, config.batch_size)
+    _check_compile(config, device)
     ckpt.seed_everything(config.seed)
     data = build_data(config.data.name, config.data.root, val_fraction=config.data.val_fraction, seed=config.seed,
-                      augment=config.data.augment, image_size=config.data.image_size, limit_train=config.data.limit_train)
+                      augment=config.data.augment, image_size=config.data.image_size, limit_train=config.data.limit_train,
+                      normalize=check_normalize(config.student.normalize, "student.normalize"))
     student = create_model(config.student.name, data.num_classes, data.in_channels, data.image_size)
     if config.student.weights:
-        load_weights(student, config.student.weights)
-    teacher = _load_teacher(config, data)
+        load_weights(student, config.student.weights, config.student.key_map, "student.key_map")
+    teacher, teacher_input = _load_teacher(config, data)
     sample = data.train.__getitems__([0, 1])[0]
-    distiller = Distiller(student, teacher, config.losses, sample).to(device)
+    distiller = Distiller(student, teacher, config.losses, sample, teacher_input).to(device)
     if teacher is not None:
         teacher.to(device)
+    if config.channels_last:
+        for model in (student, teacher):
+            if model is not None:
+                model.to(memory_format=torch.channels_last)
+    data = place_data(data, device, config.data.placement)
+    if ranks.main and progress:
+        where = "the device" if data.train.device.type != "cpu" else "the host"
+        print(f"[{config.name}] device {device}{' (auto)' if config.device == 'auto' else ''}; "
+              f"training images on {where}", flush=True)
     params = list(distiller.parameters())
     forward = nn.parallel.DistributedDataParallel(distiller) if ranks.world > 1 else distiller
     optimizer = make_optimizer(params, config.optim)
@@ -82,14 +94,20 @@ def train(config: Config, folder: str | Path, *, resume: bool = False, progress:
     elif ranks.main:
         log.truncate_after(0)  # a fresh start: drop what an attempt killed before its first checkpoint logged
         write_yaml(folder / "config.yaml", to_dict(config))
-        (folder / "meta.json").write_text(json.dumps(metadata(config.seed), indent=2) + "\n")
+        meta = {**metadata(config.seed), "device": str(device), "training_images_on": str(data.train.device),
+                "deferred_checks": balancer.deferred_checks}
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    teacher_metrics = _teacher_accuracy(config, folder, teacher, teacher_input, data, device, ranks.main, progress)
+    if config.compile != "none":
+        student.compile(mode=config.compile)
     try:
         for epoch in range(start_epoch, config.epochs):
             row = _train_epoch(config, forward, distiller, balancer, optimizer, scaler, data, epoch, device, log,
                                progress, ranks)
             scheduler.step()
-            row.update(_prefixed("val", evaluate(student, data.val, config.eval_batch_size, device)))
-            row.update(_prefixed("test", evaluate(student, data.test, config.eval_batch_size, device)))
+            for split in ("val", "test"):
+                row.update(_prefixed(split, evaluate(student, getattr(data, split), config.eval_batch_size, device,
+                                                     channels_last=config.channels_last)))
             history.append(row)
             log.write("metrics.jsonl", row, epoch)
             if ranks.main and _is_best(history):
@@ -109,14 +127,41 @@ def train(config: Config, folder: str | Path, *, resume: bool = False, progress:
     finally:
         log.close()
     summary = summarize(history, config)
+    if teacher_metrics:
+        summary["teacher"] = teacher_metrics
     if ranks.main:
         (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _load_teacher(config: Config, data: DataBundle) -> nn.Module | None:
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+
+def _check_compile(config: Config, device: torch.device) -> None:
+    """``compile`` names a torch.compile mode for the student; CUDA graphs
+    (``reduce-overhead``) need a CUDA device and a step with one backward pass through the
+    student (``engine=representation``)."""
+    if config.compile not in COMPILE_MODES:
+        raise ValueError(f"compile={config.compile!r} is not allowed; use one of {list(COMPILE_MODES)}")
+    if config.compile != "reduce-overhead":
+        return
+    if device.type != "cuda":
+        raise ValueError(f"compile='reduce-overhead' captures CUDA graphs and needs a CUDA device, not {device}; "
+                         "use compile=default on the CPU")
+    if config.balancer.engine != "representation":
+        raise ValueError(
+            f"compile='reduce-overhead' with balancer.engine={config.balancer.engine!r} is refused: that engine runs "
+            "one backward pass per objective through the same captured forward graph (retain_graph), which "
+            "CUDA-graph replay is not verified to support; use balancer.engine=representation (one backward pass "
+            "through the student) or compile=default"
+        )
+
+
+def _load_teacher(config: Config, data: DataBundle) -> tuple[nn.Module | None, Renormalize | None]:
+    """The frozen teacher in eval mode and, if it was trained with other input statistics
+    than the student's data (``teacher.normalize``), the map to its own normalisation."""
     if not config.teacher.name:
-        return None
+        return None, None
     if not config.teacher.checkpoint:
         raise ValueError("teacher.checkpoint is required: a teacher must be trained (dtokd train) or given as weights")
     path = Path(config.teacher.checkpoint)
@@ -128,10 +173,37 @@ def _load_teacher(config: Config, data: DataBundle) -> nn.Module | None:
         raise ValueError(f"teacher checkpoint {path} holds a {identity.get('student')!r}, not the configured "
                          f"teacher.name {config.teacher.name!r}")
     teacher = create_model(config.teacher.name, data.num_classes, data.in_channels, data.image_size)
-    apply_weights(teacher, state, path)
+    apply_weights(teacher, remap_keys(state, config.teacher.key_map, "teacher.key_map"), path)
     teacher.eval()
     teacher.requires_grad_(False)
-    return teacher
+    own = check_normalize(config.teacher.normalize, "teacher.normalize")
+    if own is None:
+        return teacher, None
+    if len(own[0]) != data.in_channels:
+        raise ValueError(f"teacher.normalize gives {len(own[0])} channel(s), but the data have {data.in_channels}")
+    return teacher, Renormalize(data.normalization, own)
+
+
+def _teacher_accuracy(config: Config, folder: Path, teacher: nn.Module | None, teacher_input: nn.Module | None,
+                      data: DataBundle, device: torch.device, main: bool, progress: bool) -> dict[str, Any] | None:
+    """The teacher's top-1/top-5 on the validation and test splits, measured before training
+    as it sees its inputs in distillation, and kept in ``teacher.json`` (a resumed run reads it)."""
+    if teacher is None:
+        return None
+    path = folder / "teacher.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model = WithInput(teacher, teacher_input) if teacher_input is not None else teacher
+    result: dict[str, Any] = {"name": config.teacher.name, "checkpoint": config.teacher.checkpoint}
+    for split in ("val", "test"):
+        result.update(_prefixed(split, evaluate(model, getattr(data, split), config.eval_batch_size, device,
+                                                channels_last=config.channels_last)))
+    if main:
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        if progress:
+            print(f"[{config.name}] teacher {config.teacher.name}: val top1 {result.get('val_top1', float('nan')):.2f} "
+                  f"test top1 {result['test_top1']:.2f}", flush=True)
+    return result
 
 
 def _make_balancer(config: Config, distiller: Distiller, params: list[torch.Tensor]) -> Balancer:
@@ -145,7 +217,12 @@ def _make_balancer(config: Config, distiller: Distiller, params: list[torch.Tens
     options = dict(cfg.options)
     if cfg.method == "fixed" and "weights" not in options and len(distiller.specs) == 1:
         options["weights"] = [1.0]  # a single loss: the plain backward pass
-    return make_balancer(cfg.method, params, engine=cfg.engine, gram_params=gram_params, **options)
+    balancer = make_balancer(cfg.method, params, engine=cfg.engine, gram_params=gram_params, **options)
+    if "deferred_checks" not in options and balancer.can_defer_checks(len(distiller.specs)):
+        # the default wherever every step allows it: no host wait per step, checks before each checkpoint
+        balancer = make_balancer(cfg.method, params, engine=cfg.engine, gram_params=gram_params,
+                                 deferred_checks=True, **options)
+    return balancer
 
 
 def _train_epoch(config: Config, forward: nn.Module, distiller: Distiller, balancer: Balancer,
@@ -158,17 +235,20 @@ def _train_epoch(config: Config, forward: nn.Module, distiller: Distiller, balan
     amp_dtype = AMP_DTYPES[config.amp]
     representation = config.balancer.engine == "representation"
     same_batch = config.balancer.method == "dto-amortized" and config.balancer.options.get("update", "same-batch") == "same-batch"
-    totals: torch.Tensor | None = None  # sums of the steps' losses and loss weights, kept where they are computed
+    m = len(distiller.specs)
+    # sums of the steps' losses, weights and loss weights, on the training device: every step's
+    # numbers are brought there, whichever path (host or device) the balancer took
+    totals = torch.zeros(3 * m, dtype=torch.float64, device=device)
     count, skipped, start = 0, 0, time.perf_counter()
     for i, (x, y) in enumerate(tqdm(loader, desc=f"{config.name} epoch {epoch + 1}/{config.epochs}", leave=False,
                                     disable=not progress, unit="batch")):
         shard = ranks.shard(x.shape[0])
-        x, y = x[shard].to(device, non_blocking=True), y[shard].to(device, non_blocking=True)
+        x, y = _to_device(x[shard], device, config.channels_last), _to_device(y[shard], device)
         step = epoch * len(loader) + i
-        progress = epoch + (i + 1) / len(loader)
+        epochs_done = epoch + (i + 1) / len(loader)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits, losses = forward(x, y, progress)
+            logits, losses = forward(x, y, epochs_done)
         diagnose = step % config.log_every == 0
         info = balancer.backward(losses, representation=logits if representation else None, scaler=scaler, diagnose=diagnose)
         if config.optim.grad_clip:
@@ -182,21 +262,19 @@ def _train_epoch(config: Config, forward: nn.Module, distiller: Distiller, balan
         if same_batch:
             with torch.no_grad(), _frozen_batchnorm_statistics(distiller.student), \
                     torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                _, after = forward(x, y, progress, reuse_teacher=True)
+                _, after = forward(x, y, epochs_done, reuse_teacher=True)
             balancer.update(after)
-        losses_and_weights = info.packed[: 3 * len(info.names)]  # no host read: see StepInfo
-        totals = losses_and_weights.clone() if totals is None else totals.add_(losses_and_weights)
+        totals.add_(info.packed[: 3 * m].to(device, non_blocking=True))  # no host read: see StepInfo
         count += 1
         if diagnose:
             log.write("steps.jsonl", {"epoch": epoch, "step": step, **info.as_dict()}, step)
     balancer.check_deferred()  # before the epoch's checkpoint
     row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - start,
                            "skipped_steps": skipped}
-    if totals is not None:
-        m = len(info.names)
+    if count:
         means = (totals / count).tolist()
-        row.update({f"loss/{n}": means[k] for k, n in enumerate(info.names)})
-        row.update({f"loss_weight/{n}": means[2 * m + k] for k, n in enumerate(info.names)})
+        row.update({f"loss/{n}": means[k] for k, n in enumerate(balancer.names)})
+        row.update({f"loss_weight/{n}": means[2 * m + k] for k, n in enumerate(balancer.names)})
     row["train_loss"] = sum(v for k, v in row.items() if k.startswith("loss/"))
     return row
 
@@ -218,24 +296,36 @@ def _frozen_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device) -> dict[str, float]:
-    """Top-1, top-5 (top-k with k = min(5, classes)) in percent, and mean cross-entropy."""
+def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, *,
+             channels_last: bool = False) -> dict[str, float]:
+    """Top-1, top-5 (top-k with k = min(5, classes)) in percent, and mean cross-entropy; the
+    sums stay on ``device`` and are read once at the end."""
     if dataset is None or len(dataset) == 0:
         return {}
     was_training = model.training
     model.eval()
-    correct1 = correct5 = 0
-    loss_sum, n = 0.0, 0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # cross-entropy, top-1 hits, top-k hits
+    n = 0
     for x, y in eval_loader(dataset, batch_size):
-        x, y = x.to(device), y.to(device)
+        x, y = _to_device(x, device, channels_last), _to_device(y, device)
         logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), 1).indices
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(1).sum().item()
+        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (top[:, 0] == y).sum(),
+                             (top == y[:, None]).any(1).sum()]).to(torch.float64)
         n += y.shape[0]
     model.train(was_training)
+    loss_sum, correct1, correct5 = sums.tolist()
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n}
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """A batch tensor on ``device`` (from pinned memory when it comes from the host to CUDA),
+    channels-last if asked."""
+    if tensor.device != device:
+        if device.type == "cuda":
+            tensor = tensor.pin_memory()
+        tensor = tensor.to(device, non_blocking=True)
+    return tensor.contiguous(memory_format=torch.channels_last) if channels_last and tensor.dim() == 4 else tensor
 
 
 def summarize(history: list[dict[str, Any]], config: Config) -> dict[str, Any]:
