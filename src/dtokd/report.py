@@ -26,6 +26,7 @@ def load_run(folder: Path) -> dict[str, Any]:
         "summary": json.loads(summary_path.read_text()) if summary_path.is_file() else {},
         "metrics": read_jsonl(folder / "metrics.jsonl"),
         "steps": read_jsonl(folder / "steps.jsonl"),
+        "teacher": json.loads((folder / "teacher.json").read_text()) if (folder / "teacher.json").is_file() else {},
     }
 
 
@@ -51,13 +52,16 @@ def report(folders: list[str | Path], out: str | Path) -> Path:
 
 
 def table(runs: list[dict[str, Any]]) -> str:
-    rows = ["| run | method | seed | epochs | best val top-1 | test top-1 at best val | best test top-1 | last test top-1 | s / epoch |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    """One row per run; the teacher's val / test top-1 as measured before its distillation."""
+    rows = ["| run | method | seed | epochs | teacher val / test top-1 | best val top-1 | test top-1 at best val | "
+            "best test top-1 | last test top-1 | s / epoch |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
-        s = run["summary"]
+        s, t = run["summary"], run["teacher"]
+        teacher = f"{_fmt(t.get('val_top1'))} / {_fmt(t.get('test_top1'))}" if t else "-"
         rows.append(f"| {run['name']} | {s.get('method', '?')} | {s.get('seed', '?')} | {s.get('epochs_run', len(run['metrics']))} | "
-                    f"{_fmt(s.get('best_val_top1'))} | {_fmt(s.get('test_top1_at_best_val'))} | {_fmt(s.get('best_test_top1'))} | "
-                    f"{_fmt(s.get('last_test_top1'))} | {_fmt(s.get('seconds_per_epoch'), 1)} |")
+                    f"{teacher} | {_fmt(s.get('best_val_top1'))} | {_fmt(s.get('test_top1_at_best_val'))} | "
+                    f"{_fmt(s.get('best_test_top1'))} | {_fmt(s.get('last_test_top1'))} | {_fmt(s.get('seconds_per_epoch'), 1)} |")
     return "\n".join(rows)
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from dtokd.data import sources
 from dtokd.data.tensor_dataset import Augmentation, InMemoryBatches, TensorImageDataset
 
-DATASETS = ("fashion-mnist", "image-folder", "cifar10", "cifar100", "digits", "synthetic")
+DATASETS = ("fashion-mnist", "image-folder", "cifar10", "cifar100", "digits", "synthetic", "synthetic-rgb")
 DEFAULT_AUGMENTATION = {
     "fashion-mnist": Augmentation(pad=2, flip=True),
     "image-folder": Augmentation(pad=4, flip=True),
@@ -20,6 +20,7 @@ DEFAULT_AUGMENTATION = {
     "cifar100": Augmentation(pad=4, flip=True),
     "digits": Augmentation(pad=1, flip=False),
     "synthetic": Augmentation(),
+    "synthetic-rgb": Augmentation(pad=2, flip=True),
 }
 
 
@@ -134,6 +135,8 @@ def _load(name: str, root: str | None, image_size: int) -> sources.RawSplits:
         return sources.load_cifar(root, 10 if name == "cifar10" else 100)
     if name == "digits":
         return sources.load_digits()
+    if name == "synthetic-rgb":
+        return sources.load_synthetic(channels=3, size=16, smooth=True)
     return sources.load_synthetic()
 
 

@@ -201,10 +201,17 @@ def load_digits() -> RawSplits:
     return RawSplits(images[train], labels[train], images[test], labels[test], tuple(str(d) for d in range(10)))
 
 
-def load_synthetic(num_classes: int = 4, size: int = 8, channels: int = 1, n_train: int = 256, n_test: int = 64) -> RawSplits:
-    """Class-dependent blobs: learnable in a few steps. For tests only."""
+def load_synthetic(num_classes: int = 4, size: int = 8, channels: int = 1, n_train: int = 256, n_test: int = 64,
+                   smooth: bool = False) -> RawSplits:
+    """Class-dependent blobs: learnable in a few steps. For tests only. ``smooth``: the class
+    prototypes are 2x2 colour patterns scaled up to ``size`` (learnable by convolutional nets
+    with global pooling too), else per-pixel noise."""
     generator = torch.Generator().manual_seed(1234)
-    prototypes = torch.rand(num_classes, channels, size, size, generator=generator)
+    if smooth:
+        coarse = torch.rand(num_classes, channels, 2, 2, generator=generator)
+        prototypes = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=True)
+    else:
+        prototypes = torch.rand(num_classes, channels, size, size, generator=generator)
 
     def sample(n: int) -> tuple[Tensor, Tensor]:
         labels = torch.arange(n) % num_classes

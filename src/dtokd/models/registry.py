@@ -14,7 +14,7 @@ from torch import nn
 
 from dtokd.models.cifar_others import VGG, MobileNetV2, ResNet50, ShuffleNetV1, ShuffleNetV2, WideResNet
 from dtokd.models.cifar_resnet import cifar_resnet
-from dtokd.models.foreign import remap_keys
+from dtokd.models.foreign import KEY_MAP_PRESETS, remap_keys
 from dtokd.models.small import MLP, SmallCNN
 
 Builder = Callable[[int, int, int], nn.Module]  # (num_classes, in_channels, image_size) -> model
@@ -85,16 +85,31 @@ def read_weights(path: str | Path) -> tuple[dict, dict]:
     return state, {}
 
 
-def apply_weights(model: nn.Module, state: dict, source: str | Path) -> None:
-    """``model.load_state_dict(state)`` strictly, with an error naming ``source`` if it does not fit."""
+def apply_weights(model: nn.Module, state: dict, source: str | Path, key_map_argument: str = "key_map") -> None:
+    """``model.load_state_dict(state)`` strictly, with an error naming ``source`` if it does not
+    fit: the missing and unexpected names (the first few of each) and, for names that differ,
+    the ``key_map_argument`` setting that maps them."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights in {str(source)!r} do not fit model {type(model).__name__}: {len(missing)} missing name(s) "
+            f"{_first(missing)}, {len(unexpected)} unexpected name(s) {_first(unexpected)}; weights saved by another "
+            f"codebase need {key_map_argument} (a preset of {sorted(KEY_MAP_PRESETS)} or [[pattern, replacement], ...])"
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
         raise ValueError(f"weights in {str(source)!r} do not fit model {type(model).__name__}: {error}") from None
 
 
+def _first(names: list[str], count: int = 5) -> str:
+    return str(names[:count])[:-1] + (", ...]" if len(names) > count else "]")
+
+
 def load_weights(model: nn.Module, path: str | Path, key_map: str | list[list[str]] | None = None,
                  argument: str = "key_map") -> None:
     """Load a state dict (or a dtokd checkpoint's ``model``) from a local file, strictly, its
     parameter names rewritten by ``key_map`` (see :mod:`dtokd.models.foreign`)."""
-    apply_weights(model, remap_keys(read_weights(path)[0], key_map, argument), path)
+    apply_weights(model, remap_keys(read_weights(path)[0], key_map, argument), path, argument)

@@ -173,7 +173,7 @@ def _load_teacher(config: Config, data: DataBundle) -> tuple[nn.Module | None, R
         raise ValueError(f"teacher checkpoint {path} holds a {identity.get('student')!r}, not the configured "
                          f"teacher.name {config.teacher.name!r}")
     teacher = create_model(config.teacher.name, data.num_classes, data.in_channels, data.image_size)
-    apply_weights(teacher, remap_keys(state, config.teacher.key_map, "teacher.key_map"), path)
+    apply_weights(teacher, remap_keys(state, config.teacher.key_map, "teacher.key_map"), path, "teacher.key_map")
     teacher.eval()
     teacher.requires_grad_(False)
     own = check_normalize(config.teacher.normalize, "teacher.normalize")
