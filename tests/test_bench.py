@@ -71,3 +71,34 @@ def test_bad_matrix_is_named(tmp_path):
     open(matrix, "w").write(text)
     with pytest.raises(ValueError, match="reference 'kd-none' is not one of the methods"):
         load_matrix(matrix)
+
+
+def test_parallel_cells_give_the_same_results_as_one_at_a_time(tmp_path, capsys):
+    methods = "\n".join(METHODS.splitlines()[:3])
+    matrix = write_matrix(tmp_path, methods)
+    assert cli.main(["bench", matrix, "--out", str(tmp_path / "serial")]) == 0
+    assert cli.main(["bench", matrix, "--out", str(tmp_path / "parallel"), "--parallel", "3"]) == 0
+    log = capsys.readouterr().out
+    assert "with 3 at once" in log and "cells per minute" in log
+    for method in ("kd-fixed", "kd-grid-a0.5", "dto"):
+        for seed in (0, 1):
+            a, b = (json.loads((tmp_path / kind / "cnn-mlp" / method / f"seed{seed}" / "summary.json").read_text())
+                    for kind in ("serial", "parallel"))
+            assert a["last_test_top1"] == b["last_test_top1"] and a["best_val_top1"] == b["best_val_top1"]
+            assert (tmp_path / "parallel" / "cnn-mlp" / method / f"seed{seed}" / "bench.log").is_file()
+    timing = [json.loads(line) for line in (tmp_path / "parallel" / "timing.jsonl").read_text().splitlines()]
+    assert timing[0]["parallel"] == 3 and timing[0]["cells"] == 6 and timing[0]["cells_per_minute"] > 0
+    # nothing left to run: a rerun adds no timing line
+    assert cli.main(["bench", matrix, "--out", str(tmp_path / "parallel"), "--parallel", "3"]) == 0
+    assert len((tmp_path / "parallel" / "timing.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_failing_parallel_cell_is_reported_with_its_log(tmp_path, capsys):
+    methods = "\n".join([METHODS.splitlines()[0], "  broken: [balancer.method=fixed]"])  # fixed without weights
+    matrix = write_matrix(tmp_path, methods)
+    assert cli.main(["bench", matrix, "--out", str(tmp_path / "out"), "--parallel", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "2 of 4 cell(s) failed: cnn-mlp broken 0 (see" in err and "bench.log" in err
+    assert (tmp_path / "out" / "cnn-mlp" / "kd-fixed" / "seed1" / "summary.json").is_file()
+    assert cli.main(["bench", matrix, "--out", str(tmp_path / "out"), "--cell", "cnn-mlp", "nope", "0"]) == 2
+    assert "method 'nope' is not in the matrix" in capsys.readouterr().err

@@ -19,7 +19,8 @@ Relative ``student_config`` / ``teacher_config`` paths are read from the reposit
 the matrix file lives in ``configs/``, else from the current directory.
 
 Runs go to ``OUT/<pair>/<method>/seed<k>``; a finished run (``summary.json``) is skipped and a
-killed one resumed, so rerunning the command finishes a partial matrix. A run whose losses
+killed one resumed, so rerunning the command finishes a partial matrix. ``--parallel N`` runs N
+cells at once, each in its own process. A run whose losses
 become NaN/inf is recorded as diverged (``diverged.json``) and reported as such, not retried. Teachers are trained
 once per teacher name (seed 0) into ``OUT/teachers/<name>``. The aggregate is written as
 ``results.md`` / ``results.csv`` with plots next to them.
@@ -30,7 +31,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,34 +85,113 @@ def load_matrix(path: str | Path) -> Matrix:
     )
 
 
-def run_matrix(matrix: Matrix, out: Path, *, progress: bool = False) -> Path:
-    """Run (or finish) every cell, then aggregate; returns the markdown results path."""
+class CellsFailed(RuntimeError):
+    """Some cells of a parallel run failed (each one's output is in its ``bench.log``)."""
+
+
+def run_matrix(matrix: Matrix, out: Path, *, progress: bool = False, parallel: int = 1,
+               matrix_path: Path | None = None) -> Path:
+    """Run (or finish) every cell, then aggregate; returns the markdown results path.
+
+    ``parallel``: how many cells run at once, each in its own process (``dtokd bench MATRIX
+    --cell PAIR METHOD SEED``, output in the cell's ``bench.log``; needs ``matrix_path``), on
+    the same device: one small run leaves most of a GPU idle. Teachers are trained first, one
+    at a time. Each invocation appends its throughput (cells per minute) to ``timing.jsonl``.
+    """
+    if not isinstance(parallel, int) or parallel < 1:
+        raise ValueError(f"parallel={parallel!r} must be a positive integer")
+    if parallel > 1 and matrix_path is None:
+        raise ValueError("parallel > 1 runs each cell as 'dtokd bench MATRIX --cell ...' and needs matrix_path")
     out.mkdir(parents=True, exist_ok=True)
-    total = len(matrix.pairs) * len(matrix.methods) * len(matrix.seeds)
-    done, began = 0, time.perf_counter()
-    for pair, spec in matrix.pairs.items():
-        teacher = _ensure_teacher(matrix, out / "teachers" / spec["teacher"], spec["teacher"], progress)
-        for method, overrides in matrix.methods.items():
-            for seed in matrix.seeds:
-                folder = out / pair / method / f"seed{seed}"
-                done += 1
-                if (folder / "summary.json").is_file() or (folder / "diverged.json").is_file():
-                    continue
-                config = load_config(matrix.student_config, [
-                    *matrix.base, f"name={method}", f"seed={seed}", f"student.name={spec['student']}",
-                    f"teacher.name={spec['teacher']}", f"teacher.checkpoint={teacher}", *overrides,
-                ])
-                elapsed = time.perf_counter() - began
-                print(f"[bench] {done}/{total} {pair} {method} seed {seed} (elapsed {elapsed / 60:.1f} min)", flush=True)
-                try:
-                    train(config, folder, resume=(folder / "checkpoint.pt").is_file(), progress=progress)
-                except ValueError as error:
-                    if "non-finite" not in str(error):
-                        raise
-                    epochs = len(read_jsonl(folder / "metrics.jsonl"))
-                    (folder / "diverged.json").write_text(json.dumps({"error": str(error), "epochs_completed": epochs}) + "\n")
-                    print(f"[bench] {pair} {method} seed {seed} diverged in epoch {epochs + 1}: {error}", flush=True)
+    teachers = {pair: _ensure_teacher(matrix, out / "teachers" / spec["teacher"], spec["teacher"], progress)
+                for pair, spec in matrix.pairs.items()}
+    cells = [(pair, method, seed) for pair in matrix.pairs for method in matrix.methods for seed in matrix.seeds]
+    pending = [c for c in cells if not _finished(out / c[0] / c[1] / f"seed{c[2]}")]
+    began = time.perf_counter()
+    if parallel == 1:
+        for k, (pair, method, seed) in enumerate(pending):
+            elapsed = time.perf_counter() - began
+            print(f"[bench] {k + 1}/{len(pending)} to run: {pair} {method} seed {seed} (elapsed {elapsed / 60:.1f} min)",
+                  flush=True)
+            run_cell(matrix, out, pair, method, seed, teachers[pair], progress=progress)
+    else:
+        _run_in_processes(matrix_path, out, pending, parallel)  # type: ignore[arg-type]
+    seconds = time.perf_counter() - began
+    if pending:
+        timing = {"parallel": parallel, "cells": len(pending), "seconds": round(seconds, 2),
+                  "cells_per_minute": round(len(pending) / (seconds / 60), 3), "commit": git_commit(), "machine": machine()}
+        with open(out / "timing.jsonl", "a") as f:
+            f.write(json.dumps(timing) + "\n")
+        print(f"[bench] {len(pending)} cell(s) in {seconds / 60:.1f} min with {parallel} at once: "
+              f"{timing['cells_per_minute']:.2f} cells per minute", flush=True)
     return aggregate(matrix, out)
+
+
+def _finished(folder: Path) -> bool:
+    return (folder / "summary.json").is_file() or (folder / "diverged.json").is_file()
+
+
+def run_cell(matrix: Matrix, out: Path, pair: str, method: str, seed: int, teacher: Path | None = None, *,
+             progress: bool = False) -> None:
+    """One cell (resumed from its checkpoint if one exists); a run whose losses become
+    non-finite is recorded as diverged (``diverged.json``) rather than failing the matrix."""
+    for name, value, allowed in (("pair", pair, matrix.pairs), ("method", method, matrix.methods),
+                                 ("seed", seed, matrix.seeds)):
+        if value not in allowed:
+            raise ValueError(f"{name} {value!r} is not in the matrix; allowed: {list(allowed)}")
+    folder = out / pair / method / f"seed{seed}"
+    if _finished(folder):
+        return
+    spec = matrix.pairs[pair]
+    teacher = teacher or out / "teachers" / spec["teacher"] / "best.pt"
+    if not teacher.is_file():
+        raise FileNotFoundError(f"teacher {spec['teacher']!r} of pair {pair!r} is not trained yet ({teacher}); "
+                                "run the matrix without --cell first")
+    config = load_config(matrix.student_config, [
+        *matrix.base, f"name={method}", f"seed={seed}", f"student.name={spec['student']}",
+        f"teacher.name={spec['teacher']}", f"teacher.checkpoint={teacher}", *matrix.methods[method],
+    ])
+    try:
+        train(config, folder, resume=(folder / "checkpoint.pt").is_file(), progress=progress)
+    except ValueError as error:
+        if "non-finite" not in str(error):
+            raise
+        epochs = len(read_jsonl(folder / "metrics.jsonl"))
+        (folder / "diverged.json").write_text(json.dumps({"error": str(error), "epochs_completed": epochs}) + "\n")
+        print(f"[bench] {pair} {method} seed {seed} diverged in epoch {epochs + 1}: {error}", flush=True)
+
+
+def _run_in_processes(matrix_path: Path, out: Path, cells: list[tuple[str, str, int]], parallel: int) -> None:
+    """Run ``cells`` as ``parallel`` concurrent ``dtokd bench --cell`` processes; CPU threads are
+    shared out between them unless ``OMP_NUM_THREADS`` is set. Raises once all have ended if any failed."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
+    queue, running, failed, done = list(cells), [], [], 0
+    while queue or running:
+        while queue and len(running) < parallel:
+            pair, method, seed = queue.pop(0)
+            folder = out / pair / method / f"seed{seed}"
+            folder.mkdir(parents=True, exist_ok=True)
+            log = open(folder / "bench.log", "a")
+            command = [sys.executable, "-m", "dtokd.cli", "bench", str(matrix_path), "--out", str(out),
+                       "--cell", pair, method, str(seed)]
+            running.append(((pair, method, seed), subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+            print(f"[bench] started {pair} {method} seed {seed} ({len(running)} running, {len(queue)} waiting)", flush=True)
+        time.sleep(0.2)
+        for entry in list(running):
+            cell, process, log = entry
+            if process.poll() is None:
+                continue
+            running.remove(entry)
+            log.close()
+            done += 1
+            if process.returncode != 0:
+                failed.append((cell, log.name))
+            print(f"[bench] {'failed' if process.returncode else 'finished'} {' '.join(map(str, cell))} "
+                  f"({done}/{len(cells)})", flush=True)
+    if failed:
+        listing = "; ".join(f"{' '.join(map(str, cell))} (see {path})" for cell, path in sorted(failed))
+        raise CellsFailed(f"{len(failed)} of {len(cells)} cell(s) failed: {listing}")
 
 
 def _ensure_teacher(matrix: Matrix, folder: Path, name: str, progress: bool) -> Path:

@@ -4,7 +4,7 @@
     dtokd distill CONFIG [key=value ...] [--balancer M] [--out DIR] [--resume]
     dtokd eval    RUN_DIR [--which best|last]
     dtokd report  RUN_DIR [RUN_DIR ...] --out DIR
-    dtokd bench   MATRIX.yaml [--out DIR]                            pairs x methods x seeds, resumable
+    dtokd bench   MATRIX.yaml [--out DIR] [--parallel N]             pairs x methods x seeds, resumable
     dtokd demo    [--out DIR] [--quick]
 """
 
@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="output folder (default: runs/bench_<file stem>)")
     bench.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables and plots")
     bench.add_argument("--progress", action="store_true", help="progress bars for every run")
+    bench.add_argument("--parallel", type=int, default=1, metavar="N",
+                       help="run N cells at once, one process each, on the same device (default 1)")
+    bench.add_argument("--cell", nargs=3, metavar=("PAIR", "METHOD", "SEED"),
+                       help="run only this cell (its teacher must be trained); used by --parallel")
     demo = sub.add_parser("demo", help="Fashion-MNIST: teacher, then a student alone / fixed KD / DTO-KD")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a tiny version for smoke tests")
@@ -116,11 +120,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {report(args.runs, args.out)}")
             return 0
         if args.command == "bench":
-            from dtokd.bench import aggregate, load_matrix, run_matrix
+            from dtokd.bench import CellsFailed, aggregate, load_matrix, run_cell, run_matrix
 
             matrix = load_matrix(args.matrix)
             out = Path(args.out or Path("runs") / f"bench_{Path(args.matrix).stem}")
-            path = aggregate(matrix, out) if args.aggregate_only else run_matrix(matrix, out, progress=args.progress)
+            if args.cell:
+                pair, method, seed = args.cell
+                if not seed.lstrip("-").isdigit():
+                    raise ValueError(f"--cell SEED must be an integer, got {seed!r}")
+                run_cell(matrix, out, pair, method, int(seed), progress=args.progress)
+                return 0
+            try:
+                path = aggregate(matrix, out) if args.aggregate_only else run_matrix(
+                    matrix, out, progress=args.progress, parallel=args.parallel, matrix_path=Path(args.matrix))
+            except CellsFailed as error:
+                print(f"dtokd bench: {error}", file=sys.stderr)
+                return 1
             print(f"results: {path}")
             return 0
         from dtokd.demo import run_demo
