@@ -64,12 +64,12 @@ class Setup:
             self.x = torch.randn(batch, 3, 32, 32, device=device)
             self.y = torch.randint(0, 10, (batch,), device=device)
 
-    def losses(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def losses(self, student: torch.nn.Module | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         device_type = torch.device(self.device).type
         with torch.autocast(device_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             with torch.no_grad():
                 teacher_logits = self.teacher(self.x)
-            logits = self.student(self.x)
+            logits = (student or self.student)(self.x)
             losses = {"distill": kd_loss(logits.float(), teacher_logits.float()), "task": F.cross_entropy(logits.float(), self.y)}
         return losses, logits
 
@@ -128,6 +128,31 @@ def make_steps(s: Setup) -> dict[str, Callable[[], None]]:
 
         return step
 
+    def torchjd_autogram_dto() -> Callable[[], None]:
+        """TorchJD's autogram engine (the Gramian without the Jacobian) for the Gram of the log
+        losses, our DTO rule on it, then one backward of the weighted log losses: the same
+        update as "DTO exact", with TorchJD's engine in place of ours."""
+        import copy
+
+        from torchjd.autogram import Engine
+
+        from dtokd import weights
+
+        student = copy.deepcopy(s.student)  # its own copy: the engine's hooks see every forward pass
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+        engine = Engine(student, batch_dim=None)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            losses, _ = s.losses(student)
+            log_losses = torch.stack([losses["distill"], losses["task"]]).log()
+            gram = engine.compute_gramian(log_losses)
+            pi = weights("dto", gram.detach().to(torch.float64).cpu())
+            log_losses.backward(pi.to(log_losses.device, log_losses.dtype))
+            optimizer.step()
+
+        return step
+
     steps: dict[str, Callable[[], None]] = {
         "plain KD (fixed 0.9/0.1)": plain_kd,
         "two-backward floor": two_backward_floor,
@@ -151,6 +176,7 @@ def make_steps(s: Setup) -> dict[str, Callable[[], None]]:
     try:
         steps["TorchJD MGDA (autojac)"] = torchjd_step("MGDA")
         steps["TorchJD UPGrad (autojac)"] = torchjd_step("UPGrad")
+        steps["DTO on TorchJD autogram's Gramian"] = torchjd_autogram_dto()
     except ImportError:
         print("torchjd is not installed: its rows are left out", file=sys.stderr)
     return steps

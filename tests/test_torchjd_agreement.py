@@ -93,3 +93,34 @@ def test_cagrad(m, seed, c):
 def test_nash_mtl(m, seed):
     j = jacobian(m, seed, shift=1.0)
     assert_close_relative(ours("nash-mtl", j), aggregation.NashMTL(n_tasks=m)(j), 1e-2)
+
+
+def test_dto_update_from_torchjd_autogram_gramian_equals_our_exact_engine():
+    """TorchJD's autogram engine (Gramian without the Jacobian) on the log losses, our DTO rule
+    on it and one backward of the weighted log losses give the update of our exact engine
+    (float64, 1e-10): the benchmark's autogram row computes the same step as ours."""
+    from torchjd.autogram import Engine
+
+    from dtokd import make_balancer
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+
+    g = torch.Generator().manual_seed(2)
+    x, y, t = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g), \
+        torch.randn(16, 3, generator=g, dtype=torch.float64)
+
+    def losses(model):
+        z = model(x)
+        return torch.nn.functional.mse_loss(z, t), torch.nn.functional.cross_entropy(z, y)
+
+    a, b = net(), net()
+    engine = Engine(a, batch_dim=None)
+    log_losses = torch.stack(losses(a)).log()
+    gram = engine.compute_gramian(log_losses)
+    log_losses.backward(weights("dto", gram.detach()))
+    distill, task = losses(b)
+    make_balancer("dto", b.parameters()).backward({"distill": distill, "task": task})
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
