@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dtokd import make_balancer
-from dtokd.balancing import BALANCERS
+from dtokd.balancing import BALANCERS, weights
 from dtokd.balancing.engines import only_through
 
 
@@ -356,9 +356,45 @@ def test_zero_loss_under_log_is_floored_not_nan():
     x, y, t = batch()
     losses = kd_losses(net(x), y, t)
     losses["distill"] = (net(x) * 0).sum()  # exactly zero, zero gradient
-    info = make_balancer("dto", net.parameters()).backward(losses)
+    with pytest.warns(RuntimeWarning, match="gradient of loss 'distill' was zero"):
+        info = make_balancer("dto", net.parameters()).backward(losses)
     assert all(torch.isfinite(p.grad).all() for p in net.parameters())
     assert math.isfinite(info.weights["distill"])
+
+
+# (a loss that does not depend on the representation is refused by that engine, with its own error)
+@pytest.mark.parametrize("engine, dead", [("exact", "zero loss"), ("exact", "no dependence"),
+                                          ("representation", "zero loss")])
+def test_a_zero_gradient_objective_is_left_out_instead_of_stopping_training(engine, dead):
+    """The affine min-norm point of {0, d} is 0: kept in, a dead objective would zero the
+    update of every step. DTO leaves it out (weight 0): the update is the task's own log-loss
+    gradient, on both step paths, with one warning per loss."""
+    net = Net()
+    x, y, t = batch()
+    logits = net(x)
+    task = torch.nn.functional.cross_entropy(logits, y)
+    distill = (logits * 0).sum() if dead == "zero loss" else torch.ones((), requires_grad=True) * 0.5
+    reference = torch.autograd.grad(task.log(), list(net.parameters()), retain_graph=True)
+    balancer = make_balancer("dto", net.parameters(), engine=engine)
+    with pytest.warns(RuntimeWarning, match="gradient of loss 'distill' was zero") as record:
+        info = balancer.backward({"distill": distill, "task": task}, representation=logits if engine == "representation" else None)
+    assert info.weights == {"distill": 0.0, "task": 1.0}
+    for p, g in zip(net.parameters(), reference):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+    assert len([w for w in record if "was zero" in str(w.message)]) == 1
+
+
+def test_dto_rule_leaves_zero_gradients_out_for_many_objectives():
+    j = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0]], dtype=torch.float64)
+    pi = weights("dto", j @ j.T)
+    expected = torch.zeros(3, dtype=torch.float64)
+    expected[1:] = weights("dto", (j @ j.T)[1:, 1:])
+    torch.testing.assert_close(pi, expected)
+    assert pi[0] == 0 and (pi @ j).norm() > 0  # the update is not stopped
+    torch.testing.assert_close(weights("dto", torch.zeros(2, 2, dtype=torch.float64)),
+                               torch.tensor([0.5, 0.5], dtype=torch.float64))
+    tiny = torch.diag(torch.tensor([1e-10, 1.0], dtype=torch.float64))  # small, not zero: kept
+    assert weights("dto", tiny)[0] > 0.99
 
 
 def test_negative_loss_under_log_is_an_error():

@@ -102,3 +102,22 @@ def test_a_failing_parallel_cell_is_reported_with_its_log(tmp_path, capsys):
     assert (tmp_path / "out" / "cnn-mlp" / "kd-fixed" / "seed1" / "summary.json").is_file()
     assert cli.main(["bench", matrix, "--out", str(tmp_path / "out"), "--cell", "cnn-mlp", "nope", "0"]) == 2
     assert "method 'nope' is not in the matrix" in capsys.readouterr().err
+
+
+def test_a_pair_with_a_given_teacher_checkpoint_trains_no_teacher(tmp_path):
+    teacher_config = tmp_path / "t.yaml"
+    teacher_config.write_text("name: t\nepochs: 2\nbatch_size: 32\ndata: {name: synthetic}\nstudent: {name: cnn_small}\n")
+    assert cli.main(["train", str(teacher_config), "--out", str(tmp_path / "given"), "--quiet"]) == 0
+    matrix = write_matrix(tmp_path, METHODS.splitlines()[0])
+    text = open(matrix).read().replace("pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}",
+                                       f"pairs: {{cnn-mlp: {{teacher: cnn_small, student: mlp_small, "
+                                       f"checkpoint: {tmp_path / 'given' / 'best.pt'}}}}}")
+    open(matrix, "w").write(text)
+    assert cli.main(["bench", matrix, "--out", str(tmp_path / "out")]) == 0
+    assert not (tmp_path / "out" / "teachers").exists()
+    teacher = json.loads((tmp_path / "out" / "cnn-mlp" / "kd-fixed" / "seed0" / "teacher.json").read_text())
+    assert teacher["checkpoint"] == str(tmp_path / "given" / "best.pt")
+    broken = text.replace("checkpoint:", "weights:")
+    open(matrix, "w").write(broken)
+    with pytest.raises(ValueError, match="must give 'teacher' and 'student' \\(and optionally 'checkpoint'\\)"):
+        load_matrix(matrix)

@@ -100,8 +100,14 @@ def test_mismatched_checkpoint_is_refused(teacher, tmp_path):
     folder = tmp_path / "s"
     train(load_config(None, student_overrides(teacher, epochs=1)), folder, progress=False)
     before = (folder / "checkpoint.pt").read_bytes()
-    with pytest.raises(ValueError, match="different run.*student"):
+    with pytest.raises(ValueError, match="differs: epochs: saved 1, given 2; student.name: saved 'mlp_small', "
+                                         "given 'mlp' \\(to lengthen the run, pass --extend-epochs N\\)"):
         train(load_config(None, student_overrides(teacher, epochs=2) + ["student.name=mlp"]), folder, resume=True, progress=False)
+    assert (folder / "checkpoint.pt").read_bytes() == before
+    # a config.yaml edited by hand: the checkpoint's own identity still refuses it
+    (folder / "config.yaml").write_text((folder / "config.yaml").read_text().replace("name: mlp_small", "name: mlp"))
+    with pytest.raises(ValueError, match="different run.*student"):
+        train(None, folder, resume=True, progress=False)
     assert (folder / "checkpoint.pt").read_bytes() == before
 
 

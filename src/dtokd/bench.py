@@ -9,14 +9,17 @@ Config (YAML)::
     teacher_config: configs/fmnist_teacher.yaml             # how a missing teacher is trained
     pairs:
       cnn-mlp: {teacher: cnn, student: mlp}
+      r56-r20: {teacher: resnet56, student: resnet20, checkpoint: ../shared/data/teachers/cifar10_resnet56.pth}
     methods:                                                # name -> overrides
       student-alone: [teacher.name=null, teacher.checkpoint=null, "losses={task: {type: ce}}", balancer.method=fixed]
       kd-fixed: [balancer.method=fixed, "balancer.options={weights: {distill: 0.9, task: 0.1}}"]
     reference: kd-fixed                                     # the baseline for time ratios and convergence
     grid_prefix: kd-grid                                    # methods tuned on the validation split
 
-Relative ``student_config`` / ``teacher_config`` paths are read from the repository root when
-the matrix file lives in ``configs/``, else from the current directory.
+Relative ``student_config`` / ``teacher_config`` / ``checkpoint`` paths are read from the
+repository root when the matrix file lives in ``configs/``, else from the current directory. A
+pair with a ``checkpoint`` uses that teacher as it is (its ``key_map`` and ``normalize`` come
+from the student config); the others get a teacher trained from ``teacher_config``.
 
 Runs go to ``OUT/<pair>/<method>/seed<k>``; a finished run (``summary.json``) is skipped and a
 killed one resumed, so rerunning the command finishes a partial matrix. ``--parallel N`` runs N
@@ -74,9 +77,13 @@ def load_matrix(path: str | Path) -> Matrix:
     if raw["reference"] not in raw["methods"]:
         raise ValueError(f"{path}: reference {raw['reference']!r} is not one of the methods {list(raw['methods'])}")
     for pair, spec in raw["pairs"].items():
-        if set(spec) != {"teacher", "student"}:
-            raise ValueError(f"{path}: pair {pair!r} must give exactly 'teacher' and 'student', got {sorted(spec)}")
+        if not {"teacher", "student"} <= set(spec) <= {"teacher", "student", "checkpoint"}:
+            raise ValueError(f"{path}: pair {pair!r} must give 'teacher' and 'student' (and optionally 'checkpoint'), "
+                             f"got {sorted(spec)}")
     root = path.parent.parent if path.parent.name == "configs" else Path.cwd()
+    for spec in raw["pairs"].values():
+        if "checkpoint" in spec:
+            spec["checkpoint"] = str(root / spec["checkpoint"])
     return Matrix(
         name=raw["name"], seeds=[int(s) for s in raw["seeds"]], base=[str(o) for o in raw.get("base", [])],
         student_config=root / raw["student_config"], teacher_config=root / raw["teacher_config"],
@@ -103,7 +110,8 @@ def run_matrix(matrix: Matrix, out: Path, *, progress: bool = False, parallel: i
     if parallel > 1 and matrix_path is None:
         raise ValueError("parallel > 1 runs each cell as 'dtokd bench MATRIX --cell ...' and needs matrix_path")
     out.mkdir(parents=True, exist_ok=True)
-    teachers = {pair: _ensure_teacher(matrix, out / "teachers" / spec["teacher"], spec["teacher"], progress)
+    teachers = {pair: Path(spec["checkpoint"]) if "checkpoint" in spec else
+                _ensure_teacher(matrix, out / "teachers" / spec["teacher"], spec["teacher"], progress)
                 for pair, spec in matrix.pairs.items()}
     cells = [(pair, method, seed) for pair in matrix.pairs for method in matrix.methods for seed in matrix.seeds]
     pending = [c for c in cells if not _finished(out / c[0] / c[1] / f"seed{c[2]}")]
@@ -143,7 +151,7 @@ def run_cell(matrix: Matrix, out: Path, pair: str, method: str, seed: int, teach
     if _finished(folder):
         return
     spec = matrix.pairs[pair]
-    teacher = teacher or out / "teachers" / spec["teacher"] / "best.pt"
+    teacher = teacher or Path(spec.get("checkpoint") or out / "teachers" / spec["teacher"] / "best.pt")
     if not teacher.is_file():
         raise FileNotFoundError(f"teacher {spec['teacher']!r} of pair {pair!r} is not trained yet ({teacher}); "
                                 "run the matrix without --cell first")
@@ -151,11 +159,13 @@ def run_cell(matrix: Matrix, out: Path, pair: str, method: str, seed: int, teach
         *matrix.base, f"name={method}", f"seed={seed}", f"student.name={spec['student']}",
         f"teacher.name={spec['teacher']}", f"teacher.checkpoint={teacher}", *matrix.methods[method],
     ])
-    try:
-        train(config, folder, resume=(folder / "checkpoint.pt").is_file(), progress=progress)
+    try:  # the bench owns its cell folders: a cell killed before its first checkpoint starts afresh
+        train(config, folder, resume=(folder / "checkpoint.pt").is_file(), force=True, progress=progress,
+              verbose=progress)
     except ValueError as error:
         if "non-finite" not in str(error):
             raise
+        folder.mkdir(parents=True, exist_ok=True)
         epochs = len(read_jsonl(folder / "metrics.jsonl"))
         (folder / "diverged.json").write_text(json.dumps({"error": str(error), "epochs_completed": epochs}) + "\n")
         print(f"[bench] {pair} {method} seed {seed} diverged in epoch {epochs + 1}: {error}", flush=True)
@@ -198,7 +208,8 @@ def _ensure_teacher(matrix: Matrix, folder: Path, name: str, progress: bool) -> 
     if not (folder / "summary.json").is_file():
         config = load_config(matrix.teacher_config, [f"student.name={name}", f"name=teacher-{name}", "seed=0"])
         print(f"[bench] training teacher {name} into {folder}", flush=True)
-        train(config, folder, resume=(folder / "checkpoint.pt").is_file(), progress=progress)
+        train(config, folder, resume=(folder / "checkpoint.pt").is_file(), force=True, progress=progress,
+              verbose=progress)
     return folder / "best.pt"
 
 

@@ -1,11 +1,15 @@
-"""The ``dtokd`` command: train, distill, eval, report, demo.
+"""The dtokd command: train, distill, eval, report, bench, demo.
 
-    dtokd train   CONFIG [key=value ...] [--out DIR] [--resume]     a model alone (a teacher, or a baseline)
-    dtokd distill CONFIG [key=value ...] [--balancer M] [--out DIR] [--resume]
-    dtokd eval    RUN_DIR [--which best|last]
+    dtokd train   CONFIG [key=value ...] [--out DIR] [--force]          a model alone (a teacher, or a baseline)
+    dtokd distill CONFIG [key=value ...] [--balancer M] [--out DIR] [--force]
+    dtokd distill --resume --out DIR [--extend-epochs N]                 continue a run as saved (train too)
+    dtokd eval    RUN_DIR [--which best|last] [--device D] [--data-root R]
     dtokd report  RUN_DIR [RUN_DIR ...] --out DIR
-    dtokd bench   MATRIX.yaml [--out DIR] [--parallel N]             pairs x methods x seeds, resumable
+    dtokd bench   MATRIX.yaml [--out DIR] [--parallel N]                pairs x methods x seeds, resumable
     dtokd demo    [--out DIR] [--quick]
+
+Errors are one line and exit with status 2 (DTOKD_DEBUG=1 shows the traceback); an interrupted
+run (Ctrl-C) exits with 130 and prints the command that resumes it.
 """
 
 from __future__ import annotations
@@ -20,25 +24,36 @@ from dtokd.train.config import ConfigError, load_config
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config file (see configs/)")
+    parser.add_argument("config", nargs="?", help="YAML config file (see configs/); with --resume, optional: "
+                        "the run's saved config.yaml is used")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1 epochs=20")
-    parser.add_argument("--out", help="run folder (default: runs/<name>)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--out", help="run folder (default: runs/<name>, with -<method> added when --balancer "
+                        "changes the config's method)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, "
+                        "with its saved configuration")
+    parser.add_argument("--extend-epochs", type=int, metavar="N", help="with --resume: lengthen the run to N epochs "
+                        "(the schedule of an N-epoch run applies from the resumed epoch on)")
+    parser.add_argument("--force", action="store_true", help="replace a previous run's files in --out")
     parser.add_argument("--data-root", help="where the data set lives (same as data.root=...)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (the per-epoch lines stay)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dtokd.balancing import BALANCERS
+
     parser = argparse.ArgumentParser(prog="dtokd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _common(sub.add_parser("train", help="train a model alone (a teacher, or a student baseline)"))
     distill = sub.add_parser("distill", help="distil a teacher into a student with a balancer")
     _common(distill)
-    distill.add_argument("--balancer", help="balancing method (same as balancer.method=...)")
-    evaluate = sub.add_parser("eval", help="evaluate a run's model on its test split")
+    distill.add_argument("--balancer", choices=BALANCERS, metavar="METHOD",
+                         help=f"balancing method (same as balancer.method=...): {', '.join(BALANCERS)}")
+    evaluate = sub.add_parser("eval", help="evaluate a run's model on its test split, with the run's data settings")
     evaluate.add_argument("run", help="run folder")
     evaluate.add_argument("--which", choices=("best", "last"), default="best")
     evaluate.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    evaluate.add_argument("--data-root", help="where the data set lives now, if it moved (data.root)")
+    evaluate.add_argument("--quiet", action="store_true", help="print only the result")
     report = sub.add_parser("report", help="plots and a markdown table from run folders")
     report.add_argument("runs", nargs="+")
     report.add_argument("--out", required=True)
@@ -62,21 +77,52 @@ def _run_training(args: argparse.Namespace, distill: bool) -> int:
     from dtokd.train import train
 
     overrides = list(args.overrides)
+    if args.config is not None and "=" in args.config and not Path(args.config).exists():
+        overrides.insert(0, args.config)  # `dtokd distill --resume --out DIR key=value`: no config file given
+        args.config = None
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
     if distill and args.balancer:
         overrides.append(f"balancer.method={args.balancer}")
-    config = load_config(args.config, overrides)
-    if distill and not config.teacher.name:
-        raise ConfigError("dtokd distill needs a teacher: set teacher.name and teacher.checkpoint")
-    if not distill and config.teacher.name:
-        raise ConfigError("dtokd train trains a model alone; this config names a teacher: use dtokd distill")
-    folder = Path(args.out or Path("runs") / config.name)
-    summary = train(config, folder, resume=args.resume, progress=not args.quiet)
+    if args.config is None:
+        if not args.resume:
+            raise ConfigError(f"dtokd {args.command} needs a CONFIG file (or --resume --out RUN_DIR)")
+        if not args.out:
+            raise ConfigError("--resume without a CONFIG needs --out RUN_DIR: the run whose saved config is used")
+        config = load_config(Path(args.out) / "config.yaml", overrides) if overrides else None
+    else:
+        config = load_config(args.config, overrides)
+    if config is not None:
+        if distill and not config.teacher.name:
+            raise ConfigError("dtokd distill needs a teacher: set teacher.name and teacher.checkpoint")
+        if not distill and config.teacher.name:
+            raise ConfigError("dtokd train trains a model alone; this config names a teacher: use dtokd distill")
+    folder = Path(args.out) if args.out else _default_folder(args, config)
+    try:
+        summary = train(config, folder, resume=args.resume, force=args.force, extend_epochs=args.extend_epochs,
+                        progress=not args.quiet, config_file=Path(args.config) if args.config else None)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            if (folder / "checkpoint.pt").is_file():
+                print(f"\ninterrupted; the last checkpoint is kept. Resume with:\n  dtokd {args.command} --resume "
+                      f"--out {folder}", file=sys.stderr)
+            else:
+                print("\ninterrupted before the first checkpoint; nothing was kept", file=sys.stderr)
+        return 130
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=2))
         print(f"run folder: {folder}")
     return 0
+
+
+def _default_folder(args: argparse.Namespace, config) -> Path:
+    """``runs/<name>``, with ``-<method>`` added when ``--balancer`` changed the file's method."""
+    name = config.name
+    if getattr(args, "balancer", None):
+        in_file = load_config(args.config).balancer.method
+        if in_file != args.balancer:
+            name = f"{name}-{args.balancer}"
+    return Path("runs") / name
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -88,7 +134,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from dtokd.train.distributed import resolve_device
 
     folder = Path(args.run)
-    config = load_config(folder / "config.yaml")
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # no data-reading progress bars
+    config = load_config(folder / "config.yaml", [f"data.root={args.data_root}"] if args.data_root else [])
     device = resolve_device(args.device)
     data = build_data(config.data.name, config.data.root, val_fraction=config.data.val_fraction, seed=config.seed,
                       augment=False, image_size=config.data.image_size, limit_train=config.data.limit_train,
@@ -110,41 +158,48 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        if args.command in ("train", "distill"):
-            return _run_training(args, args.command == "distill")
-        if args.command == "eval":
-            return _evaluate(args)
-        if args.command == "report":
-            from dtokd.report import report
-
-            print(f"report: {report(args.runs, args.out)}")
-            return 0
-        if args.command == "bench":
-            from dtokd.bench import CellsFailed, aggregate, load_matrix, run_cell, run_matrix
-
-            matrix = load_matrix(args.matrix)
-            out = Path(args.out or Path("runs") / f"bench_{Path(args.matrix).stem}")
-            if args.cell:
-                pair, method, seed = args.cell
-                if not seed.lstrip("-").isdigit():
-                    raise ValueError(f"--cell SEED must be an integer, got {seed!r}")
-                run_cell(matrix, out, pair, method, int(seed), progress=args.progress)
-                return 0
-            try:
-                path = aggregate(matrix, out) if args.aggregate_only else run_matrix(
-                    matrix, out, progress=args.progress, parallel=args.parallel, matrix_path=Path(args.matrix))
-            except CellsFailed as error:
-                print(f"dtokd bench: {error}", file=sys.stderr)
-                return 1
-            print(f"results: {path}")
-            return 0
-        from dtokd.demo import run_demo
-
-        run_demo(Path(args.out), quick=args.quick, data_root=args.data_root)
-        return 0
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"dtokd {args.command}: error: {error}", file=sys.stderr)
+        return _dispatch(args)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
+        if os.environ.get("DTOKD_DEBUG") == "1":
+            raise
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"dtokd {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("train", "distill"):
+        return _run_training(args, args.command == "distill")
+    if args.command == "eval":
+        return _evaluate(args)
+    if args.command == "report":
+        from dtokd.report import report
+
+        print(f"report: {report(args.runs, args.out)}")
+        return 0
+    if args.command == "bench":
+        from dtokd.bench import CellsFailed, aggregate, load_matrix, run_cell, run_matrix
+
+        matrix = load_matrix(args.matrix)
+        out = Path(args.out or Path("runs") / f"bench_{Path(args.matrix).stem}")
+        if args.cell:
+            pair, method, seed = args.cell
+            if not seed.lstrip("-").isdigit():
+                raise ValueError(f"--cell SEED must be an integer, got {seed!r}")
+            run_cell(matrix, out, pair, method, int(seed), progress=args.progress)
+            return 0
+        try:
+            path = aggregate(matrix, out) if args.aggregate_only else run_matrix(
+                matrix, out, progress=args.progress, parallel=args.parallel, matrix_path=Path(args.matrix))
+        except CellsFailed as error:
+            print(f"dtokd bench: {error}", file=sys.stderr)
+            return 1
+        print(f"results: {path}")
+        return 0
+    from dtokd.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, data_root=args.data_root)
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ and write a report with plots."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -41,19 +40,15 @@ def run_demo(out: Path, *, quick: bool = False, data_root: str | None = None) ->
     else:
         print(f"[demo] training the teacher ({teacher_cfg.student.name}, {teacher_cfg.epochs} epochs) into {teacher_dir}")
         resume = (teacher_dir / "checkpoint.pt").is_file() and _same_config(teacher_dir, teacher_cfg)
-        if not resume and teacher_dir.exists():
-            shutil.rmtree(teacher_dir)
-        train(teacher_cfg, teacher_dir, resume=resume)
+        train(teacher_cfg, teacher_dir, resume=resume, force=True)  # force: replaces only a previous run's files
     folders, times = [], {}
     for name, overrides in VARIANTS.items():
         folder = out / name
-        if folder.exists():
-            shutil.rmtree(folder)
         cfg = load_config(configs / "fmnist_distill_mlp.yaml",
                           common + [f"name={name}", f"teacher.checkpoint={teacher_dir / 'best.pt'}"] + overrides)
         print(f"[demo] training the student: {name}")
         began = time.perf_counter()
-        train(cfg, folder)
+        train(cfg, folder, force=True)
         times[name] = time.perf_counter() - began
         folders.append(folder)
     path = report(folders, out / "report")

@@ -12,19 +12,28 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dtokd.train.config import Config, load_config  # noqa: E402
+from dtokd.train.loop import summarize  # noqa: E402
 from dtokd.train.records import read_jsonl  # noqa: E402
 
 
 def load_run(folder: Path) -> dict[str, Any]:
+    """A run folder's records; an unfinished run's summary is computed from its epochs so far."""
     folder = Path(folder)
     summary_path = folder / "summary.json"
     if not (folder / "metrics.jsonl").is_file():
         raise FileNotFoundError(f"{folder} is not a run folder (no metrics.jsonl)")
+    metrics = read_jsonl(folder / "metrics.jsonl")
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+    else:
+        config = load_config(folder / "config.yaml") if (folder / "config.yaml").is_file() else Config()
+        summary = {**summarize(metrics, config), "unfinished": True}
     return {
         "folder": folder,
-        "name": folder.name,
-        "summary": json.loads(summary_path.read_text()) if summary_path.is_file() else {},
-        "metrics": read_jsonl(folder / "metrics.jsonl"),
+        "name": folder.name + ("" if summary_path.is_file() else " (unfinished)"),
+        "summary": summary,
+        "metrics": metrics,
         "steps": read_jsonl(folder / "steps.jsonl"),
         "teacher": json.loads((folder / "teacher.json").read_text()) if (folder / "teacher.json").is_file() else {},
     }

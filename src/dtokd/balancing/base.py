@@ -54,6 +54,7 @@ those of the global batch by default.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -62,6 +63,7 @@ from torch import Tensor
 
 from dtokd.balancing.distributed import Sync
 from dtokd.balancing.engines import ObjectiveGradients, weighted_sum_backward
+from dtokd.balancing.rules import ZERO_GRADIENT
 from dtokd.balancing.stepinfo import OVERFLOW, StepInfo
 
 Rescale = Literal["none", "unit-sum"]
@@ -107,6 +109,7 @@ class Balancer:
         self.sync = sync if sync is not None else Sync("global")
         self.names: tuple[str, ...] | None = None
         self._unchecked: StepInfo | None = None  # the last step, while its checks are deferred
+        self._zero_gradient_warned: set[str] = set()
 
     # -- to be provided by subclasses -------------------------------------------------------
     def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
@@ -176,6 +179,8 @@ class Balancer:
                 return self._nonfinite_gradients(values, gradients, raw_gram, scaling, device)
         pi, coefficients = self._coefficients(self._weights(gram if self.needs_gram else None, values), divisors)
         self._write(gradients, scaled, coefficients)
+        if raw_gram is not None:
+            self._warn_zero_gradients(raw_gram, pi)
         return StepInfo(self.names, values, pi, coefficients, gram, raw_gram, device=device)  # type: ignore[arg-type]
 
     def _weights_on_device(self, gram: Tensor | None, loss_values: Tensor) -> Tensor | None:
@@ -249,6 +254,22 @@ class Balancer:
             problem = f"non-finite gradients for loss(es) {self._nonfinite_diagonal(raw_gram)}"
         if problem:
             raise ValueError(deferred_message(problem) if deferred else problem)
+        if raw_gram is not None and not info.skipped:
+            self._warn_zero_gradients(raw_gram, info.weight_values)
+
+    def _warn_zero_gradients(self, raw_gram: Tensor, weights: Tensor) -> None:
+        """Warn, once per objective, when its gradient was exactly zero at a step (a loss that
+        does not depend on the trained parameters, or sits at a flat point), with the weight
+        the rule gave it (DTO leaves it out: weight 0; ``ZERO_GRADIENT`` as in the rule)."""
+        diagonal, listed = raw_gram.diagonal().tolist(), weights.tolist()
+        threshold = ZERO_GRADIENT * sum(diagonal)
+        for name, norm2, weight in zip(self.names, diagonal, listed):  # type: ignore[arg-type]
+            if norm2 <= threshold and name not in self._zero_gradient_warned:
+                self._zero_gradient_warned.add(name)
+                warnings.warn(f"{type(self).__name__}: the gradient of loss {name!r} was zero at a step "
+                              f"(a loss that does not depend on the trained parameters, or a flat point); "
+                              f"its weight there: {weight:.4g}. This warning is shown once per loss.",
+                              RuntimeWarning, stacklevel=3)
 
     # -- helpers ----------------------------------------------------------------------------
     def _coefficients(self, weights: Tensor, divisors: Tensor) -> tuple[Tensor, Tensor]:

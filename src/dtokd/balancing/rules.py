@@ -30,6 +30,9 @@ from torch import Tensor
 from dtokd.balancing._qp import solve_bounded_min_norm
 
 DEFAULT_RTOL = 1e-6
+ZERO_GRADIENT = 1e-20
+"""A gradient counts as zero for :func:`dto` when ``G_ii <= ZERO_GRADIENT * trace(G)``: a norm
+below 1e-10 of the others' (real KD gradients differ by 1e-4 to 1e-5 in norm: far above it)."""
 """Relative tolerance below which a curvature of the Gram counts as zero (``* trace(G)``)."""
 
 
@@ -54,7 +57,14 @@ def dto(
     opposite gradients give ``pi = (1/2, 1/2)`` and ``g* = 0``. Curvatures of ``N^T G N``
     below ``rtol * trace(G)`` are treated as zero.
 
-    ``constraint="simplex"`` adds ``pi >= 0``: the MGDA problem, solved exactly.
+    An objective whose gradient is zero (``G_ii <= ZERO_GRADIENT * trace(G)``: its loss does not depend
+    on the parameters, or sits at a flat point) is left out of the affine problem with weight
+    0: kept in, the zero vector would be an affine combination and ``g* = 0`` would stop
+    training for every objective (the paper does not treat this case). If every gradient is
+    zero the weights are ``1/m``.
+
+    ``constraint="simplex"`` adds ``pi >= 0``: the MGDA problem, solved exactly (a zero
+    gradient there is Pareto stationarity, and gives ``g* = 0`` as MGDA defines).
     """
     _check_positive("rtol", rtol)
     if constraint == "simplex":
@@ -67,6 +77,11 @@ def dto(
         return _dto_two(g, rtol).to(gram.dtype)
     if m == 1:
         return torch.ones(1, dtype=gram.dtype, device=gram.device)
+    live = g.diagonal() > ZERO_GRADIENT * g.trace()
+    if 0 < int(live.sum()) < m:  # leave the zero gradients out
+        result = torch.zeros(m, dtype=torch.float64, device=g.device)
+        result[live] = dto(g[live][:, live], rtol=rtol).to(torch.float64)
+        return result.to(gram.dtype)
     basis = _complement_of_ones(m, g.device)
     centre = torch.full((m,), 1.0 / m, dtype=torch.float64, device=g.device)
     reduced = basis.T @ g @ basis
@@ -76,11 +91,16 @@ def dto(
 
 def _dto_two(g: Tensor, rtol: float) -> Tensor:
     """Theorem 3.1 in closed form, without host synchronisation (``torch.where``): on a GPU
-    Gram the weights stay on the GPU. ``(pi_1, pi_2) = (G22 - G12, G11 - G12) / denominator``."""
-    numerators = g.diagonal().flip(0) - g[0, 1]
+    Gram the weights stay on the GPU. ``(pi_1, pi_2) = (G22 - G12, G11 - G12) / denominator``;
+    one zero gradient: all the weight on the other (see :func:`dto`)."""
+    diagonal = g.diagonal()
+    numerators = diagonal.flip(0) - g[0, 1]
     denominator = numerators.sum()
     degenerate = denominator <= rtol * g.trace()
-    return torch.where(degenerate, 0.5, numerators / denominator)
+    pi = torch.where(degenerate, 0.5, numerators / denominator)
+    zero = diagonal <= ZERO_GRADIENT * g.trace()
+    only_one = zero[0] ^ zero[1]
+    return torch.where(only_one, (~zero).to(torch.float64), pi)
 
 
 def _complement_of_ones(m: int, device: torch.device) -> Tensor:

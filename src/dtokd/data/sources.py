@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import os
 import pickle
+import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,12 +101,12 @@ def _read_fashion(folder: Path) -> RawSplits:
 def load_image_folder(path: str | Path, image_size: int) -> RawSplits:
     """An ImageNet-layout folder (``train/<class>/*`` and ``val/`` or ``test/``), or a ``.tar.gz``
     of one (extracted once into the cache). Images are resized to ``image_size`` squares and kept
-    in memory as uint8, cached as a tensor file for reruns."""
+    in memory as uint8, cached as a tensor file for reruns, keyed by the content's identity
+    (:func:`content_key`): adding, removing or changing any file reads the images anew."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image folder or archive {str(path)!r} does not exist")
-    stat = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime}:{image_size}".encode()).hexdigest()[:16]
+    key = content_key(path, image_size)
     cached = cache_dir() / "tensors" / f"{path.name}-{key}.pt"
     if cached.is_file():
         return RawSplits(**torch.load(cached, weights_only=False))
@@ -125,13 +126,31 @@ def load_image_folder(path: str | Path, image_size: int) -> RawSplits:
     return splits
 
 
+def content_key(path: Path, image_size: int) -> str:
+    """A key that changes with the content: for an archive, its path, size and modification
+    time (ns); for a folder, the relative path, size and modification time of every file in it."""
+    digest = hashlib.sha1(f"{path.resolve()}:{image_size}".encode())
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if file != path else ''}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def _extracted(archive: Path, key: str) -> Path:
     target = cache_dir() / "extracted" / f"{archive.name}-{key}"
     done = target / ".complete"
     if not done.is_file():
-        target.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(target, filter="data")
+        if target.exists():
+            shutil.rmtree(target)  # an extraction that was interrupted
+        target.mkdir(parents=True)
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(target, filter="data")
+        except (tarfile.TarError, EOFError, OSError) as error:
+            shutil.rmtree(target, ignore_errors=True)
+            raise ValueError(f"data.root={str(archive)!r} is not a readable .tar.gz of an image folder "
+                             f"({type(error).__name__}: {error}); give a folder or an intact archive") from None
         done.touch()
     return target
 
@@ -150,12 +169,15 @@ def _read_images(folder: Path, classes: tuple[str, ...], image_size: int) -> tup
 
     files = [(f, label) for label, c in enumerate(classes) for f in sorted((folder / c).iterdir()) if f.is_file()]
     images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
-    for i, (file, _) in enumerate(tqdm(files, desc=f"reading {folder.name}", unit="img", leave=False)):
-        with Image.open(file) as image:
-            image = image.convert("RGB")
-            if image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), Image.BILINEAR)
-            images[i] = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    for i, (file, _) in enumerate(tqdm(files, desc=f"reading {folder.name}", unit="img", leave=False, disable=None)):
+        try:
+            with Image.open(file) as image:
+                image = image.convert("RGB")
+                if image.size != (image_size, image_size):
+                    image = image.resize((image_size, image_size), Image.BILINEAR)
+                images[i] = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        except OSError as error:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise ValueError(f"{file} is not a readable image ({error}); remove it from the image folder") from None
     return images, torch.tensor([label for _, label in files], dtype=torch.int64)
 
 

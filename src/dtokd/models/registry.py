@@ -74,13 +74,27 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
 
 
 def read_weights(path: str | Path) -> tuple[dict, dict]:
-    """A local weights file as ``(state_dict, identity)``: a plain state dict, or a dtokd
-    checkpoint's ``model`` with its ``identity`` (model name, classes; empty for plain files)."""
+    """A local weights file as ``(state_dict, identity)``: a plain state dict, or the model of a
+    dtokd run's ``best.pt`` with its ``identity`` (model name, classes; empty for plain files)
+    and its checksum verified. Read with ``weights_only=True``: no code in the file runs."""
+    from dtokd.train.checkpoint import FORMAT, verify_checksum
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means the file is not plain weights
+        hint = ("; a run's checkpoint.pt holds the whole training state: give its best.pt"
+                if path.name == "checkpoint.pt" else "")
+        raise ValueError(f"weights file {str(path)!r} is not a readable state dict "
+                         f"({type(error).__name__}: {' '.join(str(error).split())[:160]}){hint}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"weights file {str(path)!r} holds a {type(state).__name__}, not a state dict")
+    if state.get("format") == FORMAT:
+        verify_checksum(state, path)
+        return state["model"], dict(state.get("identity") or {})
+    if "model" in state and isinstance(state["model"], dict):  # a dtokd best.pt from before the format mark
         return state["model"], dict(state.get("identity") or {})
     return state, {}
 

@@ -3,11 +3,14 @@
 A checkpoint holds the state of everything a run needs to continue exactly: student,
 projectors, optimizer, scheduler, balancer, grad scaler, RNG states, the next epoch, the
 history of metrics, and an identity (student name, number of classes, loss names) that a
-resumed run must match.
+resumed run must match. It carries a SHA-256 :func:`checksum` of its content (every tensor's
+bytes, dtype and shape, every other value's representation, in order), verified on load: a
+file whose bytes changed on disk is refused rather than silently loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -19,10 +22,40 @@ import torch
 FORMAT = "dtokd-checkpoint-v1"
 
 
+def checksum(state: Any) -> str:
+    """SHA-256 over the content of a nested state (dicts, lists, tuples, tensors, arrays, values)."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        elif isinstance(value, np.ndarray):
+            digest.update(f"A{value.dtype}{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for key, item in value.items():
+                digest.update(repr(key).encode())
+                feed(item)
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[" if isinstance(value, list) else b"(")
+            for item in value:
+                feed(item)
+            digest.update(b"]")
+        else:
+            digest.update(repr(value).encode())
+
+    feed(state)
+    return digest.hexdigest()
+
+
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, **state}, temporary)
+    content = {"format": FORMAT, **state}
+    torch.save({**content, "checksum": checksum(content)}, temporary)
     with open(temporary, "rb") as f:
         os.fsync(f.fileno())
     os.replace(temporary, path)
@@ -39,12 +72,24 @@ def load_checked(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
                          "it was left untouched") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a dtokd checkpoint (format {state.get('format') if isinstance(state, dict) else type(state).__name__})")
+    verify_checksum(state, path)
     saved = state.get("identity", {})
     mismatched = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
     if mismatched:
         details = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in mismatched.items())
         raise ValueError(f"checkpoint {path} belongs to a different run ({details}); it was left untouched")
     return state
+
+
+def verify_checksum(state: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint whose content no longer matches the checksum written with it."""
+    content = {k: v for k, v in state.items() if k != "checksum"}
+    if "checksum" not in state:
+        raise ValueError(f"checkpoint {path} has no checksum (written by a dtokd older than the checksums); "
+                         "it cannot be verified and was left untouched")
+    if checksum(content) != state["checksum"]:
+        raise ValueError(f"checkpoint {path} is corrupt: its content does not match the checksum written with it "
+                         "(bytes changed on disk); it was left untouched")
 
 
 def rng_state() -> dict[str, Any]:

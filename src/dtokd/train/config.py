@@ -117,12 +117,30 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_one_line(error)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     for item in overrides:
         apply_override(raw, item)
-    return from_dict(Config, raw, "")
+    return validate(from_dict(Config, raw, ""))
+
+
+def validate(config: Config) -> Config:
+    """Range checks that the types alone do not express; the errors name key, value and range."""
+    checks = [("epochs", config.epochs, 0), ("batch_size", config.batch_size, 1),
+              ("eval_batch_size", config.eval_batch_size, 1), ("log_every", config.log_every, 1),
+              ("data.image_size", config.data.image_size, 1)]
+    if config.data.limit_train is not None:
+        checks.append(("data.limit_train", config.data.limit_train, 1))
+    for key, value, least in checks:
+        if value < least:
+            raise ConfigError(f"{key}={value} is not allowed; it must be an integer >= {least}")
+    if not 0.0 <= config.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={config.data.val_fraction} is not allowed; it must be in [0, 1)")
+    return config
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -138,7 +156,11 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(text)
+    try:
+        node[parts[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_one_line(error)}); quote lists and "
+                          "mappings, e.g. 'optim.milestones=[150, 180]'") from None
 
 
 def from_dict(cls: type, raw: Any, where: str) -> Any:
@@ -193,6 +215,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
 
 def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def _join(where: str, key: str) -> str:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +31,72 @@ from dtokd.models.foreign import Renormalize, WithInput, check_normalize, remap_
 from dtokd.models.registry import apply_weights, read_weights
 from dtokd.train import checkpoint as ckpt
 from dtokd.train import distributed
-from dtokd.train.config import Config, to_dict
+from dtokd.train.config import Config, ConfigError, load_config, to_dict
 from dtokd.train.optim import make_optimizer, make_scheduler
 from dtokd.train.records import MetricLog, metadata, write_yaml
+from dtokd.train.run_folder import config_for_resume, prepare_fresh, record_extension, remove_partial_run
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def train(config: Config, folder: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train (or distil) as configured, keeping everything in ``folder``; returns the summary."""
+def train(config: Config | None, folder: str | Path, *, resume: bool = False, force: bool = False,
+          extend_epochs: int | None = None, progress: bool = True, verbose: bool = True,
+          config_file: Path | None = None) -> dict[str, Any]:
+    """Train (or distil) as configured, keeping everything in ``folder``; returns the summary.
+
+    A fresh run needs a missing or empty ``folder`` (``force``: one holding only a previous
+    run's files, which are replaced); if it fails or is interrupted before its first
+    checkpoint, the files it wrote are removed. ``resume=True`` continues the run saved in
+    ``folder`` from its checkpoint to the same result as an uninterrupted run; ``config`` (None:
+    the saved one) must equal the saved configuration, except for ``epochs`` raised by
+    ``extend_epochs`` (see :mod:`dtokd.train.run_folder`). ``progress``: progress bars (drawn
+    on a terminal only); ``verbose``: a line per epoch. ``config_file``: the user's config
+    file, which the run must never replace.
+    """
     folder = Path(folder)
-    checkpoint_path = folder / "checkpoint.pt"
-    if checkpoint_path.exists() and not resume:
-        raise FileExistsError(f"{folder} already holds a run (checkpoint.pt); pass --resume to continue it "
-                              "or choose another output folder")
+    saved_epochs = None
+    if resume:
+        saved_epochs = load_config(folder / "config.yaml").epochs if (folder / "config.yaml").is_file() else None
+        config = config_for_resume(folder, config, extend_epochs=extend_epochs)
+    elif extend_epochs is not None:
+        raise ConfigError("--extend-epochs lengthens a saved run: use it with --resume")
+    elif config is None:
+        raise ConfigError("a fresh run needs a configuration")
+    parts = _build(config, verbose)
+    if not resume:
+        prepare_fresh(folder, force=force, config_file=config_file, remove=parts.ranks.main)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(config, folder, parts, resume=resume, saved_epochs=saved_epochs, extend_epochs=extend_epochs,
+                    progress=progress and sys.stderr.isatty(), verbose=verbose)
+    except BaseException:
+        if not resume and parts.ranks.main and not (folder / "checkpoint.pt").exists():
+            remove_partial_run(folder, created)  # nothing half-written stays behind
+        raise
+
+
+@dataclass
+class _Parts:
+    """Everything a run is built from, before it touches its folder."""
+
+    ranks: distributed.Ranks
+    device: torch.device
+    data: DataBundle
+    student: nn.Module
+    teacher: nn.Module | None
+    teacher_input: nn.Module | None
+    distiller: Distiller
+    forward: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    balancer: Balancer
+    scaler: torch.amp.GradScaler
+    identity: dict[str, Any]
+
+
+def _build(config: Config, verbose: bool) -> _Parts:
+    """Data, models, balancer and optimizer from ``config``; every setting is checked here."""
     if config.amp not in AMP_DTYPES:
         raise ValueError(f"amp={config.amp!r} is not allowed; use one of {list(AMP_DTYPES)}")
     ranks, device = distributed.setup(config.device, config.batch_size)
@@ -64,7 +118,7 @@ def train(config: Config, folder: str | Path, *, resume: bool = False, progress:
             if model is not None:
                 model.to(memory_format=torch.channels_last)
     data = place_data(data, device, config.data.placement)
-    if ranks.main and progress:
+    if ranks.main and verbose:
         where = "the device" if data.train.device.type != "cpu" else "the host"
         print(f"[{config.name}] device {device}{' (auto)' if config.device == 'auto' else ''}; "
               f"training images on {where}", flush=True)
@@ -76,51 +130,61 @@ def train(config: Config, folder: str | Path, *, resume: bool = False, progress:
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     identity = {"student": config.student.name, "num_classes": data.num_classes, "losses": list(distiller.specs),
                 "balancer": config.balancer.method, "teacher": config.teacher.name}
-    folder.mkdir(parents=True, exist_ok=True)
-    log = MetricLog(folder, enabled=ranks.main)
-    progress = progress and ranks.main
+    return _Parts(ranks, device, data, student, teacher, teacher_input, distiller, forward, optimizer, scheduler,
+                  balancer, scaler, identity)
+
+
+def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs: int | None,
+         extend_epochs: int | None, progress: bool, verbose: bool) -> dict[str, Any]:
+    """The run in its folder: restore (or record the set-up), teacher check, epochs, summary."""
+    checkpoint_path = folder / "checkpoint.pt"
+    log = MetricLog(folder, enabled=p.ranks.main)
+    progress, verbose = progress and p.ranks.main, verbose and p.ranks.main
     start_epoch, history = 0, []
     if resume:
-        state = ckpt.load_checked(checkpoint_path, identity)
-        student.load_state_dict(state["student"])
-        distiller.projectors.load_state_dict(state["projectors"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        balancer.load_state_dict(state["balancer"])
-        scaler.load_state_dict(state["scaler"])
+        state = ckpt.load_checked(checkpoint_path, p.identity)
+        p.student.load_state_dict(state["student"])
+        p.distiller.projectors.load_state_dict(state["projectors"])
+        p.optimizer.load_state_dict(state["optimizer"])
+        p.scheduler.load_state_dict(state["scheduler"])
+        p.balancer.load_state_dict(state["balancer"])
+        p.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         start_epoch, history = state["epoch"], state["history"]
         log.truncate_after(start_epoch)
-    elif ranks.main:
-        log.truncate_after(0)  # a fresh start: drop what an attempt killed before its first checkpoint logged
+        if extend_epochs is not None and p.ranks.main:
+            record_extension(folder, config, saved_epochs or start_epoch, start_epoch)
+    elif p.ranks.main:
         write_yaml(folder / "config.yaml", to_dict(config))
-        meta = {**metadata(config.seed), "device": str(device), "training_images_on": str(data.train.device),
-                "deferred_checks": balancer.deferred_checks}
+        meta = {**metadata(config.seed), "device": str(p.device), "training_images_on": str(p.data.train.device),
+                "deferred_checks": p.balancer.deferred_checks}
         (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    teacher_metrics = _teacher_accuracy(config, folder, teacher, teacher_input, data, device, ranks.main, progress)
+    teacher_metrics = _teacher_accuracy(config, folder, p.teacher, p.teacher_input, p.data, p.device, p.ranks.main,
+                                        verbose)
     if config.compile != "none":
-        student.compile(mode=config.compile)
+        p.student.compile(mode=config.compile)
     try:
         for epoch in range(start_epoch, config.epochs):
-            row = _train_epoch(config, forward, distiller, balancer, optimizer, scaler, data, epoch, device, log,
-                               progress, ranks)
-            scheduler.step()
+            row = _train_epoch(config, p.forward, p.distiller, p.balancer, p.optimizer, p.scaler, p.data, epoch,
+                               p.device, log, progress, p.ranks)
+            p.scheduler.step()
             for split in ("val", "test"):
-                row.update(_prefixed(split, evaluate(student, getattr(data, split), config.eval_batch_size, device,
-                                                     channels_last=config.channels_last)))
+                row.update(_prefixed(split, evaluate(p.student, getattr(p.data, split), config.eval_batch_size,
+                                                     p.device, channels_last=config.channels_last)))
             history.append(row)
             log.write("metrics.jsonl", row, epoch)
-            if ranks.main and _is_best(history):
-                ckpt.save_atomic({"model": student.state_dict(), "identity": identity, "epoch": epoch + 1}, folder / "best.pt")
-            if ranks.main:
+            if p.ranks.main and _is_best(history):
+                ckpt.save_atomic({"model": p.student.state_dict(), "identity": p.identity, "epoch": epoch + 1},
+                                 folder / "best.pt")
+            if p.ranks.main:
                 ckpt.save_atomic({
-                "identity": identity, "epoch": epoch + 1, "history": history, "student": student.state_dict(),
-                "projectors": distiller.projectors.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "balancer": balancer.state_dict(), "scaler": scaler.state_dict(),
-                "rng": ckpt.rng_state(),
+                    "identity": p.identity, "epoch": epoch + 1, "history": history, "student": p.student.state_dict(),
+                    "projectors": p.distiller.projectors.state_dict(), "optimizer": p.optimizer.state_dict(),
+                    "scheduler": p.scheduler.state_dict(), "balancer": p.balancer.state_dict(),
+                    "scaler": p.scaler.state_dict(), "rng": ckpt.rng_state(),
                 }, checkpoint_path)
-            ranks.barrier()
-            if progress:
+            p.ranks.barrier()
+            if verbose:
                 print(f"[{config.name}] epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f} "
                       f"val top1 {row.get('val_top1', float('nan')):.2f} test top1 {row['test_top1']:.2f} "
                       f"({row['epoch_seconds']:.1f}s)", flush=True)
@@ -129,7 +193,7 @@ def train(config: Config, folder: str | Path, *, resume: bool = False, progress:
     summary = summarize(history, config)
     if teacher_metrics:
         summary["teacher"] = teacher_metrics
-    if ranks.main:
+    if p.ranks.main:
         (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -217,7 +281,10 @@ def _make_balancer(config: Config, distiller: Distiller, params: list[torch.Tens
     options = dict(cfg.options)
     if cfg.method == "fixed" and "weights" not in options and len(distiller.specs) == 1:
         options["weights"] = [1.0]  # a single loss: the plain backward pass
-    balancer = make_balancer(cfg.method, params, engine=cfg.engine, gram_params=gram_params, **options)
+    try:
+        balancer = make_balancer(cfg.method, params, engine=cfg.engine, gram_params=gram_params, **options)
+    except TypeError as error:  # an option the method does not take, or a missing one
+        raise ValueError(f"balancer.options={cfg.options!r} for method {cfg.method!r}: {error}") from None
     if "deferred_checks" not in options and balancer.can_defer_checks(len(distiller.specs)):
         # the default wherever every step allows it: no host wait per step, checks before each checkpoint
         balancer = make_balancer(cfg.method, params, engine=cfg.engine, gram_params=gram_params,

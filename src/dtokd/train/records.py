@@ -85,8 +85,7 @@ class MetricLog:
         for file in ("metrics.jsonl", "steps.jsonl"):
             path = self.folder / file
             if path.is_file():
-                rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-                kept = [r for r in rows if r.get("epoch", 0) < epoch]
+                kept = [r for r in read_jsonl(path) if r.get("epoch", 0) < epoch]
                 path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def close(self) -> None:
@@ -95,6 +94,19 @@ class MetricLog:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file (none if it is missing); a line that is not one is
+    an error naming the file and the line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not a JSON object ({error.msg}): {line[:60]!r}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {number}: not a JSON object: {line[:60]!r}")
+        rows.append(row)
+    return rows

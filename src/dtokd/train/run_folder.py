@@ -1,0 +1,133 @@
+"""What may be written into a run folder, and what a resumed run must agree with.
+
+- A fresh run writes into a missing or empty folder. ``force=True`` also accepts a folder that
+  holds only a previous dtokd run's files (:data:`RUN_FILES`), which are removed first; any
+  other file in it (a user's own) makes the run refuse, with or without ``force``.
+- A resumed run continues the run **as saved** in the folder's ``config.yaml``: a configuration
+  that differs from it is refused with the differences named, except the settings that do not
+  change what is computed (:data:`RESUMABLE_CHANGES`) and a longer schedule asked for with
+  ``extend_epochs`` (the learning-rate schedule of the longer run applies from the resumed
+  epoch on; the extension is recorded in ``meta.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from dtokd.train.config import Config, ConfigError, load_config, to_dict
+
+RUN_FILES = frozenset({
+    "config.yaml", "meta.json", "metrics.jsonl", "steps.jsonl", "summary.json", "teacher.json", "best.pt",
+    "checkpoint.pt", "best.pt.tmp", "checkpoint.pt.tmp", "tensorboard", "diverged.json", "bench.log",
+})
+"""Every entry a dtokd run (or a bench cell) writes into its folder."""
+
+KEPT_ON_FORCE = frozenset({"bench.log"})  # the bench's own log of a cell, appended to
+
+RESUMABLE_CHANGES = frozenset({"device", "data.placement"})
+"""Settings a resumed run may change: where it runs, not what it computes."""
+
+
+def prepare_fresh(folder: Path, *, force: bool, config_file: Path | None = None, remove: bool = True) -> None:
+    """Make sure a fresh run may write into ``folder`` (see the module notes); with ``force``,
+    remove the previous run's files (where ``remove``: one process of a distributed run does).
+    ``config_file``: the user's config, never to be replaced."""
+    if config_file is not None and config_file.resolve().parent == folder.resolve() and config_file.name in RUN_FILES:
+        raise FileExistsError(f"the run would write {folder / config_file.name}, which is the config file given; "
+                              "choose another --out folder")
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise FileExistsError(f"--out {str(folder)!r} exists and is not a folder")
+    entries = sorted(p.name for p in folder.iterdir())
+    if not entries or set(entries) <= KEPT_ON_FORCE:
+        return
+    foreign = [name for name in entries if name not in RUN_FILES]
+    if foreign:
+        raise FileExistsError(f"{folder} holds files that are not a dtokd run's ({_listing(foreign)}); nothing was "
+                              "written: choose another --out folder")
+    if not force:
+        what = "a run (checkpoint.pt); pass --resume to continue it" if "checkpoint.pt" in entries else \
+            f"a previous run's files ({_listing(entries)})"
+        raise FileExistsError(f"{folder} already holds {what}, or pass --force to replace it, or choose another "
+                              "--out folder; nothing was written")
+    if remove:
+        _remove_run_files(folder)
+
+
+def remove_partial_run(folder: Path, created: bool) -> None:
+    """Remove what a fresh run wrote before its first checkpoint (and the folder if it made it)."""
+    if not folder.is_dir():
+        return
+    _remove_run_files(folder)
+    if created and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def _remove_run_files(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.name in RUN_FILES and path.name not in KEPT_ON_FORCE:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def config_for_resume(folder: Path, config: Config | None, *, extend_epochs: int | None = None) -> Config:
+    """The configuration a resumed run continues with: the saved one, checked against ``config``
+    (None: take the saved one as it is), with ``epochs`` raised to ``extend_epochs`` if given."""
+    saved_path = folder / "config.yaml"
+    if not (folder / "checkpoint.pt").is_file():
+        raise FileNotFoundError(f"no checkpoint at {folder / 'checkpoint.pt'} to resume from"
+                                + ("; start afresh with --force" if folder.is_dir() and any(folder.iterdir()) else ""))
+    if not saved_path.is_file():
+        raise FileNotFoundError(f"{saved_path} is missing: the run's saved configuration is what a resume continues")
+    saved = load_config(saved_path)
+    if config is not None:
+        differences = [(key, a, b) for key, (a, b) in _differences(to_dict(saved), to_dict(config)).items()
+                       if key not in RESUMABLE_CHANGES]
+        if differences:
+            listing = "; ".join(f"{key}: saved {a!r}, given {b!r}" for key, a, b in differences)
+            hint = " (to lengthen the run, pass --extend-epochs N)" if any(k == "epochs" for k, _, _ in differences) else ""
+            raise ConfigError(f"--resume continues the run as saved in {saved_path}, but the configuration given differs: "
+                              f"{listing}{hint}. Give the same config and overrides, or none to use the saved one")
+        saved = config  # equal to the saved one but for RESUMABLE_CHANGES
+    if extend_epochs is not None:
+        if not isinstance(extend_epochs, int) or extend_epochs <= saved.epochs:
+            raise ConfigError(f"--extend-epochs {extend_epochs!r} must be an integer above the run's {saved.epochs} epochs")
+        saved = dataclasses.replace(saved, epochs=extend_epochs)
+    return saved
+
+
+def record_extension(folder: Path, config: Config, previous_epochs: int, done: int) -> None:
+    """Write the lengthened schedule into ``config.yaml`` and note the extension in ``meta.json``."""
+    from dtokd.train.records import write_yaml
+
+    write_yaml(folder / "config.yaml", to_dict(config))
+    meta_path = folder / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta.setdefault("extensions", []).append({
+        "from_epochs": previous_epochs, "to_epochs": config.epochs, "at_epoch": done,
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two nested dicts (sub-dicts compared key by key,
+    except free-form mappings such as ``losses`` and ``balancer.options``, compared whole)."""
+    result = {}
+    for key in sorted(set(a) | set(b)):
+        dotted = f"{prefix}{key}"
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict) and dotted not in ("losses", "balancer.options"):
+            result.update(_differences(va, vb, dotted + "."))
+        elif va != vb:
+            result[dotted] = (va, vb)
+    return result
+
+
+def _listing(names: list[str], count: int = 6) -> str:
+    return ", ".join(names[:count]) + (f", ... ({len(names)} in all)" if len(names) > count else "")
