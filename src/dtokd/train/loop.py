@@ -32,7 +32,7 @@ from dtokd.models.registry import apply_weights, read_weights
 from dtokd.train import checkpoint as ckpt
 from dtokd.train import distributed
 from dtokd.train.config import Config, ConfigError, load_config, to_dict
-from dtokd.train.optim import make_optimizer, make_scheduler
+from dtokd.train.optim import lr_factor, make_optimizer, make_scheduler
 from dtokd.train.records import MetricLog, metadata, write_yaml
 from dtokd.train.run_folder import config_for_resume, prepare_fresh, record_extension, remove_partial_run
 
@@ -152,8 +152,11 @@ def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs:
         ckpt.set_rng_state(state["rng"])
         start_epoch, history = state["epoch"], state["history"]
         log.truncate_after(start_epoch)
-        if extend_epochs is not None and p.ranks.main:
-            record_extension(folder, config, saved_epochs or start_epoch, start_epoch)
+        if extend_epochs is not None:  # the longer schedule's learning rate from the resumed epoch on
+            for group, base in zip(p.optimizer.param_groups, p.scheduler.base_lrs):
+                group["lr"] = base * lr_factor(config.optim, p.scheduler.last_epoch, config.epochs)
+            if p.ranks.main:
+                record_extension(folder, config, saved_epochs or start_epoch, start_epoch)
     elif p.ranks.main:
         write_yaml(folder / "config.yaml", to_dict(config))
         meta = {**metadata(config.seed), "device": str(p.device), "training_images_on": str(p.data.train.device),

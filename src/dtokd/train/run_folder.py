@@ -1,8 +1,9 @@
 """What may be written into a run folder, and what a resumed run must agree with.
 
 - A fresh run writes into a missing or empty folder. ``force=True`` also accepts a folder that
-  holds only a previous dtokd run's files (:data:`RUN_FILES`), which are removed first; any
-  other file in it (a user's own) makes the run refuse, with or without ``force``.
+  holds only a previous dtokd run's files (:data:`RUN_FILES`, recognised by its ``meta.json``),
+  which are removed first; any other file in it (a user's own, such as a ``config.yaml`` that
+  no run wrote) makes the run refuse, with or without ``force``.
 - A resumed run continues the run **as saved** in the folder's ``config.yaml``: a configuration
   that differs from it is refused with the differences named, except the settings that do not
   change what is computed (:data:`RESUMABLE_CHANGES`) and a longer schedule asked for with
@@ -47,7 +48,9 @@ def prepare_fresh(folder: Path, *, force: bool, config_file: Path | None = None,
     entries = sorted(p.name for p in folder.iterdir())
     if not entries or set(entries) <= KEPT_ON_FORCE:
         return
-    foreign = [name for name in entries if name not in RUN_FILES]
+    # a dtokd run writes meta.json with its config.yaml: without it, a config.yaml is the user's
+    ours = RUN_FILES if "meta.json" in entries else KEPT_ON_FORCE | {"diverged.json"}
+    foreign = [name for name in entries if name not in ours]
     if foreign:
         raise FileExistsError(f"{folder} holds files that are not a dtokd run's ({_listing(foreign)}); nothing was "
                               "written: choose another --out folder")
