@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from dtokd.data import build_data, train_loader
 from dtokd.data import sources
 from dtokd.data.tensor_dataset import Augmentation
-from dtokd.losses import Distiller, FeatureProjector, dkd_loss, kd_loss
+from dtokd.losses import FeatureProjector, dkd_loss, kd_loss
+from dtokd.tasks import ClassificationTask
 from dtokd.losses.dkd import dkd_parts
 from dtokd.models import FeatureTaps, create_model
 from dtokd.models.registry import ZOO
@@ -188,25 +189,25 @@ def test_feature_projector_orthogonal_and_loss():
     torch.testing.assert_close(normalised.mean(1), torch.zeros(2, 3, 3), atol=1e-5, rtol=0)
 
 
-def test_distiller_returns_named_losses_in_order_and_checks_specs():
+def test_task_returns_named_losses_in_order_and_checks_specs():
     student, teacher = create_model("mlp_small", 4, 1, 8), create_model("cnn_small", 4, 1, 8).eval()
     sample = torch.randn(2, 1, 8, 8)
     specs = {"distill": {"type": "kd"}, "feat": {"type": "feature", "student_tap": "features", "teacher_tap": "stages.1"}}
     with pytest.raises(ValueError, match="differ in spatial size"):
-        Distiller(student, teacher, specs, sample)
+        ClassificationTask(student, teacher, specs, sample)
     specs["feat"]["teacher_tap"] = "features"
     specs["task"] = {"type": "ce"}
-    distiller = Distiller(student, teacher, specs, sample)
-    _, losses = distiller(torch.randn(5, 1, 8, 8), torch.randint(0, 4, (5,)))
+    task = ClassificationTask(student, teacher, specs, sample)
+    _, losses = task(torch.randn(5, 1, 8, 8), torch.randint(0, 4, (5,)))
     assert list(losses) == ["distill", "feat", "task"]
-    assert any(p is distiller.projectors["feat"].proj.parametrizations.weight.original for p in distiller.parameters())
-    assert not any(p is q for p in distiller.parameters() for q in teacher.parameters())
+    assert any(p is task.projectors["feat"].proj.parametrizations.weight.original for p in task.parameters())
+    assert not any(p is q for p in task.parameters() for q in teacher.parameters())
     with pytest.raises(ValueError, match="need a teacher"):
-        Distiller(student, None, {"distill": {"type": "kd"}}, sample)
+        ClassificationTask(student, None, {"distill": {"type": "kd"}}, sample)
     with pytest.raises(ValueError, match="type='kl'"):
-        Distiller(student, teacher, {"distill": {"type": "kl"}}, sample)
+        ClassificationTask(student, teacher, {"distill": {"type": "kl"}}, sample)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['temp'\]"):
-        Distiller(student, teacher, {"distill": {"type": "kd", "temp": 4}}, sample)
+        ClassificationTask(student, teacher, {"distill": {"type": "kd", "temp": 4}}, sample)
 
 
 def test_cifar_python_format_reader(tmp_path):
@@ -234,8 +235,8 @@ def test_cifar_python_format_reader(tmp_path):
 def test_dkd_warm_up_ramps_linearly_with_progress():
     student, teacher = create_model("mlp_small", 4, 1, 8), create_model("cnn_small", 4, 1, 8).eval()
     sample = torch.randn(2, 1, 8, 8)
-    distiller = Distiller(student, teacher, {"distill": {"type": "dkd", "warmup_epochs": 2}}, sample)
+    task = ClassificationTask(student, teacher, {"distill": {"type": "dkd", "warmup_epochs": 2}}, sample)
     x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 4, (6,))
-    full = distiller(x, y)[1]["distill"]
-    torch.testing.assert_close(distiller(x, y, 0.5)[1]["distill"], 0.25 * full)
-    torch.testing.assert_close(distiller(x, y, 3.0)[1]["distill"], full)
+    full = task(x, y)[1]["distill"]
+    torch.testing.assert_close(task(x, y, 0.5)[1]["distill"], 0.25 * full)
+    torch.testing.assert_close(task(x, y, 3.0)[1]["distill"], full)

@@ -12,7 +12,8 @@ from dtokd.data import build_data
 from dtokd.models import create_model
 from dtokd.models.foreign import KEY_MAP_PRESETS, Renormalize, check_normalize, remap_keys
 from dtokd.report import report
-from dtokd.train import evaluate, load_config, train
+from dtokd.tasks import evaluate_classifier as evaluate
+from dtokd.train import load_config, train
 
 SHARED_TEACHERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "teachers"
 CIFAR10_STATS = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010]}

@@ -172,9 +172,9 @@ def test_trainer_records_its_device_and_defers_checks_where_every_step_allows(te
 
 
 def test_deferred_checks_still_stop_a_run_whose_loss_became_nan(teacher, tmp_path, monkeypatch):
-    from dtokd.losses import distiller as distiller_module
+    from dtokd.tasks import classification as task_module
 
-    real = distiller_module.kd_loss
+    real = task_module.kd_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -182,7 +182,7 @@ def test_deferred_checks_still_stop_a_run_whose_loss_became_nan(teacher, tmp_pat
         value = real(*args, **kwargs)
         return value * float("nan") if calls["n"] == 4 else value
 
-    monkeypatch.setattr(distiller_module, "kd_loss", poisoned)
+    monkeypatch.setattr(task_module, "kd_loss", poisoned)
     config = load_config(None, distill_overrides(teacher, "balancer.method=dto", "balancer.engine=representation"))
     with pytest.raises(ValueError, match="the previous step.*non-finite loss"):
         train(config, tmp_path / "run", progress=False)

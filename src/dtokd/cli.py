@@ -129,7 +129,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from dtokd.data import build_data
     from dtokd.models import create_model
     from dtokd.models.foreign import check_normalize
-    from dtokd.train import evaluate
+    from dtokd.tasks import evaluate_classifier, has_distillation_head, resolve_loss_specs
     from dtokd.train.checkpoint import load_checked
     from dtokd.train.distributed import resolve_device
 
@@ -145,7 +145,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     path = folder / ("best.pt" if args.which == "best" else "checkpoint.pt")
     state = load_checked(path, {"student": config.student.name, "num_classes": data.num_classes})
     model.load_state_dict(state["model"] if "model" in state else state["student"])
-    result = evaluate(model, data.test, config.eval_batch_size, device)
+    if has_distillation_head(model) and any(s.get("output") == "dist" for s in resolve_loss_specs(config.losses).values()):
+        model.set_distilled_training(True)  # as in training: the two heads are averaged and reported
+    result = evaluate_classifier(model, data.test, config.eval_batch_size, device)
     print(json.dumps({"run": str(folder), "checkpoint": path.name, "epoch": state["epoch"], **result}, indent=2))
     return 0
 

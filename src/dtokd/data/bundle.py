@@ -154,3 +154,13 @@ def eval_loader(dataset: TensorImageDataset, batch_size: int) -> Iterator[tuple[
     """The data set in order, in batches of ``batch_size``, gathered where its tensors live."""
     for start in range(0, len(dataset), batch_size):
         yield dataset.__getitems__(torch.arange(start, min(start + batch_size, len(dataset)), device=dataset.device))
+
+
+def to_device(tensor: Tensor, device: torch.device, channels_last: bool = False) -> Tensor:
+    """A batch tensor on ``device`` (from pinned memory when it comes from the host to CUDA),
+    channels-last if asked (4-D tensors only)."""
+    if tensor.device != device:
+        if device.type == "cuda":
+            tensor = tensor.pin_memory()
+        tensor = tensor.to(device, non_blocking=True)
+    return tensor.contiguous(memory_format=torch.channels_last) if channels_last and tensor.dim() == 4 else tensor

@@ -1,8 +1,8 @@
-"""Distillation losses; each returns named losses so that a balancer sees them separately."""
+"""Distillation losses as plain functions and modules; the task (:mod:`dtokd.tasks`) names them
+so that a balancer sees them separately."""
 
-from dtokd.losses.distiller import LOSS_OPTIONS, Distiller, resolve_loss_specs
 from dtokd.losses.dkd import dkd_loss
 from dtokd.losses.feature import FeatureProjector
-from dtokd.losses.kd import kd_loss
+from dtokd.losses.kd import cross_entropy, deit_token_loss, kd_loss
 
-__all__ = ["LOSS_OPTIONS", "Distiller", "FeatureProjector", "dkd_loss", "kd_loss", "resolve_loss_specs"]
+__all__ = ["FeatureProjector", "cross_entropy", "deit_token_loss", "dkd_loss", "kd_loss"]

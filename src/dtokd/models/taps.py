@@ -6,13 +6,23 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+SPECIAL_TAPS = ("features", "patch_mean")
+
 
 class FeatureTaps:
     """Record the outputs of the named submodules on every forward pass.
 
     ``taps = FeatureTaps(model, ["stages.2"]); logits = model(x); taps.features["stages.2"]``.
-    The special name ``"features"`` taps ``forward_features`` (the pooled feature before the head),
-    by recording the head's input. ``close()`` removes the hooks.
+    Two special names:
+
+    - ``"features"``: the pooled feature before the classifier, recorded as the input of the
+      model's ``head`` (global-average-pooled when that input is a feature map, as in timm's
+      ``ClassifierHead``);
+    - ``"patch_mean"``: for a vision transformer, the mean of the patch tokens after its final
+      norm (``model.norm`` output without the first ``model.num_prefix_tokens`` tokens: the
+      class and distillation tokens), the student feature of VkD.
+
+    ``close()`` removes the hooks.
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
@@ -23,7 +33,13 @@ class FeatureTaps:
             if name == "features":
                 if not hasattr(model, "head"):
                     raise ValueError(f"{type(model).__name__} has no 'head' to tap 'features' from")
-                self._handles.append(model.head.register_forward_hook(self._record_input(name)))
+                self._handles.append(model.head.register_forward_hook(self._record_pooled_input(name)))
+                continue
+            if name == "patch_mean":
+                if not isinstance(getattr(model, "norm", None), nn.Module) or not hasattr(model, "num_prefix_tokens"):
+                    raise ValueError(f"{type(model).__name__} is not a vision transformer with 'norm' and "
+                                     "'num_prefix_tokens': it has no 'patch_mean' to tap")
+                self._handles.append(model.norm.register_forward_hook(self._record_patch_mean(name, model.num_prefix_tokens)))
                 continue
             if name not in modules:
                 listing = [n for n in modules if n][:40]
@@ -36,9 +52,16 @@ class FeatureTaps:
 
         return hook
 
-    def _record_input(self, name: str):
+    def _record_pooled_input(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            self.features[name] = inputs[0]
+            feature = inputs[0]
+            self.features[name] = feature.mean((2, 3)) if feature.dim() == 4 else feature
+
+        return hook
+
+    def _record_patch_mean(self, name: str, prefix: int):
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            self.features[name] = output[:, prefix:].mean(1)
 
         return hook
 

@@ -72,9 +72,13 @@ class OptimConfig:
 
 @dataclass
 class BalancerConfig:
+    """``representation``: where the representation engine takes the gradients: ``outputs``
+    (the student's logits, or both heads) or a student submodule's output (e.g. ``norm``)."""
+
     method: str = "fixed"
     engine: str = "exact"
     gram_params: str | None = None
+    representation: str = "outputs"
     options: dict[str, Any] = field(default_factory=dict)
 
 

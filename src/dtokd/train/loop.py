@@ -1,7 +1,7 @@
 """The training loop: one readable function, :func:`train`, for a model alone or distilled.
 
 Each epoch: shuffled batches (order and augmentation fixed by seed and epoch), forward under
-autocast if asked, named losses from the distiller, ``balancer.backward`` (the only place
+autocast if asked, named losses from the task, ``balancer.backward`` (the only place
 where losses become gradients), optional gradient clipping, optimizer step, then evaluation on
 the validation and test splits, a metrics line, and an atomic checkpoint. ``resume=True``
 continues from the checkpoint so that the result equals an uninterrupted run.
@@ -24,11 +24,11 @@ from torch import nn
 from tqdm import tqdm
 
 from dtokd.balancing import Balancer, make_balancer
-from dtokd.data import DataBundle, build_data, eval_loader, place_data, train_loader
-from dtokd.losses import Distiller
+from dtokd.data import DataBundle, build_data, place_data, to_device, train_loader
 from dtokd.models import create_model, load_weights
 from dtokd.models.foreign import Renormalize, WithInput, check_normalize, remap_keys
 from dtokd.models.registry import apply_weights, read_weights
+from dtokd.tasks import ClassificationTask
 from dtokd.train import checkpoint as ckpt
 from dtokd.train import distributed
 from dtokd.train.config import Config, ConfigError, load_config, to_dict
@@ -86,7 +86,7 @@ class _Parts:
     student: nn.Module
     teacher: nn.Module | None
     teacher_input: nn.Module | None
-    distiller: Distiller
+    task: ClassificationTask
     forward: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -110,7 +110,8 @@ def _build(config: Config, verbose: bool) -> _Parts:
         load_weights(student, config.student.weights, config.student.key_map, "student.key_map")
     teacher, teacher_input = _load_teacher(config, data)
     sample = data.train.__getitems__([0, 1])[0]
-    distiller = Distiller(student, teacher, config.losses, sample, teacher_input).to(device)
+    task = ClassificationTask(student, teacher, config.losses, sample, teacher_input,
+                              representation=config.balancer.representation).to(device)
     if teacher is not None:
         teacher.to(device)
     if config.channels_last:
@@ -122,15 +123,15 @@ def _build(config: Config, verbose: bool) -> _Parts:
         where = "the device" if data.train.device.type != "cpu" else "the host"
         print(f"[{config.name}] device {device}{' (auto)' if config.device == 'auto' else ''}; "
               f"training images on {where}", flush=True)
-    params = list(distiller.parameters())
-    forward = nn.parallel.DistributedDataParallel(distiller) if ranks.world > 1 else distiller
+    params = list(task.parameters())
+    forward = nn.parallel.DistributedDataParallel(task) if ranks.world > 1 else task
     optimizer = make_optimizer(params, config.optim)
     scheduler = make_scheduler(optimizer, config.optim, config.epochs)
-    balancer = _make_balancer(config, distiller, params)
+    balancer = _make_balancer(config, task, params)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    identity = {"student": config.student.name, "num_classes": data.num_classes, "losses": list(distiller.specs),
+    identity = {"student": config.student.name, "num_classes": data.num_classes, "losses": list(task.specs),
                 "balancer": config.balancer.method, "teacher": config.teacher.name}
-    return _Parts(ranks, device, data, student, teacher, teacher_input, distiller, forward, optimizer, scheduler,
+    return _Parts(ranks, device, data, student, teacher, teacher_input, task, forward, optimizer, scheduler,
                   balancer, scaler, identity)
 
 
@@ -144,7 +145,7 @@ def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs:
     if resume:
         state = ckpt.load_checked(checkpoint_path, p.identity)
         p.student.load_state_dict(state["student"])
-        p.distiller.projectors.load_state_dict(state["projectors"])
+        p.task.projectors.load_state_dict(state["projectors"])
         p.optimizer.load_state_dict(state["optimizer"])
         p.scheduler.load_state_dict(state["scheduler"])
         p.balancer.load_state_dict(state["balancer"])
@@ -162,18 +163,18 @@ def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs:
         meta = {**metadata(config.seed), "device": str(p.device), "training_images_on": str(p.data.train.device),
                 "deferred_checks": p.balancer.deferred_checks}
         (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    teacher_metrics = _teacher_accuracy(config, folder, p.teacher, p.teacher_input, p.data, p.device, p.ranks.main,
+    teacher_metrics = _teacher_accuracy(config, folder, p.task, p.teacher, p.teacher_input, p.data, p.device, p.ranks.main,
                                         verbose)
     if config.compile != "none":
         p.student.compile(mode=config.compile)
     try:
         for epoch in range(start_epoch, config.epochs):
-            row = _train_epoch(config, p.forward, p.distiller, p.balancer, p.optimizer, p.scaler, p.data, epoch,
+            row = _train_epoch(config, p.forward, p.task, p.balancer, p.optimizer, p.scaler, p.data, epoch,
                                p.device, log, progress, p.ranks)
             p.scheduler.step()
             for split in ("val", "test"):
-                row.update(_prefixed(split, evaluate(p.student, getattr(p.data, split), config.eval_batch_size,
-                                                     p.device, channels_last=config.channels_last)))
+                row.update(_prefixed(split, p.task.evaluate(p.student, getattr(p.data, split), config.eval_batch_size,
+                                                            p.device, channels_last=config.channels_last)))
             history.append(row)
             log.write("metrics.jsonl", row, epoch)
             if p.ranks.main and _is_best(history):
@@ -182,7 +183,7 @@ def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs:
             if p.ranks.main:
                 ckpt.save_atomic({
                     "identity": p.identity, "epoch": epoch + 1, "history": history, "student": p.student.state_dict(),
-                    "projectors": p.distiller.projectors.state_dict(), "optimizer": p.optimizer.state_dict(),
+                    "projectors": p.task.projectors.state_dict(), "optimizer": p.optimizer.state_dict(),
                     "scheduler": p.scheduler.state_dict(), "balancer": p.balancer.state_dict(),
                     "scaler": p.scaler.state_dict(), "rng": ckpt.rng_state(),
                 }, checkpoint_path)
@@ -251,8 +252,9 @@ def _load_teacher(config: Config, data: DataBundle) -> tuple[nn.Module | None, R
     return teacher, Renormalize(data.normalization, own)
 
 
-def _teacher_accuracy(config: Config, folder: Path, teacher: nn.Module | None, teacher_input: nn.Module | None,
-                      data: DataBundle, device: torch.device, main: bool, progress: bool) -> dict[str, Any] | None:
+def _teacher_accuracy(config: Config, folder: Path, task: ClassificationTask, teacher: nn.Module | None,
+                      teacher_input: nn.Module | None, data: DataBundle, device: torch.device, main: bool,
+                      progress: bool) -> dict[str, Any] | None:
     """The teacher's top-1/top-5 on the validation and test splits, measured before training
     as it sees its inputs in distillation, and kept in ``teacher.json`` (a resumed run reads it)."""
     if teacher is None:
@@ -263,8 +265,8 @@ def _teacher_accuracy(config: Config, folder: Path, teacher: nn.Module | None, t
     model = WithInput(teacher, teacher_input) if teacher_input is not None else teacher
     result: dict[str, Any] = {"name": config.teacher.name, "checkpoint": config.teacher.checkpoint}
     for split in ("val", "test"):
-        result.update(_prefixed(split, evaluate(model, getattr(data, split), config.eval_batch_size, device,
-                                                channels_last=config.channels_last)))
+        result.update(_prefixed(split, task.evaluate(model, getattr(data, split), config.eval_batch_size, device,
+                                                     channels_last=config.channels_last)))
     if main:
         path.write_text(json.dumps(result, indent=2) + "\n")
         if progress:
@@ -273,39 +275,39 @@ def _teacher_accuracy(config: Config, folder: Path, teacher: nn.Module | None, t
     return result
 
 
-def _make_balancer(config: Config, distiller: Distiller, params: list[torch.Tensor]) -> Balancer:
+def _make_balancer(config: Config, task: ClassificationTask, params: list[torch.Tensor]) -> Balancer:
     cfg = config.balancer
     gram_params = None
     if cfg.gram_params:
-        gram_params = [p for n, p in distiller.student.named_parameters() if n == cfg.gram_params or n.startswith(cfg.gram_params + ".")]
+        gram_params = [p for n, p in task.student.named_parameters() if n == cfg.gram_params or n.startswith(cfg.gram_params + ".")]
         if not gram_params:
-            names = sorted({n.rsplit(".", 1)[0] for n, _ in distiller.student.named_parameters()})
+            names = sorted({n.rsplit(".", 1)[0] for n, _ in task.student.named_parameters()})
             raise ValueError(f"balancer.gram_params={cfg.gram_params!r} matches no student parameter; modules: {names[-20:]}")
     options = dict(cfg.options)
-    if cfg.method == "fixed" and "weights" not in options and len(distiller.specs) == 1:
+    if cfg.method == "fixed" and "weights" not in options and len(task.specs) == 1:
         options["weights"] = [1.0]  # a single loss: the plain backward pass
     try:
         balancer = make_balancer(cfg.method, params, engine=cfg.engine, gram_params=gram_params, **options)
     except TypeError as error:  # an option the method does not take, or a missing one
         raise ValueError(f"balancer.options={cfg.options!r} for method {cfg.method!r}: {error}") from None
-    if "deferred_checks" not in options and balancer.can_defer_checks(len(distiller.specs)):
+    if "deferred_checks" not in options and balancer.can_defer_checks(len(task.specs)):
         # the default wherever every step allows it: no host wait per step, checks before each checkpoint
         balancer = make_balancer(cfg.method, params, engine=cfg.engine, gram_params=gram_params,
                                  deferred_checks=True, **options)
     return balancer
 
 
-def _train_epoch(config: Config, forward: nn.Module, distiller: Distiller, balancer: Balancer,
+def _train_epoch(config: Config, forward: nn.Module, task: ClassificationTask, balancer: Balancer,
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, data: DataBundle, epoch: int,
                  device: torch.device, log: MetricLog, progress: bool, ranks: distributed.Ranks) -> dict[str, Any]:
-    """One epoch; ``forward`` is the distiller or its DDP wrapper, and each rank trains on its
+    """One epoch; ``forward`` is the task or its DDP wrapper, and each rank trains on its
     shard of every global batch."""
-    distiller.student.train()
+    task.student.train()
     loader = train_loader(data.train, config.batch_size, config.seed, epoch)
     amp_dtype = AMP_DTYPES[config.amp]
     representation = config.balancer.engine == "representation"
     same_batch = config.balancer.method == "dto-amortized" and config.balancer.options.get("update", "same-batch") == "same-batch"
-    m = len(distiller.specs)
+    m = len(task.specs)
     # sums of the steps' losses, weights and loss weights, on the training device: every step's
     # numbers are brought there, whichever path (host or device) the balancer took
     totals = torch.zeros(3 * m, dtype=torch.float64, device=device)
@@ -313,7 +315,7 @@ def _train_epoch(config: Config, forward: nn.Module, distiller: Distiller, balan
     for i, (x, y) in enumerate(tqdm(loader, desc=f"{config.name} epoch {epoch + 1}/{config.epochs}", leave=False,
                                     disable=not progress, unit="batch")):
         shard = ranks.shard(x.shape[0])
-        x, y = _to_device(x[shard], device, config.channels_last), _to_device(y[shard], device)
+        x, y = to_device(x[shard], device, config.channels_last), to_device(y[shard], device)
         step = epoch * len(loader) + i
         epochs_done = epoch + (i + 1) / len(loader)
         optimizer.zero_grad(set_to_none=True)
@@ -323,14 +325,14 @@ def _train_epoch(config: Config, forward: nn.Module, distiller: Distiller, balan
         info = balancer.backward(losses, representation=logits if representation else None, scaler=scaler, diagnose=diagnose)
         if config.optim.grad_clip:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(distiller.parameters(), config.optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_(task.parameters(), config.optim.grad_clip)
         if not scaler.is_enabled() and info.skipped:  # under a GradScaler, scaler.step handles the skip
             skipped += 1
         else:
             scaler.step(optimizer)
             scaler.update()
         if same_batch:
-            with torch.no_grad(), _frozen_batchnorm_statistics(distiller.student), \
+            with torch.no_grad(), _frozen_batchnorm_statistics(task.student), \
                     torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 _, after = forward(x, y, epochs_done, reuse_teacher=True)
             balancer.update(after)
@@ -363,39 +365,6 @@ def _frozen_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
             m.momentum = momentum
             if tracked is not None:
                 m.num_batches_tracked.copy_(tracked)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, *,
-             channels_last: bool = False) -> dict[str, float]:
-    """Top-1, top-5 (top-k with k = min(5, classes)) in percent, and mean cross-entropy; the
-    sums stay on ``device`` and are read once at the end."""
-    if dataset is None or len(dataset) == 0:
-        return {}
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # cross-entropy, top-1 hits, top-k hits
-    n = 0
-    for x, y in eval_loader(dataset, batch_size):
-        x, y = _to_device(x, device, channels_last), _to_device(y, device)
-        logits = model(x).float()
-        top = logits.topk(min(5, logits.shape[1]), 1).indices
-        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (top[:, 0] == y).sum(),
-                             (top == y[:, None]).any(1).sum()]).to(torch.float64)
-        n += y.shape[0]
-    model.train(was_training)
-    loss_sum, correct1, correct5 = sums.tolist()
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n}
-
-
-def _to_device(tensor: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
-    """A batch tensor on ``device`` (from pinned memory when it comes from the host to CUDA),
-    channels-last if asked."""
-    if tensor.device != device:
-        if device.type == "cuda":
-            tensor = tensor.pin_memory()
-        tensor = tensor.to(device, non_blocking=True)
-    return tensor.contiguous(memory_format=torch.channels_last) if channels_last and tensor.dim() == 4 else tensor
 
 
 def summarize(history: list[dict[str, Any]], config: Config) -> dict[str, Any]:
