@@ -189,6 +189,33 @@ def test_feature_projector_orthogonal_and_loss():
     torch.testing.assert_close(normalised.mean(1), torch.zeros(2, 3, 3), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(4, 6), (6, 4), (5, 5)])
+@pytest.mark.parametrize("spatial", [False, True])
+def test_orthogonal_projector_stays_orthogonal_under_weight_decay(shape, spatial):
+    """The regression: torch's default (Householder) map for non-square weights multiplies by
+    the integer part of the parameter's diagonal, so one AdamW or SGD step with weight decay
+    turned the projector into 0. For maps, the projector is the same matrix at every position
+    (a 1x1 convolution), not a per-entry constraint."""
+    torch.manual_seed(0)
+    projector = FeatureProjector(*shape, spatial=spatial, teacher_norm="none", distance="mse")
+    for optimizer in (torch.optim.AdamW(projector.parameters(), lr=0.1, weight_decay=0.05),
+                      torch.optim.SGD(projector.parameters(), lr=0.1, weight_decay=5e-4)):
+        for _ in range(3):
+            s = torch.randn(3, shape[0], 2, 2) if spatial else torch.randn(3, shape[0])
+            t = torch.randn(3, shape[1], 2, 2) if spatial else torch.randn(3, shape[1])
+            optimizer.zero_grad()
+            projector(s, t).backward()
+            optimizer.step()
+    w = projector.proj.weight.detach()  # (teacher, student)
+    small = min(shape)
+    gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+    torch.testing.assert_close(gram, torch.eye(small), atol=1e-5, rtol=0)
+    if spatial:
+        s = torch.randn(2, shape[0], 3, 3)
+        expected = torch.einsum("ts,bshw->bthw", w, s)
+        torch.testing.assert_close(projector.proj(s.movedim(1, -1)).movedim(-1, 1), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_task_returns_named_losses_in_order_and_checks_specs():
     student, teacher = create_model("mlp_small", 4, 1, 8), create_model("cnn_small", 4, 1, 8).eval()
     sample = torch.randn(2, 1, 8, 8)

@@ -222,3 +222,12 @@ def test_deferred_checks_train_to_the_same_weights_and_metrics(teacher, tmp_path
     rows = [[{k: v for k, v in json.loads(line).items() if k != "epoch_seconds"}
              for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("checked", "deferred")]
     assert rows[0] == rows[1] and "loss_weight/distill" in rows[0][0]
+
+
+def test_scientific_notation_without_a_dot_is_a_number():
+    """YAML 1.1 reads 1e-3 as a string; a float setting takes it as the number users mean."""
+    assert load_config(None, ["optim.lr=1e-3", "optim.weight_decay=5E-4"]).optim.lr == 1e-3
+    with pytest.raises(ConfigError, match="optim.lr must be of type float, got 'fast'"):
+        load_config(None, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="epochs must be of type int, got '1e3'"):
+        load_config(None, ["epochs=1e3"])

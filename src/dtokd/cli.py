@@ -141,7 +141,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     data = build_data(config.data.name, config.data.root, val_fraction=config.data.val_fraction, seed=config.seed,
                       augment=False, image_size=config.data.image_size, limit_train=config.data.limit_train,
                       normalize=check_normalize(config.student.normalize, "student.normalize"))
-    model = create_model(config.student.name, data.num_classes, data.in_channels, data.image_size).to(device)
+    model = create_model(config.student.name, data.num_classes, data.in_channels, data.image_size,
+                         config.student.kwargs).to(device)
     path = folder / ("best.pt" if args.which == "best" else "checkpoint.pt")
     state = load_checked(path, {"student": config.student.name, "num_classes": data.num_classes})
     model.load_state_dict(state["model"] if "model" in state else state["student"])

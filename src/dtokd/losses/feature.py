@@ -1,8 +1,10 @@
 """Feature distillation through a learned projector (in the style of VkD, Miles et al. CVPR 2024).
 
 The student feature ``f_s`` (B, C_s[, H, W]) is mapped to the teacher's width by a projector:
-a linear map for vectors, a 1x1 convolution for maps; ``orthogonal=True`` constrains its weight
-to orthonormal rows/columns (``torch.nn.utils.parametrizations.orthogonal``), as VkD does. The
+a linear map over channels (for maps: at every position, a 1x1 convolution);
+``orthogonal=True`` constrains its (C_t, C_s) weight to orthonormal rows or columns
+(``torch.nn.utils.parametrizations.orthogonal`` with the matrix-exponential map, which stays
+orthogonal under any optimizer step, weight decay included), as VkD does. The
 teacher feature is normalised without learned parameters (``"layernorm"`` over channels, or
 ``"standardize"`` per channel over the batch, or ``"none"``). Then
 ``loss = smooth_l1(P(f_s), norm(f_t))`` (or MSE). Spatial sizes must match.
@@ -35,10 +37,11 @@ class FeatureProjector(nn.Module):
         if distance not in ("smooth_l1", "mse"):
             raise ValueError(f"distance={distance!r} is not allowed; use 'smooth_l1' or 'mse'")
         self.spatial = spatial
-        self.proj = (nn.Conv2d(student_channels, teacher_channels, 1, bias=False) if spatial
-                     else nn.Linear(student_channels, teacher_channels, bias=False))
+        self.proj = nn.Linear(student_channels, teacher_channels, bias=False)  # over channels, maps too
         if orthogonal_weight:
-            orthogonal(self.proj, "weight")
+            # not the default Householder map for non-square weights: it multiplies by the integer part of
+            # the parameter's diagonal, so weight decay turns the weight into 0 after one step
+            orthogonal(self.proj, "weight", orthogonal_map="matrix_exp")
         self.teacher_norm, self.distance = teacher_norm, distance
 
     def normalise(self, teacher: Tensor) -> Tensor:
@@ -51,7 +54,7 @@ class FeatureProjector(nn.Module):
         return (teacher - teacher.mean(dims, keepdim=True)) / teacher.std(dims, keepdim=True).clamp_min(1e-6)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        projected = self.proj(student)
+        projected = self.proj(student.movedim(1, -1)).movedim(-1, 1) if self.spatial else self.proj(student)
         if projected.shape != teacher.shape:
             raise ValueError(f"projected student feature {tuple(projected.shape)} does not match teacher feature {tuple(teacher.shape)}")
         target = self.normalise(teacher.detach())

@@ -49,11 +49,16 @@ def available_models() -> list[str]:
     return sorted(ZOO) + ["torchvision:<name>", "timm:<name>"]
 
 
-def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
-    """A freshly initialised classifier ``name`` with ``num_classes`` outputs."""
+def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32,
+                 kwargs: dict | None = None) -> nn.Module:
+    """A freshly initialised classifier ``name`` with ``num_classes`` outputs; ``kwargs`` go to
+    a ``timm:`` or ``torchvision:`` constructor (the zoo's models take none)."""
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    kwargs = dict(kwargs or {})
     if name in ZOO:
+        if kwargs:
+            raise ValueError(f"model {name!r} takes no kwargs (got {sorted(kwargs)}); kwargs are for timm:/torchvision: models")
         return ZOO[name](num_classes, in_channels, image_size)
     if name.startswith("torchvision:"):
         import torchvision
@@ -63,14 +68,26 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
             raise ValueError(f"unknown torchvision classification model {arch!r}")
         if in_channels != 3:
             raise ValueError(f"torchvision models take 3-channel images; the data has {in_channels}")
-        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        return _construct(lambda: torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs),
+                          name, kwargs)
     if name.startswith("timm:"):
         try:
             import timm
         except ImportError:
             raise ValueError(f"model {name!r} needs timm: pip install 'dtokd[timm]'") from None
-        return timm.create_model(name.split(":", 1)[1], pretrained=False, num_classes=num_classes, in_chans=in_channels)
+        arch = name.split(":", 1)[1]
+        if not timm.is_model(arch):
+            raise ValueError(f"unknown timm model {arch!r}")
+        return _construct(lambda: timm.create_model(arch, pretrained=False, num_classes=num_classes,
+                                                    in_chans=in_channels, **kwargs), name, kwargs)
     raise ValueError(f"unknown model {name!r}; available: {available_models()}")
+
+
+def _construct(build: Callable[[], nn.Module], name: str, kwargs: dict) -> nn.Module:
+    try:
+        return build()
+    except TypeError as error:  # an argument the constructor does not take
+        raise ValueError(f"model {name!r} does not take kwargs {kwargs}: {error}") from None
 
 
 def read_weights(path: str | Path) -> tuple[dict, dict]:

@@ -7,6 +7,7 @@ resolved configuration that every run folder keeps.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +22,10 @@ class DataConfig:
     """``placement``: where the in-memory images live during training: ``device`` (moved to
     the accelerator once; batches gathered and augmented there), ``host`` (batches built on
     the CPU, copied from pinned memory), ``auto`` (``device`` when they take at most a quarter
-    of the accelerator's memory, else ``host``; the CPU when training on the CPU)."""
+    of the accelerator's memory, else ``host``; the CPU when training on the CPU).
+    ``mixup``: mixup/cutmix on each training batch through ``timm.data.Mixup`` (its keyword
+    arguments, e.g. ``{mixup_alpha: 0.8, cutmix_alpha: 1.0, label_smoothing: 0.1}``: DeiT's);
+    the losses then get soft targets and the teacher sees the mixed images."""
 
     name: str = "fashion-mnist"
     root: str | None = None
@@ -30,6 +34,7 @@ class DataConfig:
     augment: bool = True
     limit_train: int | None = None
     placement: str = "auto"
+    mixup: dict[str, Any] | None = None
 
 
 @dataclass
@@ -37,12 +42,15 @@ class ModelConfig:
     """``weights``: a local state dict (or dtokd checkpoint) to start from; ``key_map``: how its
     parameter names map to this model's (a preset or ``[[pattern, replacement], ...]``, see
     :mod:`dtokd.models.foreign`); ``normalize``: ``{mean: [...], std: [...]}`` the model expects
-    (for the student: the data's normalisation; default: the training split's statistics)."""
+    (for the student: the data's normalisation; default: the training split's statistics);
+    ``kwargs``: keyword arguments for a ``timm:`` or ``torchvision:`` model's constructor (e.g.
+    ``{img_size: 32, patch_size: 4, drop_path_rate: 0.1}``)."""
 
     name: str = "mlp"
     weights: str | None = None
     key_map: str | list[list[str]] | None = None
     normalize: dict[str, list[float]] | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,6 +62,7 @@ class TeacherConfig:
     checkpoint: str | None = None
     key_map: str | list[list[str]] | None = None
     normalize: dict[str, list[float]] | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,6 +77,8 @@ class OptimConfig:
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
     grad_clip: float | None = None
+    lr_batch_scale: int | None = None
+    no_decay_1d: bool = False
 
 
 @dataclass
@@ -108,6 +119,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
     losses: dict[str, dict[str, Any]] = field(default_factory=lambda: {"task": {"type": "ce"}})
+
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -208,6 +222,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint is bool and isinstance(value, bool):

@@ -105,7 +105,8 @@ def _build(config: Config, verbose: bool) -> _Parts:
     data = build_data(config.data.name, config.data.root, val_fraction=config.data.val_fraction, seed=config.seed,
                       augment=config.data.augment, image_size=config.data.image_size, limit_train=config.data.limit_train,
                       normalize=check_normalize(config.student.normalize, "student.normalize"))
-    student = create_model(config.student.name, data.num_classes, data.in_channels, data.image_size)
+    student = create_model(config.student.name, data.num_classes, data.in_channels, data.image_size,
+                           config.student.kwargs)
     if config.student.weights:
         load_weights(student, config.student.weights, config.student.key_map, "student.key_map")
     teacher, teacher_input = _load_teacher(config, data)
@@ -125,7 +126,8 @@ def _build(config: Config, verbose: bool) -> _Parts:
               f"training images on {where}", flush=True)
     params = list(task.parameters())
     forward = nn.parallel.DistributedDataParallel(task) if ranks.world > 1 else task
-    optimizer = make_optimizer(params, config.optim)
+    no_decay = [f"student.{n}" for n in student.no_weight_decay()] if hasattr(student, "no_weight_decay") else []
+    optimizer = make_optimizer(task.named_parameters(), config.optim, config.batch_size, no_decay)
     scheduler = make_scheduler(optimizer, config.optim, config.epochs)
     balancer = _make_balancer(config, task, params)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
@@ -240,7 +242,8 @@ def _load_teacher(config: Config, data: DataBundle) -> tuple[nn.Module | None, R
     if identity and identity.get("student") != config.teacher.name:
         raise ValueError(f"teacher checkpoint {path} holds a {identity.get('student')!r}, not the configured "
                          f"teacher.name {config.teacher.name!r}")
-    teacher = create_model(config.teacher.name, data.num_classes, data.in_channels, data.image_size)
+    teacher = create_model(config.teacher.name, data.num_classes, data.in_channels, data.image_size,
+                           config.teacher.kwargs)
     apply_weights(teacher, remap_keys(state, config.teacher.key_map, "teacher.key_map"), path, "teacher.key_map")
     teacher.eval()
     teacher.requires_grad_(False)
@@ -312,8 +315,11 @@ def _train_epoch(config: Config, forward: nn.Module, task: ClassificationTask, b
     # numbers are brought there, whichever path (host or device) the balancer took
     totals = torch.zeros(3 * m, dtype=torch.float64, device=device)
     count, skipped, start = 0, 0, time.perf_counter()
+    mixup = _make_mixup(config.data.mixup, data.num_classes)
     for i, (x, y) in enumerate(tqdm(loader, desc=f"{config.name} epoch {epoch + 1}/{config.epochs}", leave=False,
                                     disable=not progress, unit="batch")):
+        if mixup is not None:  # on the global batch, before each rank takes its shard
+            x, y = mixup(to_device(x, device), to_device(y, device))
         shard = ranks.shard(x.shape[0])
         x, y = to_device(x[shard], device, config.channels_last), to_device(y[shard], device)
         step = epoch * len(loader) + i
@@ -349,6 +355,21 @@ def _train_epoch(config: Config, forward: nn.Module, task: ClassificationTask, b
         row.update({f"loss_weight/{n}": means[2 * m + k] for k, n in enumerate(balancer.names)})
     row["train_loss"] = sum(v for k, v in row.items() if k.startswith("loss/"))
     return row
+
+
+def _make_mixup(options: dict[str, Any] | None, num_classes: int) -> Any:
+    """timm's ``Mixup`` with ``options`` (None: no mixing). Its random numbers come from numpy's
+    global generator, which every run seeds and every checkpoint saves."""
+    if not options:
+        return None
+    try:
+        from timm.data import Mixup
+    except ImportError:
+        raise ValueError("data.mixup needs timm: pip install 'dtokd[timm]'") from None
+    try:
+        return Mixup(num_classes=num_classes, **options)
+    except TypeError as error:
+        raise ValueError(f"data.mixup={options!r}: {error}") from None
 
 
 @contextlib.contextmanager

@@ -10,12 +10,31 @@ import torch
 from dtokd.train.config import OptimConfig
 
 
-def make_optimizer(params: Iterable[torch.Tensor], cfg: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(named_params: Iterable[tuple[str, torch.Tensor]], cfg: OptimConfig, batch_size: int,
+                   no_decay_names: Iterable[str] = ()) -> torch.optim.Optimizer:
+    """SGD or AdamW over the named parameters.
+
+    ``lr_batch_scale`` N: the learning rate is ``lr * batch_size / N`` (DeiT: N = 512, the
+    global batch). ``no_decay_1d``: no weight decay on one-dimensional parameters (norms,
+    biases) and on the names in ``no_decay_names`` (a ViT's tokens and position embedding),
+    as DeiT and timm train; two parameter groups then, in the order the parameters come.
+    """
+    if cfg.name not in ("sgd", "adamw"):
+        raise ValueError(f"optim.name={cfg.name!r} is not allowed; use 'sgd' or 'adamw'")
+    if cfg.lr_batch_scale is not None and cfg.lr_batch_scale < 1:
+        raise ValueError(f"optim.lr_batch_scale={cfg.lr_batch_scale} must be a positive integer (e.g. 512)")
+    lr = cfg.lr * batch_size / cfg.lr_batch_scale if cfg.lr_batch_scale else cfg.lr
+    named = list(named_params)
+    skip = set(no_decay_names)
+    if cfg.no_decay_1d:
+        decay = [p for n, p in named if p.ndim > 1 and n not in skip]
+        plain = [p for n, p in named if p.ndim <= 1 or n in skip]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    else:
+        groups = [{"params": [p for _, p in named], "weight_decay": cfg.weight_decay}]
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optim.name={cfg.name!r} is not allowed; use 'sgd' or 'adamw'")
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def lr_factor(cfg: OptimConfig, epoch: int, epochs: int) -> float:
