@@ -245,3 +245,20 @@ def test_a_balancer_drives_timms_token_distillation_task():
         d = torch.zeros_like(a) if d is None else d
         t = torch.zeros_like(a) if t is None else t
         torch.testing.assert_close(a, c["distill"] * d + c["task"] * t, rtol=1e-5, atol=1e-7)
+
+
+def test_two_processes_match_one_process_for_three_objectives(teacher, tmp_path):
+    """torchrun with 2 processes (gloo): the Gram of the global batch, mixup on the global batch
+    before each rank takes its half; a LayerNorm-only student matches one process."""
+    from test_torchrun import finish, torchrun
+
+    config = tmp_path / "vit.yaml"
+    config.write_text("name: vit\n")
+    extra = overrides(teacher, "balancer.method=dto", "epochs=2")
+    finish(torchrun(config, tmp_path / "two", *extra))
+    train(load_config(config, extra), tmp_path / "one", progress=False, verbose=False)
+    two, one = (torch.load(tmp_path / f / "checkpoint.pt", weights_only=False) for f in ("two", "one"))
+    for key in one["student"]:
+        torch.testing.assert_close(two["student"][key], one["student"][key], rtol=1e-4, atol=1e-5)
+    for key in one["projectors"]:
+        torch.testing.assert_close(two["projectors"][key], one["projectors"][key], rtol=1e-4, atol=1e-5)

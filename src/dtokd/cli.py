@@ -36,6 +36,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace a previous run's files in --out")
     parser.add_argument("--data-root", help="where the data set lives (same as data.root=...)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (the per-epoch lines stay)")
+    parser.add_argument("--dry-run", action="store_true", help="build everything from the config and run two "
+                        "steps on a small generated image folder (teacher with random weights); writes nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +99,8 @@ def _run_training(args: argparse.Namespace, distill: bool) -> int:
             raise ConfigError("dtokd distill needs a teacher: set teacher.name and teacher.checkpoint")
         if not distill and config.teacher.name:
             raise ConfigError("dtokd train trains a model alone; this config names a teacher: use dtokd distill")
+    if args.dry_run:
+        return _dry_run(config, args.command)
     folder = Path(args.out) if args.out else _default_folder(args, config)
     try:
         summary = train(config, folder, resume=args.resume, force=args.force, extend_epochs=args.extend_epochs,
@@ -112,6 +116,55 @@ def _run_training(args: argparse.Namespace, distill: bool) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=2))
         print(f"run folder: {folder}")
+    return 0
+
+
+def _dry_run(config, command: str) -> int:
+    """Every part of ``config`` built (models, losses, balancer, optimizer, transforms, loaders)
+    and two training steps plus an evaluation run on a generated 4-class image folder at the
+    config's image size; the teacher (and a student start) get random weights of the same
+    architecture. Nothing is written outside a temporary folder."""
+    import dataclasses
+    import tempfile
+
+    import torch
+
+    from dtokd.data.fake import write_fake_image_folder
+    from dtokd.models import create_model
+    from dtokd.train import train
+
+    if config is None:
+        raise ConfigError("--dry-run needs a CONFIG")
+    cache = os.environ.get("DTOKD_CACHE")
+    with tempfile.TemporaryDirectory(prefix="dtokd-dry-run-") as scratch:
+        scratch = Path(scratch)
+        os.environ["DTOKD_CACHE"] = str(scratch / "cache")  # the decoded-image cache too stays inside
+        size = config.data.image_size
+        root = write_fake_image_folder(scratch / "images", classes=4, per_class={"train": 4, "val": 1}, image_size=size)
+        streamed = config.data.name == "image-folder-stream"
+        data = dataclasses.replace(config.data, name="image-folder-stream" if streamed else "image-folder",
+                                   root=str(root), val_fraction=0.25, limit_train=None,
+                                   workers=0 if streamed else config.data.workers)
+        teacher = config.teacher
+        if teacher.name:
+            weights = scratch / "teacher.pt"
+            torch.save(create_model(teacher.name, 4, 3, size, teacher.kwargs).state_dict(), weights)
+            teacher = dataclasses.replace(teacher, checkpoint=str(weights), key_map=None)
+        student = dataclasses.replace(config.student, weights=None, key_map=None)
+        dry = dataclasses.replace(config, data=data, teacher=teacher, student=student, batch_size=4, eval_batch_size=4,
+                                  epochs=1, log_every=1)
+        try:
+            summary = train(dry, scratch / "run", progress=False, verbose=False, max_steps=2)
+        finally:
+            if cache is None:
+                os.environ.pop("DTOKD_CACHE", None)
+            else:
+                os.environ["DTOKD_CACHE"] = cache
+        steps = (scratch / "run" / "steps.jsonl").read_text().splitlines()
+    losses = {k: round(v, 4) for k, v in json.loads(steps[-1]).items() if k.startswith("loss/")}
+    print(f"dtokd {command} --dry-run: {config.name}: student {config.student.name}, teacher {config.teacher.name}, "
+          f"balancer {config.balancer.method}/{config.balancer.engine}; 2 steps ran, last losses {losses}; "
+          f"evaluation ran (test top-1 {summary['last_test_top1']:.1f} on random data)")
     return 0
 
 
@@ -140,7 +193,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     data = build_data(config.data.name, config.data.root, val_fraction=config.data.val_fraction, seed=config.seed,
                       augment=False, image_size=config.data.image_size, limit_train=config.data.limit_train,
-                      normalize=check_normalize(config.student.normalize, "student.normalize"))
+                      normalize=check_normalize(config.student.normalize, "student.normalize"),
+                      transform=config.data.transform, workers=config.data.workers)
     model = create_model(config.student.name, data.num_classes, data.in_channels, data.image_size,
                          config.student.kwargs).to(device)
     path = folder / ("best.pt" if args.which == "best" else "checkpoint.pt")

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from dtokd.data import sources
+from dtokd.data import sources, streaming
+from dtokd.data.streaming import StreamingImageFolder
 from dtokd.data.tensor_dataset import Augmentation, InMemoryBatches, TensorImageDataset
 
-DATASETS = ("fashion-mnist", "image-folder", "cifar10", "cifar100", "digits", "synthetic", "synthetic-rgb")
+DATASETS = ("fashion-mnist", "image-folder", "image-folder-stream", "cifar10", "cifar100", "digits", "synthetic",
+            "synthetic-rgb")
 DEFAULT_AUGMENTATION = {
     "fashion-mnist": Augmentation(pad=2, flip=True),
     "image-folder": Augmentation(pad=4, flip=True),
@@ -24,12 +27,18 @@ DEFAULT_AUGMENTATION = {
 }
 
 
+Split = TensorImageDataset | StreamingImageFolder
+
+
 @dataclass(frozen=True)
 class DataBundle:
+    """The splits of one data set: in memory (:class:`TensorImageDataset`) or streamed from
+    files (:class:`~dtokd.data.streaming.StreamingImageFolder`)."""
+
     name: str
-    train: TensorImageDataset
-    val: TensorImageDataset | None
-    test: TensorImageDataset
+    train: Split
+    val: Split | None
+    test: Split
     classes: tuple[str, ...]
 
     @property
@@ -38,11 +47,11 @@ class DataBundle:
 
     @property
     def in_channels(self) -> int:
-        return int(self.train.images.shape[1])
+        return self.train.in_channels
 
     @property
     def image_size(self) -> int:
-        return int(self.train.images.shape[-1])
+        return self.train.image_size
 
     @property
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -70,6 +79,11 @@ def place_data(data: DataBundle, device: torch.device, placement: str) -> DataBu
         raise ValueError(f"data.placement={placement!r} is not allowed; use one of {list(PLACEMENTS)}")
     if device.type == "cpu" or placement == "host":
         return data
+    if data.train.streams:
+        if placement == "device":
+            raise ValueError(f"data.placement='device' is not possible for {data.name!r}: it is streamed from files; "
+                             "use 'auto' or 'host'")
+        return data
     if placement == "auto" and data.nbytes > torch.cuda.get_device_properties(device).total_memory // 4:
         return data
     return data.to(device)
@@ -85,6 +99,8 @@ def build_data(
     image_size: int = 32,
     limit_train: int | None = None,
     normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    transform: dict | None = None,
+    workers: int | None = None,
 ) -> DataBundle:
     """Load ``name`` (one of :data:`DATASETS`) and split it.
 
@@ -92,12 +108,18 @@ def build_data(
     test split is the data set's own. Normalisation uses the training split's per-channel
     mean and std, or ``normalize`` = ``(mean, std)`` where given (e.g. the statistics a
     pretrained student was trained with). ``limit_train`` keeps only the first N training
-    images (after shuffling with ``seed``), for quick runs.
+    images (after shuffling with ``seed``), for quick runs. ``image-folder-stream`` reads the
+    files per batch instead (see :mod:`dtokd.data.streaming`; ``transform``: timm transform
+    options, ``workers``: loader processes).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if name == "image-folder-stream":
+        return _streaming(root, val_fraction, seed, augment, image_size, limit_train, normalize, transform, workers)
+    if transform:
+        raise ValueError(f"data.transform is for 'image-folder-stream'; {name!r} is augmented in memory (data.augment)")
     raw = _load(name, root, image_size)
     n = raw.train_labels.shape[0]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -122,6 +144,38 @@ def build_data(
     return DataBundle(name, train, val, test, raw.classes)
 
 
+def _streaming(root: str | None, val_fraction: float, seed: int, augment: bool, image_size: int,
+               limit_train: int | None, normalize: tuple | None, transform: dict | None,
+               workers: int | None) -> DataBundle:
+    if not root:
+        raise ValueError("dataset 'image-folder-stream' needs data.root: a folder with train/<class>/ and val/<class>/")
+    folder = Path(root)
+    if not (folder / "train").is_dir():
+        raise FileNotFoundError(f"data.root={root!r} has no train/ folder (ImageNet layout: train/<class>/, val/<class>/)")
+    test_name = next((n for n in ("val", "test") if (folder / n).is_dir()), None)
+    if test_name is None:
+        raise FileNotFoundError(f"data.root={root!r} has a train/ folder but neither val/ nor test/")
+    classes = tuple(sorted(p.name for p in (folder / "train").iterdir() if p.is_dir()))
+    samples = streaming.list_samples(folder / "train", classes)
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = int(round(val_fraction * len(samples)))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    if limit_train is not None:
+        train_idx = train_idx[:limit_train]
+    mean, std = normalize or (streaming.IMAGENET_MEAN, streaming.IMAGENET_STD)
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"normalize gives {len(mean)} means and {len(std)} stds, but images are read as RGB")
+    training, evaluation = streaming.make_transforms(image_size, mean, std, augment, transform)
+    workers = streaming.default_workers() if workers is None else workers
+
+    def split(chosen: list[tuple[Path, int]], transform_: Any) -> StreamingImageFolder:
+        return StreamingImageFolder(chosen, transform_, image_size, mean, std, workers)
+
+    val = split([samples[i] for i in val_idx], evaluation) if n_val else None
+    test = split(streaming.list_samples(folder / test_name, classes), evaluation)
+    return DataBundle("image-folder-stream", split([samples[i] for i in train_idx], training), val, test, classes)
+
+
 def _load(name: str, root: str | None, image_size: int) -> sources.RawSplits:
     if name == "fashion-mnist":
         return sources.load_fashion_mnist(root)
@@ -140,18 +194,29 @@ def _load(name: str, root: str | None, image_size: int) -> sources.RawSplits:
     return sources.load_synthetic()
 
 
-def train_loader(dataset: TensorImageDataset, batch_size: int, seed: int, epoch: int) -> InMemoryBatches:
+def train_loader(dataset: Split, batch_size: int, seed: int, epoch: int, *, rank: int = 0, world: int = 1,
+                 repeats: int = 1) -> Iterable[tuple[Tensor, Tensor]]:
     """Shuffled batches whose order and augmentation depend only on (seed, epoch): a run
     resumed at an epoch boundary sees exactly the batches an uninterrupted run sees, and a
     data set moved to an accelerator (:meth:`TensorImageDataset.to`) gives the same batches
-    there, gathered and augmented on the device."""
+    there, gathered and augmented on the device. In memory: whole global batches (each rank
+    takes its part); streamed (``dataset.streams``): this rank's part only, with ``repeats``
+    (repeated augmentation)."""
+    if dataset.streams:
+        return streaming.streaming_loader(dataset, batch_size, seed, epoch, rank=rank, world=world, repeats=repeats)
+    if repeats != 1:
+        raise ValueError("data.repeated_augmentation is for streamed image folders (image-folder-stream)")
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     dataset.generator.manual_seed(seed * 100_019 + epoch)
     return InMemoryBatches(dataset, batch_size, generator, drop_last=len(dataset) > batch_size)
 
 
-def eval_loader(dataset: TensorImageDataset, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """The data set in order, in batches of ``batch_size``, gathered where its tensors live."""
+def eval_loader(dataset: Split, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """The data set in order, in batches of ``batch_size``, gathered where its tensors live
+    (or decoded by loader workers for a streamed set)."""
+    if dataset.streams:
+        yield from streaming.streaming_eval_loader(dataset, batch_size)
+        return
     for start in range(0, len(dataset), batch_size):
         yield dataset.__getitems__(torch.arange(start, min(start + batch_size, len(dataset)), device=dataset.device))
 

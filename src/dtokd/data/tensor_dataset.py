@@ -93,9 +93,20 @@ class TensorImageDataset(Dataset):
             images = self.augmentation(images, self.generator)
         return images, self.labels[index]
 
+    streams = False
+    """In memory: batches are gathered whole and each rank of a distributed run takes its part."""
+
     @property
     def device(self) -> torch.device:
         return self.images.device
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
 
     @property
     def nbytes(self) -> int:

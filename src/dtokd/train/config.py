@@ -25,7 +25,10 @@ class DataConfig:
     of the accelerator's memory, else ``host``; the CPU when training on the CPU).
     ``mixup``: mixup/cutmix on each training batch through ``timm.data.Mixup`` (its keyword
     arguments, e.g. ``{mixup_alpha: 0.8, cutmix_alpha: 1.0, label_smoothing: 0.1}``: DeiT's);
-    the losses then get soft targets and the teacher sees the mixed images."""
+    the losses then get soft targets and the teacher sees the mixed images. For
+    ``image-folder-stream`` (files decoded per batch, see :mod:`dtokd.data.streaming`):
+    ``transform`` (timm ``create_transform`` options), ``workers`` (loader processes; default
+    up to 8), ``repeated_augmentation`` (DeiT's repeated augmentation, 3 in its recipe)."""
 
     name: str = "fashion-mnist"
     root: str | None = None
@@ -35,6 +38,9 @@ class DataConfig:
     limit_train: int | None = None
     placement: str = "auto"
     mixup: dict[str, Any] | None = None
+    transform: dict[str, Any] | None = None
+    workers: int | None = None
+    repeated_augmentation: int = 1
 
 
 @dataclass
@@ -151,8 +157,11 @@ def validate(config: Config) -> Config:
     checks = [("epochs", config.epochs, 0), ("batch_size", config.batch_size, 1),
               ("eval_batch_size", config.eval_batch_size, 1), ("log_every", config.log_every, 1),
               ("data.image_size", config.data.image_size, 1)]
+    checks.append(("data.repeated_augmentation", config.data.repeated_augmentation, 1))
     if config.data.limit_train is not None:
         checks.append(("data.limit_train", config.data.limit_train, 1))
+    if config.data.workers is not None:
+        checks.append(("data.workers", config.data.workers, 0))
     for key, value, least in checks:
         if value < least:
             raise ConfigError(f"{key}={value} is not allowed; it must be an integer >= {least}")

@@ -41,7 +41,7 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def train(config: Config | None, folder: str | Path, *, resume: bool = False, force: bool = False,
           extend_epochs: int | None = None, progress: bool = True, verbose: bool = True,
-          config_file: Path | None = None) -> dict[str, Any]:
+          config_file: Path | None = None, max_steps: int | None = None) -> dict[str, Any]:
     """Train (or distil) as configured, keeping everything in ``folder``; returns the summary.
 
     A fresh run needs a missing or empty ``folder`` (``force``: one holding only a previous
@@ -51,7 +51,8 @@ def train(config: Config | None, folder: str | Path, *, resume: bool = False, fo
     the saved one) must equal the saved configuration, except for ``epochs`` raised by
     ``extend_epochs`` (see :mod:`dtokd.train.run_folder`). ``progress``: progress bars (drawn
     on a terminal only); ``verbose``: a line per epoch. ``config_file``: the user's config
-    file, which the run must never replace.
+    file, which the run must never replace. ``max_steps``: stop each epoch after that many
+    steps (a dry run).
     """
     folder = Path(folder)
     saved_epochs = None
@@ -69,7 +70,7 @@ def train(config: Config | None, folder: str | Path, *, resume: bool = False, fo
     folder.mkdir(parents=True, exist_ok=True)
     try:
         return _run(config, folder, parts, resume=resume, saved_epochs=saved_epochs, extend_epochs=extend_epochs,
-                    progress=progress and sys.stderr.isatty(), verbose=verbose)
+                    progress=progress and sys.stderr.isatty(), verbose=verbose, max_steps=max_steps)
     except BaseException:
         if not resume and parts.ranks.main and not (folder / "checkpoint.pt").exists():
             remove_partial_run(folder, created)  # nothing half-written stays behind
@@ -104,7 +105,8 @@ def _build(config: Config, verbose: bool) -> _Parts:
     ckpt.seed_everything(config.seed)
     data = build_data(config.data.name, config.data.root, val_fraction=config.data.val_fraction, seed=config.seed,
                       augment=config.data.augment, image_size=config.data.image_size, limit_train=config.data.limit_train,
-                      normalize=check_normalize(config.student.normalize, "student.normalize"))
+                      normalize=check_normalize(config.student.normalize, "student.normalize"),
+                      transform=config.data.transform, workers=config.data.workers)
     student = create_model(config.student.name, data.num_classes, data.in_channels, data.image_size,
                            config.student.kwargs)
     if config.student.weights:
@@ -138,7 +140,7 @@ def _build(config: Config, verbose: bool) -> _Parts:
 
 
 def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs: int | None,
-         extend_epochs: int | None, progress: bool, verbose: bool) -> dict[str, Any]:
+         extend_epochs: int | None, progress: bool, verbose: bool, max_steps: int | None) -> dict[str, Any]:
     """The run in its folder: restore (or record the set-up), teacher check, epochs, summary."""
     checkpoint_path = folder / "checkpoint.pt"
     log = MetricLog(folder, enabled=p.ranks.main)
@@ -172,7 +174,7 @@ def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs:
     try:
         for epoch in range(start_epoch, config.epochs):
             row = _train_epoch(config, p.forward, p.task, p.balancer, p.optimizer, p.scaler, p.data, epoch,
-                               p.device, log, progress, p.ranks)
+                               p.device, log, progress, p.ranks, max_steps)
             p.scheduler.step()
             for split in ("val", "test"):
                 row.update(_prefixed(split, p.task.evaluate(p.student, getattr(p.data, split), config.eval_batch_size,
@@ -302,11 +304,14 @@ def _make_balancer(config: Config, task: ClassificationTask, params: list[torch.
 
 def _train_epoch(config: Config, forward: nn.Module, task: ClassificationTask, balancer: Balancer,
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, data: DataBundle, epoch: int,
-                 device: torch.device, log: MetricLog, progress: bool, ranks: distributed.Ranks) -> dict[str, Any]:
+                 device: torch.device, log: MetricLog, progress: bool, ranks: distributed.Ranks,
+                 max_steps: int | None = None) -> dict[str, Any]:
     """One epoch; ``forward`` is the task or its DDP wrapper, and each rank trains on its
     shard of every global batch."""
     task.student.train()
-    loader = train_loader(data.train, config.batch_size, config.seed, epoch)
+    loader = train_loader(data.train, config.batch_size, config.seed, epoch, rank=ranks.rank, world=ranks.world,
+                          repeats=config.data.repeated_augmentation)
+    local = data.train.streams  # a streamed set gives each rank its own part of the global batch
     amp_dtype = AMP_DTYPES[config.amp]
     representation = config.balancer.engine == "representation"
     same_batch = config.balancer.method == "dto-amortized" and config.balancer.options.get("update", "same-batch") == "same-batch"
@@ -318,10 +323,12 @@ def _train_epoch(config: Config, forward: nn.Module, task: ClassificationTask, b
     mixup = _make_mixup(config.data.mixup, data.num_classes)
     for i, (x, y) in enumerate(tqdm(loader, desc=f"{config.name} epoch {epoch + 1}/{config.epochs}", leave=False,
                                     disable=not progress, unit="batch")):
-        if mixup is not None:  # on the global batch, before each rank takes its shard
+        if mixup is not None:  # on the global batch before each rank takes its part (a streamed set: the local one)
             x, y = mixup(to_device(x, device), to_device(y, device))
-        shard = ranks.shard(x.shape[0])
-        x, y = to_device(x[shard], device, config.channels_last), to_device(y[shard], device)
+        if not local:
+            shard = ranks.shard(x.shape[0])
+            x, y = x[shard], y[shard]
+        x, y = to_device(x, device, config.channels_last), to_device(y, device)
         step = epoch * len(loader) + i
         epochs_done = epoch + (i + 1) / len(loader)
         optimizer.zero_grad(set_to_none=True)
@@ -346,6 +353,8 @@ def _train_epoch(config: Config, forward: nn.Module, task: ClassificationTask, b
         count += 1
         if diagnose:
             log.write("steps.jsonl", {"epoch": epoch, "step": step, **info.as_dict()}, step)
+        if max_steps is not None and count >= max_steps:
+            break
     balancer.check_deferred()  # before the epoch's checkpoint
     row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - start,
                            "skipped_steps": skipped}
