@@ -10,7 +10,11 @@
 #      bf16, batch 256, 3 epochs);
 #   4. `dtokd bench --parallel 4` against `--parallel 1` on a small CIFAR-10 matrix (cells/min);
 #   5. step time with TorchJD's autogram Gramian beside our exact engine (if torchjd travels as
-#      a wheel in .whl/).
+#      a wheel in .whl/);
+#   6. the ImageNet recipe's cost: one DeiT-Ti step at 224 px with three objectives (weighted sum,
+#      three-backward floor, exact DTO, representation at the final norm, amortized) from a
+#      RegNetY-160 teacher, and the streaming loader's images/s with 4/8/16 workers
+#      (benchmarks/vit_step_time.py).
 # Every part writes under $OUT (falls back to benchmarks/results/gpu_trainer) and has its own
 # time limit, so one slow part does not lose the others.
 #
@@ -21,7 +25,7 @@
 #   git rev-parse --short HEAD > .device-data/COMMIT
 #   (optional, for part 5) grep -qx '/.whl/' .git/info/exclude || echo /.whl/ >> .git/info/exclude
 #     python3 -m pip download --no-deps -d .whl torchjd==0.18.0
-# Device call: carry [".device-data", ".whl"], command "bash benchmarks/gpu_trainer.sh", timeout_s 540
+# Device call: carry [".device-data", ".whl"], command "bash benchmarks/gpu_trainer.sh", timeout_s 600
 set -uo pipefail
 export PYTHONUNBUFFERED=1 DTOKD_CACHE=/tmp/dtokd-cache TQDM_DISABLE=1 PYTHONPATH=src
 export DTOKD_COMMIT="$(cat .device-data/COMMIT 2>/dev/null || echo unknown)"
@@ -75,4 +79,8 @@ timeout 90 python3 benchmarks/step_time.py --device cuda --batch 256 --amp bf16 
   --steps 5 --warmup 5 --timing back-to-back --no-memory \
   --methods "plain KD (fixed 0.9/0.1);two-backward floor;DTO exact;DTO on TorchJD autogram's Gramian;TorchJD MGDA (autojac)" \
   --output "$out/step_time_autogram" 2>&1 | tail -9
+
+echo "== 6. DeiT-Ti step with three objectives, streaming loader"
+timeout 150 python3 benchmarks/vit_step_time.py --device cuda --amp bf16 --batch 128 --rounds 8 --steps 4 \
+  --workers 4 8 16 --loader-images 2000 --output "$out/vit_step_time" 2>&1 | tail -14
 exit 0

@@ -6,8 +6,11 @@ The validation split for model selection is ``val_fraction`` of the training fil
 the folder's ``val/`` is the test split, as papers report ImageNet "val" accuracy.
 
 Transforms: with timm installed, timm's ``create_transform`` (the DeiT recipe:
-``{auto_augment: rand-m9-mstd0.5-inc1, re_prob: 0.25, interpolation: bicubic}`` as
-``data.transform``), else torchvision's random-resized crop and flip; evaluation resizes to
+``{auto_augment: rand-m9-mstd0.5-inc1-mmax9, re_prob: 0.25, interpolation: bicubic}`` as
+``data.transform``; ``mmax9`` caps RandAugment's magnitude at 9 instead of 10, because at 10
+the increasing posterize keeps 0 bits, which Pillow 12 and later refuse with an error: a
+deviation from DeiT on about 2 % of the sampled operations), else torchvision's
+random-resized crop and flip; evaluation resizes to
 ``image_size / crop_pct`` and centre-crops. Normalisation: the student's ``normalize``, else
 ImageNet's statistics.
 

@@ -16,8 +16,8 @@ class FeatureTaps:
     Two special names:
 
     - ``"features"``: the pooled feature before the classifier, recorded as the input of the
-      model's ``head`` (global-average-pooled when that input is a feature map, as in timm's
-      ``ClassifierHead``);
+      model's classifier (:func:`classifier`; global-average-pooled when that input is a
+      feature map, as in timm's ``ClassifierHead``);
     - ``"patch_mean"``: for a vision transformer, the mean of the patch tokens after its final
       norm (``model.norm`` output without the first ``model.num_prefix_tokens`` tokens: the
       class and distillation tokens), the student feature of VkD.
@@ -31,9 +31,7 @@ class FeatureTaps:
         modules = dict(model.named_modules())
         for name in names:
             if name == "features":
-                if not hasattr(model, "head"):
-                    raise ValueError(f"{type(model).__name__} has no 'head' to tap 'features' from")
-                self._handles.append(model.head.register_forward_hook(self._record_pooled_input(name)))
+                self._handles.append(classifier(model).register_forward_hook(self._record_pooled_input(name)))
                 continue
             if name == "patch_mean":
                 if not isinstance(getattr(model, "norm", None), nn.Module) or not hasattr(model, "num_prefix_tokens"):
@@ -69,3 +67,15 @@ class FeatureTaps:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    """The final classifier: the zoo's and timm's ViTs' ``head``, timm's ``get_classifier()``,
+    torchvision's ``fc`` or ``classifier`` (the last module of a Sequential classifier)."""
+    for name in ("head", "fc", "classifier"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    if hasattr(model, "get_classifier"):
+        return model.get_classifier()
+    raise ValueError(f"{type(model).__name__} has no 'head', 'fc' or 'classifier' to tap 'features' from")
