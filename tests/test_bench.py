@@ -121,3 +121,22 @@ def test_a_pair_with_a_given_teacher_checkpoint_trains_no_teacher(tmp_path):
     open(matrix, "w").write(broken)
     with pytest.raises(ValueError, match="must give 'teacher' and 'student' \\(and optionally 'checkpoint'\\)"):
         load_matrix(matrix)
+
+
+@pytest.mark.parametrize("name", ["bench_fmnist.yaml", "bench_cifar100.yaml", "bench_fmnist_dkd.yaml"])
+def test_shipped_matrices_resolve_every_cell(name):
+    """Every cell of a shipped matrix gives a valid run configuration (what `dtokd bench` would
+    train), with the pair's own overrides."""
+    from pathlib import Path
+
+    from dtokd.train import load_config
+
+    matrix = load_matrix(Path(__file__).resolve().parents[1] / "configs" / name)
+    for pair, spec in matrix.pairs.items():
+        for method, overrides in matrix.methods.items():
+            config = load_config(matrix.student_config, [*matrix.base, *spec.get("overrides", []), f"name={method}",
+                                                         f"student.name={spec['student']}", f"teacher.name={spec['teacher']}",
+                                                         "teacher.checkpoint=x.pt", *overrides])
+            assert config.student.name == spec["student"]
+            if "checkpoint" in spec:
+                assert config.teacher.key_map == "cifar-resnet-chenyaofo" or config.teacher.name is None

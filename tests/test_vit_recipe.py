@@ -262,3 +262,32 @@ def test_two_processes_match_one_process_for_three_objectives(teacher, tmp_path)
         torch.testing.assert_close(two["student"][key], one["student"][key], rtol=1e-4, atol=1e-5)
     for key in one["projectors"]:
         torch.testing.assert_close(two["projectors"][key], one["projectors"][key], rtol=1e-4, atol=1e-5)
+
+
+def test_ema_of_the_student_is_evaluated_checkpointed_and_resumed(teacher, tmp_path, monkeypatch):
+    from dtokd.train import loop
+
+    config = overrides(teacher, "balancer.method=dto", "epochs=2", "optim.ema_decay=0.9")
+    summary = train(load_config(None, config), tmp_path / "straight", progress=False, verbose=False)
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert {"ema_val_top1", "ema_test_top1", "ema_test_cls_top1"} <= set(rows[0])
+    assert summary["ema_last_test_top1"] == rows[-1]["ema_test_top1"]
+    state = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    ema, student = state["ema"], state["student"]
+    assert int(ema["n_averaged"]) == 2 * (256 - 64) // 32  # one update per step: 6 steps an epoch
+    assert any(not torch.equal(ema[f"module.{k}"], v) for k, v in student.items() if v.is_floating_point())
+    real, calls = loop._train_epoch, {"n": 0}
+
+    def killed(*args, **kwargs):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, config), tmp_path / "resumed", progress=False, verbose=False)
+    monkeypatch.setattr(loop, "_train_epoch", real)
+    train(None, tmp_path / "resumed", resume=True, progress=False, verbose=False)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["ema"]
+    assert all(torch.equal(ema[k], resumed[k]) for k in ema)

@@ -9,7 +9,8 @@ Config (YAML)::
     teacher_config: configs/fmnist_teacher.yaml             # how a missing teacher is trained
     pairs:
       cnn-mlp: {teacher: cnn, student: mlp}
-      r56-r20: {teacher: resnet56, student: resnet20, checkpoint: ../shared/data/teachers/cifar10_resnet56.pth}
+      r56-r20: {teacher: resnet56, student: resnet20, checkpoint: ../shared/data/teachers/cifar10_resnet56.pth,
+                overrides: [teacher.key_map=cifar-resnet-chenyaofo]}   # overrides: this pair's runs only
     methods:                                                # name -> overrides
       student-alone: [teacher.name=null, teacher.checkpoint=null, "losses={task: {type: ce}}", balancer.method=fixed]
       kd-fixed: [balancer.method=fixed, "balancer.options={weights: {distill: 0.9, task: 0.1}}"]
@@ -77,9 +78,11 @@ def load_matrix(path: str | Path) -> Matrix:
     if raw["reference"] not in raw["methods"]:
         raise ValueError(f"{path}: reference {raw['reference']!r} is not one of the methods {list(raw['methods'])}")
     for pair, spec in raw["pairs"].items():
-        if not {"teacher", "student"} <= set(spec) <= {"teacher", "student", "checkpoint"}:
-            raise ValueError(f"{path}: pair {pair!r} must give 'teacher' and 'student' (and optionally 'checkpoint'), "
-                             f"got {sorted(spec)}")
+        if not {"teacher", "student"} <= set(spec) <= {"teacher", "student", "checkpoint", "overrides"}:
+            raise ValueError(f"{path}: pair {pair!r} must give 'teacher' and 'student' (and optionally 'checkpoint', "
+                             f"'overrides'), got {sorted(spec)}")
+        if not isinstance(spec.get("overrides", []), list):
+            raise ValueError(f"{path}: pair {pair!r}: overrides must be a list of key=value, got {spec['overrides']!r}")
     root = path.parent.parent if path.parent.name == "configs" else Path.cwd()
     for spec in raw["pairs"].values():
         if "checkpoint" in spec:
@@ -156,8 +159,9 @@ def run_cell(matrix: Matrix, out: Path, pair: str, method: str, seed: int, teach
         raise FileNotFoundError(f"teacher {spec['teacher']!r} of pair {pair!r} is not trained yet ({teacher}); "
                                 "run the matrix without --cell first")
     config = load_config(matrix.student_config, [
-        *matrix.base, f"name={method}", f"seed={seed}", f"student.name={spec['student']}",
-        f"teacher.name={spec['teacher']}", f"teacher.checkpoint={teacher}", *matrix.methods[method],
+        *matrix.base, *map(str, spec.get("overrides", [])), f"name={method}", f"seed={seed}",
+        f"student.name={spec['student']}", f"teacher.name={spec['teacher']}", f"teacher.checkpoint={teacher}",
+        *matrix.methods[method],
     ])
     try:  # the bench owns its cell folders: a cell killed before its first checkpoint starts afresh
         train(config, folder, resume=(folder / "checkpoint.pt").is_file(), force=True, progress=progress,

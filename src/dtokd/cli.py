@@ -121,7 +121,8 @@ def _run_training(args: argparse.Namespace, distill: bool) -> int:
 
 def _dry_run(config, command: str) -> int:
     """Every part of ``config`` built (models, losses, balancer, optimizer, transforms, loaders)
-    and two training steps plus an evaluation run on a generated 4-class image folder at the
+    and two training steps plus an evaluation run on generated data: CIFAR's python format for
+    ``cifar10``/``cifar100`` configs (all their classes), else a 4-class image folder at the
     config's image size; the teacher (and a student start) get random weights of the same
     architecture. Nothing is written outside a temporary folder."""
     import dataclasses
@@ -129,7 +130,7 @@ def _dry_run(config, command: str) -> int:
 
     import torch
 
-    from dtokd.data.fake import write_fake_image_folder
+    from dtokd.data.fake import write_fake_cifar, write_fake_image_folder
     from dtokd.models import create_model
     from dtokd.train import train
 
@@ -140,15 +141,22 @@ def _dry_run(config, command: str) -> int:
         scratch = Path(scratch)
         os.environ["DTOKD_CACHE"] = str(scratch / "cache")  # the decoded-image cache too stays inside
         size = config.data.image_size
-        root = write_fake_image_folder(scratch / "images", classes=4, per_class={"train": 4, "val": 1}, image_size=size)
-        streamed = config.data.name == "image-folder-stream"
-        data = dataclasses.replace(config.data, name="image-folder-stream" if streamed else "image-folder",
-                                   root=str(root), val_fraction=0.25, limit_train=None,
-                                   workers=0 if streamed else config.data.workers)
+        if config.data.name in ("cifar10", "cifar100"):
+            classes = 10 if config.data.name == "cifar10" else 100
+            root = write_fake_cifar(scratch / "cifar", classes, per_class=2)
+            data = dataclasses.replace(config.data, root=str(root), val_fraction=0.25, limit_train=None)
+        else:
+            classes = 4
+            root = write_fake_image_folder(scratch / "images", classes=classes, per_class={"train": 4, "val": 1},
+                                           image_size=size)
+            streamed = config.data.name == "image-folder-stream"
+            data = dataclasses.replace(config.data, name="image-folder-stream" if streamed else "image-folder",
+                                       root=str(root), val_fraction=0.25, limit_train=None,
+                                       workers=0 if streamed else config.data.workers)
         teacher = config.teacher
         if teacher.name:
             weights = scratch / "teacher.pt"
-            torch.save(create_model(teacher.name, 4, 3, size, teacher.kwargs).state_dict(), weights)
+            torch.save(create_model(teacher.name, classes, 3, size, teacher.kwargs).state_dict(), weights)
             teacher = dataclasses.replace(teacher, checkpoint=str(weights), key_map=None)
         student = dataclasses.replace(config.student, weights=None, key_map=None)
         dry = dataclasses.replace(config, data=data, teacher=teacher, student=student, batch_size=4, eval_batch_size=4,

@@ -24,3 +24,29 @@ def write_fake_image_folder(root: Path, *, classes: int = 4, per_class: int | di
                 pixels = np.clip(colours[k] + noise, 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
     return root
+
+
+def write_fake_cifar(root: Path, num_classes: int, *, per_class: int = 1, seed: int = 0) -> Path:
+    """Write generated data in CIFAR-10's (``cifar-10-batches-py``) or CIFAR-100's
+    (``cifar-100-python``) python format under ``root`` (``per_class`` images per class and
+    split, 32x32) and return ``root``."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    folder = root / ("cifar-10-batches-py" if num_classes == 10 else "cifar-100-python")
+    folder.mkdir(parents=True, exist_ok=True)
+    label_key = b"labels" if num_classes == 10 else b"fine_labels"
+
+    def batch() -> dict:
+        labels = [k for k in range(num_classes) for _ in range(per_class)]
+        data = rng.integers(0, 256, size=(len(labels), 3 * 32 * 32), dtype=np.uint8)
+        return {b"data": data, label_key: labels}
+
+    names = ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]) if num_classes == 10 else (["train"], ["test"])
+    for name in names[0] + names[1]:
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch(), f)
+    meta_name, key = ("batches.meta", b"label_names") if num_classes == 10 else ("meta", b"fine_label_names")
+    with open(folder / meta_name, "wb") as f:
+        pickle.dump({key: [f"class{k}".encode() for k in range(num_classes)]}, f)
+    return root

@@ -85,6 +85,7 @@ class OptimConfig:
     grad_clip: float | None = None
     lr_batch_scale: int | None = None
     no_decay_1d: bool = False
+    ema_decay: float | None = None
 
 
 @dataclass
@@ -165,6 +166,8 @@ def validate(config: Config) -> Config:
     for key, value, least in checks:
         if value < least:
             raise ConfigError(f"{key}={value} is not allowed; it must be an integer >= {least}")
+    if config.optim.ema_decay is not None and not 0.0 < config.optim.ema_decay < 1.0:
+        raise ConfigError(f"optim.ema_decay={config.optim.ema_decay} is not allowed; it must be in (0, 1), e.g. 0.99996")
     if not 0.0 <= config.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={config.data.val_fraction} is not allowed; it must be in [0, 1)")
     return config

@@ -94,6 +94,7 @@ class _Parts:
     balancer: Balancer
     scaler: torch.amp.GradScaler
     identity: dict[str, Any]
+    ema: torch.optim.swa_utils.AveragedModel | None
 
 
 def _build(config: Config, verbose: bool) -> _Parts:
@@ -135,8 +136,12 @@ def _build(config: Config, verbose: bool) -> _Parts:
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     identity = {"student": config.student.name, "num_classes": data.num_classes, "losses": list(task.specs),
                 "balancer": config.balancer.method, "teacher": config.teacher.name}
+    ema = None
+    if config.optim.ema_decay is not None:  # an exponential moving average of the student, updated every step
+        ema = torch.optim.swa_utils.AveragedModel(
+            student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.optim.ema_decay), use_buffers=True)
     return _Parts(ranks, device, data, student, teacher, teacher_input, task, forward, optimizer, scheduler,
-                  balancer, scaler, identity)
+                  balancer, scaler, identity, ema)
 
 
 def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs: int | None,
@@ -154,6 +159,8 @@ def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs:
         p.scheduler.load_state_dict(state["scheduler"])
         p.balancer.load_state_dict(state["balancer"])
         p.scaler.load_state_dict(state["scaler"])
+        if p.ema is not None:
+            p.ema.load_state_dict(state["ema"])
         ckpt.set_rng_state(state["rng"])
         start_epoch, history = state["epoch"], state["history"]
         log.truncate_after(start_epoch)
@@ -174,11 +181,15 @@ def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs:
     try:
         for epoch in range(start_epoch, config.epochs):
             row = _train_epoch(config, p.forward, p.task, p.balancer, p.optimizer, p.scaler, p.data, epoch,
-                               p.device, log, progress, p.ranks, max_steps)
+                               p.device, log, progress, p.ranks, max_steps, p.ema)
             p.scheduler.step()
             for split in ("val", "test"):
                 row.update(_prefixed(split, p.task.evaluate(p.student, getattr(p.data, split), config.eval_batch_size,
                                                             p.device, channels_last=config.channels_last)))
+                if p.ema is not None:
+                    row.update(_prefixed(f"ema_{split}", p.task.evaluate(
+                        p.ema.module, getattr(p.data, split), config.eval_batch_size, p.device,
+                        channels_last=config.channels_last)))
             history.append(row)
             log.write("metrics.jsonl", row, epoch)
             if p.ranks.main and _is_best(history):
@@ -190,6 +201,7 @@ def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs:
                     "projectors": p.task.projectors.state_dict(), "optimizer": p.optimizer.state_dict(),
                     "scheduler": p.scheduler.state_dict(), "balancer": p.balancer.state_dict(),
                     "scaler": p.scaler.state_dict(), "rng": ckpt.rng_state(),
+                    **({"ema": p.ema.state_dict()} if p.ema is not None else {}),
                 }, checkpoint_path)
             p.ranks.barrier()
             if verbose:
@@ -305,7 +317,7 @@ def _make_balancer(config: Config, task: ClassificationTask, params: list[torch.
 def _train_epoch(config: Config, forward: nn.Module, task: ClassificationTask, balancer: Balancer,
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, data: DataBundle, epoch: int,
                  device: torch.device, log: MetricLog, progress: bool, ranks: distributed.Ranks,
-                 max_steps: int | None = None) -> dict[str, Any]:
+                 max_steps: int | None = None, ema: torch.optim.swa_utils.AveragedModel | None = None) -> dict[str, Any]:
     """One epoch; ``forward`` is the task or its DDP wrapper, and each rank trains on its
     shard of every global batch."""
     task.student.train()
@@ -344,6 +356,8 @@ def _train_epoch(config: Config, forward: nn.Module, task: ClassificationTask, b
         else:
             scaler.step(optimizer)
             scaler.update()
+            if ema is not None:
+                ema.update_parameters(task.student)
         if same_batch:
             with torch.no_grad(), _frozen_batchnorm_statistics(task.student), \
                     torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -411,6 +425,8 @@ def summarize(history: list[dict[str, Any]], config: Config) -> dict[str, Any]:
         "best_test_top1": max(r["test_top1"] for r in history), "last_test_top1": history[-1]["test_top1"],
         "last_test_top5": history[-1]["test_top5"],
         "seconds_per_epoch": sum(r["epoch_seconds"] for r in history) / len(history),
+        **({"ema_last_test_top1": history[-1]["ema_test_top1"], "ema_best_test_top1":
+            max(r["ema_test_top1"] for r in history)} if "ema_test_top1" in history[-1] else {}),
     }
 
 
