@@ -119,7 +119,7 @@ def test_a_pair_with_a_given_teacher_checkpoint_trains_no_teacher(tmp_path):
     assert teacher["checkpoint"] == str(tmp_path / "given" / "best.pt")
     broken = text.replace("checkpoint:", "weights:")
     open(matrix, "w").write(broken)
-    with pytest.raises(ValueError, match="must give 'teacher' and 'student' \\(and optionally 'checkpoint'\\)"):
+    with pytest.raises(ValueError, match="must give 'teacher' and 'student' \\(and optionally 'checkpoint', 'overrides'\\)"):
         load_matrix(matrix)
 
 
