@@ -556,3 +556,32 @@ def test_grad_scaler_overflow_skips_the_step():
     assert info.skipped and "GradScaler" in info.skipped_reason
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert scaler.get_scale() < 1e38
+
+
+def test_anchored_balancer_by_name_on_both_step_paths():
+    results = []
+    for policy in ("raise", "skip"):  # the device path, and the host path
+        net = Net()
+        x, y, t = batch(3)  # a batch whose log-gradients conflict
+        balancer = make_balancer("anchored", net.parameters(), anchor="task", on_nonfinite=policy)
+        info = balancer.backward(kd_losses(net(x), y, t))
+        results.append((info.weight_values.clone(), [p.grad.clone() for p in net.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    net = Net()
+    x, y, t = batch(3)  # a batch whose log-gradients conflict
+    losses = kd_losses(net(x), y, t)
+    distill, task = losses["distill"], losses["task"]
+    d = torch.autograd.grad(distill.log(), list(net.parameters()), retain_graph=True)
+    a = torch.autograd.grad(task.log(), list(net.parameters()), retain_graph=True)
+    dot = sum((u * v).sum() for u, v in zip(d, a))
+    norm2 = sum((v * v).sum() for v in a)
+    assert dot < 0, "the test needs conflicting gradients"
+    scale = 2.0 - float(dot / norm2)
+    for (got, dd, aa) in zip(results[0][1], d, a):
+        torch.testing.assert_close(got, (aa + dd - dot / norm2 * aa) / scale, rtol=1e-9, atol=1e-12)
+    with pytest.raises(TypeError, match="needs anchor="):
+        make_balancer("anchored", net.parameters())
+    with pytest.raises(ValueError, match="anchor='teacher' is not one of the losses"):
+        make_balancer("anchored", net.parameters(), anchor="teacher").backward(losses)

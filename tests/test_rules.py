@@ -341,3 +341,36 @@ def test_rules_survive_strong_dominance():
     g0 = j.mean(0)
     correction = w @ j - g0
     assert correction.norm().item() == pytest.approx(0.5 * g0.norm().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("m, seed", [(2, 0), (2, 1), (3, 2), (4, 3), (5, 4)])
+def test_anchored_weights_against_the_explicit_projection(m, seed):
+    """w @ J equals the one-sided projection built vector by vector, over the normalising sum."""
+    j = torch.randn(m, 7, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    for anchor in range(m):
+        d_a = j[anchor]
+        g = d_a.clone()
+        total = 1.0
+        for k in range(m):
+            if k != anchor:
+                dot = float(j[k] @ d_a)
+                g = g + j[k] - min(0.0, dot) / float(d_a @ d_a) * d_a
+                total += 1.0 - min(0.0, dot) / float(d_a @ d_a)
+        w = weights("anchored", j @ j.T, anchor=anchor)
+        torch.testing.assert_close(w @ j, g / total, rtol=1e-12, atol=1e-12)
+        assert float(w.sum()) == pytest.approx(1.0)
+        assert float((w @ j) @ d_a) > 0  # the anchor always descends
+
+
+def test_anchored_special_cases():
+    agree = torch.tensor([[1.0, 0.5], [0.5, 2.0]], dtype=torch.float64)
+    torch.testing.assert_close(weights("anchored", agree, anchor=1), torch.tensor([0.5, 0.5], dtype=torch.float64))
+    opposite = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
+    w = weights("anchored", opposite, anchor=1)  # d_0 = -d_1: its whole gradient conflicts and is removed
+    torch.testing.assert_close(w @ torch.tensor([[1.0], [-1.0]], dtype=torch.float64), torch.tensor([-1.0 / 3], dtype=torch.float64))
+    zero_anchor = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(weights("anchored", zero_anchor, anchor=1), torch.tensor([0.5, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(weights("anchored", torch.ones(1, 1, dtype=torch.float64), anchor=0),
+                               torch.ones(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="anchor=2 must be the index of one of the 2 objectives"):
+        weights("anchored", agree, anchor=2)

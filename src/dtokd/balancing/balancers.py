@@ -27,26 +27,34 @@ class RuleBalancer(Balancer):
         self.needs_gram = method not in rules.GRAM_FREE_RULES
         if method == "fixed":
             _check_fixed_weights(self.rule_options.get("weights"))
+        if method == "anchored" and "anchor" not in self.rule_options:
+            raise TypeError("method 'anchored' needs anchor=..., the name of the loss to keep whole (e.g. anchor='task')")
         self._fixed_on_device: Tensor | None = None
 
     def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
-        options = dict(self.rule_options)
-        if self.method == "fixed" and isinstance(options["weights"], Mapping):
-            options["weights"] = _ordered_weights(options["weights"], self.names)  # type: ignore[arg-type]
         if gram is None:
             m = loss_values.shape[0]
             gram = torch.zeros(m, m, dtype=torch.float64, device=loss_values.device)
-        return rules.weights(self.method, gram, **options)
+        return rules.weights(self.method, gram, **self._options_by_index())
+
+    def _options_by_index(self) -> dict[str, Any]:
+        """The rule's options with loss names (fixed weights by name, the anchor) as indices."""
+        options = dict(self.rule_options)
+        if self.method == "fixed" and isinstance(options["weights"], Mapping):
+            options["weights"] = _ordered_weights(options["weights"], self.names)  # type: ignore[arg-type]
+        if self.method == "anchored" and isinstance(options.get("anchor"), str):
+            options["anchor"] = _anchor_index(options["anchor"], self.names)  # type: ignore[arg-type]
+        return options
 
     def _weights_on_device(self, gram: Tensor | None, loss_values: Tensor) -> Tensor | None:
-        """DTO (affine) with one or two objectives, mean and fixed need no host read: their
+        """DTO (affine) with one or two objectives, anchored, mean and fixed need no host read: their
         weights are computed where the losses are (the Gram comes from this balancer's engine,
         square and symmetric by construction; finiteness is checked after the step)."""
         m, device = loss_values.shape[0], loss_values.device
         if not self._has_device_rule(m):
             return None
-        if self.method == "dto":
-            return rules.dto(gram, **self.rule_options).to(torch.float64)  # type: ignore[arg-type]
+        if self.method in ("dto", "anchored"):  # the rule itself: no Gram validation on the host
+            return rules.RULES[self.method](gram, **self._options_by_index()).to(torch.float64)  # type: ignore[arg-type]
         if self.method == "mean":
             return torch.full((m,), 1.0 / m, dtype=torch.float64, device=device)
         if self._fixed_on_device is None or self._fixed_on_device.device != device:  # fixed
@@ -57,7 +65,7 @@ class RuleBalancer(Balancer):
     def _has_device_rule(self, num_losses: int) -> bool:
         if self.method == "dto":
             return self.rule_options.get("constraint", "affine") == "affine" and num_losses <= 2
-        return self.method in ("mean", "fixed")
+        return self.method in ("mean", "fixed", "anchored")
 
 
 def _check_fixed_weights(weights: object) -> None:
@@ -65,6 +73,12 @@ def _check_fixed_weights(weights: object) -> None:
         raise TypeError("method 'fixed' needs weights=..., e.g. weights={'distill': 0.9, 'task': 0.1}")
     if not isinstance(weights, (Mapping, Sequence)) or isinstance(weights, str):
         raise TypeError(f"fixed: weights must be a mapping name -> weight or a sequence, got {weights!r}")
+
+
+def _anchor_index(anchor: str, names: tuple[str, ...]) -> int:
+    if anchor not in names:
+        raise ValueError(f"anchored: anchor={anchor!r} is not one of the losses {list(names)}")
+    return names.index(anchor)
 
 
 def _ordered_weights(weights: Mapping[str, float], names: tuple[str, ...]) -> list[float]:
@@ -76,7 +90,7 @@ def _ordered_weights(weights: Mapping[str, float], names: tuple[str, ...]) -> li
 BALANCERS: tuple[str, ...] = (*rules.RULES, "dto-amortized", "gradnorm")
 """Every method :func:`make_balancer` knows."""
 
-_LOG_BY_DEFAULT = frozenset({"dto", "dto-amortized"})
+_LOG_BY_DEFAULT = frozenset({"dto", "dto-amortized", "anchored"})
 
 
 def make_balancer(
