@@ -123,7 +123,8 @@ def test_a_pair_with_a_given_teacher_checkpoint_trains_no_teacher(tmp_path):
         load_matrix(matrix)
 
 
-@pytest.mark.parametrize("name", ["bench_fmnist.yaml", "bench_cifar100.yaml", "bench_fmnist_dkd.yaml"])
+@pytest.mark.parametrize("name", ["bench_fmnist.yaml", "bench_cifar100.yaml", "bench_fmnist_dkd.yaml",
+                                  "bench_fmnist_weak_teacher.yaml"])
 def test_shipped_matrices_resolve_every_cell(name):
     """Every cell of a shipped matrix gives a valid run configuration (what `dtokd bench` would
     train), with the pair's own overrides."""
@@ -138,5 +139,5 @@ def test_shipped_matrices_resolve_every_cell(name):
                                                          f"student.name={spec['student']}", f"teacher.name={spec['teacher']}",
                                                          "teacher.checkpoint=x.pt", *overrides])
             assert config.student.name == spec["student"]
-            if "checkpoint" in spec:
-                assert config.teacher.key_map == "cifar-resnet-chenyaofo" or config.teacher.name is None
+            if "teacher.key_map=cifar-resnet-chenyaofo" in spec.get("overrides", []) and config.teacher.name:
+                assert config.teacher.key_map == "cifar-resnet-chenyaofo"  # the pair's own override applied
