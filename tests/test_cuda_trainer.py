@@ -10,7 +10,7 @@ import torch
 
 from dtokd import cli
 from dtokd.train import load_config, train
-from dtokd.train import loop as loop_module
+from helpers import interrupt_after
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -82,16 +82,8 @@ def test_killed_cuda_run_resumes_to_the_same_weights(teacher_config, tmp_path, m
     overrides = [*COMMON[:-1], "device=cuda", "epochs=3", "student.name=mlp_small", "balancer.method=dto",
                  "balancer.engine=representation"]
     train(load_config(teacher_config, overrides), tmp_path / "straight", progress=False)
-    real, calls = loop_module._train_epoch, {"n": 0}
-
-    def killed_after_one(*args, **kwargs):
-        if calls["n"] == 1:
-            raise KeyboardInterrupt("killed")
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(loop_module, "_train_epoch", killed_after_one)
+        interrupt_after(patch, 1)
         with pytest.raises(KeyboardInterrupt):
             train(load_config(teacher_config, overrides), tmp_path / "resumed", progress=False)
     assert cli.main(["distill", str(teacher_config), "--out", str(tmp_path / "resumed"), "--resume", *overrides,

@@ -8,7 +8,7 @@ import torch
 
 from dtokd import cli
 from dtokd.train import ConfigError, load_config, train
-from dtokd.train import loop as loop_module
+from helpers import interrupt_after
 
 BASE = ["data.name=synthetic", "batch_size=32", "log_every=2", "eval_batch_size=64"]
 
@@ -52,25 +52,12 @@ def test_distillation_actually_learns(teacher, tmp_path):
     assert summary["best_test_top1"] > 50.0  # 4 classes: chance is 25 %
 
 
-def _interrupt_after(monkeypatch, epochs_before_kill: int):
-    real = loop_module._train_epoch
-    calls = {"n": 0}
-
-    def flaky(*args, **kwargs):
-        if calls["n"] == epochs_before_kill:
-            raise KeyboardInterrupt("killed")
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop_module, "_train_epoch", flaky)
-
-
 @pytest.mark.parametrize("method, extra", [("dto", []), ("dto-amortized", []), ("pcgrad", [])])
 def test_killed_and_resumed_run_ends_with_the_same_weights(teacher, tmp_path, monkeypatch, method, extra):
     overrides = student_overrides(teacher, method=method, epochs=3) + extra
     train(load_config(None, overrides), tmp_path / "straight", progress=False)
     with monkeypatch.context() as patch:
-        _interrupt_after(patch, 1)
+        interrupt_after(patch, 1)
         with pytest.raises(KeyboardInterrupt):
             train(load_config(None, overrides), tmp_path / "resumed", progress=False)
     train(load_config(None, overrides), tmp_path / "resumed", resume=True, progress=False)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dtokd import cli
+from helpers import interrupt_after
 from dtokd.data import sources
 from dtokd.report import report
 from dtokd.train import ConfigError, load_config, train
@@ -67,20 +68,10 @@ def test_resume_with_a_changed_setting_is_refused_naming_it(config_file, tmp_pat
 
 def test_resume_without_the_original_overrides_uses_the_saved_config(config_file, tmp_path, monkeypatch):
     """The bug: --resume without the overrides a run started with stopped a 4-epoch run at 2."""
-    from dtokd.train import loop
-
     folder = tmp_path / "run"
-    real, calls = loop._train_epoch, {"n": 0}
-
-    def killed_after_two(*args, **kwargs):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "_train_epoch", killed_after_two)
-    assert run("distill", str(config_file), "--out", str(folder), "epochs=4", "optim.lr=0.02") == 130
-    monkeypatch.setattr(loop, "_train_epoch", real)
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 2)
+        assert run("distill", str(config_file), "--out", str(folder), "epochs=4", "optim.lr=0.02") == 130
     assert run("distill", "--resume", "--out", str(folder)) == 0
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["epochs_run"] == 4
@@ -283,18 +274,8 @@ def test_a_checkpoint_with_flipped_bytes_is_refused(config_file, tmp_path, capsy
 
 
 def test_report_of_an_unfinished_run_and_garbage_logs(config_file, tmp_path, monkeypatch):
-    from dtokd.train import loop
-
     folder = tmp_path / "run"
-    real, calls = loop._train_epoch, {"n": 0}
-
-    def killed_after_one(*args, **kwargs):
-        if calls["n"] == 1:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "_train_epoch", killed_after_one)
+    interrupt_after(monkeypatch, 1)
     assert run("distill", str(config_file), "--out", str(folder)) == 130
     text = report([folder], tmp_path / "rep").read_text()
     assert "| run (unfinished) | dto | 0 | 1 |" in text and "?" not in text

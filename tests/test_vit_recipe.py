@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dtokd import make_balancer
+from helpers import interrupt_after
 from dtokd.losses import cross_entropy, deit_token_loss
 from dtokd.models import create_model
 from dtokd.tasks import ClassificationTask, evaluate_classifier
@@ -173,22 +174,12 @@ def test_amortized_three_objectives_and_the_projector_stays_orthogonal(teacher, 
 
 
 def test_resume_of_the_three_objective_run_is_bit_identical(teacher, tmp_path, monkeypatch):
-    from dtokd.train import loop
-
     config = overrides(teacher, "balancer.method=dto", "epochs=3")
     train(load_config(None, config), tmp_path / "straight", progress=False, verbose=False)
-    real, calls = loop._train_epoch, {"n": 0}
-
-    def killed(*args, **kwargs):
-        if calls["n"] == 1:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "_train_epoch", killed)
-    with pytest.raises(KeyboardInterrupt):
-        train(load_config(None, config), tmp_path / "resumed", progress=False, verbose=False)
-    monkeypatch.setattr(loop, "_train_epoch", real)
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            train(load_config(None, config), tmp_path / "resumed", progress=False, verbose=False)
     train(None, tmp_path / "resumed", resume=True, progress=False, verbose=False)
     a, b = (torch.load(tmp_path / f / "checkpoint.pt", weights_only=False) for f in ("straight", "resumed"))
     assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
@@ -265,8 +256,6 @@ def test_two_processes_match_one_process_for_three_objectives(teacher, tmp_path)
 
 
 def test_ema_of_the_student_is_evaluated_checkpointed_and_resumed(teacher, tmp_path, monkeypatch):
-    from dtokd.train import loop
-
     config = overrides(teacher, "balancer.method=dto", "epochs=2", "optim.ema_decay=0.9")
     summary = train(load_config(None, config), tmp_path / "straight", progress=False, verbose=False)
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
@@ -276,18 +265,10 @@ def test_ema_of_the_student_is_evaluated_checkpointed_and_resumed(teacher, tmp_p
     ema, student = state["ema"], state["student"]
     assert int(ema["n_averaged"]) == 2 * ((256 - round(0.1 * 256)) // 32)  # one update per step: 7 an epoch
     assert any(not torch.equal(ema[f"module.{k}"], v) for k, v in student.items() if v.is_floating_point())
-    real, calls = loop._train_epoch, {"n": 0}
-
-    def killed(*args, **kwargs):
-        if calls["n"] == 1:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "_train_epoch", killed)
-    with pytest.raises(KeyboardInterrupt):
-        train(load_config(None, config), tmp_path / "resumed", progress=False, verbose=False)
-    monkeypatch.setattr(loop, "_train_epoch", real)
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            train(load_config(None, config), tmp_path / "resumed", progress=False, verbose=False)
     train(None, tmp_path / "resumed", resume=True, progress=False, verbose=False)
     resumed = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["ema"]
     assert all(torch.equal(ema[k], resumed[k]) for k in ema)
