@@ -170,7 +170,7 @@ def main() -> None:
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
               "torch": torch.__version__, "student_parameters": parameters, "times": times, "medians": medians,
               "loader_images_per_second": loader, "args": vars(args)}
-    lines = [f"# DeiT step with three objectives, and the streaming loader", "",
+    lines = ["# DeiT step with three objectives, and the streaming loader", "",
              f"- command: `{record['command']}`", f"- commit `{record['commit'][:10]}`; {record['machine']}",
              f"- {record['date']}; {args.student} ({parameters / 1e6:.1f} M parameters) from {args.teacher}; "
              f"{args.image_size} px; batch {args.batch}; amp {args.amp}; median of {args.rounds} rounds x {args.steps} "

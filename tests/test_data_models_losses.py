@@ -1,7 +1,6 @@
 """Data loading, the model zoo, feature taps and distillation losses."""
 
 import gzip
-import math
 import tarfile
 
 import numpy as np
