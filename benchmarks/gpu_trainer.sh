@@ -24,7 +24,7 @@
 #   grep -qx '/.device-data/' .git/info/exclude || echo /.device-data/ >> .git/info/exclude
 #   git rev-parse --short HEAD > .device-data/COMMIT
 #   (optional, for part 5) grep -qx '/.whl/' .git/info/exclude || echo /.whl/ >> .git/info/exclude
-#     python3 -m pip download --no-deps -d .whl torchjd==0.18.0
+#     python3 -m pip download --no-deps -d .whl torchjd==0.18.0 timm==1.0.31
 # Device call: carry [".device-data", ".whl"], command "bash benchmarks/gpu_trainer.sh", timeout_s 600
 set -uo pipefail
 export PYTHONUNBUFFERED=1 DTOKD_CACHE=/tmp/dtokd-cache TQDM_DISABLE=1 PYTHONPATH=src
