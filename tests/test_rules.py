@@ -345,17 +345,19 @@ def test_rules_survive_strong_dominance():
 
 @pytest.mark.parametrize("m, seed", [(2, 0), (2, 1), (3, 2), (4, 3), (5, 4)])
 def test_anchored_weights_against_the_explicit_projection(m, seed):
-    """w @ J equals the one-sided projection built vector by vector, over the normalising sum."""
+    """w @ J equals the capped one-sided projection built vector by vector, over the normalising sum."""
     j = torch.randn(m, 7, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    j[0] *= 5.0  # one gradient far longer than the others: its scale is capped
     for anchor in range(m):
         d_a = j[anchor]
         g = d_a.clone()
         total = 1.0
         for k in range(m):
             if k != anchor:
-                dot = float(j[k] @ d_a)
-                g = g + j[k] - min(0.0, dot) / float(d_a @ d_a) * d_a
-                total += 1.0 - min(0.0, dot) / float(d_a @ d_a)
+                scaled = j[k] * min(1.0, float(d_a.norm() / j[k].norm()))
+                dot = float(scaled @ d_a)
+                g = g + scaled - min(0.0, dot) / float(d_a @ d_a) * d_a
+                total += min(1.0, float(d_a.norm() / j[k].norm())) - min(0.0, dot) / float(d_a @ d_a)
         w = weights("anchored", j @ j.T, anchor=anchor)
         torch.testing.assert_close(w @ j, g / total, rtol=1e-12, atol=1e-12)
         assert float(w.sum()) == pytest.approx(1.0)

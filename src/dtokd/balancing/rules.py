@@ -334,27 +334,29 @@ def mean(gram: Tensor) -> Tensor:
 
 
 def anchored(gram: Tensor, *, anchor: int) -> Tensor:
-    r"""Task-anchored weights (dtokd's own, beyond the paper): the ``anchor`` objective's
-    gradient kept whole, every other gradient stripped of the component that conflicts with it
-    (a one-sided projection), the weights normalised to sum to 1::
+    r"""Task-anchored weights (dtokd's own, beyond the paper, experimental): the ``anchor``
+    objective's gradient kept whole; every other gradient first scaled down to at most the
+    anchor's norm, then stripped of the component that conflicts with the anchor (a one-sided
+    projection); the weights normalised to sum to 1::
 
-        g   = d_a + sum_{j != a} (d_j - min(0, <d_j, d_a>) / ||d_a||^2 d_a)
-        w_a = (1 - sum_{j != a} min(0, G_ja) / G_aa) / S,   w_j = 1 / S,   S the sum of the numerators
+        s_j = min(1, ||d_a|| / ||d_j||)
+        g   = d_a + sum_{j != a} s_j (d_j - min(0, <d_j, d_a>) / ||d_a||^2 d_a)
+        w_a = (1 - sum_{j != a} s_j min(0, G_ja) / G_aa) / S,   w_j = s_j / S,   S the sum of the numerators
 
-    so that ``<g, d_a> = (G_aa + sum_j max(0, G_ja)) / S > 0``: the anchor (the task loss)
-    decreases to first order whatever the other objectives (a weak teacher's) ask for, and
-    objectives that agree with it are followed in full (with no conflict: the mean). A zero
-    anchor gradient gives ``1/m``. On one objective: 1.
+    so that ``<g, d_a> > 0``: the anchor (the task loss) decreases to first order whatever the
+    other objectives (a weak teacher's) ask for, and no other objective outweighs it in norm.
+    A zero anchor gradient gives ``1/m``; one objective: 1.
     """
     m = gram.shape[0]
     if not isinstance(anchor, int) or isinstance(anchor, bool) or not 0 <= anchor < m:
         raise ValueError(f"anchored: anchor={anchor!r} must be the index of one of the {m} objectives")
     g = gram.to(torch.float64)
+    tiny = torch.finfo(torch.float64).tiny
     anchor_norm2 = g[anchor, anchor]
-    conflict = g[anchor].clamp_max(0.0)
-    conflict = conflict - torch.where(torch.arange(m, device=g.device) == anchor, conflict, 0.0)  # j != a only
-    numerators = torch.ones(m, dtype=torch.float64, device=g.device)
-    numerators[anchor] = 1.0 - conflict.sum() / anchor_norm2.clamp_min(torch.finfo(torch.float64).tiny)
+    others = torch.arange(m, device=g.device) != anchor
+    scales = torch.where(others, (anchor_norm2 / g.diagonal().clamp_min(tiny)).sqrt().clamp_max(1.0), 1.0)
+    conflict = torch.where(others, scales * g[anchor].clamp_max(0.0), 0.0).sum()
+    numerators = torch.where(others, scales, 1.0 - conflict / anchor_norm2.clamp_min(tiny))
     result = torch.where(anchor_norm2 > 0, numerators / numerators.sum(), 1.0 / m)
     return result.to(gram.dtype)
 
