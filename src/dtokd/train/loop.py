@@ -32,10 +32,11 @@ from dtokd.train import checkpoint as ckpt
 from dtokd.train import distributed
 from dtokd.train.config import Config, ConfigError, load_config, to_dict
 from dtokd.train.optim import lr_factor, make_optimizer, make_scheduler
-from dtokd.train.records import MetricLog, metadata, write_yaml
+from dtokd.train.records import MetricLog, git_commit, metadata, write_yaml
 from dtokd.train.run_folder import config_for_resume, prepare_fresh, record_extension, remove_partial_run
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+git_commit()  # fix the commit this process records to the code it loaded (see records.git_commit)
 
 
 def train(config: Config | None, folder: str | Path, *, resume: bool = False, force: bool = False,

@@ -3,6 +3,7 @@ metrics as JSON lines, and TensorBoard events when tensorboard is installed."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -16,7 +17,11 @@ import torch
 import yaml
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
+    """The commit of the code this process runs: read once, the first time it is asked for (the
+    trainer asks when it is imported, so that a long process, a bench matrix, does not record
+    commits made while it ran)."""
     try:
         here = Path(__file__).resolve().parent
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
