@@ -124,7 +124,7 @@ def test_a_pair_with_a_given_teacher_checkpoint_trains_no_teacher(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["bench_fmnist.yaml", "bench_cifar100.yaml", "bench_fmnist_dkd.yaml",
-                                  "bench_fmnist_weak_teacher.yaml"])
+                                  "bench_fmnist_weak_teacher.yaml", "bench_cifar10.yaml"])
 def test_shipped_matrices_resolve_every_cell(name):
     """Every cell of a shipped matrix gives a valid run configuration (what `dtokd bench` would
     train), with the pair's own overrides."""
@@ -141,3 +141,36 @@ def test_shipped_matrices_resolve_every_cell(name):
             assert config.student.name == spec["student"]
             if "teacher.key_map=cifar-resnet-chenyaofo" in spec.get("overrides", []) and config.teacher.name:
                 assert config.teacher.key_map == "cifar-resnet-chenyaofo"  # the pair's own override applied
+
+
+def test_interrupted_parallel_bench_keeps_its_cells_and_finishes_on_rerun(tmp_path):
+    """SIGINT to `dtokd bench --parallel 2` (a time limit, or Ctrl-C): each running cell stops at a
+    consistent point, the command says how to finish, and the rerun ends as a straight run does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    methods = "\n".join(METHODS.splitlines()[:1] + METHODS.splitlines()[2:3])
+    matrix = write_matrix(tmp_path, methods)
+    text = open(matrix).read().replace("base: [epochs=3]", "base: [epochs=40]")
+    open(matrix, "w").write(text)
+    command = [sys.executable, "-m", "dtokd", "bench", matrix, "--parallel", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([*command, "--out", str(tmp_path / "cut")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not list((tmp_path / "cut").glob("*/*/seed*/checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip("the matrix finished before the interrupt arrived")
+    assert process.returncode == 130 and "Finish the matrix with" in err
+    assert not list((tmp_path / "cut").rglob("*.tmp"))
+    subprocess.run([*command, "--out", str(tmp_path / "cut")], check=True, env=env, capture_output=True)
+    subprocess.run([*command, "--out", str(tmp_path / "straight")], check=True, env=env, capture_output=True)
+    for summary in (tmp_path / "straight").glob("*/*/seed*/summary.json"):
+        other = tmp_path / "cut" / summary.relative_to(tmp_path / "straight")
+        assert json.loads(other.read_text())["last_test_top1"] == json.loads(summary.read_text())["last_test_top1"]

@@ -36,6 +36,7 @@ import csv
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -180,7 +181,25 @@ def _run_in_processes(matrix_path: Path, out: Path, cells: list[tuple[str, str, 
     shared out between them unless ``OMP_NUM_THREADS`` is set. Raises once all have ended if any failed."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
-    queue, running, failed, done = list(cells), [], [], 0
+    queue, running, failed = list(cells), [], []
+    try:
+        _drive(matrix_path, out, queue, running, failed, parallel, env, len(cells))
+    except KeyboardInterrupt:  # Ctrl-C (or a time limit's SIGINT): each cell stops at a consistent point
+        for _, process, log in running:
+            process.send_signal(signal.SIGINT)
+        for _, process, log in running:
+            process.wait()
+            log.close()
+        raise
+    if failed:
+        listing = "; ".join(f"{' '.join(map(str, cell))} (see {path})" for cell, path in sorted(failed))
+        raise CellsFailed(f"{len(failed)} of {len(cells)} cell(s) failed: {listing}")
+
+
+def _drive(matrix_path: Path, out: Path, queue: list, running: list, failed: list, parallel: int,
+           env: dict[str, str], total: int) -> None:
+    """Keep ``parallel`` cell processes running until ``queue`` is empty and all have ended."""
+    done = 0
     while queue or running:
         while queue and len(running) < parallel:
             pair, method, seed = queue.pop(0)
@@ -189,7 +208,9 @@ def _run_in_processes(matrix_path: Path, out: Path, cells: list[tuple[str, str, 
             log = open(folder / "bench.log", "a")
             command = [sys.executable, "-m", "dtokd.cli", "bench", str(matrix_path), "--out", str(out),
                        "--cell", pair, method, str(seed)]
-            running.append(((pair, method, seed), subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                       start_new_session=True)  # a Ctrl-C reaches the cells through us, once
+            running.append(((pair, method, seed), process, log))
             print(f"[bench] started {pair} {method} seed {seed} ({len(running)} running, {len(queue)} waiting)", flush=True)
         time.sleep(0.2)
         for entry in list(running):
@@ -202,10 +223,7 @@ def _run_in_processes(matrix_path: Path, out: Path, cells: list[tuple[str, str, 
             if process.returncode != 0:
                 failed.append((cell, log.name))
             print(f"[bench] {'failed' if process.returncode else 'finished'} {' '.join(map(str, cell))} "
-                  f"({done}/{len(cells)})", flush=True)
-    if failed:
-        listing = "; ".join(f"{' '.join(map(str, cell))} (see {path})" for cell, path in sorted(failed))
-        raise CellsFailed(f"{len(failed)} of {len(cells)} cell(s) failed: {listing}")
+                  f"({done}/{total})", flush=True)
 
 
 def _ensure_teacher(matrix: Matrix, folder: Path, name: str, progress: bool) -> Path:

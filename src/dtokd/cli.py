@@ -259,6 +259,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         except CellsFailed as error:
             print(f"dtokd bench: {error}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print(f"\ninterrupted; every cell keeps its last checkpoint. Finish the matrix with:\n  dtokd bench "
+                  f"{args.matrix} --out {out} --parallel {args.parallel}", file=sys.stderr)
+            return 130
         print(f"results: {path}")
         return 0
     from dtokd.demo import run_demo
