@@ -512,6 +512,8 @@ def test_every_method_runs_a_step():
         options = {"weights": [0.5, 0.5]} if method == "fixed" else {}
         if method == "dto-amortized":
             options["update"] = "next-step"
+        if method == "anchored":
+            options["anchor"] = "task"
         info = make_balancer(method, net.parameters(), **options).backward(kd_losses(net(x), y, t))
         assert not info.skipped
         assert all(torch.isfinite(p.grad).all() for p in net.parameters()), method

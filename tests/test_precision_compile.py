@@ -29,6 +29,8 @@ def options(method):
         extra["generator"] = torch.Generator().manual_seed(0)
     if method == "dto-amortized":
         extra["update"] = "next-step"
+    if method == "anchored":
+        extra["anchor"] = "task"
     return extra
 
 

@@ -294,3 +294,9 @@ def test_help_lists_methods_and_python_dash_m_runs(capsys):
     assert "``" not in capsys.readouterr().out
     result = subprocess.run([sys.executable, "-m", "dtokd", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "dtokd train" in result.stdout
+
+
+def test_zero_epochs_checks_the_teacher_only(config_file, tmp_path):
+    summary = train(load_config(config_file, ["epochs=0"]), tmp_path / "run", progress=False, verbose=False)
+    assert summary["epochs_run"] == 0 and summary["method"] == "dto" and summary["teacher"]["test_top1"] > 0
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

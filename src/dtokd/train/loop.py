@@ -414,12 +414,13 @@ def _frozen_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
 def summarize(history: list[dict[str, Any]], config: Config) -> dict[str, Any]:
     """Best epoch (by validation top-1 when there is a validation split, else test), its test
     accuracy, the best and last test accuracy, and the mean training seconds per epoch."""
+    method = config.balancer.method if config.teacher.name else "student alone"
     if not history:
-        return {"name": config.name, "epochs_run": 0}
+        return {"name": config.name, "method": method, "seed": config.seed, "epochs_run": 0}
     key = "val_top1" if "val_top1" in history[0] else "test_top1"
     best = max(range(len(history)), key=lambda i: history[i][key])
     return {
-        "name": config.name, "method": config.balancer.method if config.teacher.name else "student alone",
+        "name": config.name, "method": method,
         "seed": config.seed, "epochs_run": len(history), "best_epoch": best + 1,
         "best_val_top1": history[best].get("val_top1"), "test_top1_at_best_val": history[best]["test_top1"],
         "best_test_top1": max(r["test_top1"] for r in history), "last_test_top1": history[-1]["test_top1"],
