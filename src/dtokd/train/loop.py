@@ -63,6 +63,8 @@ def train(config: Config | None, folder: str | Path, *, resume: bool = False, fo
         raise ConfigError("--extend-epochs lengthens a saved run: use it with --resume")
     elif config is None:
         raise ConfigError("a fresh run needs a configuration")
+    if not resume:  # refuse an occupied folder before the (possibly long) build
+        prepare_fresh(folder, force=force, config_file=config_file, remove=False)
     parts = _build(config, verbose)
     if not resume:
         prepare_fresh(folder, force=force, config_file=config_file, remove=parts.ranks.main)
