@@ -300,3 +300,20 @@ def test_zero_epochs_checks_the_teacher_only(config_file, tmp_path):
     summary = train(load_config(config_file, ["epochs=0"]), tmp_path / "run", progress=False, verbose=False)
     assert summary["epochs_run"] == 0 and summary["method"] == "dto" and summary["teacher"]["test_top1"] > 0
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_checkpoint_from_before_the_checksums_still_loads_with_a_warning(config_file, tmp_path):
+    from dtokd.models.registry import read_weights
+
+    folder = tmp_path / "run"
+    train(load_config(config_file, ["epochs=1"]), folder, progress=False, verbose=False)
+    for name in ("best.pt", "checkpoint.pt"):  # as an older dtokd wrote them
+        state = torch.load(folder / name, weights_only=False)
+        del state["checksum"]
+        torch.save(state, folder / name)
+    with pytest.warns(RuntimeWarning, match="has no checksum"):
+        _, identity = read_weights(folder / "best.pt")
+    assert identity["student"] == "mlp_small"
+    with pytest.warns(RuntimeWarning, match="has no checksum"):
+        summary = train(None, folder, resume=True, extend_epochs=2, progress=False, verbose=False)
+    assert summary["epochs_run"] == 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +83,13 @@ def load_checked(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
 
 
 def verify_checksum(state: dict[str, Any], path: Path) -> None:
-    """Refuse a checkpoint whose content no longer matches the checksum written with it."""
+    """Refuse a checkpoint whose content no longer matches the checksum written with it (one
+    from before the checksums is loaded with a warning)."""
     content = {k: v for k, v in state.items() if k != "checksum"}
-    if "checksum" not in state:
-        raise ValueError(f"checkpoint {path} has no checksum (written by a dtokd older than the checksums); "
-                         "it cannot be verified and was left untouched")
+    if "checksum" not in state:  # written before checkpoints carried one: usable, but not verifiable
+        warnings.warn(f"checkpoint {path} has no checksum (written by an older dtokd): loaded without verification",
+                      RuntimeWarning, stacklevel=3)
+        return
     if checksum(content) != state["checksum"]:
         raise ValueError(f"checkpoint {path} is corrupt: its content does not match the checksum written with it "
                          "(bytes changed on disk); it was left untouched")
