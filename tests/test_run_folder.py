@@ -317,3 +317,19 @@ def test_a_checkpoint_from_before_the_checksums_still_loads_with_a_warning(confi
     with pytest.warns(RuntimeWarning, match="has no checksum"):
         summary = train(None, folder, resume=True, extend_epochs=2, progress=False, verbose=False)
     assert summary["epochs_run"] == 2
+
+
+def test_an_interrupted_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from dtokd.train import checkpoint
+
+    checkpoint.save_atomic({"epoch": 1}, tmp_path / "checkpoint.pt")
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.os, "fsync", interrupted)  # Ctrl-C after the bytes, before the rename
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic({"epoch": 2}, tmp_path / "checkpoint.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before

@@ -53,13 +53,20 @@ def checksum(state: Any) -> str:
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` (with its checksum) to ``path`` through a temporary file and an atomic
+    rename: ``path`` holds the old or the new checkpoint, never a part of one; an interruption
+    (Ctrl-C) or an error while writing removes the temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     content = {"format": FORMAT, **state}
-    torch.save({**content, "checksum": checksum(content)}, temporary)
-    with open(temporary, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    try:
+        torch.save({**content, "checksum": checksum(content)}, temporary)
+        with open(temporary, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def load_checked(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
