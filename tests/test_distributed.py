@@ -68,6 +68,7 @@ def worker(rank, world, init_file, method, options, out, desync):
             torch.save({"weights": weights, "params": params}, f"{out}.{rank}")
         except RuntimeError as error:
             torch.save({"error": str(error)}, f"{out}.{rank}")
+        dist.barrier()  # no collective of the peer still in flight when the group is torn down
     finally:
         dist.destroy_process_group()
 

@@ -24,6 +24,8 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False
+    """This run initialised the process group (and so tears it down, :meth:`close`)."""
 
     @property
     def main(self) -> bool:
@@ -37,6 +39,17 @@ class Ranks:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def close(self, finished: bool) -> None:
+        """Tear down the process group this run initialised, after a barrier when the run
+        ``finished`` (so no peer's collective is still in flight; after an error a peer may
+        never arrive). A group left to the interpreter's exit can abort the process (gloo's
+        worker threads outliving it)."""
+        if not self.owns_group or not dist.is_initialized():
+            return
+        if finished:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,9 +83,10 @@ def setup(device_name: str, batch_size: int) -> tuple[Ranks, torch.device]:
     if batch_size % world:
         raise ValueError(f"batch_size={batch_size} (the global batch) must be divisible by the {world} processes")
     cuda = device.type == "cuda"
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{local_rank}") if cuda else device
     if cuda:
         torch.cuda.set_device(device)
-    return Ranks(rank, world, local_rank), device
+    return Ranks(rank, world, local_rank, owns_group), device
