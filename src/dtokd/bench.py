@@ -247,14 +247,16 @@ def cell_statistics(folders: list[Path]) -> dict[str, Any]:
     diverged = sum((f / "diverged.json").is_file() for f in folders)
     metrics = [read_jsonl(f / "metrics.jsonl") for f in folders if (f / "summary.json").is_file()]
     steps = [row for f in folders for row in read_jsonl(f / "steps.jsonl")]
-    cell: dict[str, Any] = {"seeds": len(summaries), "diverged": diverged}
-    for key in ("test_top1_at_best_val", "best_val_top1", "best_test_top1", "last_test_top1", "seconds_per_epoch"):
+    m = summaries[0].get("metric", "top1") if summaries else "top1"
+    cell: dict[str, Any] = {"seeds": len(summaries), "diverged": diverged, "metric": m}
+    for key in (f"test_{m}_at_best_val", f"best_val_{m}", f"best_test_{m}", f"last_test_{m}", "seconds_per_epoch"):
         cell[key], cell[key + "_std"] = _mean_std([s[key] for s in summaries if s.get(key) is not None])
     times = [s["seconds_per_epoch"] for s in summaries]
     cell["seconds_per_epoch_min"] = min(times) if times else math.nan  # interference only adds time
     epochs = min((len(m) for m in metrics), default=0)
-    cell["curve"] = [statistics.fmean(m[e]["test_top1"] for m in metrics) for e in range(epochs)]
-    cell["curve_std"] = [statistics.stdev([m[e]["test_top1"] for m in metrics]) if len(metrics) > 1 else 0.0 for e in range(epochs)]
+    cell["curve"] = [statistics.fmean(run[e][f"test_{m}"] for run in metrics) for e in range(epochs)]
+    cell["curve_std"] = [statistics.stdev([run[e][f"test_{m}"] for run in metrics]) if len(metrics) > 1 else 0.0
+                         for e in range(epochs)]
     for key in sorted({k for row in steps for k in row if k.startswith(("loss_weight/", "weight/"))}):
         cell[key] = statistics.fmean(row[key] for row in steps if key in row)
     first_weight = next((k for k in sorted({k for row in steps for k in row}) if k.startswith("loss_weight/")), None)
@@ -280,7 +282,7 @@ def aggregate(matrix: Matrix, out: Path) -> Path:
         tuned = None
         if matrix.grid_prefix:
             grid = [m for m in cells if (m.startswith(matrix.grid_prefix) or m == matrix.reference) and cells[m]["seeds"]]
-            tuned = max(grid, key=lambda m: cells[m]["best_val_top1"], default=None)
+            tuned = max(grid, key=lambda m: cells[m][f"best_val_{cells[m]['metric']}"], default=None)
         for method, cell in cells.items():
             if not cell["seeds"] and not cell["diverged"]:
                 continue
@@ -320,22 +322,28 @@ def _diverged(row: dict[str, Any]) -> str:
     return f" (**{row['diverged']} of {row['diverged'] + row['seeds']} seeds diverged**; stats over the rest)"
 
 
+def _metric(rows: list[dict[str, Any]]) -> str:
+    """The metric of the matrix's runs (``top1``, or ``AP`` for detection)."""
+    return rows[0]["metric"] if rows else "top1"
+
+
 def _markdown(matrix: Matrix, rows: list[dict[str, Any]], plots: list[Path]) -> str:
+    m = _metric(rows)
     lines = [
         f"# Accuracy benchmark: {matrix.name}", "",
         f"- commit `{git_commit()[:10]}`; machine: {machine()}",
         f"- seeds {matrix.seeds}; shared overrides: `{' '.join(matrix.base)}`; run config `{matrix.student_config.name}`",
         f"- reference for time ratios and convergence: `{matrix.reference}`; accuracies: mean ± standard deviation over "
         "seeds; time: the fastest seed's mean seconds per epoch (other load on the machine only adds time)",
-        "", "| pair | method | test top-1 at best val | best test top-1 | last test top-1 | epochs to ref. final | "
+        "", f"| pair | method | test {m} at best val | best test {m} | last test {m} | epochs to ref. final | "
         "s / epoch (min) | time / ref. | mean weights (on raw loss grads) | conflict | dominance |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         weights = ", ".join(f"{k.split('/', 1)[1]} {v:.3g}" for k, v in r.items() if k.startswith("loss_weight/"))
         lines.append(
-            f"| {r['pair']} | {r['method']}{_diverged(r)} | {_fmt(r['test_top1_at_best_val'], r['test_top1_at_best_val_std'])} | "
-            f"{_fmt(r['best_test_top1'], r['best_test_top1_std'])} | {_fmt(r['last_test_top1'], r['last_test_top1_std'])} | "
+            f"| {r['pair']} | {r['method']}{_diverged(r)} | {_fmt(r[f'test_{m}_at_best_val'], r[f'test_{m}_at_best_val_std'])} | "
+            f"{_fmt(r[f'best_test_{m}'], r[f'best_test_{m}_std'])} | {_fmt(r[f'last_test_{m}'], r[f'last_test_{m}_std'])} | "
             f"{r['epochs_to_reference_final'] or '-'} | {_fmt(r['seconds_per_epoch_min'], None, 1)} | {_fmt(r['time_vs_reference'], None)} | "
             f"{weights or '-'} | {_fmt(r['conflict'], None, 3)} | {_fmt(r['dominance'], None, 3)} |"
         )
@@ -361,6 +369,8 @@ def _plots(matrix: Matrix, rows: list[dict[str, Any]], out: Path) -> list[Path]:
         plt.close(fig)
         return out / name
 
+    m = _metric(rows)
+    label = "test top-1 (%)" if m == "top1" else f"test {m} (%)"
     paths = []
     for pair in matrix.pairs:
         pair_rows = [r for r in rows if r["pair"] == pair]
@@ -379,7 +389,7 @@ def _plots(matrix: Matrix, rows: list[dict[str, Any]], out: Path) -> list[Path]:
         if len(shown) < len(pair_rows):
             ax.text(0.01, 0.01, "not shown (collapsed or diverged): " + ", ".join(r["method"] for r in pair_rows if r not in shown),
                     transform=ax.transAxes, fontsize=6)
-        paths.append(save(fig, ax, f"accuracy_{pair}.png", "epoch", "test top-1 (%), mean ± std over seeds", pair))
+        paths.append(save(fig, ax, f"accuracy_{pair}.png", "epoch", f"{label}, mean ± std over seeds", pair))
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in pair_rows:
             if r["weight_curve"]:
@@ -389,8 +399,8 @@ def _plots(matrix: Matrix, rows: list[dict[str, Any]], out: Path) -> list[Path]:
                           f"{pair}: weights over training"))
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for r in pair_rows:
-            ax.errorbar(r["time_vs_reference"], r["test_top1_at_best_val"], yerr=r["test_top1_at_best_val_std"], fmt="o")
-            ax.annotate(r["method"], (r["time_vs_reference"], r["test_top1_at_best_val"]), fontsize=6)
-        paths.append(save(fig, ax, f"cost_{pair}.png", f"time per epoch / {matrix.reference}", "test top-1 at best val (%)",
+            ax.errorbar(r["time_vs_reference"], r[f"test_{m}_at_best_val"], yerr=r[f"test_{m}_at_best_val_std"], fmt="o")
+            ax.annotate(r["method"], (r["time_vs_reference"], r[f"test_{m}_at_best_val"]), fontsize=6)
+        paths.append(save(fig, ax, f"cost_{pair}.png", f"time per epoch / {matrix.reference}", f"{label} at best val",
                           f"{pair}: accuracy against cost", legend=False))
     return paths

@@ -122,8 +122,8 @@ def _run_training(args: argparse.Namespace, distill: bool) -> int:
 def _dry_run(config, command: str) -> int:
     """Every part of ``config`` built (models, losses, balancer, optimizer, transforms, loaders)
     and two training steps plus an evaluation run on generated data: CIFAR's python format for
-    ``cifar10``/``cifar100`` configs (all their classes), else a 4-class image folder at the
-    config's image size; the teacher (and a student start) get random weights of the same
+    ``cifar10``/``cifar100`` configs (all their classes), a 2-class ``synthetic-coco`` set for
+    detection configs, else a 4-class image folder at the config's image size; the teacher (and a student start) get random weights of the same
     architecture. Nothing is written outside a temporary folder."""
     import dataclasses
     import tempfile
@@ -141,7 +141,12 @@ def _dry_run(config, command: str) -> int:
         scratch = Path(scratch)
         os.environ["DTOKD_CACHE"] = str(scratch / "cache")  # the decoded-image cache too stays inside
         size = config.data.image_size
-        if config.data.name in ("cifar10", "cifar100"):
+        if config.task == "detection":  # a tiny generated COCO-format set at the config's image size
+            classes = 2
+            data = dataclasses.replace(config.data, name="synthetic-coco", root=None, val_fraction=0.25,
+                                       limit_train=None, workers=0,
+                                       synthetic={"train_images": 8, "val_images": 2, "classes": classes})
+        elif config.data.name in ("cifar10", "cifar100"):
             classes = 10 if config.data.name == "cifar10" else 100
             root = write_fake_cifar(scratch / "cifar", classes, per_class=2)
             data = dataclasses.replace(config.data, root=str(root), val_fraction=0.25, limit_train=None)
@@ -172,7 +177,7 @@ def _dry_run(config, command: str) -> int:
     losses = {k: round(v, 4) for k, v in json.loads(steps[-1]).items() if k.startswith("loss/")}
     print(f"dtokd {command} --dry-run: {config.name}: student {config.student.name}, teacher {config.teacher.name}, "
           f"balancer {config.balancer.method}/{config.balancer.engine}; 2 steps ran, last losses {losses}; "
-          f"evaluation ran (test top-1 {summary['last_test_top1']:.1f} on random data)")
+          f"evaluation ran (test {summary['metric']} {summary['last_test_' + summary['metric']]:.1f} on random data)")
     return 0
 
 
@@ -190,7 +195,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from dtokd.data import build_data
     from dtokd.models import create_model
     from dtokd.models.foreign import check_normalize
-    from dtokd.tasks import evaluate_classifier, has_distillation_head, resolve_loss_specs
+    from dtokd.tasks import evaluate_classifier, evaluate_detector, has_distillation_head, resolve_loss_specs
     from dtokd.train.checkpoint import load_checked
     from dtokd.train.distributed import resolve_device
 
@@ -202,15 +207,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     data = build_data(config.data.name, config.data.root, val_fraction=config.data.val_fraction, seed=config.seed,
                       augment=False, image_size=config.data.image_size, limit_train=config.data.limit_train,
                       normalize=check_normalize(config.student.normalize, "student.normalize"),
-                      transform=config.data.transform, workers=config.data.workers)
+                      transform=config.data.transform, workers=config.data.workers, synthetic=config.data.synthetic)
     model = create_model(config.student.name, data.num_classes, data.in_channels, data.image_size,
                          config.student.kwargs).to(device)
     path = folder / ("best.pt" if args.which == "best" else "checkpoint.pt")
     state = load_checked(path, {"student": config.student.name, "num_classes": data.num_classes})
     model.load_state_dict(state["model"] if "model" in state else state["student"])
-    if has_distillation_head(model) and any(s.get("output") == "dist" for s in resolve_loss_specs(config.losses).values()):
-        model.set_distilled_training(True)  # as in training: the two heads are averaged and reported
-    result = evaluate_classifier(model, data.test, config.eval_batch_size, device)
+    if config.task == "detection":
+        result = evaluate_detector(model, data.test, config.eval_batch_size, device)
+    else:
+        if has_distillation_head(model) and any(s.get("output") == "dist"
+                                                for s in resolve_loss_specs(config.losses).values()):
+            model.set_distilled_training(True)  # as in training: the two heads are averaged and reported
+        result = evaluate_classifier(model, data.test, config.eval_batch_size, device)
     print(json.dumps({"run": str(folder), "checkpoint": path.name, "epoch": state["epoch"], **result}, indent=2))
     return 0
 

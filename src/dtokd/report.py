@@ -44,10 +44,11 @@ def report(folders: list[str | Path], out: str | Path) -> Path:
     if not folders:
         raise ValueError("report needs at least one run folder")
     runs = [load_run(Path(f)) for f in folders]
+    metric = run_metric(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plots = [
-        _curves(runs, out / "accuracy.png", "test_top1", "test top-1 (%)"),
+        _curves(runs, out / "accuracy.png", f"test_{metric}", METRIC_LABELS[metric]),
         _curves(runs, out / "loss.png", "train_loss", "training loss (sum of the losses)"),
         _step_plot(runs, out / "weights.png", "loss_weight/", "coefficient on each loss gradient"),
         _step_plot(runs, out / "conflict.png", "conflict", "conflict cos(g_1, g_2)"),
@@ -60,17 +61,36 @@ def report(folders: list[str | Path], out: str | Path) -> Path:
     return path
 
 
+METRIC_LABELS = {"top1": "test top-1 (%)", "AP": "test box AP (COCO, %)"}
+DETAIL_METRICS = {"top1": (), "AP": ("AP50", "AP75", "APs", "APm", "APl")}
+
+
+def run_metric(runs: list[dict[str, Any]]) -> str:
+    """The metric the runs are compared on (``top1``, or ``AP`` for detection); one for all."""
+    metrics = sorted({r["summary"].get("metric", "top1") for r in runs})
+    if len(metrics) > 1:
+        raise ValueError(f"the runs report different metrics {metrics} (classification and detection); "
+                         "report them separately")
+    return metrics[0]
+
+
 def table(runs: list[dict[str, Any]]) -> str:
-    """One row per run; the teacher's val / test top-1 as measured before its distillation."""
-    rows = ["| run | method | seed | epochs | teacher val / test top-1 | best val top-1 | test top-1 at best val | "
-            "best test top-1 | last test top-1 | s / epoch |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    """One row per run; the teacher's val / test metric as measured before its distillation;
+    for detection also the last epoch's AP50, AP75, APs, APm, APl."""
+    m = run_metric(runs)
+    details = DETAIL_METRICS[m]
+    rows = [f"| run | method | seed | epochs | teacher val / test {m} | best val {m} | test {m} at best val | "
+            f"best test {m} | last test {m} | " + "".join(f"last test {d} | " for d in details) + "s / epoch |",
+            "|---|---|---|---|---|---|---|---|---|" + "---|" * len(details) + "---|"]
     for run in runs:
         s, t = run["summary"], run["teacher"]
-        teacher = f"{_fmt(t.get('val_top1'))} / {_fmt(t.get('test_top1'))}" if t else "-"
+        last = run["metrics"][-1] if run["metrics"] else {}
+        teacher = f"{_fmt(t.get(f'val_{m}'))} / {_fmt(t.get(f'test_{m}'))}" if t else "-"
         rows.append(f"| {run['name']} | {s.get('method', '?')} | {s.get('seed', '?')} | {s.get('epochs_run', len(run['metrics']))} | "
-                    f"{teacher} | {_fmt(s.get('best_val_top1'))} | {_fmt(s.get('test_top1_at_best_val'))} | "
-                    f"{_fmt(s.get('best_test_top1'))} | {_fmt(s.get('last_test_top1'))} | {_fmt(s.get('seconds_per_epoch'), 1)} |")
+                    f"{teacher} | {_fmt(s.get(f'best_val_{m}'))} | {_fmt(s.get(f'test_{m}_at_best_val'))} | "
+                    f"{_fmt(s.get(f'best_test_{m}'))} | {_fmt(s.get(f'last_test_{m}'))} | "
+                    + "".join(f"{_fmt(last.get(f'test_{d}'))} | " for d in details)
+                    + f"{_fmt(s.get('seconds_per_epoch'), 1)} |")
     return "\n".join(rows)
 
 

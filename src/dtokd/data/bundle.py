@@ -11,11 +11,13 @@ import torch
 from torch import Tensor
 
 from dtokd.data import sources, streaming
+from dtokd.data.coco import CocoDetectionSet
 from dtokd.data.streaming import StreamingImageFolder
 from dtokd.data.tensor_dataset import Augmentation, InMemoryBatches, TensorImageDataset
 
 DATASETS = ("fashion-mnist", "image-folder", "image-folder-stream", "cifar10", "cifar100", "digits", "synthetic",
-            "synthetic-rgb")
+            "synthetic-rgb", "coco", "synthetic-coco")
+DETECTION_DATASETS = ("coco", "synthetic-coco")
 DEFAULT_AUGMENTATION = {
     "fashion-mnist": Augmentation(pad=2, flip=True),
     "image-folder": Augmentation(pad=4, flip=True),
@@ -27,7 +29,7 @@ DEFAULT_AUGMENTATION = {
 }
 
 
-Split = TensorImageDataset | StreamingImageFolder
+Split = TensorImageDataset | StreamingImageFolder | CocoDetectionSet
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,11 @@ class DataBundle:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def detection(self) -> bool:
+        """Images with boxes (:class:`~dtokd.data.coco.CocoDetectionSet`), not labels."""
+        return getattr(self.train, "detection", False)
 
     @property
     def in_channels(self) -> int:
@@ -101,6 +108,7 @@ def build_data(
     normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
     transform: dict | None = None,
     workers: int | None = None,
+    synthetic: dict | None = None,
 ) -> DataBundle:
     """Load ``name`` (one of :data:`DATASETS`) and split it.
 
@@ -110,12 +118,23 @@ def build_data(
     pretrained student was trained with). ``limit_train`` keeps only the first N training
     images (after shuffling with ``seed``), for quick runs. ``image-folder-stream`` reads the
     files per batch instead (see :mod:`dtokd.data.streaming`; ``transform``: timm transform
-    options, ``workers``: loader processes).
+    options, ``workers``: loader processes). Detection sets (``coco``: a COCO-layout folder,
+    ``synthetic-coco``: generated from ``synthetic``'s options, see :mod:`dtokd.data.coco`)
+    are read per batch too; their validation split is carved from the training images.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if synthetic and name != "synthetic-coco":
+        raise ValueError(f"data.synthetic sets the generated 'synthetic-coco' data set, not {name!r}")
+    if name in DETECTION_DATASETS:
+        if transform or normalize is not None:
+            raise ValueError(f"data set {name!r}: detectors resize and normalise their inputs themselves; "
+                             "set min_size/max_size/image_mean/image_std in student.kwargs, not data.transform "
+                             "or student.normalize")
+        folder = _synthetic_coco(image_size, synthetic or {}) if name == "synthetic-coco" else _coco_root(root)
+        return _detection(name, folder, val_fraction, seed, augment, image_size, limit_train, workers)
     if name == "image-folder-stream":
         return _streaming(root, val_fraction, seed, augment, image_size, limit_train, normalize, transform, workers)
     if transform:
@@ -176,6 +195,70 @@ def _streaming(root: str | None, val_fraction: float, seed: int, augment: bool, 
     return DataBundle("image-folder-stream", split([samples[i] for i in train_idx], training), val, test, classes)
 
 
+def _coco_root(root: str | None) -> Path:
+    if not root:
+        raise ValueError("dataset 'coco' needs data.root: a folder with annotations/instances_<split>.json and <split>/")
+    return Path(root)
+
+
+def _synthetic_coco(image_size: int, options: dict) -> Path:
+    """The generated set for these options, written once into the cache (atomically: a
+    concurrent writer, e.g. another torchrun rank, leaves one complete copy)."""
+    import hashlib
+    import inspect
+    import json
+    import shutil
+    import tempfile
+
+    from dtokd.data.synthetic_coco import write_synthetic_coco
+
+    allowed = [p for p in inspect.signature(write_synthetic_coco).parameters if p not in ("root", "image_size")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"data.synthetic: unknown option(s) {unknown}; allowed: {allowed}")
+    settings = {"image_size": image_size, **options}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    folder = sources.cache_dir() / f"synthetic-coco-{key}"
+    if (folder / "annotations" / "instances_val.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    write_synthetic_coco(scratch, **settings)
+    try:
+        scratch.rename(folder)
+    except OSError:  # written meanwhile by another process
+        shutil.rmtree(scratch, ignore_errors=True)
+    return folder
+
+
+def _detection(name: str, folder: Path, val_fraction: float, seed: int, augment: bool, image_size: int,
+               limit_train: int | None, workers: int | None) -> DataBundle:
+    from dtokd.data.coco import find_splits, load_coco
+
+    splits = find_splits(folder)
+    train_file, train_images = splits["train"]
+    test_file, test_images = splits["test"]
+    train_coco = load_coco(train_file)
+    test_coco = load_coco(test_file)
+    ids = sorted(train_coco.getImgIds())
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = int(round(val_fraction * len(ids)))
+    val_ids, train_ids = [ids[i] for i in order[:n_val]], [ids[i] for i in order[n_val:]]
+    if limit_train is not None:
+        train_ids = train_ids[:limit_train]
+    workers = streaming.default_workers() if workers is None else workers
+    if sorted(train_coco.getCatIds()) != sorted(test_coco.getCatIds()):
+        raise ValueError(f"{train_file} and {test_file} have different categories")
+
+    def split(coco, images, chosen, flip):
+        return CocoDetectionSet(coco, images, chosen, flip=flip, workers=workers, image_size=image_size)
+
+    train = split(train_coco, train_images, train_ids, augment)
+    val = split(train_coco, train_images, val_ids, False) if n_val else None
+    test = split(test_coco, test_images, sorted(test_coco.getImgIds()), False)
+    return DataBundle(name, train, val, test, train.classes)
+
+
 def _load(name: str, root: str | None, image_size: int) -> sources.RawSplits:
     if name == "fashion-mnist":
         return sources.load_fashion_mnist(root)
@@ -202,6 +285,8 @@ def train_loader(dataset: Split, batch_size: int, seed: int, epoch: int, *, rank
     there, gathered and augmented on the device. In memory: whole global batches (each rank
     takes its part); streamed (``dataset.streams``): this rank's part only, with ``repeats``
     (repeated augmentation)."""
+    if hasattr(dataset, "train_batches"):
+        return dataset.train_batches(batch_size, seed, epoch, rank=rank, world=world, repeats=repeats)
     if dataset.streams:
         return streaming.streaming_loader(dataset, batch_size, seed, epoch, rank=rank, world=world, repeats=repeats)
     if repeats != 1:
@@ -214,6 +299,9 @@ def train_loader(dataset: Split, batch_size: int, seed: int, epoch: int, *, rank
 def eval_loader(dataset: Split, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     """The data set in order, in batches of ``batch_size``, gathered where its tensors live
     (or decoded by loader workers for a streamed set)."""
+    if hasattr(dataset, "eval_batches"):
+        yield from dataset.eval_batches(batch_size)
+        return
     if dataset.streams:
         yield from streaming.streaming_eval_loader(dataset, batch_size)
         return
@@ -221,9 +309,16 @@ def eval_loader(dataset: Split, batch_size: int) -> Iterator[tuple[Tensor, Tenso
         yield dataset.__getitems__(torch.arange(start, min(start + batch_size, len(dataset)), device=dataset.device))
 
 
-def to_device(tensor: Tensor, device: torch.device, channels_last: bool = False) -> Tensor:
+def to_device(tensor: Any, device: torch.device, channels_last: bool = False) -> Any:
     """A batch tensor on ``device`` (from pinned memory when it comes from the host to CUDA),
-    channels-last if asked (4-D tensors only)."""
+    channels-last if asked (4-D tensors only); lists and dicts (detection batches: images and
+    targets) element by element, other values as they are."""
+    if isinstance(tensor, (list, tuple)):
+        return type(tensor)(to_device(t, device, channels_last) for t in tensor)
+    if isinstance(tensor, dict):
+        return {k: to_device(v, device, channels_last) for k, v in tensor.items()}
+    if not isinstance(tensor, Tensor):
+        return tensor
     if tensor.device != device:
         if device.type == "cuda":
             tensor = tensor.pin_memory()

@@ -7,7 +7,12 @@ a linear map over channels (for maps: at every position, a 1x1 convolution);
 orthogonal under any optimizer step, weight decay included), as VkD does. The
 teacher feature is normalised without learned parameters (``"layernorm"`` over channels, or
 ``"standardize"`` per channel over the batch, or ``"none"``). Then
-``loss = smooth_l1(P(f_s), norm(f_t))`` (or MSE). Spatial sizes must match.
+``loss = smooth_l1(P(f_s), norm(f_t))`` (or MSE). ``"pearson"`` (PKD, Cao et al. NeurIPS 2022,
+for detector feature maps, as mmrazor computes it) standardises *both* sides per channel over
+the batch and the positions (unbiased std, + 1e-6), ``loss = mse(z(P(f_s)), z(f_t)) / 2`` with
+``distance="mse"``: ``(n - 1) / n`` times one minus the channels' mean Pearson correlation, n
+the batch size times the positions (under ``torchrun``, each rank's own batch, as in PKD).
+Spatial sizes must match.
 """
 
 from __future__ import annotations
@@ -20,6 +25,16 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal
 
 
+TEACHER_NORMS = ("layernorm", "standardize", "pearson", "none")
+
+
+def _standardize_maps(x: Tensor) -> Tensor:
+    """Each channel to zero mean and unit (unbiased) variance over the batch and positions."""
+    mean = x.mean((0, 2, 3), keepdim=True)
+    std = x.std((0, 2, 3), keepdim=True)
+    return (x - mean) / (std + 1e-6)
+
+
 class FeatureProjector(nn.Module):
     def __init__(
         self,
@@ -28,12 +43,14 @@ class FeatureProjector(nn.Module):
         *,
         spatial: bool,
         orthogonal_weight: bool = True,
-        teacher_norm: Literal["layernorm", "standardize", "none"] = "layernorm",
+        teacher_norm: Literal["layernorm", "standardize", "pearson", "none"] = "layernorm",
         distance: Literal["smooth_l1", "mse"] = "smooth_l1",
     ) -> None:
         super().__init__()
-        if teacher_norm not in ("layernorm", "standardize", "none"):
-            raise ValueError(f"teacher_norm={teacher_norm!r} is not allowed; use 'layernorm', 'standardize' or 'none'")
+        if teacher_norm not in TEACHER_NORMS:
+            raise ValueError(f"teacher_norm={teacher_norm!r} is not allowed; use one of {list(TEACHER_NORMS)}")
+        if teacher_norm == "pearson" and not spatial:
+            raise ValueError("teacher_norm='pearson' standardises feature maps over positions; it needs spatial features")
         if distance not in ("smooth_l1", "mse"):
             raise ValueError(f"distance={distance!r} is not allowed; use 'smooth_l1' or 'mse'")
         self.spatial = spatial
@@ -50,6 +67,8 @@ class FeatureProjector(nn.Module):
         channel_last = teacher.movedim(1, -1)
         if self.teacher_norm == "layernorm":
             return F.layer_norm(channel_last, channel_last.shape[-1:]).movedim(-1, 1)
+        if self.teacher_norm == "pearson":
+            return _standardize_maps(teacher)
         dims = [d for d in range(teacher.dim()) if d != 1]
         return (teacher - teacher.mean(dims, keepdim=True)) / teacher.std(dims, keepdim=True).clamp_min(1e-6)
 
@@ -58,6 +77,9 @@ class FeatureProjector(nn.Module):
         if projected.shape != teacher.shape:
             raise ValueError(f"projected student feature {tuple(projected.shape)} does not match teacher feature {tuple(teacher.shape)}")
         target = self.normalise(teacher.detach())
+        if self.teacher_norm == "pearson":
+            return F.mse_loss(_standardize_maps(projected), target) / 2 if self.distance == "mse" else \
+                F.smooth_l1_loss(_standardize_maps(projected), target)
         if self.distance == "mse":
             return F.mse_loss(projected, target)
         return F.smooth_l1_loss(projected, target)

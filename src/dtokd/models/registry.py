@@ -1,4 +1,5 @@
-"""Models by name: the project's zoo, ``torchvision:<name>`` and ``timm:<name>`` (when installed).
+"""Models by name: the project's zoo, ``torchvision:<name>`` and ``timm:<name>`` (when installed),
+and detectors ``detection:<head>_<backbone>_fpn`` (see :mod:`dtokd.models.detection`).
 
 ``create_model(name, num_classes, in_channels)`` builds a model with freshly initialised
 weights; ``load_weights(model, path)`` loads a local checkpoint (no run-time downloads).
@@ -46,7 +47,7 @@ ZOO = _zoo()
 
 
 def available_models() -> list[str]:
-    return sorted(ZOO) + ["torchvision:<name>", "timm:<name>"]
+    return sorted(ZOO) + ["torchvision:<name>", "timm:<name>", "detection:<head>_<backbone>_fpn"]
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32,
@@ -56,6 +57,12 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     kwargs = dict(kwargs or {})
+    if name.startswith("detection:"):
+        from dtokd.models.detection import create_detector
+
+        if in_channels != 3:
+            raise ValueError(f"detectors take 3-channel images; the data has {in_channels}")
+        return create_detector(name, num_classes, image_size, kwargs)
     if name in ZOO:
         if kwargs:
             raise ValueError(f"model {name!r} takes no kwargs (got {sorted(kwargs)}); kwargs are for timm:/torchvision: models")

@@ -1,5 +1,13 @@
 """Tasks: how a batch becomes named losses and how a model is evaluated (the one seam between
-the trainer and what is being distilled)."""
+the trainer and what is being distilled): classification (:mod:`.classification`) and
+detection (:mod:`.detection`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
 
 from dtokd.tasks.classification import (
     LOSS_OPTIONS,
@@ -8,5 +16,40 @@ from dtokd.tasks.classification import (
     has_distillation_head,
     resolve_loss_specs,
 )
+from dtokd.tasks.detection import DetectionTask, evaluate_detector
 
-__all__ = ["LOSS_OPTIONS", "ClassificationTask", "evaluate_classifier", "has_distillation_head", "resolve_loss_specs"]
+TASKS = ("classification", "detection")
+Task = ClassificationTask | DetectionTask
+
+
+def build_task(kind: str, student: nn.Module, teacher: nn.Module | None, specs: Mapping[str, Mapping[str, Any]],
+               data: Any, teacher_input: nn.Module | None = None, representation: str = "outputs") -> Task:
+    """The task ``kind`` for these models and data, with the checks that they belong to it."""
+    from dtokd.models.detection import is_detector
+
+    if kind not in TASKS:
+        raise ValueError(f"task={kind!r} is not allowed; use one of {list(TASKS)}")
+    detection_data = getattr(data, "detection", False)
+    models = [("student.name", student)] + ([("teacher.name", teacher)] if teacher is not None else [])
+    if kind == "detection":
+        if not detection_data:
+            raise ValueError(f"task='detection' needs a detection data set (data.name 'coco' or 'synthetic-coco'), "
+                             f"not {data.name!r}")
+        wrong = [arg for arg, model in models if not is_detector(model)]
+        if wrong:
+            raise ValueError(f"task='detection' needs detectors: {wrong} must name detection:<head>_<backbone>_fpn")
+        if representation != "outputs":
+            raise ValueError(f"balancer.representation={representation!r}: for detection the representation is "
+                             "the student's FPN levels; leave it at 'outputs'")
+        return DetectionTask(student, teacher, specs)
+    if detection_data:
+        raise ValueError(f"data.name={data.name!r} is a detection data set: set task: detection")
+    wrong = [arg for arg, model in models if is_detector(model)]
+    if wrong:
+        raise ValueError(f"{wrong} name detectors: set task: detection (and a detection data set)")
+    sample = data.train.__getitems__([0, 1])[0]
+    return ClassificationTask(student, teacher, specs, sample, teacher_input, representation=representation)
+
+
+__all__ = ["LOSS_OPTIONS", "TASKS", "ClassificationTask", "DetectionTask", "Task", "build_task", "evaluate_classifier",
+           "evaluate_detector", "has_distillation_head", "resolve_loss_specs"]

@@ -93,6 +93,9 @@ class ClassificationTask(nn.Module):
     three-objective recipe depends on).
     """
 
+    metric = "top1"
+    """The evaluation metric that selects the best epoch."""
+
     def __init__(self, student: nn.Module, teacher: nn.Module | None, specs: Mapping[str, Mapping[str, Any]],
                  sample: Tensor, teacher_input: nn.Module | None = None, representation: str = "outputs") -> None:
         super().__init__()
@@ -131,6 +134,11 @@ class ClassificationTask(nn.Module):
             student_taps.append(representation)
         self.student_taps = FeatureTaps(student, sorted(set(student_taps)))
         self.teacher_taps = FeatureTaps(teacher, sorted(set(teacher_taps))) if teacher is not None else None
+
+    @property
+    def loss_names(self) -> list[str]:
+        """The objectives, in order: what the balancer balances."""
+        return list(self.specs)
 
     def outputs(self, x: Tensor) -> dict[str, Tensor]:
         """The student's named outputs for a batch (``logits``, and ``dist`` for two heads)."""

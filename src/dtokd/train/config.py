@@ -28,7 +28,10 @@ class DataConfig:
     the losses then get soft targets and the teacher sees the mixed images. For
     ``image-folder-stream`` (files decoded per batch, see :mod:`dtokd.data.streaming`):
     ``transform`` (timm ``create_transform`` options), ``workers`` (loader processes; default
-    up to 8), ``repeated_augmentation`` (DeiT's repeated augmentation, 3 in its recipe)."""
+    up to 8), ``repeated_augmentation`` (DeiT's repeated augmentation, 3 in its recipe).
+    ``synthetic``: the options of the generated ``synthetic-coco`` detection set
+    (``train_images``, ``val_images``, ``classes``, ``max_objects``, ``size_jitter``, ``seed``;
+    see :func:`dtokd.data.synthetic_coco.write_synthetic_coco`); its images are ``image_size``."""
 
     name: str = "fashion-mnist"
     root: str | None = None
@@ -41,6 +44,7 @@ class DataConfig:
     transform: dict[str, Any] | None = None
     workers: int | None = None
     repeated_augmentation: int = 1
+    synthetic: dict[str, Any] | None = None
 
 
 @dataclass
@@ -108,9 +112,11 @@ class Config:
     ``compile``: ``none``, or a ``torch.compile`` mode for the student (``default``,
     ``reduce-overhead`` = CUDA graphs, ``max-autotune``); ``channels_last``: student, teacher
     and images in channels-last memory format (faster convolutions on tensor cores).
+    ``task``: ``classification`` or ``detection`` (see :mod:`dtokd.tasks`).
     """
 
     name: str = "run"
+    task: str = "classification"
     seed: int = 0
     epochs: int = 10
     batch_size: int = 128

@@ -27,7 +27,7 @@ from dtokd.data import DataBundle, build_data, place_data, to_device, train_load
 from dtokd.models import create_model, load_weights
 from dtokd.models.foreign import Renormalize, WithInput, check_normalize, remap_keys
 from dtokd.models.registry import apply_weights, read_weights
-from dtokd.tasks import ClassificationTask
+from dtokd.tasks import Task, build_task
 from dtokd.train import checkpoint as ckpt
 from dtokd.train import distributed
 from dtokd.train.config import Config, ConfigError, load_config, to_dict
@@ -70,13 +70,18 @@ def train(config: Config | None, folder: str | Path, *, resume: bool = False, fo
         prepare_fresh(folder, force=force, config_file=config_file, remove=parts.ranks.main)
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    finished = False
     try:
-        return _run(config, folder, parts, resume=resume, saved_epochs=saved_epochs, extend_epochs=extend_epochs,
-                    progress=progress and sys.stderr.isatty(), verbose=verbose, max_steps=max_steps)
+        summary = _run(config, folder, parts, resume=resume, saved_epochs=saved_epochs, extend_epochs=extend_epochs,
+                       progress=progress and sys.stderr.isatty(), verbose=verbose, max_steps=max_steps)
+        finished = True
+        return summary
     except BaseException:
         if not resume and parts.ranks.main and not (folder / "checkpoint.pt").exists():
             remove_partial_run(folder, created)  # nothing half-written stays behind
         raise
+    finally:
+        parts.ranks.close(finished)
 
 
 @dataclass
@@ -89,7 +94,7 @@ class _Parts:
     student: nn.Module
     teacher: nn.Module | None
     teacher_input: nn.Module | None
-    task: ClassificationTask
+    task: Task
     forward: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -109,15 +114,16 @@ def _build(config: Config, verbose: bool) -> _Parts:
     data = build_data(config.data.name, config.data.root, val_fraction=config.data.val_fraction, seed=config.seed,
                       augment=config.data.augment, image_size=config.data.image_size, limit_train=config.data.limit_train,
                       normalize=check_normalize(config.student.normalize, "student.normalize"),
-                      transform=config.data.transform, workers=config.data.workers)
+                      transform=config.data.transform, workers=config.data.workers, synthetic=config.data.synthetic)
+    if data.detection and config.data.mixup:
+        raise ValueError("data.mixup mixes classification labels; it is not available for detection")
     student = create_model(config.student.name, data.num_classes, data.in_channels, data.image_size,
                            config.student.kwargs)
     if config.student.weights:
         load_weights(student, config.student.weights, config.student.key_map, "student.key_map")
     teacher, teacher_input = _load_teacher(config, data)
-    sample = data.train.__getitems__([0, 1])[0]
-    task = ClassificationTask(student, teacher, config.losses, sample, teacher_input,
-                              representation=config.balancer.representation).to(device)
+    task = build_task(config.task, student, teacher, config.losses, data, teacher_input,
+                      representation=config.balancer.representation).to(device)
     if teacher is not None:
         teacher.to(device)
     if config.channels_last:
@@ -136,7 +142,7 @@ def _build(config: Config, verbose: bool) -> _Parts:
     scheduler = make_scheduler(optimizer, config.optim, config.epochs)
     balancer = _make_balancer(config, task, params)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    identity = {"student": config.student.name, "num_classes": data.num_classes, "losses": list(task.specs),
+    identity = {"student": config.student.name, "num_classes": data.num_classes, "losses": task.loss_names,
                 "balancer": config.balancer.method, "teacher": config.teacher.name}
     ema = None
     if config.optim.ema_decay is not None:  # an exponential moving average of the student, updated every step
@@ -194,7 +200,7 @@ def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs:
                         channels_last=config.channels_last)))
             history.append(row)
             log.write("metrics.jsonl", row, epoch)
-            if p.ranks.main and _is_best(history):
+            if p.ranks.main and _is_best(history, metric_of(config)):
                 ckpt.save_atomic({"model": p.student.state_dict(), "identity": p.identity, "epoch": epoch + 1},
                                  folder / "best.pt")
             if p.ranks.main:
@@ -207,8 +213,9 @@ def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs:
                 }, checkpoint_path)
             p.ranks.barrier()
             if verbose:
+                m = metric_of(config)
                 print(f"[{config.name}] epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f} "
-                      f"val top1 {row.get('val_top1', float('nan')):.2f} test top1 {row['test_top1']:.2f} "
+                      f"val {m} {row.get(f'val_{m}', float('nan')):.2f} test {m} {row[f'test_{m}']:.2f} "
                       f"({row['epoch_seconds']:.1f}s)", flush=True)
     finally:
         log.close()
@@ -264,6 +271,10 @@ def _load_teacher(config: Config, data: DataBundle) -> tuple[nn.Module | None, R
     teacher.eval()
     teacher.requires_grad_(False)
     own = check_normalize(config.teacher.normalize, "teacher.normalize")
+    if own is not None and data.detection:
+        raise ValueError("teacher.normalize: a detector normalises its own input (its transform's image_mean and "
+                         "image_std, set in teacher.kwargs); the teacher's features are computed from the student's "
+                         "input mapped exactly to them")
     if own is None:
         return teacher, None
     if len(own[0]) != data.in_channels:
@@ -271,7 +282,7 @@ def _load_teacher(config: Config, data: DataBundle) -> tuple[nn.Module | None, R
     return teacher, Renormalize(data.normalization, own)
 
 
-def _teacher_accuracy(config: Config, folder: Path, task: ClassificationTask, teacher: nn.Module | None,
+def _teacher_accuracy(config: Config, folder: Path, task: Task, teacher: nn.Module | None,
                       teacher_input: nn.Module | None, data: DataBundle, device: torch.device, main: bool,
                       progress: bool) -> dict[str, Any] | None:
     """The teacher's top-1/top-5 on the validation and test splits, measured before training
@@ -289,12 +300,13 @@ def _teacher_accuracy(config: Config, folder: Path, task: ClassificationTask, te
     if main:
         path.write_text(json.dumps(result, indent=2) + "\n")
         if progress:
-            print(f"[{config.name}] teacher {config.teacher.name}: val top1 {result.get('val_top1', float('nan')):.2f} "
-                  f"test top1 {result['test_top1']:.2f}", flush=True)
+            m = metric_of(config)
+            print(f"[{config.name}] teacher {config.teacher.name}: val {m} {result.get(f'val_{m}', float('nan')):.2f} "
+                  f"test {m} {result[f'test_{m}']:.2f}", flush=True)
     return result
 
 
-def _make_balancer(config: Config, task: ClassificationTask, params: list[torch.Tensor]) -> Balancer:
+def _make_balancer(config: Config, task: Task, params: list[torch.Tensor]) -> Balancer:
     cfg = config.balancer
     gram_params = None
     if cfg.gram_params:
@@ -303,20 +315,20 @@ def _make_balancer(config: Config, task: ClassificationTask, params: list[torch.
             names = sorted({n.rsplit(".", 1)[0] for n, _ in task.student.named_parameters()})
             raise ValueError(f"balancer.gram_params={cfg.gram_params!r} matches no student parameter; modules: {names[-20:]}")
     options = dict(cfg.options)
-    if cfg.method == "fixed" and "weights" not in options and len(task.specs) == 1:
+    if cfg.method == "fixed" and "weights" not in options and len(task.loss_names) == 1:
         options["weights"] = [1.0]  # a single loss: the plain backward pass
     try:
         balancer = make_balancer(cfg.method, params, engine=cfg.engine, gram_params=gram_params, **options)
     except TypeError as error:  # an option the method does not take, or a missing one
         raise ValueError(f"balancer.options={cfg.options!r} for method {cfg.method!r}: {error}") from None
-    if "deferred_checks" not in options and balancer.can_defer_checks(len(task.specs)):
+    if "deferred_checks" not in options and balancer.can_defer_checks(len(task.loss_names)):
         # the default wherever every step allows it: no host wait per step, checks before each checkpoint
         balancer = make_balancer(cfg.method, params, engine=cfg.engine, gram_params=gram_params,
                                  deferred_checks=True, **options)
     return balancer
 
 
-def _train_epoch(config: Config, forward: nn.Module, task: ClassificationTask, balancer: Balancer,
+def _train_epoch(config: Config, forward: nn.Module, task: Task, balancer: Balancer,
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, data: DataBundle, epoch: int,
                  device: torch.device, log: MetricLog, progress: bool, ranks: distributed.Ranks,
                  max_steps: int | None = None, ema: torch.optim.swa_utils.AveragedModel | None = None) -> dict[str, Any]:
@@ -329,7 +341,7 @@ def _train_epoch(config: Config, forward: nn.Module, task: ClassificationTask, b
     amp_dtype = AMP_DTYPES[config.amp]
     representation = config.balancer.engine == "representation"
     same_batch = config.balancer.method == "dto-amortized" and config.balancer.options.get("update", "same-batch") == "same-batch"
-    m = len(task.specs)
+    m = len(task.loss_names)
     # sums of the steps' losses, weights and loss weights, on the training device: every step's
     # numbers are brought there, whichever path (host or device) the balancer took
     totals = torch.zeros(3 * m, dtype=torch.float64, device=device)
@@ -413,28 +425,41 @@ def _frozen_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(tracked)
 
 
+def metric_of(config: Config) -> str:
+    """The metric that selects the best epoch and that summaries report: ``top1`` for
+    classification, ``AP`` (COCO box AP) for detection."""
+    return "AP" if config.task == "detection" else "top1"
+
+
 def summarize(history: list[dict[str, Any]], config: Config) -> dict[str, Any]:
-    """Best epoch (by validation top-1 when there is a validation split, else test), its test
-    accuracy, the best and last test accuracy, and the mean training seconds per epoch."""
+    """Best epoch (by the validation metric, :func:`metric_of`, when there is a validation
+    split, else the test one), its test metric, the best and last test metric, and the mean
+    training seconds per epoch; keys name the metric (``best_val_top1``, ``last_test_AP``, ...)."""
     method = config.balancer.method if config.teacher.name else "student alone"
+    m = metric_of(config)
     if not history:
-        return {"name": config.name, "method": method, "seed": config.seed, "epochs_run": 0}
-    key = "val_top1" if "val_top1" in history[0] else "test_top1"
+        return {"name": config.name, "method": method, "seed": config.seed, "metric": m, "epochs_run": 0}
+    key = _selection_key(history[0], m)
     best = max(range(len(history)), key=lambda i: history[i][key])
+    last = history[-1]
     return {
-        "name": config.name, "method": method,
-        "seed": config.seed, "epochs_run": len(history), "best_epoch": best + 1,
-        "best_val_top1": history[best].get("val_top1"), "test_top1_at_best_val": history[best]["test_top1"],
-        "best_test_top1": max(r["test_top1"] for r in history), "last_test_top1": history[-1]["test_top1"],
-        "last_test_top5": history[-1]["test_top5"],
+        "name": config.name, "method": method, "seed": config.seed, "metric": m,
+        "epochs_run": len(history), "best_epoch": best + 1,
+        f"best_val_{m}": history[best].get(f"val_{m}"), f"test_{m}_at_best_val": history[best][f"test_{m}"],
+        f"best_test_{m}": max(r[f"test_{m}"] for r in history), f"last_test_{m}": last[f"test_{m}"],
+        **({"last_test_top5": last["test_top5"]} if "test_top5" in last else {}),
         "seconds_per_epoch": sum(r["epoch_seconds"] for r in history) / len(history),
-        **({"ema_last_test_top1": history[-1]["ema_test_top1"], "ema_best_test_top1":
-            max(r["ema_test_top1"] for r in history)} if "ema_test_top1" in history[-1] else {}),
+        **({f"ema_last_test_{m}": last[f"ema_test_{m}"], f"ema_best_test_{m}":
+            max(r[f"ema_test_{m}"] for r in history)} if f"ema_test_{m}" in last else {}),
     }
 
 
-def _is_best(history: list[dict[str, Any]]) -> bool:
-    key = "val_top1" if "val_top1" in history[-1] else "test_top1"
+def _selection_key(row: dict[str, Any], metric: str) -> str:
+    return f"val_{metric}" if f"val_{metric}" in row else f"test_{metric}"
+
+
+def _is_best(history: list[dict[str, Any]], metric: str) -> bool:
+    key = _selection_key(history[-1], metric)
     return history[-1][key] >= max(r[key] for r in history)
 
 
