@@ -246,14 +246,15 @@ def test_pearson_projection_loss_is_one_minus_correlation():
     correlation over batch and positions), computed in float64 with numpy."""
     torch.manual_seed(0)
     s, t = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(2, 3, 4, 5, dtype=torch.float64)
-    projector = FeatureProjector(3, 3, spatial=True, orthogonal_weight=False, teacher_norm="pearson", distance="mse").double()
-    with torch.no_grad():
-        projector.proj.weight.copy_(torch.eye(3))
+    projector = FeatureProjector(3, 3, spatial=True, teacher_norm="pearson", distance="mse", learned=False)
+    assert not list(projector.parameters())
     a = s.numpy().transpose(1, 0, 2, 3).reshape(3, -1)
     b = t.numpy().transpose(1, 0, 2, 3).reshape(3, -1)
     n = a.shape[1]
     correlation = np.mean([np.corrcoef(a[c], b[c])[0, 1] for c in range(3)])
     assert projector(s, t).item() == pytest.approx((n - 1) / n * (1 - correlation), rel=1e-5)
+    with pytest.raises(ValueError, match="equal widths"):
+        FeatureProjector(3, 4, spatial=True, learned=False)
 
 
 def test_task_and_data_must_agree(pair):
@@ -337,3 +338,46 @@ def test_detection_run_resumes_to_the_same_weights(tmp_path, monkeypatch, teache
         assert torch.equal(a["student"][key], b["student"][key]), key
     for key in a["projectors"]:
         assert torch.equal(a["projectors"][key], b["projectors"][key]), key
+
+
+def test_two_processes_match_one_process(tmp_path, teacher_weights):
+    """``torchrun --nproc_per_node 2`` against one process on the same global batches: a
+    batch-independent student (frozen normalisation) and equal image sizes (so both pad alike)."""
+    from tests.test_torchrun import finish, torchrun
+
+    lines = [
+        "name: det-ddp", "task: detection", "epochs: 1", "batch_size: 4", "eval_batch_size: 8", "log_every: 1",
+        "data: {name: synthetic-coco, image_size: 48, workers: 0, val_fraction: 0.25,"
+        " synthetic: {train_images: 12, val_images: 4, size_jitter: 0.0}}",
+        f"student: {{name: '{STUDENT}', kwargs: {{anchor_scale: 0.25, norm: frozen}}}}",
+        f"teacher: {{name: '{TEACHER}', checkpoint: '{teacher_weights}', kwargs: {{anchor_scale: 0.25}}}}",
+        "losses: {det: {type: detector, terms: kind}, fpn: {type: fpn, per_level: false}}",
+        "balancer: {method: dto, engine: exact}", "optim: {lr: 0.01}",
+    ]
+    config = tmp_path / "det.yaml"
+    config.write_text("\n".join(lines))
+    finish(torchrun(config, tmp_path / "two"))
+    train(load_config(config), tmp_path / "one", progress=False, verbose=False)
+    two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
+    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)
+    assert {int(v["momentum_buffer"].abs().sum() > 0) for v in one["optimizer"]["state"].values()} == {1}  # it trained
+    for key in one["student"]:
+        torch.testing.assert_close(two["student"][key], one["student"][key], rtol=1e-4, atol=1e-5)
+    for key in one["projectors"]:
+        torch.testing.assert_close(two["projectors"][key], one["projectors"][key], rtol=1e-4, atol=1e-5)
+
+
+def test_category_id_labels_keep_the_files_ids(tmp_path):
+    """``labels="category-id"``: torchvision's COCO convention (label = category id, gaps as N/A)."""
+    coco = _tiny_coco(tmp_path, [([10, 20, 30, 40], 7), ([50, 5, 10, 10], 3)], category_ids=(3, 7))
+    from PIL import Image
+
+    for i in (1, 2):
+        Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    dataset = CocoDetectionSet(coco, tmp_path, [1, 2], flip=False, workers=0, image_size=100, labels="category-id")
+    assert dataset.classes == ("N/A", "N/A", "c3", "N/A", "N/A", "N/A", "c7")
+    assert dataset[0][1]["labels"].tolist() == [7]
+    assert detections_to_coco(1, torch.tensor([[0.0, 0, 1, 1]]), torch.tensor([0.5]), torch.tensor([7]),
+                              dataset.category_ids)[0]["category_id"] == 7
+    with pytest.raises(ValueError, match="data.labels='ids'"):
+        CocoDetectionSet(coco, tmp_path, [1], flip=False, workers=0, image_size=100, labels="ids")

@@ -123,7 +123,8 @@ def _dry_run(config, command: str) -> int:
     """Every part of ``config`` built (models, losses, balancer, optimizer, transforms, loaders)
     and two training steps plus an evaluation run on generated data: CIFAR's python format for
     ``cifar10``/``cifar100`` configs (all their classes), a 2-class ``synthetic-coco`` set for
-    detection configs, else a 4-class image folder at the config's image size; the teacher (and a student start) get random weights of the same
+    detection configs, else a 4-class image folder at the config's image size; the teacher
+    (and a student start, and a detector's backbone) get random weights of the same
     architecture. Nothing is written outside a temporary folder."""
     import dataclasses
     import tempfile
@@ -158,12 +159,13 @@ def _dry_run(config, command: str) -> int:
             data = dataclasses.replace(config.data, name="image-folder-stream" if streamed else "image-folder",
                                        root=str(root), val_fraction=0.25, limit_train=None,
                                        workers=0 if streamed else config.data.workers)
-        teacher = config.teacher
+        teacher = dataclasses.replace(config.teacher, kwargs=_without_weight_files(config.teacher.kwargs))
         if teacher.name:
             weights = scratch / "teacher.pt"
             torch.save(create_model(teacher.name, classes, 3, size, teacher.kwargs).state_dict(), weights)
             teacher = dataclasses.replace(teacher, checkpoint=str(weights), key_map=None)
-        student = dataclasses.replace(config.student, weights=None, key_map=None)
+        student = dataclasses.replace(config.student, weights=None, key_map=None,
+                                      kwargs=_without_weight_files(config.student.kwargs))
         dry = dataclasses.replace(config, data=data, teacher=teacher, student=student, batch_size=4, eval_batch_size=4,
                                   epochs=1, log_every=1)
         try:
@@ -179,6 +181,12 @@ def _dry_run(config, command: str) -> int:
           f"balancer {config.balancer.method}/{config.balancer.engine}; 2 steps ran, last losses {losses}; "
           f"evaluation ran (test {summary['metric']} {summary['last_test_' + summary['metric']]:.1f} on random data)")
     return 0
+
+
+def _without_weight_files(kwargs: dict) -> dict:
+    """Model kwargs without the ones that name weight files (a detector's ``backbone_weights``):
+    a dry run starts from random weights."""
+    return {k: v for k, v in kwargs.items() if k != "backbone_weights"}
 
 
 def _default_folder(args: argparse.Namespace, config) -> Path:
@@ -207,7 +215,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     data = build_data(config.data.name, config.data.root, val_fraction=config.data.val_fraction, seed=config.seed,
                       augment=False, image_size=config.data.image_size, limit_train=config.data.limit_train,
                       normalize=check_normalize(config.student.normalize, "student.normalize"),
-                      transform=config.data.transform, workers=config.data.workers, synthetic=config.data.synthetic)
+                      transform=config.data.transform, workers=config.data.workers, synthetic=config.data.synthetic,
+                      labels=config.data.labels)
     model = create_model(config.student.name, data.num_classes, data.in_channels, data.image_size,
                          config.student.kwargs).to(device)
     path = folder / ("best.pt" if args.which == "best" else "checkpoint.pt")

@@ -109,6 +109,7 @@ def build_data(
     transform: dict | None = None,
     workers: int | None = None,
     synthetic: dict | None = None,
+    labels: str = "contiguous",
 ) -> DataBundle:
     """Load ``name`` (one of :data:`DATASETS`) and split it.
 
@@ -120,12 +121,15 @@ def build_data(
     files per batch instead (see :mod:`dtokd.data.streaming`; ``transform``: timm transform
     options, ``workers``: loader processes). Detection sets (``coco``: a COCO-layout folder,
     ``synthetic-coco``: generated from ``synthetic``'s options, see :mod:`dtokd.data.coco`)
-    are read per batch too; their validation split is carved from the training images.
+    are read per batch too; their validation split is carved from the training images, and
+    ``labels`` says how category ids become labels.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if labels != "contiguous" and name not in DETECTION_DATASETS:
+        raise ValueError(f"data.labels is for detection data sets {list(DETECTION_DATASETS)}, not {name!r}")
     if synthetic and name != "synthetic-coco":
         raise ValueError(f"data.synthetic sets the generated 'synthetic-coco' data set, not {name!r}")
     if name in DETECTION_DATASETS:
@@ -134,7 +138,7 @@ def build_data(
                              "set min_size/max_size/image_mean/image_std in student.kwargs, not data.transform "
                              "or student.normalize")
         folder = _synthetic_coco(image_size, synthetic or {}) if name == "synthetic-coco" else _coco_root(root)
-        return _detection(name, folder, val_fraction, seed, augment, image_size, limit_train, workers)
+        return _detection(name, folder, val_fraction, seed, augment, image_size, limit_train, workers, labels)
     if name == "image-folder-stream":
         return _streaming(root, val_fraction, seed, augment, image_size, limit_train, normalize, transform, workers)
     if transform:
@@ -232,7 +236,7 @@ def _synthetic_coco(image_size: int, options: dict) -> Path:
 
 
 def _detection(name: str, folder: Path, val_fraction: float, seed: int, augment: bool, image_size: int,
-               limit_train: int | None, workers: int | None) -> DataBundle:
+               limit_train: int | None, workers: int | None, labels: str) -> DataBundle:
     from dtokd.data.coco import find_splits, load_coco
 
     splits = find_splits(folder)
@@ -251,7 +255,7 @@ def _detection(name: str, folder: Path, val_fraction: float, seed: int, augment:
         raise ValueError(f"{train_file} and {test_file} have different categories")
 
     def split(coco, images, chosen, flip):
-        return CocoDetectionSet(coco, images, chosen, flip=flip, workers=workers, image_size=image_size)
+        return CocoDetectionSet(coco, images, chosen, flip=flip, workers=workers, image_size=image_size, labels=labels)
 
     train = split(train_coco, train_images, train_ids, augment)
     val = split(train_coco, train_images, val_ids, False) if n_val else None

@@ -6,8 +6,10 @@ int64 in 1..K, "image_id": int}``. Resizing (shorter side to ``min_size``, longe
 ``max_size``, aspect kept), normalisation and padding into one batch tensor are done by the
 detector itself (torchvision's ``GeneralizedRCNNTransform``), so a batch is a *list* of images
 of different sizes and a list of targets. Category ids of the file map to the contiguous
-labels 1..K in id order (0 is the background of torchvision's detectors); the evaluation maps
-them back. Crowd annotations (``iscrowd: 1``) and boxes under one pixel wide or high are left
+labels 1..K in id order (0 is the background of torchvision's detectors), or with
+``labels="category-id"`` the label is the id itself (K = the largest id: COCO's 90, the
+convention of torchvision's released COCO detectors with their 91 outputs); the evaluation
+maps them back. Crowd annotations (``iscrowd: 1``) and boxes under one pixel wide or high are left
 out of the training targets (the official evaluation still uses them, as it should).
 
 Augmentation: a horizontal flip of image and boxes with probability 1/2. The flips of an
@@ -33,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dtokd.data.streaming import GlobalBatchSampler
 
 Target = dict[str, Any]
+LABEL_MODES = ("contiguous", "category-id")
 
 
 def load_coco(annotation_file: Path) -> Any:
@@ -59,16 +62,21 @@ class CocoDetectionSet(Dataset):
     nbytes = 0  # read from files per batch: never moved to an accelerator
 
     def __init__(self, coco: Any, image_dir: Path, image_ids: list[int], *, flip: bool, workers: int,
-                 image_size: int) -> None:
+                 image_size: int, labels: str = "contiguous") -> None:
+        if labels not in LABEL_MODES:
+            raise ValueError(f"data.labels={labels!r} is not allowed; use one of {list(LABEL_MODES)}")
         self.coco, self.image_dir, self.image_ids = coco, Path(image_dir), list(image_ids)
         self.flip, self.workers, self.image_size = flip, workers, image_size
-        self.category_ids = sorted(coco.getCatIds())
+        present = sorted(coco.getCatIds())
+        # label k (1..K) is the detection of category_ids[k - 1]
+        self.category_ids = present if labels == "contiguous" else list(range(1, max(present) + 1))
         self.label_of = {c: k + 1 for k, c in enumerate(self.category_ids)}
         self.flips: Tensor | None = None  # this epoch's flip decisions (see set_epoch)
 
     @property
     def classes(self) -> tuple[str, ...]:
-        return tuple(self.coco.loadCats(c)[0]["name"] for c in self.category_ids)
+        """The class of each label 1..K (``N/A`` for ids the file does not use)."""
+        return tuple(self.coco.cats[c]["name"] if c in self.coco.cats else "N/A" for c in self.category_ids)
 
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -3,12 +3,12 @@
 Each image is a textured background (smooth random colour field plus stripes) with 1 to
 ``max_objects`` filled shapes of random colour; the shape is the class (``rectangle``,
 ``ellipse``, ``triangle``, ``cross``; ``classes`` of them, 2 to 4). An object's size (the
-geometric mean of its sides) is drawn log-uniformly from 4 pixels to 80 % of the image's
-shorter side, its aspect ratio log-uniformly from 1:2 to 2:1, so COCO's small (< 32² px) and
-medium area ranges are present, and the large one (>= 96² px) for images of about 160 px and
-more; objects overlap little (IoU < 0.3 with each earlier box). Image sizes vary (each side from ``1 - size_jitter``
-(default 75 %) to 100 % of ``image_size``), so batches have images of different shapes, as
-COCO's do.
+geometric mean of its sides) is drawn log-uniformly from ``min_object`` (4) pixels to 80 % of
+the image's shorter side, its aspect ratio log-uniformly from 1:2 to 2:1, so COCO's small
+(< 32² px) and medium area ranges are present, and the large one (>= 96² px) for images of
+about 160 px and more; objects overlap little (IoU < 0.3 with each earlier box). Image sizes
+vary (each side from ``1 - size_jitter``, default 75 %, to 100 % of ``image_size``), so
+batches have images of different shapes, as COCO's do.
 
 Layout written (COCO 2017's, with split names ``train`` and ``val``)::
 
@@ -31,7 +31,8 @@ SHAPES = ("rectangle", "ellipse", "triangle", "cross")
 
 
 def write_synthetic_coco(root: str | Path, *, train_images: int = 256, val_images: int = 64, image_size: int = 64,
-                         classes: int = 2, max_objects: int = 4, size_jitter: float = 0.25, seed: int = 0) -> Path:
+                         classes: int = 2, max_objects: int = 4, min_object: int = 4, size_jitter: float = 0.25,
+                         seed: int = 0) -> Path:
     """Write the data set under ``root`` (created; must not hold one already) and return it."""
     from PIL import Image
 
@@ -41,6 +42,8 @@ def write_synthetic_coco(root: str | Path, *, train_images: int = 256, val_image
         raise ValueError(f"image_size={image_size} is too small; use at least 24 pixels")
     if not 0 <= size_jitter < 1:
         raise ValueError(f"size_jitter={size_jitter} is not allowed; use a fraction in [0, 1)")
+    if not 4 <= min_object <= 0.5 * (1 - size_jitter) * image_size:
+        raise ValueError(f"min_object={min_object} is not allowed; use 4 to half the smallest image side")
     if max_objects < 1 or train_images < 1 or val_images < 1:
         raise ValueError(f"max_objects, train_images and val_images must be >= 1, got "
                          f"{max_objects}, {train_images}, {val_images}")
@@ -52,7 +55,7 @@ def write_synthetic_coco(root: str | Path, *, train_images: int = 256, val_image
         (root / split).mkdir(exist_ok=True)
         images, annotations = [], []
         for image_id in range(1, count + 1):
-            pixels, boxes, labels = _draw_image(rng, image_size, classes, max_objects, size_jitter)
+            pixels, boxes, labels = _draw_image(rng, image_size, classes, max_objects, min_object, size_jitter)
             name = f"{image_id:06d}.png"
             Image.fromarray(pixels).save(root / split / name)
             height, width = pixels.shape[:2]
@@ -65,7 +68,7 @@ def write_synthetic_coco(root: str | Path, *, train_images: int = 256, val_image
     return root
 
 
-def _draw_image(rng: np.random.Generator, size: int, classes: int, max_objects: int,
+def _draw_image(rng: np.random.Generator, size: int, classes: int, max_objects: int, min_object: int,
                 size_jitter: float) -> tuple[np.ndarray, list[list[int]], list[int]]:
     from PIL import Image, ImageDraw
 
@@ -76,10 +79,10 @@ def _draw_image(rng: np.random.Generator, size: int, classes: int, max_objects: 
     labels: list[int] = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
         for _attempt in range(20):
-            side = math.exp(rng.uniform(math.log(4), math.log(0.8 * min(height, width))))
+            side = math.exp(rng.uniform(math.log(min_object), math.log(0.8 * min(height, width))))
             aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
             w, h = int(round(side * math.sqrt(aspect))), int(round(side / math.sqrt(aspect)))
-            w, h = max(4, min(w, width - 1)), max(4, min(h, height - 1))
+            w, h = max(min_object // 2, min(w, width - 1)), max(min_object // 2, min(h, height - 1))
             x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
             if all(_iou([x, y, w, h], b) < 0.3 for b in boxes):
                 break

@@ -12,7 +12,8 @@ for detector feature maps, as mmrazor computes it) standardises *both* sides per
 the batch and the positions (unbiased std, + 1e-6), ``loss = mse(z(P(f_s)), z(f_t)) / 2`` with
 ``distance="mse"``: ``(n - 1) / n`` times one minus the channels' mean Pearson correlation, n
 the batch size times the positions (under ``torchrun``, each rank's own batch, as in PKD).
-Spatial sizes must match.
+Spatial sizes must match. ``learned=False`` compares the student's feature itself (no
+projector; equal widths), as PKD does.
 """
 
 from __future__ import annotations
@@ -45,8 +46,12 @@ class FeatureProjector(nn.Module):
         orthogonal_weight: bool = True,
         teacher_norm: Literal["layernorm", "standardize", "pearson", "none"] = "layernorm",
         distance: Literal["smooth_l1", "mse"] = "smooth_l1",
+        learned: bool = True,
     ) -> None:
         super().__init__()
+        if not learned and student_channels != teacher_channels:
+            raise ValueError(f"a feature loss without a projector needs equal widths; the student feature has "
+                             f"{student_channels} channels, the teacher's {teacher_channels}")
         if teacher_norm not in TEACHER_NORMS:
             raise ValueError(f"teacher_norm={teacher_norm!r} is not allowed; use one of {list(TEACHER_NORMS)}")
         if teacher_norm == "pearson" and not spatial:
@@ -54,8 +59,10 @@ class FeatureProjector(nn.Module):
         if distance not in ("smooth_l1", "mse"):
             raise ValueError(f"distance={distance!r} is not allowed; use 'smooth_l1' or 'mse'")
         self.spatial = spatial
-        self.proj = nn.Linear(student_channels, teacher_channels, bias=False)  # over channels, maps too
-        if orthogonal_weight:
+        self.proj: nn.Module = nn.Linear(student_channels, teacher_channels, bias=False)  # over channels, maps too
+        if not learned:
+            self.proj = nn.Identity()  # the student's feature itself (PKD's setting)
+        elif orthogonal_weight:
             # not the default Householder map for non-square weights: it multiplies by the integer part of
             # the parameter's diagonal, so weight decay turns the weight into 0 after one step
             orthogonal(self.proj, "weight", orthogonal_map="matrix_exp")

@@ -17,7 +17,8 @@ from them):
   entry, ``<name>/<key>``);
 - ``fpn``: feature imitation at every FPN level through a per-level projector (a linear map
   over channels, orthogonal by default, as VkD; see
-  :class:`~dtokd.losses.feature.FeatureProjector`); ``norm``: ``layernorm`` (VkD's teacher
+  :class:`~dtokd.losses.feature.FeatureProjector`; ``projector: false`` compares the student's
+  levels themselves, as PKD does); ``norm``: ``layernorm`` (VkD's teacher
   normalisation), ``pearson`` (PKD's standardisation of both sides), ``standardize`` or
   ``none``; ``distance`` ``mse`` (default) or ``smooth_l1``; ``per_level`` (True: one objective
   per level, ``<name>/<level>``; False: their mean as one); ``levels``: the student levels to
@@ -45,7 +46,8 @@ from dtokd.tasks.coco_eval import coco_box_ap, detections_to_coco
 
 LOSS_OPTIONS: dict[str, dict[str, Any]] = {
     "detector": {"terms": "sum"},
-    "fpn": {"norm": "layernorm", "distance": "mse", "orthogonal": True, "per_level": True, "levels": None},
+    "fpn": {"norm": "layernorm", "distance": "mse", "projector": True, "orthogonal": True, "per_level": True,
+            "levels": None},
 }
 TERM_GROUPINGS = ("sum", "kind", "each")
 KIND_NAMES = {"cls": "classification", "box": "box regression", "obj": "objectness/centerness"}
@@ -117,7 +119,8 @@ class DetectionTask(nn.Module):
                 self.pairs[name][level] = match
                 self.projectors[f"{name}__{level}"] = FeatureProjector(
                     student_shapes[level][0], teacher_shapes[match][0], spatial=True,
-                    orthogonal_weight=spec["orthogonal"], teacher_norm=spec["norm"], distance=spec["distance"])
+                    orthogonal_weight=spec["orthogonal"], teacher_norm=spec["norm"], distance=spec["distance"],
+                    learned=spec["projector"])
         self._captured: dict[str, Any] = {}
         captured = self._captured
 

@@ -31,7 +31,9 @@ class DataConfig:
     up to 8), ``repeated_augmentation`` (DeiT's repeated augmentation, 3 in its recipe).
     ``synthetic``: the options of the generated ``synthetic-coco`` detection set
     (``train_images``, ``val_images``, ``classes``, ``max_objects``, ``size_jitter``, ``seed``;
-    see :func:`dtokd.data.synthetic_coco.write_synthetic_coco`); its images are ``image_size``."""
+    see :func:`dtokd.data.synthetic_coco.write_synthetic_coco`); its images are ``image_size``.
+    ``labels`` (detection): ``contiguous`` (category ids in order -> 1..K) or ``category-id``
+    (the id is the label: for torchvision's released COCO detectors, 91 outputs)."""
 
     name: str = "fashion-mnist"
     root: str | None = None
@@ -45,6 +47,7 @@ class DataConfig:
     workers: int | None = None
     repeated_augmentation: int = 1
     synthetic: dict[str, Any] | None = None
+    labels: str = "contiguous"
 
 
 @dataclass

@@ -114,7 +114,8 @@ def _build(config: Config, verbose: bool) -> _Parts:
     data = build_data(config.data.name, config.data.root, val_fraction=config.data.val_fraction, seed=config.seed,
                       augment=config.data.augment, image_size=config.data.image_size, limit_train=config.data.limit_train,
                       normalize=check_normalize(config.student.normalize, "student.normalize"),
-                      transform=config.data.transform, workers=config.data.workers, synthetic=config.data.synthetic)
+                      transform=config.data.transform, workers=config.data.workers, synthetic=config.data.synthetic,
+                      labels=config.data.labels)
     if data.detection and config.data.mixup:
         raise ValueError("data.mixup mixes classification labels; it is not available for detection")
     student = create_model(config.student.name, data.num_classes, data.in_channels, data.image_size,
