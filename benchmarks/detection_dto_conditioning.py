@@ -70,8 +70,14 @@ def measure(task: DetectionTask, batches: list, m: int) -> list[dict[str, float]
             "gstar_over_min_norm": float(star.sqrt() / jac.norm(dim=1).min()),
             "invariant_residual": float(((jac @ g_star) - star).abs().max() / star),
             "negative_weights": int((pi < 0).sum()),
+            **{f"pi/{name}": float(w) for name, w in zip(losses, pi)},
+            **{f"norm/{name}": float(n) for name, n in zip(losses, jac.norm(dim=1))},
         })
     return rows
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.3g} [{min(values):.3g} - {max(values):.3g}]"
 
 
 def share_projectors(tasks: dict[int, DetectionTask]) -> None:
@@ -121,15 +127,17 @@ def main(argv: list[str] | None = None) -> int:
              f"- student {args.student}, teacher {args.teacher} ({'trained: ' + args.teacher_weights if args.teacher_weights else 'random weights'}); "
              f"synthetic COCO-format set, 64 px, batches of {args.batch}; medians over {args.batches} batches "
              "(min - max in brackets)", ""]
-    keys = list(next(iter(results.values()))[2][0])
+    keys = [k for k in next(iter(results.values()))[2][0] if "/" not in k]
     for when, by_m in results.items():
         lines += [f"## {when}", "", "| m | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for m, rows in by_m.items():
-            cells = []
-            for key in keys:
-                values = [r[key] for r in rows]
-                cells.append(f"{statistics.median(values):.3g} [{min(values):.3g} - {max(values):.3g}]")
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append(f"| {m} | " + " | ".join(_spread([r[k] for r in rows]) for k in keys) + " |")
+        lines += ["", "Per objective: DTO weight pi and gradient norm (median [min - max] over the batches):", "",
+                  "| m | objective | pi | norm of its gradient |", "|---|---|---|---|"]
+        for m, rows in by_m.items():
+            for name in [k[3:] for k in rows[0] if k.startswith("pi/")]:
+                lines.append(f"| {m} | {name} | {_spread([r['pi/' + name] for r in rows])} | "
+                             f"{_spread([r['norm/' + name] for r in rows])} |")
         lines.append("")
     text = "\n".join(lines)
     print(text)

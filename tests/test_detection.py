@@ -381,3 +381,24 @@ def test_category_id_labels_keep_the_files_ids(tmp_path):
                               dataset.category_ids)[0]["category_id"] == 7
     with pytest.raises(ValueError, match="data.labels='ids'"):
         CocoDetectionSet(coco, tmp_path, [1], flip=False, workers=0, image_size=100, labels="ids")
+
+
+def test_eval_and_report_of_a_detection_run(teacher_weights, tmp_path, capsys):
+    from dtokd import cli
+
+    run = teacher_weights.parent
+    assert cli.main(["eval", str(run), "--device", "cpu", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert result["AP"] == pytest.approx(logged["test_AP"]) and result["AP50"] == pytest.approx(logged["test_AP50"])
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "best val AP" in table and "last test AP50" in table and "top1" not in table
+
+
+def test_detection_refuses_what_it_cannot_do(tmp_path):
+    with pytest.raises(ValueError, match="compile='default' is refused for detection"):
+        train(_config(tmp_path, "compile=default"), tmp_path / "run", progress=False, verbose=False)
+    with pytest.raises(ValueError, match="data.mixup"):
+        train(_config(tmp_path, "data.mixup={mixup_alpha: 0.8}"), tmp_path / "run2", progress=False, verbose=False)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()

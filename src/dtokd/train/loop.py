@@ -237,6 +237,9 @@ def _check_compile(config: Config, device: torch.device) -> None:
     student (``engine=representation``)."""
     if config.compile not in COMPILE_MODES:
         raise ValueError(f"compile={config.compile!r} is not allowed; use one of {list(COMPILE_MODES)}")
+    if config.task == "detection" and config.compile != "none":
+        raise ValueError(f"compile={config.compile!r} is refused for detection: torch.compile of torchvision's "
+                         "detectors (data-dependent proposal and box shapes) is not verified here; use compile=none")
     if config.compile != "reduce-overhead":
         return
     if device.type != "cuda":
