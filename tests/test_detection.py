@@ -402,3 +402,25 @@ def test_detection_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ValueError, match="data.mixup"):
         train(_config(tmp_path, "data.mixup={mixup_alpha: 0.8}"), tmp_path / "run2", progress=False, verbose=False)
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_detection_distills_on_cuda(tmp_path, teacher_weights, amp):
+    """The detection path on a GPU: teacher features, projectors, DTO over 5 objectives,
+    evaluation; without AMP the first step's losses equal the CPU run's to float32 accuracy."""
+    overrides = [f"teacher.name={TEACHER}", f"teacher.checkpoint={teacher_weights}", "teacher.kwargs={anchor_scale: 0.25}",
+                 "balancer.method=dto", "losses={det: {type: detector}, fpn: {type: fpn}}", f"amp={amp}"]
+    steps = {}
+    for device in ("cuda", "cpu") if amp == "none" else ("cuda",):
+        folder = tmp_path / device
+        summary = train(_config(tmp_path, *overrides, f"device={device}"), folder, progress=False, verbose=False,
+                        max_steps=2)
+        assert "last_test_AP" in summary
+        steps[device] = json.loads((folder / "steps.jsonl").read_text().splitlines()[0])
+        assert json.loads((folder / "meta.json").read_text())["device"].startswith(device)
+    assert all(np.isfinite(v) for k, v in steps["cuda"].items() if k.startswith("loss/"))
+    if amp == "none":
+        for key, value in steps["cpu"].items():
+            if key.startswith(("loss/", "loss_weight/")):
+                assert steps["cuda"][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
