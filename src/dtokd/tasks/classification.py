@@ -48,6 +48,7 @@ from dtokd.losses.dkd import dkd_loss
 from dtokd.losses.feature import FeatureProjector, feature_shape
 from dtokd.losses.kd import cross_entropy, deit_token_loss, kd_loss
 from dtokd.models.taps import FeatureTaps
+from dtokd.tasks.specs import fill_specs
 
 LOSS_OPTIONS: dict[str, dict[str, Any]] = {
     "ce": {"output": "logits", "label_smoothing": 0.0},
@@ -62,18 +63,9 @@ OUTPUT_NAMES = ("logits", "dist")
 
 def resolve_loss_specs(specs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Fill in defaults and reject unknown types or options, naming them."""
-    if not specs:
-        raise ValueError("losses is empty: give at least one loss, e.g. {task: {type: ce}}")
-    resolved = {}
-    for name, spec in specs.items():
-        kind = spec.get("type")
-        if kind not in LOSS_OPTIONS:
-            raise ValueError(f"losses.{name}.type={kind!r} is not allowed; use one of {sorted(LOSS_OPTIONS)}")
-        unknown = sorted(set(spec) - {"type"} - set(LOSS_OPTIONS[kind]))
-        if unknown:
-            raise ValueError(f"losses.{name}: unknown option(s) {unknown} for type {kind!r}; allowed: {sorted(LOSS_OPTIONS[kind])}")
-        resolved[name] = {"type": kind, **LOSS_OPTIONS[kind], **{k: v for k, v in spec.items() if k != "type"}}
-        output = resolved[name].get("output")
+    resolved = fill_specs(specs, LOSS_OPTIONS, "classification", "{task: {type: ce}}")
+    for name, spec in resolved.items():
+        output = spec.get("output")
         if output is not None and output not in OUTPUT_NAMES:
             raise ValueError(f"losses.{name}.output={output!r} is not allowed; use one of {list(OUTPUT_NAMES)}")
     return resolved

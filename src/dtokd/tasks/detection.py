@@ -43,6 +43,7 @@ from dtokd.losses.feature import TEACHER_NORMS, FeatureProjector
 from dtokd.models.detection import TERM_KINDS, loss_terms
 from dtokd.models.foreign import Renormalize
 from dtokd.tasks.coco_eval import coco_box_ap, detections_to_coco
+from dtokd.tasks.specs import fill_specs
 
 LOSS_OPTIONS: dict[str, dict[str, Any]] = {
     "detector": {"terms": "sum"},
@@ -50,32 +51,20 @@ LOSS_OPTIONS: dict[str, dict[str, Any]] = {
             "levels": None},
 }
 TERM_GROUPINGS = ("sum", "kind", "each")
-KIND_NAMES = {"cls": "classification", "box": "box regression", "obj": "objectness/centerness"}
 PROBE_SIZE = 256
 
 
 def resolve_detection_specs(specs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Fill in defaults and reject unknown types or options, naming them."""
-    if not specs:
-        raise ValueError("losses is empty: give at least one loss, e.g. {det: {type: detector}}")
-    resolved = {}
-    for name, spec in specs.items():
-        kind = spec.get("type")
-        if kind not in LOSS_OPTIONS:
-            raise ValueError(f"losses.{name}.type={kind!r} is not allowed for task 'detection'; use one of "
-                             f"{sorted(LOSS_OPTIONS)}")
-        unknown = sorted(set(spec) - {"type"} - set(LOSS_OPTIONS[kind]))
-        if unknown:
-            raise ValueError(f"losses.{name}: unknown option(s) {unknown} for type {kind!r}; allowed: "
-                             f"{sorted(LOSS_OPTIONS[kind])}")
-        full = {"type": kind, **LOSS_OPTIONS[kind], **{k: v for k, v in spec.items() if k != "type"}}
+    resolved = fill_specs(specs, LOSS_OPTIONS, "detection", "{det: {type: detector}}")
+    for name, full in resolved.items():
+        kind = full["type"]
         if kind == "detector" and full["terms"] not in TERM_GROUPINGS:
             raise ValueError(f"losses.{name}.terms={full['terms']!r} is not allowed; use one of {list(TERM_GROUPINGS)}")
         if kind == "fpn" and full["norm"] not in TEACHER_NORMS:
             raise ValueError(f"losses.{name}.norm={full['norm']!r} is not allowed; use one of {list(TEACHER_NORMS)}")
         if kind == "fpn" and full["distance"] not in ("mse", "smooth_l1"):
             raise ValueError(f"losses.{name}.distance={full['distance']!r} is not allowed; use 'mse' or 'smooth_l1'")
-        resolved[name] = full
     if not any(s["type"] == "detector" for s in resolved.values()):
         raise ValueError("task 'detection' needs a loss of type 'detector' (the student's own losses)")
     return resolved
