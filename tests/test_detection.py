@@ -424,3 +424,21 @@ def test_detection_distills_on_cuda(tmp_path, teacher_weights, amp):
         for key, value in steps["cpu"].items():
             if key.startswith(("loss/", "loss_weight/")):
                 assert steps["cuda"][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+
+
+@pytest.mark.parametrize("head", ["fasterrcnn", "retinanet", "fcos"])
+def test_resnet50_detectors_have_torchvisions_state_dict(head):
+    """``detection:<head>_resnet50_fpn`` with ``norm: frozen`` has the parameter names and shapes
+    of torchvision's ``<head>_resnet50_fpn`` for COCO (91 outputs; FrozenBatchNorm keeps no
+    batch counter), so torchvision's released COCO weights load into it strictly; the anchors
+    are torchvision's too."""
+    import torchvision
+
+    ours = create_model(f"detection:{head}_resnet50_fpn", 90, 3, 800, {"norm": "frozen"})
+    theirs = torchvision.models.get_model(f"{head}_resnet50_fpn", weights=None, weights_backbone=None, num_classes=91)
+    want = {k: v.shape for k, v in theirs.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == want
+    generator = (ours.rpn if head == "fasterrcnn" else ours).anchor_generator
+    reference = (theirs.rpn if head == "fasterrcnn" else theirs).anchor_generator
+    assert generator.sizes == reference.sizes and generator.aspect_ratios == reference.aspect_ratios
+    assert (ours.transform.min_size, ours.transform.max_size) == (theirs.transform.min_size, theirs.transform.max_size)

@@ -131,7 +131,8 @@ def _anchor_generator(head: str, strides: list[int], scale: float) -> nn.Module:
     if head == "fasterrcnn":
         sizes = tuple((max(1, round(8 * s * scale)),) for s in strides)
     elif head == "retinanet":
-        sizes = tuple(tuple(max(1, round(4 * s * scale * 2 ** (k / 3))) for k in range(3)) for s in strides)
+        base = [max(1, round(4 * s * scale)) for s in strides]  # octave scales truncated, as torchvision does
+        sizes = tuple(tuple(max(1, int(b * 2 ** (k / 3))) for k in range(3)) for b in base)
     else:
         sizes = tuple((max(1, round(s * scale)),) for s in strides)
     ratios = ((1.0,),) * len(strides) if head == "fcos" else ((0.5, 1.0, 2.0),) * len(strides)
