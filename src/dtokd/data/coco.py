@@ -23,6 +23,7 @@ share of every global batch (:class:`~dtokd.data.streaming.GlobalBatchSampler`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 from pathlib import Path
@@ -128,10 +129,12 @@ class CocoDetectionSet(Dataset):
         return self._loader(sampler)
 
     def eval_batches(self, batch_size: int) -> DataLoader:
-        """The split in order, unflipped."""
-        self.flips = None
+        """The split in order, unflipped (a shallow copy without flips: an epoch's flips of
+        this split, if any, stay as they are)."""
+        unflipped = copy.copy(self)
+        unflipped.flips = None
         order = list(range(len(self)))
-        return self._loader([order[k: k + batch_size] for k in range(0, len(order), batch_size)])
+        return unflipped._loader([order[k: k + batch_size] for k in range(0, len(order), batch_size)])
 
     def _loader(self, batches: Sampler[list[int]] | list[list[int]]) -> DataLoader:
         return DataLoader(self, batch_sampler=batches, num_workers=self.workers, collate_fn=collate,
