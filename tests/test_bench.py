@@ -145,9 +145,25 @@ def test_shipped_matrices_resolve_every_cell(name):
                 assert config.teacher.key_map == "cifar-resnet-chenyaofo"  # the pair's own override applied
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux's /proc to find the cell processes")
 def test_interrupted_parallel_bench_keeps_its_cells_and_finishes_on_rerun(tmp_path):
-    """SIGINT to `dtokd bench --parallel 2` (a time limit, or Ctrl-C): each running cell stops at a
-    consistent point, the command says how to finish, and the rerun ends as a straight run does."""
+    """SIGINT to `dtokd bench --parallel 2` (a time limit, or Ctrl-C), started as a background job
+    is (SIGINT ignored): each running cell stops at a consistent point, the command says how to
+    finish, and the rerun ends as a straight run does. The cells are frozen (SIGSTOP) from their
+    first checkpoint until the bench has passed the SIGINT on, so no cell can finish in between."""
     import os
     import signal
     import subprocess
@@ -161,16 +177,31 @@ def test_interrupted_parallel_bench_keeps_its_cells_and_finishes_on_rerun(tmp_pa
     command = [sys.executable, "-m", "dtokd", "bench", matrix, "--parallel", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([*command, "--out", str(tmp_path / "cut")], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while not list((tmp_path / "cut").glob("*/*/seed*/checkpoint.pt")) and time.time() < deadline:
-        time.sleep(0.1)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
-    if process.returncode == 0:
-        pytest.skip("the matrix finished before the interrupt arrived")
-    assert process.returncode == 130 and "Finish the matrix with" in err
+                               stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 600  # a bound on a broken run only; no outcome depends on it
+        while not list((tmp_path / "cut").glob("*/*/seed*/checkpoint.pt")):
+            assert process.poll() is None and time.monotonic() < deadline, "the bench ended before any checkpoint"
+            time.sleep(0.02)
+        cells = _children(process.pid)
+        for pid in cells:
+            os.kill(pid, signal.SIGSTOP)
+        assert process.poll() is None, "the bench finished before it was interrupted"
+        process.send_signal(signal.SIGINT)
+        for line in process.stdout:
+            if line.startswith("[bench] stopping"):
+                break
+        for pid in cells:
+            os.kill(pid, signal.SIGCONT)
+        out, err = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130 and "Finish the matrix with" in err, err
+    assert "killed" not in out  # every cell stopped on its SIGINT
     assert not list((tmp_path / "cut").rglob("*.tmp"))
+    assert not [pid for pid in cells if Path(f"/proc/{pid}").exists()]  # no cell runs on
     subprocess.run([*command, "--out", str(tmp_path / "cut")], check=True, env=env, capture_output=True)
     subprocess.run([*command, "--out", str(tmp_path / "straight")], check=True, env=env, capture_output=True)
     for summary in (tmp_path / "straight").glob("*/*/seed*/summary.json"):

@@ -47,6 +47,7 @@ from typing import Any
 
 import yaml
 
+from dtokd.interrupts import Interrupted, StopRequest, deferred_stop
 from dtokd.train import load_config, train
 from dtokd.train.records import git_commit, machine, read_jsonl
 
@@ -176,39 +177,54 @@ def run_cell(matrix: Matrix, out: Path, pair: str, method: str, seed: int, teach
         print(f"[bench] {pair} {method} seed {seed} diverged in epoch {epochs + 1}: {error}", flush=True)
 
 
-def _run_in_processes(matrix_path: Path, out: Path, cells: list[tuple[str, str, int]], parallel: int) -> None:
+STOP_GRACE_SECONDS = 60.0
+"""How long the cells of a stopped parallel bench get to stop on SIGINT before they are killed
+(a kill is safe: checkpoints are written atomically, a resume starts from the last one)."""
+
+
+def _run_in_processes(matrix_path: Path, out: Path, cells: list[tuple[str, str, int]], parallel: int, *,
+                      grace: float = STOP_GRACE_SECONDS) -> None:
     """Run ``cells`` as ``parallel`` concurrent ``dtokd bench --cell`` processes; CPU threads are
-    shared out between them unless ``OMP_NUM_THREADS`` is set. Raises once all have ended if any failed."""
+    shared out between them unless ``OMP_NUM_THREADS`` is set. Raises once all have ended if any failed.
+
+    SIGINT, SIGTERM or SIGHUP, whenever it lands (a cell being started included), stops every
+    cell this call started: each gets SIGINT (it stops at its last checkpoint), those still
+    running after ``grace`` seconds are killed, then :class:`~dtokd.interrupts.Interrupted` is raised.
+    """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
     queue, running, failed = list(cells), [], []
-    try:
-        _drive(matrix_path, out, queue, running, failed, parallel, env, len(cells))
-    except KeyboardInterrupt:  # Ctrl-C (or a time limit's SIGINT): each cell stops at a consistent point
-        for _, process, log in running:
-            process.send_signal(signal.SIGINT)
-        for _, process, log in running:
-            process.wait()
-            log.close()
-        raise
+    with deferred_stop() as stop:  # a signal is only noted, so no started cell escapes the list
+        try:
+            _drive(matrix_path, out, queue, running, failed, parallel, env, len(cells), stop)
+        finally:
+            if running:  # a stop signal, or an error of the driver itself
+                _stop_cells(running, grace)
+        if stop.signal is not None:
+            raise Interrupted(stop.signal)
     if failed:
         listing = "; ".join(f"{' '.join(map(str, cell))} (see {path})" for cell, path in sorted(failed))
         raise CellsFailed(f"{len(failed)} of {len(cells)} cell(s) failed: {listing}")
 
 
+def _cell_command(matrix_path: Path, out: Path, pair: str, method: str, seed: int) -> list[str]:
+    return [sys.executable, "-m", "dtokd.cli", "bench", str(matrix_path), "--out", str(out),
+            "--cell", pair, method, str(seed)]
+
+
 def _drive(matrix_path: Path, out: Path, queue: list, running: list, failed: list, parallel: int,
-           env: dict[str, str], total: int) -> None:
-    """Keep ``parallel`` cell processes running until ``queue`` is empty and all have ended."""
+           env: dict[str, str], total: int, stop: StopRequest) -> None:
+    """Keep ``parallel`` cell processes running until ``queue`` is empty and all have ended, or
+    until ``stop`` notes a signal (then return at once, with the running cells in ``running``)."""
     done = 0
-    while queue or running:
-        while queue and len(running) < parallel:
+    while (queue or running) and stop.signal is None:
+        while queue and len(running) < parallel and stop.signal is None:
             pair, method, seed = queue.pop(0)
             folder = out / pair / method / f"seed{seed}"
             folder.mkdir(parents=True, exist_ok=True)
             log = open(folder / "bench.log", "a")
-            command = [sys.executable, "-m", "dtokd.cli", "bench", str(matrix_path), "--out", str(out),
-                       "--cell", pair, method, str(seed)]
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+            process = subprocess.Popen(_cell_command(matrix_path, out, pair, method, seed), stdout=log,
+                                       stderr=subprocess.STDOUT, env=env,
                                        start_new_session=True)  # a Ctrl-C reaches the cells through us, once
             running.append(((pair, method, seed), process, log))
             print(f"[bench] started {pair} {method} seed {seed} ({len(running)} running, {len(queue)} waiting)", flush=True)
@@ -224,6 +240,25 @@ def _drive(matrix_path: Path, out: Path, queue: list, running: list, failed: lis
                 failed.append((cell, log.name))
             print(f"[bench] {'failed' if process.returncode else 'finished'} {' '.join(map(str, cell))} "
                   f"({done}/{total})", flush=True)
+
+
+def _stop_cells(running: list, grace: float) -> None:
+    """SIGINT to every running cell; wait up to ``grace`` seconds in all; kill the rest."""
+    print(f"[bench] stopping {len(running)} running cell(s)", flush=True)
+    for _, process, _ in running:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace
+    for cell, process, log in running:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            print(f"[bench] killed {' '.join(map(str, cell))}: it did not stop within {grace:g} s of SIGINT "
+                  "(it resumes from its last checkpoint)", flush=True)
+        log.close()
+    running.clear()
 
 
 def _ensure_teacher(matrix: Matrix, folder: Path, name: str, progress: bool) -> Path:

@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from dtokd.interrupts import stop_on_signals
 from dtokd.train.config import ConfigError, load_config
 
 
@@ -234,20 +235,62 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.command in ("train", "distill") and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides += extra  # key=value overrides may also follow the options
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = None
+    with stop_on_signals():  # from here on SIGINT, SIGTERM and SIGHUP stop the command cleanly
+        try:
+            parser = build_parser()
+            args, extra = parser.parse_known_args(argv)
+            if args.command in ("train", "distill") and all("=" in e and not e.startswith("-") for e in extra):
+                args.overrides += extra  # key=value overrides may also follow the options
+            elif extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            return _dispatch(args)
+        except (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
+            if os.environ.get("DTOKD_DEBUG") == "1":
+                raise
+            print(f"dtokd {args.command if args else ''}: error: {_one_line(error)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as interrupt:  # before a command's own handling (imports, set-up)
+            print(f"\ninterrupted ({interrupt}) while starting; nothing was written", file=sys.stderr)
+            return 130
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line: its first line, and the last line of a message that
+    wraps another's (a data loader worker's error ends with the original one)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+def _bench(args: argparse.Namespace) -> int:
+    out = Path(args.out or Path("runs") / f"bench_{Path(args.matrix).stem}")
     try:
-        return _dispatch(args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
-        if os.environ.get("DTOKD_DEBUG") == "1":
-            raise
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"dtokd {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        from dtokd.bench import CellsFailed, aggregate, load_matrix, run_cell, run_matrix
+
+        matrix = load_matrix(args.matrix)
+        if args.cell:
+            pair, method, seed = args.cell
+            if not seed.lstrip("-").isdigit():
+                raise ValueError(f"--cell SEED must be an integer, got {seed!r}")
+            run_cell(matrix, out, pair, method, int(seed), progress=args.progress)
+            return 0
+        try:
+            path = aggregate(matrix, out) if args.aggregate_only else run_matrix(
+                matrix, out, progress=args.progress, parallel=args.parallel, matrix_path=Path(args.matrix))
+        except CellsFailed as error:
+            print(f"dtokd bench: {error}", file=sys.stderr)
+            return 1
+    except KeyboardInterrupt as interrupt:
+        if args.cell:  # a cell of a parallel bench: the bench says how to finish
+            print(f"\ninterrupted ({interrupt}); the cell keeps its last checkpoint", file=sys.stderr)
+        else:
+            print(f"\ninterrupted ({interrupt}); every cell keeps its last checkpoint. Finish the matrix with:\n"
+                  f"  dtokd bench {args.matrix} --out {out} --parallel {args.parallel}", file=sys.stderr)
+        return 130
+    print(f"results: {path}")
+    return 0
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -261,28 +304,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"report: {report(args.runs, args.out)}")
         return 0
     if args.command == "bench":
-        from dtokd.bench import CellsFailed, aggregate, load_matrix, run_cell, run_matrix
-
-        matrix = load_matrix(args.matrix)
-        out = Path(args.out or Path("runs") / f"bench_{Path(args.matrix).stem}")
-        if args.cell:
-            pair, method, seed = args.cell
-            if not seed.lstrip("-").isdigit():
-                raise ValueError(f"--cell SEED must be an integer, got {seed!r}")
-            run_cell(matrix, out, pair, method, int(seed), progress=args.progress)
-            return 0
-        try:
-            path = aggregate(matrix, out) if args.aggregate_only else run_matrix(
-                matrix, out, progress=args.progress, parallel=args.parallel, matrix_path=Path(args.matrix))
-        except CellsFailed as error:
-            print(f"dtokd bench: {error}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print(f"\ninterrupted; every cell keeps its last checkpoint. Finish the matrix with:\n  dtokd bench "
-                  f"{args.matrix} --out {out} --parallel {args.parallel}", file=sys.stderr)
-            return 130
-        print(f"results: {path}")
-        return 0
+        return _bench(args)
     from dtokd.demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick, data_root=args.data_root)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dtokd.balancing import Balancer, make_balancer
+from dtokd.interrupts import hold_folder
 from dtokd.data import DataBundle, build_data, place_data, to_device, train_loader
 from dtokd.models import create_model, load_weights
 from dtokd.models.foreign import Renormalize, WithInput, check_normalize, remap_keys
@@ -65,23 +67,28 @@ def train(config: Config | None, folder: str | Path, *, resume: bool = False, fo
         raise ConfigError("a fresh run needs a configuration")
     if not resume:  # refuse an occupied folder before the (possibly long) build
         prepare_fresh(folder, force=force, config_file=config_file, remove=False)
-    parts = _build(config, verbose)
-    if not resume:
-        prepare_fresh(folder, force=force, config_file=config_file, remove=parts.ranks.main)
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    finished = False
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    lock = hold_folder(folder) if main_process else None  # one process writes a run folder at a time
+    parts, finished = None, False
     try:
+        parts = _build(config, verbose)
+        if not resume:
+            prepare_fresh(folder, force=force, config_file=config_file, remove=parts.ranks.main)
+        folder.mkdir(parents=True, exist_ok=True)
         summary = _run(config, folder, parts, resume=resume, saved_epochs=saved_epochs, extend_epochs=extend_epochs,
                        progress=progress and sys.stderr.isatty(), verbose=verbose, max_steps=max_steps)
         finished = True
         return summary
     except BaseException:
-        if not resume and parts.ranks.main and not (folder / "checkpoint.pt").exists():
+        if not resume and main_process and not (folder / "checkpoint.pt").exists():
             remove_partial_run(folder, created)  # nothing half-written stays behind
         raise
     finally:
-        parts.ranks.close(finished)
+        if parts is not None:
+            parts.ranks.close(finished)
+        if lock is not None:
+            lock.close()
 
 
 @dataclass

@@ -20,15 +20,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dtokd.interrupts import LOCK_FILE
 from dtokd.train.config import Config, ConfigError, load_config, to_dict
 
 RUN_FILES = frozenset({
     "config.yaml", "meta.json", "metrics.jsonl", "steps.jsonl", "summary.json", "teacher.json", "best.pt",
-    "checkpoint.pt", "best.pt.tmp", "checkpoint.pt.tmp", "tensorboard", "diverged.json", "bench.log",
+    "checkpoint.pt", "best.pt.tmp", "checkpoint.pt.tmp", "tensorboard", "diverged.json", "bench.log", LOCK_FILE,
 })
 """Every entry a dtokd run (or a bench cell) writes into its folder."""
 
-KEPT_ON_FORCE = frozenset({"bench.log"})  # the bench's own log of a cell, appended to
+KEPT_ON_FORCE = frozenset({"bench.log", LOCK_FILE})  # the bench's own log of a cell; the lock the run holds
 
 RESUMABLE_CHANGES = frozenset({"device", "data.placement"})
 """Settings a resumed run may change: where it runs, not what it computes."""
@@ -64,10 +65,12 @@ def prepare_fresh(folder: Path, *, force: bool, config_file: Path | None = None,
 
 
 def remove_partial_run(folder: Path, created: bool) -> None:
-    """Remove what a fresh run wrote before its first checkpoint (and the folder if it made it)."""
+    """Remove what a fresh run wrote before its first checkpoint, its lock included (and the
+    folder if it made it)."""
     if not folder.is_dir():
         return
     _remove_run_files(folder)
+    (folder / LOCK_FILE).unlink(missing_ok=True)
     if created and not any(folder.iterdir()):
         folder.rmdir()
 

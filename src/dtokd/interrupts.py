@@ -1,0 +1,102 @@
+"""Stopping a command cleanly on SIGINT, SIGTERM and SIGHUP, and holding a run folder alone.
+
+A time limit, a job scheduler and a closed terminal stop a process with SIGTERM or SIGHUP, not
+only SIGINT (Ctrl-C). Inside :func:`stop_on_signals` all three raise :class:`Interrupted` (a
+``KeyboardInterrupt``), so a run stops at the same consistent point whichever arrives: the last
+atomic checkpoint is kept and the command says how to resume. SIGINT is handled even where the
+process was started with it ignored (a background job of a non-interactive shell, ``nohup``):
+without that, Ctrl-C or a time limit's SIGINT would do nothing.
+
+:func:`deferred_stop` is for code that must not be cut between two statements (starting a child
+process and recording it): inside it the signals are only noted, and the caller polls
+:attr:`StopRequest.signal` at the points where it can stop.
+
+:func:`hold_folder` takes an exclusive lock on a run folder (``run.lock``, released by the
+operating system when the process ends, however it ends), so two processes never write one
+folder at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+LOCK_FILE = "run.lock"
+
+
+class Interrupted(KeyboardInterrupt):
+    """The process was asked to stop by ``signum`` (SIGINT, SIGTERM or SIGHUP)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` inside the block (the previous
+    handlers, an ignored SIGINT included, are restored after it)."""
+    previous = {s: signal.signal(s, _raise) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class StopRequest:
+    """The first stop signal received inside :func:`deferred_stop` (None while none came)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self.signal = self.signal or signum
+
+
+@contextlib.contextmanager
+def deferred_stop() -> Iterator[StopRequest]:
+    """Inside the block a stop signal is noted in the yielded :class:`StopRequest` instead of
+    raising; the caller decides where to stop."""
+    request = StopRequest()
+    previous = {s: signal.signal(s, request._note) for s in STOP_SIGNALS}
+    try:
+        yield request
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def hold_folder(folder: Path):
+    """Lock ``folder`` (created if missing) for this process; returns the open lock file, which
+    holds the lock until it is closed or the process ends. Raises ``FileExistsError`` naming
+    the process that holds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            handle.close()
+            raise
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise FileExistsError(f"{folder} is in use by another dtokd process (pid {holder}); wait for it to end or "
+                              "stop it before running in this folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
