@@ -588,3 +588,99 @@ def test_anchored_balancer_by_name_on_both_step_paths():
         make_balancer("anchored", net.parameters())
     with pytest.raises(ValueError, match="anchor='teacher' is not one of the losses"):
         make_balancer("anchored", net.parameters(), anchor="teacher").backward(losses)
+
+
+# ------------------------------------------------------------------------ the update's length
+
+def _dto_updates(engine: str, rescale: str, reference=None, **options):
+    """The update written by ``make_balancer('dto', ...)`` and its StepInfo, and the raw
+    gradients where the engine measures them (the parameters; the logits for ``representation``)."""
+    net = Net()
+    params = list(net.parameters())
+    x, y, t = batch()
+    logits = net(x)
+    losses = kd_losses(logits, y, t)
+    at = [logits] if engine == "representation" else params
+    raw = {n: flat_grad(v, at) for n, v in losses.items()}
+    balancer = make_balancer("dto", params, engine=engine, rescale=rescale, reference=reference, **options)
+    info = balancer.backward(losses, representation=logits if engine == "representation" else None, diagnose=True)
+    return written_grad(params), info, raw
+
+
+@pytest.mark.parametrize("engine", ["exact", "representation"])  # the host path and the device path
+@pytest.mark.parametrize("options", [{}, {"constraint": "simplex"}])
+@pytest.mark.parametrize("reference", [None, {"distill": 0.9, "task": 0.1}, [0.5, 0.5]])
+def test_rescale_norm_keeps_the_direction_and_takes_the_reference_length(engine, options, reference):
+    """Lengths are measured where the engine measures the Gram: over the parameters (exact), so
+    the written update has the reference's length; at the logits (representation), so the
+    update is the plain one times the length ratio there."""
+    plain, plain_info, raw = _dto_updates(engine, "none", **options)
+    scaled, info, _ = _dto_updates(engine, "norm", reference, **options)
+    r = [0.5, 0.5] if reference is None else (list(reference.values()) if isinstance(reference, dict) else reference)
+    wanted = (r[0] * raw["distill"] + r[1] * raw["task"]).norm()
+    c = plain_info.loss_weights
+    had = (c["distill"] * raw["distill"] + c["task"] * raw["task"]).norm()
+    torch.testing.assert_close(scaled, plain * (wanted / had), rtol=1e-10, atol=1e-15)
+    if engine == "exact":
+        assert scaled.norm() == pytest.approx(float(wanted), rel=1e-10)
+    assert info.update_norm == pytest.approx(float(wanted), rel=1e-10)
+    assert info.update_ratio == pytest.approx(1.0, rel=1e-10)
+
+
+def test_update_ratio_reports_the_length_against_the_reference_without_changing_the_step():
+    plain, _, raw = _dto_updates("exact", "none")
+    reported, info, _ = _dto_updates("exact", "none", {"distill": 0.9, "task": 0.1})
+    assert torch.equal(plain, reported)
+    fixed_kd = 0.9 * raw["distill"] + 0.1 * raw["task"]
+    assert info.update_ratio == pytest.approx(float(plain.norm() / fixed_kd.norm()), rel=1e-10)
+    row = info.as_dict()
+    assert row["update_ratio"] == info.update_ratio and row["update_norm"] == pytest.approx(float(plain.norm()))
+
+
+def test_rescale_norm_leaves_an_update_that_cancels_as_it_is():
+    """Exactly opposite log-gradients: DTO's update is zero; the rescale must not blow it up."""
+    w = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    first = (w @ torch.tensor([1.0, 1.0], dtype=torch.float64)).exp()     # grad log = (1, 1)
+    second = (w @ torch.tensor([-1.0, -1.0], dtype=torch.float64)).exp()  # grad log = (-1, -1)
+    balancer = make_balancer("dto", [w], rescale="norm")
+    info = balancer.backward({"a": first, "b": second})
+    assert torch.all(torch.isfinite(w.grad)) and float(w.grad.norm()) < 1e-12
+    assert info.update_norm < 1e-12
+
+
+def test_rescale_norm_of_a_fixed_sum_is_the_reference_sum():
+    net = Net()
+    params = list(net.parameters())
+    x, y, t = batch()
+    losses = kd_losses(net(x), y, t)
+    raw = {n: flat_grad(v, params) for n, v in losses.items()}
+    balancer = make_balancer("fixed", params, weights={"distill": 0.5, "task": 0.5}, rescale="norm",
+                             reference={"distill": 0.9, "task": 0.1})
+    balancer.backward(losses)
+    direction = raw["distill"] + raw["task"]
+    expected = direction * (0.9 * raw["distill"] + 0.1 * raw["task"]).norm() / direction.norm()
+    torch.testing.assert_close(written_grad(params), expected, rtol=1e-10, atol=1e-14)
+    assert not balancer.can_defer_checks(2)  # the exact engine's Gram is read on the host
+
+
+def test_rescale_norm_with_deferred_checks_is_bit_identical():
+    now, _, _ = _dto_updates("representation", "norm", {"distill": 0.9, "task": 0.1})
+    later, _, _ = _dto_updates("representation", "norm", {"distill": 0.9, "task": 0.1}, deferred_checks=True)
+    assert torch.equal(now, later)
+
+
+@pytest.mark.parametrize("reference, message", [
+    ({"distill": 0.9}, "must give a weight for each loss"),
+    ([1.0, 2.0, 3.0], "gives 3 weights for 2 losses"),
+    ([math.nan, 1.0], "must hold finite numbers"),
+    ([0.0, 0.0], "not all zero"),
+    ("fixed", "must be a mapping name -> weight or a sequence"),
+])
+def test_a_bad_reference_is_named(reference, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        _dto_updates("exact", "norm", reference)
+
+
+def test_a_bad_rescale_is_named():
+    with pytest.raises(ValueError, match=r"rescale='long' is not allowed; use one of \['none', 'unit-sum', 'norm'\]"):
+        make_balancer("dto", Net().parameters(), rescale="long")

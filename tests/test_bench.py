@@ -182,7 +182,9 @@ def test_interrupted_parallel_bench_keeps_its_cells_and_finishes_on_rerun(tmp_pa
     try:
         deadline = time.monotonic() + 600  # a bound on a broken run only; no outcome depends on it
         while not list((tmp_path / "cut").glob("*/*/seed*/checkpoint.pt")):
-            assert process.poll() is None and time.monotonic() < deadline, "the bench ended before any checkpoint"
+            if process.poll() is not None:
+                pytest.fail(f"the bench ended (status {process.returncode}) before any checkpoint: {process.stderr.read()}")
+            assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
             time.sleep(0.02)
         cells = _children(process.pid)
         for pid in cells:

@@ -288,10 +288,14 @@ def cell_statistics(folders: list[Path]) -> dict[str, Any]:
         cell[key], cell[key + "_std"] = _mean_std([s[key] for s in summaries if s.get(key) is not None])
     times = [s["seconds_per_epoch"] for s in summaries]
     cell["seconds_per_epoch_min"] = min(times) if times else math.nan  # interference only adds time
-    epochs = min((len(m) for m in metrics), default=0)
-    cell["curve"] = [statistics.fmean(run[e][f"test_{m}"] for run in metrics) for e in range(epochs)]
-    cell["curve_std"] = [statistics.stdev([run[e][f"test_{m}"] for run in metrics]) if len(metrics) > 1 else 0.0
-                         for e in range(epochs)]
+    split = _curve_split(metrics, m)
+    rows = [[row for row in run if f"{split}_{m}" in row] for run in metrics]  # the evaluated epochs
+    count = min((len(r) for r in rows), default=0)
+    cell["curve_split"] = split
+    cell["curve_epochs"] = [rows[0][e]["epoch"] + 1 for e in range(count)]
+    cell["curve"] = [statistics.fmean(run[e][f"{split}_{m}"] for run in rows) for e in range(count)]
+    cell["curve_std"] = [statistics.stdev([run[e][f"{split}_{m}"] for run in rows]) if len(rows) > 1 else 0.0
+                         for e in range(count)]
     for key in sorted({k for row in steps for k in row if k.startswith(("loss_weight/", "weight/"))}):
         cell[key] = statistics.fmean(row[key] for row in steps if key in row)
     first_weight = next((k for k in sorted({k for row in steps for k in row}) if k.startswith("loss_weight/")), None)
@@ -308,6 +312,12 @@ def cell_statistics(folders: list[Path]) -> dict[str, Any]:
     return cell
 
 
+def _curve_split(metrics: list[list[dict[str, Any]]], metric: str) -> str:
+    """``test`` when the runs evaluated the test split per epoch (``eval.test=every``), else ``val``."""
+    rows = [row for run in metrics for row in run if f"val_{metric}" in row or f"test_{metric}" in row]
+    return "test" if rows and all(f"test_{metric}" in row for row in rows) else "val"
+
+
 def aggregate(matrix: Matrix, out: Path) -> Path:
     rows: list[dict[str, Any]] = []
     for pair in matrix.pairs:
@@ -321,7 +331,7 @@ def aggregate(matrix: Matrix, out: Path) -> Path:
         for method, cell in cells.items():
             if not cell["seeds"] and not cell["diverged"]:
                 continue
-            reach = next((e + 1 for e, acc in enumerate(cell["curve"]) if acc >= target), None)
+            reach = next((epoch for epoch, acc in zip(cell["curve_epochs"], cell["curve"]) if acc >= target), None)
             if not cell["seeds"]:
                 rows.append({"pair": pair, "method": method, **cell, "epochs_to_reference_final": None,
                              "time_vs_reference": math.nan})
@@ -332,7 +342,7 @@ def aggregate(matrix: Matrix, out: Path) -> Path:
                 "time_vs_reference": cell["seconds_per_epoch_min"] / reference["seconds_per_epoch_min"],
             })
     csv_path, md_path = out / "results.csv", out / "results.md"
-    series = ("curve", "curve_std", "weight_curve", "weight_curve_name")
+    series = ("curve", "curve_std", "curve_epochs", "weight_curve", "weight_curve_name")
     scalar_keys = [k for k in rows[0] if k not in series] if rows else []
     all_keys = sorted({k for r in rows for k in r if k not in series}, key=lambda k: (k not in scalar_keys, k))
     with open(csv_path, "w", newline="") as f:
@@ -417,14 +427,15 @@ def _plots(matrix: Matrix, rows: list[dict[str, Any]], out: Path) -> list[Path]:
         for r in pair_rows:
             if r not in shown:
                 continue
-            x = range(1, len(r["curve"]) + 1)
+            x = r["curve_epochs"]
             ax.plot(x, r["curve"], label=r["method"])
             ax.fill_between(x, [m - s for m, s in zip(r["curve"], r["curve_std"])],
                             [m + s for m, s in zip(r["curve"], r["curve_std"])], alpha=0.12)
         if len(shown) < len(pair_rows):
             ax.text(0.01, 0.01, "not shown (collapsed or diverged): " + ", ".join(r["method"] for r in pair_rows if r not in shown),
                     transform=ax.transAxes, fontsize=6)
-        paths.append(save(fig, ax, f"accuracy_{pair}.png", "epoch", f"{label}, mean ± std over seeds", pair))
+        split_label = label if not pair_rows or pair_rows[0]["curve_split"] == "test" else label.replace("test", "validation")
+        paths.append(save(fig, ax, f"accuracy_{pair}.png", "epoch", f"{split_label}, mean ± std over seeds", pair))
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in pair_rows:
             if r["weight_curve"]:

@@ -49,6 +49,7 @@ def report(folders: list[str | Path], out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plots = [
         _curves(runs, out / "accuracy.png", f"test_{metric}", METRIC_LABELS[metric]),
+        _curves(runs, out / "val_accuracy.png", f"val_{metric}", METRIC_LABELS[metric].replace("test", "validation")),
         _curves(runs, out / "loss.png", "train_loss", "training loss (sum of the losses)"),
         _step_plot(runs, out / "weights.png", "loss_weight/", "coefficient on each loss gradient"),
         _step_plot(runs, out / "conflict.png", "conflict", "conflict cos(g_1, g_2)"),

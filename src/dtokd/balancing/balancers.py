@@ -103,6 +103,7 @@ def make_balancer(
     log_losses: bool | None = None,
     loss_floor: float = 1e-8,
     rescale: Rescale = "none",
+    reference: Mapping[str, float] | Sequence[float] | None = None,
     on_nonfinite: NonFinitePolicy = "raise",
     deferred_checks: bool = False,
     sync: SyncMode = "global",
@@ -124,7 +125,11 @@ def make_balancer(
     ``loss_floor``: the smallest loss value the log transform uses. ``rescale``:
     ``"unit-sum"`` divides the update's coefficients on the raw losses by their absolute sum
     (default ``"none"``: the paper's ``g* = sum_i pi_i grad log L_i``; the amortized form
-    always uses ``"unit-sum"``, as FAMO does). ``on_nonfinite``: ``"raise"`` or ``"skip"``.
+    always uses ``"unit-sum"``, as FAMO does); ``"norm"`` keeps the rule's direction and gives
+    the update the length of the ``reference`` combination of the raw loss gradients (weights
+    by loss name, e.g. fixed KD's ``{"distill": 0.9, "task": 0.1}``; default their mean), at the
+    cost of the Gram (see :mod:`dtokd.balancing.base`). ``reference`` with another rescale: only
+    reported, as ``StepInfo.update_ratio``. ``on_nonfinite``: ``"raise"`` or ``"skip"``.
     ``deferred_checks``: no host synchronisation in a step; a non-finite or negative loss is
     reported by the next ``backward`` (or ``balancer.check_deferred()``), after that step's
     update was applied (see :class:`~dtokd.balancing.base.Balancer`).
@@ -144,6 +149,7 @@ def make_balancer(
     common: dict[str, Any] = {
         "log_losses": method in _LOG_BY_DEFAULT if log_losses is None else log_losses,
         "loss_floor": loss_floor,
+        "reference": reference,
         "on_nonfinite": on_nonfinite,
         "deferred_checks": deferred_checks,
         "sync": Sync(sync, check=check_sync),

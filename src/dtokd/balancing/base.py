@@ -7,7 +7,18 @@ One step, for losses ``L_i`` (a mapping name -> scalar tensor)::
     G[i, j]     = <d_i, d_j>            (from the engine; only if the rule needs it)
     pi          = rule(G)               (subclass)
     c_i         = pi_i / max(L_i, loss_floor)   (or pi_i);   rescale="unit-sum": c /= sum_i |c_i|
+    rescale="norm": c *= ||sum_i r_i grad L_i|| / ||sum_i c_i grad L_i||   (r: ``reference``)
     .grad      += sum_i c_i grad L_i
+
+``rescale="norm"`` keeps the rule's direction and gives the update the length of the
+``reference`` combination of the raw loss gradients (default: their mean, ``r_i = 1/m``; give
+the weights of the fixed KD a learning rate was tuned for, e.g. ``{"distill": 0.9, "task":
+0.1}``, to take that step's length). Both norms come from the Gram of the raw gradients,
+``||sum_i c_i grad L_i||^2 = c^T G_raw c``, so the rescale needs the Gram whatever the rule,
+and the lengths are those where the engine measures it (over every parameter for ``exact``;
+at the representation or over the subset for the others, whose ratio then scales the update);
+an update below ``1e-6`` of the reference length (gradients that cancel) is left as it is.
+A ``reference`` given with another ``rescale`` is only reported: ``StepInfo.update_ratio``.
 
 The losses' structure is checked before anything is computed: a non-empty mapping of string names to
 floating scalar tensors in the autograd graph, all on one device, with the same names on
@@ -66,7 +77,9 @@ from dtokd.balancing.engines import ObjectiveGradients, weighted_sum_backward
 from dtokd.balancing.rules import ZERO_GRADIENT
 from dtokd.balancing.stepinfo import OVERFLOW, StepInfo
 
-Rescale = Literal["none", "unit-sum"]
+Rescale = Literal["none", "unit-sum", "norm"]
+RESCALES = ("none", "unit-sum", "norm")
+NEGLIGIBLE_UPDATE = 1e-12  # (update length / reference length)^2 below which rescale="norm" leaves the update
 NonFinitePolicy = Literal["raise", "skip"]
 
 
@@ -83,14 +96,16 @@ class Balancer:
         log_losses: bool,
         loss_floor: float = 1e-8,
         rescale: Rescale = "none",
+        reference: Mapping[str, float] | Sequence[float] | None = None,
         on_nonfinite: NonFinitePolicy = "raise",
         deferred_checks: bool = False,
         sync: Sync | None = None,
     ) -> None:
         if not (isinstance(loss_floor, (int, float)) and math.isfinite(loss_floor) and loss_floor > 0):
             raise ValueError(f"loss_floor must be a positive finite number, got {loss_floor!r}")
-        if rescale not in ("none", "unit-sum"):
-            raise ValueError(f"rescale={rescale!r} is not allowed; use 'none' or 'unit-sum'")
+        if rescale not in RESCALES:
+            raise ValueError(f"rescale={rescale!r} is not allowed; use one of {list(RESCALES)}")
+        _check_reference(reference)
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite={on_nonfinite!r} is not allowed; use 'raise' or 'skip'")
         if not isinstance(deferred_checks, bool):
@@ -104,6 +119,8 @@ class Balancer:
         self.log_losses = bool(log_losses)
         self.loss_floor = float(loss_floor)
         self.rescale = rescale
+        self.reference = reference
+        self._reference_vector: Tensor | None = None
         self.on_nonfinite = on_nonfinite
         self.deferred_checks = deferred_checks
         self.sync = sync if sync is not None else Sync("global")
@@ -151,13 +168,13 @@ class Balancer:
         scaling = scaler is not None and scaler.is_enabled()
         scaled = {n: scaler.scale(v) for n, v in ordered.items()} if scaling else dict(ordered)  # type: ignore[union-attr]
         gradients: ObjectiveGradients | None = None
-        if self.needs_gram or diagnose:
+        if self._needs_gradients or diagnose:
             gradients = self.engine.gradients(scaled, representation, self.sync)
         if self.on_nonfinite == "raise" and (gradients is None or self.engine.name != "exact"):
             on_device = self._step_on_device(values, gradients, scaled, scaler if scaling else None)
             if on_device is not None:
                 return on_device
-        if self.deferred_checks and (self.needs_gram or not diagnose):
+        if self.deferred_checks and (self._needs_gradients or not diagnose):
             raise ValueError(
                 f"deferred_checks=True, but this step of {type(self).__name__} (engine {self.engine.name!r}, "
                 f"{len(ordered)} losses) needs a host read before its update: deferred checks need a step that "
@@ -177,11 +194,13 @@ class Balancer:
             gram = raw_gram / torch.outer(divisors, divisors)
             if not bool(torch.isfinite(raw_gram).all()):
                 return self._nonfinite_gradients(values, gradients, raw_gram, scaling, device)
-        pi, coefficients = self._coefficients(self._weights(gram if self.needs_gram else None, values), divisors)
+        pi, coefficients = self._coefficients(self._weights(gram if self.needs_gram else None, values), divisors,
+                                              raw_gram)
         self._write(gradients, scaled, coefficients)
         if raw_gram is not None:
             self._warn_zero_gradients(raw_gram, pi)
-        return StepInfo(self.names, values, pi, coefficients, gram, raw_gram, device=device)  # type: ignore[arg-type]
+        return StepInfo(self.names, values, pi, coefficients, gram, raw_gram, device=device,  # type: ignore[arg-type]
+                        reference=self._reference(values))
 
     def _weights_on_device(self, gram: Tensor | None, loss_values: Tensor) -> Tensor | None:
         """The weights ``pi`` as a float64 tensor on the losses' device, computed without any
@@ -196,7 +215,12 @@ class Balancer:
         """Whether every step of this balancer over ``num_losses`` objectives, diagnostic steps
         included, can run with ``deferred_checks=True`` (no host read before the update)."""
         return (self.on_nonfinite == "raise" and self._has_device_rule(num_losses)
-                and (self.engine.name != "exact" or not self.needs_gram))
+                and (self.engine.name != "exact" or not self._needs_gradients))
+
+    @property
+    def _needs_gradients(self) -> bool:
+        """Whether every step needs the objective gradients' Gram (the rule's, or the rescale's)."""
+        return self.needs_gram or self.rescale == "norm"
 
     def _step_on_device(
         self, values: Tensor, gradients: ObjectiveGradients | None, scaled: dict[str, Tensor],
@@ -219,12 +243,13 @@ class Balancer:
         weights = self._weights_on_device(gram if self.needs_gram else None, values)
         if weights is None:
             return None
-        pi, coefficients = self._coefficients(weights, divisors)
+        pi, coefficients = self._coefficients(weights, divisors, raw_gram)
         if raw_gram is not None and scaler is not None:  # an overflow makes the whole update NaN
             finite = torch.isfinite(raw_gram).all()
             pi, coefficients = torch.where(finite, pi, math.nan), torch.where(finite, coefficients, math.nan)
         self._write(gradients, scaled, coefficients)
-        info = StepInfo(self.names, values, pi, coefficients, gram, raw_gram, overflow_skips=scaler is not None)  # type: ignore[arg-type]
+        info = StepInfo(self.names, values, pi, coefficients, gram, raw_gram, overflow_skips=scaler is not None,  # type: ignore[arg-type]
+                        reference=self._reference(values))
         if self.deferred_checks:
             self._unchecked = info
         else:
@@ -272,9 +297,11 @@ class Balancer:
                               RuntimeWarning, stacklevel=3)
 
     # -- helpers ----------------------------------------------------------------------------
-    def _coefficients(self, weights: Tensor, divisors: Tensor) -> tuple[Tensor, Tensor]:
+    def _coefficients(self, weights: Tensor, divisors: Tensor,
+                      raw_gram: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The weights every rank applies (rank 0's in global mode, the rank mean in local
-        mode) and the coefficients on the raw losses, ``c = pi / divisors`` (rescaled)."""
+        mode) and the coefficients on the raw losses, ``c = pi / divisors``, rescaled (see the
+        module notes; ``rescale="norm"`` needs ``raw_gram``, the raw gradients' Gram)."""
         pi = weights.to(torch.float64)
         if self.sync.global_mode:
             pi = self.sync.agree(pi, self.engine.params)
@@ -283,7 +310,39 @@ class Balancer:
         coefficients = pi / divisors
         if self.rescale == "unit-sum":
             coefficients = coefficients / coefficients.abs().sum().clamp_min(torch.finfo(torch.float64).tiny)
+        elif self.rescale == "norm":
+            if raw_gram is None:
+                raise RuntimeError("rescale='norm' needs the Gram of the raw loss gradients")
+            raw_gram = raw_gram.to(coefficients.device, torch.float64)
+            reference = self._reference(coefficients).to(coefficients.device)  # type: ignore[union-attr]
+            wanted, got = reference @ raw_gram @ reference, coefficients @ raw_gram @ coefficients
+            negligible = got <= NEGLIGIBLE_UPDATE * wanted
+            factor = torch.where(negligible, 1.0, (wanted / got.clamp_min(torch.finfo(torch.float64).tiny)).sqrt())
+            coefficients = coefficients * factor
         return pi, coefficients
+
+    def _reference(self, like: Tensor) -> Tensor | None:
+        """The reference weights on the raw losses as a float64 vector on ``like``'s device (the
+        mean when ``rescale="norm"`` is given none), or None."""
+        if self.reference is None and self.rescale != "norm":
+            return None
+        m = len(self.names)  # type: ignore[arg-type]
+        cached = self._reference_vector
+        if cached is None or cached.device != like.device or cached.numel() != m:
+            if self.reference is None:
+                values = [1.0 / m] * m
+            elif isinstance(self.reference, Mapping):
+                if set(self.reference) != set(self.names):  # type: ignore[arg-type]
+                    raise ValueError(f"reference={dict(self.reference)!r} must give a weight for each loss "
+                                     f"{list(self.names)}")  # type: ignore[arg-type]
+                values = [float(self.reference[n]) for n in self.names]  # type: ignore[union-attr]
+            else:
+                if len(self.reference) != m:
+                    raise ValueError(f"reference={list(self.reference)!r} gives {len(self.reference)} weights "
+                                     f"for {m} losses {list(self.names)}")  # type: ignore[arg-type]
+                values = [float(v) for v in self.reference]
+            cached = self._reference_vector = torch.tensor(values, dtype=torch.float64, device=like.device)
+        return cached
 
     def _write(self, gradients: ObjectiveGradients | None, scaled: dict[str, Tensor], coefficients: Tensor) -> None:
         """``.grad += sum_i c_i grad L_i``: from the engine's gradients, or one weighted-sum backward."""
@@ -367,6 +426,21 @@ class Balancer:
         if self.on_nonfinite == "raise":
             raise ValueError(reason)
         return self._skipped(values, reason, device)
+
+
+def _check_reference(reference: object) -> None:
+    """``reference``: None, or finite weights (a mapping name -> weight, or a sequence), not all zero."""
+    if reference is None:
+        return
+    if isinstance(reference, Mapping):
+        values = list(reference.values())
+    elif isinstance(reference, Sequence) and not isinstance(reference, str):
+        values = list(reference)
+    else:
+        raise TypeError(f"reference must be a mapping name -> weight or a sequence of weights, got {reference!r}")
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                             for v in values) or not any(values):
+        raise ValueError(f"reference={reference!r} must hold finite numbers, not all zero")
 
 
 def deferred_message(problem: str) -> str:

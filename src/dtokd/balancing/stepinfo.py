@@ -44,6 +44,7 @@ class StepInfo:
         skipped_reason: str | None = None,
         overflow_skips: bool = False,
         device: torch.device | None = None,
+        reference: Tensor | None = None,
     ) -> None:
         """``overflow_skips``: the step ran under a GradScaler, so a non-finite ``raw_gram``
         means that it was skipped (reported in ``skipped_reason`` once read). ``device``: the
@@ -62,6 +63,7 @@ class StepInfo:
         raw Gram and the Gram row-major when computed."""
         self._reason = skipped_reason
         self._overflow_skips = overflow_skips
+        self._reference = None if reference is None else reference.detach().to("cpu", torch.float64)
 
     @property
     def _host(self) -> Tensor:
@@ -154,9 +156,28 @@ class StepInfo:
         first, second = norms[self.names[0]], norms[self.names[1]]
         return first / second if second > 0 else math.inf
 
+    @property
+    def update_norm(self) -> float | None:
+        """``||sum_i c_i grad L_i||``, the length of the update written to ``.grad``."""
+        if self.raw_gram is None:
+            return None
+        c = self.coefficient_values
+        return math.sqrt(max(float(c @ self.raw_gram @ c), 0.0))
+
+    @property
+    def update_ratio(self) -> float | None:
+        """:attr:`update_norm` over ``||sum_i r_i grad L_i||`` for the balancer's reference
+        weights ``r`` (None without a reference or a Gram; inf if the reference length is 0)."""
+        if self.raw_gram is None or self._reference is None:
+            return None
+        r = self._reference
+        length = math.sqrt(max(float(r @ self.raw_gram @ r), 0.0))
+        return self.update_norm / length if length > 0 else math.inf  # type: ignore[operator]
+
     def as_dict(self) -> dict[str, float]:
         """A flat ``{key: float}`` view for a logger: ``weight/NAME``, ``loss_weight/NAME``,
-        ``loss/NAME``, ``grad_norm/NAME``, ``cos/A|B``, ``conflict``, ``dominance``, ``skipped``."""
+        ``loss/NAME``, ``grad_norm/NAME``, ``cos/A|B``, ``conflict``, ``dominance``, ``update_norm``,
+        ``update_ratio`` (with a reference), ``skipped``."""
         row: dict[str, float] = {"skipped": float(self.skipped)}
         for prefix, values in (("loss", self.losses), ("weight", self.weights), ("loss_weight", self.loss_weights)):
             row.update({f"{prefix}/{k}": v for k, v in values.items()})
@@ -169,6 +190,9 @@ class StepInfo:
             if len(self.names) >= 2:
                 row["conflict"] = float(self.conflict)  # type: ignore[arg-type]
                 row["dominance"] = float(self.dominance)  # type: ignore[arg-type]
+            row["update_norm"] = self.update_norm  # type: ignore[assignment]
+            if self._reference is not None:
+                row["update_ratio"] = self.update_ratio  # type: ignore[assignment]
         return row
 
     def _by_name(self, values: Tensor) -> dict[str, float]:

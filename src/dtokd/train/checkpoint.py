@@ -69,6 +69,17 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         raise
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """``path`` holds the old text or ``text``, never a part (a temporary file of this process's
+    own, then an atomic rename: concurrent writers of one cache entry leave one whole copy)."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def load_checked(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     """Load a checkpoint and make sure it belongs to a run with this ``identity``."""
     if not path.is_file():

@@ -108,6 +108,21 @@ class BalancerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """When the student is evaluated. ``every``: the validation split every N epochs (and always
+    after the last one); the checkpoint kept as ``best.pt`` is chosen among those epochs.
+    ``test``: ``every`` (the test split whenever validation runs) or ``end`` (once, after the
+    last epoch, on ``best.pt`` and on the last model: the two test figures a run reports; no
+    per-epoch test curve, no best-of-test figure)."""
+
+    every: int = 1
+    test: str = "every"
+
+
+EVAL_TEST = ("every", "end")
+
+
+@dataclass
 class Config:
     """Everything a run needs. ``losses`` maps a loss name to its spec (``type`` + options).
 
@@ -134,6 +149,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     losses: dict[str, dict[str, Any]] = field(default_factory=lambda: {"task": {"type": "ce"}})
 
 
@@ -166,7 +182,7 @@ def validate(config: Config) -> Config:
     """Range checks that the types alone do not express; the errors name key, value and range."""
     checks = [("epochs", config.epochs, 0), ("batch_size", config.batch_size, 1),
               ("eval_batch_size", config.eval_batch_size, 1), ("log_every", config.log_every, 1),
-              ("data.image_size", config.data.image_size, 1)]
+              ("data.image_size", config.data.image_size, 1), ("eval.every", config.eval.every, 1)]
     checks.append(("data.repeated_augmentation", config.data.repeated_augmentation, 1))
     if config.data.limit_train is not None:
         checks.append(("data.limit_train", config.data.limit_train, 1))
@@ -179,6 +195,11 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"optim.ema_decay={config.optim.ema_decay} is not allowed; it must be in (0, 1), e.g. 0.99996")
     if not 0.0 <= config.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={config.data.val_fraction} is not allowed; it must be in [0, 1)")
+    if config.eval.test not in EVAL_TEST:
+        raise ConfigError(f"eval.test={config.eval.test!r} is not allowed; use one of {list(EVAL_TEST)}")
+    if config.eval.test == "end" and config.data.val_fraction == 0:
+        raise ConfigError("eval.test='end' evaluates the test split on the checkpoint chosen on the validation "
+                          "split, and data.val_fraction=0 leaves none; give data.val_fraction > 0 or eval.test=every")
     return config
 
 

@@ -10,6 +10,8 @@ continues from the checkpoint so that the result equals an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import json
 import os
 import sys
@@ -25,7 +27,7 @@ from tqdm import tqdm
 
 from dtokd.balancing import Balancer, make_balancer
 from dtokd.interrupts import hold_folder
-from dtokd.data import DataBundle, build_data, place_data, to_device, train_loader
+from dtokd.data import DataBundle, sources, build_data, place_data, to_device, train_loader
 from dtokd.models import create_model, load_weights
 from dtokd.models.foreign import Renormalize, WithInput, check_normalize, remap_keys
 from dtokd.models.registry import apply_weights, read_weights
@@ -199,13 +201,9 @@ def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs:
             row = _train_epoch(config, p.forward, p.task, p.balancer, p.optimizer, p.scaler, p.data, epoch,
                                p.device, log, progress, p.ranks, max_steps, p.ema)
             p.scheduler.step()
-            for split in ("val", "test"):
-                row.update(_prefixed(split, p.task.evaluate(p.student, getattr(p.data, split), config.eval_batch_size,
-                                                            p.device, channels_last=config.channels_last)))
-                if p.ema is not None:
-                    row.update(_prefixed(f"ema_{split}", p.task.evaluate(
-                        p.ema.module, getattr(p.data, split), config.eval_batch_size, p.device,
-                        channels_last=config.channels_last)))
+            if _evaluates(config, epoch):
+                row.update(_evaluate(config, p, p.student, p.ema, ("val", "test") if config.eval.test == "every"
+                                     else ("val",)))
             history.append(row)
             log.write("metrics.jsonl", row, epoch)
             if p.ranks.main and _is_best(history, metric_of(config)):
@@ -222,17 +220,46 @@ def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs:
             p.ranks.barrier()
             if verbose:
                 m = metric_of(config)
-                print(f"[{config.name}] epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f} "
-                      f"val {m} {row.get(f'val_{m}', float('nan')):.2f} test {m} {row[f'test_{m}']:.2f} "
+                scores = "".join(f" {split} {m} {row[f'{split}_{m}']:.2f}" for split in ("val", "test")
+                                 if f"{split}_{m}" in row)
+                print(f"[{config.name}] epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}{scores} "
                       f"({row['epoch_seconds']:.1f}s)", flush=True)
     finally:
         log.close()
-    summary = summarize(history, config)
+    final = _test_at_end(config, folder, p) if config.eval.test == "end" and history else None
+    summary = summarize(history, config, final)
     if teacher_metrics:
         summary["teacher"] = teacher_metrics
     if p.ranks.main:
         (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _evaluates(config: Config, epoch: int) -> bool:
+    """Whether epoch ``epoch`` (0-based) is evaluated: every ``eval.every`` epochs and the last."""
+    return (epoch + 1) % config.eval.every == 0 or epoch + 1 == config.epochs
+
+
+def _evaluate(config: Config, p: _Parts, model: nn.Module, ema: nn.Module | None,
+              splits: tuple[str, ...]) -> dict[str, float]:
+    """``model`` (and the EMA model, as ``ema_<split>_...``) on each of ``splits``."""
+    row: dict[str, float] = {}
+    for split in splits:
+        for prefix, net in ((split, model), (f"ema_{split}", ema.module if ema is not None else None)):
+            if net is not None:
+                row.update(_prefixed(prefix, p.task.evaluate(net, getattr(p.data, split), config.eval_batch_size,
+                                                             p.device, channels_last=config.channels_last)))
+    return row
+
+
+def _test_at_end(config: Config, folder: Path, p: _Parts) -> dict[str, dict[str, float]]:
+    """``eval.test=end``: the test split on the last model (and its EMA) and on ``best.pt`` (the
+    checkpoint chosen on the validation split), as ``{"last": ..., "best": ..., "best_epoch": k}``."""
+    last = _evaluate(config, p, p.student, p.ema, ("test",))
+    best_state = ckpt.load_checked(folder / "best.pt", p.identity)
+    chosen = copy.deepcopy(p.student)
+    chosen.load_state_dict(best_state["model"])
+    return {"last": last, "best": _evaluate(config, p, chosen, None, ("test",)), "best_epoch": best_state["epoch"]}
 
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
@@ -296,18 +323,26 @@ def _load_teacher(config: Config, data: DataBundle) -> tuple[nn.Module | None, R
 def _teacher_accuracy(config: Config, folder: Path, task: Task, teacher: nn.Module | None,
                       teacher_input: nn.Module | None, data: DataBundle, device: torch.device, main: bool,
                       progress: bool) -> dict[str, Any] | None:
-    """The teacher's top-1/top-5 on the validation and test splits, measured before training
-    as it sees its inputs in distillation, and kept in ``teacher.json`` (a resumed run reads it)."""
+    """The teacher's metrics on the validation and test splits, measured before training as it
+    sees its inputs in distillation, and kept in ``teacher.json`` (a resumed run reads it). The
+    measurement is cached by content (the teacher's weights, its input mapping, the data
+    settings and the seed that carves the validation split), so the cells of a matrix that share
+    a teacher and data pay it once."""
     if teacher is None:
         return None
     path = folder / "teacher.json"
     if path.is_file():
         return json.loads(path.read_text())
     model = WithInput(teacher, teacher_input) if teacher_input is not None else teacher
-    result: dict[str, Any] = {"name": config.teacher.name, "checkpoint": config.teacher.checkpoint}
-    for split in ("val", "test"):
-        result.update(_prefixed(split, task.evaluate(model, getattr(data, split), config.eval_batch_size, device,
-                                                     channels_last=config.channels_last)))
+    cached = sources.cache_dir() / "teacher-eval" / f"{_teacher_key(config, model)}.json"
+    if cached.is_file():
+        measured = json.loads(cached.read_text())
+    else:
+        measured = _measure_teacher(config, task, model, data, device)
+        if main:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            ckpt.write_text_atomic(cached, json.dumps(measured, indent=2) + "\n")
+    result: dict[str, Any] = {"name": config.teacher.name, "checkpoint": config.teacher.checkpoint, **measured}
     if main:
         path.write_text(json.dumps(result, indent=2) + "\n")
         if progress:
@@ -315,6 +350,27 @@ def _teacher_accuracy(config: Config, folder: Path, task: Task, teacher: nn.Modu
             print(f"[{config.name}] teacher {config.teacher.name}: val {m} {result.get(f'val_{m}', float('nan')):.2f} "
                   f"test {m} {result[f'test_{m}']:.2f}", flush=True)
     return result
+
+
+def _measure_teacher(config: Config, task: Task, model: nn.Module, data: DataBundle,
+                     device: torch.device) -> dict[str, float]:
+    result: dict[str, float] = {}
+    for split in ("val", "test"):
+        result.update(_prefixed(split, task.evaluate(model, getattr(data, split), config.eval_batch_size, device,
+                                                     channels_last=config.channels_last)))
+    return result
+
+
+def _teacher_key(config: Config, model: nn.Module) -> str:
+    """What the teacher's measurement depends on: its weights and buffers (by content, wherever
+    they were read from), its input mapping, the task, the data settings and the seed."""
+    root = Path(config.data.root) if config.data.root else None
+    stat = root.stat() if root is not None and root.exists() else None
+    settings = {"task": config.task, "data": to_dict(config)["data"], "seed": config.seed,
+                "teacher": config.teacher.name, "eval_batch_size": config.eval_batch_size,
+                "channels_last": config.channels_last, "root_stat": [stat.st_size, stat.st_mtime_ns] if stat else None,
+                "weights": ckpt.checksum(model.state_dict())}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def _make_balancer(config: Config, task: Task, params: list[torch.Tensor]) -> Balancer:
@@ -442,36 +498,52 @@ def metric_of(config: Config) -> str:
     return "AP" if config.task == "detection" else "top1"
 
 
-def summarize(history: list[dict[str, Any]], config: Config) -> dict[str, Any]:
-    """Best epoch (by the validation metric, :func:`metric_of`, when there is a validation
-    split, else the test one), its test metric, the best and last test metric, and the mean
-    training seconds per epoch; keys name the metric (``best_val_top1``, ``last_test_AP``, ...)."""
+def summarize(history: list[dict[str, Any]], config: Config,
+              final: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Best epoch (by the validation metric, :func:`metric_of`, among the evaluated epochs, the
+    latest of ties as ``best.pt`` keeps; by the test one when there is no validation split),
+    its test metric, the best and last test metric, and the mean training seconds per epoch;
+    keys name the metric (``best_val_top1``, ``last_test_AP``, ...). ``final``: the end-of-run
+    test evaluation of ``eval.test=end`` (:func:`_test_at_end`), which gives the test figures
+    (no best-of-test figure: the test split was not seen per epoch)."""
     method = config.balancer.method if config.teacher.name else "student alone"
     m = metric_of(config)
-    if not history:
-        return {"name": config.name, "method": method, "seed": config.seed, "metric": m, "epochs_run": 0}
-    key = _selection_key(history[0], m)
-    best = max(range(len(history)), key=lambda i: history[i][key])
-    last = history[-1]
-    return {
-        "name": config.name, "method": method, "seed": config.seed, "metric": m,
-        "epochs_run": len(history), "best_epoch": best + 1,
-        f"best_val_{m}": history[best].get(f"val_{m}"), f"test_{m}_at_best_val": history[best][f"test_{m}"],
-        f"best_test_{m}": max(r[f"test_{m}"] for r in history), f"last_test_{m}": last[f"test_{m}"],
-        **({"last_test_top5": last["test_top5"]} if "test_top5" in last else {}),
+    summary: dict[str, Any] = {"name": config.name, "method": method, "seed": config.seed, "metric": m,
+                               "epochs_run": len(history)}
+    evaluated = [i for i, row in enumerate(history) if _selection_key(row, m)]
+    if not evaluated:
+        return summary
+    key = _selection_key(history[evaluated[-1]], m)
+    best = max(evaluated, key=lambda i: (history[i][key], i))
+    tested = final["last"] if final else history[evaluated[-1]]
+    summary.update({
+        "best_epoch": best + 1, f"best_val_{m}": history[best].get(f"val_{m}"),
+        f"test_{m}_at_best_val": (final["best"] if final else history[best]).get(f"test_{m}"),
+        **({} if final else {f"best_test_{m}": max((history[i][f"test_{m}"] for i in evaluated
+                                                     if f"test_{m}" in history[i]), default=None)}),
+        f"last_test_{m}": tested.get(f"test_{m}"),  # None: the metric is undefined on this test split
+        **({"last_test_top5": tested["test_top5"]} if "test_top5" in tested else {}),
         "seconds_per_epoch": sum(r["epoch_seconds"] for r in history) / len(history),
-        **({f"ema_last_test_{m}": last[f"ema_test_{m}"], f"ema_best_test_{m}":
-            max(r[f"ema_test_{m}"] for r in history)} if f"ema_test_{m}" in last else {}),
-    }
+        "test_evaluated": config.eval.test, "eval_every": config.eval.every,
+    })
+    if f"ema_test_{m}" in tested:
+        summary[f"ema_last_test_{m}"] = tested[f"ema_test_{m}"]
+        if not final:
+            summary[f"ema_best_test_{m}"] = max(history[i][f"ema_test_{m}"] for i in evaluated)
+    if final and final["best_epoch"] != best + 1:
+        raise RuntimeError(f"best.pt holds epoch {final['best_epoch']}, but the validation history chooses epoch "
+                           f"{best + 1}")
+    return summary
 
 
-def _selection_key(row: dict[str, Any], metric: str) -> str:
-    return f"val_{metric}" if f"val_{metric}" in row else f"test_{metric}"
+def _selection_key(row: dict[str, Any], metric: str) -> str | None:
+    """The key a checkpoint is chosen by in an evaluated epoch's row (None: not evaluated)."""
+    return next((k for k in (f"val_{metric}", f"test_{metric}") if k in row), None)
 
 
 def _is_best(history: list[dict[str, Any]], metric: str) -> bool:
     key = _selection_key(history[-1], metric)
-    return history[-1][key] >= max(r[key] for r in history)
+    return key is not None and history[-1][key] >= max(r[key] for r in history if key in r)
 
 
 def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
