@@ -22,7 +22,8 @@ repository root when the matrix file lives in ``configs/``, else from the curren
 pair with a ``checkpoint`` uses that teacher as it is (its ``key_map`` and ``normalize`` come
 from the student config); the others get a teacher trained from ``teacher_config``.
 
-Runs go to ``OUT/<pair>/<method>/seed<k>``; a finished run (``summary.json``) is skipped and a
+Runs go to ``OUT/<pair>/<method>/seed<k>``, pair by pair, seed by seed, in the order the
+methods are listed (so that a partial matrix holds every method for its first seeds); a finished run (``summary.json``) is skipped and a
 killed one resumed, so rerunning the command finishes a partial matrix. ``--parallel N`` runs N
 cells at once, each in its own process. A run whose losses
 become NaN/inf is recorded as diverged (``diverged.json``) and reported as such, not retried. Teachers are trained
@@ -118,7 +119,8 @@ def run_matrix(matrix: Matrix, out: Path, *, progress: bool = False, parallel: i
     teachers = {pair: Path(spec["checkpoint"]) if "checkpoint" in spec else
                 _ensure_teacher(matrix, out / "teachers" / spec["teacher"], spec["teacher"], progress)
                 for pair, spec in matrix.pairs.items()}
-    cells = [(pair, method, seed) for pair in matrix.pairs for method in matrix.methods for seed in matrix.seeds]
+    # seed by seed, in the matrix's order of methods: a partial matrix is a whole one over fewer seeds
+    cells = [(pair, method, seed) for pair in matrix.pairs for seed in matrix.seeds for method in matrix.methods]
     pending = [c for c in cells if not _finished(out / c[0] / c[1] / f"seed{c[2]}")]
     began = time.perf_counter()
     if parallel == 1:
