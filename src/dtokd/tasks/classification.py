@@ -127,6 +127,13 @@ class ClassificationTask(nn.Module):
         self.student_taps = FeatureTaps(student, sorted(set(student_taps)))
         self.teacher_taps = FeatureTaps(teacher, sorted(set(teacher_taps))) if teacher is not None else None
 
+    def use_teacher(self, call: Any) -> None:
+        """Take the teacher's logits from ``call(x)`` in training from now on (a
+        :class:`~dtokd.train.teacher_cache.CachedTeacher`); the task needs no teacher features."""
+        if any(spec["type"] == "feature" for spec in self.specs.values()):
+            raise ValueError("the teacher's features are tapped by a feature loss; its calls cannot be replaced")
+        self.teacher[0] = call
+
     @property
     def loss_names(self) -> list[str]:
         """The objectives, in order: what the balancer balances."""

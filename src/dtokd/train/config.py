@@ -69,13 +69,17 @@ class ModelConfig:
 @dataclass
 class TeacherConfig:
     """``checkpoint``: a dtokd run's ``best.pt`` or a state dict from elsewhere (with ``key_map``);
-    ``normalize``: the input statistics the teacher was trained with (default: the student's)."""
+    ``normalize``: the input statistics the teacher was trained with (default: the student's).
+    ``cache_outputs``: keep the teacher's logits on the training batches on disk and reuse them
+    in every run with the same teacher, data and seed (bit-identical to a fresh forward pass; see
+    :mod:`dtokd.train.teacher_cache`)."""
 
     name: str | None = None
     checkpoint: str | None = None
     key_map: str | list[list[str]] | None = None
     normalize: dict[str, list[float]] | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    cache_outputs: bool = False
 
 
 @dataclass

@@ -37,6 +37,7 @@ from dtokd.train import distributed
 from dtokd.train.config import Config, ConfigError, load_config, to_dict
 from dtokd.train.optim import lr_factor, make_optimizer, make_scheduler
 from dtokd.train.records import MetricLog, git_commit, metadata, write_yaml
+from dtokd.train.teacher_cache import CachedTeacher, cache_key
 from dtokd.train.run_folder import config_for_resume, prepare_fresh, record_extension, remove_partial_run
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -111,6 +112,7 @@ class _Parts:
     scaler: torch.amp.GradScaler
     identity: dict[str, Any]
     ema: torch.optim.swa_utils.AveragedModel | None
+    teacher_cache: CachedTeacher | None
 
 
 def _build(config: Config, verbose: bool) -> _Parts:
@@ -141,6 +143,7 @@ def _build(config: Config, verbose: bool) -> _Parts:
             if model is not None:
                 model.to(memory_format=torch.channels_last)
     data = place_data(data, device, config.data.placement)
+    teacher_cache = _cache_teacher_outputs(config, task, teacher, device, ranks) if config.teacher.cache_outputs else None
     if ranks.main and verbose:
         where = "the device" if data.train.device.type != "cpu" else "the host"
         print(f"[{config.name}] device {device}{' (auto)' if config.device == 'auto' else ''}; "
@@ -159,7 +162,7 @@ def _build(config: Config, verbose: bool) -> _Parts:
         ema = torch.optim.swa_utils.AveragedModel(
             student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.optim.ema_decay), use_buffers=True)
     return _Parts(ranks, device, data, student, teacher, teacher_input, task, forward, optimizer, scheduler,
-                  balancer, scaler, identity, ema)
+                  balancer, scaler, identity, ema, teacher_cache)
 
 
 def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs: int | None,
@@ -199,7 +202,7 @@ def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs:
     try:
         for epoch in range(start_epoch, config.epochs):
             row = _train_epoch(config, p.forward, p.task, p.balancer, p.optimizer, p.scaler, p.data, epoch,
-                               p.device, log, progress, p.ranks, max_steps, p.ema)
+                               p.device, log, progress, p.ranks, max_steps, p.ema, p.teacher_cache)
             p.scheduler.step()
             if _evaluates(config, epoch):
                 row.update(_evaluate(config, p, p.student, p.ema, ("val", "test") if config.eval.test == "every"
@@ -398,9 +401,10 @@ def _make_balancer(config: Config, task: Task, params: list[torch.Tensor]) -> Ba
 def _train_epoch(config: Config, forward: nn.Module, task: Task, balancer: Balancer,
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, data: DataBundle, epoch: int,
                  device: torch.device, log: MetricLog, progress: bool, ranks: distributed.Ranks,
-                 max_steps: int | None = None, ema: torch.optim.swa_utils.AveragedModel | None = None) -> dict[str, Any]:
+                 max_steps: int | None = None, ema: torch.optim.swa_utils.AveragedModel | None = None,
+                 teacher_cache: CachedTeacher | None = None) -> dict[str, Any]:
     """One epoch; ``forward`` is the task or its DDP wrapper, and each rank trains on its
-    shard of every global batch."""
+    shard of every global batch (``teacher_cache``: the teacher's outputs read or stored)."""
     task.student.train()
     loader = train_loader(data.train, config.batch_size, config.seed, epoch, rank=ranks.rank, world=ranks.world,
                           repeats=config.data.repeated_augmentation)
@@ -414,6 +418,8 @@ def _train_epoch(config: Config, forward: nn.Module, task: Task, balancer: Balan
     totals = torch.zeros(3 * m, dtype=torch.float64, device=device)
     count, skipped, start = 0, 0, time.perf_counter()
     mixup = _make_mixup(config.data.mixup, data.num_classes)
+    if teacher_cache is not None:
+        teacher_cache.begin_epoch(epoch)
     for i, (x, y) in enumerate(tqdm(loader, desc=f"{config.name} epoch {epoch + 1}/{config.epochs}", leave=False,
                                     disable=not progress, unit="batch")):
         if mixup is not None:  # on the global batch before each rank takes its part (a streamed set: the local one)
@@ -450,6 +456,8 @@ def _train_epoch(config: Config, forward: nn.Module, task: Task, balancer: Balan
             log.write("steps.jsonl", {"epoch": epoch, "step": step, **info.as_dict()}, step)
         if max_steps is not None and count >= max_steps:
             break
+    if teacher_cache is not None:
+        teacher_cache.end_epoch(complete=max_steps is None or count < max_steps)
     balancer.check_deferred()  # before the epoch's checkpoint
     row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - start,
                            "skipped_steps": skipped}
@@ -459,6 +467,27 @@ def _train_epoch(config: Config, forward: nn.Module, task: Task, balancer: Balan
         row.update({f"loss_weight/{n}": means[2 * m + k] for k, n in enumerate(balancer.names)})
     row["train_loss"] = sum(v for k, v in row.items() if k.startswith("loss/"))
     return row
+
+
+def _cache_teacher_outputs(config: Config, task: Task, teacher: nn.Module | None, device: torch.device,
+                           ranks: distributed.Ranks) -> CachedTeacher:
+    """``teacher.cache_outputs``: the task's teacher replaced by its cached outputs on the
+    training batches (see :mod:`dtokd.train.teacher_cache`)."""
+    if teacher is None:
+        raise ValueError("teacher.cache_outputs=true needs a teacher (teacher.name)")
+    if config.task != "classification":
+        raise ValueError(f"teacher.cache_outputs=true is for classification; task={config.task!r} is not cached")
+    features = [n for n, spec in task.specs.items() if spec["type"] == "feature"]
+    if features:
+        raise ValueError(f"teacher.cache_outputs=true caches the teacher's logits only, and losses {features} need "
+                         "its features; set teacher.cache_outputs=false")
+    settings = {"data": to_dict(config)["data"], "seed": config.seed, "batch_size": config.batch_size,
+                "rank": ranks.rank, "world": ranks.world, "amp": config.amp, "channels_last": config.channels_last,
+                "device": device.type, "teacher": config.teacher.name, "normalize": config.teacher.normalize,
+                "student_normalize": config.student.normalize}
+    cached = CachedTeacher(teacher, sources.cache_dir() / "teacher-outputs", cache_key(teacher, settings))
+    task.use_teacher(cached)
+    return cached
 
 
 def _make_mixup(options: dict[str, Any] | None, num_classes: int) -> Any:

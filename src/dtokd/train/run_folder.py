@@ -31,8 +31,8 @@ RUN_FILES = frozenset({
 
 KEPT_ON_FORCE = frozenset({"bench.log", LOCK_FILE})  # the bench's own log of a cell; the lock the run holds
 
-RESUMABLE_CHANGES = frozenset({"device", "data.placement"})
-"""Settings a resumed run may change: where it runs, not what it computes."""
+RESUMABLE_CHANGES = frozenset({"device", "data.placement", "teacher.cache_outputs"})
+"""Settings a resumed run may change: where it runs or what it reuses, not what it computes."""
 
 
 def prepare_fresh(folder: Path, *, force: bool, config_file: Path | None = None, remove: bool = True) -> None:
