@@ -132,17 +132,54 @@ SHIPPED_MATRICES = sorted(p.name for p in (Path(__file__).resolve().parents[1] /
 def test_shipped_matrices_resolve_every_cell(name):
     """Every cell of a shipped matrix gives a valid run configuration (what `dtokd bench` would
     train), with the pair's own overrides."""
-    from dtokd.train import load_config
+    from dtokd.bench import cell_config, check_cells
 
     matrix = load_matrix(Path(__file__).resolve().parents[1] / "configs" / name)
+    check_cells(matrix)
     for pair, spec in matrix.pairs.items():
-        for method, overrides in matrix.methods.items():
-            config = load_config(matrix.student_config, [*matrix.base, *spec.get("overrides", []), f"name={method}",
-                                                         f"student.name={spec['student']}", f"teacher.name={spec['teacher']}",
-                                                         "teacher.checkpoint=x.pt", *overrides])
-            assert config.student.name == spec["student"]
+        for method in matrix.methods:
+            config = cell_config(matrix, pair, method, matrix.seeds[0], "x.pt")
+            assert config.student.name == spec["student"] and config.name == method
             if "teacher.key_map=cifar-resnet-chenyaofo" in spec.get("overrides", []) and config.teacher.name:
                 assert config.teacher.key_map == "cifar-resnet-chenyaofo"  # the pair's own override applied
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: "", "the file holds nothing"),
+    (lambda t: t.replace("seeds: [0, 1]", "seeds: 3"), "seeds must be a non-empty list of integers, got 3"),
+    (lambda t: t.replace("seeds: [0, 1]", "seeds: [0, 0]"), r"seeds \[0, 0\] repeat a seed"),
+    (lambda t: t.replace("pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}", "pairs: [cnn]"),
+     "pairs must be a non-empty mapping"),
+    (lambda t: t.replace("pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}", "pairs: {cnn-mlp: cnn}"),
+     "pair 'cnn-mlp' must be a mapping"),
+    (lambda t: t.replace("base: [epochs=3]", "base: epochs=3"), "base must be a list of key=value"),
+])
+def test_a_malformed_matrix_file_is_named(tmp_path, edit, message):
+    matrix = write_matrix(tmp_path, METHODS)
+    text = edit(open(matrix).read())
+    open(matrix, "w").write(text)
+    with pytest.raises(ValueError, match=message):
+        load_matrix(matrix)
+
+
+def test_a_binary_matrix_file_is_named(tmp_path, capsys):
+    path = tmp_path / "matrix.yaml"
+    path.write_bytes(bytes(range(256)))
+    assert cli.main(["bench", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "not a valid YAML matrix" in err
+
+
+def test_every_cell_is_checked_before_any_runs(tmp_path, capsys):
+    methods = "\n".join([METHODS.splitlines()[0], "  broken: [optim.name=adamw2]", "  idle: [epochs=0]"])
+    matrix = write_matrix(tmp_path, methods)
+    assert cli.main(["bench", matrix, "--out", str(tmp_path / "out")]) == 2
+    assert "cell cnn-mlp broken seed 0: optim.name='adamw2' is not allowed" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing was trained, not even the teacher
+    text = open(matrix).read().replace("  broken: [optim.name=adamw2]\n", "")
+    open(matrix, "w").write(text)
+    assert cli.main(["bench", matrix, "--out", str(tmp_path / "out")]) == 2
+    assert "cell cnn-mlp idle seed 0: epochs=0; a matrix cell must train" in capsys.readouterr().err
 
 
 def _children(pid: int) -> list[int]:

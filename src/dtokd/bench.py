@@ -71,16 +71,39 @@ MATRIX_KEYS = {"name", "seeds", "base", "student_config", "teacher_config", "pai
 
 def load_matrix(path: str | Path) -> Matrix:
     path = Path(path)
-    raw = yaml.safe_load(path.read_text())
+    if not path.is_file():
+        raise FileNotFoundError(f"matrix file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a valid YAML matrix ({str(error).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a matrix is a mapping with keys {sorted(MATRIX_KEYS)}; the file holds "
+                         f"{'nothing' if raw is None else type(raw).__name__}")
     unknown = sorted(set(raw) - MATRIX_KEYS)
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}; valid: {sorted(MATRIX_KEYS)}")
     missing = sorted({"name", "seeds", "pairs", "methods", "student_config", "teacher_config", "reference"} - set(raw))
     if missing:
         raise ValueError(f"{path}: missing key(s) {missing}")
+    seeds = raw["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(v, int) and not isinstance(v, bool) for v in seeds):
+        raise ValueError(f"{path}: seeds must be a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"{path}: seeds {seeds} repeat a seed")
+    for key in ("pairs", "methods"):
+        if not isinstance(raw[key], dict) or not raw[key]:
+            raise ValueError(f"{path}: {key} must be a non-empty mapping name -> ..., got {raw[key]!r}")
+    for method, overrides in raw["methods"].items():
+        if not isinstance(overrides, list):
+            raise ValueError(f"{path}: method {method!r}: overrides must be a list of key=value, got {overrides!r}")
+    if not isinstance(raw.get("base", []), list):
+        raise ValueError(f"{path}: base must be a list of key=value, got {raw['base']!r}")
     if raw["reference"] not in raw["methods"]:
         raise ValueError(f"{path}: reference {raw['reference']!r} is not one of the methods {list(raw['methods'])}")
     for pair, spec in raw["pairs"].items():
+        if not isinstance(spec, dict):
+            raise ValueError(f"{path}: pair {pair!r} must be a mapping with 'teacher' and 'student', got {spec!r}")
         if not {"teacher", "student"} <= set(spec) <= {"teacher", "student", "checkpoint", "overrides"}:
             raise ValueError(f"{path}: pair {pair!r} must give 'teacher' and 'student' (and optionally 'checkpoint', "
                              f"'overrides'), got {sorted(spec)}")
@@ -115,6 +138,7 @@ def run_matrix(matrix: Matrix, out: Path, *, progress: bool = False, parallel: i
         raise ValueError(f"parallel={parallel!r} must be a positive integer")
     if parallel > 1 and matrix_path is None:
         raise ValueError("parallel > 1 runs each cell as 'dtokd bench MATRIX --cell ...' and needs matrix_path")
+    check_cells(matrix)
     out.mkdir(parents=True, exist_ok=True)
     teachers = {pair: Path(spec["checkpoint"]) if "checkpoint" in spec else
                 _ensure_teacher(matrix, out / "teachers" / spec["teacher"], spec["teacher"], progress)
@@ -146,6 +170,32 @@ def _finished(folder: Path) -> bool:
     return (folder / "summary.json").is_file() or (folder / "diverged.json").is_file()
 
 
+def cell_config(matrix: Matrix, pair: str, method: str, seed: int, teacher: Path | str):
+    """The run configuration of one cell: the student config with the matrix's shared overrides,
+    the pair's, the cell's name, seed, models and teacher, then the method's."""
+    spec = matrix.pairs[pair]
+    return load_config(matrix.student_config, [
+        *matrix.base, *map(str, spec.get("overrides", [])), f"name={method}", f"seed={seed}",
+        f"student.name={spec['student']}", f"teacher.name={spec['teacher']}", f"teacher.checkpoint={teacher}",
+        *matrix.methods[method],
+    ])
+
+
+def check_cells(matrix: Matrix) -> None:
+    """Every cell's configuration, checked before anything runs (a bad override fails now, not
+    after hours of other cells); a cell must train (``epochs`` >= 1)."""
+    for pair in matrix.pairs:
+        for method in matrix.methods:
+            for seed in matrix.seeds:
+                try:
+                    config = cell_config(matrix, pair, method, seed, "teacher.pt")
+                except ValueError as error:
+                    raise ValueError(f"cell {pair} {method} seed {seed}: {error}") from None
+                if config.epochs < 1:
+                    raise ValueError(f"cell {pair} {method} seed {seed}: epochs={config.epochs}; a matrix cell must "
+                                     "train (epochs >= 1)")
+
+
 def run_cell(matrix: Matrix, out: Path, pair: str, method: str, seed: int, teacher: Path | None = None, *,
              progress: bool = False) -> None:
     """One cell (resumed from its checkpoint if one exists); a run whose losses become
@@ -162,11 +212,7 @@ def run_cell(matrix: Matrix, out: Path, pair: str, method: str, seed: int, teach
     if not teacher.is_file():
         raise FileNotFoundError(f"teacher {spec['teacher']!r} of pair {pair!r} is not trained yet ({teacher}); "
                                 "run the matrix without --cell first")
-    config = load_config(matrix.student_config, [
-        *matrix.base, *map(str, spec.get("overrides", [])), f"name={method}", f"seed={seed}",
-        f"student.name={spec['student']}", f"teacher.name={spec['teacher']}", f"teacher.checkpoint={teacher}",
-        *matrix.methods[method],
-    ])
+    config = cell_config(matrix, pair, method, seed, teacher)
     try:  # the bench owns its cell folders: a cell killed before its first checkpoint starts afresh
         train(config, folder, resume=(folder / "checkpoint.pt").is_file(), force=True, progress=progress,
               verbose=progress)

@@ -14,6 +14,7 @@ from dtokd.data import sources, streaming
 from dtokd.data.coco import CocoDetectionSet
 from dtokd.data.streaming import StreamingImageFolder
 from dtokd.data.tensor_dataset import Augmentation, InMemoryBatches, TensorImageDataset
+from dtokd.train.config import CHOICES
 
 DATASETS = ("fashion-mnist", "image-folder", "image-folder-stream", "cifar10", "cifar100", "digits", "synthetic",
             "synthetic-rgb", "coco", "synthetic-coco")
@@ -75,7 +76,7 @@ class DataBundle:
         return DataBundle(self.name, self.train.to(device), val, self.test.to(device), self.classes)
 
 
-PLACEMENTS = ("auto", "device", "host")
+PLACEMENTS = CHOICES["data.placement"]
 
 
 def place_data(data: DataBundle, device: torch.device, placement: str) -> DataBundle:

@@ -17,8 +17,9 @@ from dtokd.tasks.classification import (
     resolve_loss_specs,
 )
 from dtokd.tasks.detection import DetectionTask, evaluate_detector
+from dtokd.train.config import CHOICES
 
-TASKS = ("classification", "detection")
+TASKS = CHOICES["task"]
 Task = ClassificationTask | DetectionTask
 
 

@@ -7,6 +7,7 @@ resolved configuration that every run folder keeps.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -125,6 +126,18 @@ class EvalConfig:
 
 EVAL_TEST = ("every", "end")
 
+CHOICES: dict[str, tuple[str, ...]] = {
+    "task": ("classification", "detection"),
+    "amp": ("none", "bf16", "fp16"),
+    "compile": ("none", "default", "reduce-overhead", "max-autotune"),
+    "optim.name": ("sgd", "adamw"),
+    "optim.schedule": ("cosine", "step", "constant"),
+    "data.placement": ("auto", "device", "host"),
+    "eval.test": EVAL_TEST,
+}
+"""The settings that name one of a few choices: checked when a config is loaded, before anything
+is built (the modules that use them read their choices from here)."""
+
 
 @dataclass
 class Config:
@@ -189,22 +202,51 @@ def validate(config: Config) -> Config:
               ("data.image_size", config.data.image_size, 1), ("eval.every", config.eval.every, 1)]
     checks.append(("data.repeated_augmentation", config.data.repeated_augmentation, 1))
     if config.data.limit_train is not None:
-        checks.append(("data.limit_train", config.data.limit_train, 1))
+        checks.append(("data.limit_train", config.data.limit_train, 2))  # a training batch of one breaks batch norm
     if config.data.workers is not None:
         checks.append(("data.workers", config.data.workers, 0))
     for key, value, least in checks:
         if value < least:
             raise ConfigError(f"{key}={value} is not allowed; it must be an integer >= {least}")
+    if not 0 <= config.seed < 2**32:
+        raise ConfigError(f"seed={config.seed} is not allowed; it must be an integer in [0, 2**32) (numpy's range)")
     if config.optim.ema_decay is not None and not 0.0 < config.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay={config.optim.ema_decay} is not allowed; it must be in (0, 1), e.g. 0.99996")
     if not 0.0 <= config.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={config.data.val_fraction} is not allowed; it must be in [0, 1)")
-    if config.eval.test not in EVAL_TEST:
-        raise ConfigError(f"eval.test={config.eval.test!r} is not allowed; use one of {list(EVAL_TEST)}")
+    for key, allowed in CHOICES.items():
+        value = _dotted(config, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; use one of {list(allowed)}")
+    _check_balancer(config.balancer)
+    finite = [("optim.lr", config.optim.lr), ("optim.momentum", config.optim.momentum),
+              ("optim.weight_decay", config.optim.weight_decay), ("optim.gamma", config.optim.gamma)]
+    for key, value in finite:
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{key}={value} is not allowed; it must be a finite number >= 0")
     if config.eval.test == "end" and config.data.val_fraction == 0:
         raise ConfigError("eval.test='end' evaluates the test split on the checkpoint chosen on the validation "
                           "split, and data.val_fraction=0 leaves none; give data.val_fraction > 0 or eval.test=every")
     return config
+
+
+def _dotted(config: Config, key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _check_balancer(balancer: BalancerConfig) -> None:
+    """``balancer.method`` and ``balancer.engine`` name a method and an engine that exist (their
+    options are checked when the balancer is made)."""
+    from dtokd.balancing import BALANCERS
+    from dtokd.balancing.engines import ENGINES
+
+    if balancer.method not in BALANCERS:
+        raise ConfigError(f"balancer.method={balancer.method!r} is not allowed; use one of {list(BALANCERS)}")
+    if balancer.engine not in ENGINES:
+        raise ConfigError(f"balancer.engine={balancer.engine!r} is not allowed; use one of {list(ENGINES)}")
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -34,7 +34,7 @@ from dtokd.models.registry import apply_weights, read_weights
 from dtokd.tasks import Task, build_task
 from dtokd.train import checkpoint as ckpt
 from dtokd.train import distributed
-from dtokd.train.config import Config, ConfigError, load_config, to_dict
+from dtokd.train.config import CHOICES, Config, ConfigError, load_config, to_dict
 from dtokd.train.optim import lr_factor, make_optimizer, make_scheduler
 from dtokd.train.records import MetricLog, git_commit, metadata, write_yaml
 from dtokd.train.teacher_cache import CachedTeacher, cache_key
@@ -265,7 +265,7 @@ def _test_at_end(config: Config, folder: Path, p: _Parts) -> dict[str, dict[str,
     return {"last": last, "best": _evaluate(config, p, chosen, None, ("test",)), "best_epoch": best_state["epoch"]}
 
 
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = CHOICES["compile"]
 
 
 def _check_compile(config: Config, device: torch.device) -> None:

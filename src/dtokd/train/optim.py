@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
-from dtokd.train.config import OptimConfig
+from dtokd.train.config import CHOICES, OptimConfig
 
 
 def make_optimizer(named_params: Iterable[tuple[str, torch.Tensor]], cfg: OptimConfig, batch_size: int,
@@ -19,8 +19,8 @@ def make_optimizer(named_params: Iterable[tuple[str, torch.Tensor]], cfg: OptimC
     biases) and on the names in ``no_decay_names`` (a ViT's tokens and position embedding),
     as DeiT and timm train; two parameter groups then, in the order the parameters come.
     """
-    if cfg.name not in ("sgd", "adamw"):
-        raise ValueError(f"optim.name={cfg.name!r} is not allowed; use 'sgd' or 'adamw'")
+    if cfg.name not in CHOICES["optim.name"]:
+        raise ValueError(f"optim.name={cfg.name!r} is not allowed; use one of {list(CHOICES['optim.name'])}")
     if cfg.lr_batch_scale is not None and cfg.lr_batch_scale < 1:
         raise ValueError(f"optim.lr_batch_scale={cfg.lr_batch_scale} must be a positive integer (e.g. 512)")
     lr = cfg.lr * batch_size / cfg.lr_batch_scale if cfg.lr_batch_scale else cfg.lr
@@ -49,7 +49,7 @@ def lr_factor(cfg: OptimConfig, epoch: int, epochs: int) -> float:
         return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
     if cfg.schedule == "constant":
         return 1.0
-    raise ValueError(f"optim.schedule={cfg.schedule!r} is not allowed; use 'cosine', 'step' or 'constant'")
+    raise ValueError(f"optim.schedule={cfg.schedule!r} is not allowed; use one of {list(CHOICES['optim.schedule'])}")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
