@@ -2,6 +2,7 @@
 whenever it lands; a run folder is held by one process at a time. Signals are raised at chosen
 points of the code (no dependence on timing or load)."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from dtokd import bench
 from dtokd.interrupts import Interrupted, hold_folder, stop_on_signals
@@ -173,3 +175,51 @@ def test_a_fresh_run_that_fails_leaves_no_folder_and_no_lock(tmp_path):
     with pytest.raises(ValueError):
         train(load_config(None, BASE + ["optim.lr=-1"]), folder, progress=False, verbose=False)
     assert not folder.exists()
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_old_one(tmp_path, monkeypatch, capsys):
+    """A full disk (torch.save raises a C++ enforce failure): a one-line error naming the file and
+    the free space, the previous checkpoint intact, and the run resumes from it."""
+    from dtokd import cli
+    from dtokd.train import checkpoint
+
+    folder = tmp_path / "run"
+    args = ["train", "--out", str(folder), "--quiet", "data.name=synthetic", "batch_size=32", "student.name=mlp_small"]
+    config = tmp_path / "c.yaml"
+    config.write_text("name: c\nepochs: 1\n")
+    assert cli.main([args[0], str(config), *args[1:]]) == 0
+    before = {name: (folder / name).read_bytes() for name in ("checkpoint.pt", "best.pt")}
+    real = checkpoint.torch.save
+
+    def full_disk(obj, path, *a, **k):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "--out", str(folder), "--extend-epochs", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"could not write {folder}" in err and "MiB free" in err and "is intact" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert {name: (folder / name).read_bytes() for name in before} == before and not list(folder.glob("*.tmp"))
+    monkeypatch.setattr(checkpoint.torch, "save", real)
+    assert cli.main(["train", "--resume", "--out", str(folder), "--quiet"]) == 0  # the extension was recorded
+    assert json.loads((folder / "summary.json").read_text())["epochs_run"] == 2
+
+
+class _BadImages(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        raise ValueError(f"images/{index}.jpg: cannot identify image file")
+
+
+def test_an_error_in_a_data_loader_worker_keeps_its_reason_on_the_one_line():
+    from dtokd.cli import _one_line
+
+    with pytest.raises(ValueError) as raised:
+        next(iter(torch.utils.data.DataLoader(_BadImages(), num_workers=1)))
+    line = _one_line(raised.value)
+    assert "DataLoader worker process 0" in line and "images/0.jpg: cannot identify image file" in line
+    assert "\n" not in line

@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             elif extra:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
             return _dispatch(args)
-        except (ConfigError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
+        except (ConfigError, ValueError, OSError) as error:  # bad input, missing or unwritable files
             if os.environ.get("DTOKD_DEBUG") == "1":
                 raise
             print(f"dtokd {args.command if args else ''}: error: {_one_line(error)}", file=sys.stderr)

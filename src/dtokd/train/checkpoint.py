@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,19 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         with open(temporary, "rb") as f:
             os.fsync(f.fileno())
         os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        temporary.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        kept = f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written"
+        raise CheckpointWriteError(f"could not write {path} ({free / 2**20:.0f} MiB free on its disk; "
+                                   f"{str(error).splitlines()[0]}); {kept}") from error
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a read-only folder); the old one is kept."""
 
 
 def write_text_atomic(path: Path, text: str) -> None:
