@@ -684,3 +684,80 @@ def test_a_bad_reference_is_named(reference, message):
 def test_a_bad_rescale_is_named():
     with pytest.raises(ValueError, match=r"rescale='long' is not allowed; use one of \['none', 'unit-sum', 'norm'\]"):
         make_balancer("dto", Net().parameters(), rescale="long")
+
+
+# ------------------------------------------------------------------------ combine: one loss for a framework
+
+COMBINE_OPTIONS = {"fixed": {"weights": {"distill": 0.9, "task": 0.1}}, "anchored": {"anchor": "task"},
+                   "dto-amortized": {"update": "next-step"}}
+
+
+def _step(method: str, engine: str, combine: bool, steps: int = 2, lr: float = 0.0, **options):
+    """``steps`` steps of a fresh balancer on one batch: the last step's update (what backward
+    wrote, or the gradient of what combine returned) and its StepInfo."""
+    net = Net()
+    params = list(net.parameters())
+    x, y, t = batch()
+    gram_params = list(net.head.parameters()) if engine == "subset" else None
+    balancer = make_balancer(method, params, engine=engine, gram_params=gram_params,
+                             **{**COMBINE_OPTIONS.get(method, {}), **options})
+    torch.manual_seed(0)  # pcgrad's random order
+    for _ in range(steps):
+        for p in params:
+            p.grad = None
+        logits = net(x)
+        losses = kd_losses(logits, y, t)
+        z = logits if engine == "representation" else None
+        if combine:
+            loss = balancer.combine(losses, representation=z)
+            assert all(p.grad is None for p in params)  # nothing written by combine itself
+            loss.backward()
+            info = balancer.last_info
+        else:
+            info = balancer.backward(losses, representation=z)
+        with torch.no_grad():  # lr > 0: an SGD step, so that the next step's losses differ
+            for p in params:
+                p -= lr * p.grad
+    return written_grad(params), info
+
+
+@pytest.mark.parametrize("engine", ["exact", "representation", "subset"])
+@pytest.mark.parametrize("method", BALANCERS)
+def test_the_gradient_of_combine_is_what_backward_writes(method, engine):
+    try:
+        wrote, info = _step(method, engine, combine=False)
+    except ValueError as error:  # a method/engine pair the balancer refuses is refused by combine too
+        with pytest.raises(ValueError, match=str(error)[:40].replace("(", r"\(").replace("[", r"\[")):
+            _step(method, engine, combine=True)
+        return
+    combined, combined_info = _step(method, engine, combine=True)
+    torch.testing.assert_close(combined, wrote, rtol=1e-10, atol=1e-13)
+    assert combined_info.loss_weights == pytest.approx(info.loss_weights, rel=1e-10)
+
+
+def test_combine_keeps_the_graph_for_the_frameworks_backward_and_the_state_across_calls():
+    """The representation engine would free the loss heads' graph after its own backward from z;
+    combine keeps it. The amortized rule's learned logits move over combine calls as over backward ones."""
+    a, info_a = _step("dto-amortized", "exact", combine=False, steps=4, lr=0.5)
+    b, info_b = _step("dto-amortized", "exact", combine=True, steps=4, lr=0.5)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    assert info_b.weights == pytest.approx(info_a.weights) and info_b.weights["distill"] != 0.5
+
+
+def test_combine_under_bf16_autocast_equals_backward():
+    wrote, combined = [], []
+    for combine, out in ((False, wrote), (True, combined)):
+        net = Net().float()
+        params = list(net.parameters())
+        x, y, t = batch()
+        balancer = make_balancer("dto", params, engine="representation")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = net(x.float())
+            losses = kd_losses(logits.float(), y, t.float())
+        if combine:
+            balancer.combine(losses, representation=logits).backward()
+        else:
+            balancer.backward(losses, representation=logits)
+        out.append(written_grad(params))
+    # the two back-propagate the same combination by different routes in bfloat16 (~3 digits)
+    assert float((combined[0] - wrote[0]).norm() / wrote[0].norm()) < 1e-2

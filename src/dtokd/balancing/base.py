@@ -126,6 +126,10 @@ class Balancer:
         self.sync = sync if sync is not None else Sync("global")
         self.names: tuple[str, ...] | None = None
         self._unchecked: StepInfo | None = None  # the last step, while its checks are deferred
+        self._combined: Tensor | None = None  # combine(): the step's balanced loss instead of a write
+        self._combining = False
+        self.last_info: StepInfo | None = None
+        """The StepInfo of the last :meth:`combine` call."""
         self._zero_gradient_warned: set[str] = set()
 
     # -- to be provided by subclasses -------------------------------------------------------
@@ -169,7 +173,7 @@ class Balancer:
         scaled = {n: scaler.scale(v) for n, v in ordered.items()} if scaling else dict(ordered)  # type: ignore[union-attr]
         gradients: ObjectiveGradients | None = None
         if self._needs_gradients or diagnose:
-            gradients = self.engine.gradients(scaled, representation, self.sync)
+            gradients = self.engine.gradients(scaled, representation, self.sync, keep_graph=self._combining)
         if self.on_nonfinite == "raise" and (gradients is None or self.engine.name != "exact"):
             on_device = self._step_on_device(values, gradients, scaled, scaler if scaling else None)
             if on_device is not None:
@@ -201,6 +205,38 @@ class Balancer:
             self._warn_zero_gradients(raw_gram, pi)
         return StepInfo(self.names, values, pi, coefficients, gram, raw_gram, device=device,  # type: ignore[arg-type]
                         reference=self._reference(values))
+
+    def combine(
+        self,
+        losses: Mapping[str, Tensor],
+        *,
+        representation: Tensor | Sequence[Tensor] | None = None,
+        diagnose: bool = False,
+    ) -> Tensor:
+        """The balanced loss ``sum_i c_i L_i`` with this step's coefficients ``c`` detached, for a
+        framework that back-propagates one loss itself (Lightning's automatic optimization,
+        ``accelerate``, DeepSpeed, FSDP): its gradient is the update :meth:`backward` would add to
+        ``.grad``. Nothing is written to ``.grad``; the step's StepInfo is :attr:`last_info`.
+
+        What the weights cost before the framework's own backward: nothing for ``fixed``,
+        ``mean`` and ``dto-amortized`` (call :meth:`update` after the optimizer step as usual);
+        with ``engine="representation"`` the gradients at the representation (about the loss
+        heads' cost); with ``"subset"`` one backward per loss to the subset; with ``"exact"``
+        one full backward per loss (m extra backward passes: prefer the representation engine
+        or the amortized rule inside a framework). Mixed precision: under autocast as is; give
+        the framework the loss to scale (``scaler=`` is :meth:`backward`'s only). A step that
+        ``on_nonfinite="skip"`` skips returns a zero loss (zero gradients) in the graph.
+        """
+        self._combining = True
+        try:
+            info = self.backward(losses, representation=representation, diagnose=diagnose)
+        finally:
+            self._combining = False
+        combined, self._combined = self._combined, None
+        self.last_info = info
+        if combined is None:  # a skipped step: nothing to apply
+            combined = sum(v.reshape(()) for v in losses.values()) * 0.0
+        return combined
 
     def _weights_on_device(self, gram: Tensor | None, loss_values: Tensor) -> Tensor | None:
         """The weights ``pi`` as a float64 tensor on the losses' device, computed without any
@@ -345,7 +381,12 @@ class Balancer:
         return cached
 
     def _write(self, gradients: ObjectiveGradients | None, scaled: dict[str, Tensor], coefficients: Tensor) -> None:
-        """``.grad += sum_i c_i grad L_i``: from the engine's gradients, or one weighted-sum backward."""
+        """``.grad += sum_i c_i grad L_i``: from the engine's gradients, or one weighted-sum
+        backward; inside :meth:`combine`, the loss ``sum_i c_i L_i`` (c detached) instead."""
+        if self._combining:
+            c = coefficients.detach()
+            self._combined = sum(c[i].to(v.dtype) * v.reshape(()) for i, v in enumerate(scaled.values()))
+            return
         if gradients is not None:
             gradients.backward(coefficients)
         else:

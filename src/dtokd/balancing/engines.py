@@ -147,10 +147,12 @@ class ExactEngine:
         self.params = list(params)
         self.batched = bool(batched)
 
-    def gradients(self, losses: Mapping[str, Tensor], representation: object = None, sync: Sync | None = None) -> ObjectiveGradients:
+    def gradients(self, losses: Mapping[str, Tensor], representation: object = None, sync: Sync | None = None, *,
+                  keep_graph: bool = False) -> ObjectiveGradients:
+        """``keep_graph``: leave the losses' graph for a later backward (``Balancer.combine``)."""
         _no_representation(self.name, representation)
         params = trainable(self.params)
-        layout, chunks, _ = _flat_gradients(list(losses.values()), params, self.batched, False, sync)
+        layout, chunks, _ = _flat_gradients(list(losses.values()), params, self.batched, keep_graph, sync)
         average = sync if (sync is not None and sync.local_mode) else None
         return _StoredGradients(flat.gram(chunks), layout, chunks, params, average)
 
@@ -171,9 +173,10 @@ class SubsetEngine:
             raise ValueError(f"gram_params at positions {outside} are not among the balancer's params")
         self.batched = bool(batched)
 
-    def gradients(self, losses: Mapping[str, Tensor], representation: object = None, sync: Sync | None = None) -> ObjectiveGradients:
+    def gradients(self, losses: Mapping[str, Tensor], representation: object = None, sync: Sync | None = None, *,
+                  keep_graph: bool = False) -> ObjectiveGradients:
         _no_representation(self.name, representation)
-        values = list(losses.values())
+        values = list(losses.values())  # the graph is always kept: the update is a backward of the losses
         _, chunks, _ = _flat_gradients(values, trainable(self.gram_params), self.batched, True, sync)
         return _BackwardLater(flat.gram(chunks), values, self.params)
 
@@ -228,11 +231,11 @@ class RepresentationEngine:
 
     def gradients(
         self, losses: Mapping[str, Tensor], representation: Tensor | Sequence[Tensor] | None = None,
-        sync: Sync | None = None,
+        sync: Sync | None = None, *, keep_graph: bool = False,
     ) -> ObjectiveGradients:
         tensors = _representation_tensors(representation)
         values = list(losses.values())
-        from_representation = only_through(values, tensors)
+        from_representation = only_through(values, tensors) and not keep_graph
         layout, chunks, reached = _flat_gradients(values, tensors, self.batched, not from_representation, sync=None)
         missing = [name for name, ok in zip(losses, reached) if not ok]
         if missing:
