@@ -9,14 +9,12 @@ continues from the checkpoint so that the result equals an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from dtokd.balancing import Balancer, make_balancer
 from dtokd.interrupts import hold_folder
 from dtokd.data import DataBundle, sources, build_data, place_data, to_device, train_loader
 from dtokd.models import create_model, load_weights
+from dtokd.models.norms import frozen_batchnorm_statistics
 from dtokd.models.foreign import Renormalize, WithInput, check_normalize, remap_keys
 from dtokd.models.registry import apply_weights, read_weights
 from dtokd.tasks import Task, build_task
@@ -446,7 +445,7 @@ def _train_epoch(config: Config, forward: nn.Module, task: Task, balancer: Balan
             if ema is not None:
                 ema.update_parameters(task.student)
         if same_batch:
-            with torch.no_grad(), _frozen_batchnorm_statistics(task.student), \
+            with torch.no_grad(), frozen_batchnorm_statistics(task.student), \
                     torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 _, after = forward(x, y, epochs_done, reuse_teacher=True)
             balancer.update(after)
@@ -503,22 +502,6 @@ def _make_mixup(options: dict[str, Any] | None, num_classes: int) -> Any:
         return Mixup(num_classes=num_classes, **options)
     except TypeError as error:
         raise ValueError(f"data.mixup={options!r}: {error}") from None
-
-
-@contextlib.contextmanager
-def _frozen_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
-    """Forward in training mode without touching BatchNorm running statistics (for re-evaluation)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, tracked) in zip(norms, saved):
-            m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
 
 
 def metric_of(config: Config) -> str:
