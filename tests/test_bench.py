@@ -58,6 +58,9 @@ def test_bench_runs_resumes_and_aggregates(tmp_path, capsys):
     summaries = [json.loads((out / "cnn-mlp" / "dto" / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
     assert float(dto["last_test_top1"]) == pytest.approx(sum(s["last_test_top1"] for s in summaries) / 2)
     assert -1 <= float(dto["conflict"]) <= 1
+    reference = [json.loads((out / "cnn-mlp" / "kd-fixed" / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
+    differences = [a["test_top1_at_best_val"] - b["test_top1_at_best_val"] for a, b in zip(summaries, reference)]
+    assert float(dto["paired_vs_reference"]) == pytest.approx(sum(differences) / 2) and int(dto["paired_seeds"]) == 2
     text = (out / "results.md").read_text()
     assert "| cnn-mlp | dto |" in text and "accuracy_cnn-mlp.png" in text
     assert int(rows["blowup"]["diverged"]) == 2 and int(rows["blowup"]["seeds"]) == 0

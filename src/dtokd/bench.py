@@ -353,6 +353,13 @@ def cell_statistics(folders: list[Path]) -> dict[str, Any]:
             by_step.setdefault(row["step"], []).append(row[first_weight])
     cell["weight_curve_name"] = first_weight
     cell["weight_curve"] = [(step, statistics.fmean(v)) for step, v in sorted(by_step.items())]
+    ratios: dict[int, list[float]] = {}
+    for row in steps:
+        if "update_ratio" in row and math.isfinite(row["update_ratio"]):
+            ratios.setdefault(row["step"], []).append(row["update_ratio"])
+    cell["update_ratio_curve"] = [(step, statistics.fmean(v)) for step, v in sorted(ratios.items())]
+    cell["update_ratio"] = (math.exp(statistics.fmean(math.log(r) for v in ratios.values() for r in v if r > 0))
+                            if ratios else None)  # geometric mean over the logged steps
     conflicts = [row["conflict"] for row in steps if "conflict" in row]
     dominances = [row["dominance"] for row in steps if "dominance" in row and 0 < row["dominance"] < math.inf]
     cell["conflict"] = statistics.fmean(conflicts) if conflicts else None
@@ -364,6 +371,22 @@ def _curve_split(metrics: list[list[dict[str, Any]]], metric: str) -> str:
     """``test`` when the runs evaluated the test split per epoch (``eval.test=every``), else ``val``."""
     rows = [row for run in metrics for row in run if f"val_{metric}" in row or f"test_{metric}" in row]
     return "test" if rows and all(f"test_{metric}" in row for row in rows) else "val"
+
+
+def paired_differences(folder: Path, method: str, reference: str, seeds: list[int],
+                       metric: str) -> tuple[float, float, int]:
+    """Mean and standard deviation over seeds of ``method - reference`` in test metric at the
+    epoch chosen on validation, over the seeds both finished (same seed: same initialisation and
+    batches), and how many seeds that is."""
+    differences = []
+    for seed in seeds:
+        pair = [folder / name / f"seed{seed}" / "summary.json" for name in (method, reference)]
+        if all(p.is_file() for p in pair):
+            values = [json.loads(p.read_text()).get(f"test_{metric}_at_best_val") for p in pair]
+            if None not in values:
+                differences.append(values[0] - values[1])
+    mean, std = _mean_std(differences)
+    return mean, std, len(differences)
 
 
 def aggregate(matrix: Matrix, out: Path) -> Path:
@@ -384,13 +407,16 @@ def aggregate(matrix: Matrix, out: Path) -> Path:
                 rows.append({"pair": pair, "method": method, **cell, "epochs_to_reference_final": None,
                              "time_vs_reference": math.nan})
                 continue
+            paired = paired_differences(out / pair, method, matrix.reference, matrix.seeds, cell["metric"])
             rows.append({
                 "pair": pair, "method": method + (" (tuned on val)" if method == tuned else ""), **cell,
                 "epochs_to_reference_final": reach,
                 "time_vs_reference": cell["seconds_per_epoch_min"] / reference["seconds_per_epoch_min"],
+                "paired_vs_reference": paired[0], "paired_vs_reference_std": paired[1],
+                "paired_seeds": paired[2],
             })
     csv_path, md_path = out / "results.csv", out / "results.md"
-    series = ("curve", "curve_std", "curve_epochs", "weight_curve", "weight_curve_name")
+    series = ("curve", "curve_std", "curve_epochs", "weight_curve", "weight_curve_name", "update_ratio_curve")
     scalar_keys = [k for k in rows[0] if k not in series] if rows else []
     all_keys = sorted({k for r in rows for k in r if k not in series}, key=lambda k: (k not in scalar_keys, k))
     with open(csv_path, "w", newline="") as f:
@@ -428,17 +454,24 @@ def _markdown(matrix: Matrix, rows: list[dict[str, Any]], plots: list[Path]) -> 
         f"- seeds {matrix.seeds}; shared overrides: `{' '.join(matrix.base)}`; run config `{matrix.student_config.name}`",
         f"- reference for time ratios and convergence: `{matrix.reference}`; accuracies: mean ± standard deviation over "
         "seeds; time: the fastest seed's mean seconds per epoch (other load on the machine only adds time)",
-        "", f"| pair | method | test {m} at best val | best test {m} | last test {m} | epochs to ref. final | "
-        "s / epoch (min) | time / ref. | mean weights (on raw loss grads) | conflict | dominance |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "- paired: the mean ± standard deviation over seeds of (method - reference) in test "
+        f"{m} at best val, same seed = same initialisation and batches (n: seeds both finished); epochs to "
+        f"ref. final: on the {rows[0]['curve_split'] if rows else 'test'} curve; step length / ref.: the "
+        "geometric mean over logged steps of the update's length over the reference weights' at the same step",
+        "", f"| pair | method | test {m} at best val | paired vs ref. (n) | best test {m} | last test {m} | "
+        "epochs to ref. final | s / epoch (min) | time / ref. | mean weights (on raw loss grads) | conflict | "
+        "dominance | step length / ref. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         weights = ", ".join(f"{k.split('/', 1)[1]} {v:.3g}" for k, v in r.items() if k.startswith("loss_weight/"))
         lines.append(
             f"| {r['pair']} | {r['method']}{_diverged(r)} | {_fmt(r[f'test_{m}_at_best_val'], r[f'test_{m}_at_best_val_std'])} | "
+            f"{_fmt(r.get('paired_vs_reference'), r.get('paired_vs_reference_std'))} ({r.get('paired_seeds', 0)}) | "
             f"{_fmt(r[f'best_test_{m}'], r[f'best_test_{m}_std'])} | {_fmt(r[f'last_test_{m}'], r[f'last_test_{m}_std'])} | "
             f"{r['epochs_to_reference_final'] or '-'} | {_fmt(r['seconds_per_epoch_min'], None, 1)} | {_fmt(r['time_vs_reference'], None)} | "
-            f"{weights or '-'} | {_fmt(r['conflict'], None, 3)} | {_fmt(r['dominance'], None, 3)} |"
+            f"{weights or '-'} | {_fmt(r['conflict'], None, 3)} | {_fmt(r['dominance'], None, 3)} | "
+            f"{_fmt(r['update_ratio'], None, 3)} |"
         )
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
@@ -491,6 +524,15 @@ def _plots(matrix: Matrix, rows: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.set_yscale("symlog", linthresh=0.1)
         paths.append(save(fig, ax, f"weights_{pair}.png", "step", "coefficient on the first loss (distill), mean over seeds",
                           f"{pair}: weights over training"))
+        if any(r["update_ratio_curve"] for r in pair_rows):
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for r in pair_rows:
+                if r["update_ratio_curve"]:
+                    ax.plot(*zip(*r["update_ratio_curve"]), label=r["method"])
+            ax.set_yscale("log")
+            paths.append(save(fig, ax, f"update_length_{pair}.png", "step",
+                              "update length / the reference's at the same step (mean over seeds)",
+                              f"{pair}: how long each step is against the reference weights"))
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for r in pair_rows:
             ax.errorbar(r["time_vs_reference"], r[f"test_{m}_at_best_val"], yerr=r[f"test_{m}_at_best_val_std"], fmt="o")
