@@ -11,7 +11,8 @@ from torch import nn
 lightning = pytest.importorskip("lightning", reason="the Lightning integration needs lightning (extra 'lightning')")
 
 from dtokd import make_balancer  # noqa: E402
-from dtokd.integrations.lightning import DistillationModule, default_losses  # noqa: E402
+from dtokd.integrations.common import default_losses  # noqa: E402
+from dtokd.integrations.lightning import DistillationModule  # noqa: E402
 from dtokd.models.norms import frozen_batchnorm_statistics  # noqa: E402
 
 

@@ -35,19 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from dtokd.balancing import make_balancer
-from dtokd.losses.kd import cross_entropy, kd_loss
+from dtokd.integrations.common import LossFn, default_losses
 from dtokd.models.norms import frozen_batchnorm_statistics
-
-LossFn = Callable[[Tensor, Tensor, Tensor], Mapping[str, Tensor]]
-
-
-def default_losses(temperature: float = 4.0) -> LossFn:
-    """``{"distill": T^2 KL at temperature T, "task": cross-entropy}``."""
-    def losses(student_logits: Tensor, teacher_logits: Tensor, y: Tensor) -> dict[str, Tensor]:
-        return {"distill": kd_loss(student_logits, teacher_logits, temperature), "task": cross_entropy(student_logits, y)}
-
-    return losses
-
 
 class DistillationModule(lightning.LightningModule):
     """``student`` distilled from the frozen ``teacher`` with a dtokd balancer (``method``,

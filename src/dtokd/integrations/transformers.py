@@ -1,0 +1,101 @@
+"""Distillation with the Hugging Face ``Trainer``: ``compute_loss`` returns the balanced loss.
+
+``DistillationTrainer`` is a ``transformers.Trainer`` with a frozen teacher, named losses and a
+dtokd balancer; its ``compute_loss`` returns ``balancer.combine(losses, representation=logits)``,
+so the Trainer's own backward (``accelerate``: mixed precision, gradient accumulation, DDP,
+DeepSpeed, FSDP) applies the balanced update::
+
+    from dtokd.integrations.transformers import DistillationTrainer
+
+    trainer = DistillationTrainer(model=student, teacher=teacher, method="dto", engine="representation",
+                                  args=TrainingArguments(...), train_dataset=...)
+    trainer.train()
+
+The losses are ``losses(student_logits, teacher_logits, labels) -> {name: loss}``, by default
+``{"distill": T^2 KL at T = 4, "task": cross-entropy}`` on ``(B, C)`` logits (for token-level
+losses give your own, masking labels -100). The model is called with the inputs but ``labels``
+and must return ``logits`` (an output object or a dict with it, or a tensor); the teacher is
+called with the same inputs. The balancer's state is saved in every checkpoint
+(``dtokd_balancer.pt``) and restored by ``train(resume_from_checkpoint=...)``. The StepInfo of
+the last step is added to each log (``dtokd/loss/task``, ``dtokd/weight/distill``,
+``dtokd/conflict``, ...); the Trainer's own ``loss`` is the balanced loss's value (for DTO on
+log losses always ``sum_i pi_i = 1``): read the losses from ``dtokd/loss/*``.
+Gradient accumulation: each micro-batch is balanced on its own gradients and the Trainer averages
+them. The amortized rule runs with ``update="next-step"`` here (``"same-batch"`` needs a
+re-evaluation after the optimizer step, which the Trainer does not offer a hook for; refused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import Tensor, nn
+
+from dtokd.balancing import make_balancer
+from dtokd.integrations.common import default_losses
+
+BALANCER_FILE = "dtokd_balancer.pt"
+
+
+def _logits(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    logits = output["logits"] if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if logits is None:
+        raise ValueError(f"the model's output {type(output).__name__} has no 'logits'")
+    return logits
+
+
+class DistillationTrainer(transformers.Trainer):
+    """A ``Trainer`` that distils ``teacher`` into ``model`` with a dtokd balancer (``method``,
+    ``engine``, ``balancer_options`` as :func:`dtokd.make_balancer` takes them)."""
+
+    def __init__(self, *args: Any, teacher: nn.Module, method: str = "dto", engine: str = "representation",
+                 balancer_options: Mapping[str, Any] | None = None,
+                 losses: Callable[[Tensor, Tensor, Tensor], Mapping[str, Tensor]] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        options = dict(balancer_options or {})
+        if method == "dto-amortized" and options.setdefault("update", "next-step") != "next-step":
+            raise ValueError("dto-amortized in the Hugging Face Trainer needs balancer_options={'update': 'next-step'}: "
+                             "the same-batch update needs a re-evaluation after each optimizer step")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.losses = losses or default_losses()
+        self.engine = engine
+        self.balancer = make_balancer(method, self.model.parameters(), engine=engine, **options)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, Any]:
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = _logits(outputs)
+        self.teacher.to(logits.device)
+        with torch.no_grad():
+            teacher_logits = _logits(self.teacher(**inputs))
+        losses = self.losses(logits, teacher_logits, labels)
+        loss = self.balancer.combine(losses, representation=logits if self.engine == "representation" else None)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        info = self.balancer.last_info
+        if info is not None and "loss" in logs:  # a training log: the last step's balancer numbers
+            logs = {**logs, **{f"dtokd/{k}": v for k, v in info.as_dict().items()}}
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        folder = Path(self._get_output_dir(trial=trial)) / f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            torch.save(self.balancer.state_dict(), folder / BALANCER_FILE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / BALANCER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by a DistillationTrainer "
+                                    "(its balancer state is needed to continue the run as it was)")
+        self.balancer.load_state_dict(torch.load(path, weights_only=False))

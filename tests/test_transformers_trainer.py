@@ -1,0 +1,121 @@
+"""The Hugging Face Trainer integration with the real transformers Trainer on the CPU: its update
+equals the plain PyTorch loop's, a checkpoint resumes with the balancer's state."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers", reason="the Trainer integration needs transformers and accelerate")
+pytest.importorskip("accelerate", reason="the Trainer integration needs accelerate")
+
+from dtokd import make_balancer  # noqa: E402
+from dtokd.integrations.common import default_losses  # noqa: E402
+from dtokd.integrations.transformers import BALANCER_FILE, DistillationTrainer  # noqa: E402
+
+
+class Classifier(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, width), nn.Tanh(), nn.Linear(width, 4))
+
+    def forward(self, x, labels=None):
+        return {"logits": self.body(x)}
+
+
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, n=64):
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(n, 6, generator=g)
+        self.y = torch.randint(0, 4, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class InOrder(DistillationTrainer):
+    """Batches in the dataset's order, so that the plain loop sees the same sequence."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+def models():
+    torch.manual_seed(0)
+    return Classifier(16), Classifier(32)
+
+
+def arguments(tmp_path, steps, **extra):
+    extra = {"save_strategy": "no", **extra}
+    return transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=16, learning_rate=0.1, optim="sgd",
+        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, warmup_steps=0, report_to=[],
+        use_cpu=True, logging_steps=1, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        **extra)
+
+
+def plain_loop(student, teacher, steps, method, engine, options):
+    balancer = make_balancer(method, student.parameters(), engine=engine, **options)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    data, losses_of = Pairs(), default_losses()
+    for step in range(steps):
+        k = (step % 4) * 16
+        x, y = data.x[k:k + 16], data.y[k:k + 16]
+        logits = student(x)["logits"]
+        with torch.no_grad():
+            t = teacher(x)["logits"]
+        balancer.backward(losses_of(logits, t, y), representation=logits if engine == "representation" else None)
+        optimizer.step()
+        optimizer.zero_grad()
+    return student, balancer
+
+
+CASES = [("dto", "representation", {}), ("dto", "exact", {}), ("dto-amortized", "exact", {"update": "next-step"}),
+         ("anchored", "representation", {"anchor": "task"})]
+
+
+@pytest.mark.parametrize("method, engine, options", CASES)
+def test_the_trainer_update_equals_the_plain_pytorch_loop(method, engine, options, tmp_path):
+    student, teacher = models()
+    reference, _ = plain_loop(copy.deepcopy(student), teacher, 6, method, engine, options)
+    trainer = InOrder(model=student, teacher=teacher, method=method, engine=engine, balancer_options=options,
+                      args=arguments(tmp_path, 6), train_dataset=Pairs())
+    trainer.train()
+    for a, b in zip(trainer.model.state_dict().values(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    logged = [row for row in trainer.state.log_history if "dtokd/weight/distill" in row]
+    assert len(logged) == 6 and all(row["dtokd/loss/task"] > 0 for row in logged)
+    if trainer.balancer.needs_gram:
+        assert all(-1 <= row["dtokd/conflict"] <= 1 for row in logged)
+
+
+def test_a_trainer_checkpoint_resumes_with_the_balancer_state(tmp_path):
+    student, teacher = models()
+    options = {"update": "next-step"}
+    straight = InOrder(model=copy.deepcopy(student), teacher=teacher, method="dto-amortized", engine="exact",
+                       balancer_options=options, args=arguments(tmp_path / "a", 8), train_dataset=Pairs())
+    straight.train()
+    first = InOrder(model=copy.deepcopy(student), teacher=teacher, method="dto-amortized", engine="exact",
+                    balancer_options=options, train_dataset=Pairs(),
+                    args=arguments(tmp_path / "b", 8, save_strategy="steps", save_steps=4))
+    first.train()
+    half = tmp_path / "b" / "checkpoint-4"
+    assert (half / BALANCER_FILE).is_file()
+    resumed = InOrder(model=models()[0], teacher=teacher, method="dto-amortized", engine="exact",
+                      balancer_options=options, train_dataset=Pairs(), args=arguments(tmp_path / "c", 8))
+    resumed.train(resume_from_checkpoint=str(half))
+    for a, b in zip(resumed.model.state_dict().values(), straight.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(resumed.balancer.logits, straight.balancer.logits, rtol=1e-6, atol=1e-7)
+
+
+def test_same_batch_amortized_is_refused_with_the_alternative(tmp_path):
+    student, teacher = models()
+    with pytest.raises(ValueError, match="needs balancer_options=\\{'update': 'next-step'\\}"):
+        DistillationTrainer(model=student, teacher=teacher, method="dto-amortized",
+                            balancer_options={"update": "same-batch"}, args=arguments(tmp_path, 1),
+                            train_dataset=Pairs())
