@@ -109,6 +109,22 @@ def test_a_failing_parallel_cell_is_reported_with_its_log(tmp_path, capsys):
     assert "method 'nope' is not in the matrix" in capsys.readouterr().err
 
 
+def test_a_selection_runs_only_its_cells_and_names_what_it_does_not_know(tmp_path, capsys):
+    matrix = write_matrix(tmp_path, "\n".join(METHODS.splitlines()[:3]))
+    out = tmp_path / "out"
+    assert cli.main(["bench", matrix, "--out", str(out), "--methods", "dto", "kd-fixed", "--seeds", "1"]) == 0
+    ran = sorted(str(p.parent.relative_to(out)) for p in out.glob("*/*/seed*/summary.json"))
+    assert ran == ["cnn-mlp/dto/seed1", "cnn-mlp/kd-fixed/seed1"]
+    with open(out / "results.csv") as f:
+        rows = {r["method"].split(" ")[0]: r for r in csv.DictReader(f)}
+    assert int(rows["dto"]["seeds"]) == 1 and int(rows["dto"]["paired_seeds"]) == 1
+    capsys.readouterr()
+    assert cli.main(["bench", matrix, "--out", str(out), "--methods", "dto", "nope"]) == 2
+    assert "--methods nope: not in the matrix, which has ['kd-fixed', 'kd-grid-a0.5', 'dto']" in capsys.readouterr().err
+    assert cli.main(["bench", matrix, "--out", str(out), "--seeds", "7"]) == 2
+    assert "--seeds 7: not in the matrix, which has [0, 1]" in capsys.readouterr().err
+
+
 def test_a_pair_with_a_given_teacher_checkpoint_trains_no_teacher(tmp_path):
     teacher_config = tmp_path / "t.yaml"
     teacher_config.write_text("name: t\nepochs: 2\nbatch_size: 32\ndata: {name: synthetic}\nstudent: {name: cnn_small}\n")

@@ -23,9 +23,10 @@ pair with a ``checkpoint`` uses that teacher as it is (its ``key_map`` and ``nor
 from the student config); the others get a teacher trained from ``teacher_config``.
 
 Runs go to ``OUT/<pair>/<method>/seed<k>``, pair by pair, seed by seed, in the order the
-methods are listed (so that a partial matrix holds every method for its first seeds); a finished run (``summary.json``) is skipped and a
-killed one resumed, so rerunning the command finishes a partial matrix. ``--parallel N`` runs N
-cells at once, each in its own process. A run whose losses
+methods are listed (so that a partial matrix holds every method for its first seeds); a finished run
+(``summary.json``) is skipped and a killed one resumed, so rerunning the command finishes a partial
+matrix. ``--pairs`` / ``--methods`` / ``--seeds`` run only some cells first (the aggregate covers
+every finished cell). ``--parallel N`` runs N cells at once, each in its own process. A run whose losses
 become NaN/inf is recorded as diverged (``diverged.json``) and reported as such, not retried. Teachers are trained
 once per teacher name (seed 0) into ``OUT/teachers/<name>``. The aggregate is written as
 ``results.md`` / ``results.csv`` with plots next to them.
@@ -125,9 +126,27 @@ class CellsFailed(RuntimeError):
     """Some cells of a parallel run failed (each one's output is in its ``bench.log``)."""
 
 
+def select_cells(matrix: Matrix, *, pairs: list[str] | None = None, methods: list[str] | None = None,
+                 seeds: list[int] | None = None) -> list[tuple[str, str, int]]:
+    """The cells to run, pair by pair, seed by seed, in the matrix's order of methods (a partial
+    matrix is a whole one over fewer seeds); ``pairs`` / ``methods`` / ``seeds`` keep only those
+    (``None``: all), so that the cells a question needs first can run before the rest. A name
+    that is not in the matrix is refused, naming what it holds."""
+    chosen = {}
+    for name, given, known in (("pairs", pairs, list(matrix.pairs)), ("methods", methods, list(matrix.methods)),
+                               ("seeds", seeds, matrix.seeds)):
+        unknown = [v for v in given or [] if v not in known]
+        if unknown:
+            raise ValueError(f"--{name} {' '.join(map(str, unknown))}: not in the matrix, which has {known}")
+        chosen[name] = set(given) if given else set(known)
+    return [(pair, method, seed) for pair in matrix.pairs for seed in matrix.seeds for method in matrix.methods
+            if pair in chosen["pairs"] and method in chosen["methods"] and seed in chosen["seeds"]]
+
+
 def run_matrix(matrix: Matrix, out: Path, *, progress: bool = False, parallel: int = 1,
-               matrix_path: Path | None = None) -> Path:
-    """Run (or finish) every cell, then aggregate; returns the markdown results path.
+               matrix_path: Path | None = None, cells: list[tuple[str, str, int]] | None = None) -> Path:
+    """Run (or finish) every cell (or only ``cells``, see :func:`select_cells`), then aggregate
+    whatever has finished; returns the markdown results path.
 
     ``parallel``: how many cells run at once, each in its own process (``dtokd bench MATRIX
     --cell PAIR METHOD SEED``, output in the cell's ``bench.log``; needs ``matrix_path``), on
@@ -140,11 +159,11 @@ def run_matrix(matrix: Matrix, out: Path, *, progress: bool = False, parallel: i
         raise ValueError("parallel > 1 runs each cell as 'dtokd bench MATRIX --cell ...' and needs matrix_path")
     check_cells(matrix)
     out.mkdir(parents=True, exist_ok=True)
+    cells = select_cells(matrix) if cells is None else cells
+    used = {pair for pair, _, _ in cells}
     teachers = {pair: Path(spec["checkpoint"]) if "checkpoint" in spec else
                 _ensure_teacher(matrix, out / "teachers" / spec["teacher"], spec["teacher"], progress)
-                for pair, spec in matrix.pairs.items()}
-    # seed by seed, in the matrix's order of methods: a partial matrix is a whole one over fewer seeds
-    cells = [(pair, method, seed) for pair in matrix.pairs for seed in matrix.seeds for method in matrix.methods]
+                for pair, spec in matrix.pairs.items() if pair in used}
     pending = [c for c in cells if not _finished(out / c[0] / c[1] / f"seed{c[2]}")]
     began = time.perf_counter()
     if parallel == 1:

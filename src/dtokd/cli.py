@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--progress", action="store_true", help="progress bars for every run")
     bench.add_argument("--parallel", type=int, default=1, metavar="N",
                        help="run N cells at once, one process each, on the same device (default 1)")
+    bench.add_argument("--pairs", nargs="+", metavar="PAIR", help="run only these pairs' cells")
+    bench.add_argument("--methods", nargs="+", metavar="METHOD", help="run only these methods' cells")
+    bench.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="run only these seeds' cells")
     bench.add_argument("--cell", nargs=3, metavar=("PAIR", "METHOD", "SEED"),
                        help="run only this cell (its teacher must be trained); used by --parallel")
     demo = sub.add_parser("demo", help="Fashion-MNIST: teacher, then a student alone / fixed KD / DTO-KD")
@@ -267,7 +270,7 @@ def _one_line(error: BaseException) -> str:
 def _bench(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / f"bench_{Path(args.matrix).stem}")
     try:
-        from dtokd.bench import CellsFailed, aggregate, load_matrix, run_cell, run_matrix
+        from dtokd.bench import CellsFailed, aggregate, load_matrix, run_cell, run_matrix, select_cells
 
         matrix = load_matrix(args.matrix)
         if args.cell:
@@ -276,9 +279,11 @@ def _bench(args: argparse.Namespace) -> int:
                 raise ValueError(f"--cell SEED must be an integer, got {seed!r}")
             run_cell(matrix, out, pair, method, int(seed), progress=args.progress)
             return 0
+        cells = select_cells(matrix, pairs=args.pairs, methods=args.methods, seeds=args.seeds)
         try:
             path = aggregate(matrix, out) if args.aggregate_only else run_matrix(
-                matrix, out, progress=args.progress, parallel=args.parallel, matrix_path=Path(args.matrix))
+                matrix, out, progress=args.progress, parallel=args.parallel, matrix_path=Path(args.matrix),
+                cells=cells)
         except CellsFailed as error:
             print(f"dtokd bench: {error}", file=sys.stderr)
             return 1
@@ -286,8 +291,10 @@ def _bench(args: argparse.Namespace) -> int:
         if args.cell:  # a cell of a parallel bench: the bench says how to finish
             print(f"\ninterrupted ({interrupt}); the cell keeps its last checkpoint", file=sys.stderr)
         else:
+            selection = "".join(f" --{name} {' '.join(map(str, values))}" for name, values in
+                                (("pairs", args.pairs), ("methods", args.methods), ("seeds", args.seeds)) if values)
             print(f"\ninterrupted ({interrupt}); every cell keeps its last checkpoint. Finish the matrix with:\n"
-                  f"  dtokd bench {args.matrix} --out {out} --parallel {args.parallel}", file=sys.stderr)
+                  f"  dtokd bench {args.matrix} --out {out} --parallel {args.parallel}{selection}", file=sys.stderr)
         return 130
     print(f"results: {path}")
     return 0
