@@ -1,7 +1,10 @@
 """Data loading, the model zoo, feature taps and distillation losses."""
 
 import gzip
+import os
+import shutil
 import tarfile
+import threading
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import torch.nn.functional as F
 from dtokd.data import build_data, train_loader
 from dtokd.data import sources
 from dtokd.data.tensor_dataset import Augmentation
+from dtokd.interrupts import exclusive
 from dtokd.losses import FeatureProjector, dkd_loss, kd_loss
 from dtokd.tasks import ClassificationTask
 from dtokd.losses.dkd import dkd_parts
@@ -85,10 +89,9 @@ def test_missing_fashion_mnist_says_where_it_looked(tmp_path, monkeypatch):
         sources.load_fashion_mnist(None, download=False)
 
 
-def test_image_folder_from_tar_gz(tmp_path, monkeypatch):
+def _toy_archive(tmp_path):
     from PIL import Image
 
-    monkeypatch.setenv("DTOKD_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "toy"
     colours = {"cat": (255, 0, 0), "dog": (0, 0, 255)}
     for split, n in (("train", 3), ("test", 2)):
@@ -99,12 +102,48 @@ def test_image_folder_from_tar_gz(tmp_path, monkeypatch):
     archive = tmp_path / "toy.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(root, arcname="toy")
+    return root, archive
+
+
+def test_image_folder_from_tar_gz(tmp_path, monkeypatch):
+    monkeypatch.setenv("DTOKD_CACHE", str(tmp_path / "cache"))
+    _, archive = _toy_archive(tmp_path)
     raw = sources.load_image_folder(archive, image_size=8)
     assert raw.classes == ("cat", "dog")
     assert raw.train_images.shape == (6, 3, 8, 8) and raw.test_labels.tolist() == [0, 0, 1, 1]
     assert raw.train_images[0, :, 0, 0].tolist() == [255, 0, 0]
     cached = sources.load_image_folder(archive, image_size=8)  # second read comes from the tensor cache
     assert torch.equal(cached.train_images, raw.train_images)
+
+
+def test_a_data_root_is_keyed_by_its_content(tmp_path):
+    root, archive = _toy_archive(tmp_path)
+    key = sources.content_key(archive)
+    copy = tmp_path / "copy.tar.gz"
+    shutil.copy(archive, copy)
+    os.utime(copy, ns=(1, 1))  # a copy re-provisioned with another time: the same bytes, the same key
+    assert sources.content_key(copy) == key
+    with open(copy, "ab") as f:
+        f.write(b"\0")
+    assert sources.content_key(copy) != key
+    folder_key = sources.content_key(root)
+    (root / "train" / "cat" / "0.png").unlink()
+    assert sources.content_key(root) != folder_key
+
+
+def test_processes_that_load_one_archive_at_once_take_turns(tmp_path, monkeypatch):
+    """The cells of a parallel bench start together: the second waits while the first extracts
+    (they raced before: one removed the folder the other was extracting into)."""
+    monkeypatch.setenv("DTOKD_CACHE", str(tmp_path / "cache"))
+    _, archive = _toy_archive(tmp_path)
+    loaded = []
+    with exclusive(tmp_path / "cache" / "locks" / f"toy.tar.gz-{sources.content_key(archive)}.lock"):  # another process is extracting
+        reader = threading.Thread(target=lambda: loaded.append(sources.load_image_folder(archive, image_size=8)))
+        reader.start()
+        reader.join(timeout=1.0)
+        assert reader.is_alive() and not loaded and not (tmp_path / "cache" / "extracted").exists()
+    reader.join()
+    assert loaded[0].train_images.shape == (6, 3, 8, 8)
 
 
 def test_unknown_dataset_is_named():

@@ -13,7 +13,7 @@ process and recording it): inside it the signals are only noted, and the caller 
 
 :func:`hold_folder` takes an exclusive lock on a run folder (``run.lock``, released by the
 operating system when the process ends, however it ends), so two processes never write one
-folder at once.
+folder at once; :func:`exclusive` waits its turn for a shared cache entry instead of refusing.
 """
 
 from __future__ import annotations
@@ -100,3 +100,18 @@ def hold_folder(folder: Path):
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (created, with its folder, if missing) for the
+    block, waiting while another process holds it: for work that many processes may start at
+    once and only one should do (extracting an archive into a shared cache). The operating
+    system releases it if the process dies."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

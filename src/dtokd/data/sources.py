@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dtokd.interrupts import exclusive
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -102,38 +104,49 @@ def load_image_folder(path: str | Path, image_size: int) -> RawSplits:
     """An ImageNet-layout folder (``train/<class>/*`` and ``val/`` or ``test/``), or a ``.tar.gz``
     of one (extracted once into the cache). Images are resized to ``image_size`` squares and kept
     in memory as uint8, cached as a tensor file for reruns, keyed by the content's identity
-    (:func:`content_key`): adding, removing or changing any file reads the images anew."""
+    (:func:`content_key`): adding, removing or changing any file reads the images anew.
+    Processes that load one root at once take turns (a lock in the cache): one reads, the
+    others then find its tensor file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image folder or archive {str(path)!r} does not exist")
-    key = content_key(path, image_size)
-    cached = cache_dir() / "tensors" / f"{path.name}-{key}.pt"
-    if cached.is_file():
-        return RawSplits(**torch.load(cached, weights_only=False))
-    folder = _extracted(path, key) if path.is_file() else path
-    root = _find_split_root(folder)
-    test_name = next((n for n in ("val", "test") if (root / n).is_dir()), None)
-    if test_name is None:
-        raise FileNotFoundError(f"{root} has a train/ folder but neither val/ nor test/")
-    classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
-    train_images, train_labels = _read_images(root / "train", classes, image_size)
-    test_images, test_labels = _read_images(root / test_name, classes, image_size)
-    splits = RawSplits(train_images, train_labels, test_images, test_labels, classes)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cached.with_suffix(".tmp")
-    torch.save(splits.__dict__, temporary)
-    os.replace(temporary, cached)
-    return splits
+    content = content_key(path)
+    cached = cache_dir() / "tensors" / f"{path.name}-{content}-{image_size}px.pt"
+    # processes that start together (the cells of a parallel bench) read and extract once, in turn
+    with exclusive(cache_dir() / "locks" / f"{path.name}-{content}.lock"):
+        if cached.is_file():
+            return RawSplits(**torch.load(cached, weights_only=False))
+        folder = _extracted(path, content) if path.is_file() else path
+        root = _find_split_root(folder)
+        test_name = next((n for n in ("val", "test") if (root / n).is_dir()), None)
+        if test_name is None:
+            raise FileNotFoundError(f"{root} has a train/ folder but neither val/ nor test/")
+        classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
+        train_images, train_labels = _read_images(root / "train", classes, image_size)
+        test_images, test_labels = _read_images(root / test_name, classes, image_size)
+        splits = RawSplits(train_images, train_labels, test_images, test_labels, classes)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cached.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(splits.__dict__, temporary)
+        os.replace(temporary, cached)
+        return splits
 
 
-def content_key(path: Path, image_size: int) -> str:
-    """A key that changes with the content: for an archive, its path, size and modification
-    time (ns); for a folder, the relative path, size and modification time of every file in it."""
-    digest = hashlib.sha1(f"{path.resolve()}:{image_size}".encode())
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
+def content_key(path: str | Path) -> str:
+    """A key that changes with the content of a data root: for a file (an archive), a hash of its
+    bytes (a copy, or the same file re-provisioned with a new time, keeps the key; hashing costs
+    far less than extracting); for a folder, the relative path, size and modification time of
+    every file in it."""
+    path = Path(path)
+    digest = hashlib.sha1()
+    if path.is_file():
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        return digest.hexdigest()[:16]
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
         stat = file.stat()
-        digest.update(f"{file.relative_to(path) if file != path else ''}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{file.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 

@@ -365,12 +365,12 @@ def _measure_teacher(config: Config, task: Task, model: nn.Module, data: DataBun
 
 def _teacher_key(config: Config, model: nn.Module) -> str:
     """What the teacher's measurement depends on: its weights and buffers (by content, wherever
-    they were read from), its input mapping, the task, the data settings and the seed."""
+    they were read from), its input mapping, the task, the data settings and content, and the seed."""
     root = Path(config.data.root) if config.data.root else None
-    stat = root.stat() if root is not None and root.exists() else None
+    data_content = sources.content_key(root) if root is not None and root.exists() else None
     settings = {"task": config.task, "data": to_dict(config)["data"], "seed": config.seed,
                 "teacher": config.teacher.name, "eval_batch_size": config.eval_batch_size,
-                "channels_last": config.channels_last, "root_stat": [stat.st_size, stat.st_mtime_ns] if stat else None,
+                "channels_last": config.channels_last, "data_content": data_content,
                 "weights": ckpt.checksum(model.state_dict())}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
