@@ -234,6 +234,19 @@ def test_a_file_named_jpg_that_is_no_image_is_named(tmp_path, monkeypatch):
         sources.load_image_folder(root, 8)
 
 
+def test_a_decompression_bomb_is_named(tmp_path, monkeypatch):
+    """An image whose pixel count exceeds PIL's decompression-bomb limit (here lowered so that an
+    8x8 image is one): one line naming the file, not PIL's traceback."""
+    from PIL import Image
+
+    monkeypatch.setenv("DTOKD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)
+    root = tmp_path / "images"
+    write_folder(root, {"a": 1, "b": 1})
+    with pytest.raises(ValueError, match=r"\.png is not a readable image \(Image size \(64 pixels\) exceeds limit"):
+        sources.load_image_folder(root, 8)
+
+
 def test_sigint_saves_nothing_half_written_and_resume_ends_where_a_straight_run_ends(config_file, tmp_path):
     """A real Ctrl-C to a running `dtokd distill`, then --resume: the same final weights."""
     folder, straight = tmp_path / "run", tmp_path / "straight"

@@ -238,22 +238,33 @@ def _synthetic_coco(image_size: int, options: dict) -> Path:
 
 def _detection(name: str, folder: Path, val_fraction: float, seed: int, augment: bool, image_size: int,
                limit_train: int | None, workers: int | None, labels: str) -> DataBundle:
-    from dtokd.data.coco import find_splits, load_coco
+    from dtokd.data.coco import check_annotations, find_splits, load_coco
 
     splits = find_splits(folder)
     train_file, train_images = splits["train"]
     test_file, test_images = splits["test"]
     train_coco = load_coco(train_file)
     test_coco = load_coco(test_file)
+    for coco, file, images in ((train_coco, train_file, train_images), (test_coco, test_file, test_images)):
+        check_annotations(coco, file, images)
+        if not coco.imgs:
+            raise ValueError(f"{file} lists no images")
     ids = sorted(train_coco.getImgIds())
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = int(round(val_fraction * len(ids)))
     val_ids, train_ids = [ids[i] for i in order[:n_val]], [ids[i] for i in order[n_val:]]
     if limit_train is not None:
         train_ids = train_ids[:limit_train]
+    if not train_ids:
+        raise ValueError(f"{train_file}: no training images left ({len(ids)} listed, {n_val} carved for validation by "
+                         f"data.val_fraction={val_fraction}, data.limit_train={limit_train})")
     workers = streaming.default_workers() if workers is None else workers
-    if sorted(train_coco.getCatIds()) != sorted(test_coco.getCatIds()):
-        raise ValueError(f"{train_file} and {test_file} have different categories")
+    train_categories = {c: train_coco.cats[c]["name"] for c in train_coco.getCatIds()}
+    test_categories = {c: test_coco.cats[c]["name"] for c in test_coco.getCatIds()}
+    if train_categories != test_categories:
+        differ = sorted(set(train_categories.items()) ^ set(test_categories.items()))
+        raise ValueError(f"{train_file} and {test_file} define different categories (id, name): {differ[:6]}; "
+                         "the labels would mean different things in training and testing")
 
     def split(coco, images, chosen, flip):
         return CocoDetectionSet(coco, images, chosen, flip=flip, workers=workers, image_size=image_size, labels=labels)

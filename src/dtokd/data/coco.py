@@ -26,6 +26,7 @@ import contextlib
 import copy
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,46 @@ def load_coco(annotation_file: Path) -> Any:
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return COCO(str(annotation_file))
-    except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as error:
-        raise ValueError(f"{annotation_file} is not a COCO annotation file ({type(error).__name__}: {error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as error:
+        raise ValueError(f"{annotation_file} is not a COCO annotation file ({type(error).__name__}: "
+                         f"{str(error)[:200]})") from None
+
+
+def check_annotations(coco: Any, annotation_file: Path, image_dir: Path) -> None:
+    """Refuse, before training, what would fail or silently change a run later, naming the
+    file, the image or annotation, and the problem: an image entry without ``id``,
+    ``file_name``, ``width`` or ``height`` or whose file is missing; an annotation without a
+    ``bbox`` of four finite numbers with non-negative width and height, without an ``area``
+    (the official evaluation needs it), with a ``category_id`` the file does not define, or with
+    a box wholly outside its image (never a detectable object: a wrong coordinate convention
+    or image size, most often)."""
+    where = f"{annotation_file}"
+    for image_id, info in coco.imgs.items():
+        missing = [k for k in ("file_name", "width", "height") if k not in info]
+        if missing:
+            raise ValueError(f"{where}: image {image_id} has no {', '.join(map(repr, missing))}")
+        if not (image_dir / info["file_name"]).is_file():
+            raise ValueError(f"{where}: image {image_id}'s file {str(image_dir / info['file_name'])!r} does not exist")
+    for ann in coco.dataset.get("annotations", []):
+        name = f"{where}: annotation {ann.get('id', '(no id)')} (image {ann.get('image_id')})"
+        box = ann.get("bbox")
+        if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+            raise ValueError(f"{name} has bbox={box!r}; COCO boxes are [x, y, width, height], four finite numbers")
+        x, y, w, h = box
+        if w < 0 or h < 0:
+            raise ValueError(f"{name} has a negative width or height in bbox={box!r} ([x, y, width, height])")
+        if "area" not in ann:
+            raise ValueError(f"{name} has no 'area' (the COCO evaluation needs it; for a box it is width x height)")
+        if ann.get("category_id") not in coco.cats:
+            raise ValueError(f"{name} has category_id={ann.get('category_id')!r}, which the file's categories "
+                             f"do not define (ids {sorted(coco.cats)})")
+        info = coco.imgs.get(ann.get("image_id"))
+        if info is None:
+            raise ValueError(f"{name} belongs to an image the file does not list")
+        if x >= info["width"] or y >= info["height"] or x + w <= 0 or y + h <= 0:
+            raise ValueError(f"{name} has bbox={box!r}, wholly outside its {info['width']}x{info['height']} image "
+                             "(COCO boxes are [x, y, width, height] in pixels)")
 
 
 class CocoDetectionSet(Dataset):
@@ -98,7 +137,7 @@ class CocoDetectionSet(Dataset):
         try:
             with Image.open(path) as opened:
                 image = pil_to_tensor(opened.convert("RGB")).float().div_(255)
-        except OSError as error:
+        except (OSError, Image.DecompressionBombError) as error:  # unreadable, truncated, or too many pixels
             raise ValueError(f"{path} is not a readable image ({error})") from None
         boxes, labels = [], []
         for ann in self.coco.imgToAnns.get(image_id, []):

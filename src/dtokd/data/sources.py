@@ -189,7 +189,7 @@ def _read_images(folder: Path, classes: tuple[str, ...], image_size: int) -> tup
                 if image.size != (image_size, image_size):
                     image = image.resize((image_size, image_size), Image.BILINEAR)
                 images[i] = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-        except OSError as error:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        except (OSError, Image.DecompressionBombError) as error:  # unreadable, truncated, or too many pixels
             raise ValueError(f"{file} is not a readable image ({error}); remove it from the image folder") from None
     return images, torch.tensor([label for _, label in files], dtype=torch.int64)
 
