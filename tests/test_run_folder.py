@@ -4,6 +4,7 @@ caches, eval with the run's own data settings, one-line errors, Ctrl-C, checksum
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from dtokd.data import sources
 from dtokd.report import report
 from dtokd.train import ConfigError, load_config, train
 from dtokd.train.optim import lr_factor
+from dtokd.train.run_folder import written_by_a_run
 
 BASE = ["data.name=synthetic", "batch_size=32", "log_every=2", "eval_batch_size=64"]
 
@@ -131,6 +133,48 @@ def test_the_users_own_files_are_never_written(config_file, tmp_path, capsys):
     assert run("distill", str(other), "--out", str(folder), "epochs=1", "--force") == 2
     assert "holds files that are not a dtokd run's (config.yaml, notes.txt)" in capsys.readouterr().err
     assert files_of(folder) == {**before, "notes.txt": b"mine"}
+
+
+IMPOSTORS = {
+    "best.pt": lambda: torch.save({"my": torch.ones(2)}, "best.pt"),  # another tool's weights
+    "checkpoint.pt": lambda: Path("checkpoint.pt").write_bytes(b"not even a zip"),
+    "metrics.jsonl": lambda: Path("metrics.jsonl").write_text('{"loss": 1}\n'),
+    "summary.json": lambda: Path("summary.json").write_text('{"mine": true}'),
+    "config.yaml": lambda: Path("config.yaml").write_text("lr: 0.1\n"),
+    "tensorboard": lambda: (Path("tensorboard").mkdir(), Path("tensorboard/notes.txt").write_text("mine")),
+    "checkpoint.pt.tmp": lambda: Path("checkpoint.pt.tmp").write_text("my scratch"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMPOSTORS))
+def test_force_never_removes_a_file_that_only_has_a_run_files_name(config_file, tmp_path, capsys, monkeypatch, name):
+    """A previous run's folder in which one entry was replaced by the user's own file of the
+    same name: --force refuses, naming it, and removes nothing."""
+    folder = tmp_path / "run"
+    assert run("distill", str(config_file), "--out", str(folder), "epochs=1") == 0
+    target = folder / name
+    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    monkeypatch.chdir(folder)
+    IMPOSTORS[name]()
+    before = files_of(folder)
+    capsys.readouterr()
+    assert run("distill", str(config_file), "--out", str(folder), "epochs=1", "--force") == 2
+    assert f"holds files that are not a dtokd run's ({name})" in capsys.readouterr().err
+    assert files_of(folder) == before
+
+
+def test_force_replaces_a_whole_previous_run(config_file, tmp_path, capsys):
+    folder = tmp_path / "run"
+    assert run("distill", str(config_file), "--out", str(folder), "epochs=1") == 0
+    (folder / "checkpoint.pt.tmp").write_bytes(b"PK\x03\x04")  # what a killed checkpoint write leaves
+    assert {p.name for p in folder.iterdir()} >= {"best.pt", "checkpoint.pt", "metrics.jsonl", "steps.jsonl",
+                                                   "summary.json", "config.yaml", "meta.json", "tensorboard"}
+    assert all(written_by_a_run(p) for p in folder.iterdir()), sorted(p.name for p in folder.iterdir())
+    events = sorted((folder / "tensorboard").rglob("events.out.tfevents.*"))
+    old_events = [p.rename(p.with_name(f"events.out.tfevents.previous-run-{k}")) for k, p in enumerate(events)]
+    assert old_events
+    assert run("distill", str(config_file), "--out", str(folder), "epochs=1", "--force") == 0
+    assert not (folder / "checkpoint.pt.tmp").exists() and not any(p.exists() for p in old_events)
 
 
 def test_a_failed_start_leaves_no_half_folder(config_file, tmp_path, monkeypatch):

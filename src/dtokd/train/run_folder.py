@@ -1,9 +1,11 @@
 """What may be written into a run folder, and what a resumed run must agree with.
 
 - A fresh run writes into a missing or empty folder. ``force=True`` also accepts a folder that
-  holds only a previous dtokd run's files (:data:`RUN_FILES`, recognised by its ``meta.json``),
-  which are removed first; any other file in it (a user's own, such as a ``config.yaml`` that
-  no run wrote) makes the run refuse, with or without ``force``.
+  holds only a previous dtokd run's files, which are removed first. A file counts as a run's
+  only if both its name (:data:`RUN_FILES`) and its content are what a dtokd run writes under
+  that name (:func:`written_by_a_run`: a checkpoint in dtokd's format, JSON records with the
+  run's keys, ...); any other file (a user's own, such as a ``config.yaml`` or ``best.pt`` that
+  no run wrote) makes the run refuse, with or without ``force``, and nothing is removed.
 - A resumed run continues the run **as saved** in the folder's ``config.yaml``: a configuration
   that differs from it is refused with the differences named, except the settings that do not
   change what is computed (:data:`RESUMABLE_CHANGES`) and a longer schedule asked for with
@@ -21,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from dtokd.interrupts import LOCK_FILE
+from dtokd.train.checkpoint import FORMAT
 from dtokd.train.config import Config, ConfigError, load_config, to_dict
 
 RUN_FILES = frozenset({
     "config.yaml", "meta.json", "metrics.jsonl", "steps.jsonl", "summary.json", "teacher.json", "best.pt",
     "checkpoint.pt", "best.pt.tmp", "checkpoint.pt.tmp", "tensorboard", "diverged.json", "bench.log", LOCK_FILE,
-})
+})  # RECOGNISERS (below) has every one of them but KEPT_ON_FORCE
 """Every entry a dtokd run (or a bench cell) writes into its folder."""
 
 KEPT_ON_FORCE = frozenset({"bench.log", LOCK_FILE})  # the bench's own log of a cell; the lock the run holds
@@ -49,9 +52,7 @@ def prepare_fresh(folder: Path, *, force: bool, config_file: Path | None = None,
     entries = sorted(p.name for p in folder.iterdir())
     if not entries or set(entries) <= KEPT_ON_FORCE:
         return
-    # a dtokd run writes meta.json with its config.yaml: without it, a config.yaml is the user's
-    ours = RUN_FILES if "meta.json" in entries else KEPT_ON_FORCE | {"diverged.json"}
-    foreign = [name for name in entries if name not in ours]
+    foreign = [name for name in entries if not written_by_a_run(folder / name)]
     if foreign:
         raise FileExistsError(f"{folder} holds files that are not a dtokd run's ({_listing(foreign)}); nothing was "
                               "written: choose another --out folder")
@@ -62,6 +63,101 @@ def prepare_fresh(folder: Path, *, force: bool, config_file: Path | None = None,
                               "--out folder; nothing was written")
     if remove:
         _remove_run_files(folder)
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _json_lines(path: Path, key: str) -> bool:
+    """Every line a JSON object with ``key`` (a line cut off by a kill at the end is allowed)."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    for k, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if k == len(lines) - 1:
+                continue
+            return False
+        if not isinstance(row, dict) or key not in row:
+            return False
+    return True
+
+
+def _dtokd_checkpoint(path: Path) -> bool:
+    """A ``torch.save`` archive whose pickle names dtokd's checkpoint format (read without
+    unpickling it: a file of unknown origin is never executed)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            return len(pickles) == 1 and FORMAT.encode() in archive.read(pickles[0])
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _partial_checkpoint(path: Path) -> bool:
+    """What an interrupted ``torch.save`` leaves: nothing yet, or the start of a zip archive."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head in (b"", b"PK\x03\x04")
+
+
+def _mapping_with(keys: set[str]):
+    return lambda path: isinstance(content := _json(path), dict) and keys <= set(content)
+
+
+def _run_config(path: Path) -> bool:
+    import yaml
+
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(content, dict) and {"name", "student", "teacher", "losses", "balancer", "optim"} <= set(content)
+
+
+def _event_files(path: Path) -> bool:
+    return path.is_dir() and all(p.is_dir() or p.name.startswith("events.out.tfevents.") for p in path.rglob("*"))
+
+
+RECOGNISERS = {
+    "config.yaml": _run_config,
+    "meta.json": _mapping_with({"seed", "commit", "versions", "started"}),
+    "summary.json": _mapping_with({"name", "metric", "epochs_run"}),
+    "teacher.json": _mapping_with({"name", "checkpoint"}),
+    "diverged.json": _mapping_with({"error", "epochs_completed"}),
+    "metrics.jsonl": lambda path: _json_lines(path, "epoch"),
+    "steps.jsonl": lambda path: _json_lines(path, "step"),
+    "checkpoint.pt": _dtokd_checkpoint,
+    "best.pt": _dtokd_checkpoint,
+    "checkpoint.pt.tmp": _partial_checkpoint,
+    "best.pt.tmp": _partial_checkpoint,
+    "tensorboard": _event_files,
+}
+"""How each entry of :data:`RUN_FILES` that ``--force`` may remove is recognised by its content."""
+
+
+def written_by_a_run(path: Path) -> bool:
+    """Whether ``path`` is what a dtokd run writes under its name: :data:`KEPT_ON_FORCE`
+    entries (never removed) by name; the others by name and content (:data:`RECOGNISERS`); a
+    file or folder of that name holding anything else is not a run's."""
+    if path.name in KEPT_ON_FORCE:
+        return True
+    recognise = RECOGNISERS.get(path.name)
+    if recognise is None or path.is_symlink():
+        return False
+    return (path.is_dir() if path.name == "tensorboard" else path.is_file()) and recognise(path)
 
 
 def remove_partial_run(folder: Path, created: bool) -> None:
@@ -77,7 +173,7 @@ def remove_partial_run(folder: Path, created: bool) -> None:
 
 def _remove_run_files(folder: Path) -> None:
     for path in folder.iterdir():
-        if path.name in RUN_FILES and path.name not in KEPT_ON_FORCE:
+        if path.name not in KEPT_ON_FORCE and written_by_a_run(path):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
