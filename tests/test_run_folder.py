@@ -278,6 +278,27 @@ def test_a_file_named_jpg_that_is_no_image_is_named(tmp_path, monkeypatch):
         sources.load_image_folder(root, 8)
 
 
+def test_an_image_folder_skips_hidden_entries_and_refuses_what_is_not_its_layout(tmp_path, monkeypatch):
+    monkeypatch.setenv("DTOKD_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "images"
+    write_folder(root, {"a": 2, "b": 1})
+    (root / "train" / "a" / ".DS_Store").write_bytes(b"\0\1")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    raw = sources.load_image_folder(root, 8)
+    assert raw.classes == ("a", "b") and raw.train_labels.tolist() == [0, 0, 1]
+    cases = [
+        (lambda: (root / "train" / "labels.csv").write_text("x"), "holds files outside the class folders \\(labels.csv\\)"),
+        (lambda: (root / "test" / "c").mkdir(), "has class folders that .*train has not \\(c\\)"),
+        (lambda: (root / "train" / "a" / "more").mkdir(), "a/more is a folder inside a class folder"),
+    ]
+    for make, message in cases:
+        make()
+        with pytest.raises(ValueError, match=message):
+            sources.load_image_folder(root, 8)
+        shutil.rmtree(root)
+        write_folder(root, {"a": 2, "b": 1})
+
+
 def test_a_decompression_bomb_is_named(tmp_path, monkeypatch):
     """An image whose pixel count exceeds PIL's decompression-bomb limit (here lowered so that an
     8x8 image is one): one line naming the file, not PIL's traceback."""

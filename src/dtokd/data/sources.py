@@ -121,7 +121,13 @@ def load_image_folder(path: str | Path, image_size: int) -> RawSplits:
         test_name = next((n for n in ("val", "test") if (root / n).is_dir()), None)
         if test_name is None:
             raise FileNotFoundError(f"{root} has a train/ folder but neither val/ nor test/")
-        classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
+        classes = _class_folders(root / "train")
+        unknown = sorted(set(_class_folders(root / test_name)) - set(classes))
+        if unknown:
+            raise ValueError(f"{root / test_name} has class folders that {root / 'train'} has not ({', '.join(unknown)}): "
+                             "their images could never be predicted; add them to train/ or remove them")
+        if not classes:
+            raise ValueError(f"{root / 'train'} has no class folders (train/<class>/<image>)")
         train_images, train_labels = _read_images(root / "train", classes, image_size)
         test_images, test_labels = _read_images(root / test_name, classes, image_size)
         splits = RawSplits(train_images, train_labels, test_images, test_labels, classes)
@@ -176,11 +182,33 @@ def _find_split_root(folder: Path) -> Path:
     raise FileNotFoundError(f"no train/<class>/ folder found under {folder}")
 
 
+def _visible(folder: Path) -> list[Path]:
+    """The entries of ``folder`` but hidden ones (``.DS_Store``, ``.ipynb_checkpoints``, ...)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _class_folders(split: Path) -> tuple[str, ...]:
+    """The class names of a split (its sub-folders); a file beside them is refused, not ignored."""
+    loose = [p.name for p in _visible(split) if not p.is_dir()]
+    if loose:
+        raise ValueError(f"{split} holds files outside the class folders ({', '.join(loose[:5])}); the layout is "
+                         f"{split.name}/<class>/<image>: move or remove them")
+    return tuple(p.name for p in _visible(split))
+
+
 def _read_images(folder: Path, classes: tuple[str, ...], image_size: int) -> tuple[Tensor, Tensor]:
+    """Every image of ``folder/<class>/`` for the given classes (a class without a folder here
+    has no images in this split); a sub-folder inside a class folder is refused."""
     from PIL import Image
     from tqdm import tqdm
 
-    files = [(f, label) for label, c in enumerate(classes) for f in sorted((folder / c).iterdir()) if f.is_file()]
+    files = []
+    for label, name in enumerate(classes):
+        for entry in _visible(folder / name) if (folder / name).is_dir() else []:
+            if entry.is_dir():
+                raise ValueError(f"{entry} is a folder inside a class folder; the layout is "
+                                 f"{folder.name}/<class>/<image>")
+            files.append((entry, label))
     images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
     for i, (file, _) in enumerate(tqdm(files, desc=f"reading {folder.name}", unit="img", leave=False, disable=None)):
         try:
