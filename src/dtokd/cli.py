@@ -127,7 +127,8 @@ def _dry_run(config, command: str) -> int:
     """Every part of ``config`` built (models, losses, balancer, optimizer, transforms, loaders)
     and two training steps plus an evaluation run on generated data: CIFAR's python format for
     ``cifar10``/``cifar100`` configs (all their classes), a 2-class ``synthetic-coco`` set for
-    detection configs, else a 4-class image folder at the config's image size; the teacher
+    detection configs, generated text (a small trained tokenizer, blocks of at most 16 tokens)
+    for causal-lm configs, else a 4-class image folder at the config's image size; the teacher
     (and a student start, and a detector's backbone) get random weights of the same
     architecture. Nothing is written outside a temporary folder."""
     import dataclasses
@@ -135,9 +136,10 @@ def _dry_run(config, command: str) -> int:
 
     import torch
 
-    from dtokd.data.fake import write_fake_cifar, write_fake_image_folder
+    from dtokd.data.fake import write_fake_cifar, write_fake_image_folder, write_fake_text
     from dtokd.models import create_model
     from dtokd.train import train
+    from dtokd.train.loop import data_of
 
     if config is None:
         raise ConfigError("--dry-run needs a CONFIG")
@@ -146,7 +148,14 @@ def _dry_run(config, command: str) -> int:
         scratch = Path(scratch)
         os.environ["DTOKD_CACHE"] = str(scratch / "cache")  # the decoded-image cache too stays inside
         size = config.data.image_size
-        if config.task == "detection":  # a tiny generated COCO-format set at the config's image size
+        if config.task == "causal-lm":  # generated text, a tokenizer trained on it, short blocks
+            root = write_fake_text(scratch / "text")
+            options = {**(config.data.text or {}), "tokenizer": "train"}
+            options.update(vocab_size=min(options.get("vocab_size", 300), 300),
+                           block_size=min(options.get("block_size", 16), 16))
+            data = dataclasses.replace(config.data, root=str(root), text=options, val_fraction=0.2, limit_train=None)
+            classes = data_of(dataclasses.replace(config, data=data)).num_classes
+        elif config.task == "detection":  # a tiny generated COCO-format set at the config's image size
             classes = 2
             data = dataclasses.replace(config.data, name="synthetic-coco", root=None, val_fraction=0.25,
                                        limit_train=None, workers=0,
@@ -204,23 +213,19 @@ def _default_folder(args: argparse.Namespace, config) -> Path:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from dtokd.data import build_data
     from dtokd.models import create_model
-    from dtokd.models.foreign import check_normalize
-    from dtokd.tasks import evaluate_classifier, evaluate_detector, has_distillation_head, resolve_loss_specs
+    from dtokd.tasks import (evaluate_causal_lm, evaluate_classifier, evaluate_detector, has_distillation_head,
+                             resolve_loss_specs)
     from dtokd.train.checkpoint import load_checked
     from dtokd.train.distributed import resolve_device
+    from dtokd.train.loop import data_of
 
     folder = Path(args.run)
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # no data-reading progress bars
     config = load_config(folder / "config.yaml", [f"data.root={args.data_root}"] if args.data_root else [])
     device = resolve_device(args.device)
-    data = build_data(config.data.name, config.data.root, val_fraction=config.data.val_fraction, seed=config.seed,
-                      augment=False, image_size=config.data.image_size, limit_train=config.data.limit_train,
-                      normalize=check_normalize(config.student.normalize, "student.normalize"),
-                      transform=config.data.transform, workers=config.data.workers, synthetic=config.data.synthetic,
-                      labels=config.data.labels)
+    data = data_of(config, augment=False)
     model = create_model(config.student.name, data.num_classes, data.in_channels, data.image_size,
                          config.student.kwargs).to(device)
     path = folder / ("best.pt" if args.which == "best" else "checkpoint.pt")
@@ -228,6 +233,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     model.load_state_dict(state["model"] if "model" in state else state["student"])
     if config.task == "detection":
         result = evaluate_detector(model, data.test, config.eval_batch_size, device)
+    elif config.task == "causal-lm":
+        result = evaluate_causal_lm(model, data.test, config.eval_batch_size, device)
     else:
         if has_distillation_head(model) and any(s.get("output") == "dist"
                                                 for s in resolve_loss_specs(config.losses).values()):

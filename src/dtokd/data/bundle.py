@@ -14,10 +14,11 @@ from dtokd.data import sources, streaming
 from dtokd.data.coco import CocoDetectionSet
 from dtokd.data.streaming import StreamingImageFolder
 from dtokd.data.tensor_dataset import Augmentation, InMemoryBatches, TensorImageDataset
+from dtokd.data.text import TokenBlocks, load_text
 from dtokd.train.config import CHOICES
 
 DATASETS = ("fashion-mnist", "image-folder", "image-folder-stream", "cifar10", "cifar100", "digits", "synthetic",
-            "synthetic-rgb", "coco", "synthetic-coco")
+            "synthetic-rgb", "coco", "synthetic-coco", "text")
 DETECTION_DATASETS = ("coco", "synthetic-coco")
 DEFAULT_AUGMENTATION = {
     "fashion-mnist": Augmentation(pad=2, flip=True),
@@ -30,7 +31,7 @@ DEFAULT_AUGMENTATION = {
 }
 
 
-Split = TensorImageDataset | StreamingImageFolder | CocoDetectionSet
+Split = TensorImageDataset | StreamingImageFolder | CocoDetectionSet | TokenBlocks
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ def build_data(
     workers: int | None = None,
     synthetic: dict | None = None,
     labels: str = "contiguous",
+    text: dict | None = None,
 ) -> DataBundle:
     """Load ``name`` (one of :data:`DATASETS`) and split it.
 
@@ -123,7 +125,9 @@ def build_data(
     options, ``workers``: loader processes). Detection sets (``coco``: a COCO-layout folder,
     ``synthetic-coco``: generated from ``synthetic``'s options, see :mod:`dtokd.data.coco`)
     are read per batch too; their validation split is carved from the training images, and
-    ``labels`` says how category ids become labels.
+    ``labels`` says how category ids become labels. ``text``: token blocks for causal language
+    models from local text (``text`` holds its options; see :mod:`dtokd.data.text`), split by
+    document; ``limit_train`` keeps the first N training blocks in a seeded order.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
@@ -133,6 +137,12 @@ def build_data(
         raise ValueError(f"data.labels is for detection data sets {list(DETECTION_DATASETS)}, not {name!r}")
     if synthetic and name != "synthetic-coco":
         raise ValueError(f"data.synthetic sets the generated 'synthetic-coco' data set, not {name!r}")
+    if text and name != "text":
+        raise ValueError(f"data.text sets the 'text' data set, not {name!r}")
+    if name == "text":
+        if transform or normalize is not None:
+            raise ValueError("data set 'text' holds token ids: data.transform and student.normalize do not apply")
+        return _text(root, text, val_fraction, seed, limit_train)
     if name in DETECTION_DATASETS:
         if transform or normalize is not None:
             raise ValueError(f"data set {name!r}: detectors resize and normalise their inputs themselves; "
@@ -166,6 +176,16 @@ def build_data(
     val = full.subset(val_idx, None) if n_val else None
     test = TensorImageDataset(raw.test_images, raw.test_labels, mean, std)
     return DataBundle(name, train, val, test, raw.classes)
+
+
+def _text(root: str | None, options: dict | None, val_fraction: float, seed: int,
+          limit_train: int | None) -> DataBundle:
+    splits = load_text(root, options, val_fraction)
+    train = splits.train
+    if limit_train is not None:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:limit_train]
+        train = TokenBlocks(train.blocks[order.sort().values])
+    return DataBundle("text", train, splits.val, splits.test, splits.vocabulary)
 
 
 def _streaming(root: str | None, val_fraction: float, seed: int, augment: bool, image_size: int,

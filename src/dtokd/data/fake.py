@@ -50,3 +50,17 @@ def write_fake_cifar(root: Path, num_classes: int, *, per_class: int = 1, seed: 
     with open(folder / meta_name, "wb") as f:
         pickle.dump({key: [f"class{k}".encode() for k in range(num_classes)]}, f)
     return root
+
+
+def write_fake_text(root: Path, *, documents: int = 12, words: int = 300, seed: int = 0) -> Path:
+    """Write ``root/doc<k>.txt``: seeded sequences of a small word list (Python keywords), for
+    dry runs and tests of the language-model path; returns ``root``."""
+    import keyword
+
+    rng = np.random.default_rng(seed)
+    vocabulary = keyword.kwlist
+    root.mkdir(parents=True, exist_ok=True)
+    for k in range(documents):
+        chosen = rng.choice(len(vocabulary), size=words)
+        (root / f"doc{k}.txt").write_text(" ".join(vocabulary[i] for i in chosen) + "\n")
+    return root

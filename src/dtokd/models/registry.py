@@ -1,5 +1,6 @@
 """Models by name: the project's zoo, ``torchvision:<name>`` and ``timm:<name>`` (when installed),
-and detectors ``detection:<head>_<backbone>_fpn`` (see :mod:`dtokd.models.detection`).
+detectors ``detection:<head>_<backbone>_fpn`` (see :mod:`dtokd.models.detection`), and causal
+language models ``hf-causal-lm:<model_type>`` (see :mod:`dtokd.models.causal_lm`).
 
 ``create_model(name, num_classes, in_channels)`` builds a model with freshly initialised
 weights; ``load_weights(model, path)`` loads a local checkpoint (no run-time downloads).
@@ -47,7 +48,8 @@ ZOO = _zoo()
 
 
 def available_models() -> list[str]:
-    return sorted(ZOO) + ["torchvision:<name>", "timm:<name>", "detection:<head>_<backbone>_fpn"]
+    return sorted(ZOO) + ["torchvision:<name>", "timm:<name>", "detection:<head>_<backbone>_fpn",
+                          "hf-causal-lm:<model_type or local folder>"]
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32,
@@ -57,6 +59,10 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     kwargs = dict(kwargs or {})
+    if name.startswith("hf-causal-lm:"):
+        from dtokd.models.causal_lm import create_causal_lm
+
+        return create_causal_lm(name, num_classes, kwargs)
     if name.startswith("detection:"):
         from dtokd.models.detection import create_detector
 

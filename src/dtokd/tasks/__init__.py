@@ -1,6 +1,6 @@
 """Tasks: how a batch becomes named losses and how a model is evaluated (the one seam between
-the trainer and what is being distilled): classification (:mod:`.classification`) and
-detection (:mod:`.detection`)."""
+the trainer and what is being distilled): classification (:mod:`.classification`),
+detection (:mod:`.detection`) and causal language models (:mod:`.causal_lm`)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from dtokd.tasks.classification import (
     has_distillation_head,
     resolve_loss_specs,
 )
+from dtokd.tasks.causal_lm import CausalLMTask, evaluate_causal_lm
 from dtokd.tasks.detection import DetectionTask, evaluate_detector
 from dtokd.train.config import CHOICES
 
 TASKS = CHOICES["task"]
-Task = ClassificationTask | DetectionTask
+Task = ClassificationTask | DetectionTask | CausalLMTask
 
 
 def build_task(kind: str, student: nn.Module, teacher: nn.Module | None, specs: Mapping[str, Mapping[str, Any]],
@@ -32,6 +33,22 @@ def build_task(kind: str, student: nn.Module, teacher: nn.Module | None, specs: 
         raise ValueError(f"task={kind!r} is not allowed; use one of {list(TASKS)}")
     detection_data = getattr(data, "detection", False)
     models = [("student.name", student)] + ([("teacher.name", teacher)] if teacher is not None else [])
+    text_data = data.name == "text"
+    if kind == "causal-lm" or text_data:
+        from dtokd.models.causal_lm import CausalLM
+
+        if not text_data or kind != "causal-lm":
+            raise ValueError("task='causal-lm' and data.name='text' go together (token blocks for language models); "
+                             f"got task={kind!r} with data.name={data.name!r}")
+        wrong = [arg for arg, model in models if not isinstance(model, CausalLM)]
+        if wrong:
+            raise ValueError(f"task='causal-lm' needs language models: {wrong} must name hf-causal-lm:<model_type>")
+        if representation != "outputs":
+            raise ValueError(f"balancer.representation={representation!r}: for causal-lm the representation is "
+                             "the student's logits; leave it at 'outputs'")
+        if teacher_input is not None:
+            raise ValueError("teacher.normalize is for images; a language model's input is token ids")
+        return CausalLMTask(student, teacher, specs)
     if kind == "detection":
         if not detection_data:
             raise ValueError(f"task='detection' needs a detection data set (data.name 'coco' or 'synthetic-coco'), "
@@ -52,5 +69,5 @@ def build_task(kind: str, student: nn.Module, teacher: nn.Module | None, specs: 
     return ClassificationTask(student, teacher, specs, sample, teacher_input, representation=representation)
 
 
-__all__ = ["LOSS_OPTIONS", "TASKS", "ClassificationTask", "DetectionTask", "Task", "build_task", "evaluate_classifier",
-           "evaluate_detector", "has_distillation_head", "resolve_loss_specs"]
+__all__ = ["LOSS_OPTIONS", "TASKS", "CausalLMTask", "ClassificationTask", "DetectionTask", "Task", "build_task",
+           "evaluate_causal_lm", "evaluate_classifier", "evaluate_detector", "has_distillation_head", "resolve_loss_specs"]

@@ -34,7 +34,10 @@ class DataConfig:
     (``train_images``, ``val_images``, ``classes``, ``max_objects``, ``size_jitter``, ``seed``;
     see :func:`dtokd.data.synthetic_coco.write_synthetic_coco`); its images are ``image_size``.
     ``labels`` (detection): ``contiguous`` (category ids in order -> 1..K) or ``category-id``
-    (the id is the label: for torchvision's released COCO detectors, 91 outputs)."""
+    (the id is the label: for torchvision's released COCO detectors, 91 outputs).
+    ``text`` (``name: text``): the options of the language-model data (``block_size``,
+    ``tokenizer``, ``vocab_size``, ``eos``, ``test_fraction``, ``split_seed``, ``extensions``,
+    ``field``; see :mod:`dtokd.data.text`)."""
 
     name: str = "fashion-mnist"
     root: str | None = None
@@ -49,6 +52,7 @@ class DataConfig:
     repeated_augmentation: int = 1
     synthetic: dict[str, Any] | None = None
     labels: str = "contiguous"
+    text: dict[str, Any] | None = None
 
 
 @dataclass
@@ -127,7 +131,7 @@ class EvalConfig:
 EVAL_TEST = ("every", "end")
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "task": ("classification", "detection"),
+    "task": ("classification", "detection", "causal-lm"),
     "amp": ("none", "bf16", "fp16"),
     "compile": ("none", "default", "reduce-overhead", "max-autotune"),
     "optim.name": ("sgd", "adamw"),

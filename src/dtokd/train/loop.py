@@ -114,6 +114,16 @@ class _Parts:
     teacher_cache: CachedTeacher | None
 
 
+def data_of(config: Config, *, augment: bool | None = None) -> DataBundle:
+    """The data set a run of ``config`` trains and evaluates on (``augment``: None keeps the
+    config's ``data.augment``); what training and ``dtokd eval`` both read."""
+    d = config.data
+    return build_data(d.name, d.root, val_fraction=d.val_fraction, seed=config.seed,
+                      augment=d.augment if augment is None else augment, image_size=d.image_size,
+                      limit_train=d.limit_train, normalize=check_normalize(config.student.normalize, "student.normalize"),
+                      transform=d.transform, workers=d.workers, synthetic=d.synthetic, labels=d.labels, text=d.text)
+
+
 def _build(config: Config, verbose: bool) -> _Parts:
     """Data, models, balancer and optimizer from ``config``; every setting is checked here."""
     if config.amp not in AMP_DTYPES:
@@ -121,11 +131,7 @@ def _build(config: Config, verbose: bool) -> _Parts:
     ranks, device = distributed.setup(config.device, config.batch_size)
     _check_compile(config, device)
     ckpt.seed_everything(config.seed)
-    data = build_data(config.data.name, config.data.root, val_fraction=config.data.val_fraction, seed=config.seed,
-                      augment=config.data.augment, image_size=config.data.image_size, limit_train=config.data.limit_train,
-                      normalize=check_normalize(config.student.normalize, "student.normalize"),
-                      transform=config.data.transform, workers=config.data.workers, synthetic=config.data.synthetic,
-                      labels=config.data.labels)
+    data = data_of(config)
     if data.detection and config.data.mixup:
         raise ValueError("data.mixup mixes classification labels; it is not available for detection")
     student = create_model(config.student.name, data.num_classes, data.in_channels, data.image_size,
@@ -506,7 +512,8 @@ def _make_mixup(options: dict[str, Any] | None, num_classes: int) -> Any:
 
 def metric_of(config: Config) -> str:
     """The metric that selects the best epoch and that summaries report: ``top1`` for
-    classification, ``AP`` (COCO box AP) for detection."""
+    classification (and next-token accuracy for causal-lm, whose summaries add the perplexity),
+    ``AP`` (COCO box AP) for detection."""
     return "AP" if config.task == "detection" else "top1"
 
 
@@ -535,6 +542,8 @@ def summarize(history: list[dict[str, Any]], config: Config,
                                                      if f"test_{m}" in history[i]), default=None)}),
         f"last_test_{m}": tested.get(f"test_{m}"),  # None: the metric is undefined on this test split
         **({"last_test_top5": tested["test_top5"]} if "test_top5" in tested else {}),
+        **({"test_ppl_at_best_val": (final["best"] if final else history[best]).get("test_ppl"),
+            "last_test_ppl": tested.get("test_ppl")} if config.task == "causal-lm" else {}),
         "seconds_per_epoch": sum(r["epoch_seconds"] for r in history) / len(history),
         "test_evaluated": config.eval.test, "eval_every": config.eval.every,
     })

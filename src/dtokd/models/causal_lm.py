@@ -1,0 +1,56 @@
+"""Hugging Face causal language models by name, built locally (nothing is downloaded).
+
+``hf-causal-lm:<model_type>`` builds a freshly initialised ``AutoModelForCausalLM`` from
+``transformers.AutoConfig.for_model(model_type, **kwargs)`` (``llama``, ``gpt2``, ``qwen2``,
+...: the shapes in ``student.kwargs``, e.g. ``{hidden_size: 128, num_hidden_layers: 2,
+num_attention_heads: 4, intermediate_size: 256}``); ``vocab_size`` is the data's. ``hf-causal-lm:<folder>``
+loads a local model folder (``config.json`` and weights, ``local_files_only``): a released
+teacher. The model returns the next-token logits ``(batch, length, vocabulary)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+PREFIX = "hf-causal-lm:"
+
+
+class CausalLM(nn.Module):
+    """``forward(input_ids) -> logits``; ``model`` is the Hugging Face model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def create_causal_lm(name: str, vocab_size: int, kwargs: dict[str, Any]) -> CausalLM:
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError(f"model {name!r} needs transformers: pip install 'dtokd[lm]'") from None
+    spec = name[len(PREFIX):]
+    if Path(spec).is_dir():
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, **kwargs)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{spec} is not a local causal LM folder ({str(error).splitlines()[0][:200]})") from None
+        if model.config.vocab_size != vocab_size:
+            raise ValueError(f"{spec} has a vocabulary of {model.config.vocab_size}, the data's tokenizer "
+                             f"{vocab_size}: give the model's own tokenizer (data.text.tokenizer)")
+        return CausalLM(model)
+    if "vocab_size" in kwargs:
+        raise ValueError(f"model {name!r}: vocab_size comes from the data's tokenizer; remove it from the kwargs")
+    try:
+        config = transformers.AutoConfig.for_model(spec, vocab_size=vocab_size, **kwargs)
+    except ValueError as error:
+        raise ValueError(f"model {name!r}: {str(error).splitlines()[0][:200]}") from None
+    unknown = sorted(k for k in kwargs if not hasattr(config, k))
+    if unknown:
+        raise ValueError(f"model {name!r} does not take kwargs {unknown} (its config has no such field)")
+    return CausalLM(transformers.AutoModelForCausalLM.from_config(config))
