@@ -10,7 +10,8 @@ packed into fixed-length blocks.
 - a ``.jsonl`` file: one document per line, the string under ``field``.
 
 Options (``data.text``, defaults in :data:`TEXT_OPTIONS`): ``block_size`` (tokens a model
-sees at once), ``tokenizer`` (``train``: a byte-level BPE of ``vocab_size`` tokens trained on
+sees at once), ``tokenizer`` (``train``: a byte-level BPE of at most ``vocab_size`` tokens
+(at least 257: the bytes and the end token; fewer when the text has no more merges) trained on
 the training split with ``tokenizers``, cached by content; or a local ``tokenizer.json`` or a
 folder holding one: nothing is downloaded), ``eos`` (the token that ends every document; it
 must be in the tokenizer's vocabulary), ``test_fraction``, ``split_seed``.
@@ -198,6 +199,9 @@ def check_text_options(options: dict[str, Any] | None) -> dict[str, Any]:
         value = settings[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "split_seed" else 2):
             raise ValueError(f"data.text.{key}={value!r} must be an integer >= {0 if key == 'split_seed' else 2}")
+    if settings["tokenizer"] == "train" and settings["vocab_size"] < 257:
+        raise ValueError(f"data.text.vocab_size={settings['vocab_size']} is too small for a byte-level BPE: it holds "
+                         "the 256 bytes and the end token, so at least 257")
     fraction = settings["test_fraction"]
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise ValueError(f"data.text.test_fraction={fraction!r} must lie strictly between 0 and 1")

@@ -10,6 +10,7 @@ teacher. The model returns the next-token logits ``(batch, length, vocabulary)``
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,12 @@ def create_causal_lm(name: str, vocab_size: int, kwargs: dict[str, Any]) -> Caus
     if "vocab_size" in kwargs:
         raise ValueError(f"model {name!r}: vocab_size comes from the data's tokenizer; remove it from the kwargs")
     try:
-        config = transformers.AutoConfig.for_model(spec, vocab_size=vocab_size, **kwargs)
+        default = transformers.AutoConfig.for_model(spec)
     except ValueError as error:
         raise ValueError(f"model {name!r}: {str(error).splitlines()[0][:200]}") from None
-    unknown = sorted(k for k in kwargs if not hasattr(config, k))
-    if unknown:
+    known = set(default.to_dict()) | set(inspect.signature(type(default).__init__).parameters)
+    unknown = sorted(set(kwargs) - known)
+    if unknown:  # a config stores any keyword it is given: a misspelt field would silently do nothing
         raise ValueError(f"model {name!r} does not take kwargs {unknown} (its config has no such field)")
+    config = transformers.AutoConfig.for_model(spec, vocab_size=vocab_size, **kwargs)
     return CausalLM(transformers.AutoModelForCausalLM.from_config(config))

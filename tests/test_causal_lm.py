@@ -1,0 +1,183 @@
+"""The causal-LM task: text split by document, the tokenizer, packed blocks, the losses against
+the Hugging Face model's own loss, the evaluation by brute force, and runs (train, distil with
+DTO, exact resume, eval) on generated text with tiny Llamas."""
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="language models need the optional dependency transformers")
+pytest.importorskip("tokenizers", reason="language-model data need the optional dependency tokenizers")
+
+from dtokd import cli  # noqa: E402
+from dtokd.data import build_data  # noqa: E402
+from dtokd.data.fake import write_fake_text  # noqa: E402
+from dtokd.data.text import TokenBlocks, read_documents, stdlib_root  # noqa: E402
+from dtokd.models import create_model  # noqa: E402
+from dtokd.tasks import CausalLMTask, evaluate_causal_lm  # noqa: E402
+from dtokd.train import load_config, train  # noqa: E402
+from tests.helpers import interrupt_after  # noqa: E402
+
+TINY = "{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2, intermediate_size: 64, max_position_embeddings: 32}"
+TEXT = {"block_size": 12, "vocab_size": 300, "test_fraction": 0.2}
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DTOKD_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_fake_text(tmp_path / "text", documents=10, words=200)
+
+
+def test_documents_split_by_document_with_their_own_seed(corpus):
+    a = build_data("text", str(corpus), val_fraction=0.2, seed=0, text=TEXT)
+    b = build_data("text", str(corpus), val_fraction=0.2, seed=7, text=TEXT)  # another run seed: the same splits
+    for split in ("train", "val", "test"):
+        assert torch.equal(getattr(a, split).blocks, getattr(b, split).blocks)
+    other = build_data("text", str(corpus), val_fraction=0.2, text={**TEXT, "split_seed": 1})
+    assert not torch.equal(other.test.blocks, a.test.blocks)
+    x, y = a.train.__getitems__([0, 1])
+    assert x.shape == y.shape == (2, 12) and torch.equal(x[:, 1:], y[:, :-1])  # y: the next tokens
+    assert 257 <= a.num_classes <= 300 and a.classes[0] == "<|endoftext|>"
+
+
+def test_the_blocks_are_the_documents_tokenized_with_an_end_token_and_packed(corpus):
+    from tokenizers import Tokenizer
+
+    data = build_data("text", str(corpus), val_fraction=0.2, text=TEXT)
+    tokenizer = Tokenizer.from_file(str(next((corpus.parent / "cache" / "tokenizers").glob("*.json"))))
+    names, texts = read_documents(str(corpus), [".txt"], "text")
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()
+    test_docs = sorted(order[:2])
+    ids = [t for i in test_docs for t in tokenizer.encode(texts[i]).ids + [0]]
+    count = len(ids) // 13
+    assert torch.equal(data.test.blocks.long(), torch.tensor(ids[:count * 13]).view(count, 13))
+
+
+def test_sources_and_bad_input(tmp_path, corpus):
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": p.read_text()}) for p in sorted(corpus.glob("*.txt"))) + "\n")
+    from_jsonl = build_data("text", str(jsonl), val_fraction=0.2, text=TEXT)
+    from_folder = build_data("text", str(corpus), val_fraction=0.2, text=TEXT)
+    assert torch.equal(from_jsonl.test.blocks, from_folder.test.blocks)  # the same documents in the same order
+    names, _ = read_documents("stdlib", [], "text")
+    assert "os.py" in names and all(n.endswith(".py") for n in names) and stdlib_root().is_dir()
+    trained = next((tmp_path / "cache" / "tokenizers").glob("*.json"))
+    local = build_data("text", str(corpus), val_fraction=0.2, text={**TEXT, "tokenizer": str(trained)})
+    assert torch.equal(local.test.blocks, from_folder.test.blocks)  # a local tokenizer file gives the same tokens
+    (corpus / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    cases = [
+        (dict(root=str(corpus)), "latin.txt is not UTF-8 text"),
+        (dict(root=str(tmp_path / "none")), "does not exist"),
+        (dict(root=str(jsonl), text={**TEXT, "field": "body"}), "docs.jsonl:1 has no string under 'body'"),
+        (dict(root=str(jsonl), text={**TEXT, "block_size": 1}), "data.text.block_size=1 must be an integer >= 2"),
+        (dict(root=str(jsonl), text={**TEXT, "vocab_size": 100}), "vocab_size=100 is too small for a byte-level BPE"),
+        (dict(root=str(jsonl), text={**TEXT, "colour": 1}), "data.text: unknown option\\(s\\) \\['colour'\\]"),
+        (dict(root=str(jsonl), text={**TEXT, "test_fraction": 0}), "test_fraction=0 must lie strictly between"),
+        (dict(root=str(jsonl), text={**TEXT, "tokenizer": str(trained), "eos": "<eos>"}),
+         "data.text.eos='<eos>' is not in the tokenizer"),
+        (dict(root=str(jsonl), text={**TEXT, "tokenizer": str(tmp_path)}), "no tokenizer.json there"),
+        (dict(root=str(jsonl), text={**TEXT, "tokenizer": str(jsonl)}), "docs.jsonl is not a tokenizers file"),
+        (dict(root=str(jsonl), text={**TEXT, "block_size": 100_000}), "fewer than one block"),
+    ]
+    for options, message in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            build_data("text", options["root"], val_fraction=0.2, text=options.get("text", TEXT))
+
+
+def _models(vocabulary, seed=0):
+    torch.manual_seed(seed)
+    kwargs = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+              "intermediate_size": 64, "max_position_embeddings": 32}
+    return create_model("hf-causal-lm:llama", vocabulary, 1, 12, kwargs), create_model("hf-causal-lm:llama", vocabulary,
+                                                                                          1, 12, kwargs)
+
+
+def test_ce_equals_the_models_own_loss_and_masked_tokens_do_not_count(corpus):
+    data = build_data("text", str(corpus), val_fraction=0.2, text=TEXT)
+    student, teacher = _models(data.num_classes)
+    task = CausalLMTask(student, teacher, {"distill": {"type": "token-kd", "divergence": "jsd"}, "task": {"type": "ce"}})
+    x, y = data.train.__getitems__([0, 1, 2])
+    y_last_masked = y.clone()
+    y_last_masked[:, -1] = -100  # what the model's own loss predicts: x[1:] from x[:-1]
+    _, losses = task(x, y_last_masked)
+    own = student.model(input_ids=x, labels=x).loss
+    torch.testing.assert_close(losses["task"], own, rtol=1e-5, atol=1e-6)
+    # a masked position changes nothing: replace its target and the teacher's view of it stays out
+    y_other = y_last_masked.clone()
+    y_other[0, 3] = -100
+    _, masked = task(x, y_other)
+    assert not torch.isclose(masked["task"], losses["task"])
+    counted = y_other != -100
+    logits = student(x).double()
+    expected = torch.nn.functional.cross_entropy(logits[counted], y_other[counted])
+    torch.testing.assert_close(masked["task"].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_by_brute_force(corpus):
+    data = build_data("text", str(corpus), val_fraction=0.2, text=TEXT)
+    student, _ = _models(data.num_classes)
+    test = TokenBlocks(data.test.blocks[:7])
+    result = evaluate_causal_lm(student, test, 3, torch.device("cpu"))
+    losses, hits, tokens = 0.0, 0, 0
+    with torch.no_grad():
+        for k in range(len(test)):
+            x, y = test[k]
+            logits = student(x[None])[0].double()
+            losses += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            hits += int((logits.argmax(-1) == y).sum())
+            tokens += y.numel()
+    assert result["loss"] == pytest.approx(losses / tokens, rel=1e-5)
+    assert result["ppl"] == pytest.approx(math.exp(losses / tokens), rel=1e-5)
+    assert result["top1"] == pytest.approx(100 * hits / tokens)
+
+
+def _config(corpus, *overrides):
+    return load_config(None, [
+        "name=lm", "task=causal-lm", "epochs=2", "batch_size=4", "eval_batch_size=8", "log_every=1", "amp=none",
+        "data.name=text", f"data.root={corpus}", "data.val_fraction=0.2", "data.limit_train=12",
+        "data.text={block_size: 12, vocab_size: 300, test_fraction: 0.2}",
+        "student.name=hf-causal-lm:llama", f"student.kwargs={TINY}", "optim.name=adamw", "optim.lr=0.003",
+        "losses={task: {type: ce}}", *overrides])
+
+
+def test_teacher_distillation_resume_and_eval(corpus, tmp_path, monkeypatch, capsys):
+    teacher = train(_config(corpus), tmp_path / "teacher", progress=False, verbose=False)
+    assert teacher["metric"] == "top1" and teacher["last_test_ppl"] > 1 and teacher["test_ppl_at_best_val"] > 1
+    distill = _config(corpus, "teacher.name=hf-causal-lm:llama", f"teacher.kwargs={TINY}",
+                      f"teacher.checkpoint={tmp_path / 'teacher' / 'best.pt'}", "balancer.method=dto",
+                      "balancer.engine=representation",
+                      "losses={distill: {type: token-kd, divergence: forward_kl}, task: {type: ce}}")
+    straight = train(distill, tmp_path / "straight", progress=False, verbose=False)
+    steps = [json.loads(line) for line in (tmp_path / "straight" / "steps.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(s["loss_weight/distill"]) and -1 <= s["cos/distill|task"] <= 1 for s in steps)
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            train(distill, tmp_path / "resumed", progress=False, verbose=False)
+    resumed = train(None, tmp_path / "resumed", resume=True, progress=False, verbose=False)
+    assert resumed["last_test_ppl"] == straight["last_test_ppl"]
+    a, b = (torch.load(tmp_path / f / "checkpoint.pt", weights_only=False)["student"] for f in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "straight")]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["ppl"] == pytest.approx(straight["last_test_ppl"], rel=1e-6)
+
+
+def test_the_task_and_its_losses_are_checked(corpus, tmp_path):
+    cases = [
+        (["losses={distill: {type: token-kd, divergence: kl}, task: {type: ce}}"], "divergence='kl' is not allowed"),
+        (["losses={distill: {type: kd}}"], "losses.distill.type='kd' is not allowed for task 'causal-lm'"),
+        (["task=classification"], "task='causal-lm' and data.name='text' go together"),
+        (["student.name=mlp_small", "student.kwargs={}"], "must name hf-causal-lm:<model_type>"),
+        (["student.kwargs={hidden_size: 32, colour: 3}"], "does not take kwargs \\['colour'\\]"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ValueError, match=message):
+            train(_config(corpus, *overrides), tmp_path / "run", progress=False, verbose=False)
