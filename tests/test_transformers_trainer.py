@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers", reason="the Trainer integrati
 pytest.importorskip("accelerate", reason="the Trainer integration needs accelerate")
 
 from dtokd import make_balancer  # noqa: E402
-from dtokd.integrations.common import default_losses  # noqa: E402
+from dtokd.integrations.common import causal_lm_losses, default_losses  # noqa: E402
 from dtokd.integrations.transformers import BALANCER_FILE, DistillationTrainer  # noqa: E402
 
 
@@ -50,12 +50,11 @@ def models():
 
 
 def arguments(tmp_path, steps, **extra):
-    extra = {"save_strategy": "no", **extra}
-    return transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=16, learning_rate=0.1, optim="sgd",
-        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, warmup_steps=0, report_to=[],
-        use_cpu=True, logging_steps=1, disable_tqdm=True, seed=0, dataloader_num_workers=0,
-        **extra)
+    settings = dict(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=16, learning_rate=0.1,
+                    optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, warmup_steps=0,
+                    report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+                    save_strategy="no")
+    return transformers.TrainingArguments(**{**settings, **extra})
 
 
 def plain_loop(student, teacher, steps, method, engine, options):
@@ -119,3 +118,67 @@ def test_same_batch_amortized_is_refused_with_the_alternative(tmp_path):
         DistillationTrainer(model=student, teacher=teacher, method="dto-amortized",
                             balancer_options={"update": "same-batch"}, args=arguments(tmp_path, 1),
                             train_dataset=Pairs())
+
+
+class Blocks(torch.utils.data.Dataset):
+    """Token blocks for a causal LM, the last two positions of every other block padded (-100)."""
+
+    def __init__(self, n=16, length=10, vocabulary=40):
+        g = torch.Generator().manual_seed(2)
+        self.ids = torch.randint(0, vocabulary, (n, length), generator=g)
+        self.labels = self.ids.clone()
+        self.labels[::2, -2:] = -100
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def tiny_llamas():
+    config = dict(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                  intermediate_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    student = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    teacher = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**config, "hidden_size": 32}))
+    return student, teacher
+
+
+def test_causal_lm_losses_score_as_the_models_own_loss():
+    from dtokd.losses import token_kd_loss
+
+    student, teacher = tiny_llamas()
+    data = Blocks()
+    ids, labels = data.ids[:4], data.labels[:4]
+    out = student(input_ids=ids, labels=labels)
+    with torch.no_grad():
+        t = teacher(input_ids=ids).logits
+    losses = causal_lm_losses(divergence="jsd", temperature=2.0)(out.logits, t, labels)
+    torch.testing.assert_close(losses["task"], out.loss, rtol=1e-5, atol=1e-6)
+    expected = token_kd_loss(out.logits[:, :-1], t[:, :-1], labels[:, 1:], divergence="jsd", temperature=2.0)
+    torch.testing.assert_close(losses["distill"], expected)
+
+
+@pytest.mark.parametrize("engine", ["representation", "exact"])
+def test_a_causal_lm_distils_in_the_trainer_as_in_the_plain_loop(tmp_path, engine):
+    student, teacher = tiny_llamas()
+    reference = copy.deepcopy(student)
+    losses = causal_lm_losses()
+    args = arguments(tmp_path, 3, per_device_train_batch_size=4, learning_rate=0.05)
+    trainer = InOrder(model=student, teacher=teacher, method="dto", engine=engine, losses=losses, args=args,
+                      train_dataset=Blocks())
+    trainer.train()
+    balancer = make_balancer("dto", reference.parameters(), engine=engine)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
+    data = Blocks()
+    for step in range(3):
+        ids, labels = data.ids[4 * step: 4 * step + 4], data.labels[4 * step: 4 * step + 4]
+        logits = reference(input_ids=ids).logits
+        with torch.no_grad():
+            t = teacher(input_ids=ids).logits
+        balancer.backward(losses(logits, t, labels), representation=logits if engine == "representation" else None)
+        optimizer.step()
+        optimizer.zero_grad()
+    for (name, a), b in zip(student.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -12,8 +12,10 @@ DeepSpeed, FSDP) applies the balanced update::
     trainer.train()
 
 The losses are ``losses(student_logits, teacher_logits, labels) -> {name: loss}``, by default
-``{"distill": T^2 KL at T = 4, "task": cross-entropy}`` on ``(B, C)`` logits (for token-level
-losses give your own, masking labels -100). The model is called with the inputs but ``labels``
+``{"distill": T^2 KL at T = 4, "task": cross-entropy}`` on ``(B, C)`` logits; for causal LMs
+give ``losses=causal_lm_losses(...)`` (:mod:`dtokd.integrations.common`: a token-level divergence
+and the next-token cross-entropy over the tokens whose label is not -100, shifted as the model's
+own loss). The model is called with the inputs but ``labels``
 and must return ``logits`` (an output object or a dict with it, or a tensor); the teacher is
 called with the same inputs. The balancer's state is saved in every checkpoint
 (``dtokd_balancer.pt``) and restored by ``train(resume_from_checkpoint=...)``. The StepInfo of
