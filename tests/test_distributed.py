@@ -31,8 +31,10 @@ def losses_of(logits, y, teacher):
     return {"distill": kd, "task": nn.functional.cross_entropy(logits, y)}
 
 
-def train_steps(model, forward, method, options, rank=0, world=1):
-    """STEPS balanced SGD steps on this rank's shard; ``forward`` is the (DDP-wrapped) model."""
+def train_steps(model, forward, method, options, rank=0, world=1, combine=False):
+    """STEPS balanced SGD steps on this rank's shard; ``forward`` is the (DDP-wrapped) model.
+    ``combine``: the framework's way, ``balancer.combine(...)`` then the loss's own backward
+    (DDP's all-reduce); else ``balancer.backward``."""
     forward = forward or model
     params = list(model.parameters())
     if options.get("engine") == "subset":
@@ -46,7 +48,12 @@ def train_steps(model, forward, method, options, rank=0, world=1):
         shard = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
         optimizer.zero_grad()
         logits = forward(x[shard])
-        info = balancer.backward(losses_of(logits, y[shard], t[shard]), representation=logits if representation else None)
+        losses = losses_of(logits, y[shard], t[shard])
+        if combine:
+            balancer.combine(losses, representation=logits if representation else None).backward()
+            info = balancer.last_info
+        else:
+            info = balancer.backward(losses, representation=logits if representation else None)
         optimizer.step()
         if method == "dto-amortized" and options.get("update", "same-batch") == "same-batch":
             with torch.no_grad():
@@ -55,7 +62,7 @@ def train_steps(model, forward, method, options, rank=0, world=1):
     return weights, [p.detach().clone() for p in params]
 
 
-def worker(rank, world, init_file, method, options, out, desync):
+def worker(rank, world, init_file, method, options, out, desync, combine=False):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = make_model()
@@ -64,7 +71,7 @@ def worker(rank, world, init_file, method, options, out, desync):
             with torch.no_grad():
                 model[0].bias.add_(0.01)
         try:
-            weights, params = train_steps(model, ddp, method, options, rank, world)
+            weights, params = train_steps(model, ddp, method, options, rank, world, combine)
             torch.save({"weights": weights, "params": params}, f"{out}.{rank}")
         except RuntimeError as error:
             torch.save({"error": str(error)}, f"{out}.{rank}")
@@ -73,9 +80,9 @@ def worker(rank, world, init_file, method, options, out, desync):
         dist.destroy_process_group()
 
 
-def run_two_processes(tmp_path, method, options, desync=False):
+def run_two_processes(tmp_path, method, options, desync=False, combine=False):
     out = tmp_path / "result"
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), method, options, str(out), desync), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), method, options, str(out), desync, combine), nprocs=2, join=True)
     return [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
 
 
@@ -102,6 +109,25 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, met
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
     for a, b in zip(results[0]["params"], results[1]["params"]):
         assert torch.equal(a, b)
+
+
+COMBINE_CASES = [("dto", {"engine": "representation"}), ("dto", {}), ("dto-amortized", {"update": "next-step"}),
+                 ("fixed", {"weights": [0.9, 0.1]})]
+
+
+@pytest.mark.parametrize("method, options", COMBINE_CASES,
+                         ids=[f"{m}-{o.get('engine', o.get('update', ''))}" for m, o in COMBINE_CASES])
+def test_combine_under_ddp_equals_one_process(tmp_path, method, options):
+    """``loss = balancer.combine(...); loss.backward()`` through DDP (what Lightning and the
+    Hugging Face Trainer do) gives the one-process update on the concatenated batch."""
+    ref_weights, ref_params = train_steps(make_model(), None, method, options)
+    results = run_two_processes(tmp_path, method, options, combine=True)
+    for result in results:
+        assert "error" not in result, result.get("error")
+        for got, want in zip(result["weights"], ref_weights):
+            assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+        for got, want in zip(result["params"], ref_params):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
 def test_local_mode_averages_the_rank_weights(tmp_path):
