@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
     share_projectors(tasks)
     results[f"after {args.train_steps} DTO steps (m = 8)"] = {m: measure(t, batches, m) for m, t in tasks.items()}
-    lines = [f"# DTO's general-m rule on a detector's objectives", "",
+    lines = ["# DTO's general-m rule on a detector's objectives", "",
              f"- commit `{git_commit()[:10]}`; machine: {machine()}; {datetime.now(timezone.utc):%Y-%m-%d}",
              f"- command: `python benchmarks/detection_dto_conditioning.py {' '.join(argv or sys.argv[1:])}`",
              f"- student {args.student}, teacher {args.teacher} ({'trained: ' + args.teacher_weights if args.teacher_weights else 'random weights'}); "

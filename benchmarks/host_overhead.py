@@ -44,16 +44,16 @@ def make_steps() -> dict[str, Callable[[], None]]:
         return {"distill": kd, "task": F.cross_entropy(z, y)}, z
 
     def plain() -> None:
-        l, _ = losses()
-        (0.9 * l["distill"] + 0.1 * l["task"]).backward()
+        named, _ = losses()
+        (0.9 * named["distill"] + 0.1 * named["task"]).backward()
 
     def balanced(method: str, **options) -> Callable[[], None]:
         balancer = make_balancer(method, net.parameters(), **options)
         representation = options.get("engine") == "representation"
 
         def step() -> None:
-            l, z = losses()
-            balancer.backward(l, representation=z if representation else None)
+            named, z = losses()
+            balancer.backward(named, representation=z if representation else None)
 
         return step
 

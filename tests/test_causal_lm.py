@@ -18,6 +18,7 @@ from dtokd.data.text import TokenBlocks, read_documents, stdlib_root  # noqa: E4
 from dtokd.models import create_model  # noqa: E402
 from dtokd.tasks import CausalLMTask, evaluate_causal_lm  # noqa: E402
 from dtokd.train import load_config, train  # noqa: E402
+
 from tests.helpers import interrupt_after  # noqa: E402
 
 TINY = "{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2, intermediate_size: 64, max_position_embeddings: 32}"

@@ -10,6 +10,7 @@ import torch
 
 from dtokd import cli
 from dtokd.train import load_config, train
+
 from helpers import interrupt_after
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

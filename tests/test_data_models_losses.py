@@ -11,15 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dtokd.data import build_data, train_loader
-from dtokd.data import sources
+from dtokd.data import build_data, sources, train_loader
 from dtokd.data.tensor_dataset import Augmentation
 from dtokd.interrupts import exclusive
 from dtokd.losses import FeatureProjector, dkd_loss, kd_loss
-from dtokd.tasks import ClassificationTask
 from dtokd.losses.dkd import dkd_parts
 from dtokd.models import FeatureTaps, create_model
 from dtokd.models.registry import ZOO
+from dtokd.tasks import ClassificationTask
 
 # ------------------------------------------------------------------ data
 

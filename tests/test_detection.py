@@ -19,7 +19,9 @@ from dtokd.models.detection import loss_terms, parse_name  # noqa: E402
 from dtokd.tasks import DetectionTask, build_task  # noqa: E402
 from dtokd.tasks.coco_eval import coco_box_ap, detections_to_coco  # noqa: E402
 from dtokd.train import load_config, train  # noqa: E402
+
 from tests.helpers import interrupt_after  # noqa: E402
+
 
 @pytest.fixture(scope="module", autouse=True)
 def cache(tmp_path_factory):

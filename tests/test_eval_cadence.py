@@ -7,8 +7,8 @@ import json
 import pytest
 
 from dtokd import cli
-from dtokd.train import ConfigError, load_config, train
-from dtokd.train import loop
+from dtokd.train import ConfigError, load_config, loop, train
+
 from helpers import interrupt_after
 
 BASE = ["data.name=synthetic", "batch_size=32", "log_every=2", "eval_batch_size=64", "student.name=mlp_small"]

@@ -8,6 +8,7 @@ import torch
 
 from dtokd import cli
 from dtokd.train import ConfigError, load_config, train
+
 from helpers import interrupt_after
 
 BASE = ["data.name=synthetic", "batch_size=32", "log_every=2", "eval_batch_size=64"]

@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from dtokd import cli
-from helpers import interrupt_after
 from dtokd.data import sources
 from dtokd.report import report
 from dtokd.train import ConfigError, load_config, train
 from dtokd.train.optim import lr_factor
 from dtokd.train.run_folder import written_by_a_run
+
+from helpers import interrupt_after
 
 BASE = ["data.name=synthetic", "batch_size=32", "log_every=2", "eval_batch_size=64"]
 

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from dtokd import make_balancer
-from helpers import interrupt_after
 from dtokd.losses import cross_entropy, deit_token_loss
 from dtokd.models import create_model
 from dtokd.tasks import ClassificationTask, evaluate_classifier
 from dtokd.train import load_config, train
+
+from helpers import interrupt_after
 
 timm = pytest.importorskip("timm", reason="timm is a test dependency (pip install 'dtokd[test]')")
 

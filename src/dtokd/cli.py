@@ -214,8 +214,13 @@ def _default_folder(args: argparse.Namespace, config) -> Path:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from dtokd.models import create_model
-    from dtokd.tasks import (evaluate_causal_lm, evaluate_classifier, evaluate_detector, has_distillation_head,
-                             resolve_loss_specs)
+    from dtokd.tasks import (
+        evaluate_causal_lm,
+        evaluate_classifier,
+        evaluate_detector,
+        has_distillation_head,
+        resolve_loss_specs,
+    )
     from dtokd.train.checkpoint import load_checked
     from dtokd.train.distributed import resolve_device
     from dtokd.train.loop import data_of

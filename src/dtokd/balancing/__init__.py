@@ -7,8 +7,8 @@ Public API::
     Balancer.backward(losses) -> StepInfo
 """
 
-from dtokd.balancing.base import Balancer
 from dtokd.balancing.balancers import BALANCERS, make_balancer
+from dtokd.balancing.base import Balancer
 from dtokd.balancing.engines import ENGINES
 from dtokd.balancing.rules import RULES, weights
 from dtokd.balancing.stepinfo import StepInfo

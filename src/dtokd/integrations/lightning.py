@@ -38,6 +38,7 @@ from dtokd.balancing import make_balancer
 from dtokd.integrations.common import LossFn, default_losses
 from dtokd.models.norms import frozen_batchnorm_statistics
 
+
 class DistillationModule(lightning.LightningModule):
     """``student`` distilled from the frozen ``teacher`` with a dtokd balancer (``method``,
     ``engine`` and ``balancer_options`` as :func:`dtokd.make_balancer` takes them; the

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal
 
-
 TEACHER_NORMS = ("layernorm", "standardize", "pearson", "none")
 
 

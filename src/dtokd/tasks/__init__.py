@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from dtokd.tasks.causal_lm import CausalLMTask, evaluate_causal_lm
 from dtokd.tasks.classification import (
     LOSS_OPTIONS,
     ClassificationTask,
@@ -16,7 +17,6 @@ from dtokd.tasks.classification import (
     has_distillation_head,
     resolve_loss_specs,
 )
-from dtokd.tasks.causal_lm import CausalLMTask, evaluate_causal_lm
 from dtokd.tasks.detection import DetectionTask, evaluate_detector
 from dtokd.train.config import CHOICES
 

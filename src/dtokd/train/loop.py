@@ -24,11 +24,11 @@ from torch import nn
 from tqdm import tqdm
 
 from dtokd.balancing import Balancer, make_balancer
+from dtokd.data import DataBundle, build_data, place_data, sources, to_device, train_loader
 from dtokd.interrupts import hold_folder
-from dtokd.data import DataBundle, sources, build_data, place_data, to_device, train_loader
 from dtokd.models import create_model, load_weights
-from dtokd.models.norms import frozen_batchnorm_statistics
 from dtokd.models.foreign import Renormalize, WithInput, check_normalize, remap_keys
+from dtokd.models.norms import frozen_batchnorm_statistics
 from dtokd.models.registry import apply_weights, read_weights
 from dtokd.tasks import Task, build_task
 from dtokd.train import checkpoint as ckpt
@@ -36,8 +36,8 @@ from dtokd.train import distributed
 from dtokd.train.config import CHOICES, Config, ConfigError, load_config, to_dict
 from dtokd.train.optim import lr_factor, make_optimizer, make_scheduler
 from dtokd.train.records import MetricLog, git_commit, metadata, write_yaml
-from dtokd.train.teacher_cache import CachedTeacher, cache_key
 from dtokd.train.run_folder import config_for_resume, prepare_fresh, record_extension, remove_partial_run
+from dtokd.train.teacher_cache import CachedTeacher, cache_key
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 git_commit()  # fix the commit this process records to the code it loaded (see records.git_commit)

@@ -33,7 +33,8 @@ def git_commit() -> str:
 def machine() -> str:
     cpu = platform.processor() or "unknown"
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
