@@ -228,8 +228,9 @@ def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs:
             p.ranks.barrier()
             if verbose:
                 m = metric_of(config)
-                scores = "".join(f" {split} {m} {row[f'{split}_{m}']:.2f}" for split in ("val", "test")
-                                 if f"{split}_{m}" in row)
+                scores = "".join(f" {split} {m} {row[f'{split}_{m}']:.2f}" + (
+                    f" ppl {row[f'{split}_ppl']:.2f}" if f"{split}_ppl" in row else "")
+                    for split in ("val", "test") if f"{split}_{m}" in row)
                 print(f"[{config.name}] epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}{scores} "
                       f"({row['epoch_seconds']:.1f}s)", flush=True)
     finally:
