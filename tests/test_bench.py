@@ -122,6 +122,8 @@ def test_a_selection_runs_only_its_cells_and_names_what_it_does_not_know(tmp_pat
     assert "--methods nope: not in the matrix, which has ['kd-fixed', 'kd-grid-a0.5', 'dto']" in capsys.readouterr().err
     assert cli.main(["bench", matrix, "--out", str(out), "--seeds", "7"]) == 2
     assert "--seeds 7: not in the matrix, which has [0, 1]" in capsys.readouterr().err
+    assert cli.main(["bench", matrix, "--out", str(out), "--parallel", "2", "--stop-grace", "0"]) == 2
+    assert "--stop-grace 0.0 must be a positive number of seconds" in capsys.readouterr().err
 
 
 def test_a_pair_with_a_given_teacher_checkpoint_trains_no_teacher(tmp_path):
@@ -231,7 +233,8 @@ def test_interrupted_parallel_bench_keeps_its_cells_and_finishes_on_rerun(tmp_pa
     open(matrix, "w").write(text)
     command = [sys.executable, "-m", "dtokd", "bench", matrix, "--parallel", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([*command, "--out", str(tmp_path / "cut")], stdout=subprocess.PIPE,
+    # a loaded machine may take long to stop a cell; the bench waits for it (no kill, whatever the load)
+    process = subprocess.Popen([*command, "--out", str(tmp_path / "cut"), "--stop-grace", "600"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=env,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:

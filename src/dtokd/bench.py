@@ -126,6 +126,11 @@ class CellsFailed(RuntimeError):
     """Some cells of a parallel run failed (each one's output is in its ``bench.log``)."""
 
 
+STOP_GRACE_SECONDS = 60.0
+"""How long a parallel bench waits, in all, for its cells to stop after a stop signal before it
+kills the rest (``--stop-grace``)."""
+
+
 def select_cells(matrix: Matrix, *, pairs: list[str] | None = None, methods: list[str] | None = None,
                  seeds: list[int] | None = None) -> list[tuple[str, str, int]]:
     """The cells to run, pair by pair, seed by seed, in the matrix's order of methods (a partial
@@ -144,7 +149,8 @@ def select_cells(matrix: Matrix, *, pairs: list[str] | None = None, methods: lis
 
 
 def run_matrix(matrix: Matrix, out: Path, *, progress: bool = False, parallel: int = 1,
-               matrix_path: Path | None = None, cells: list[tuple[str, str, int]] | None = None) -> Path:
+               matrix_path: Path | None = None, cells: list[tuple[str, str, int]] | None = None,
+               stop_grace: float = STOP_GRACE_SECONDS) -> Path:
     """Run (or finish) every cell (or only ``cells``, see :func:`select_cells`), then aggregate
     whatever has finished; returns the markdown results path.
 
@@ -155,6 +161,8 @@ def run_matrix(matrix: Matrix, out: Path, *, progress: bool = False, parallel: i
     """
     if not isinstance(parallel, int) or parallel < 1:
         raise ValueError(f"parallel={parallel!r} must be a positive integer")
+    if not (isinstance(stop_grace, (int, float)) and math.isfinite(stop_grace) and stop_grace > 0):
+        raise ValueError(f"--stop-grace {stop_grace!r} must be a positive number of seconds")
     if parallel > 1 and matrix_path is None:
         raise ValueError("parallel > 1 runs each cell as 'dtokd bench MATRIX --cell ...' and needs matrix_path")
     check_cells(matrix)
@@ -173,7 +181,7 @@ def run_matrix(matrix: Matrix, out: Path, *, progress: bool = False, parallel: i
                   flush=True)
             run_cell(matrix, out, pair, method, seed, teachers[pair], progress=progress)
     else:
-        _run_in_processes(matrix_path, out, pending, parallel)  # type: ignore[arg-type]
+        _run_in_processes(matrix_path, out, pending, parallel, grace=stop_grace)  # type: ignore[arg-type]
     seconds = time.perf_counter() - began
     if pending:
         timing = {"parallel": parallel, "cells": len(pending), "seconds": round(seconds, 2),
@@ -244,7 +252,6 @@ def run_cell(matrix: Matrix, out: Path, pair: str, method: str, seed: int, teach
         print(f"[bench] {pair} {method} seed {seed} diverged in epoch {epochs + 1}: {error}", flush=True)
 
 
-STOP_GRACE_SECONDS = 60.0
 """How long the cells of a stopped parallel bench get to stop on SIGINT before they are killed
 (a kill is safe: checkpoints are written atomically, a resume starts from the last one)."""
 
@@ -311,10 +318,10 @@ def _drive(matrix_path: Path, out: Path, queue: list, running: list, failed: lis
 
 def _stop_cells(running: list, grace: float) -> None:
     """SIGINT to every running cell; wait up to ``grace`` seconds in all; kill the rest."""
-    print(f"[bench] stopping {len(running)} running cell(s)", flush=True)
     for _, process, _ in running:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
+    print(f"[bench] stopping {len(running)} running cell(s)", flush=True)  # each has its SIGINT
     deadline = time.monotonic() + grace
     for cell, process, log in running:
         try:

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--pairs", nargs="+", metavar="PAIR", help="run only these pairs' cells")
     bench.add_argument("--methods", nargs="+", metavar="METHOD", help="run only these methods' cells")
     bench.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="run only these seeds' cells")
+    bench.add_argument("--stop-grace", type=float, default=60.0, metavar="SECONDS",
+                       help="on SIGINT/SIGTERM/SIGHUP, how long to wait for the cells to stop before killing "
+                            "them (default 60; checkpoints are atomic either way)")
     bench.add_argument("--cell", nargs=3, metavar=("PAIR", "METHOD", "SEED"),
                        help="run only this cell (its teacher must be trained); used by --parallel")
     demo = sub.add_parser("demo", help="Fashion-MNIST: teacher, then a student alone / fixed KD / DTO-KD")
@@ -295,7 +298,7 @@ def _bench(args: argparse.Namespace) -> int:
         try:
             path = aggregate(matrix, out) if args.aggregate_only else run_matrix(
                 matrix, out, progress=args.progress, parallel=args.parallel, matrix_path=Path(args.matrix),
-                cells=cells)
+                cells=cells, stop_grace=args.stop_grace)
         except CellsFailed as error:
             print(f"dtokd bench: {error}", file=sys.stderr)
             return 1
