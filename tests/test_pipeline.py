@@ -80,8 +80,11 @@ def test_corrupt_checkpoint_is_reported_and_never_overwritten(teacher, tmp_path)
     with pytest.raises(ValueError, match="corrupt"):
         train(load_config(None, overrides), folder, resume=True, progress=False)
     assert (folder / "checkpoint.pt").read_bytes() == b"not a checkpoint"
-    with pytest.raises(FileExistsError, match="--resume"):
-        train(load_config(None, overrides), folder, progress=False)
+    # its bytes are no longer a dtokd checkpoint's: a fresh run (even with --force) refuses, naming it
+    for force in (False, True):
+        with pytest.raises(FileExistsError, match="holds files that are not a dtokd run's \\(checkpoint.pt\\)"):
+            train(load_config(None, overrides), folder, progress=False, force=force)
+    assert (folder / "checkpoint.pt").read_bytes() == b"not a checkpoint"
 
 
 def test_mismatched_checkpoint_is_refused(teacher, tmp_path):
