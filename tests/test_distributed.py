@@ -86,6 +86,16 @@ def run_two_processes(tmp_path, method, options, desync=False, combine=False):
     return [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
 
 
+def assert_each_rank_equals(results, ref_weights, ref_params):
+    """Every rank's weights and parameters equal the one-process run's (float64 tolerances)."""
+    for result in results:
+        assert "error" not in result, result.get("error")
+        for got, want in zip(result["weights"], ref_weights):
+            assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+        for got, want in zip(result["params"], ref_params):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
 CASES = [
     ("dto", {}),
     ("dto", {"engine": "representation"}),
@@ -101,12 +111,7 @@ CASES = [
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, method, options):
     ref_weights, ref_params = train_steps(make_model(), None, method, options)
     results = run_two_processes(tmp_path, method, options)
-    for result in results:
-        assert "error" not in result, result.get("error")
-        for got, want in zip(result["weights"], ref_weights):
-            assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
-        for got, want in zip(result["params"], ref_params):
-            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert_each_rank_equals(results, ref_weights, ref_params)
     for a, b in zip(results[0]["params"], results[1]["params"]):
         assert torch.equal(a, b)
 
@@ -122,12 +127,7 @@ def test_combine_under_ddp_equals_one_process(tmp_path, method, options):
     Hugging Face Trainer do) gives the one-process update on the concatenated batch."""
     ref_weights, ref_params = train_steps(make_model(), None, method, options)
     results = run_two_processes(tmp_path, method, options, combine=True)
-    for result in results:
-        assert "error" not in result, result.get("error")
-        for got, want in zip(result["weights"], ref_weights):
-            assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
-        for got, want in zip(result["params"], ref_params):
-            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert_each_rank_equals(results, ref_weights, ref_params)
 
 
 def test_local_mode_averages_the_rank_weights(tmp_path):
