@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +145,7 @@ class TextSplits:
     test: TokenBlocks
     vocabulary: tuple[str, ...]
     documents: dict[str, list[str]]
-    """The names of each split's documents (recorded with a run)."""
+    """The names of each split's documents."""
 
 
 def load_text(root: str | None, options: dict[str, Any] | None, val_fraction: float) -> TextSplits:
@@ -247,7 +246,3 @@ def _tokenizer(settings: dict[str, Any], train_texts: list[str]) -> Any:
             temporary.replace(path)
     return Tokenizer.from_file(str(path))
 
-
-def corpus_version(root: str) -> str | None:
-    """What identifies the corpus ``stdlib`` (the interpreter's version), else None."""
-    return f"Python {sys.version.split()[0]} ({stdlib_root()})" if root == "stdlib" else None
