@@ -56,11 +56,14 @@ def plain_loop(student, teacher, data, steps, method, engine, options, accumulat
                 t = teacher(x)
             logits = student(x)
             losses = losses_of(logits, t, y)
-            scaled = {n: v / accumulate for n, v in losses.items()}  # the balanced combination is linear
-            balancer.backward(scaled if method in ("fixed", "mean") else losses,
-                              representation=logits if engine == "representation" else None)
-            if method not in ("fixed", "mean") and accumulate > 1:
-                raise NotImplementedError
+            before = [None if p.grad is None else p.grad.clone() for p in student.parameters()]
+            student.zero_grad(set_to_none=True)
+            balancer.backward(losses, representation=logits if engine == "representation" else None)
+            with torch.no_grad():  # this micro-batch's balanced update / accumulate, added to the others
+                for p, b in zip(student.parameters(), before):
+                    p.grad.div_(accumulate)
+                    if b is not None:
+                        p.grad.add_(b)
             k += 1
             if k % accumulate:
                 continue
@@ -110,13 +113,15 @@ def test_a_lightning_checkpoint_resumes_identically_with_the_balancer_state(tmp_
     assert not torch.equal(straight.balancer.logits, torch.zeros(2, dtype=torch.float64))  # it learned
 
 
-def test_accumulated_batches_average_the_micro_batches_balanced_updates(tmp_path):
-    """With fixed weights the balanced update is linear, so accumulation must equal the plain
-    loop's sum of micro-batch updates / N; for DTO each micro-batch has its own weights."""
+@pytest.mark.parametrize("method, options", [("fixed", {"weights": {"distill": 0.9, "task": 0.1}}), ("dto", {})])
+def test_accumulated_batches_average_the_micro_batches_balanced_updates(method, options, tmp_path):
+    """``accumulate_grad_batches=2``: each micro-batch is balanced on its own gradients and the
+    update is the mean of the two balanced updates (for DTO not the balanced update of their
+    union: the reference computes each micro-batch's update separately)."""
     student, teacher = nets()
-    options = {"weights": {"distill": 0.9, "task": 0.1}}
-    reference = plain_loop(copy.deepcopy(student), teacher, loader(), 2, "fixed", "exact", options, accumulate=2)
-    module = DistillationModule(student, teacher, method="fixed", engine="exact", balancer_options=options,
+    reference = plain_loop(copy.deepcopy(student), teacher, loader(), 2, method, "representation", options,
+                           accumulate=2)
+    module = DistillationModule(student, teacher, method=method, engine="representation", balancer_options=options,
                                 optimizer=sgd)
     fit(module, loader(), 2, accumulate=2, root=tmp_path)
     for a, b in zip(module.student.state_dict().values(), reference.state_dict().values()):
@@ -128,3 +133,53 @@ def test_a_checkpoint_without_balancer_state_is_refused(tmp_path):
     module = DistillationModule(student, teacher, optimizer=sgd)
     with pytest.raises(ValueError, match="holds no dtokd balancer state"):
         module.on_load_checkpoint({"state_dict": {}})
+
+
+def nets_without_batchnorm():
+    """Under DDP each rank's BatchNorm sees its own half of the batch (Lightning's
+    ``sync_batchnorm`` changes that); a student without it makes one process comparable."""
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    teacher = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 4)).double()
+    return student, teacher
+
+
+class SaveEachRank(lightning.Callback):
+    """Each rank writes its student's weights and balancer state at the end of the fit."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_end(self, trainer, module):
+        torch.save({"student": module.student.state_dict(), "balancer": module.balancer.state_dict()},
+                   f"{self.folder}/rank{trainer.global_rank}.pt")
+
+
+DDP_CASES = [("dto", "representation", {}), ("dto-amortized", "exact", {"update": "same-batch"})]
+
+
+@pytest.mark.parametrize("method, engine, options", DDP_CASES, ids=[f"{m}-{e}" for m, e, _ in DDP_CASES])
+def test_two_process_ddp_equals_one_process_on_the_whole_batch(method, engine, options, tmp_path):
+    """Lightning's DDP (two CPU processes, gloo), per-rank batch 16, one epoch of 4 steps.
+    Lightning shards the training set with a shuffled DistributedSampler (seed 0): rank r takes
+    ``perm[r::2]`` of ``randperm(128)``, so each step's two halves are one process's batch of 32
+    in the order ``perm``. The balancer all-reduces the Gram and the losses, so both ranks take
+    the one-process weights and end with its parameters (and the amortized rule's state)."""
+    student, teacher = nets_without_batchnorm()
+    data = loader(batches=8, size=16)
+    perm = torch.randperm(len(data.dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    one = DistillationModule(copy.deepcopy(student), teacher, method=method, engine=engine,
+                             balancer_options=options, optimizer=sgd)
+    fit(one, torch.utils.data.DataLoader(data.dataset, batch_size=32, sampler=perm), 4, root=tmp_path / "one")
+    two = DistillationModule(student, teacher, method=method, engine=engine, balancer_options=options, optimizer=sgd)
+    trainer = lightning.Trainer(max_steps=4, accelerator="cpu", devices=2, strategy="ddp_spawn", precision="64-true",
+                                logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path / "two",
+                                callbacks=[SaveEachRank(tmp_path)])
+    trainer.fit(two, train_dataloaders=data)
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for a, b in zip(saved["student"].values(), one.student.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        if method == "dto-amortized":
+            torch.testing.assert_close(saved["balancer"]["logits"], one.balancer.logits, rtol=1e-9, atol=1e-12)

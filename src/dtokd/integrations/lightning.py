@@ -39,11 +39,17 @@ from dtokd.integrations.common import LossFn, default_losses
 from dtokd.models.norms import frozen_batchnorm_statistics
 
 
+def default_optimizer(params: Any) -> torch.optim.Optimizer:
+    """SGD, lr 0.1, momentum 0.9 (a module function, not a lambda: the module stays picklable)."""
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
 class DistillationModule(lightning.LightningModule):
     """``student`` distilled from the frozen ``teacher`` with a dtokd balancer (``method``,
     ``engine`` and ``balancer_options`` as :func:`dtokd.make_balancer` takes them; the
     representation engine balances at the student's logits). ``optimizer``: a function of the
-    student's parameters returning the optimizer (default SGD, lr 0.1, momentum 0.9)."""
+    student's parameters returning the optimizer (default SGD, lr 0.1, momentum 0.9). Under
+    Lightning's ``ddp_spawn`` the module is pickled: give module-level functions, not lambdas."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, method: str = "dto",
                  engine: str = "representation", balancer_options: Mapping[str, Any] | None = None,
@@ -55,7 +61,7 @@ class DistillationModule(lightning.LightningModule):
         self.losses = losses or default_losses()
         self.engine = engine
         self.balancer = make_balancer(method, self.student.parameters(), engine=engine, **dict(balancer_options or {}))
-        self._optimizer = optimizer or (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9))
+        self._optimizer = optimizer or default_optimizer
         self._same_batch = method == "dto-amortized" and dict(balancer_options or {}).get("update", "same-batch") == "same-batch"
         self._batch: tuple[Tensor, Tensor, Tensor] | None = None
 
