@@ -2,6 +2,7 @@
 equals the plain PyTorch loop's, a checkpoint resumes with the balancer's state."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -182,3 +183,75 @@ def test_a_causal_lm_distils_in_the_trainer_as_in_the_plain_loop(tmp_path, engin
         optimizer.zero_grad()
     for (name, a), b in zip(student.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def accumulated_plain_loop(model, teacher, micro_batches, losses, accumulate, lr):
+    """SGD on the mean of each ``accumulate`` micro-batches' own balanced updates (DTO,
+    representation engine): what the Trainer's gradient accumulation must apply."""
+    balancer = make_balancer("dto", model.parameters(), engine="representation")
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for k, (inputs, labels) in enumerate(micro_batches, start=1):
+        before = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        logits = model(**inputs)["logits"]
+        with torch.no_grad():
+            t = teacher(**inputs)["logits"]
+        balancer.backward(losses(logits, t, labels), representation=logits)
+        with torch.no_grad():
+            for p, b in zip(model.parameters(), before):
+                p.grad.div_(accumulate)
+                if b is not None:
+                    p.grad.add_(b)
+        if k % accumulate == 0:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["classifier", "causal-lm"])
+def test_gradient_accumulation_averages_the_micro_batches_balanced_updates(tmp_path, kind):
+    """``gradient_accumulation_steps=2``: each micro-batch is balanced on its own gradients and
+    the update is the mean of the two balanced updates, for a model whose ``forward`` takes no
+    loss keywords (the classifier) and for one that does (a Llama: the Trainer would leave such
+    a model's loss unscaled, expecting it to be normalised by the batch's token count)."""
+    if kind == "classifier":
+        student, teacher = models()
+        data, losses, batch = Pairs(), default_losses(), 8
+        micro = [({"x": data.x[k:k + batch]}, data.y[k:k + batch]) for k in range(0, 32, batch)]
+    else:
+        student, teacher = tiny_llamas()
+        data, losses, batch = Blocks(), causal_lm_losses(), 2
+        micro = [({"input_ids": data.ids[k:k + batch]}, data.labels[k:k + batch]) for k in range(0, 8, batch)]
+    reference = accumulated_plain_loop(copy.deepcopy(student), teacher, micro, losses, accumulate=2, lr=0.05)
+    args = arguments(tmp_path, 2, per_device_train_batch_size=batch, gradient_accumulation_steps=2, learning_rate=0.05)
+    trainer = InOrder(model=student, teacher=teacher, method="dto", engine="representation", losses=losses, args=args,
+                      train_dataset=data)
+    trainer.train()
+    for (name, a), b in zip(student.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", ["dto", "dto-amortized"])
+def test_torchrun_with_two_processes_equals_one_process(tmp_path, method):
+    """``torchrun --nproc_per_node 2`` (gloo, CPU), 16 per device: accelerate gives the ranks
+    consecutive batches of the in-order sampler, so each step's two shards are one process's
+    batch of 32; the balancer all-reduces the Gram and the losses, so every rank ends with the
+    one-process parameters (and the amortized rule's logits)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("trainer_run.py")
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), method, "32", "4"], check=True,
+                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path / "two"), method, "16", "4"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=False)
+    for rank in range(2):
+        two = torch.load(tmp_path / "two" / f"rank{rank}.pt", weights_only=False)
+        for name, value in one["model"].items():
+            torch.testing.assert_close(two["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        if method == "dto-amortized":
+            torch.testing.assert_close(two["balancer"]["logits"], one["balancer"]["logits"], rtol=1e-5, atol=1e-6)

@@ -68,6 +68,10 @@ class DistillationTrainer(transformers.Trainer):
         self.losses = losses or default_losses()
         self.engine = engine
         self.balancer = make_balancer(method, self.model.parameters(), engine=engine, **options)
+        # The balanced loss is a mean over this micro-batch, not a sum normalised by the token
+        # count of the accumulated batch: the Trainer must divide it by the accumulation steps,
+        # which it skips for models whose forward takes loss keywords (the causal LMs).
+        self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, Any]:
