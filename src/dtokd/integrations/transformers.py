@@ -25,6 +25,10 @@ log losses always ``sum_i pi_i = 1``): read the losses from ``dtokd/loss/*``.
 Gradient accumulation: each micro-batch is balanced on its own gradients and the Trainer averages
 them. The amortized rule runs with ``update="next-step"`` here (``"same-batch"`` needs a
 re-evaluation after the optimizer step, which the Trainer does not offer a hook for; refused).
+
+TRL: ``class SFTDistillationTrainer(DistillationTrainer, trl.SFTTrainer)`` (this class first,
+so its ``compute_loss`` is used) keeps TRL's data preparation and collation (``-100`` labels on
+padding and prompts) under the balanced loss; give ``losses=causal_lm_losses()``.
 """
 
 from __future__ import annotations
@@ -56,6 +60,11 @@ class DistillationTrainer(transformers.Trainer):
     """A ``Trainer`` that distils ``teacher`` into ``model`` with a dtokd balancer (``method``,
     ``engine``, ``balancer_options`` as :func:`dtokd.make_balancer` takes them)."""
 
+    # The balanced loss is a mean over this micro-batch, not a sum normalised by the token count
+    # of the accumulated batch: the Trainer must divide it by the accumulation steps (which it
+    # would skip for a causal LM, whose forward takes loss keywords, or under a TRL parent).
+    loss_is_scaled_for_ga = False
+
     def __init__(self, *args: Any, teacher: nn.Module, method: str = "dto", engine: str = "representation",
                  balancer_options: Mapping[str, Any] | None = None,
                  losses: Callable[[Tensor, Tensor, Tensor], Mapping[str, Tensor]] | None = None, **kwargs: Any) -> None:
@@ -68,10 +77,7 @@ class DistillationTrainer(transformers.Trainer):
         self.losses = losses or default_losses()
         self.engine = engine
         self.balancer = make_balancer(method, self.model.parameters(), engine=engine, **options)
-        # The balanced loss is a mean over this micro-batch, not a sum normalised by the token
-        # count of the accumulated batch: the Trainer must divide it by the accumulation steps,
-        # which it skips for models whose forward takes loss keywords (the causal LMs).
-        self.model_accepts_loss_kwargs = False
+        self.model_accepts_loss_kwargs = False  # what transformers < 5.19 reads instead of loss_is_scaled_for_ga
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, Any]:
