@@ -32,7 +32,7 @@ demo: setup fashion-mnist
 	$(PY) -m dtokd.cli demo
 
 test: setup fashion-mnist
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m pytest -q
 
 bench: setup

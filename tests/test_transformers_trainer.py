@@ -255,3 +255,24 @@ def test_torchrun_with_two_processes_equals_one_process(tmp_path, method):
             torch.testing.assert_close(two["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
         if method == "dto-amortized":
             torch.testing.assert_close(two["balancer"]["logits"], one["balancer"]["logits"], rtol=1e-5, atol=1e-6)
+
+
+class LogitsOnly(nn.Module):
+    """A model whose forward takes no ``labels`` (the Trainer would drop them from the batch)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_labels_reach_the_losses_when_the_model_takes_none(tmp_path):
+    student, teacher = LogitsOnly(), LogitsOnly()
+    before = student.body.weight.detach().clone()
+    trainer = InOrder(model=student, teacher=teacher, method="dto", args=arguments(tmp_path, 2), train_dataset=Pairs())
+    trainer.train()
+    assert not torch.equal(student.body.weight, before)
+    assert [row for row in trainer.state.log_history if "dtokd/loss/task" in row]

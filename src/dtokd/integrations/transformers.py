@@ -78,10 +78,14 @@ class DistillationTrainer(transformers.Trainer):
         self.engine = engine
         self.balancer = make_balancer(method, self.model.parameters(), engine=engine, **options)
         self.model_accepts_loss_kwargs = False  # what transformers < 5.19 reads instead of loss_is_scaled_for_ga
+        if "labels" not in self.label_names:  # kept for the losses even if the model's forward takes none
+            self.label_names = [*self.label_names, "labels"]
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, Any]:
         inputs = dict(inputs)
+        if "labels" not in inputs:
+            raise KeyError(f"the batch has no 'labels' (it has {sorted(inputs)}): the distillation losses need them")
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         logits = _logits(outputs)
