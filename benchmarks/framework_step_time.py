@@ -4,7 +4,8 @@ same framework's fixed-weight KD loss (``0.9 KD + 0.1 CE`` written by hand, as u
 ResNet-56 -> ResNet-20 (CIFAR shapes) on one fixed random batch, SGD, CPU. Each row is a short
 fit of ``--steps`` optimizer steps in its framework; a callback times every step (batch start
 to batch end: forward, the balancer, the framework's backward, the optimizer step). Rows run
-interleaved, round after round, in one process; a row's figure is the median over its steps
+interleaved, round after round, in one process, each round starting one row later (no row
+always follows the same one); a row's figure is the median over its steps
 after the first ``--warmup`` of each fit, and its ratio is to its own framework's hand-written
 row of the same run.
 
@@ -176,8 +177,10 @@ def main() -> None:
     if args.steps <= args.warmup:
         parser.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
     timed: dict[str, list[float]] = {name: [] for name in ROWS}
+    names = list(ROWS)
     for round_ in range(args.rounds):
-        for name, (framework, method, engine, options) in ROWS.items():
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:  # each round starts one row later
+            framework, method, engine, options = ROWS[name]
             times = FITS[framework](method, engine, options, args.batch, args.steps)
             timed[name] += times[args.warmup:]
             print(f"[round {round_ + 1}/{args.rounds}] {name}: median {statistics.median(times[args.warmup:]):.3f} s/step",
@@ -195,7 +198,7 @@ def main() -> None:
         "# Step time of the balanced loss inside Lightning and the HF Trainer", "",
         f"- command: `{record['command']}`", f"- commit `{record['commit'][:10]}`; {record['machine']}; torch {torch.__version__}",
         f"- {record['date']}; CPU; ResNet-56 -> ResNet-20, batch {args.batch}, SGD; median seconds per optimizer step over "
-        f"{args.rounds} interleaved round(s) x {args.steps - args.warmup} timed steps", "",
+        f"{args.rounds} interleaved, rotated round(s) x {args.steps - args.warmup} timed steps", "",
         "| row | s / step (median) | time / the framework's hand-written fixed KD |", "|---|---|---|",
         *[f"| {name} | {row['median_s']:.3f} | {row['ratio_to_hand_written']:.3f} |" for name, row in record["rows"].items()],
     ]
