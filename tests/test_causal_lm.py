@@ -171,14 +171,25 @@ def test_teacher_distillation_resume_and_eval(corpus, tmp_path, monkeypatch, cap
     assert evaluated["ppl"] == pytest.approx(straight["last_test_ppl"], rel=1e-6)
 
 
-def test_the_task_and_its_losses_are_checked(corpus, tmp_path):
+def test_the_task_and_its_losses_are_checked_before_the_corpus_is_read(corpus, tmp_path, monkeypatch):
+    """Each setting error is reported before the corpus is read and a tokenizer trained (on a
+    real corpus that takes minutes); the model's own kwargs are checked when it is built."""
+    import dtokd.train.loop as loop
+
     cases = [
         (["losses={distill: {type: token-kd, divergence: kl}, task: {type: ce}}"], "divergence='kl' is not allowed"),
         (["losses={distill: {type: kd}}"], "losses.distill.type='kd' is not allowed for task 'causal-lm'"),
         (["task=classification"], "task='causal-lm' and data.name='text' go together"),
         (["student.name=mlp_small", "student.kwargs={}"], "must name hf-causal-lm:<model_type>"),
-        (["student.kwargs={hidden_size: 32, colour: 3}"], "does not take kwargs \\['colour'\\]"),
+        (["teacher.name=resnet20"], "\\['teacher.name'\\] must name hf-causal-lm"),
+        (["balancer.representation=features"], "for causal-lm the representation is the student's logits"),
+        (["teacher.normalize={mean: [0.5], std: [0.2]}"], "teacher.normalize is for images"),
     ]
-    for overrides, message in cases:
-        with pytest.raises(ValueError, match=message):
-            train(_config(corpus, *overrides), tmp_path / "run", progress=False, verbose=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "data_of", lambda *a, **k: pytest.fail("the data was read before the settings were checked"))
+        for overrides, message in cases:
+            with pytest.raises(ValueError, match=message):
+                train(_config(corpus, *overrides), tmp_path / "run", progress=False, verbose=False)
+    with pytest.raises(ValueError, match="does not take kwargs \\['colour'\\]"):
+        train(_config(corpus, "student.kwargs={hidden_size: 32, colour: 3}"), tmp_path / "run", progress=False,
+              verbose=False)

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from dtokd.tasks.causal_lm import CausalLMTask, evaluate_causal_lm
+from dtokd.tasks.causal_lm import CausalLMTask, evaluate_causal_lm, resolve_lm_specs
 from dtokd.tasks.classification import (
     LOSS_OPTIONS,
     ClassificationTask,
@@ -24,6 +24,31 @@ TASKS = CHOICES["task"]
 Task = ClassificationTask | DetectionTask | CausalLMTask
 
 
+def check_causal_lm_settings(kind: str, data_name: str, model_names: list[tuple[str, str | None]],
+                             specs: Mapping[str, Mapping[str, Any]], representation: str,
+                             teacher_normalized: bool) -> None:
+    """The language-model task's checks that need only the settings (run before the corpus is
+    read and its tokenizer trained): ``task: causal-lm`` with ``data.name: text``, the models
+    (``(argument, name)`` pairs) named ``hf-causal-lm:...``, the representation left at
+    ``outputs``, no ``teacher.normalize``, and the loss specs. Nothing to check for other tasks."""
+    from dtokd.models.causal_lm import PREFIX
+
+    if kind != "causal-lm" and data_name != "text":
+        return
+    if data_name != "text" or kind != "causal-lm":
+        raise ValueError("task='causal-lm' and data.name='text' go together (token blocks for language models); "
+                         f"got task={kind!r} with data.name={data_name!r}")
+    wrong = [arg for arg, name in model_names if name is not None and not name.startswith(PREFIX)]
+    if wrong:
+        raise ValueError(f"task='causal-lm' needs language models: {wrong} must name hf-causal-lm:<model_type>")
+    if representation != "outputs":
+        raise ValueError(f"balancer.representation={representation!r}: for causal-lm the representation is "
+                         "the student's logits; leave it at 'outputs'")
+    if teacher_normalized:
+        raise ValueError("teacher.normalize is for images; a language model's input is token ids")
+    resolve_lm_specs(specs)
+
+
 def build_task(kind: str, student: nn.Module, teacher: nn.Module | None, specs: Mapping[str, Mapping[str, Any]],
                data: Any, teacher_input: nn.Module | None = None, representation: str = "outputs") -> Task:
     """The task ``kind`` for these models and data, with the checks that they belong to it."""
@@ -33,21 +58,13 @@ def build_task(kind: str, student: nn.Module, teacher: nn.Module | None, specs: 
         raise ValueError(f"task={kind!r} is not allowed; use one of {list(TASKS)}")
     detection_data = getattr(data, "detection", False)
     models = [("student.name", student)] + ([("teacher.name", teacher)] if teacher is not None else [])
-    text_data = data.name == "text"
-    if kind == "causal-lm" or text_data:
+    if kind == "causal-lm" or data.name == "text":
         from dtokd.models.causal_lm import CausalLM
 
-        if not text_data or kind != "causal-lm":
-            raise ValueError("task='causal-lm' and data.name='text' go together (token blocks for language models); "
-                             f"got task={kind!r} with data.name={data.name!r}")
+        check_causal_lm_settings(kind, data.name, [], specs, representation, teacher_input is not None)
         wrong = [arg for arg, model in models if not isinstance(model, CausalLM)]
         if wrong:
             raise ValueError(f"task='causal-lm' needs language models: {wrong} must name hf-causal-lm:<model_type>")
-        if representation != "outputs":
-            raise ValueError(f"balancer.representation={representation!r}: for causal-lm the representation is "
-                             "the student's logits; leave it at 'outputs'")
-        if teacher_input is not None:
-            raise ValueError("teacher.normalize is for images; a language model's input is token ids")
         return CausalLMTask(student, teacher, specs)
     if kind == "detection":
         if not detection_data:
@@ -69,5 +86,5 @@ def build_task(kind: str, student: nn.Module, teacher: nn.Module | None, specs: 
     return ClassificationTask(student, teacher, specs, sample, teacher_input, representation=representation)
 
 
-__all__ = ["LOSS_OPTIONS", "TASKS", "CausalLMTask", "ClassificationTask", "DetectionTask", "Task", "build_task",
+__all__ = ["LOSS_OPTIONS", "TASKS", "CausalLMTask", "check_causal_lm_settings", "ClassificationTask", "DetectionTask", "Task", "build_task",
            "evaluate_causal_lm", "evaluate_classifier", "evaluate_detector", "has_distillation_head", "resolve_loss_specs"]

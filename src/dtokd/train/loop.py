@@ -30,7 +30,7 @@ from dtokd.models import create_model, load_weights
 from dtokd.models.foreign import Renormalize, WithInput, check_normalize, remap_keys
 from dtokd.models.norms import frozen_batchnorm_statistics
 from dtokd.models.registry import apply_weights, read_weights
-from dtokd.tasks import Task, build_task
+from dtokd.tasks import Task, build_task, check_causal_lm_settings
 from dtokd.train import checkpoint as ckpt
 from dtokd.train import distributed
 from dtokd.train.config import CHOICES, Config, ConfigError, load_config, to_dict
@@ -131,6 +131,9 @@ def _build(config: Config, verbose: bool) -> _Parts:
     ranks, device = distributed.setup(config.device, config.batch_size)
     _check_compile(config, device)
     ckpt.seed_everything(config.seed)
+    check_causal_lm_settings(config.task, config.data.name, [("student.name", config.student.name),
+                             ("teacher.name", config.teacher.name)], config.losses, config.balancer.representation,
+                             config.teacher.normalize is not None)  # before a corpus is read, a tokenizer trained
     data = data_of(config)
     if data.detection and config.data.mixup:
         raise ValueError("data.mixup mixes classification labels; it is not available for detection")
