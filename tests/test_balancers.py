@@ -761,3 +761,27 @@ def test_combine_under_bf16_autocast_equals_backward():
         out.append(written_grad(params))
     # the two back-propagate the same combination by different routes in bfloat16 (~3 digits)
     assert float((combined[0] - wrote[0]).norm() / wrote[0].norm()) < 1e-2
+
+
+@pytest.mark.parametrize("engine", ["exact", "representation"])
+def test_combine_under_a_grad_scaler_gives_the_unscaled_update(engine):
+    """A framework's loss scaling: ``scaler.scale(combine(...)).backward()`` then
+    ``scaler.unscale_`` leaves the update ``backward`` writes unscaled (the weights do not
+    depend on the scale: combine sees the unscaled losses)."""
+    wrote, combined = [], []
+    for combine, out in ((False, wrote), (True, combined)):
+        net = Net()
+        params = list(net.parameters())
+        x, y, t = batch()
+        balancer = make_balancer("dto", params, engine=engine)
+        logits = net(x)
+        losses = kd_losses(logits, y, t)
+        z = logits if engine == "representation" else None
+        if combine:
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+            scaler.scale(balancer.combine(losses, representation=z)).backward()
+            scaler.unscale_(torch.optim.SGD(params, lr=0.1))
+        else:
+            balancer.backward(losses, representation=z)
+        out.append(written_grad(params))
+    torch.testing.assert_close(combined[0], wrote[0], rtol=1e-10, atol=1e-13)
