@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup fashion-mnist demo test bench clean
+.PHONY: setup fashion-mnist demo test docs bench clean
 
 setup: $(VENV)/.installed
 
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Debian's dataset-fashion-mnist package when it is missing and apt is at hand; otherwise the
-# loader looks in $DTOKD_DATA and tries torchvision's download (see README).
+# loader looks in $DTOKD_DATA and tries torchvision's download (see docs/pipeline.md).
 fashion-mnist:
 	@if [ -f $(FASHION_MNIST) ] || [ -n "$$DTOKD_DATA" ]; then exit 0; fi; \
 	if command -v apt-get >/dev/null 2>&1; then \
@@ -35,8 +35,12 @@ test: setup fashion-mnist
 	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m pytest -q
 
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
+	@echo "built the documentation site into site/ (open site/index.html)"
+
 bench: setup
 	$(PY) benchmarks/step_time.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site

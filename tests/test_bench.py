@@ -110,10 +110,17 @@ def test_a_failing_parallel_cell_is_reported_with_its_log(tmp_path, capsys):
 
 def test_a_selection_runs_only_its_cells_and_names_what_it_does_not_know(tmp_path, capsys):
     matrix = write_matrix(tmp_path, "\n".join(METHODS.splitlines()[:3]))
+    text = open(matrix).read().replace("pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}",
+                                       "pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}, "
+                                       "cnn-cnn: {teacher: cnn_small, student: cnn_small}}")
+    open(matrix, "w").write(text)
     out = tmp_path / "out"
-    assert cli.main(["bench", matrix, "--out", str(out), "--methods", "dto", "kd-fixed", "--seeds", "1"]) == 0
+    assert cli.main(["bench", matrix, "--out", str(out), "--pairs", "cnn-mlp", "--methods", "dto", "kd-fixed",
+                     "--seeds", "1"]) == 0
     ran = sorted(str(p.parent.relative_to(out)) for p in out.glob("*/*/seed*/summary.json"))
     assert ran == ["cnn-mlp/dto/seed1", "cnn-mlp/kd-fixed/seed1"]
+    assert (out / "accuracy_cnn-mlp.png").is_file() and not list(out.glob("*cnn-cnn*.png"))  # no plots of no cells
+    assert "cnn-cnn" not in (out / "results.md").read_text()
     with open(out / "results.csv") as f:
         rows = {r["method"].split(" ")[0]: r for r in csv.DictReader(f)}
     assert int(rows["dto"]["seeds"]) == 1 and int(rows["dto"]["paired_seeds"]) == 1

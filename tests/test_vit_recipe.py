@@ -213,7 +213,7 @@ def test_a_dist_loss_needs_a_distillation_head(teacher, tmp_path):
 
 
 def test_a_balancer_drives_timms_token_distillation_task():
-    """The README's example: timm's task computes the named losses, a dtokd balancer balances
+    """The example in docs/recipes.md: timm's task computes the named losses, a dtokd balancer balances
     them. The update equals the DTO combination of the two losses' gradients (a reference
     from two separate backward passes)."""
     from timm.task import TokenDistillationTask

@@ -526,6 +526,8 @@ def _plots(matrix: Matrix, rows: list[dict[str, Any]], out: Path) -> list[Path]:
     paths = []
     for pair in matrix.pairs:
         pair_rows = [r for r in rows if r["pair"] == pair]
+        if not pair_rows:  # no cell of this pair has run yet: no empty plots (and no links to them)
+            continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
         if len(pair_rows) <= 20:
             ax.set_prop_cycle(color=plt.cm.tab20.colors[: len(pair_rows)])
