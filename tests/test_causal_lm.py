@@ -4,6 +4,7 @@ DTO, exact resume, eval) on generated text with tiny Llamas."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +194,22 @@ def test_the_task_and_its_losses_are_checked_before_the_corpus_is_read(corpus, t
     with pytest.raises(ValueError, match="does not take kwargs \\['colour'\\]"):
         train(_config(corpus, "student.kwargs={hidden_size: 32, colour: 3}"), tmp_path / "run", progress=False,
               verbose=False)
+
+
+def test_the_memory_estimate_counts_a_llamas_parameters_as_by_hand():
+    """benchmarks/lm_memory.py counts parameters on the meta device; by hand a Llama has
+    embeddings V h, per layer q and o (h x h), k and v (h x kv d), the MLP 3 h i and two norms
+    2 h, a final norm h, and an untied head V h."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lm_memory.py"
+    spec = importlib.util.spec_from_file_location("lm_memory", path)
+    lm_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lm_memory)
+    for tied in (True, False):
+        shape = dict(vocab_size=50, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+        h, kv = 24, 2 * 24 // 4
+        by_hand = 50 * h + 3 * (2 * h * h + 2 * h * kv + 3 * h * 40 + 2 * h) + h + (0 if tied else 50 * h)
+        assert lm_memory.parameters(shape) == by_hand
+    assert round(lm_memory.parameters(lm_memory.SHAPES["llama-3.1-8b"]) / 1e9, 2) == 8.03  # the published size

@@ -103,7 +103,7 @@ def _run_training(args: argparse.Namespace, distill: bool) -> int:
         config = load_config(args.config, overrides)
     if config is not None:
         if distill and not config.teacher.name:
-            raise ConfigError("dtokd distill needs a teacher: set teacher.name and teacher.checkpoint")
+            raise ConfigError("dtokd distill needs a teacher: set teacher.name (and teacher.checkpoint)")
         if not distill and config.teacher.name:
             raise ConfigError("dtokd train trains a model alone; this config names a teacher: use dtokd distill")
     if args.dry_run:
@@ -130,10 +130,11 @@ def _dry_run(config, command: str) -> int:
     """Every part of ``config`` built (models, losses, balancer, optimizer, transforms, loaders)
     and two training steps plus an evaluation run on generated data: CIFAR's python format for
     ``cifar10``/``cifar100`` configs (all their classes), a 2-class ``synthetic-coco`` set for
-    detection configs, generated text (a small trained tokenizer, blocks of at most 16 tokens)
-    for causal-lm configs, else a 4-class image folder at the config's image size; the teacher
-    (and a student start, and a detector's backbone) get random weights of the same
-    architecture. Nothing is written outside a temporary folder."""
+    detection configs, generated text (the config's local tokenizer, else a small one trained on
+    it; blocks of at most 16 tokens) for causal-lm configs, else a 4-class image folder at the
+    config's image size. The teacher (and a student start, and a detector's backbone) get random
+    weights of the same architecture; a causal LM named by a local folder is loaded from it.
+    Nothing is written outside a temporary folder."""
     import dataclasses
     import tempfile
 
@@ -141,6 +142,7 @@ def _dry_run(config, command: str) -> int:
 
     from dtokd.data.fake import write_fake_cifar, write_fake_image_folder, write_fake_text
     from dtokd.models import create_model
+    from dtokd.models.causal_lm import names_a_local_folder
     from dtokd.train import train
     from dtokd.train.loop import data_of
 
@@ -151,11 +153,12 @@ def _dry_run(config, command: str) -> int:
         scratch = Path(scratch)
         os.environ["DTOKD_CACHE"] = str(scratch / "cache")  # the decoded-image cache too stays inside
         size = config.data.image_size
-        if config.task == "causal-lm":  # generated text, a tokenizer trained on it, short blocks
+        if config.task == "causal-lm":  # generated text, the config's local tokenizer or one trained on it
             root = write_fake_text(scratch / "text")
-            options = {**(config.data.text or {}), "tokenizer": "train"}
-            options.update(vocab_size=min(options.get("vocab_size", 300), 300),
-                           block_size=min(options.get("block_size", 16), 16))
+            options = {**(config.data.text or {})}
+            if options.get("tokenizer", "train") == "train":
+                options["vocab_size"] = min(options.get("vocab_size", 300), 300)
+            options.update(block_size=min(options.get("block_size", 16), 16), test_fraction=0.2)  # 12 documents
             data = dataclasses.replace(config.data, root=str(root), text=options, val_fraction=0.2, limit_train=None)
             classes = data_of(dataclasses.replace(config, data=data)).num_classes
         elif config.task == "detection":  # a tiny generated COCO-format set at the config's image size
@@ -176,7 +179,7 @@ def _dry_run(config, command: str) -> int:
                                        root=str(root), val_fraction=0.25, limit_train=None,
                                        workers=0 if streamed else config.data.workers)
         teacher = dataclasses.replace(config.teacher, kwargs=_without_weight_files(config.teacher.kwargs))
-        if teacher.name:
+        if teacher.name and not names_a_local_folder(teacher.name):  # a local LM folder brings its own weights
             weights = scratch / "teacher.pt"
             torch.save(create_model(teacher.name, classes, 3, size, teacher.kwargs).state_dict(), weights)
             teacher = dataclasses.replace(teacher, checkpoint=str(weights), key_map=None)

@@ -19,6 +19,12 @@ from torch import Tensor, nn
 PREFIX = "hf-causal-lm:"
 
 
+def names_a_local_folder(name: str | None) -> bool:
+    """Whether ``name`` is ``hf-causal-lm:<folder>`` with that folder present: a model that
+    brings its own weights (a released teacher needs no ``teacher.checkpoint``)."""
+    return bool(name) and name.startswith(PREFIX) and Path(name[len(PREFIX):]).is_dir()
+
+
 class CausalLM(nn.Module):
     """``forward(input_ids) -> logits``; ``model`` is the Hugging Face model."""
 

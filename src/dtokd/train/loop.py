@@ -27,6 +27,7 @@ from dtokd.balancing import Balancer, make_balancer
 from dtokd.data import DataBundle, build_data, place_data, sources, to_device, train_loader
 from dtokd.interrupts import hold_folder
 from dtokd.models import create_model, load_weights
+from dtokd.models.causal_lm import names_a_local_folder
 from dtokd.models.foreign import Renormalize, WithInput, check_normalize, remap_keys
 from dtokd.models.norms import frozen_batchnorm_statistics
 from dtokd.models.registry import apply_weights, read_weights
@@ -305,19 +306,23 @@ def _load_teacher(config: Config, data: DataBundle) -> tuple[nn.Module | None, R
     than the student's data (``teacher.normalize``), the map to its own normalisation."""
     if not config.teacher.name:
         return None, None
-    if not config.teacher.checkpoint:
-        raise ValueError("teacher.checkpoint is required: a teacher must be trained (dtokd train) or given as weights")
-    path = Path(config.teacher.checkpoint)
-    state, identity = read_weights(path)
-    if identity and identity.get("num_classes") != data.num_classes:
-        raise ValueError(f"teacher checkpoint {path} was trained for {identity.get('num_classes')} classes, "
-                         f"but data set {data.name!r} has {data.num_classes}")
-    if identity and identity.get("student") != config.teacher.name:
-        raise ValueError(f"teacher checkpoint {path} holds a {identity.get('student')!r}, not the configured "
-                         f"teacher.name {config.teacher.name!r}")
+    if not config.teacher.checkpoint and not names_a_local_folder(config.teacher.name):
+        raise ValueError("teacher.checkpoint is required: a teacher must be trained (dtokd train) or given as weights "
+                         "(or be a hf-causal-lm:<folder> whose folder holds its weights)")
+    state = None
+    if config.teacher.checkpoint:  # else the folder's own weights
+        path = Path(config.teacher.checkpoint)
+        state, identity = read_weights(path)
+        if identity and identity.get("num_classes") != data.num_classes:
+            raise ValueError(f"teacher checkpoint {path} was trained for {identity.get('num_classes')} classes, "
+                             f"but data set {data.name!r} has {data.num_classes}")
+        if identity and identity.get("student") != config.teacher.name:
+            raise ValueError(f"teacher checkpoint {path} holds a {identity.get('student')!r}, not the configured "
+                             f"teacher.name {config.teacher.name!r}")
     teacher = create_model(config.teacher.name, data.num_classes, data.in_channels, data.image_size,
                            config.teacher.kwargs)
-    apply_weights(teacher, remap_keys(state, config.teacher.key_map, "teacher.key_map"), path, "teacher.key_map")
+    if state is not None:
+        apply_weights(teacher, remap_keys(state, config.teacher.key_map, "teacher.key_map"), path, "teacher.key_map")
     teacher.eval()
     teacher.requires_grad_(False)
     own = check_normalize(config.teacher.normalize, "teacher.normalize")
