@@ -9,6 +9,8 @@ import pytest
 from dtokd import cli
 from dtokd.bench import load_matrix
 
+pytestmark = pytest.mark.slow
+
 
 def write_matrix(tmp_path, methods: str) -> str:
     student = tmp_path / "student.yaml"

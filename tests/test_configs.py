@@ -8,6 +8,8 @@ import pytest
 from dtokd import cli
 from dtokd.train import load_config
 
+pytestmark = pytest.mark.slow
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("bench_"))
 

@@ -8,6 +8,8 @@ from torch import nn
 
 from dtokd import make_balancer
 
+pytestmark = pytest.mark.slow
+
 STEPS = 4
 GLOBAL_BATCH = 16
 

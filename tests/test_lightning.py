@@ -158,6 +158,7 @@ class SaveEachRank(lightning.Callback):
 DDP_CASES = [("dto", "representation", {}), ("dto-amortized", "exact", {"update": "same-batch"})]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, engine, options", DDP_CASES, ids=[f"{m}-{e}" for m, e, _ in DDP_CASES])
 def test_two_process_ddp_equals_one_process_on_the_whole_batch(method, engine, options, tmp_path):
     """Lightning's DDP (two CPU processes, gloo), per-rank batch 16, one epoch of 4 steps.

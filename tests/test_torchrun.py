@@ -13,6 +13,8 @@ import torch
 
 from dtokd.train import load_config, train
 
+pytestmark = pytest.mark.slow
+
 CONFIG = [
     "name: ddp", "epochs: 6", "batch_size: 32", "log_every: 10", "data: {name: digits}", "student: {name: mlp_small}",
     "losses: {distill: {type: kd}, task: {type: ce}}", "optim: {lr: 0.05, schedule: cosine}",

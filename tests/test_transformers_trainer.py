@@ -231,6 +231,7 @@ def test_gradient_accumulation_averages_the_micro_batches_balanced_updates(tmp_p
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dto", "dto-amortized"])
 def test_torchrun_with_two_processes_equals_one_process(tmp_path, method):
     """``torchrun --nproc_per_node 2`` (gloo, CPU), 16 per device: accelerate gives the ranks
