@@ -176,6 +176,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps <= args.warmup:
         parser.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
+    commit = git_commit()  # the code that runs, read before it runs
     timed: dict[str, list[float]] = {name: [] for name in ROWS}
     names = list(ROWS)
     for round_ in range(args.rounds):
@@ -188,7 +189,7 @@ def main() -> None:
     medians = {name: statistics.median(v) for name, v in timed.items()}
     baseline = {ROWS[name][0]: medians[name] for name in ROWS if ROWS[name][1] is None}
     record = {
-        "command": "python " + " ".join(sys.argv), "commit": git_commit(), "machine": machine(),
+        "command": "python " + " ".join(sys.argv), "commit": commit, "machine": machine(),
         "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
         "rows": {name: {"median_s": medians[name], "steps_timed": len(timed[name]),
