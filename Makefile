@@ -32,7 +32,7 @@ demo: setup fashion-mnist
 	$(PY) -m dtokd.cli demo
 
 test: setup fashion-mnist
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check src tests benchmarks examples docs
 	$(PY) -m pytest -q
 
 docs: setup
