@@ -20,6 +20,21 @@ def test_the_site_builds_strictly(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert "make_balancer" in api and "DistillationTrainer" in api  # the reference was rendered from the docstrings
+    configuration = (tmp_path / "site" / "configuration" / "index.html").read_text()
+    assert "optim.schedule" in configuration and "causal-lm" in configuration  # the generated reference
+
+
+def test_the_configuration_reference_names_every_key():
+    import dataclasses
+
+    from dtokd.train.config import CHOICES, Config, reference_markdown
+
+    text = reference_markdown()
+    for section in dataclasses.fields(Config):
+        kind = section.default_factory if dataclasses.is_dataclass(section.default_factory) else None
+        keys = [f"{section.name}.{f.name}" for f in dataclasses.fields(kind)] if kind else [section.name]
+        assert all(f"| `{key}` |" in text for key in keys), section.name
+    assert all(", ".join(f"`{c}`" for c in choices) in text for choices in CHOICES.values())
 
 
 def test_the_readmes_relative_links_resolve():

@@ -151,7 +151,7 @@ class Config:
     ``compile``: ``none``, or a ``torch.compile`` mode for the student (``default``,
     ``reduce-overhead`` = CUDA graphs, ``max-autotune``); ``channels_last``: student, teacher
     and images in channels-last memory format (faster convolutions on tensor cores).
-    ``task``: ``classification`` or ``detection`` (see :mod:`dtokd.tasks`).
+    ``task``: ``classification``, ``detection`` or ``causal-lm`` (see :mod:`dtokd.tasks`).
     """
 
     name: str = "run"
@@ -175,6 +175,37 @@ class Config:
 
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def reference_markdown() -> str:
+    """The configuration reference as Markdown: one table per section (the top level,
+    ``data``, ``student``, ``teacher``, ``optim``, ``balancer``, ``eval``) with every key's
+    type, default and, for the keys in :data:`CHOICES`, the allowed values, followed by the
+    section's own notes. Generated from the dataclasses, so it cannot fall behind them."""
+    import dataclasses
+
+    def default_of(f: dataclasses.Field) -> Any:
+        if f.default is not dataclasses.MISSING:
+            return f.default
+        return None if dataclasses.is_dataclass(f.type) else f.default_factory()
+
+    sections = [("", Config)] + [(f.name, f.default_factory) for f in dataclasses.fields(Config)
+                                 if f.default_factory is not dataclasses.MISSING
+                                 and dataclasses.is_dataclass(f.default_factory)]
+    lines = []
+    for prefix, kind in sections:
+        lines += [f"## `{prefix or 'top level'}`", "", "| key | type | default | allowed |", "|---|---|---|---|"]
+        for f in dataclasses.fields(kind):
+            if not prefix and dataclasses.is_dataclass(f.default_factory):
+                continue
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            kind_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            allowed = ", ".join(f"`{c}`" for c in CHOICES.get(key, ()))
+            cells = [f"`{key}`", f"`{kind_name}`", f"`{default_of(f)!r}`", allowed]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")  # a type's | is not a column
+        notes = " ".join((kind.__doc__ or "").split()) if kind.__doc__ and not kind.__doc__.startswith(kind.__name__) else ""
+        lines += ["", notes, ""] if notes else [""]
+    return "\n".join(lines)
 
 
 class ConfigError(ValueError):
