@@ -3,6 +3,8 @@ with scikit-learn: nothing downloaded) split 1,400 / 397, and a teacher MLP trai
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
@@ -40,6 +42,22 @@ def trained_teacher(x: torch.Tensor, y: torch.Tensor, epochs: int) -> MLP:
     return teacher.eval()
 
 
+def arguments(description: str) -> argparse.Namespace:
+    """``--epochs`` (the student's, default 20) and ``--teacher-epochs`` (default 30)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--teacher-epochs", type=int, default=30)
+    return parser.parse_args()
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (model(x).argmax(1) == y).float().mean().item()
+
+
+def report(where: str, teacher: nn.Module, student: nn.Module, test: tuple[torch.Tensor, torch.Tensor],
+           weights: dict[str, float]) -> None:
+    """One line: both test accuracies and the last step's balancing weights."""
+    print(f"teacher test accuracy {accuracy(teacher, *test):.3f}; "
+          f"student (DTO-KD in {where}) {accuracy(student, *test):.3f}; "
+          f"last step's weights: {', '.join(f'{k} {v:.2f}' for k, v in weights.items())}")

@@ -8,12 +8,11 @@ backward (mixed precision, accumulation, DDP as configured in ``TrainingArgument
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 
 import torch
 import transformers
-from digits import MLP, accuracy, digits, trained_teacher
+from digits import MLP, arguments, digits, report, trained_teacher
 
 from dtokd.integrations.transformers import DistillationTrainer
 
@@ -32,11 +31,8 @@ class Digits(torch.utils.data.Dataset):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--teacher-epochs", type=int, default=30)
-    args = parser.parse_args()
-    (x, y), (test_x, test_y) = digits()
+    args = arguments(__doc__.splitlines()[0])
+    (x, y), test = digits()
     teacher = trained_teacher(x, y, args.teacher_epochs)
     torch.manual_seed(1)
     student = MLP(32)
@@ -49,9 +45,7 @@ def main() -> None:
                                       args=settings, train_dataset=Digits(x, y))
         trainer.train()
     weights = trainer.balancer.last_info.weights
-    print(f"teacher test accuracy {accuracy(teacher, test_x, test_y):.3f}; "
-          f"student (DTO-KD in the HF Trainer) {accuracy(student, test_x, test_y):.3f}; "
-          f"last step's weights: {', '.join(f'{k} {v:.2f}' for k, v in weights.items())}")
+    report("the HF Trainer", teacher, student, test, weights)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,9 @@ digits, the balanced loss returned from ``training_step`` (Lightning does the ba
 
 from __future__ import annotations
 
-import argparse
-
 import lightning
 import torch
-from digits import MLP, accuracy, digits, trained_teacher
+from digits import MLP, arguments, digits, report, trained_teacher
 
 from dtokd.integrations.lightning import DistillationModule
 
@@ -21,11 +19,8 @@ def adam(params):  # a module-level function, not a lambda: the module stays pic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--teacher-epochs", type=int, default=30)
-    args = parser.parse_args()
-    (x, y), (test_x, test_y) = digits()
+    args = arguments(__doc__.splitlines()[0])
+    (x, y), test = digits()
     teacher = trained_teacher(x, y, args.teacher_epochs)
     torch.manual_seed(1)
     module = DistillationModule(MLP(32), teacher, method="dto", engine="representation", optimizer=adam)
@@ -34,9 +29,7 @@ def main() -> None:
                                 enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, train_dataloaders=loader)
     weights = module.balancer.last_info.weights
-    print(f"teacher test accuracy {accuracy(teacher, test_x, test_y):.3f}; "
-          f"student (DTO-KD in Lightning) {accuracy(module.student, test_x, test_y):.3f}; "
-          f"last step's weights: {', '.join(f'{k} {v:.2f}' for k, v in weights.items())}")
+    report("Lightning", teacher, module.student, test, weights)
 
 
 if __name__ == "__main__":
