@@ -304,3 +304,16 @@ def test_dkd_warm_up_ramps_linearly_with_progress():
     full = task(x, y)[1]["distill"]
     torch.testing.assert_close(task(x, y, 0.5)[1]["distill"], 0.25 * full)
     torch.testing.assert_close(task(x, y, 3.0)[1]["distill"], full)
+
+
+def test_carve_validation_is_one_seeded_permutation():
+    """Every data set kind carves its validation split with this: a seeded permutation, the first
+    round(f n) for validation, the rest for training; limit_train shortens training only."""
+    from dtokd.data.bundle import carve_validation
+
+    val, train = carve_validation(10, 0.3, seed=4, limit_train=None)
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(4)).tolist()
+    assert (val, train) == (order[:3], order[3:])
+    assert carve_validation(10, 0.3, seed=4, limit_train=2) == (order[:3], order[3:5])
+    assert carve_validation(10, 0.0, seed=4, limit_train=None) == ([], order)
+    assert carve_validation(10, 0.3, seed=5, limit_train=None)[0] != val

@@ -412,3 +412,14 @@ def test_an_interrupted_checkpoint_write_leaves_no_temporary_file(tmp_path, monk
         checkpoint.save_atomic({"epoch": 2}, tmp_path / "checkpoint.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_nothing_asks_git_at_import():
+    """Importing the library, the trainer, the bench and the CLI runs no subprocess for the
+    commit: the CLI asks before it dispatches a command (a library user's process never does
+    until it trains)."""
+    code = ("import dtokd, dtokd.train.loop, dtokd.bench, dtokd.cli, dtokd.report\n"
+            "from dtokd.train import records\n"
+            "print(records.git_commit.cache_info().currsize)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"

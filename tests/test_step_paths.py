@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from dtokd import make_balancer
+from dtokd import make_balancer, weights
+from dtokd.balancing.rules import RULE_RECORDS, RULES
 
 
 def model():
@@ -196,7 +197,7 @@ def test_deferred_step_under_grad_scaler_overflow_is_reported_as_skipped():
 def test_deferred_checks_refuse_steps_that_need_a_host_read():
     with pytest.raises(ValueError, match="deferred_checks=True cannot be combined with on_nonfinite='skip'"):
         make_balancer("dto", model().parameters(), deferred_checks=True, on_nonfinite="skip")
-    with pytest.raises(TypeError, match="deferred_checks must be True or False, got 'yes'"):
+    with pytest.raises(TypeError, match="deferred_checks must be True, False or 'auto', got 'yes'"):
         make_balancer("dto", model().parameters(), deferred_checks="yes")
     for method, engine in (("dto", "exact"), ("mgda", "representation"), ("dto-simplex", "representation")):
         options = {"constraint": "simplex"} if method == "dto-simplex" else {}
@@ -254,3 +255,74 @@ def test_deferred_checks_with_same_batch_amortized_updates():
     balancer, _ = amortized_same_batch(True, bad_after_step=2, steps=3)  # the last update: nothing raised yet
     with pytest.raises(ValueError, match=r"update\(\): non-finite losses"):
         balancer.check_deferred()
+
+
+# -- one decision, one check: the rule records say which path a step takes ------------------
+
+RECORD_CASES = [(name, {"weights": [0.9, 0.1]} if name == "fixed" else {"anchor": "task"} if name == "anchored" else {})
+                for name in RULES]
+
+
+@pytest.mark.parametrize("method, options", RECORD_CASES)
+def test_rule_records_decide_the_balancer(method, options):
+    """What a balancer does with a rule is what the rule's record says: whether it needs the Gram,
+    whether it balances log losses by default, and which steps run on the device."""
+    record = RULE_RECORDS[method]
+    for engine, m in (("representation", 2), ("representation", 3), ("exact", 2)):
+        balancer = make_balancer(method, model().parameters(), engine=engine, **options)
+        assert balancer.needs_gram == record.needs_gram
+        assert balancer.log_losses == record.log_losses
+        device_form = record.runs_on_device(m, options)
+        assert balancer.can_defer_checks(m) == (device_form and not (engine == "exact" and record.needs_gram))
+
+
+@pytest.mark.parametrize("method, options, sizes", [
+    ("dto", {}, (1, 2)), ("anchored", {"anchor": 1}, (1, 2, 4)), ("mean", {}, (1, 3)), ("fixed", {"weights": None}, (1, 3)),
+])
+def test_device_forms_equal_the_validated_host_rule(method, options, sizes):
+    """A rule's device form (called without the host's Gram validation) gives the host rule's weights."""
+    g = torch.Generator().manual_seed(3)
+    for m in sizes:
+        a = torch.randn(m, 6, generator=g, dtype=torch.float64)
+        gram = a @ a.T
+        given = {**options, "weights": [0.5 + k for k in range(m)]} if method == "fixed" else options
+        if method == "anchored":
+            given = {"anchor": min(1, m - 1)}
+        assert RULE_RECORDS[method].runs_on_device(m, given)
+        torch.testing.assert_close(RULE_RECORDS[method].function(gram, **given), weights(method, gram, **given),
+                                   rtol=0, atol=0)
+
+
+def test_dto_has_no_device_form_beyond_two_objectives_or_on_the_simplex():
+    assert not RULE_RECORDS["dto"].runs_on_device(3, {})
+    assert not RULE_RECORDS["dto"].runs_on_device(2, {"constraint": "simplex"})
+    assert all(not RULE_RECORDS[n].runs_on_device(2, {}) for n in ("mgda", "upgrad", "cagrad", "nash-mtl", "pcgrad"))
+
+
+@pytest.mark.parametrize("engine, m, expected", [("representation", 2, True), ("representation", 3, False),
+                                                 ("exact", 2, False)])
+def test_deferred_checks_auto_defers_wherever_every_step_allows_it(engine, m, expected):
+    net = model()
+    logits = net(torch.randn(4, 5, dtype=torch.float64))
+    losses = {k: logits[:, i].pow(2).mean() + 0.1 for i, k in enumerate("abc"[:m])}
+    balancer = make_balancer("dto", net.parameters(), engine=engine, deferred_checks="auto")
+    assert balancer.deferred_checks == "auto"
+    balancer.backward(losses, representation=logits if engine == "representation" else None)
+    assert balancer.deferred_checks is expected
+    assert make_balancer("dto", net.parameters(), engine=engine, deferred_checks="auto").decide_deferred_checks(m) is expected
+
+
+@pytest.mark.parametrize("on_nonfinite, engine, deferred", [("raise", "representation", False), ("raise", "exact", False),
+                                                            ("skip", "representation", False),
+                                                            ("raise", "representation", True)])
+def test_a_negative_loss_under_the_log_is_refused_on_every_path(on_nonfinite, engine, deferred):
+    """On the host (exact engine, on_nonfinite='skip': not skippable), on the device and deferred."""
+    net = model()
+    logits = net(torch.randn(4, 5, dtype=torch.float64))
+    losses = {"distill": logits.pow(2).mean() - 10.0, "task": logits.abs().mean()}
+    balancer = make_balancer("dto", net.parameters(), engine=engine, on_nonfinite=on_nonfinite, deferred_checks=deferred)
+    with pytest.raises(ValueError, match=r"\['distill'\] are negative"):
+        balancer.backward(losses, representation=logits if engine == "representation" else None)
+        balancer.check_deferred()
+    on_host = on_nonfinite == "skip" or engine == "exact"
+    assert all(p.grad is None for p in net.parameters()) == on_host  # the host path writes nothing

@@ -43,7 +43,11 @@ def test_stepinfo_keeps_packed_on_the_requested_device_and_reads_the_host_copy()
     info = stepinfo_module.StepInfo(("a", "b"), values, torch.tensor([0.25, 0.75]), torch.tensor([0.5, 0.5]),
                                     device=torch.device("meta"))
     assert info.packed.device.type == "meta"  # where a training loop sums it
+    assert info.per_loss_on_device.device.type == "meta" and info.per_loss_on_device.shape == (6,)
     assert info.losses == {"a": 1.0, "b": 2.0} and info.weights == {"a": 0.25, "b": 0.75}
+    host = stepinfo_module.StepInfo(("a", "b"), values, torch.tensor([0.25, 0.75]), torch.tensor([0.5, 0.5]),
+                                    torch.eye(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64))
+    assert host.per_loss_on_device.tolist() == [1.0, 2.0, 0.25, 0.75, 0.5, 0.5]  # the Grams are left out
 
 
 def _spy_steps(monkeypatch):

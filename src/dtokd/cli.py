@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dtokd.interrupts import stop_on_signals
 from dtokd.train.config import ConfigError, load_config
+from dtokd.train.records import git_commit
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -265,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.overrides += extra  # key=value overrides may also follow the options
             elif extra:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            git_commit()  # the commit this command records: the code it starts with (see records.git_commit)
             return _dispatch(args)
         except (ConfigError, ValueError, OSError) as error:  # bad input, missing or unwritable files
             if os.environ.get("DTOKD_DEBUG") == "1":

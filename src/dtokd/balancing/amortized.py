@@ -85,11 +85,8 @@ class AmortizedDTOBalancer(Balancer):
         self._before = log_losses
         return torch.softmax(self.logits, 0)  # type: ignore[arg-type]
 
-    def _weights_on_device(self, gram: Tensor | None, loss_values: Tensor) -> Tensor | None:
-        """The same weights: the learner runs on the losses' device, with no host read."""
-        return self._weights(gram, loss_values)
-
     def _has_device_rule(self, num_losses: int) -> bool:
+        """Always: the learner runs on the losses' device, with no host read."""
         return True
 
     def update(self, losses_after: Mapping[str, Tensor]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -17,80 +17,79 @@ from dtokd.balancing.gradnorm import GradNormBalancer
 
 
 class RuleBalancer(Balancer):
-    """A stateless weight rule of :mod:`dtokd.balancing.rules` applied every step."""
+    """A stateless weight rule of :mod:`dtokd.balancing.rules` applied every step; what the rule
+    needs (the Gram, a device form, required options, options by loss name) is read from its
+    record (:data:`~dtokd.balancing.rules.RULE_RECORDS`)."""
 
     def __init__(self, method: str, engine: Any, *, rule_options: Mapping[str, Any], **kwargs: Any) -> None:
         super().__init__(engine, **kwargs)
+        self.rule = rules.rule_record(method)
         rules.check_rule_options(method, rule_options)
+        for option, what in self.rule.required.items():
+            if rule_options.get(option) is None:
+                raise TypeError(f"method {method!r} needs {what}")
+        for option in self.rule.per_loss:
+            value = rule_options.get(option)
+            if value is not None and (not isinstance(value, (Mapping, Sequence)) or isinstance(value, str)):
+                raise TypeError(f"{method}: {option} must be a mapping name -> value or a sequence, got {value!r}")
         self.method = method
         self.rule_options = dict(rule_options)
-        self.needs_gram = method not in rules.GRAM_FREE_RULES
-        if method == "fixed":
-            _check_fixed_weights(self.rule_options.get("weights"))
-        if method == "anchored" and "anchor" not in self.rule_options:
-            raise TypeError("method 'anchored' needs anchor=..., the name of the loss to keep whole (e.g. anchor='task')")
-        self._fixed_on_device: Tensor | None = None
+        self.needs_gram = self.rule.needs_gram
+        self._constant_weights: Tensor | None = None  # a Gram-free rule's weights, on the losses' device
 
     def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
-        if gram is None:
+        if gram is None:  # a Gram-free rule: the weights depend on m and the options only
             m = loss_values.shape[0]
             gram = torch.zeros(m, m, dtype=torch.float64, device=loss_values.device)
         return rules.weights(self.method, gram, **self._options_by_index())
 
     def _options_by_index(self) -> dict[str, Any]:
-        """The rule's options with loss names (fixed weights by name, the anchor) as indices."""
+        """The rule's options with loss names as the rule takes them: per-loss mappings ordered
+        like the losses, a loss's name as its index."""
+        names: tuple[str, ...] = self.names  # type: ignore[assignment]
         options = dict(self.rule_options)
-        if self.method == "fixed" and isinstance(options["weights"], Mapping):
-            options["weights"] = _ordered_weights(options["weights"], self.names)  # type: ignore[arg-type]
-        if self.method == "anchored" and isinstance(options.get("anchor"), str):
-            options["anchor"] = _anchor_index(options["anchor"], self.names)  # type: ignore[arg-type]
+        for option in self.rule.per_loss:
+            value = options.get(option)
+            if isinstance(value, Mapping):
+                if set(value) != set(names):
+                    raise ValueError(f"{self.method}: {option} are given for {sorted(value)}, "
+                                     f"but the losses are {sorted(names)}")
+                options[option] = [float(value[n]) for n in names]
+        for option in self.rule.loss_index:
+            value = options.get(option)
+            if isinstance(value, str):
+                if value not in names:
+                    raise ValueError(f"{self.method}: {option}={value!r} is not one of the losses {list(names)}")
+                options[option] = names.index(value)
         return options
 
-    def _weights_on_device(self, gram: Tensor | None, loss_values: Tensor) -> Tensor | None:
-        """DTO (affine) with one or two objectives, anchored, mean and fixed need no host read: their
-        weights are computed where the losses are (the Gram comes from this balancer's engine,
-        square and symmetric by construction; finiteness is checked after the step)."""
-        m, device = loss_values.shape[0], loss_values.device
-        if not self._has_device_rule(m):
-            return None
-        if self.method in ("dto", "anchored"):  # the rule itself: no Gram validation on the host
-            return rules.RULES[self.method](gram, **self._options_by_index()).to(torch.float64)  # type: ignore[arg-type]
-        if self.method == "mean":
-            return torch.full((m,), 1.0 / m, dtype=torch.float64, device=device)
-        if self._fixed_on_device is None or self._fixed_on_device.device != device:  # fixed
-            host = self._weights(None, loss_values.new_zeros(m).cpu())
-            self._fixed_on_device = host.to(device)  # once: the weights are constant
-        return self._fixed_on_device
+    def _weights_on_device(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
+        """The rule's device form, with no host read (the Gram comes from this balancer's engine,
+        square and symmetric by construction; finiteness is checked after the step). A
+        Gram-free rule's constant weights are computed once and kept on the device."""
+        if not self.needs_gram:
+            device = loss_values.device
+            if self._constant_weights is None or self._constant_weights.device != device:
+                host = self._weights(None, loss_values.new_zeros(loss_values.shape[0]).cpu())
+                self._constant_weights = host.to(device)
+            return self._constant_weights
+        return self.rule.function(gram, **self._options_by_index()).to(torch.float64)
 
     def _has_device_rule(self, num_losses: int) -> bool:
-        if self.method == "dto":
-            return self.rule_options.get("constraint", "affine") == "affine" and num_losses <= 2
-        return self.method in ("mean", "fixed", "anchored")
-
-
-def _check_fixed_weights(weights: object) -> None:
-    if weights is None:
-        raise TypeError("method 'fixed' needs weights=..., e.g. weights={'distill': 0.9, 'task': 0.1}")
-    if not isinstance(weights, (Mapping, Sequence)) or isinstance(weights, str):
-        raise TypeError(f"fixed: weights must be a mapping name -> weight or a sequence, got {weights!r}")
-
-
-def _anchor_index(anchor: str, names: tuple[str, ...]) -> int:
-    if anchor not in names:
-        raise ValueError(f"anchored: anchor={anchor!r} is not one of the losses {list(names)}")
-    return names.index(anchor)
-
-
-def _ordered_weights(weights: Mapping[str, float], names: tuple[str, ...]) -> list[float]:
-    if set(weights) != set(names):
-        raise ValueError(f"fixed: weights are given for {sorted(weights)}, but the losses are {sorted(names)}")
-    return [float(weights[n]) for n in names]
+        return self.rule.runs_on_device(num_losses, self.rule_options)
 
 
 BALANCERS: tuple[str, ...] = (*rules.RULES, "dto-amortized", "gradnorm")
 """Every method :func:`make_balancer` knows."""
 
-_LOG_BY_DEFAULT = frozenset({"dto", "dto-amortized", "anchored"})
+
+
+def _log_losses_by_default(method: str) -> bool:
+    """Whether ``method`` balances ``log L_i`` unless told otherwise (its rule's record; the
+    amortized DTO always does)."""
+    if method in rules.RULE_RECORDS:
+        return rules.RULE_RECORDS[method].log_losses
+    return method == "dto-amortized"
 
 
 def make_balancer(
@@ -105,7 +104,7 @@ def make_balancer(
     rescale: Rescale = "none",
     reference: Mapping[str, float] | Sequence[float] | None = None,
     on_nonfinite: NonFinitePolicy = "raise",
-    deferred_checks: bool = False,
+    deferred_checks: bool | Literal["auto"] = False,
     sync: SyncMode = "global",
     check_sync: bool | None = None,
     **options: Any,
@@ -120,8 +119,8 @@ def make_balancer(
     ``engine``: ``"exact"`` (default), ``"subset"`` (the Gram over ``gram_params``),
     ``"representation"`` (pass ``representation=`` to ``backward``); see
     :mod:`dtokd.balancing.engines`. ``batched``: one vmapped VJP instead of m.
-    ``log_losses``: balance the gradients of ``log L_i`` (default for ``"dto"`` and
-    ``"dto-amortized"``, as in the paper) or of ``L_i`` (default for the others).
+    ``log_losses``: balance the gradients of ``log L_i`` (default for ``"dto"``,
+    ``"dto-amortized"`` (as in the paper) and ``"anchored"``) or of ``L_i`` (default for the others).
     ``loss_floor``: the smallest loss value the log transform uses. ``rescale``:
     ``"unit-sum"`` divides the update's coefficients on the raw losses by their absolute sum
     (default ``"none"``: the paper's ``g* = sum_i pi_i grad log L_i``; the amortized form
@@ -132,7 +131,8 @@ def make_balancer(
     reported, as ``StepInfo.update_ratio``. ``on_nonfinite``: ``"raise"`` or ``"skip"``.
     ``deferred_checks``: no host synchronisation in a step; a non-finite or negative loss is
     reported by the next ``backward`` (or ``balancer.check_deferred()``), after that step's
-    update was applied (see :class:`~dtokd.balancing.base.Balancer`).
+    update was applied (see :class:`~dtokd.balancing.base.Balancer`); ``"auto"``: deferred
+    wherever every step allows it (:meth:`~dtokd.balancing.base.Balancer.can_defer_checks`).
     ``sync``: under ``torch.distributed``, ``"global"`` (the global batch's Gram and losses,
     weights identical on all ranks), ``"local"`` or ``"off"``; ``check_sync`` verifies that
     all ranks computed the same weights (default: ``DTOKD_DEBUG=1``). See
@@ -147,7 +147,7 @@ def make_balancer(
     param_list = unique_params(params)
     built_engine = _make_engine(engine, param_list, gram_params, batched)
     common: dict[str, Any] = {
-        "log_losses": method in _LOG_BY_DEFAULT if log_losses is None else log_losses,
+        "log_losses": _log_losses_by_default(method) if log_losses is None else log_losses,
         "loss_floor": loss_floor,
         "reference": reference,
         "on_nonfinite": on_nonfinite,

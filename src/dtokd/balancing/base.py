@@ -28,15 +28,17 @@ every call (the first call fixes them and their order). A NaN or infinite loss r
 undefined) and a loss below ``loss_floor`` (zero included) is taken as ``loss_floor``.
 
 Host synchronisation: a step reads the device once (loss values, Gram, loss scale in one
-copy), and the value checks above use that read. Two paths:
+copy), and the value checks above use that read. Two paths, chosen in one place
+(:meth:`Balancer._runs_on_device`), checked by one helper (:meth:`Balancer._problem`):
 
-- on the host (rules that need the Gram on the CPU, the exact engine, ``on_nonfinite="skip"``):
+- on the host (rules with no device form, the exact engine's Gram, ``on_nonfinite="skip"``):
   read, check, run the rule in float64 on the CPU, then write the update; a failed check
   writes nothing;
-- on the device (:meth:`Balancer._weights_on_device`: DTO with m <= 2, mean, fixed,
-  amortized DTO; no Gram from the exact engine; ``on_nonfinite="raise"``): the weights and the update
-  are queued on the device first and the read follows, so the CPU never waits for the forward
-  pass; a failed check then raises with ``.grad`` already written.
+- on the device (rules with a device form, :data:`~dtokd.balancing.rules.RULE_RECORDS`: DTO
+  with m <= 2, anchored, mean, fixed; and amortized DTO; ``on_nonfinite="raise"``; no Gram
+  from an engine that ``checks_before_writing``): the weights and the update are queued on the
+  device first and the read follows, so the CPU never waits for the forward pass; a failed
+  check then raises with ``.grad`` already written.
 
 ``deferred_checks=True`` takes the device path one step further: the step's numbers are
 copied to the host asynchronously and checked at the start of the next ``backward`` (or by
@@ -46,7 +48,8 @@ one. The price: a non-finite or negative loss is reported one step late, after
 ``optimizer.step()`` has applied that step's non-finite update (call ``check_deferred()``
 before saving a checkpoint). Every step must then take the device path (else a
 ``ValueError``); only a ``diagnose=True`` step of a Gram-free balancer with the exact engine
-runs on the host, and is checked at once.
+runs on the host, and is checked at once. ``deferred_checks="auto"`` defers wherever every
+step allows it (decided at the first step from the number of losses), else checks at once.
 
 StepInfo's numbers are read from the device on first access (see :class:`StepInfo`).
 
@@ -67,7 +70,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -81,6 +84,13 @@ Rescale = Literal["none", "unit-sum", "norm"]
 RESCALES = ("none", "unit-sum", "norm")
 NEGLIGIBLE_UPDATE = 1e-12  # (update length / reference length)^2 below which rescale="norm" leaves the update
 NonFinitePolicy = Literal["raise", "skip"]
+
+
+class Problem(NamedTuple):
+    """What is wrong with a step (see :meth:`Balancer._problem`)."""
+
+    kind: Literal["non-finite loss", "negative loss", "non-finite gradient"]
+    message: str
 
 
 class Balancer:
@@ -98,7 +108,7 @@ class Balancer:
         rescale: Rescale = "none",
         reference: Mapping[str, float] | Sequence[float] | None = None,
         on_nonfinite: NonFinitePolicy = "raise",
-        deferred_checks: bool = False,
+        deferred_checks: bool | Literal["auto"] = False,
         sync: Sync | None = None,
     ) -> None:
         if not (isinstance(loss_floor, (int, float)) and math.isfinite(loss_floor) and loss_floor > 0):
@@ -108,9 +118,9 @@ class Balancer:
         _check_reference(reference)
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite={on_nonfinite!r} is not allowed; use 'raise' or 'skip'")
-        if not isinstance(deferred_checks, bool):
-            raise TypeError(f"deferred_checks must be True or False, got {deferred_checks!r}")
-        if deferred_checks and on_nonfinite == "skip":
+        if not isinstance(deferred_checks, bool) and deferred_checks != "auto":
+            raise TypeError(f"deferred_checks must be True, False or 'auto', got {deferred_checks!r}")
+        if deferred_checks is True and on_nonfinite == "skip":
             raise ValueError(
                 "deferred_checks=True cannot be combined with on_nonfinite='skip': skipping a step needs its "
                 "loss values on the host before the update is written"
@@ -122,7 +132,9 @@ class Balancer:
         self.reference = reference
         self._reference_vector: Tensor | None = None
         self.on_nonfinite = on_nonfinite
-        self.deferred_checks = deferred_checks
+        self.deferred_checks: bool | Literal["auto"] = deferred_checks
+        """Whether this balancer's checks are deferred; ``"auto"`` until :meth:`decide_deferred_checks`
+        (called by the first step at the latest) turns it into True or False."""
         self.sync = sync if sync is not None else Sync("global")
         self.names: tuple[str, ...] | None = None
         self._unchecked: StepInfo | None = None  # the last step, while its checks are deferred
@@ -174,37 +186,18 @@ class Balancer:
         gradients: ObjectiveGradients | None = None
         if self._needs_gradients or diagnose:
             gradients = self.engine.gradients(scaled, representation, self.sync, keep_graph=self._combining)
-        if self.on_nonfinite == "raise" and (gradients is None or self.engine.name != "exact"):
-            on_device = self._step_on_device(values, gradients, scaled, scaler if scaling else None)
-            if on_device is not None:
-                return on_device
-        if self.deferred_checks and (self._needs_gradients or not diagnose):
+        m, unscale_by = len(ordered), scaler if scaling else None
+        deferred = self.decide_deferred_checks(m)
+        if self._runs_on_device(m, gradients is not None):
+            return self._device_step(values, gradients, scaled, unscale_by)
+        if deferred and (self._needs_gradients or not diagnose):  # only a diagnostic Gram may be read at once
             raise ValueError(
                 f"deferred_checks=True, but this step of {type(self).__name__} (engine {self.engine.name!r}, "
-                f"{len(ordered)} losses) needs a host read before its update: deferred checks need a step that "
-                "runs on the device (dto with the affine constraint and at most 2 losses, mean, fixed or "
-                "dto-amortized; engine 'representation' or 'subset' for the rules that need a Gram)"
+                f"{m} losses) needs a host read before its update: deferred checks need a step that "
+                "runs on the device (dto with the affine constraint and at most 2 losses, mean, fixed, "
+                "anchored or dto-amortized; engine 'representation' or 'subset' for the rules that need a Gram)"
             )
-        values, scaled_gram, scale = _to_host(values, gradients, scaler if scaling else None)
-        reason = self._nonfinite_losses(values)
-        if reason:
-            if self.on_nonfinite == "raise":
-                raise ValueError(reason + " (pass on_nonfinite='skip' to skip such steps instead)")
-            return self._skipped(values, reason, device)
-        divisors = self._divisors(values)
-        raw_gram = gram = None
-        if gradients is not None:
-            raw_gram = scaled_gram / scale**2
-            gram = raw_gram / torch.outer(divisors, divisors)
-            if not bool(torch.isfinite(raw_gram).all()):
-                return self._nonfinite_gradients(values, gradients, raw_gram, scaling, device)
-        pi, coefficients = self._coefficients(self._weights(gram if self.needs_gram else None, values), divisors,
-                                              raw_gram)
-        self._write(gradients, scaled, coefficients)
-        if raw_gram is not None:
-            self._warn_zero_gradients(raw_gram, pi)
-        return StepInfo(self.names, values, pi, coefficients, gram, raw_gram, device=device,  # type: ignore[arg-type]
-                        reference=self._reference(values))
+        return self._host_step(values, gradients, scaled, unscale_by, device)
 
     def combine(
         self,
@@ -238,38 +231,77 @@ class Balancer:
             combined = sum(v.reshape(()) for v in losses.values()) * 0.0
         return combined
 
-    def _weights_on_device(self, gram: Tensor | None, loss_values: Tensor) -> Tensor | None:
+    def _weights_on_device(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
         """The weights ``pi`` as a float64 tensor on the losses' device, computed without any
-        host synchronisation; None (the default) when the rule needs the Gram on the host."""
-        return None
+        host synchronisation; called only where :meth:`_has_device_rule` says the rule has
+        such a form (by default, :meth:`_weights` itself)."""
+        return self._weights(gram, loss_values)
 
     def _has_device_rule(self, num_losses: int) -> bool:
         """Whether :meth:`_weights_on_device` gives the weights for ``num_losses`` objectives."""
         return False
 
+    def _runs_on_device(self, num_losses: int, with_gram: bool) -> bool:
+        """THE choice of a step's path: on the device (weights and update queued before the one
+        host read, checked after it, or at the next step when deferred) or on the host (read,
+        checked, then written). The device path needs a rule with a device form, errors that
+        raise (skipping a step needs its values first), and, when the step has a Gram, an engine
+        that does not check its Gram before writing (:attr:`~dtokd.balancing.engines.ExactEngine.checks_before_writing`)."""
+        return (self.on_nonfinite == "raise" and self._has_device_rule(num_losses)
+                and not (with_gram and self.engine.checks_before_writing))
+
     def can_defer_checks(self, num_losses: int) -> bool:
         """Whether every step of this balancer over ``num_losses`` objectives, diagnostic steps
         included, can run with ``deferred_checks=True`` (no host read before the update)."""
-        return (self.on_nonfinite == "raise" and self._has_device_rule(num_losses)
-                and (self.engine.name != "exact" or not self._needs_gradients))
+        return self._runs_on_device(num_losses, with_gram=self._needs_gradients)
+
+    def decide_deferred_checks(self, num_losses: int) -> bool:
+        """Whether this balancer defers its checks, ``deferred_checks="auto"`` becoming True
+        wherever every step over ``num_losses`` objectives allows it (:meth:`can_defer_checks`),
+        else False. The first step calls it; a caller that knows the losses may call it before."""
+        if self.deferred_checks == "auto":
+            self.deferred_checks = self.can_defer_checks(num_losses)
+        return bool(self.deferred_checks)
 
     @property
     def _needs_gradients(self) -> bool:
         """Whether every step needs the objective gradients' Gram (the rule's, or the rescale's)."""
         return self.needs_gram or self.rescale == "norm"
 
-    def _step_on_device(
+    def _host_step(
+        self, values: Tensor, gradients: ObjectiveGradients | None, scaled: dict[str, Tensor],
+        scaler: torch.amp.GradScaler | None, device: torch.device,
+    ) -> StepInfo:
+        """The step on the host: one read (losses, Gram, loss scale), the checks, the rule in
+        float64 on the CPU, then the update; a failed check writes nothing (except a GradScaler
+        overflow: NaN, so that ``scaler.step`` skips) and raises or, with
+        ``on_nonfinite="skip"``, returns a skipped StepInfo."""
+        values, scaled_gram, scale = _to_host(values, gradients, scaler)
+        raw_gram = None if scaled_gram is None else scaled_gram / scale**2
+        problem = self._problem(values, raw_gram)
+        if problem is not None:
+            return self._refuse(problem, values, gradients, scaler is not None, device)
+        divisors = self._divisors(values)
+        gram = None if raw_gram is None else raw_gram / torch.outer(divisors, divisors)
+        pi, coefficients = self._coefficients(self._weights(gram if self.needs_gram else None, values), divisors,
+                                              raw_gram)
+        self._write(gradients, scaled, coefficients)
+        if raw_gram is not None:
+            self._warn_zero_gradients(raw_gram, pi)
+        return StepInfo(self.names, values, pi, coefficients, gram, raw_gram, device=device,  # type: ignore[arg-type]
+                        reference=self._reference(values))
+
+    def _device_step(
         self, values: Tensor, gradients: ObjectiveGradients | None, scaled: dict[str, Tensor],
         scaler: torch.amp.GradScaler | None,
-    ) -> StepInfo | None:
-        """The step with no host synchronisation before the update is written, for rules that
-        have :meth:`_weights_on_device`: the weights, the coefficients and the update are
-        queued on the device, and the one host read (losses, Gram, weights) follows them, so
-        that the CPU keeps queueing work while the GPU runs the forward pass. The checks come
-        after the update: a non-finite or (under log) negative loss raises as on the host path,
-        but ``.grad`` then already holds that step's gradient (``on_nonfinite="skip"`` uses the
-        host path, which writes nothing). Returns None where the rule has no device form."""
-        divisors = values.clamp_min(self.loss_floor) if self.log_losses else torch.ones_like(values)
+    ) -> StepInfo:
+        """The step with no host synchronisation before the update is written: the weights, the
+        coefficients and the update are queued on the device, and the one host read (losses,
+        Gram, weights) follows them, so that the CPU keeps queueing work while the GPU runs the
+        forward pass. The checks are :meth:`_problem`'s, run on that read after the update was
+        written (``.grad`` then holds the step's gradient when one fails), or at the next step
+        with ``deferred_checks``. Under a GradScaler an overflow makes the whole update NaN."""
+        divisors = self._divisors(values)
         raw_gram = gram = None
         if gradients is not None:
             raw_gram = gradients.gram.to(values.device)
@@ -277,10 +309,8 @@ class Balancer:
                 raw_gram = raw_gram / scaler.scale(torch.ones((), device=values.device)).to(torch.float64) ** 2
             gram = raw_gram / torch.outer(divisors, divisors)
         weights = self._weights_on_device(gram if self.needs_gram else None, values)
-        if weights is None:
-            return None
         pi, coefficients = self._coefficients(weights, divisors, raw_gram)
-        if raw_gram is not None and scaler is not None:  # an overflow makes the whole update NaN
+        if raw_gram is not None and scaler is not None:
             finite = torch.isfinite(raw_gram).all()
             pi, coefficients = torch.where(finite, pi, math.nan), torch.where(finite, coefficients, math.nan)
         self._write(gradients, scaled, coefficients)
@@ -302,21 +332,51 @@ class Balancer:
             self._check(info, deferred=True)
 
     def _check(self, info: StepInfo, deferred: bool) -> None:
-        """The device path's checks, on the step's host copy: non-finite or (under log)
-        negative losses, non-finite gradients outside a GradScaler overflow."""
-        values = info.loss_values
-        problem = self._nonfinite_losses(values)
-        if problem and not deferred:
-            problem += " (.grad holds this step's non-finite gradient; pass on_nonfinite='skip' to skip such steps instead)"
-        elif not problem:
-            problem = self._negative_losses(values)
-        raw_gram = info.raw_gram
-        if problem is None and raw_gram is not None and not all(map(math.isfinite, raw_gram.view(-1).tolist())) and not info.skipped:
-            problem = f"non-finite gradients for loss(es) {self._nonfinite_diagonal(raw_gram)}"
-        if problem:
-            raise ValueError(deferred_message(problem) if deferred else problem)
-        if raw_gram is not None and not info.skipped:
+        """The device path's checks (:meth:`_problem`) on the step's host copy; a GradScaler
+        overflow (a skipped step) is not a problem."""
+        raw_gram = None if info.skipped else info.raw_gram
+        problem = self._problem(info.loss_values, raw_gram)
+        if problem is not None:
+            message = problem.message
+            if problem.kind == "non-finite loss" and not deferred:
+                message += " (.grad holds this step's non-finite gradient; pass on_nonfinite='skip' to skip such steps instead)"
+            raise ValueError(deferred_message(message) if deferred else message)
+        if raw_gram is not None:
             self._warn_zero_gradients(raw_gram, info.weight_values)
+
+    def _problem(self, values: Tensor, raw_gram: Tensor | None) -> Problem | None:
+        """The first thing wrong with a step, from its host copy, for both paths: a non-finite
+        loss, a negative loss under the log, then non-finite gradients (``raw_gram``: None when
+        the step had no Gram or it is not to be checked)."""
+        listed = values.tolist()
+        bad = [n for n, v in zip(self.names, listed) if not math.isfinite(v)]  # type: ignore[arg-type]
+        if bad:
+            return Problem("non-finite loss", f"non-finite loss(es) {bad}: "
+                           + ", ".join(f"{n}={v}" for n, v in zip(self.names, listed) if n in bad))  # type: ignore[arg-type]
+        negative = [n for n, v in zip(self.names, listed) if v < 0] if self.log_losses else []  # type: ignore[arg-type]
+        if negative:
+            return Problem("negative loss", f"loss(es) {negative} are negative, but this balancer takes log L "
+                           "(log_losses=True); use a non-negative loss or log_losses=False")
+        if raw_gram is not None and not all(map(math.isfinite, raw_gram.reshape(-1).tolist())):
+            diagonal = [n for n, v in zip(self.names, raw_gram.diagonal().tolist()) if not math.isfinite(v)]  # type: ignore[arg-type]
+            return Problem("non-finite gradient", f"non-finite gradients for loss(es) {diagonal or list(self.names)}")  # type: ignore[arg-type]
+        return None
+
+    def _refuse(self, problem: Problem, values: Tensor, gradients: ObjectiveGradients | None, scaled: bool,
+                device: torch.device) -> StepInfo:
+        """What the host path does with a problem: a GradScaler overflow fills ``.grad`` with NaN
+        (``scaler.step`` then skips the step) and is reported as skipped; a negative loss under
+        the log raises; a non-finite loss or gradient raises, or with ``on_nonfinite="skip"``
+        is reported as a skipped step with nothing written."""
+        if problem.kind == "non-finite gradient" and scaled:
+            gradients.backward(torch.full_like(values, math.nan))  # type: ignore[union-attr]
+            return self._skipped(values, OVERFLOW, device)
+        if problem.kind == "negative loss":
+            raise ValueError(problem.message)
+        if self.on_nonfinite == "raise":
+            hint = " (pass on_nonfinite='skip' to skip such steps instead)" if problem.kind == "non-finite loss" else ""
+            raise ValueError(problem.message + hint)
+        return self._skipped(values, problem.message, device)
 
     def _warn_zero_gradients(self, raw_gram: Tensor, weights: Tensor) -> None:
         """Warn, once per objective, when its gradient was exactly zero at a step (a loss that
@@ -392,38 +452,10 @@ class Balancer:
         else:
             weighted_sum_backward(list(scaled.values()), coefficients, self.engine.params)
 
-    def _nonfinite_losses(self, values: Tensor) -> str | None:
-        """A message naming the non-finite losses among the (host) ``values``, or None."""
-        listed = values.tolist()
-        bad = [n for n, v in zip(self.names, listed) if not math.isfinite(v)]  # type: ignore[arg-type]
-        if not bad:
-            return None
-        return f"non-finite loss(es) {bad}: " + ", ".join(f"{n}={v}" for n, v in zip(self.names, listed) if n in bad)  # type: ignore[arg-type]
-
-    def _negative_losses(self, values: Tensor) -> str | None:
-        """A message naming the negative losses among the (host) ``values`` under log, or None."""
-        if not self.log_losses:
-            return None
-        negative = [n for n, v in zip(self.names, values.tolist()) if v < 0]  # type: ignore[arg-type]
-        if not negative:
-            return None
-        return (
-            f"loss(es) {negative} are negative, but this balancer takes log L (log_losses=True); "
-            "use a non-negative loss or log_losses=False"
-        )
-
     def _divisors(self, values: Tensor) -> Tensor:
-        """``max(L_i, loss_floor)`` for log losses (the factor of grad log L_i), else ones;
-        a negative loss under log is an error."""
-        negative = self._negative_losses(values)
-        if negative:
-            raise ValueError(negative)
+        """``max(L_i, loss_floor)`` for log losses (the factor of ``grad log L_i``), else ones; on
+        the values' device, with no check (a negative loss is refused by :meth:`_problem`)."""
         return values.clamp_min(self.loss_floor) if self.log_losses else torch.ones_like(values)
-
-    def _nonfinite_diagonal(self, raw_gram: Tensor) -> list[str]:
-        """The losses whose gradient norm is not finite (all of them if none alone is)."""
-        bad = [n for n, v in zip(self.names, raw_gram.diagonal().tolist()) if not math.isfinite(v)]  # type: ignore[arg-type]
-        return bad or list(self.names)  # type: ignore[arg-type]
 
     def _checked(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if not isinstance(losses, Mapping):
@@ -456,17 +488,6 @@ class Balancer:
     def _skipped(self, values: Tensor, reason: str, device: torch.device) -> StepInfo:
         nan = torch.full_like(values, math.nan)
         return StepInfo(self.names, values, nan, nan, skipped_reason=reason, device=device)  # type: ignore[arg-type]
-
-    def _nonfinite_gradients(
-        self, values: Tensor, gradients: ObjectiveGradients, raw_gram: Tensor, scaled: bool, device: torch.device
-    ) -> StepInfo:
-        if scaled:
-            gradients.backward(torch.full_like(values, math.nan))
-            return self._skipped(values, OVERFLOW, device)
-        reason = f"non-finite gradients for loss(es) {self._nonfinite_diagonal(raw_gram)}"
-        if self.on_nonfinite == "raise":
-            raise ValueError(reason)
-        return self._skipped(values, reason, device)
 
 
 def _check_reference(reference: object) -> None:

@@ -142,6 +142,10 @@ class ExactEngine:
     """Gram over all given parameters, one VJP per objective (``batched``: one vmapped VJP)."""
 
     name = "exact"
+    checks_before_writing = True
+    """A step with this engine's Gram is checked on the host before its update is written: its
+    m full backward passes dwarf the one host read, and a failed check leaves ``.grad`` as it
+    was. (The cheaper engines let a device-form rule queue the update first.)"""
 
     def __init__(self, params: Sequence[Tensor], *, batched: bool = False) -> None:
         self.params = list(params)
@@ -161,6 +165,7 @@ class SubsetEngine:
     """Gram over ``gram_params`` (a subset of ``params``); the update still reaches all params."""
 
     name = "subset"
+    checks_before_writing = False
 
     def __init__(self, params: Sequence[Tensor], gram_params: Sequence[Tensor], *, batched: bool = False) -> None:
         self.params = list(params)
@@ -224,6 +229,7 @@ class RepresentationEngine:
     """Gram of the gradients with respect to a shared tensor (logits, features) of the step."""
 
     name = "representation"
+    checks_before_writing = False
 
     def __init__(self, params: Sequence[Tensor], *, batched: bool = False) -> None:
         self.params = list(params)

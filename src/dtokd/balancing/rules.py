@@ -12,7 +12,8 @@ Degenerate inputs have documented answers rather than NaN: an all-zero Gram (eve
 gradient zero) gives uniform weights for DTO, MGDA and IMTL-G; singular Grams (identical or
 linearly dependent gradients) are solved in the minimum-norm sense.
 
-Use :func:`weights` (``weights("dto", gram)``); :data:`RULES` lists the names.
+Use :func:`weights` (``weights("dto", gram)``); :data:`RULES` lists the names, and
+:data:`RULE_RECORDS` what each needs (the Gram or not, log losses, a device form, its options).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -30,10 +32,10 @@ from torch import Tensor
 from dtokd.balancing._qp import solve_bounded_min_norm
 
 DEFAULT_RTOL = 1e-6
+"""Relative tolerance below which a curvature of the Gram counts as zero (``* trace(G)``)."""
 ZERO_GRADIENT = 1e-20
 """A gradient counts as zero for :func:`dto` when ``G_ii <= ZERO_GRADIENT * trace(G)``: a norm
 below 1e-10 of the others' (real KD gradients differ by 1e-4 to 1e-5 in norm: far above it)."""
-"""Relative tolerance below which a curvature of the Gram counts as zero (``* trace(G)``)."""
 
 
 def dto(
@@ -372,29 +374,74 @@ def fixed(gram: Tensor, *, weights: Sequence[float]) -> Tensor:
     return torch.tensor(values, dtype=gram.dtype, device=gram.device)
 
 
-RULES: Mapping[str, Callable[..., Tensor]] = {
-    "dto": dto,
-    "mgda": mgda,
-    "pcgrad": pcgrad,
-    "imtl-g": imtl_g,
-    "nash-mtl": nash_mtl,
-    "upgrad": upgrad,
-    "aligned-mtl": aligned_mtl,
-    "cagrad": cagrad,
-    "mean": mean,
-    "fixed": fixed,
-    "anchored": anchored,
-}
-"""Every weight rule by name."""
+def _always(num_objectives: int, options: Mapping[str, object]) -> bool:
+    return True
 
-GRAM_FREE_RULES = frozenset({"mean", "fixed"})
-"""Rules whose weights do not depend on the Gram matrix."""
+
+def _dto_on_device(num_objectives: int, options: Mapping[str, object]) -> bool:
+    return options.get("constraint", "affine") == "affine" and num_objectives <= 2
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A weight rule and what a balancer needs to know about it. Adding a rule: its function,
+    one record in :data:`RULE_RECORDS`, and its tests; nothing else reads the rule's name."""
+
+    function: Callable[..., Tensor]
+    needs_gram: bool = True
+    """Whether the weights depend on the Gram (if not, one weighted backward pass is the step,
+    and the weights are the same at every step)."""
+    log_losses: bool = False
+    """Whether a balancer applies the rule to ``log L_i`` by default (the paper's DTO does)."""
+    device_form: Callable[[int, Mapping[str, object]], bool] | None = None
+    """``(m, options) -> bool``: whether ``function(gram, **options)`` runs on the Gram's device
+    with no host read for m objectives (None: never; the rule then runs in float64 on the host)."""
+    required: Mapping[str, str] = field(default_factory=dict)
+    """Options the rule cannot do without -> what the error says to give (with an example)."""
+    per_loss: tuple[str, ...] = ()
+    """Options holding one value per objective: a balancer also takes them as a mapping by loss
+    name and orders them like the losses."""
+    loss_index: tuple[str, ...] = ()
+    """Options naming one objective by its index: a balancer also takes the loss's name."""
+
+    def runs_on_device(self, num_objectives: int, options: Mapping[str, object]) -> bool:
+        """Whether this rule, for ``num_objectives`` objectives and ``options``, needs no host read."""
+        return self.device_form is not None and self.device_form(num_objectives, options)
+
+
+RULE_RECORDS: Mapping[str, Rule] = {
+    "dto": Rule(dto, log_losses=True, device_form=_dto_on_device),
+    "mgda": Rule(mgda),
+    "pcgrad": Rule(pcgrad),
+    "imtl-g": Rule(imtl_g),
+    "nash-mtl": Rule(nash_mtl),
+    "upgrad": Rule(upgrad, per_loss=("pref_vector",)),
+    "aligned-mtl": Rule(aligned_mtl, per_loss=("pref_vector",)),
+    "cagrad": Rule(cagrad),
+    "mean": Rule(mean, needs_gram=False, device_form=_always),
+    "fixed": Rule(fixed, needs_gram=False, device_form=_always, per_loss=("weights",),
+                  required={"weights": "weights=..., e.g. weights={'distill': 0.9, 'task': 0.1}"}),
+    "anchored": Rule(anchored, log_losses=True, device_form=_always, loss_index=("anchor",),
+                     required={"anchor": "anchor=..., the name of the loss to keep whole (e.g. anchor='task')"}),
+}
+"""Every weight rule by name, with its facts."""
+
+RULES: Mapping[str, Callable[..., Tensor]] = {name: record.function for name, record in RULE_RECORDS.items()}
+"""Every weight rule's function by name."""
+
+
+def rule_record(method: str) -> Rule:
+    """The record of rule ``method``; a ``ValueError`` listing the rules for an unknown name."""
+    try:
+        return RULE_RECORDS[method]
+    except KeyError:
+        raise ValueError(f"unknown weight rule {method!r}; available: {sorted(RULES)}") from None
 
 
 @functools.lru_cache(maxsize=None)
 def rule_options(method: str) -> tuple[str, ...]:
     """The keyword options that rule ``method`` accepts."""
-    rule = _lookup(method)
+    rule = rule_record(method).function
     return tuple(name for name, p in inspect.signature(rule).parameters.items() if p.kind is p.KEYWORD_ONLY)
 
 
@@ -415,7 +462,7 @@ def weights(method: str, gram: Tensor, **options: object) -> Tensor:
     not symmetric, not finite, or has a negative diagonal, and ``TypeError`` for an option
     the rule does not take.
     """
-    rule = _lookup(method)
+    rule = rule_record(method).function
     check_rule_options(method, options)
     check_gram(gram)
     return rule(gram, **options)
@@ -439,13 +486,6 @@ def check_gram(gram: Tensor) -> None:
         raise ValueError(f"gram must be symmetric, got {g}")
     if any(v < 0 for v in diagonal):
         raise ValueError(f"gram must have a non-negative diagonal (squared norms), got {diagonal}")
-
-
-def _lookup(method: str) -> Callable[..., Tensor]:
-    try:
-        return RULES[method]
-    except KeyError:
-        raise ValueError(f"unknown weight rule {method!r}; available: {sorted(RULES)}") from None
 
 
 def _normalised(gram: Tensor) -> tuple[np.ndarray, float]:

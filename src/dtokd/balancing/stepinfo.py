@@ -80,6 +80,12 @@ class StepInfo:
         return self._host[3 * m + k * m * m: 3 * m + (k + 1) * m * m].view(m, m)
 
     @property
+    def per_loss_on_device(self) -> Tensor:
+        """The step's losses, weights and coefficients (``3 m`` numbers, in that order) on the
+        losses' device with no host read: what a training loop sums over an epoch."""
+        return self.packed[: 3 * len(self.names)]
+
+    @property
     def loss_values(self) -> Tensor:
         return self._part(0)
 

@@ -156,11 +156,8 @@ def build_data(
         raise ValueError(f"data.transform is for 'image-folder-stream'; {name!r} is augmented in memory (data.augment)")
     raw = _load(name, root, image_size)
     n = raw.train_labels.shape[0]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = int(round(val_fraction * n))
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    if limit_train is not None:
-        train_idx = train_idx[:limit_train]
+    val_list, train_list = carve_validation(n, val_fraction, seed, limit_train)
+    val_idx, train_idx = torch.tensor(val_list, dtype=torch.long), torch.tensor(train_list, dtype=torch.long)
     channels = raw.train_images.shape[1]
     if normalize is not None:
         mean, std = normalize
@@ -173,9 +170,20 @@ def build_data(
         std = tuple(pixels.std((0, 2, 3)).clamp_min(1e-3).tolist())
     full = TensorImageDataset(raw.train_images, raw.train_labels, mean, std)
     train = full.subset(train_idx, DEFAULT_AUGMENTATION[name] if augment else None)
-    val = full.subset(val_idx, None) if n_val else None
+    val = full.subset(val_idx, None) if val_list else None
     test = TensorImageDataset(raw.test_images, raw.test_labels, mean, std)
     return DataBundle(name, train, val, test, raw.classes)
+
+
+def carve_validation(n: int, val_fraction: float, seed: int, limit_train: int | None) -> tuple[list[int], list[int]]:
+    """The seeded split of a data set's ``n`` training items, the same for every data set kind:
+    a permutation drawn with ``seed``, its first ``round(val_fraction * n)`` indices for
+    validation and the rest, in that order (the first ``limit_train`` of them when given), for
+    training. The validation split does not depend on ``limit_train``."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = int(round(val_fraction * n))
+    train = order[n_val:]
+    return order[:n_val], train if limit_train is None else train[:limit_train]
 
 
 def _text(root: str | None, options: dict | None, val_fraction: float, seed: int,
@@ -201,11 +209,7 @@ def _streaming(root: str | None, val_fraction: float, seed: int, augment: bool, 
         raise FileNotFoundError(f"data.root={root!r} has a train/ folder but neither val/ nor test/")
     classes = tuple(sorted(p.name for p in (folder / "train").iterdir() if p.is_dir()))
     samples = streaming.list_samples(folder / "train", classes)
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = int(round(val_fraction * len(samples)))
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    if limit_train is not None:
-        train_idx = train_idx[:limit_train]
+    val_idx, train_idx = carve_validation(len(samples), val_fraction, seed, limit_train)
     mean, std = normalize or (streaming.IMAGENET_MEAN, streaming.IMAGENET_STD)
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"normalize gives {len(mean)} means and {len(std)} stds, but images are read as RGB")
@@ -215,7 +219,7 @@ def _streaming(root: str | None, val_fraction: float, seed: int, augment: bool, 
     def split(chosen: list[tuple[Path, int]], transform_: Any) -> StreamingImageFolder:
         return StreamingImageFolder(chosen, transform_, image_size, mean, std, workers)
 
-    val = split([samples[i] for i in val_idx], evaluation) if n_val else None
+    val = split([samples[i] for i in val_idx], evaluation) if val_idx else None
     test = split(streaming.list_samples(folder / test_name, classes), evaluation)
     return DataBundle("image-folder-stream", split([samples[i] for i in train_idx], training), val, test, classes)
 
@@ -270,13 +274,10 @@ def _detection(name: str, folder: Path, val_fraction: float, seed: int, augment:
         if not coco.imgs:
             raise ValueError(f"{file} lists no images")
     ids = sorted(train_coco.getImgIds())
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = int(round(val_fraction * len(ids)))
-    val_ids, train_ids = [ids[i] for i in order[:n_val]], [ids[i] for i in order[n_val:]]
-    if limit_train is not None:
-        train_ids = train_ids[:limit_train]
+    val_idx, train_idx = carve_validation(len(ids), val_fraction, seed, limit_train)
+    val_ids, train_ids = [ids[i] for i in val_idx], [ids[i] for i in train_idx]
     if not train_ids:
-        raise ValueError(f"{train_file}: no training images left ({len(ids)} listed, {n_val} carved for validation by "
+        raise ValueError(f"{train_file}: no training images left ({len(ids)} listed, {len(val_ids)} carved for validation by "
                          f"data.val_fraction={val_fraction}, data.limit_train={limit_train})")
     workers = streaming.default_workers() if workers is None else workers
     train_categories = {c: train_coco.cats[c]["name"] for c in train_coco.getCatIds()}
@@ -290,7 +291,7 @@ def _detection(name: str, folder: Path, val_fraction: float, seed: int, augment:
         return CocoDetectionSet(coco, images, chosen, flip=flip, workers=workers, image_size=image_size, labels=labels)
 
     train = split(train_coco, train_images, train_ids, augment)
-    val = split(train_coco, train_images, val_ids, False) if n_val else None
+    val = split(train_coco, train_images, val_ids, False) if val_ids else None
     test = split(test_coco, test_images, sorted(test_coco.getImgIds()), False)
     return DataBundle(name, train, val, test, train.classes)
 

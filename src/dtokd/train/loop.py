@@ -36,12 +36,11 @@ from dtokd.train import checkpoint as ckpt
 from dtokd.train import distributed
 from dtokd.train.config import CHOICES, Config, ConfigError, load_config, to_dict
 from dtokd.train.optim import lr_factor, make_optimizer, make_scheduler
-from dtokd.train.records import MetricLog, git_commit, metadata, write_yaml
+from dtokd.train.records import MetricLog, metadata, write_yaml
 from dtokd.train.run_folder import config_for_resume, prepare_fresh, record_extension, remove_partial_run
 from dtokd.train.teacher_cache import CachedTeacher, cache_key
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-git_commit()  # fix the commit this process records to the code it loaded (see records.git_commit)
 
 
 def train(config: Config | None, folder: str | Path, *, resume: bool = False, force: bool = False,
@@ -401,14 +400,14 @@ def _make_balancer(config: Config, task: Task, params: list[torch.Tensor]) -> Ba
     options = dict(cfg.options)
     if cfg.method == "fixed" and "weights" not in options and len(task.loss_names) == 1:
         options["weights"] = [1.0]  # a single loss: the plain backward pass
+    # by default the checks are deferred wherever every step allows it: no host wait per step,
+    # the checks before each checkpoint
+    options.setdefault("deferred_checks", "auto")
     try:
         balancer = make_balancer(cfg.method, params, engine=cfg.engine, gram_params=gram_params, **options)
     except TypeError as error:  # an option the method does not take, or a missing one
         raise ValueError(f"balancer.options={cfg.options!r} for method {cfg.method!r}: {error}") from None
-    if "deferred_checks" not in options and balancer.can_defer_checks(len(task.loss_names)):
-        # the default wherever every step allows it: no host wait per step, checks before each checkpoint
-        balancer = make_balancer(cfg.method, params, engine=cfg.engine, gram_params=gram_params,
-                                 deferred_checks=True, **options)
+    balancer.decide_deferred_checks(len(task.loss_names))
     return balancer
 
 
@@ -464,7 +463,7 @@ def _train_epoch(config: Config, forward: nn.Module, task: Task, balancer: Balan
                     torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 _, after = forward(x, y, epochs_done, reuse_teacher=True)
             balancer.update(after)
-        totals.add_(info.packed[: 3 * m].to(device, non_blocking=True))  # no host read: see StepInfo
+        totals.add_(info.per_loss_on_device.to(device, non_blocking=True))  # no host read: see StepInfo
         count += 1
         if diagnose:
             log.write("steps.jsonl", {"epoch": epoch, "step": step, **info.as_dict()}, step)

@@ -20,8 +20,8 @@ import yaml
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
     """The commit of the code this process runs: read once, the first time it is asked for (the
-    trainer asks when it is imported, so that a long process, a bench matrix, does not record
-    commits made while it ran)."""
+    command line asks before it dispatches, so that a long command, a bench matrix, does not
+    record commits made while it ran; nothing asks at import)."""
     try:
         here = Path(__file__).resolve().parent
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
