@@ -69,6 +69,10 @@ def test_bench_runs_resumes_and_aggregates(tmp_path, capsys):
     assert (out / "cnn-mlp" / "blowup" / "seed0" / "diverged.json").is_file()
     for png in ("accuracy_cnn-mlp.png", "cost_cnn-mlp.png", "weights_cnn-mlp.png"):
         assert (out / png).stat().st_size > 1000
+    # with one grid member finished nothing was chosen: no row says it was tuned
+    (out / "cnn-mlp" / "kd-grid-a0.5").rename(tmp_path / "set-aside")
+    assert cli.main(["bench", matrix, "--out", str(out), "--aggregate-only"]) == 0
+    assert "(tuned on val)" not in (out / "results.md").read_text()
 
 
 def test_bad_matrix_is_named(tmp_path):
@@ -150,7 +154,8 @@ def test_a_pair_with_a_given_teacher_checkpoint_trains_no_teacher(tmp_path):
     assert teacher["checkpoint"] == str(tmp_path / "given" / "best.pt")
     broken = text.replace("checkpoint:", "weights:")
     open(matrix, "w").write(broken)
-    with pytest.raises(ValueError, match="must give 'teacher' and 'student' \\(and optionally 'checkpoint', 'overrides'\\)"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['pairs.cnn-mlp.weights'\]; valid keys here: "
+                                         r"\['teacher', 'student', 'checkpoint', 'overrides'\]"):
         load_matrix(matrix)
 
 
@@ -165,23 +170,30 @@ def test_shipped_matrices_resolve_every_cell(name):
 
     matrix = load_matrix(Path(__file__).resolve().parents[1] / "configs" / name)
     check_cells(matrix)
-    for pair, spec in matrix.pairs.items():
+    for name, pair in matrix.pairs.items():
         for method in matrix.methods:
-            config = cell_config(matrix, pair, method, matrix.seeds[0], "x.pt")
-            assert config.student.name == spec["student"] and config.name == method
-            if "teacher.key_map=cifar-resnet-chenyaofo" in spec.get("overrides", []) and config.teacher.name:
+            config = cell_config(matrix, name, method, matrix.seeds[0], "x.pt")
+            assert config.student.name == pair.student and config.name == method
+            if "teacher.key_map=cifar-resnet-chenyaofo" in pair.overrides and config.teacher.name:
                 assert config.teacher.key_map == "cifar-resnet-chenyaofo"  # the pair's own override applied
 
 
 @pytest.mark.parametrize("edit, message", [
     (lambda t: "", "the file holds nothing"),
-    (lambda t: t.replace("seeds: [0, 1]", "seeds: 3"), "seeds must be a non-empty list of integers, got 3"),
+    (lambda t: t.replace("seeds: [0, 1]", "seeds: 3"), "seeds must be a list, got 3"),
+    (lambda t: t.replace("seeds: [0, 1]", "seeds: []"), r"seeds must be a non-empty list of integers, got \[\]"),
+    (lambda t: t.replace("seeds: [0, 1]", "seeds: [0, one]"), r"seeds\[1\] must be of type int, got 'one'"),
     (lambda t: t.replace("seeds: [0, 1]", "seeds: [0, 0]"), r"seeds \[0, 0\] repeat a seed"),
     (lambda t: t.replace("pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}", "pairs: [cnn]"),
+     r"pairs must be a mapping, got \['cnn'\]"),
+    (lambda t: t.replace("pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}", "pairs: {}"),
      "pairs must be a non-empty mapping"),
     (lambda t: t.replace("pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}", "pairs: {cnn-mlp: cnn}"),
-     "pair 'cnn-mlp' must be a mapping"),
-    (lambda t: t.replace("base: [epochs=3]", "base: epochs=3"), "base must be a list of key=value"),
+     "pairs.cnn-mlp must be a mapping, got 'cnn'"),
+    (lambda t: t.replace("pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}",
+                         "pairs: {cnn-mlp: {teacher: cnn_small}}"), r"missing key\(s\) \['pairs.cnn-mlp.student'\]"),
+    (lambda t: t.replace("base: [epochs=3]", "base: epochs=3"), "base must be a list, got 'epochs=3'"),
+    (lambda t: t + "colour: blue\n", r"unknown key\(s\) \['colour'\]"),
 ])
 def test_a_malformed_matrix_file_is_named(tmp_path, edit, message):
     matrix = write_matrix(tmp_path, METHODS)
@@ -276,3 +288,29 @@ def test_interrupted_parallel_bench_keeps_its_cells_and_finishes_on_rerun(tmp_pa
     for summary in (tmp_path / "straight").glob("*/*/seed*/summary.json"):
         other = tmp_path / "cut" / summary.relative_to(tmp_path / "straight")
         assert json.loads(other.read_text())["last_test_top1"] == json.loads(summary.read_text())["last_test_top1"]
+
+
+def test_a_cell_is_diverged_by_the_error_type_not_its_words(tmp_path, monkeypatch):
+    """NonFiniteStepError (what the balancer raises for NaN/inf) marks a cell diverged; any other
+    error, even one whose message says 'non-finite', fails the cell."""
+    from dtokd import NonFiniteStepError, bench
+
+    matrix = load_matrix(write_matrix(tmp_path, METHODS))
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"stand-in: train() is replaced below")
+
+    def diverge(config, folder, **kwargs):
+        raise NonFiniteStepError("non-finite loss(es) ['task']: task=nan")
+
+    monkeypatch.setattr(bench, "train", diverge)
+    bench.run_cell(matrix, tmp_path / "out", "cnn-mlp", "dto", 0, teacher)
+    record = json.loads((tmp_path / "out" / "cnn-mlp" / "dto" / "seed0" / "diverged.json").read_text())
+    assert record == {"error": "non-finite loss(es) ['task']: task=nan", "epochs_completed": 0}
+
+    def fail(config, folder, **kwargs):
+        raise ValueError("data.root holds non-finite pixel values")
+
+    monkeypatch.setattr(bench, "train", fail)
+    with pytest.raises(ValueError, match="non-finite pixel"):
+        bench.run_cell(matrix, tmp_path / "out", "cnn-mlp", "dto", 1, teacher)
+    assert not (tmp_path / "out" / "cnn-mlp" / "dto" / "seed1" / "diverged.json").exists()

@@ -423,3 +423,16 @@ def test_nothing_asks_git_at_import():
             "print(records.git_commit.cache_info().currsize)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0"
+
+
+def test_a_checkpoint_holds_the_training_state_and_its_identity(tmp_path):
+    """checkpoint.pt = the run's identity + TrainingState.state_dict() (its keys spelled once)."""
+    from dtokd.train.state import TrainingState
+
+    overrides = ["epochs=1", "batch_size=64", "data.name=synthetic", "student.name=mlp_small", "device=cpu",
+                 "optim.ema_decay=0.9"]
+    train(load_config(None, overrides), tmp_path / "run", progress=False, verbose=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    parts = set(TrainingState.PARTS)
+    assert set(state) == {"identity", "checksum", "format", "epoch", "history", "rng"} | parts
+    assert state["epoch"] == 1 and len(state["history"]) == 1

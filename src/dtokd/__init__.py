@@ -11,7 +11,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["BALANCERS", "Balancer", "StepInfo", "__version__", "make_balancer", "weights"]
+__all__ = ["BALANCERS", "Balancer", "NonFiniteStepError", "StepInfo", "__version__", "make_balancer", "weights"]
 
 
 def __getattr__(name: str) -> Any:

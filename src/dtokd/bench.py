@@ -35,6 +35,7 @@ once per teacher name (seed 0) into ``OUT/teachers/<name>``. The aggregate is wr
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -43,34 +44,51 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from dtokd.balancing import NonFiniteStepError
 from dtokd.interrupts import Interrupted, StopRequest, deferred_stop
 from dtokd.train import load_config, train
+from dtokd.train.config import ConfigError, from_dict
 from dtokd.train.records import git_commit, machine, read_jsonl
 
 
 @dataclass(frozen=True)
+class Pair:
+    """A teacher -> student pair of a matrix: the model names, the teacher's checkpoint when it
+    is given rather than trained by the bench (relative to the project, like the configs), and
+    the pair's own overrides."""
+
+    teacher: str
+    student: str
+    checkpoint: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Matrix:
+    """A matrix file (see the module notes), read with the configuration machinery: unknown or
+    missing keys and ill-typed values are errors naming the key."""
+
     name: str
     seeds: list[int]
-    base: list[str]
-    student_config: Path
-    teacher_config: Path
-    pairs: dict[str, dict[str, str]]
+    pairs: dict[str, Pair]
     methods: dict[str, list[str]]
+    student_config: str
+    teacher_config: str
     reference: str
-    grid_prefix: str | None
-
-
-MATRIX_KEYS = {"name", "seeds", "base", "student_config", "teacher_config", "pairs", "methods", "reference", "grid_prefix"}
+    base: list[str] = field(default_factory=list)
+    grid_prefix: str | None = None
 
 
 def load_matrix(path: str | Path) -> Matrix:
+    """The matrix in ``path``, checked before anything runs; config paths and given teacher
+    checkpoints resolved against the project (the folder above ``configs/``, else the
+    working directory)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"matrix file {str(path)!r} does not exist")
@@ -79,47 +97,27 @@ def load_matrix(path: str | Path) -> Matrix:
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not a valid YAML matrix ({str(error).splitlines()[0]})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a matrix is a mapping with keys {sorted(MATRIX_KEYS)}; the file holds "
+        keys = [f.name for f in dataclasses.fields(Matrix)]
+        raise ValueError(f"{path}: a matrix is a mapping with keys {keys}; the file holds "
                          f"{'nothing' if raw is None else type(raw).__name__}")
-    unknown = sorted(set(raw) - MATRIX_KEYS)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; valid: {sorted(MATRIX_KEYS)}")
-    missing = sorted({"name", "seeds", "pairs", "methods", "student_config", "teacher_config", "reference"} - set(raw))
-    if missing:
-        raise ValueError(f"{path}: missing key(s) {missing}")
-    seeds = raw["seeds"]
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(v, int) and not isinstance(v, bool) for v in seeds):
-        raise ValueError(f"{path}: seeds must be a non-empty list of integers, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"{path}: seeds {seeds} repeat a seed")
+    try:
+        matrix = from_dict(Matrix, raw, "")
+    except ConfigError as error:
+        raise ValueError(f"{path}: {error}") from None
+    if not matrix.seeds:
+        raise ValueError(f"{path}: seeds must be a non-empty list of integers, got {matrix.seeds!r}")
+    if len(set(matrix.seeds)) != len(matrix.seeds):
+        raise ValueError(f"{path}: seeds {matrix.seeds} repeat a seed")
     for key in ("pairs", "methods"):
-        if not isinstance(raw[key], dict) or not raw[key]:
+        if not getattr(matrix, key):
             raise ValueError(f"{path}: {key} must be a non-empty mapping name -> ..., got {raw[key]!r}")
-    for method, overrides in raw["methods"].items():
-        if not isinstance(overrides, list):
-            raise ValueError(f"{path}: method {method!r}: overrides must be a list of key=value, got {overrides!r}")
-    if not isinstance(raw.get("base", []), list):
-        raise ValueError(f"{path}: base must be a list of key=value, got {raw['base']!r}")
-    if raw["reference"] not in raw["methods"]:
-        raise ValueError(f"{path}: reference {raw['reference']!r} is not one of the methods {list(raw['methods'])}")
-    for pair, spec in raw["pairs"].items():
-        if not isinstance(spec, dict):
-            raise ValueError(f"{path}: pair {pair!r} must be a mapping with 'teacher' and 'student', got {spec!r}")
-        if not {"teacher", "student"} <= set(spec) <= {"teacher", "student", "checkpoint", "overrides"}:
-            raise ValueError(f"{path}: pair {pair!r} must give 'teacher' and 'student' (and optionally 'checkpoint', "
-                             f"'overrides'), got {sorted(spec)}")
-        if not isinstance(spec.get("overrides", []), list):
-            raise ValueError(f"{path}: pair {pair!r}: overrides must be a list of key=value, got {spec['overrides']!r}")
+    if matrix.reference not in matrix.methods:
+        raise ValueError(f"{path}: reference {matrix.reference!r} is not one of the methods {list(matrix.methods)}")
     root = path.parent.parent if path.parent.name == "configs" else Path.cwd()
-    for spec in raw["pairs"].values():
-        if "checkpoint" in spec:
-            spec["checkpoint"] = str(root / spec["checkpoint"])
-    return Matrix(
-        name=raw["name"], seeds=[int(s) for s in raw["seeds"]], base=[str(o) for o in raw.get("base", [])],
-        student_config=root / raw["student_config"], teacher_config=root / raw["teacher_config"],
-        pairs=raw["pairs"], methods={k: [str(o) for o in v] for k, v in raw["methods"].items()},
-        reference=raw["reference"], grid_prefix=raw.get("grid_prefix"),
-    )
+    pairs = {name: dataclasses.replace(pair, checkpoint=None if pair.checkpoint is None else str(root / pair.checkpoint))
+             for name, pair in matrix.pairs.items()}
+    return dataclasses.replace(matrix, pairs=pairs, student_config=str(root / matrix.student_config),
+                               teacher_config=str(root / matrix.teacher_config))
 
 
 class CellsFailed(RuntimeError):
@@ -169,9 +167,9 @@ def run_matrix(matrix: Matrix, out: Path, *, progress: bool = False, parallel: i
     out.mkdir(parents=True, exist_ok=True)
     cells = select_cells(matrix) if cells is None else cells
     used = {pair for pair, _, _ in cells}
-    teachers = {pair: Path(spec["checkpoint"]) if "checkpoint" in spec else
-                _ensure_teacher(matrix, out / "teachers" / spec["teacher"], spec["teacher"], progress)
-                for pair, spec in matrix.pairs.items() if pair in used}
+    teachers = {name: Path(pair.checkpoint) if pair.checkpoint is not None else
+                _ensure_teacher(matrix, out / "teachers" / pair.teacher, pair.teacher, progress)
+                for name, pair in matrix.pairs.items() if name in used}
     pending = [c for c in cells if not _finished(out / c[0] / c[1] / f"seed{c[2]}")]
     began = time.perf_counter()
     if parallel == 1:
@@ -200,10 +198,10 @@ def _finished(folder: Path) -> bool:
 def cell_config(matrix: Matrix, pair: str, method: str, seed: int, teacher: Path | str):
     """The run configuration of one cell: the student config with the matrix's shared overrides,
     the pair's, the cell's name, seed, models and teacher, then the method's."""
-    spec = matrix.pairs[pair]
+    given = matrix.pairs[pair]
     return load_config(matrix.student_config, [
-        *matrix.base, *map(str, spec.get("overrides", [])), f"name={method}", f"seed={seed}",
-        f"student.name={spec['student']}", f"teacher.name={spec['teacher']}", f"teacher.checkpoint={teacher}",
+        *matrix.base, *given.overrides, f"name={method}", f"seed={seed}",
+        f"student.name={given.student}", f"teacher.name={given.teacher}", f"teacher.checkpoint={teacher}",
         *matrix.methods[method],
     ])
 
@@ -234,26 +232,20 @@ def run_cell(matrix: Matrix, out: Path, pair: str, method: str, seed: int, teach
     folder = out / pair / method / f"seed{seed}"
     if _finished(folder):
         return
-    spec = matrix.pairs[pair]
-    teacher = teacher or Path(spec.get("checkpoint") or out / "teachers" / spec["teacher"] / "best.pt")
+    given = matrix.pairs[pair]
+    teacher = teacher or Path(given.checkpoint or out / "teachers" / given.teacher / "best.pt")
     if not teacher.is_file():
-        raise FileNotFoundError(f"teacher {spec['teacher']!r} of pair {pair!r} is not trained yet ({teacher}); "
+        raise FileNotFoundError(f"teacher {given.teacher!r} of pair {pair!r} is not trained yet ({teacher}); "
                                 "run the matrix without --cell first")
     config = cell_config(matrix, pair, method, seed, teacher)
     try:  # the bench owns its cell folders: a cell killed before its first checkpoint starts afresh
         train(config, folder, resume=(folder / "checkpoint.pt").is_file(), force=True, progress=progress,
               verbose=progress)
-    except ValueError as error:
-        if "non-finite" not in str(error):
-            raise
+    except NonFiniteStepError as error:
         folder.mkdir(parents=True, exist_ok=True)
         epochs = len(read_jsonl(folder / "metrics.jsonl"))
         (folder / "diverged.json").write_text(json.dumps({"error": str(error), "epochs_completed": epochs}) + "\n")
         print(f"[bench] {pair} {method} seed {seed} diverged in epoch {epochs + 1}: {error}", flush=True)
-
-
-"""How long the cells of a stopped parallel bench get to stop on SIGINT before they are killed
-(a kill is safe: checkpoints are written atomically, a resume starts from the last one)."""
 
 
 def _run_in_processes(matrix_path: Path, out: Path, cells: list[tuple[str, str, int]], parallel: int, *,
@@ -424,7 +416,7 @@ def aggregate(matrix: Matrix, out: Path) -> Path:
         tuned = None
         if matrix.grid_prefix:
             grid = [m for m in cells if (m.startswith(matrix.grid_prefix) or m == matrix.reference) and cells[m]["seeds"]]
-            tuned = max(grid, key=lambda m: cells[m][f"best_val_{cells[m]['metric']}"], default=None)
+            tuned = max(grid, key=lambda m: cells[m][f"best_val_{cells[m]['metric']}"]) if len(grid) >= 2 else None
         for method, cell in cells.items():
             if not cell["seeds"] and not cell["diverged"]:
                 continue
@@ -477,7 +469,7 @@ def _markdown(matrix: Matrix, rows: list[dict[str, Any]], plots: list[Path]) -> 
     lines = [
         f"# Accuracy benchmark: {matrix.name}", "",
         f"- commit `{git_commit()[:10]}`; machine: {machine()}",
-        f"- seeds {matrix.seeds}; shared overrides: `{' '.join(matrix.base)}`; run config `{matrix.student_config.name}`",
+        f"- seeds {matrix.seeds}; shared overrides: `{' '.join(matrix.base)}`; run config `{Path(matrix.student_config).name}`",
         f"- reference for time ratios and convergence: `{matrix.reference}`; accuracies: mean ± standard deviation over "
         "seeds; time: the fastest seed's mean seconds per epoch (other load on the machine only adds time)",
         "- paired: the mean ± standard deviation over seeds of (method - reference) in test "

@@ -8,9 +8,9 @@ Public API::
 """
 
 from dtokd.balancing.balancers import BALANCERS, make_balancer
-from dtokd.balancing.base import Balancer
+from dtokd.balancing.base import Balancer, NonFiniteStepError
 from dtokd.balancing.engines import ENGINES
 from dtokd.balancing.rules import RULES, weights
 from dtokd.balancing.stepinfo import StepInfo
 
-__all__ = ["BALANCERS", "ENGINES", "RULES", "Balancer", "StepInfo", "make_balancer", "weights"]
+__all__ = ["BALANCERS", "ENGINES", "RULES", "Balancer", "NonFiniteStepError", "StepInfo", "make_balancer", "weights"]

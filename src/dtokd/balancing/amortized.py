@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from dtokd.balancing.base import Balancer, deferred_message
+from dtokd.balancing.base import Balancer, NonFiniteStepError, deferred_message
 from dtokd.balancing.stepinfo import HostCopy
 
 UpdateMode = Literal["same-batch", "next-step"]
@@ -119,7 +119,7 @@ class AmortizedDTOBalancer(Balancer):
         listed = after.tolist()
         if not all(map(math.isfinite, listed)):
             problem = f"update(): non-finite losses after the step {dict(zip(self.names, listed))}"  # type: ignore[arg-type]
-            raise ValueError(deferred_message(problem) if deferred else problem)
+            raise NonFiniteStepError(deferred_message(problem) if deferred else problem)
 
     def _learn(self, delta: Tensor) -> None:
         """One Adam step (L2 weight decay) on ``xi`` with gradient ``pi * (delta - <pi, delta>)``."""

@@ -23,7 +23,7 @@ A ``reference`` given with another ``rescale`` is only reported: ``StepInfo.upda
 The losses' structure is checked before anything is computed: a non-empty mapping of string names to
 floating scalar tensors in the autograd graph, all on one device, with the same names on
 every call (the first call fixes them and their order). A NaN or infinite loss raises a
-``ValueError`` naming it (``on_nonfinite="skip"`` instead writes no gradient and reports
+:class:`NonFiniteStepError` (a ``ValueError``) naming it (``on_nonfinite="skip"`` instead writes no gradient and reports
 ``StepInfo.skipped``). With ``log_losses=True`` a negative loss is an error (its log is
 undefined) and a loss below ``loss_floor`` (zero included) is taken as ``loss_floor``.
 
@@ -84,6 +84,11 @@ Rescale = Literal["none", "unit-sum", "norm"]
 RESCALES = ("none", "unit-sum", "norm")
 NEGLIGIBLE_UPDATE = 1e-12  # (update length / reference length)^2 below which rescale="norm" leaves the update
 NonFinitePolicy = Literal["raise", "skip"]
+
+
+class NonFiniteStepError(ValueError):
+    """A step's losses or gradients were NaN or infinite (with ``on_nonfinite="raise"``): what a
+    diverged run raises, told apart by its type from every other error."""
 
 
 class Problem(NamedTuple):
@@ -340,7 +345,8 @@ class Balancer:
             message = problem.message
             if problem.kind == "non-finite loss" and not deferred:
                 message += " (.grad holds this step's non-finite gradient; pass on_nonfinite='skip' to skip such steps instead)"
-            raise ValueError(deferred_message(message) if deferred else message)
+            error = ValueError if problem.kind == "negative loss" else NonFiniteStepError
+            raise error(deferred_message(message) if deferred else message)
         if raw_gram is not None:
             self._warn_zero_gradients(raw_gram, info.weight_values)
 
@@ -375,7 +381,7 @@ class Balancer:
             raise ValueError(problem.message)
         if self.on_nonfinite == "raise":
             hint = " (pass on_nonfinite='skip' to skip such steps instead)" if problem.kind == "non-finite loss" else ""
-            raise ValueError(problem.message + hint)
+            raise NonFiniteStepError(problem.message + hint)
         return self._skipped(values, problem.message, device)
 
     def _warn_zero_gradients(self, raw_gram: Tensor, weights: Tensor) -> None:

@@ -17,8 +17,7 @@ from dtokd.data.tensor_dataset import Augmentation, InMemoryBatches, TensorImage
 from dtokd.data.text import TokenBlocks, load_text
 from dtokd.train.config import CHOICES
 
-DATASETS = ("fashion-mnist", "image-folder", "image-folder-stream", "cifar10", "cifar100", "digits", "synthetic",
-            "synthetic-rgb", "coco", "synthetic-coco", "text")
+DATASETS = CHOICES["data.name"]
 DETECTION_DATASETS = ("coco", "synthetic-coco")
 DEFAULT_AUGMENTATION = {
     "fashion-mnist": Augmentation(pad=2, flip=True),

@@ -35,9 +35,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dtokd.data.streaming import GlobalBatchSampler
+from dtokd.train.config import CHOICES
 
 Target = dict[str, Any]
-LABEL_MODES = ("contiguous", "category-id")
+LABEL_MODES = CHOICES["data.labels"]
 
 
 def load_coco(annotation_file: Path) -> Any:

@@ -17,68 +17,73 @@ from dtokd.tasks.classification import (
     has_distillation_head,
     resolve_loss_specs,
 )
-from dtokd.tasks.detection import DetectionTask, evaluate_detector
+from dtokd.tasks.detection import DetectionTask, evaluate_detector, resolve_detection_specs
 from dtokd.train.config import CHOICES
 
 TASKS = CHOICES["task"]
 Task = ClassificationTask | DetectionTask | CausalLMTask
 
 
-def check_causal_lm_settings(kind: str, data_name: str, model_names: list[tuple[str, str | None]],
-                             specs: Mapping[str, Mapping[str, Any]], representation: str,
-                             teacher_normalized: bool) -> None:
-    """The language-model task's checks that need only the settings (run before the corpus is
-    read and its tokenizer trained): ``task: causal-lm`` with ``data.name: text``, the models
-    (``(argument, name)`` pairs) named ``hf-causal-lm:...``, the representation left at
-    ``outputs``, no ``teacher.normalize``, and the loss specs. Nothing to check for other tasks."""
+def check_task_settings(kind: str, data_name: str, model_names: list[tuple[str, str | None]],
+                        specs: Mapping[str, Mapping[str, Any]], representation: str,
+                        teacher_normalized: bool) -> None:
+    """The task's checks that need only the settings, run before any data is read or model built:
+    the task and the data set belong together (detection data for ``task: detection``, text for
+    ``task: causal-lm``), the loss specs are the task's (types, options, values), and for
+    language models: the models (``(argument, name)`` pairs) named ``hf-causal-lm:...``, the
+    representation left at ``outputs``, no ``teacher.normalize``."""
+    from dtokd.data.bundle import DETECTION_DATASETS
     from dtokd.models.causal_lm import PREFIX
 
-    if kind != "causal-lm" and data_name != "text":
-        return
-    if data_name != "text" or kind != "causal-lm":
-        raise ValueError("task='causal-lm' and data.name='text' go together (token blocks for language models); "
-                         f"got task={kind!r} with data.name={data_name!r}")
-    wrong = [arg for arg, name in model_names if name is not None and not name.startswith(PREFIX)]
-    if wrong:
-        raise ValueError(f"task='causal-lm' needs language models: {wrong} must name hf-causal-lm:<model_type>")
-    if representation != "outputs":
-        raise ValueError(f"balancer.representation={representation!r}: for causal-lm the representation is "
-                         "the student's logits; leave it at 'outputs'")
-    if teacher_normalized:
-        raise ValueError("teacher.normalize is for images; a language model's input is token ids")
-    resolve_lm_specs(specs)
+    if kind not in TASKS:
+        raise ValueError(f"task={kind!r} is not allowed; use one of {list(TASKS)}")
+    if kind == "causal-lm" or data_name == "text":
+        if data_name != "text" or kind != "causal-lm":
+            raise ValueError("task='causal-lm' and data.name='text' go together (token blocks for language models); "
+                             f"got task={kind!r} with data.name={data_name!r}")
+        wrong = [arg for arg, name in model_names if name is not None and not name.startswith(PREFIX)]
+        if wrong:
+            raise ValueError(f"task='causal-lm' needs language models: {wrong} must name hf-causal-lm:<model_type>")
+        if representation != "outputs":
+            raise ValueError(f"balancer.representation={representation!r}: for causal-lm the representation is "
+                             "the student's logits; leave it at 'outputs'")
+        if teacher_normalized:
+            raise ValueError("teacher.normalize is for images; a language model's input is token ids")
+        resolve_lm_specs(specs)
+    elif kind == "detection":
+        if data_name not in DETECTION_DATASETS:
+            raise ValueError(f"task='detection' needs a detection data set (data.name 'coco' or 'synthetic-coco'), "
+                             f"not {data_name!r}")
+        if representation != "outputs":
+            raise ValueError(f"balancer.representation={representation!r}: for detection the representation is "
+                             "the student's FPN levels; leave it at 'outputs'")
+        resolve_detection_specs(specs)
+    else:
+        if data_name in DETECTION_DATASETS:
+            raise ValueError(f"data.name={data_name!r} is a detection data set: set task: detection")
+        resolve_loss_specs(specs)
 
 
 def build_task(kind: str, student: nn.Module, teacher: nn.Module | None, specs: Mapping[str, Mapping[str, Any]],
                data: Any, teacher_input: nn.Module | None = None, representation: str = "outputs") -> Task:
-    """The task ``kind`` for these models and data, with the checks that they belong to it."""
+    """The task ``kind`` for these models and data, with the checks that they belong to it
+    (:func:`check_task_settings`, then the models')."""
     from dtokd.models.detection import is_detector
 
-    if kind not in TASKS:
-        raise ValueError(f"task={kind!r} is not allowed; use one of {list(TASKS)}")
-    detection_data = getattr(data, "detection", False)
+    check_task_settings(kind, data.name, [], specs, representation, teacher_input is not None)
     models = [("student.name", student)] + ([("teacher.name", teacher)] if teacher is not None else [])
-    if kind == "causal-lm" or data.name == "text":
+    if kind == "causal-lm":
         from dtokd.models.causal_lm import CausalLM
 
-        check_causal_lm_settings(kind, data.name, [], specs, representation, teacher_input is not None)
         wrong = [arg for arg, model in models if not isinstance(model, CausalLM)]
         if wrong:
             raise ValueError(f"task='causal-lm' needs language models: {wrong} must name hf-causal-lm:<model_type>")
         return CausalLMTask(student, teacher, specs)
     if kind == "detection":
-        if not detection_data:
-            raise ValueError(f"task='detection' needs a detection data set (data.name 'coco' or 'synthetic-coco'), "
-                             f"not {data.name!r}")
         wrong = [arg for arg, model in models if not is_detector(model)]
         if wrong:
             raise ValueError(f"task='detection' needs detectors: {wrong} must name detection:<head>_<backbone>_fpn")
-        if representation != "outputs":
-            raise ValueError(f"balancer.representation={representation!r}: for detection the representation is "
-                             "the student's FPN levels; leave it at 'outputs'")
         return DetectionTask(student, teacher, specs)
-    if detection_data:
-        raise ValueError(f"data.name={data.name!r} is a detection data set: set task: detection")
     wrong = [arg for arg, model in models if is_detector(model)]
     if wrong:
         raise ValueError(f"{wrong} name detectors: set task: detection (and a detection data set)")
@@ -86,5 +91,5 @@ def build_task(kind: str, student: nn.Module, teacher: nn.Module | None, specs: 
     return ClassificationTask(student, teacher, specs, sample, teacher_input, representation=representation)
 
 
-__all__ = ["LOSS_OPTIONS", "TASKS", "CausalLMTask", "check_causal_lm_settings", "ClassificationTask", "DetectionTask", "Task", "build_task",
+__all__ = ["LOSS_OPTIONS", "TASKS", "CausalLMTask", "check_task_settings", "ClassificationTask", "DetectionTask", "Task", "build_task",
            "evaluate_causal_lm", "evaluate_classifier", "evaluate_detector", "has_distillation_head", "resolve_loss_specs"]

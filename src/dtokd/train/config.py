@@ -13,9 +13,20 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+DataName = Literal["fashion-mnist", "image-folder", "image-folder-stream", "cifar10", "cifar100", "digits", "synthetic",
+                   "synthetic-rgb", "coco", "synthetic-coco", "text"]
+Placement = Literal["auto", "device", "host"]
+DetectionLabels = Literal["contiguous", "category-id"]
+OptimName = Literal["sgd", "adamw"]
+Schedule = Literal["cosine", "step", "constant"]
+EvalTest = Literal["every", "end"]
+TaskName = Literal["classification", "detection", "causal-lm"]
+Amp = Literal["none", "bf16", "fp16"]
+CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune"]
 
 
 @dataclass
@@ -39,19 +50,19 @@ class DataConfig:
     ``tokenizer``, ``vocab_size``, ``eos``, ``test_fraction``, ``split_seed``, ``extensions``,
     ``field``; see :mod:`dtokd.data.text`)."""
 
-    name: str = "fashion-mnist"
+    name: DataName = "fashion-mnist"
     root: str | None = None
     val_fraction: float = 0.1
     image_size: int = 32
     augment: bool = True
     limit_train: int | None = None
-    placement: str = "auto"
+    placement: Placement = "auto"
     mixup: dict[str, Any] | None = None
     transform: dict[str, Any] | None = None
     workers: int | None = None
     repeated_augmentation: int = 1
     synthetic: dict[str, Any] | None = None
-    labels: str = "contiguous"
+    labels: DetectionLabels = "contiguous"
     text: dict[str, Any] | None = None
 
 
@@ -89,12 +100,12 @@ class TeacherConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"
+    name: OptimName = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     warmup_epochs: int = 0
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
@@ -125,22 +136,7 @@ class EvalConfig:
     per-epoch test curve, no best-of-test figure)."""
 
     every: int = 1
-    test: str = "every"
-
-
-EVAL_TEST = ("every", "end")
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "task": ("classification", "detection", "causal-lm"),
-    "amp": ("none", "bf16", "fp16"),
-    "compile": ("none", "default", "reduce-overhead", "max-autotune"),
-    "optim.name": ("sgd", "adamw"),
-    "optim.schedule": ("cosine", "step", "constant"),
-    "data.placement": ("auto", "device", "host"),
-    "eval.test": EVAL_TEST,
-}
-"""The settings that name one of a few choices: checked when a config is loaded, before anything
-is built (the modules that use them read their choices from here)."""
+    test: EvalTest = "every"
 
 
 @dataclass
@@ -155,14 +151,14 @@ class Config:
     """
 
     name: str = "run"
-    task: str = "classification"
+    task: TaskName = "classification"
     seed: int = 0
     epochs: int = 10
     batch_size: int = 128
     eval_batch_size: int = 512
     device: str = "auto"
-    amp: str = "none"
-    compile: str = "none"
+    amp: Amp = "none"
+    compile: CompileMode = "none"
     channels_last: bool = False
     log_every: int = 50
     data: DataConfig = field(default_factory=DataConfig)
@@ -173,6 +169,23 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     losses: dict[str, dict[str, Any]] = field(default_factory=lambda: {"task": {"type": "ce"}})
 
+
+def _choices(kind: type, prefix: str = "") -> dict[str, tuple[str, ...]]:
+    """Every ``Literal`` field of ``kind`` and its sections, by dotted key -> its allowed values."""
+    found: dict[str, tuple[str, ...]] = {}
+    for name, hint in typing.get_type_hints(kind).items():
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            found.update(_choices(hint, f"{key}."))
+        elif typing.get_origin(hint) is Literal:
+            found[key] = typing.get_args(hint)
+    return found
+
+
+CHOICES: dict[str, tuple[str, ...]] = _choices(Config)
+"""The settings that name one of a few choices (the ``Literal`` fields), by dotted key: checked
+as a config is read, before anything is built; the modules that use them read their choices
+from here."""
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -199,7 +212,7 @@ def reference_markdown() -> str:
             if not prefix and dataclasses.is_dataclass(f.default_factory):
                 continue
             key = f"{prefix}.{f.name}" if prefix else f.name
-            kind_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            kind_name = "str" if key in CHOICES else f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
             allowed = ", ".join(f"`{c}`" for c in CHOICES.get(key, ()))
             cells = [f"`{key}`", f"`{kind_name}`", f"`{default_of(f)!r}`", allowed]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")  # a type's | is not a column
@@ -213,21 +226,50 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML file (or start from the defaults), apply ``key=value`` overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_one_line(error)}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    """Read a YAML file (or start from the defaults), apply ``key=value`` overrides, validate.
+
+    A file may start from another: ``base: other.yaml`` (a path relative to the file's folder;
+    bases may have bases). The file's keys are then laid over the base's: within a section
+    (``data``, ``optim``, ...) key by key; a key's value (a number, a list, or a free mapping
+    such as ``losses`` or ``balancer.options``) replaces the base's whole."""
+    raw: dict[str, Any] = {} if path is None else read_config_file(Path(path))
     for item in overrides:
         apply_override(raw, item)
     return validate(from_dict(Config, raw, ""))
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory))
+"""The keys of ``Config`` that hold a section of keys (merged key by key over a ``base:``)."""
+
+
+def read_config_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of a config file with its ``base:`` chain resolved (see :func:`load_config`)."""
+    if not path.is_file():
+        where = f" (the base of {str(_seen[-1])!r})" if _seen else ""
+        raise ConfigError(f"config file {str(path)!r}{where} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_one_line(error)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    if "base" not in raw:
+        return raw
+    base = raw.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{str(path)!r}: base={base!r} must be the path of another config file, relative to "
+                          "this one's folder")
+    base_path = (path.parent / base).resolve()
+    chain = (*_seen, path.resolve())
+    if base_path in chain:
+        raise ConfigError(f"{str(path)!r}: base={base!r} makes a cycle: {' -> '.join(map(str, (*chain, base_path)))}")
+    merged = read_config_file(base_path, chain)
+    for key, value in raw.items():
+        if key in SECTIONS and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def validate(config: Config) -> Config:
@@ -249,7 +291,7 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"optim.ema_decay={config.optim.ema_decay} is not allowed; it must be in (0, 1), e.g. 0.99996")
     if not 0.0 <= config.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={config.data.val_fraction} is not allowed; it must be in [0, 1)")
-    for key, allowed in CHOICES.items():
+    for key, allowed in CHOICES.items():  # a Config built in code, not read: its choices too
         value = _dotted(config, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed; use one of {list(allowed)}")
@@ -312,6 +354,11 @@ def from_dict(cls: type, raw: Any, where: str) -> Any:
     unknown = sorted(set(raw) - set(names))
     if unknown:
         raise ConfigError(f"unknown key(s) {[_join(where, k) for k in unknown]}; valid keys here: {names}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in raw]
+    if missing:
+        raise ConfigError(f"missing key(s) {[_join(where, k) for k in missing]}; required here: {required}")
     values = {}
     for name in names:
         if name in raw:
@@ -341,6 +388,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
         return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if origin is Literal:
+        if value in args and isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}={value!r} is not allowed; use one of {list(args)}")
     if hint is Any:
         return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -31,13 +31,14 @@ from dtokd.models.causal_lm import names_a_local_folder
 from dtokd.models.foreign import Renormalize, WithInput, check_normalize, remap_keys
 from dtokd.models.norms import frozen_batchnorm_statistics
 from dtokd.models.registry import apply_weights, read_weights
-from dtokd.tasks import Task, build_task, check_causal_lm_settings
+from dtokd.tasks import Task, build_task, check_task_settings
 from dtokd.train import checkpoint as ckpt
 from dtokd.train import distributed
 from dtokd.train.config import CHOICES, Config, ConfigError, load_config, to_dict
 from dtokd.train.optim import lr_factor, make_optimizer, make_scheduler
 from dtokd.train.records import MetricLog, metadata, write_yaml
 from dtokd.train.run_folder import config_for_resume, prepare_fresh, record_extension, remove_partial_run
+from dtokd.train.state import TrainingState
 from dtokd.train.teacher_cache import CachedTeacher, cache_key
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -131,9 +132,9 @@ def _build(config: Config, verbose: bool) -> _Parts:
     ranks, device = distributed.setup(config.device, config.batch_size)
     _check_compile(config, device)
     ckpt.seed_everything(config.seed)
-    check_causal_lm_settings(config.task, config.data.name, [("student.name", config.student.name),
-                             ("teacher.name", config.teacher.name)], config.losses, config.balancer.representation,
-                             config.teacher.normalize is not None)  # before a corpus is read, a tokenizer trained
+    check_task_settings(config.task, config.data.name, [("student.name", config.student.name),
+                        ("teacher.name", config.teacher.name)], config.losses, config.balancer.representation,
+                        config.teacher.normalize is not None)  # before data is read (a corpus, a tokenizer trained)
     data = data_of(config)
     if data.detection and config.data.mixup:
         raise ValueError("data.mixup mixes classification labels; it is not available for detection")
@@ -179,25 +180,15 @@ def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs:
     checkpoint_path = folder / "checkpoint.pt"
     log = MetricLog(folder, enabled=p.ranks.main)
     progress, verbose = progress and p.ranks.main, verbose and p.ranks.main
-    start_epoch, history = 0, []
+    state = TrainingState(p.student, p.task.projectors, p.optimizer, p.scheduler, p.balancer, p.scaler, p.ema)
     if resume:
-        state = ckpt.load_checked(checkpoint_path, p.identity)
-        p.student.load_state_dict(state["student"])
-        p.task.projectors.load_state_dict(state["projectors"])
-        p.optimizer.load_state_dict(state["optimizer"])
-        p.scheduler.load_state_dict(state["scheduler"])
-        p.balancer.load_state_dict(state["balancer"])
-        p.scaler.load_state_dict(state["scaler"])
-        if p.ema is not None:
-            p.ema.load_state_dict(state["ema"])
-        ckpt.set_rng_state(state["rng"])
-        start_epoch, history = state["epoch"], state["history"]
-        log.truncate_after(start_epoch)
+        state.load_state_dict(ckpt.load_checked(checkpoint_path, p.identity))
+        log.truncate_after(state.epoch)
         if extend_epochs is not None:  # the longer schedule's learning rate from the resumed epoch on
             for group, base in zip(p.optimizer.param_groups, p.scheduler.base_lrs):
                 group["lr"] = base * lr_factor(config.optim, p.scheduler.last_epoch, config.epochs)
             if p.ranks.main:
-                record_extension(folder, config, saved_epochs or start_epoch, start_epoch)
+                record_extension(folder, config, saved_epochs or state.epoch, state.epoch)
     elif p.ranks.main:
         write_yaml(folder / "config.yaml", to_dict(config))
         meta = {**metadata(config.seed), "device": str(p.device), "training_images_on": str(p.data.train.device),
@@ -205,6 +196,7 @@ def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs:
         (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     teacher_metrics = _teacher_accuracy(config, folder, p.task, p.teacher, p.teacher_input, p.data, p.device, p.ranks.main,
                                         verbose)
+    start_epoch, history = state.epoch, state.history  # the rows appended to history are the ones saved
     if config.compile != "none":
         p.student.compile(mode=config.compile)
     try:
@@ -221,13 +213,8 @@ def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs:
                 ckpt.save_atomic({"model": p.student.state_dict(), "identity": p.identity, "epoch": epoch + 1},
                                  folder / "best.pt")
             if p.ranks.main:
-                ckpt.save_atomic({
-                    "identity": p.identity, "epoch": epoch + 1, "history": history, "student": p.student.state_dict(),
-                    "projectors": p.task.projectors.state_dict(), "optimizer": p.optimizer.state_dict(),
-                    "scheduler": p.scheduler.state_dict(), "balancer": p.balancer.state_dict(),
-                    "scaler": p.scaler.state_dict(), "rng": ckpt.rng_state(),
-                    **({"ema": p.ema.state_dict()} if p.ema is not None else {}),
-                }, checkpoint_path)
+                state.epoch = epoch + 1
+                ckpt.save_atomic({"identity": p.identity, **state.state_dict()}, checkpoint_path)
             p.ranks.barrier()
             if verbose:
                 m = metric_of(config)
