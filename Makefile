@@ -33,6 +33,7 @@ demo: setup fashion-mnist
 
 test: setup fashion-mnist
 	$(PY) -m ruff check src tests benchmarks examples docs
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 docs: setup

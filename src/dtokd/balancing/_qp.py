@@ -49,7 +49,7 @@ def solve_bounded_min_norm(
                 for i in np.flatnonzero(free & (step < 0)):
                     ratio = (lower[i] - x[i]) / step[i]
                     if ratio < length:
-                        length, blocking = max(ratio, 0.0), i
+                        length, blocking = max(ratio, 0.0), int(i)
                 x = x + length * step
                 if blocking >= 0:
                     x[blocking] = lower[blocking]

@@ -123,16 +123,18 @@ class AmortizedDTOBalancer(Balancer):
 
     def _learn(self, delta: Tensor) -> None:
         """One Adam step (L2 weight decay) on ``xi`` with gradient ``pi * (delta - <pi, delta>)``."""
-        xi = self.logits
-        pi = torch.softmax(xi, 0)  # type: ignore[arg-type]
+        xi, exp_avg, exp_avg_sq = self.logits, self._exp_avg, self._exp_avg_sq
+        if xi is None or exp_avg is None or exp_avg_sq is None:
+            raise RuntimeError("dto-amortized: the learner's state is made by the first backward()")
+        pi = torch.softmax(xi, 0)
         grad = pi * (delta - (pi * delta).sum()) + self.weight_decay * xi
         beta1, beta2 = _BETAS
         self._adam_steps += 1
-        self._exp_avg.lerp_(grad, 1 - beta1)  # type: ignore[union-attr]
-        self._exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # type: ignore[union-attr]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step_size = self.lr / (1 - beta1**self._adam_steps)
-        denominator = (self._exp_avg_sq.sqrt() / math.sqrt(1 - beta2**self._adam_steps)).add_(_EPS)  # type: ignore[union-attr]
-        xi.addcdiv_(self._exp_avg, denominator, value=-step_size)  # type: ignore[union-attr]
+        denominator = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**self._adam_steps)).add_(_EPS)
+        xi.addcdiv_(exp_avg, denominator, value=-step_size)
 
     def _place(self, device: torch.device, m: int) -> None:
         """Create the learner's state (zeros) on ``device``, or move it there."""

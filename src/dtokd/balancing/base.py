@@ -233,7 +233,7 @@ class Balancer:
         combined, self._combined = self._combined, None
         self.last_info = info
         if combined is None:  # a skipped step: nothing to apply
-            combined = sum(v.reshape(()) for v in losses.values()) * 0.0
+            combined = torch.stack([v.reshape(()) for v in losses.values()]).sum() * 0.0
         return combined
 
     def _weights_on_device(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
@@ -451,7 +451,7 @@ class Balancer:
         backward; inside :meth:`combine`, the loss ``sum_i c_i L_i`` (c detached) instead."""
         if self._combining:
             c = coefficients.detach()
-            self._combined = sum(c[i].to(v.dtype) * v.reshape(()) for i, v in enumerate(scaled.values()))
+            self._combined = torch.stack([c[i].to(v.dtype) * v.reshape(()) for i, v in enumerate(scaled.values())]).sum()
             return
         if gradients is not None:
             gradients.backward(coefficients)

@@ -49,7 +49,8 @@ SYNC_MODES = ("global", "local", "off")
 class Sync:
     """The collective operations a balancer needs, or none outside a process group."""
 
-    def __init__(self, mode: SyncMode = "global", *, check: bool | None = None, group: object = None) -> None:
+    def __init__(self, mode: SyncMode = "global", *, check: bool | None = None,
+                 group: dist.ProcessGroup | None = None) -> None:
         if mode not in SYNC_MODES:
             raise ValueError(f"sync={mode!r} is not allowed; use one of {list(SYNC_MODES)}")
         self.mode = mode
@@ -100,9 +101,8 @@ class Sync:
         """Rank 0's ``weights`` on every rank. With ``check``, first verify that all ranks hold
         the same parameters (a fingerprint: sum and sum of squares) and computed the same weights."""
         if self.check:
-            fingerprint = torch.stack([
-                sum(p.detach().double().sum() for p in params), sum(p.detach().double().pow(2).sum() for p in params)
-            ])
+            fingerprint = torch.stack([torch.stack([p.detach().double().sum() for p in params]).sum(),
+                                       torch.stack([p.detach().double().pow(2).sum() for p in params]).sum()])
             self._check_equal(fingerprint, "parameters (sum, sum of squares)")
             self._check_equal(weights, "balancing weights")
         out = weights.detach().to(self._backend_device(weights), copy=True)
