@@ -32,6 +32,7 @@ demo: setup fashion-mnist
 	$(PY) -m dtokd.cli demo
 
 test: setup fashion-mnist
+	$(PY) -m ruff format --check src tests benchmarks examples docs
 	$(PY) -m ruff check src tests benchmarks examples docs
 	$(PY) -m mypy
 	$(PY) -m pytest -q

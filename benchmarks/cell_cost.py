@@ -52,7 +52,9 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in ("epoch_teacher", "epoch_cached", "val", "test", "teacher_check")}
     with tempfile.TemporaryDirectory() as scratch:
         parts = loop._build(config, verbose=False)  # the cell's data, models, balancer, optimizer
-        teacher = loop.WithInput(parts.teacher, parts.teacher_input) if parts.teacher_input is not None else parts.teacher
+        teacher = (
+            loop.WithInput(parts.teacher, parts.teacher_input) if parts.teacher_input is not None else parts.teacher
+        )
         cache = loop.CachedTeacher(parts.teacher, Path(scratch), "bench")  # a scratch cache, never the user's
         parts.task.use_teacher(cache)
         log = MetricLog(Path(scratch), enabled=False)
@@ -61,8 +63,21 @@ def main() -> None:
                 if row == "epoch_teacher":
                     (Path(scratch) / "bench" / f"epoch{epoch}.pt").unlink(missing_ok=True)
                 start = time.perf_counter()
-                loop._train_epoch(config, parts.forward, parts.task, parts.balancer, parts.optimizer, parts.scaler,
-                                  parts.data, epoch, parts.device, log, False, parts.ranks, teacher_cache=cache)
+                loop._train_epoch(
+                    config,
+                    parts.forward,
+                    parts.task,
+                    parts.balancer,
+                    parts.optimizer,
+                    parts.scaler,
+                    parts.data,
+                    epoch,
+                    parts.device,
+                    log,
+                    False,
+                    parts.ranks,
+                    teacher_cache=cache,
+                )
                 times[row].append(time.perf_counter() - start)
             for split in ("val", "test"):
                 start = time.perf_counter()
@@ -73,13 +88,28 @@ def main() -> None:
             times["teacher_check"].append(time.perf_counter() - start)
     median = {k: statistics.median(v) for k, v in times.items()}
     n, evals = args.epochs, len([e for e in range(args.epochs) if (e + 1) % args.every == 0 or e + 1 == args.epochs])
-    before = {"training": n * median["epoch_teacher"], "evaluation": n * (median["val"] + median["test"]),
-              "teacher check": median["teacher_check"]}
-    after = {"training": median["epoch_teacher"] + (n - 1) * median["epoch_cached"],
-             "evaluation": evals * median["val"] + 2 * median["test"], "teacher check": 0.0}
-    result = {"commit": git_commit(), "machine": machine(), "threads": torch.get_num_threads(),
-              "repeats": args.repeats, "median_seconds": median, "samples": times, "epochs": n, "every": args.every,
-              "cell_before_seconds": before, "cell_after_seconds": after}
+    before = {
+        "training": n * median["epoch_teacher"],
+        "evaluation": n * (median["val"] + median["test"]),
+        "teacher check": median["teacher_check"],
+    }
+    after = {
+        "training": median["epoch_teacher"] + (n - 1) * median["epoch_cached"],
+        "evaluation": evals * median["val"] + 2 * median["test"],
+        "teacher check": 0.0,
+    }
+    result = {
+        "commit": git_commit(),
+        "machine": machine(),
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "median_seconds": median,
+        "samples": times,
+        "epochs": n,
+        "every": args.every,
+        "cell_before_seconds": before,
+        "cell_after_seconds": after,
+    }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output + ".json").write_text(json.dumps(result, indent=2) + "\n")
     Path(args.output + ".md").write_text(_markdown(result))
@@ -89,25 +119,35 @@ def main() -> None:
 def _markdown(r: dict) -> str:
     m = r["median_seconds"]
     lines = [
-        "# Cost of one CPU evidence-matrix cell (fixed KD, released ResNet-56 -> ResNet-20, 5,000 images)", "",
-        f"commit `{r['commit'][:10]}`; {r['machine']}; {r['threads']} thread(s); medians of {r['repeats']} rounds", "",
-        "| part | seconds |", "|---|---|",
+        "# Cost of one CPU evidence-matrix cell (fixed KD, released ResNet-56 -> ResNet-20, 5,000 images)",
+        "",
+        f"commit `{r['commit'][:10]}`; {r['machine']}; {r['threads']} thread(s); medians of {r['repeats']} rounds",
+        "",
+        "| part | seconds |",
+        "|---|---|",
         f"| training epoch, teacher on every batch | {m['epoch_teacher']:.1f} |",
         f"| training epoch, teacher outputs cached | {m['epoch_cached']:.1f} ({m['epoch_cached'] / m['epoch_teacher']:.2f}x) |",
-        f"| validation split (5,000) | {m['val']:.1f} |", f"| test split (10,000) | {m['test']:.1f} |",
-        f"| teacher check (validation + test, ResNet-56) | {m['teacher_check']:.1f} |", "",
+        f"| validation split (5,000) | {m['val']:.1f} |",
+        f"| test split (10,000) | {m['test']:.1f} |",
+        f"| teacher check (validation + test, ResNet-56) | {m['teacher_check']:.1f} |",
+        "",
         "After: the first epoch of a seed runs the teacher, the others read its cached outputs; validation "
         f"every {r['every']} epochs and at the last; the test split on best.pt and on the last model; the "
-        "teacher check read from its cache.", "",
+        "teacher check read from its cache.",
+        "",
         f"| {r['epochs']}-epoch cell | training | evaluation | teacher check | total | evaluation share | teacher share |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, parts in (("before", r["cell_before_seconds"]), ("after", r["cell_after_seconds"])):
         total = sum(parts.values())
-        teacher = (m["epoch_teacher"] - m["epoch_cached"]) * (r["epochs"] if name == "before" else 1) + parts["teacher check"]
-        lines.append(f"| {name} | {parts['training'] / 60:.1f} min | {parts['evaluation'] / 60:.1f} min | "
-                     f"{parts['teacher check'] / 60:.1f} min | {total / 60:.1f} min | {parts['evaluation'] / total:.0%} | "
-                     f"{teacher / total:.0%} |")
+        teacher = (m["epoch_teacher"] - m["epoch_cached"]) * (r["epochs"] if name == "before" else 1) + parts[
+            "teacher check"
+        ]
+        lines.append(
+            f"| {name} | {parts['training'] / 60:.1f} min | {parts['evaluation'] / 60:.1f} min | "
+            f"{parts['teacher check'] / 60:.1f} min | {total / 60:.1f} min | {parts['evaluation'] / total:.0%} | "
+            f"{teacher / total:.0%} |"
+        )
     return "\n".join(lines) + "\n"
 
 

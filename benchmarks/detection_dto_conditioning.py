@@ -54,25 +54,33 @@ def measure(task: DetectionTask, batches: list, m: int) -> list[dict[str, float]
         grads = []
         for k, loss in enumerate(losses.values()):
             parts = torch.autograd.grad(loss, params, retain_graph=k < m - 1, allow_unused=True)
-            grads.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                                    for g, p in zip(parts, params)]).double())
+            grads.append(
+                torch.cat(
+                    [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(parts, params)]
+                ).double()
+            )
         jac = torch.stack(grads)
         gram = jac @ jac.T
         pi = dto(gram)
         g_star = pi @ jac
         star = g_star.dot(g_star)
-        basis = torch.linalg.qr(torch.cat([torch.ones(m, 1, dtype=torch.float64),
-                                           torch.randn(m, m - 1, dtype=torch.float64)], 1))[0][:, 1:]
+        basis = torch.linalg.qr(
+            torch.cat([torch.ones(m, 1, dtype=torch.float64), torch.randn(m, m - 1, dtype=torch.float64)], 1)
+        )[0][:, 1:]
         reduced = basis.T @ gram @ basis
-        rows.append({
-            "cond_G": float(torch.linalg.cond(gram)), "cond_NtGN": float(torch.linalg.cond(reduced)),
-            "max_abs_pi": float(pi.abs().max()), "sum_abs_pi": float(pi.abs().sum()),
-            "gstar_over_min_norm": float(star.sqrt() / jac.norm(dim=1).min()),
-            "invariant_residual": float(((jac @ g_star) - star).abs().max() / star),
-            "negative_weights": int((pi < 0).sum()),
-            **{f"pi/{name}": float(w) for name, w in zip(losses, pi)},
-            **{f"norm/{name}": float(n) for name, n in zip(losses, jac.norm(dim=1))},
-        })
+        rows.append(
+            {
+                "cond_G": float(torch.linalg.cond(gram)),
+                "cond_NtGN": float(torch.linalg.cond(reduced)),
+                "max_abs_pi": float(pi.abs().max()),
+                "sum_abs_pi": float(pi.abs().sum()),
+                "gstar_over_min_norm": float(star.sqrt() / jac.norm(dim=1).min()),
+                "invariant_residual": float(((jac @ g_star) - star).abs().max() / star),
+                "negative_weights": int((pi < 0).sum()),
+                **{f"pi/{name}": float(w) for name, w in zip(losses, pi)},
+                **{f"norm/{name}": float(n) for name, n in zip(losses, jac.norm(dim=1))},
+            }
+        )
     return rows
 
 
@@ -97,8 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    data = build_data("synthetic-coco", image_size=64, val_fraction=0.0, workers=0, augment=False,
-                      synthetic={"train_images": 600, "val_images": 150, "classes": 3, "max_objects": 4, "min_object": 8})
+    data = build_data(
+        "synthetic-coco",
+        image_size=64,
+        val_fraction=0.0,
+        workers=0,
+        augment=False,
+        synthetic={"train_images": 600, "val_images": 150, "classes": 3, "max_objects": 4, "min_object": 8},
+    )
     kwargs = {"anchor_scale": 0.25}
     student = create_model(args.student, data.num_classes, 3, 64, kwargs)
     teacher = create_model(args.teacher, data.num_classes, 3, 64, kwargs).eval().requires_grad_(False)
@@ -121,33 +135,51 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
     share_projectors(tasks)
     results[f"after {args.train_steps} DTO steps (m = 8)"] = {m: measure(t, batches, m) for m, t in tasks.items()}
-    lines = ["# DTO's general-m rule on a detector's objectives", "",
-             f"- commit `{git_commit()[:10]}`; machine: {machine()}; {datetime.now(timezone.utc):%Y-%m-%d}",
-             f"- command: `python benchmarks/detection_dto_conditioning.py {' '.join(argv or sys.argv[1:])}`",
-             f"- student {args.student}, teacher {args.teacher} ({'trained: ' + args.teacher_weights if args.teacher_weights else 'random weights'}); "
-             f"synthetic COCO-format set, 64 px, batches of {args.batch}; medians over {args.batches} batches "
-             "(min - max in brackets)", ""]
+    lines = [
+        "# DTO's general-m rule on a detector's objectives",
+        "",
+        f"- commit `{git_commit()[:10]}`; machine: {machine()}; {datetime.now(timezone.utc):%Y-%m-%d}",
+        f"- command: `python benchmarks/detection_dto_conditioning.py {' '.join(argv or sys.argv[1:])}`",
+        f"- student {args.student}, teacher {args.teacher} ({'trained: ' + args.teacher_weights if args.teacher_weights else 'random weights'}); "
+        f"synthetic COCO-format set, 64 px, batches of {args.batch}; medians over {args.batches} batches "
+        "(min - max in brackets)",
+        "",
+    ]
     keys = [k for k in next(iter(results.values()))[2][0] if "/" not in k]
     for when, by_m in results.items():
         lines += [f"## {when}", "", "| m | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for m, rows in by_m.items():
             lines.append(f"| {m} | " + " | ".join(_spread([r[k] for r in rows]) for k in keys) + " |")
-        lines += ["", "Per objective: DTO weight pi and gradient norm (median [min - max] over the batches):", "",
-                  "| m | objective | pi | norm of its gradient |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Per objective: DTO weight pi and gradient norm (median [min - max] over the batches):",
+            "",
+            "| m | objective | pi | norm of its gradient |",
+            "|---|---|---|---|",
+        ]
         for m, rows in by_m.items():
             for name in [k[3:] for k in rows[0] if k.startswith("pi/")]:
-                lines.append(f"| {m} | {name} | {_spread([r['pi/' + name] for r in rows])} | "
-                             f"{_spread([r['norm/' + name] for r in rows])} |")
+                lines.append(
+                    f"| {m} | {name} | {_spread([r['pi/' + name] for r in rows])} | "
+                    f"{_spread([r['norm/' + name] for r in rows])} |"
+                )
         lines.append("")
     text = "\n".join(lines)
     print(text)
     if args.output:
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "results.md").write_text(text)
-        (args.output / "results.json").write_text(json.dumps({"args": vars(args) | {"output": str(args.output)},
-                                                              "commit": git_commit(), "machine": machine(),
-                                                              "results": {w: {str(m): r for m, r in v.items()}
-                                                                          for w, v in results.items()}}, indent=2))
+        (args.output / "results.json").write_text(
+            json.dumps(
+                {
+                    "args": vars(args) | {"output": str(args.output)},
+                    "commit": git_commit(),
+                    "machine": machine(),
+                    "results": {w: {str(m): r for m, r in v.items()} for w, v in results.items()},
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

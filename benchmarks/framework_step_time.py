@@ -58,7 +58,11 @@ class Batches(torch.utils.data.Dataset):
 
     def __init__(self, batch: int, steps: int) -> None:
         g = torch.Generator().manual_seed(0)
-        self.x, self.y, self.steps = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g), steps
+        self.x, self.y, self.steps = (
+            torch.randn(batch, 3, 32, 32, generator=g),
+            torch.randint(0, 10, (batch,), generator=g),
+            steps,
+        )
 
     def __len__(self) -> int:
         return self.steps
@@ -79,6 +83,7 @@ def lightning_fit(method: str | None, engine: str | None, options: dict, batch: 
     torch.manual_seed(0)
     student, teacher = cifar_resnet(20), cifar_resnet(56).eval()
     if method is None:
+
         class HandWritten(lightning.LightningModule):
             def __init__(self) -> None:
                 super().__init__()
@@ -94,6 +99,7 @@ def lightning_fit(method: str | None, engine: str | None, options: dict, batch: 
 
         module = HandWritten()
     else:
+
         class Unpack(DistillationModule):
             def training_step(self, item, index):
                 return super().training_step((item["x"], item["labels"]), index)
@@ -110,9 +116,18 @@ def lightning_fit(method: str | None, engine: str | None, options: dict, batch: 
 
     loader = torch.utils.data.DataLoader(Batches(batch, steps), batch_size=1, collate_fn=unbatch)
     with tempfile.TemporaryDirectory() as root:
-        trainer = lightning.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, callbacks=[Clock()],
-                                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                    num_sanity_val_steps=0, default_root_dir=root)
+        trainer = lightning.Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            callbacks=[Clock()],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=root,
+        )
         trainer.fit(module, train_dataloaders=loader)
     return times
 
@@ -149,16 +164,30 @@ def transformers_fit(method: str | None, engine: str | None, options: dict, batc
             return fixed_kd(model(inputs["x"]), t, inputs["labels"])
 
     with tempfile.TemporaryDirectory() as out:
-        args = transformers.TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=1,
-                                              learning_rate=0.01, optim="sgd", lr_scheduler_type="constant",
-                                              report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
-                                              logging_steps=10**6, dataloader_num_workers=0, label_names=["labels"])
-        common = dict(model=student, args=args, train_dataset=Batches(batch, steps), data_collator=unbatch,
-                      callbacks=[Clock()])
+        args = transformers.TrainingArguments(
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=1,
+            learning_rate=0.01,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+            logging_steps=10**6,
+            dataloader_num_workers=0,
+            label_names=["labels"],
+        )
+        common = dict(
+            model=student, args=args, train_dataset=Batches(batch, steps), data_collator=unbatch, callbacks=[Clock()]
+        )
         if method is None:
             trainer = HandWritten(**common)
         else:
-            trainer = DistillationTrainer(teacher=teacher, method=method, engine=engine, balancer_options=options, **common)
+            trainer = DistillationTrainer(
+                teacher=teacher, method=method, engine=engine, balancer_options=options, **common
+            )
         trainer.train()
     return times
 
@@ -180,28 +209,49 @@ def main() -> None:
     timed: dict[str, list[float]] = {name: [] for name in ROWS}
     names = list(ROWS)
     for round_ in range(args.rounds):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:  # each round starts one row later
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:  # each round starts one row later
             framework, method, engine, options = ROWS[name]
             times = FITS[framework](method, engine, options, args.batch, args.steps)
-            timed[name] += times[args.warmup:]
-            print(f"[round {round_ + 1}/{args.rounds}] {name}: median {statistics.median(times[args.warmup:]):.3f} s/step",
-                  flush=True)
+            timed[name] += times[args.warmup :]
+            print(
+                f"[round {round_ + 1}/{args.rounds}] {name}: median {statistics.median(times[args.warmup :]):.3f} s/step",
+                flush=True,
+            )
     medians = {name: statistics.median(v) for name, v in timed.items()}
     baseline = {ROWS[name][0]: medians[name] for name in ROWS if ROWS[name][1] is None}
     record = {
-        "command": "python " + " ".join(sys.argv), "commit": commit, "machine": machine(),
-        "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-        "rows": {name: {"median_s": medians[name], "steps_timed": len(timed[name]),
-                        "ratio_to_hand_written": medians[name] / baseline[ROWS[name][0]]} for name in ROWS},
+        "command": "python " + " ".join(sys.argv),
+        "commit": commit,
+        "machine": machine(),
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "rows": {
+            name: {
+                "median_s": medians[name],
+                "steps_timed": len(timed[name]),
+                "ratio_to_hand_written": medians[name] / baseline[ROWS[name][0]],
+            }
+            for name in ROWS
+        },
     }
     lines = [
-        "# Step time of the balanced loss inside Lightning and the HF Trainer", "",
-        f"- command: `{record['command']}`", f"- commit `{record['commit'][:10]}`; {record['machine']}; torch {torch.__version__}",
+        "# Step time of the balanced loss inside Lightning and the HF Trainer",
+        "",
+        f"- command: `{record['command']}`",
+        f"- commit `{record['commit'][:10]}`; {record['machine']}; torch {torch.__version__}",
         f"- {record['date']}; CPU; ResNet-56 -> ResNet-20, batch {args.batch}, SGD; median seconds per optimizer step over "
-        f"{args.rounds} interleaved, rotated round(s) x {args.steps - args.warmup} timed steps", "",
-        "| row | s / step (median) | time / the framework's hand-written fixed KD |", "|---|---|---|",
-        *[f"| {name} | {row['median_s']:.3f} | {row['ratio_to_hand_written']:.3f} |" for name, row in record["rows"].items()],
+        f"{args.rounds} interleaved, rotated round(s) x {args.steps - args.warmup} timed steps",
+        "",
+        "| row | s / step (median) | time / the framework's hand-written fixed KD |",
+        "|---|---|---|",
+        *[
+            f"| {name} | {row['median_s']:.3f} | {row['ratio_to_hand_written']:.3f} |"
+            for name, row in record["rows"].items()
+        ],
     ]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

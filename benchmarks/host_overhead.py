@@ -64,7 +64,9 @@ def make_steps() -> dict[str, Callable[[], None]]:
         "DTO representation": balanced("dto", engine="representation"),
         "DTO amortized, next-step": balanced("dto-amortized", update="next-step"),
         "DTO representation, deferred checks": balanced("dto", engine="representation", deferred_checks=True),
-        "DTO amortized, next-step, deferred checks": balanced("dto-amortized", update="next-step", deferred_checks=True),
+        "DTO amortized, next-step, deferred checks": balanced(
+            "dto-amortized", update="next-step", deferred_checks=True
+        ),
         "MGDA exact": balanced("mgda"),
     }
 
@@ -93,19 +95,37 @@ def main() -> None:
             samples[name].append((time.perf_counter() - start) / args.steps)
     medians = {name: statistics.median(v) for name, v in samples.items()}
     plain = medians["plain KD"]
-    rows = [{"method": n, "median_us": 1e6 * m, "extra_over_plain_us": 1e6 * (m - plain), "tensor_ops": ops[n]}
-            for n, m in medians.items()]
+    rows = [
+        {"method": n, "median_us": 1e6 * m, "extra_over_plain_us": 1e6 * (m - plain), "tensor_ops": ops[n]}
+        for n, m in medians.items()
+    ]
     command = "python " + " ".join(sys.argv)
-    record = {"benchmark": "host overhead per step, 4->3 linear student, 8 samples, 1 CPU thread",
-              "command": command, "commit": commit(), "machine": machine(), "rounds": args.rounds,
-              "steps_per_round": args.steps, "rows": rows}
+    record = {
+        "benchmark": "host overhead per step, 4->3 linear student, 8 samples, 1 CPU thread",
+        "command": command,
+        "commit": commit(),
+        "machine": machine(),
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "rows": rows,
+    }
     stem = Path(args.output)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = [f"# {record['benchmark']}", "", f"- command: `{command}`", f"- commit: `{record['commit']}`",
-             f"- machine: {record['machine']}", f"- median of {args.rounds} rounds x {args.steps} steps, methods interleaved", "",
-             "| method | median step (us) | extra over plain KD (us) | tensor operations per step |", "|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['median_us']:.0f} | {r['extra_over_plain_us']:.0f} | {r['tensor_ops']} |" for r in rows]
+    lines = [
+        f"# {record['benchmark']}",
+        "",
+        f"- command: `{command}`",
+        f"- commit: `{record['commit']}`",
+        f"- machine: {record['machine']}",
+        f"- median of {args.rounds} rounds x {args.steps} steps, methods interleaved",
+        "",
+        "| method | median step (us) | extra over plain KD (us) | tensor operations per step |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['method']} | {r['median_us']:.0f} | {r['extra_over_plain_us']:.0f} | {r['tensor_ops']} |" for r in rows
+    ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -24,12 +24,33 @@ import argparse
 import torch
 
 SHAPES = {  # the published architectures (config.json of the released models)
-    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
-    "llama-3.2-3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                         num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True),
-    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "llama-3.2-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "llama-3.2-3b": dict(
+        vocab_size=128256,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "llama-3.1-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
 }
 GIB = 2**30
 
@@ -47,7 +68,9 @@ def parameters(shape: dict) -> int:
 def estimate(student: dict, teacher: dict, batch: int, block: int, chunk: int) -> dict[str, float]:
     """GiB per component (see the module notes)."""
     n_s, n_t = parameters(student), parameters(teacher)
-    h, a, layers, vocab = (student[k] for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"))
+    h, a, layers, vocab = (
+        student[k] for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+    )
     tokens = batch * block
     return {
         "student parameters (B)": n_s / 1e9,
@@ -76,9 +99,16 @@ def main() -> None:
     print(f"{args.teacher} -> {args.student}, batch {args.batch} x {args.block} tokens per GPU, chunk {args.chunk}\n")
     for name, value in parts.items():
         print(f"  {name:48s} {value:8.2f}" + ("" if "(B)" in name else " GiB"))
-    low = sum(parts[k] for k in ("student weights, grads, AdamW (18 B/param)", "teacher weights, bf16",
-                                 "student activations, flash attention", "logits of both, bf16",
-                                 "token KD working set, fp32 (4 x chunk x V)"))
+    low = sum(
+        parts[k]
+        for k in (
+            "student weights, grads, AdamW (18 B/param)",
+            "teacher weights, bf16",
+            "student activations, flash attention",
+            "logits of both, bf16",
+            "token KD working set, fp32 (4 x chunk x V)",
+        )
+    )
     print(f"\n  total with flash attention, no recomputation      {low:8.2f} GiB (plus framework and allocator slack)")
 
 

@@ -40,9 +40,14 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
-    return F.kl_div(
-        F.log_softmax(student_logits / temperature, 1), F.softmax(teacher_logits / temperature, 1), reduction="batchmean"
-    ) * temperature**2
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits / temperature, 1),
+            F.softmax(teacher_logits / temperature, 1),
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
 
 
 class Setup:
@@ -70,14 +75,26 @@ class Setup:
             with torch.no_grad():
                 teacher_logits = self.teacher(self.x)
             logits = (student or self.student)(self.x)
-            losses = {"distill": kd_loss(logits.float(), teacher_logits.float()), "task": F.cross_entropy(logits.float(), self.y)}
+            losses = {
+                "distill": kd_loss(logits.float(), teacher_logits.float()),
+                "task": F.cross_entropy(logits.float(), self.y),
+            }
         return losses, logits
 
 
-CORE = ("plain KD (fixed 0.9/0.1)", "two-backward floor", "DTO exact", "DTO representation (logits)",
-        "DTO amortized, next-step", "DTO amortized, same-batch")
-DEFERRED = ("fixed via balancer, deferred checks", "DTO representation, deferred checks",
-            "DTO amortized, next-step, deferred checks")
+CORE = (
+    "plain KD (fixed 0.9/0.1)",
+    "two-backward floor",
+    "DTO exact",
+    "DTO representation (logits)",
+    "DTO amortized, next-step",
+    "DTO amortized, same-batch",
+)
+DEFERRED = (
+    "fixed via balancer, deferred checks",
+    "DTO representation, deferred checks",
+    "DTO amortized, next-step, deferred checks",
+)
 
 
 def make_steps(s: Setup) -> dict[str, Callable[[], None]]:
@@ -170,7 +187,9 @@ def make_steps(s: Setup) -> dict[str, Callable[[], None]]:
     try:
         steps["fixed via balancer, deferred checks"] = balanced("fixed", weights=[0.9, 0.1], deferred_checks=True)
         steps["DTO representation, deferred checks"] = balanced("dto", engine="representation", deferred_checks=True)
-        steps["DTO amortized, next-step, deferred checks"] = balanced("dto-amortized", update="next-step", deferred_checks=True)
+        steps["DTO amortized, next-step, deferred checks"] = balanced(
+            "dto-amortized", update="next-step", deferred_checks=True
+        )
     except (TypeError, ValueError):
         print("this version of dtokd has no deferred_checks: its rows are left out", file=sys.stderr)
     try:
@@ -198,7 +217,11 @@ def selected_steps(s: Setup, methods: str) -> dict[str, Callable[[], None]]:
     steps = make_steps(s)
     if methods == "all":
         return steps
-    wanted = CORE + tuple(d for d in DEFERRED if d in steps) if methods == "core" else tuple(m.strip() for m in methods.split(";"))
+    wanted = (
+        CORE + tuple(d for d in DEFERRED if d in steps)
+        if methods == "core"
+        else tuple(m.strip() for m in methods.split(";"))
+    )
     unknown = [m for m in wanted if m not in steps]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; available: {list(steps)} (or 'all', 'core')")
@@ -266,8 +289,18 @@ def kernels_per_step(step: Callable[[], None]) -> int:
 
 def peak_memory_of(args: argparse.Namespace, method: str) -> float:
     """MB of peak memory the step adds on top of the set-up, in a fresh process."""
-    command = [sys.executable, __file__, "--memory-of", method, "--batch", str(args.batch), "--device", args.device,
-               "--amp", args.amp] + (["--images", args.images] if args.images else [])
+    command = [
+        sys.executable,
+        __file__,
+        "--memory-of",
+        method,
+        "--batch",
+        str(args.batch),
+        "--device",
+        args.device,
+        "--amp",
+        args.amp,
+    ] + (["--images", args.images] if args.images else [])
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return float(output.strip().splitlines()[-1])
 
@@ -308,7 +341,9 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {torch.get_num_threads()} threads{gpu}; torch {torch.__version__}; Python {platform.python_version()}"
+    return (
+        f"{cpu}, {torch.get_num_threads()} threads{gpu}; torch {torch.__version__}; Python {platform.python_version()}"
+    )
 
 
 def commit() -> str:
@@ -316,7 +351,9 @@ def commit() -> str:
     if os.environ.get("DTOKD_COMMIT"):
         return os.environ["DTOKD_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -330,7 +367,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--timing", choices=("per-step", "back-to-back"), default="per-step")
     parser.add_argument("--amp", choices=("none", "bf16"), default="none")
-    parser.add_argument("--images", default=None, help="an image folder / .tar.gz to take the batch from (default: random)")
+    parser.add_argument(
+        "--images", default=None, help="an image folder / .tar.gz to take the batch from (default: random)"
+    )
     parser.add_argument("--methods", default="all", help="'all', 'core', or method names separated by ';'")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--output", default=None, help="results stem (default: benchmarks/results/step_time_<device>)")
@@ -351,35 +390,49 @@ def main() -> None:
     rows = []
     for name, median in medians.items():
         memory = None if args.no_memory else peak_memory_of(args, name)
-        rows.append({
-            "method": name,
-            "median_s": median,
-            "iqr_s": interquartile_range(times[name]),
-            "vs_plain_kd": median / plain,
-            "vs_two_backward_floor": median / floor,
-            "images_per_s": args.batch / median,
-            "peak_extra_mb": memory,
-            "host_syncs_per_step": syncs.get(name),
-            "waits_for_device": waits.get(name),
-            "gpu_kernels_per_step": kernels.get(name),
-            "samples": len(times[name]),
-        })
+        rows.append(
+            {
+                "method": name,
+                "median_s": median,
+                "iqr_s": interquartile_range(times[name]),
+                "vs_plain_kd": median / plain,
+                "vs_two_backward_floor": median / floor,
+                "images_per_s": args.batch / median,
+                "peak_extra_mb": memory,
+                "host_syncs_per_step": syncs.get(name),
+                "waits_for_device": waits.get(name),
+                "gpu_kernels_per_step": kernels.get(name),
+                "samples": len(times[name]),
+            }
+        )
     command = "python " + " ".join(sys.argv)
     record = {
         "benchmark": "step time, CIFAR ResNet-56 teacher -> ResNet-20 student, 32x32 inputs",
-        "batch": args.batch, "device": args.device, "amp": args.amp, "images": args.images or "random",
-        "rounds": args.rounds, "steps_per_round": args.steps, "timing": args.timing,
-        "command": command, "commit": commit(), "machine": machine(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows,
+        "batch": args.batch,
+        "device": args.device,
+        "amp": args.amp,
+        "images": args.images or "random",
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "timing": args.timing,
+        "command": command,
+        "commit": commit(),
+        "machine": machine(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "rows": rows,
     }
     stem = Path(args.output) if args.output else RESULTS / f"step_time_{args.device.split(':')[0]}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
-        f"# {record['benchmark']}", "",
-        f"- command: `{command}`", f"- commit: `{record['commit']}`", f"- machine: {record['machine']}",
+        f"# {record['benchmark']}",
+        "",
+        f"- command: `{command}`",
+        f"- commit: `{record['commit']}`",
+        f"- machine: {record['machine']}",
         f"- date: {record['date']}; batch {args.batch}; amp {args.amp}; inputs {record['images']}; median of {args.rounds} rounds x {args.steps} steps after "
-        f"{args.warmup} warm-up steps per method, methods interleaved; timing {args.timing}", "",
+        f"{args.warmup} warm-up steps per method, methods interleaved; timing {args.timing}",
+        "",
         "| method | median step (ms) | IQR (ms) | images/s | / plain KD | / two-backward floor | peak extra memory (MB) | host syncs / step | waits for the device | GPU kernels / step |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -48,10 +48,17 @@ TRAINER_ROWS = {
     "trainer: DTO amortized, same-batch (paper)": ["balancer.method=dto-amortized"],
     "trainer: DTO amortized, next-step": ["balancer.method=dto-amortized", "balancer.options={update: next-step}"],
     "trainer: DTO exact": ["balancer.method=dto"],
-    "trainer: fixed KD, CUDA graphs": ["balancer.method=fixed", "balancer.engine=representation",
-                                       "balancer.options={weights: {distill: 0.9, task: 0.1}}", "compile=reduce-overhead"],
-    "trainer: DTO representation, CUDA graphs": ["balancer.method=dto", "balancer.engine=representation",
-                                                 "compile=reduce-overhead"],
+    "trainer: fixed KD, CUDA graphs": [
+        "balancer.method=fixed",
+        "balancer.engine=representation",
+        "balancer.options={weights: {distill: 0.9, task: 0.1}}",
+        "compile=reduce-overhead",
+    ],
+    "trainer: DTO representation, CUDA graphs": [
+        "balancer.method=dto",
+        "balancer.engine=representation",
+        "compile=reduce-overhead",
+    ],
 }
 HAND = "hand-written KD loop"
 
@@ -79,12 +86,15 @@ def hand_written_epochs(args: argparse.Namespace, device: torch.device, teacher_
         start = time.perf_counter()
         order = torch.randperm(n, device=device)
         for k in range(n // args.batch):
-            idx = order[k * args.batch:(k + 1) * args.batch]
+            idx = order[k * args.batch : (k + 1) * args.batch]
             x = (images[idx].float() / 255 - mean) / std
             padded = F.pad(x, (4, 4, 4, 4))
             dy, dx = torch.randint(0, 9, (2, idx.shape[0], 1), device=device)
-            x = padded.permute(0, 2, 3, 1)[torch.arange(idx.shape[0], device=device)[:, None, None],
-                                             (dy + rows)[:, :, None], (dx + rows)[:, None, :]].permute(0, 3, 1, 2)
+            x = padded.permute(0, 2, 3, 1)[
+                torch.arange(idx.shape[0], device=device)[:, None, None],
+                (dy + rows)[:, :, None],
+                (dx + rows)[:, None, :],
+            ].permute(0, 3, 1, 2)
             x = torch.where(torch.rand(idx.shape[0], 1, 1, 1, device=device) < 0.5, x.flip(3), x)
             y = labels[idx]
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -105,12 +115,22 @@ CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
 
 
 def trainer_epochs(args: argparse.Namespace, overrides: list[str], teacher_path: Path, folder: Path) -> list[float]:
-    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "cifar10_resnet56_resnet20.yaml", [
-        f"data.root={args.data}", f"epochs={args.epochs}", f"batch_size={args.batch}", f"amp={args.amp}",
-        f"device={args.device}", f"student.name={args.student}", f"teacher.name={args.teacher}",
-        f"teacher.checkpoint={teacher_path}", f"data.limit_train={args.limit_train}", "log_every=1000000",
-        *overrides,
-    ])
+    config = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "cifar10_resnet56_resnet20.yaml",
+        [
+            f"data.root={args.data}",
+            f"epochs={args.epochs}",
+            f"batch_size={args.batch}",
+            f"amp={args.amp}",
+            f"device={args.device}",
+            f"student.name={args.student}",
+            f"teacher.name={args.teacher}",
+            f"teacher.checkpoint={teacher_path}",
+            f"data.limit_train={args.limit_train}",
+            "log_every=1000000",
+            *overrides,
+        ],
+    )
     train(config, folder, progress=False)
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     return [row["epoch_seconds"] for row in rows]
@@ -124,8 +144,10 @@ def _sync(device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="CIFAR-10 (JPEG) image folder or .tar.gz")
-    parser.add_argument("--teacher-weights", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" /
-                                                         "teachers" / "cifar10_resnet56.pth"))
+    parser.add_argument(
+        "--teacher-weights",
+        default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "teachers" / "cifar10_resnet56.pth"),
+    )
     parser.add_argument("--teacher", default="resnet56")
     parser.add_argument("--student", default="resnet20")
     parser.add_argument("--device", default="auto")
@@ -135,7 +157,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--limit-train", type=int, default=None)
     parser.add_argument("--rows", default="all", help="';'-separated row names, or 'all'")
-    parser.add_argument("--output", default=None, help="results stem (default: benchmarks/results/trainer_throughput_<device>)")
+    parser.add_argument(
+        "--output", default=None, help="results stem (default: benchmarks/results/trainer_throughput_<device>)"
+    )
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the first epoch is warm-up)")
@@ -154,24 +178,45 @@ def main() -> None:
                 if row == HAND:
                     epochs = hand_written_epochs(args, device, teacher_path)
                 else:
-                    epochs = trainer_epochs(args, TRAINER_ROWS[row], teacher_path, Path(scratch) / f"{repeat}-{len(seconds[row])}-{rows.index(row)}")
+                    epochs = trainer_epochs(
+                        args,
+                        TRAINER_ROWS[row],
+                        teacher_path,
+                        Path(scratch) / f"{repeat}-{len(seconds[row])}-{rows.index(row)}",
+                    )
                 seconds[row] += epochs[1:]
-                print(f"[{repeat + 1}/{args.repeats}] {row}: {', '.join(f'{s:.2f}' for s in epochs)} s/epoch",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[{repeat + 1}/{args.repeats}] {row}: {', '.join(f'{s:.2f}' for s in epochs)} s/epoch",
+                    file=sys.stderr,
+                    flush=True,
+                )
     medians = {r: statistics.median(v) for r, v in seconds.items()}
     fixed = medians.get("trainer: fixed KD 0.9/0.1")
     record = {
-        "command": "python " + " ".join(sys.argv), "commit": git_commit(), "machine": machine(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
-        "torch": torch.__version__, "batch": args.batch, "amp": args.amp, "epochs": args.epochs, "repeats": args.repeats,
-        "limit_train": args.limit_train, "seconds_per_epoch": seconds, "median_seconds_per_epoch": medians,
+        "command": "python " + " ".join(sys.argv),
+        "commit": git_commit(),
+        "machine": machine(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "torch": torch.__version__,
+        "batch": args.batch,
+        "amp": args.amp,
+        "epochs": args.epochs,
+        "repeats": args.repeats,
+        "limit_train": args.limit_train,
+        "seconds_per_epoch": seconds,
+        "median_seconds_per_epoch": medians,
     }
     lines = [
-        "# Epoch time: the dtokd trainer against a hand-written KD loop", "",
-        f"- command: `{record['command']}`", f"- commit `{record['commit'][:10]}`; {record['machine']}; torch {torch.__version__}",
+        "# Epoch time: the dtokd trainer against a hand-written KD loop",
+        "",
+        f"- command: `{record['command']}`",
+        f"- commit `{record['commit'][:10]}`; {record['machine']}; torch {torch.__version__}",
         f"- {record['date']}; device {device}; batch {args.batch}; amp {args.amp}; {args.student} from {args.teacher}; "
         f"median training seconds per epoch over epochs 2..{args.epochs} x {args.repeats} round(s), rows interleaved",
-        "", "| row | s / epoch (median) | throughput / hand-written loop | time / trainer fixed KD |", "|---|---|---|---|",
+        "",
+        "| row | s / epoch (median) | throughput / hand-written loop | time / trainer fixed KD |",
+        "|---|---|---|---|",
     ]
     for row, median in medians.items():
         vs_hand = medians[HAND] / median if HAND in medians else float("nan")

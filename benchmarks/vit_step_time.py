@@ -39,9 +39,11 @@ from dtokd.tasks import ClassificationTask
 from dtokd.train.distributed import resolve_device
 from dtokd.train.records import git_commit, machine
 
-LOSSES = {"token": {"type": "deit", "mode": "soft"},
-          "feature": {"type": "feature", "student_tap": "patch_mean", "teacher_tap": "features"},
-          "task": {"type": "ce"}}
+LOSSES = {
+    "token": {"type": "deit", "mode": "soft"},
+    "feature": {"type": "feature", "student_tap": "patch_mean", "teacher_tap": "features"},
+    "task": {"type": "ce"},
+}
 
 
 def make_steps(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, Callable[[], None]], int]:
@@ -94,8 +96,9 @@ def make_steps(args: argparse.Namespace, device: torch.device) -> tuple[dict[str
         "three-backward floor": floor,
         "DTO exact": balanced("dto", task),
         "DTO representation (final norm)": balanced("dto", task_norm, engine="representation"),
-        "DTO amortized, next-step, deferred checks": balanced("dto-amortized", task, update="next-step",
-                                                              deferred_checks=True),
+        "DTO amortized, next-step, deferred checks": balanced(
+            "dto-amortized", task, update="next-step", deferred_checks=True
+        ),
     }
     return steps, sum(p.numel() for p in student.parameters())
 
@@ -126,12 +129,18 @@ def loader_throughput(args: argparse.Namespace) -> dict[int, float]:
     result = {}
     with tempfile.TemporaryDirectory() as scratch:
         per_class = max(1, args.loader_images // 10)
-        root = write_fake_image_folder(Path(scratch), classes=10, per_class={"train": per_class, "val": 1},
-                                       image_size=args.image_size)
+        root = write_fake_image_folder(
+            Path(scratch), classes=10, per_class={"train": per_class, "val": 1}, image_size=args.image_size
+        )
         for workers in args.workers:
-            data = build_data("image-folder-stream", str(root), val_fraction=0.0, image_size=args.image_size,
-                              transform={"auto_augment": "rand-m9-mstd0.5-inc1-mmax9", "re_prob": 0.25,
-                                         "interpolation": "bicubic"}, workers=workers)
+            data = build_data(
+                "image-folder-stream",
+                str(root),
+                val_fraction=0.0,
+                image_size=args.image_size,
+                transform={"auto_augment": "rand-m9-mstd0.5-inc1-mmax9", "re_prob": 0.25, "interpolation": "bicubic"},
+                workers=workers,
+            )
             loader = train_loader(data.train, args.batch, seed=0, epoch=0)
             start, count = time.perf_counter(), 0
             for x, _ in loader:
@@ -166,21 +175,41 @@ def main() -> None:
     loader = loader_throughput(args)
     medians = {k: statistics.median(v) for k, v in times.items()}
     plain, floor = medians["weighted sum (1 backward)"], medians["three-backward floor"]
-    record = {"command": "python " + " ".join(sys.argv), "commit": git_commit(), "machine": machine(),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
-              "torch": torch.__version__, "student_parameters": parameters, "times": times, "medians": medians,
-              "loader_images_per_second": loader, "args": vars(args)}
-    lines = ["# DeiT step with three objectives, and the streaming loader", "",
-             f"- command: `{record['command']}`", f"- commit `{record['commit'][:10]}`; {record['machine']}",
-             f"- {record['date']}; {args.student} ({parameters / 1e6:.1f} M parameters) from {args.teacher}; "
-             f"{args.image_size} px; batch {args.batch}; amp {args.amp}; median of {args.rounds} rounds x {args.steps} "
-             "consecutive steps, methods interleaved", "",
-             "| method | step (ms) | images/s | / weighted sum | / three-backward floor |", "|---|---|---|---|---|"]
+    record = {
+        "command": "python " + " ".join(sys.argv),
+        "commit": git_commit(),
+        "machine": machine(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "torch": torch.__version__,
+        "student_parameters": parameters,
+        "times": times,
+        "medians": medians,
+        "loader_images_per_second": loader,
+        "args": vars(args),
+    }
+    lines = [
+        "# DeiT step with three objectives, and the streaming loader",
+        "",
+        f"- command: `{record['command']}`",
+        f"- commit `{record['commit'][:10]}`; {record['machine']}",
+        f"- {record['date']}; {args.student} ({parameters / 1e6:.1f} M parameters) from {args.teacher}; "
+        f"{args.image_size} px; batch {args.batch}; amp {args.amp}; median of {args.rounds} rounds x {args.steps} "
+        "consecutive steps, methods interleaved",
+        "",
+        "| method | step (ms) | images/s | / weighted sum | / three-backward floor |",
+        "|---|---|---|---|---|",
+    ]
     for name, median in medians.items():
-        lines.append(f"| {name} | {1000 * median:.1f} | {args.batch / median:.0f} | {median / plain:.3f} | "
-                     f"{median / floor:.3f} |")
-    lines += ["", "| loader workers | images/s (DeiT training transform) | / the weighted-sum step's images/s |",
-              "|---|---|---|"]
+        lines.append(
+            f"| {name} | {1000 * median:.1f} | {args.batch / median:.0f} | {median / plain:.3f} | "
+            f"{median / floor:.3f} |"
+        )
+    lines += [
+        "",
+        "| loader workers | images/s (DeiT training transform) | / the weighted-sum step's images/s |",
+        "|---|---|---|",
+    ]
     for workers, rate in loader.items():
         lines.append(f"| {workers} | {rate:.0f} | {rate / (args.batch / plain):.2f} |")
     stem = Path(args.output) if args.output else Path(__file__).parent / "results" / f"vit_step_time_{device.type}"

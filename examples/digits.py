@@ -55,9 +55,16 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (model(x).argmax(1) == y).float().mean().item()
 
 
-def report(where: str, teacher: nn.Module, student: nn.Module, test: tuple[torch.Tensor, torch.Tensor],
-           weights: dict[str, float]) -> None:
+def report(
+    where: str,
+    teacher: nn.Module,
+    student: nn.Module,
+    test: tuple[torch.Tensor, torch.Tensor],
+    weights: dict[str, float],
+) -> None:
     """One line: both test accuracies and the last step's balancing weights."""
-    print(f"teacher test accuracy {accuracy(teacher, *test):.3f}; "
-          f"student (DTO-KD in {where}) {accuracy(student, *test):.3f}; "
-          f"last step's weights: {', '.join(f'{k} {v:.2f}' for k, v in weights.items())}")
+    print(
+        f"teacher test accuracy {accuracy(teacher, *test):.3f}; "
+        f"student (DTO-KD in {where}) {accuracy(student, *test):.3f}; "
+        f"last step's weights: {', '.join(f'{k} {v:.2f}' for k, v in weights.items())}"
+    )

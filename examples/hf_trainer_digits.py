@@ -38,11 +38,25 @@ def main() -> None:
     student = MLP(32)
     with tempfile.TemporaryDirectory() as out:
         settings = transformers.TrainingArguments(
-            output_dir=out, num_train_epochs=args.epochs, per_device_train_batch_size=64, learning_rate=3e-3,
-            lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no", logging_steps=50,
-            disable_tqdm=True)
-        trainer = DistillationTrainer(model=student, teacher=teacher, method="dto", engine="representation",
-                                      args=settings, train_dataset=Digits(x, y))
+            output_dir=out,
+            num_train_epochs=args.epochs,
+            per_device_train_batch_size=64,
+            learning_rate=3e-3,
+            lr_scheduler_type="constant",
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            logging_steps=50,
+            disable_tqdm=True,
+        )
+        trainer = DistillationTrainer(
+            model=student,
+            teacher=teacher,
+            method="dto",
+            engine="representation",
+            args=settings,
+            train_dataset=Digits(x, y),
+        )
         trainer.train()
     weights = trainer.balancer.last_info.weights
     report("the HF Trainer", teacher, student, test, weights)

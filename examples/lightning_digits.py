@@ -25,8 +25,14 @@ def main() -> None:
     torch.manual_seed(1)
     module = DistillationModule(MLP(32), teacher, method="dto", engine="representation", optimizer=adam)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=True)
-    trainer = lightning.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False)
+    trainer = lightning.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, train_dataloaders=loader)
     weights = module.balancer.last_info.weights
     report("Lightning", teacher, module.student, test, weights)

@@ -32,9 +32,13 @@ def batch(seed: int = 1):
 
 
 def kd_losses(logits, y, teacher, T: float = 2.0):
-    kd = nn.functional.kl_div(
-        nn.functional.log_softmax(logits / T, 1), nn.functional.softmax(teacher / T, 1), reduction="batchmean"
-    ) * T * T
+    kd = (
+        nn.functional.kl_div(
+            nn.functional.log_softmax(logits / T, 1), nn.functional.softmax(teacher / T, 1), reduction="batchmean"
+        )
+        * T
+        * T
+    )
     return {"distill": kd, "task": nn.functional.cross_entropy(logits, y)}
 
 
@@ -100,7 +104,9 @@ def test_representation_engine_uses_gram_at_the_logits(batched):
     pi1, pi2 = dto_reference_two(z1, z2)
     expected = pi1 / l1 * flat_grad(losses["distill"], params) + pi2 / l2 * flat_grad(losses["task"], params)
     assert only_through(list(losses.values()), [logits])  # the update is back-propagated from the logits
-    info = make_balancer("dto", params, engine="representation", batched=batched).backward(losses, representation=logits)
+    info = make_balancer("dto", params, engine="representation", batched=batched).backward(
+        losses, representation=logits
+    )
     torch.testing.assert_close(written_grad(params), expected, rtol=1e-10, atol=1e-12)
     assert info.weights["distill"] == pytest.approx(pi1.item(), rel=1e-10)
 
@@ -172,7 +178,11 @@ def test_rule_balancers_write_rule_weights_times_raw_gradients(method):
     j = torch.stack([g1, g2])
     from dtokd import weights
 
-    w = weights(method, j @ j.T, generator=torch.Generator().manual_seed(0)) if method == "pcgrad" else weights(method, j @ j.T)
+    w = (
+        weights(method, j @ j.T, generator=torch.Generator().manual_seed(0))
+        if method == "pcgrad"
+        else weights(method, j @ j.T)
+    )
     options = {"generator": torch.Generator().manual_seed(0)} if method == "pcgrad" else {}
     make_balancer(method, params, **options).backward(losses)
     torch.testing.assert_close(written_grad(params), w @ j, rtol=1e-6, atol=1e-9)
@@ -201,6 +211,7 @@ def test_dto_unit_sum_rescale():
 
 
 # ------------------------------------------------------------ amortized DTO ----------------------------
+
 
 class HandAdam:
     """Adam with L2 weight decay, written out (torch.optim.Adam's documented update)."""
@@ -325,6 +336,7 @@ def test_gradnorm_matches_hand_computation():
 
 # ------------------------------------------------------------ edge cases and bad input ---------------
 
+
 def test_nan_loss_raises_naming_it_or_skips():
     net = Net()
     x, y, t = batch()
@@ -363,8 +375,9 @@ def test_zero_loss_under_log_is_floored_not_nan():
 
 
 # (a loss that does not depend on the representation is refused by that engine, with its own error)
-@pytest.mark.parametrize("engine, dead", [("exact", "zero loss"), ("exact", "no dependence"),
-                                          ("representation", "zero loss")])
+@pytest.mark.parametrize(
+    "engine, dead", [("exact", "zero loss"), ("exact", "no dependence"), ("representation", "zero loss")]
+)
 def test_a_zero_gradient_objective_is_left_out_instead_of_stopping_training(engine, dead):
     """The affine min-norm point of {0, d} is 0: kept in, a dead objective would zero the
     update of every step. DTO leaves it out (weight 0): the update is the task's own log-loss
@@ -377,7 +390,9 @@ def test_a_zero_gradient_objective_is_left_out_instead_of_stopping_training(engi
     reference = torch.autograd.grad(task.log(), list(net.parameters()), retain_graph=True)
     balancer = make_balancer("dto", net.parameters(), engine=engine)
     with pytest.warns(RuntimeWarning, match="gradient of loss 'distill' was zero") as record:
-        info = balancer.backward({"distill": distill, "task": task}, representation=logits if engine == "representation" else None)
+        info = balancer.backward(
+            {"distill": distill, "task": task}, representation=logits if engine == "representation" else None
+        )
     assert info.weights == {"distill": 0.0, "task": 1.0}
     for p, g in zip(net.parameters(), reference):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
@@ -391,8 +406,9 @@ def test_dto_rule_leaves_zero_gradients_out_for_many_objectives():
     expected[1:] = weights("dto", (j @ j.T)[1:, 1:])
     torch.testing.assert_close(pi, expected)
     assert pi[0] == 0 and (pi @ j).norm() > 0  # the update is not stopped
-    torch.testing.assert_close(weights("dto", torch.zeros(2, 2, dtype=torch.float64)),
-                               torch.tensor([0.5, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(
+        weights("dto", torch.zeros(2, 2, dtype=torch.float64)), torch.tensor([0.5, 0.5], dtype=torch.float64)
+    )
     tiny = torch.diag(torch.tensor([1e-10, 1.0], dtype=torch.float64))  # small, not zero: kept
     assert weights("dto", tiny)[0] > 0.99
 
@@ -502,7 +518,9 @@ def test_bad_construction_arguments_are_named():
         make_balancer("dto-amortized", p, update="sometimes")
     with pytest.raises(ValueError, match="none of the balancer's parameters requires grad"):
         q = torch.ones(2)
-        make_balancer("dto", [q]).backward({"a": torch.ones((), requires_grad=True), "b": torch.ones((), requires_grad=True)})
+        make_balancer("dto", [q]).backward(
+            {"a": torch.ones((), requires_grad=True), "b": torch.ones((), requires_grad=True)}
+        )
 
 
 def test_every_method_runs_a_step():
@@ -520,6 +538,7 @@ def test_every_method_runs_a_step():
 
 
 # ------------------------------------------------------------ mixed precision --------------------------
+
 
 def test_autocast_bfloat16_matches_reference_on_same_losses():
     net = Net().float()
@@ -543,7 +562,9 @@ def test_grad_scaler_gives_the_unscaled_update():
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     make_balancer("dto", net.parameters()).backward(kd_losses(net(x), y, t), scaler=scaler)
     scaler.unscale_(opt)
-    torch.testing.assert_close(written_grad(list(net.parameters())), written_grad(list(ref.parameters())), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        written_grad(list(net.parameters())), written_grad(list(ref.parameters())), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_grad_scaler_overflow_skips_the_step():
@@ -582,7 +603,7 @@ def test_anchored_balancer_by_name_on_both_step_paths():
     cap = min(1.0, float((norm2 / sum((u * u).sum() for u in d)).sqrt()))  # the distillation gradient's scale
     assert dot < 0, "the test needs conflicting gradients"
     total = 1.0 + cap - cap * float(dot / norm2)
-    for (got, dd, aa) in zip(results[0][1], d, a):
+    for got, dd, aa in zip(results[0][1], d, a):
         torch.testing.assert_close(got, (aa + cap * (dd - dot / norm2 * aa)) / total, rtol=1e-9, atol=1e-12)
     with pytest.raises(TypeError, match="needs anchor="):
         make_balancer("anchored", net.parameters())
@@ -591,6 +612,7 @@ def test_anchored_balancer_by_name_on_both_step_paths():
 
 
 # ------------------------------------------------------------------------ the update's length
+
 
 def _dto_updates(engine: str, rescale: str, reference=None, **options):
     """The update written by ``make_balancer('dto', ...)`` and its StepInfo, and the raw
@@ -640,7 +662,7 @@ def test_update_ratio_reports_the_length_against_the_reference_without_changing_
 def test_rescale_norm_leaves_an_update_that_cancels_as_it_is():
     """Exactly opposite log-gradients: DTO's update is zero; the rescale must not blow it up."""
     w = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
-    first = (w @ torch.tensor([1.0, 1.0], dtype=torch.float64)).exp()     # grad log = (1, 1)
+    first = (w @ torch.tensor([1.0, 1.0], dtype=torch.float64)).exp()  # grad log = (1, 1)
     second = (w @ torch.tensor([-1.0, -1.0], dtype=torch.float64)).exp()  # grad log = (-1, -1)
     balancer = make_balancer("dto", [w], rescale="norm")
     info = balancer.backward({"a": first, "b": second})
@@ -654,8 +676,9 @@ def test_rescale_norm_of_a_fixed_sum_is_the_reference_sum():
     x, y, t = batch()
     losses = kd_losses(net(x), y, t)
     raw = {n: flat_grad(v, params) for n, v in losses.items()}
-    balancer = make_balancer("fixed", params, weights={"distill": 0.5, "task": 0.5}, rescale="norm",
-                             reference={"distill": 0.9, "task": 0.1})
+    balancer = make_balancer(
+        "fixed", params, weights={"distill": 0.5, "task": 0.5}, rescale="norm", reference={"distill": 0.9, "task": 0.1}
+    )
     balancer.backward(losses)
     direction = raw["distill"] + raw["task"]
     expected = direction * (0.9 * raw["distill"] + 0.1 * raw["task"]).norm() / direction.norm()
@@ -669,13 +692,16 @@ def test_rescale_norm_with_deferred_checks_is_bit_identical():
     assert torch.equal(now, later)
 
 
-@pytest.mark.parametrize("reference, message", [
-    ({"distill": 0.9}, "must give a weight for each loss"),
-    ([1.0, 2.0, 3.0], "gives 3 weights for 2 losses"),
-    ([math.nan, 1.0], "must hold finite numbers"),
-    ([0.0, 0.0], "not all zero"),
-    ("fixed", "must be a mapping name -> weight or a sequence"),
-])
+@pytest.mark.parametrize(
+    "reference, message",
+    [
+        ({"distill": 0.9}, "must give a weight for each loss"),
+        ([1.0, 2.0, 3.0], "gives 3 weights for 2 losses"),
+        ([math.nan, 1.0], "must hold finite numbers"),
+        ([0.0, 0.0], "not all zero"),
+        ("fixed", "must be a mapping name -> weight or a sequence"),
+    ],
+)
 def test_a_bad_reference_is_named(reference, message):
     with pytest.raises((ValueError, TypeError), match=message):
         _dto_updates("exact", "norm", reference)
@@ -688,8 +714,11 @@ def test_a_bad_rescale_is_named():
 
 # ------------------------------------------------------------------------ combine: one loss for a framework
 
-COMBINE_OPTIONS = {"fixed": {"weights": {"distill": 0.9, "task": 0.1}}, "anchored": {"anchor": "task"},
-                   "dto-amortized": {"update": "next-step"}}
+COMBINE_OPTIONS = {
+    "fixed": {"weights": {"distill": 0.9, "task": 0.1}},
+    "anchored": {"anchor": "task"},
+    "dto-amortized": {"update": "next-step"},
+}
 
 
 def _step(method: str, engine: str, combine: bool, steps: int = 2, lr: float = 0.0, **options):
@@ -699,8 +728,9 @@ def _step(method: str, engine: str, combine: bool, steps: int = 2, lr: float = 0
     params = list(net.parameters())
     x, y, t = batch()
     gram_params = list(net.head.parameters()) if engine == "subset" else None
-    balancer = make_balancer(method, params, engine=engine, gram_params=gram_params,
-                             **{**COMBINE_OPTIONS.get(method, {}), **options})
+    balancer = make_balancer(
+        method, params, engine=engine, gram_params=gram_params, **{**COMBINE_OPTIONS.get(method, {}), **options}
+    )
     torch.manual_seed(0)  # pcgrad's random order
     for _ in range(steps):
         for p in params:

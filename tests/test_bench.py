@@ -14,27 +14,51 @@ pytestmark = pytest.mark.slow
 
 def write_matrix(tmp_path, methods: str) -> str:
     student = tmp_path / "student.yaml"
-    student.write_text("\n".join([
-        "name: s", "batch_size: 32", "log_every: 2", "data: {name: synthetic}", "student: {name: mlp_small}",
-        "teacher: {name: cnn_small, checkpoint: none}", "losses: {distill: {type: kd}, task: {type: ce}}",
-    ]))
+    student.write_text(
+        "\n".join(
+            [
+                "name: s",
+                "batch_size: 32",
+                "log_every: 2",
+                "data: {name: synthetic}",
+                "student: {name: mlp_small}",
+                "teacher: {name: cnn_small, checkpoint: none}",
+                "losses: {distill: {type: kd}, task: {type: ce}}",
+            ]
+        )
+    )
     teacher = tmp_path / "teacher.yaml"
-    teacher.write_text("\n".join(["name: t", "epochs: 2", "batch_size: 32", "data: {name: synthetic}", "student: {name: cnn_small}"]))
+    teacher.write_text(
+        "\n".join(["name: t", "epochs: 2", "batch_size: 32", "data: {name: synthetic}", "student: {name: cnn_small}"])
+    )
     matrix = tmp_path / "matrix.yaml"
-    matrix.write_text("\n".join([
-        "name: tiny", "seeds: [0, 1]", f"student_config: {student}", f"teacher_config: {teacher}", "base: [epochs=3]",
-        "pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}", "reference: kd-fixed", "grid_prefix: kd-grid",
-        "methods:", methods,
-    ]))
+    matrix.write_text(
+        "\n".join(
+            [
+                "name: tiny",
+                "seeds: [0, 1]",
+                f"student_config: {student}",
+                f"teacher_config: {teacher}",
+                "base: [epochs=3]",
+                "pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}",
+                "reference: kd-fixed",
+                "grid_prefix: kd-grid",
+                "methods:",
+                methods,
+            ]
+        )
+    )
     return str(matrix)
 
 
-METHODS = "\n".join([
-    "  kd-fixed: [balancer.method=fixed, 'balancer.options={weights: {distill: 0.9, task: 0.1}}']",
-    "  kd-grid-a0.5: [balancer.method=fixed, 'balancer.options={weights: {distill: 0.5, task: 0.5}}']",
-    "  dto: [balancer.method=dto]",
-    "  blowup: [balancer.method=fixed, 'balancer.options={weights: {distill: 0.9, task: 0.1}}', optim.lr=1.0e+12]",
-])
+METHODS = "\n".join(
+    [
+        "  kd-fixed: [balancer.method=fixed, 'balancer.options={weights: {distill: 0.9, task: 0.1}}']",
+        "  kd-grid-a0.5: [balancer.method=fixed, 'balancer.options={weights: {distill: 0.5, task: 0.5}}']",
+        "  dto: [balancer.method=dto]",
+        "  blowup: [balancer.method=fixed, 'balancer.options={weights: {distill: 0.9, task: 0.1}}', optim.lr=1.0e+12]",
+    ]
+)
 
 
 def test_bench_runs_resumes_and_aggregates(tmp_path, capsys):
@@ -92,8 +116,10 @@ def test_parallel_cells_give_the_same_results_as_one_at_a_time(tmp_path, capsys)
     assert "with 3 at once" in log and "cells per minute" in log
     for method in ("kd-fixed", "kd-grid-a0.5", "dto"):
         for seed in (0, 1):
-            a, b = (json.loads((tmp_path / kind / "cnn-mlp" / method / f"seed{seed}" / "summary.json").read_text())
-                    for kind in ("serial", "parallel"))
+            a, b = (
+                json.loads((tmp_path / kind / "cnn-mlp" / method / f"seed{seed}" / "summary.json").read_text())
+                for kind in ("serial", "parallel")
+            )
             assert a["last_test_top1"] == b["last_test_top1"] and a["best_val_top1"] == b["best_val_top1"]
             assert (tmp_path / "parallel" / "cnn-mlp" / method / f"seed{seed}" / "bench.log").is_file()
     timing = [json.loads(line) for line in (tmp_path / "parallel" / "timing.jsonl").read_text().splitlines()]
@@ -116,13 +142,23 @@ def test_a_failing_parallel_cell_is_reported_with_its_log(tmp_path, capsys):
 
 def test_a_selection_runs_only_its_cells_and_names_what_it_does_not_know(tmp_path, capsys):
     matrix = write_matrix(tmp_path, "\n".join(METHODS.splitlines()[:3]))
-    text = open(matrix).read().replace("pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}",
-                                       "pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}, "
-                                       "cnn-cnn: {teacher: cnn_small, student: cnn_small}}")
+    text = (
+        open(matrix)
+        .read()
+        .replace(
+            "pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}",
+            "pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}, "
+            "cnn-cnn: {teacher: cnn_small, student: cnn_small}}",
+        )
+    )
     open(matrix, "w").write(text)
     out = tmp_path / "out"
-    assert cli.main(["bench", matrix, "--out", str(out), "--pairs", "cnn-mlp", "--methods", "dto", "kd-fixed",
-                     "--seeds", "1"]) == 0
+    assert (
+        cli.main(
+            ["bench", matrix, "--out", str(out), "--pairs", "cnn-mlp", "--methods", "dto", "kd-fixed", "--seeds", "1"]
+        )
+        == 0
+    )
     ran = sorted(str(p.parent.relative_to(out)) for p in out.glob("*/*/seed*/summary.json"))
     assert ran == ["cnn-mlp/dto/seed1", "cnn-mlp/kd-fixed/seed1"]
     assert (out / "accuracy_cnn-mlp.png").is_file() and not list(out.glob("*cnn-cnn*.png"))  # no plots of no cells
@@ -141,12 +177,20 @@ def test_a_selection_runs_only_its_cells_and_names_what_it_does_not_know(tmp_pat
 
 def test_a_pair_with_a_given_teacher_checkpoint_trains_no_teacher(tmp_path):
     teacher_config = tmp_path / "t.yaml"
-    teacher_config.write_text("name: t\nepochs: 2\nbatch_size: 32\ndata: {name: synthetic}\nstudent: {name: cnn_small}\n")
+    teacher_config.write_text(
+        "name: t\nepochs: 2\nbatch_size: 32\ndata: {name: synthetic}\nstudent: {name: cnn_small}\n"
+    )
     assert cli.main(["train", str(teacher_config), "--out", str(tmp_path / "given"), "--quiet"]) == 0
     matrix = write_matrix(tmp_path, METHODS.splitlines()[0])
-    text = open(matrix).read().replace("pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}",
-                                       f"pairs: {{cnn-mlp: {{teacher: cnn_small, student: mlp_small, "
-                                       f"checkpoint: {tmp_path / 'given' / 'best.pt'}}}}}")
+    text = (
+        open(matrix)
+        .read()
+        .replace(
+            "pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}",
+            f"pairs: {{cnn-mlp: {{teacher: cnn_small, student: mlp_small, "
+            f"checkpoint: {tmp_path / 'given' / 'best.pt'}}}}}",
+        )
+    )
     open(matrix, "w").write(text)
     assert cli.main(["bench", matrix, "--out", str(tmp_path / "out")]) == 0
     assert not (tmp_path / "out" / "teachers").exists()
@@ -154,8 +198,11 @@ def test_a_pair_with_a_given_teacher_checkpoint_trains_no_teacher(tmp_path):
     assert teacher["checkpoint"] == str(tmp_path / "given" / "best.pt")
     broken = text.replace("checkpoint:", "weights:")
     open(matrix, "w").write(broken)
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['pairs.cnn-mlp.weights'\]; valid keys here: "
-                                         r"\['teacher', 'student', 'checkpoint', 'overrides'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown key\(s\) \['pairs.cnn-mlp.weights'\]; valid keys here: "
+        r"\['teacher', 'student', 'checkpoint', 'overrides'\]",
+    ):
         load_matrix(matrix)
 
 
@@ -178,23 +225,36 @@ def test_shipped_matrices_resolve_every_cell(name):
                 assert config.teacher.key_map == "cifar-resnet-chenyaofo"  # the pair's own override applied
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda t: "", "the file holds nothing"),
-    (lambda t: t.replace("seeds: [0, 1]", "seeds: 3"), "seeds must be a list, got 3"),
-    (lambda t: t.replace("seeds: [0, 1]", "seeds: []"), r"seeds must be a non-empty list of integers, got \[\]"),
-    (lambda t: t.replace("seeds: [0, 1]", "seeds: [0, one]"), r"seeds\[1\] must be of type int, got 'one'"),
-    (lambda t: t.replace("seeds: [0, 1]", "seeds: [0, 0]"), r"seeds \[0, 0\] repeat a seed"),
-    (lambda t: t.replace("pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}", "pairs: [cnn]"),
-     r"pairs must be a mapping, got \['cnn'\]"),
-    (lambda t: t.replace("pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}", "pairs: {}"),
-     "pairs must be a non-empty mapping"),
-    (lambda t: t.replace("pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}", "pairs: {cnn-mlp: cnn}"),
-     "pairs.cnn-mlp must be a mapping, got 'cnn'"),
-    (lambda t: t.replace("pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}",
-                         "pairs: {cnn-mlp: {teacher: cnn_small}}"), r"missing key\(s\) \['pairs.cnn-mlp.student'\]"),
-    (lambda t: t.replace("base: [epochs=3]", "base: epochs=3"), "base must be a list, got 'epochs=3'"),
-    (lambda t: t + "colour: blue\n", r"unknown key\(s\) \['colour'\]"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: "", "the file holds nothing"),
+        (lambda t: t.replace("seeds: [0, 1]", "seeds: 3"), "seeds must be a list, got 3"),
+        (lambda t: t.replace("seeds: [0, 1]", "seeds: []"), r"seeds must be a non-empty list of integers, got \[\]"),
+        (lambda t: t.replace("seeds: [0, 1]", "seeds: [0, one]"), r"seeds\[1\] must be of type int, got 'one'"),
+        (lambda t: t.replace("seeds: [0, 1]", "seeds: [0, 0]"), r"seeds \[0, 0\] repeat a seed"),
+        (
+            lambda t: t.replace("pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}", "pairs: [cnn]"),
+            r"pairs must be a mapping, got \['cnn'\]",
+        ),
+        (
+            lambda t: t.replace("pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}", "pairs: {}"),
+            "pairs must be a non-empty mapping",
+        ),
+        (
+            lambda t: t.replace("pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}", "pairs: {cnn-mlp: cnn}"),
+            "pairs.cnn-mlp must be a mapping, got 'cnn'",
+        ),
+        (
+            lambda t: t.replace(
+                "pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}", "pairs: {cnn-mlp: {teacher: cnn_small}}"
+            ),
+            r"missing key\(s\) \['pairs.cnn-mlp.student'\]",
+        ),
+        (lambda t: t.replace("base: [epochs=3]", "base: epochs=3"), "base must be a list, got 'epochs=3'"),
+        (lambda t: t + "colour: blue\n", r"unknown key\(s\) \['colour'\]"),
+    ],
+)
 def test_a_malformed_matrix_file_is_named(tmp_path, edit, message):
     matrix = write_matrix(tmp_path, METHODS)
     text = edit(open(matrix).read())
@@ -255,14 +315,21 @@ def test_interrupted_parallel_bench_keeps_its_cells_and_finishes_on_rerun(tmp_pa
     command = [sys.executable, "-m", "dtokd", "bench", matrix, "--parallel", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # a loaded machine may take long to stop a cell; the bench waits for it (no kill, whatever the load)
-    process = subprocess.Popen([*command, "--out", str(tmp_path / "cut"), "--stop-grace", "600"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    process = subprocess.Popen(
+        [*command, "--out", str(tmp_path / "cut"), "--stop-grace", "600"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     try:
         deadline = time.monotonic() + 600  # a bound on a broken run only; no outcome depends on it
         while not list((tmp_path / "cut").glob("*/*/seed*/checkpoint.pt")):
             if process.poll() is not None:
-                pytest.fail(f"the bench ended (status {process.returncode}) before any checkpoint: {process.stderr.read()}")
+                pytest.fail(
+                    f"the bench ended (status {process.returncode}) before any checkpoint: {process.stderr.read()}"
+                )
             assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
             time.sleep(0.02)
         cells = _children(process.pid)

@@ -58,7 +58,7 @@ def test_the_blocks_are_the_documents_tokenized_with_an_end_token_and_packed(cor
     test_docs = sorted(order[:2])
     ids = [t for i in test_docs for t in tokenizer.encode(texts[i]).ids + [0]]
     count = len(ids) // 13
-    assert torch.equal(data.test.blocks.long(), torch.tensor(ids[:count * 13]).view(count, 13))
+    assert torch.equal(data.test.blocks.long(), torch.tensor(ids[: count * 13]).view(count, 13))
 
 
 def test_sources_and_bad_input(tmp_path, corpus):
@@ -81,8 +81,10 @@ def test_sources_and_bad_input(tmp_path, corpus):
         (dict(root=str(jsonl), text={**TEXT, "vocab_size": 100}), "vocab_size=100 is too small for a byte-level BPE"),
         (dict(root=str(jsonl), text={**TEXT, "colour": 1}), "data.text: unknown option\\(s\\) \\['colour'\\]"),
         (dict(root=str(jsonl), text={**TEXT, "test_fraction": 0}), "test_fraction=0 must lie strictly between"),
-        (dict(root=str(jsonl), text={**TEXT, "tokenizer": str(trained), "eos": "<eos>"}),
-         "data.text.eos='<eos>' is not in the tokenizer"),
+        (
+            dict(root=str(jsonl), text={**TEXT, "tokenizer": str(trained), "eos": "<eos>"}),
+            "data.text.eos='<eos>' is not in the tokenizer",
+        ),
         (dict(root=str(jsonl), text={**TEXT, "tokenizer": str(tmp_path)}), "no tokenizer.json there"),
         (dict(root=str(jsonl), text={**TEXT, "tokenizer": str(jsonl)}), "docs.jsonl is not a tokenizers file"),
         (dict(root=str(jsonl), text={**TEXT, "block_size": 100_000}), "fewer than one block"),
@@ -94,16 +96,25 @@ def test_sources_and_bad_input(tmp_path, corpus):
 
 def _models(vocabulary, seed=0):
     torch.manual_seed(seed)
-    kwargs = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
-              "intermediate_size": 64, "max_position_embeddings": 32}
-    return create_model("hf-causal-lm:llama", vocabulary, 1, 12, kwargs), create_model("hf-causal-lm:llama", vocabulary,
-                                                                                          1, 12, kwargs)
+    kwargs = {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 32,
+    }
+    return create_model("hf-causal-lm:llama", vocabulary, 1, 12, kwargs), create_model(
+        "hf-causal-lm:llama", vocabulary, 1, 12, kwargs
+    )
 
 
 def test_ce_equals_the_models_own_loss_and_masked_tokens_do_not_count(corpus):
     data = build_data("text", str(corpus), val_fraction=0.2, text=TEXT)
     student, teacher = _models(data.num_classes)
-    task = CausalLMTask(student, teacher, {"distill": {"type": "token-kd", "divergence": "jsd"}, "task": {"type": "ce"}})
+    task = CausalLMTask(
+        student, teacher, {"distill": {"type": "token-kd", "divergence": "jsd"}, "task": {"type": "ce"}}
+    )
     x, y = data.train.__getitems__([0, 1, 2])
     y_last_masked = y.clone()
     y_last_masked[:, -1] = -100  # what the model's own loss predicts: x[1:] from x[:-1]
@@ -140,21 +151,43 @@ def test_evaluation_by_brute_force(corpus):
 
 
 def _config(corpus, *overrides):
-    return load_config(None, [
-        "name=lm", "task=causal-lm", "epochs=2", "batch_size=4", "eval_batch_size=8", "log_every=1", "amp=none",
-        "data.name=text", f"data.root={corpus}", "data.val_fraction=0.2", "data.limit_train=12",
-        "data.text={block_size: 12, vocab_size: 300, test_fraction: 0.2}",
-        "student.name=hf-causal-lm:llama", f"student.kwargs={TINY}", "optim.name=adamw", "optim.lr=0.003",
-        "losses={task: {type: ce}}", *overrides])
+    return load_config(
+        None,
+        [
+            "name=lm",
+            "task=causal-lm",
+            "epochs=2",
+            "batch_size=4",
+            "eval_batch_size=8",
+            "log_every=1",
+            "amp=none",
+            "data.name=text",
+            f"data.root={corpus}",
+            "data.val_fraction=0.2",
+            "data.limit_train=12",
+            "data.text={block_size: 12, vocab_size: 300, test_fraction: 0.2}",
+            "student.name=hf-causal-lm:llama",
+            f"student.kwargs={TINY}",
+            "optim.name=adamw",
+            "optim.lr=0.003",
+            "losses={task: {type: ce}}",
+            *overrides,
+        ],
+    )
 
 
 def test_teacher_distillation_resume_and_eval(corpus, tmp_path, monkeypatch, capsys):
     teacher = train(_config(corpus), tmp_path / "teacher", progress=False, verbose=False)
     assert teacher["metric"] == "top1" and teacher["last_test_ppl"] > 1 and teacher["test_ppl_at_best_val"] > 1
-    distill = _config(corpus, "teacher.name=hf-causal-lm:llama", f"teacher.kwargs={TINY}",
-                      f"teacher.checkpoint={tmp_path / 'teacher' / 'best.pt'}", "balancer.method=dto",
-                      "balancer.engine=representation",
-                      "losses={distill: {type: token-kd, divergence: forward_kl}, task: {type: ce}}")
+    distill = _config(
+        corpus,
+        "teacher.name=hf-causal-lm:llama",
+        f"teacher.kwargs={TINY}",
+        f"teacher.checkpoint={tmp_path / 'teacher' / 'best.pt'}",
+        "balancer.method=dto",
+        "balancer.engine=representation",
+        "losses={distill: {type: token-kd, divergence: forward_kl}, task: {type: ce}}",
+    )
     straight = train(distill, tmp_path / "straight", progress=False, verbose=False)
     steps = [json.loads(line) for line in (tmp_path / "straight" / "steps.jsonl").read_text().splitlines()]
     assert all(math.isfinite(s["loss_weight/distill"]) and -1 <= s["cos/distill|task"] <= 1 for s in steps)
@@ -187,13 +220,19 @@ def test_the_task_and_its_losses_are_checked_before_the_corpus_is_read(corpus, t
         (["teacher.normalize={mean: [0.5], std: [0.2]}"], "teacher.normalize is for images"),
     ]
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "data_of", lambda *a, **k: pytest.fail("the data was read before the settings were checked"))
+        patch.setattr(
+            loop, "data_of", lambda *a, **k: pytest.fail("the data was read before the settings were checked")
+        )
         for overrides, message in cases:
             with pytest.raises(ValueError, match=message):
                 train(_config(corpus, *overrides), tmp_path / "run", progress=False, verbose=False)
     with pytest.raises(ValueError, match="does not take kwargs \\['colour'\\]"):
-        train(_config(corpus, "student.kwargs={hidden_size: 32, colour: 3}"), tmp_path / "run", progress=False,
-              verbose=False)
+        train(
+            _config(corpus, "student.kwargs={hidden_size: 32, colour: 3}"),
+            tmp_path / "run",
+            progress=False,
+            verbose=False,
+        )
 
 
 def test_the_memory_estimate_counts_a_llamas_parameters_as_by_hand():
@@ -207,8 +246,15 @@ def test_the_memory_estimate_counts_a_llamas_parameters_as_by_hand():
     lm_memory = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lm_memory)
     for tied in (True, False):
-        shape = dict(vocab_size=50, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
-                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+        shape = dict(
+            vocab_size=50,
+            hidden_size=24,
+            intermediate_size=40,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=tied,
+        )
         h, kv = 24, 2 * 24 // 4
         by_hand = 50 * h + 3 * (2 * h * h + 2 * h * kv + 3 * h * 40 + 2 * h) + h + (0 if tied else 50 * h)
         assert lm_memory.parameters(shape) == by_hand

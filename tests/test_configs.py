@@ -48,16 +48,24 @@ def write_lm_stand_ins(config, folder: Path) -> list[Path]:
     bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
     bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=[options["eos"]],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=[options["eos"]], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    )
     corpus = write_fake_text(folder / "corpus-for-the-stand-in-tokenizer")
     bpe.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
     bpe.save(str(path))
     for p in sorted(corpus.iterdir()):
         p.unlink()
     corpus.rmdir()
-    shape = dict(vocab_size=bpe.get_vocab_size(), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    shape = dict(
+        vocab_size=bpe.get_vocab_size(),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     for name in folders:
         torch_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
         torch_model.save_pretrained(folder / name)

@@ -22,8 +22,16 @@ def test_host_syncs_needs_cuda():
 
 def net(device, dtype=torch.float64):
     torch.manual_seed(0)
-    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)]
+    layers = [
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    ]
     return nn.Sequential(*layers).to(device=device, dtype=dtype)
 
 
@@ -36,8 +44,12 @@ def data(device, dtype=torch.float64):
 
 
 def losses_of(logits, y, t):
-    kd = nn.functional.kl_div(nn.functional.log_softmax(logits / 4, 1), nn.functional.softmax(t / 4, 1),
-                              reduction="batchmean") * 16
+    kd = (
+        nn.functional.kl_div(
+            nn.functional.log_softmax(logits / 4, 1), nn.functional.softmax(t / 4, 1), reduction="batchmean"
+        )
+        * 16
+    )
     return {"distill": kd, "task": nn.functional.cross_entropy(logits, y)}
 
 
@@ -48,16 +60,25 @@ def balanced_step(device, method, **options):
     if options.get("engine") == "subset":
         options["gram_params"] = list(model[-1].parameters())
     representation = logits if options.get("engine") == "representation" else None
-    info = make_balancer(method, model.parameters(), **options).backward(losses_of(logits, y, t),
-                                                                           representation=representation)
+    info = make_balancer(method, model.parameters(), **options).backward(
+        losses_of(logits, y, t), representation=representation
+    )
     return info, [p.grad.detach().cpu() for p in model.parameters()]
 
 
 @needs_cuda
-@pytest.mark.parametrize("method, options", [
-    ("dto", {}), ("dto", {"engine": "representation"}), ("dto", {"engine": "subset"}),
-    ("dto", {"batched": True}), ("mgda", {}), ("dto-amortized", {"update": "next-step"}), ("fixed", {"weights": [0.9, 0.1]}),
-])
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("dto", {}),
+        ("dto", {"engine": "representation"}),
+        ("dto", {"engine": "subset"}),
+        ("dto", {"batched": True}),
+        ("mgda", {}),
+        ("dto-amortized", {"update": "next-step"}),
+        ("fixed", {"weights": [0.9, 0.1]}),
+    ],
+)
 def test_cuda_update_equals_cpu_update(method, options):
     (cpu_info, cpu_grads), (cuda_info, cuda_grads) = (balanced_step(d, method, **options) for d in ("cpu", "cuda"))
     torch.testing.assert_close(cuda_info.weight_values, cpu_info.weight_values, rtol=1e-9, atol=1e-12)
@@ -66,15 +87,18 @@ def test_cuda_update_equals_cpu_update(method, options):
 
 
 @needs_cuda
-@pytest.mark.parametrize("method, options, waits, syncs", [
-    ("dto", {}, True, 1),  # the exact engine reads the Gram with .cpu() before its update
-    ("dto", {"engine": "representation"}, True, 0),  # device path: waits on the copy's event
-    ("dto-amortized", {"update": "next-step"}, True, 0),
-    ("fixed", {"weights": [0.9, 0.1]}, True, 0),
-    ("dto", {"engine": "representation", "deferred_checks": True}, False, 0),
-    ("dto-amortized", {"update": "next-step", "deferred_checks": True}, False, 0),
-    ("fixed", {"weights": [0.9, 0.1], "deferred_checks": True}, False, 0),
-])
+@pytest.mark.parametrize(
+    "method, options, waits, syncs",
+    [
+        ("dto", {}, True, 1),  # the exact engine reads the Gram with .cpu() before its update
+        ("dto", {"engine": "representation"}, True, 0),  # device path: waits on the copy's event
+        ("dto-amortized", {"update": "next-step"}, True, 0),
+        ("fixed", {"weights": [0.9, 0.1]}, True, 0),
+        ("dto", {"engine": "representation", "deferred_checks": True}, False, 0),
+        ("dto-amortized", {"update": "next-step", "deferred_checks": True}, False, 0),
+        ("fixed", {"weights": [0.9, 0.1], "deferred_checks": True}, False, 0),
+    ],
+)
 def test_where_a_step_waits_for_the_device(method, options, waits, syncs):
     """A step reads the host once, after its update is queued (it returns once the device is
     done); with deferred_checks it does not wait at all. ``syncs``: the blocking calls CUDA's
@@ -105,7 +129,8 @@ def test_bf16_autocast_and_fp16_grad_scaler_on_cuda(engine):
         logits = model(x)
         losses = losses_of(logits.float(), y, t)
     info = make_balancer("dto", model.parameters(), engine=engine).backward(
-        losses, representation=logits if engine == "representation" else None)
+        losses, representation=logits if engine == "representation" else None
+    )
     assert not info.skipped and all(torch.isfinite(p.grad).all() for p in model.parameters())
 
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
@@ -113,7 +138,8 @@ def test_bf16_autocast_and_fp16_grad_scaler_on_cuda(engine):
         logits = reference(x)
         losses = losses_of(logits.float(), y, t)
     info = make_balancer("dto", reference.parameters(), engine=engine).backward(
-        losses, representation=logits if engine == "representation" else None, scaler=scaler)
+        losses, representation=logits if engine == "representation" else None, scaler=scaler
+    )
     assert not info.skipped
     grads = [p.grad.clone() for p in reference.parameters()]
     scaler.unscale_(torch.optim.SGD(reference.parameters(), lr=0.1))

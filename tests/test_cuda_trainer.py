@@ -25,11 +25,17 @@ def teacher_config(tmp_path_factory):
     config.write_text("name: teacher\nepochs: 3\nstudent: {name: resnet8}\n")
     assert cli.main(["train", str(config), "--out", str(folder / "teacher"), "device=cuda", *COMMON]) == 0
     student = folder / "student.yaml"
-    student.write_text("\n".join([
-        "name: student", "epochs: 2", "student: {name: cnn_small}",
-        f"teacher: {{name: resnet8, checkpoint: {folder / 'teacher' / 'best.pt'}}}",
-        "losses: {distill: {type: kd}, task: {type: ce}}",
-    ]))
+    student.write_text(
+        "\n".join(
+            [
+                "name: student",
+                "epochs: 2",
+                "student: {name: cnn_small}",
+                f"teacher: {{name: resnet8, checkpoint: {folder / 'teacher' / 'best.pt'}}}",
+                "losses: {distill: {type: kd}, task: {type: ce}}",
+            ]
+        )
+    )
     return student
 
 
@@ -37,15 +43,18 @@ def summary_of(folder):
     return json.loads((folder / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("name, overrides", [
-    ("fixed", ["balancer.method=fixed", "balancer.options={weights: {distill: 0.9, task: 0.1}}"]),
-    ("dto-exact", ["balancer.method=dto"]),
-    ("dto-representation", ["balancer.method=dto", "balancer.engine=representation"]),
-    ("dto-subset", ["balancer.method=dto", "balancer.engine=subset", "balancer.gram_params=head"]),
-    ("dto-amortized", ["balancer.method=dto-amortized"]),
-    ("dto-amortized-next", ["balancer.method=dto-amortized", "balancer.options={update: next-step}"]),
-    ("mgda-representation", ["balancer.method=mgda", "balancer.engine=representation"]),
-])
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("fixed", ["balancer.method=fixed", "balancer.options={weights: {distill: 0.9, task: 0.1}}"]),
+        ("dto-exact", ["balancer.method=dto"]),
+        ("dto-representation", ["balancer.method=dto", "balancer.engine=representation"]),
+        ("dto-subset", ["balancer.method=dto", "balancer.engine=subset", "balancer.gram_params=head"]),
+        ("dto-amortized", ["balancer.method=dto-amortized"]),
+        ("dto-amortized-next", ["balancer.method=dto-amortized", "balancer.options={update: next-step}"]),
+        ("mgda-representation", ["balancer.method=mgda", "balancer.engine=representation"]),
+    ],
+)
 def test_distill_on_cuda_with_every_engine(teacher_config, tmp_path, name, overrides):
     folder = tmp_path / name
     assert cli.main(["distill", str(teacher_config), "--out", str(folder), "device=cuda", *COMMON, *overrides]) == 0
@@ -61,8 +70,22 @@ def test_cuda_run_matches_the_cpu_run(teacher_config, tmp_path):
     rows = {}
     for device in ("cpu", "cuda"):
         folder = tmp_path / device
-        assert cli.main(["distill", str(teacher_config), "--out", str(folder), f"device={device}", "epochs=1",
-                         "balancer.method=dto", "student.name=mlp_small", *COMMON]) == 0
+        assert (
+            cli.main(
+                [
+                    "distill",
+                    str(teacher_config),
+                    "--out",
+                    str(folder),
+                    f"device={device}",
+                    "epochs=1",
+                    "balancer.method=dto",
+                    "student.name=mlp_small",
+                    *COMMON,
+                ]
+            )
+            == 0
+        )
         rows[device] = json.loads((folder / "metrics.jsonl").read_text().splitlines()[0])
     for key in ("loss/distill", "loss/task", "loss_weight/distill", "loss_weight/task"):
         assert rows["cuda"][key] == pytest.approx(rows["cpu"][key], rel=1e-3), key
@@ -72,23 +95,47 @@ def test_data_on_the_device_and_on_the_host_give_the_same_batches(teacher_config
     results = {}
     for placement in ("device", "host"):
         folder = tmp_path / placement
-        assert cli.main(["distill", str(teacher_config), "--out", str(folder), "device=cuda", "epochs=1",
-                         f"data.placement={placement}", "student.name=mlp_small", *COMMON]) == 0
+        assert (
+            cli.main(
+                [
+                    "distill",
+                    str(teacher_config),
+                    "--out",
+                    str(folder),
+                    "device=cuda",
+                    "epochs=1",
+                    f"data.placement={placement}",
+                    "student.name=mlp_small",
+                    *COMMON,
+                ]
+            )
+            == 0
+        )
         results[placement] = torch.load(folder / "checkpoint.pt", weights_only=False)["student"]
     for key, value in results["device"].items():
         torch.testing.assert_close(value, results["host"][key], rtol=1e-5, atol=1e-6)
 
 
 def test_killed_cuda_run_resumes_to_the_same_weights(teacher_config, tmp_path, monkeypatch):
-    overrides = [*COMMON[:-1], "device=cuda", "epochs=3", "student.name=mlp_small", "balancer.method=dto",
-                 "balancer.engine=representation"]
+    overrides = [
+        *COMMON[:-1],
+        "device=cuda",
+        "epochs=3",
+        "student.name=mlp_small",
+        "balancer.method=dto",
+        "balancer.engine=representation",
+    ]
     train(load_config(teacher_config, overrides), tmp_path / "straight", progress=False)
     with monkeypatch.context() as patch:
         interrupt_after(patch, 1)
         with pytest.raises(KeyboardInterrupt):
             train(load_config(teacher_config, overrides), tmp_path / "resumed", progress=False)
-    assert cli.main(["distill", str(teacher_config), "--out", str(tmp_path / "resumed"), "--resume", *overrides,
-                     "--quiet"]) == 0
+    assert (
+        cli.main(
+            ["distill", str(teacher_config), "--out", str(tmp_path / "resumed"), "--resume", *overrides, "--quiet"]
+        )
+        == 0
+    )
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
     assert a["epoch"] == b["epoch"] == 3
@@ -107,10 +154,38 @@ def test_eval_on_cuda_equals_the_logged_epoch(teacher_config, tmp_path, capsys):
 
 def test_bf16_channels_last_and_cuda_graphs(teacher_config, tmp_path, capsys):
     folder = tmp_path / "graphs"
-    assert cli.main(["distill", str(teacher_config), "--out", str(folder), "device=cuda", "amp=bf16",
-                     "channels_last=true", "compile=reduce-overhead", "balancer.method=dto",
-                     "balancer.engine=representation", *COMMON]) == 0
+    assert (
+        cli.main(
+            [
+                "distill",
+                str(teacher_config),
+                "--out",
+                str(folder),
+                "device=cuda",
+                "amp=bf16",
+                "channels_last=true",
+                "compile=reduce-overhead",
+                "balancer.method=dto",
+                "balancer.engine=representation",
+                *COMMON,
+            ]
+        )
+        == 0
+    )
     assert summary_of(folder)["epochs_run"] == 2
-    assert cli.main(["distill", str(teacher_config), "--out", str(tmp_path / "refused"), "device=cuda",
-                     "compile=reduce-overhead", "balancer.method=dto", *COMMON]) == 2
+    assert (
+        cli.main(
+            [
+                "distill",
+                str(teacher_config),
+                "--out",
+                str(tmp_path / "refused"),
+                "device=cuda",
+                "compile=reduce-overhead",
+                "balancer.method=dto",
+                *COMMON,
+            ]
+        )
+        == 2
+    )
     assert "compile='reduce-overhead' with balancer.engine='exact' is refused" in capsys.readouterr().err

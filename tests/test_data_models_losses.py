@@ -48,7 +48,7 @@ def test_crop_matches_a_naive_reference():
     dx = torch.randint(0, 3, (2,), generator=generator)
     padded = F.pad(images, (1, 1, 1, 1))
     for i in range(2):
-        assert torch.equal(out[i], padded[i, :, dy[i]: dy[i] + 4, dx[i]: dx[i] + 4])
+        assert torch.equal(out[i], padded[i, :, dy[i] : dy[i] + 4, dx[i] : dx[i] + 4])
 
 
 def test_batches_depend_only_on_seed_and_epoch():
@@ -136,7 +136,9 @@ def test_processes_that_load_one_archive_at_once_take_turns(tmp_path, monkeypatc
     monkeypatch.setenv("DTOKD_CACHE", str(tmp_path / "cache"))
     _, archive = _toy_archive(tmp_path)
     loaded = []
-    with exclusive(tmp_path / "cache" / "locks" / f"toy.tar.gz-{sources.content_key(archive)}.lock"):  # another process is extracting
+    with exclusive(
+        tmp_path / "cache" / "locks" / f"toy.tar.gz-{sources.content_key(archive)}.lock"
+    ):  # another process is extracting
         reader = threading.Thread(target=lambda: loaded.append(sources.load_image_folder(archive, image_size=8)))
         reader.start()
         reader.join(timeout=1.0)
@@ -235,8 +237,10 @@ def test_orthogonal_projector_stays_orthogonal_under_weight_decay(shape, spatial
     (a 1x1 convolution), not a per-entry constraint."""
     torch.manual_seed(0)
     projector = FeatureProjector(*shape, spatial=spatial, teacher_norm="none", distance="mse")
-    for optimizer in (torch.optim.AdamW(projector.parameters(), lr=0.1, weight_decay=0.05),
-                      torch.optim.SGD(projector.parameters(), lr=0.1, weight_decay=5e-4)):
+    for optimizer in (
+        torch.optim.AdamW(projector.parameters(), lr=0.1, weight_decay=0.05),
+        torch.optim.SGD(projector.parameters(), lr=0.1, weight_decay=5e-4),
+    ):
         for _ in range(3):
             s = torch.randn(3, shape[0], 2, 2) if spatial else torch.randn(3, shape[0])
             t = torch.randn(3, shape[1], 2, 2) if spatial else torch.randn(3, shape[1])
@@ -256,7 +260,10 @@ def test_orthogonal_projector_stays_orthogonal_under_weight_decay(shape, spatial
 def test_task_returns_named_losses_in_order_and_checks_specs():
     student, teacher = create_model("mlp_small", 4, 1, 8), create_model("cnn_small", 4, 1, 8).eval()
     sample = torch.randn(2, 1, 8, 8)
-    specs = {"distill": {"type": "kd"}, "feat": {"type": "feature", "student_tap": "features", "teacher_tap": "stages.1"}}
+    specs = {
+        "distill": {"type": "kd"},
+        "feat": {"type": "feature", "student_tap": "features", "teacher_tap": "stages.1"},
+    }
     with pytest.raises(ValueError, match="differ in spatial size"):
         ClassificationTask(student, teacher, specs, sample)
     specs["feat"]["teacher_tap"] = "features"

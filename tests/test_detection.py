@@ -59,7 +59,7 @@ def test_synthetic_set_is_seeded_valid_coco_with_varied_sizes(tmp_path):
     sizes = {(i["width"], i["height"]) for i in doc["images"]}
     assert len(sizes) > 10 and all(144 <= s <= 192 for size in sizes for s in size)
     areas = [a["area"] for a in doc["annotations"]]
-    assert min(areas) < 32 ** 2 and any(32 ** 2 <= x < 96 ** 2 for x in areas) and max(areas) >= 96 ** 2
+    assert min(areas) < 32**2 and any(32**2 <= x < 96**2 for x in areas) and max(areas) >= 96**2
     for ann in doc["annotations"]:
         image = doc["images"][ann["image_id"] - 1]
         x, y, w, h = ann["bbox"]
@@ -74,8 +74,17 @@ def test_synthetic_set_is_seeded_valid_coco_with_varied_sizes(tmp_path):
 def _tiny_coco(tmp_path, boxes, category_ids=(1,), iscrowd=None):
     """An annotation file with one 100x100 image per entry of ``boxes`` ([x, y, w, h], category)."""
     images = [{"id": i + 1, "file_name": f"{i + 1}.png", "width": 100, "height": 100} for i in range(len(boxes))]
-    annotations = [{"id": k + 1, "image_id": k + 1, "category_id": c, "bbox": list(map(float, b)), "area": float(b[2] * b[3]),
-                    "iscrowd": int(iscrowd is not None and iscrowd[k])} for k, (b, c) in enumerate(boxes)]
+    annotations = [
+        {
+            "id": k + 1,
+            "image_id": k + 1,
+            "category_id": c,
+            "bbox": list(map(float, b)),
+            "area": float(b[2] * b[3]),
+            "iscrowd": int(iscrowd is not None and iscrowd[k]),
+        }
+        for k, (b, c) in enumerate(boxes)
+    ]
     categories = [{"id": c, "name": f"c{c}"} for c in category_ids]
     path = tmp_path / "instances_val.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
@@ -84,11 +93,14 @@ def _tiny_coco(tmp_path, boxes, category_ids=(1,), iscrowd=None):
 
 def test_perfect_detections_give_ap_100(tmp_path):
     coco = _tiny_coco(tmp_path, [([10, 10, 40, 40], 1), ([5, 5, 20, 20], 1), ([0, 0, 99, 99], 1)])
-    results = [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9}
-               for a in coco.dataset["annotations"]]
+    results = [
+        {"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9}
+        for a in coco.dataset["annotations"]
+    ]
     metrics = coco_box_ap(coco, results, [1, 2, 3])
-    assert metrics == pytest.approx({"AP": 100.0, "AP50": 100.0, "AP75": 100.0, "APs": 100.0, "APm": 100.0,
-                                     "APl": 100.0})
+    assert metrics == pytest.approx(
+        {"AP": 100.0, "AP50": 100.0, "AP75": 100.0, "APs": 100.0, "APm": 100.0, "APl": 100.0}
+    )
 
 
 def test_shifted_box_scores_the_thresholds_its_iou_passes(tmp_path):
@@ -133,12 +145,16 @@ def test_loader_maps_categories_drops_crowds_and_flips_boxes_with_pixels(tmp_pat
 
 
 def test_epoch_batches_depend_only_on_seed_and_epoch():
-    data = build_data("synthetic-coco", image_size=48, val_fraction=0.25, workers=0,
-                      synthetic={"train_images": 12, "val_images": 3})
+    data = build_data(
+        "synthetic-coco", image_size=48, val_fraction=0.25, workers=0, synthetic={"train_images": 12, "val_images": 3}
+    )
     assert data.detection and len(data.train) == 9 and len(data.val) == 3 and len(data.test) == 3
 
     def ids(rank, world, epoch=0):
-        return [[t["image_id"] for t in targets] for _, targets in data.train.train_batches(4, 0, epoch, rank=rank, world=world)]
+        return [
+            [t["image_id"] for t in targets]
+            for _, targets in data.train.train_batches(4, 0, epoch, rank=rank, world=world)
+        ]
 
     def pixels(epoch):
         return [torch.cat([i.flatten() for i in images]) for images, _ in data.train.train_batches(4, 0, epoch)]
@@ -157,15 +173,18 @@ def test_epoch_batches_depend_only_on_seed_and_epoch():
 # ------------------------------------------------------------------ detectors and the task
 
 
-@pytest.mark.parametrize("name", ["detection:fasterrcnn_mobilenet_v3_small_fpn", STUDENT,
-                                  "detection:fcos_mobilenet_v3_small_fpn"])
+@pytest.mark.parametrize(
+    "name", ["detection:fasterrcnn_mobilenet_v3_small_fpn", STUDENT, "detection:fcos_mobilenet_v3_small_fpn"]
+)
 def test_detector_loss_dict_has_the_known_terms(name):
     torch.manual_seed(0)
     model = create_model(name, 2, 3, 48, SMALL)
     model.train()
     images = [torch.rand(3, 48, 40), torch.rand(3, 40, 48)]
-    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 28.0]]), "labels": torch.tensor([1])},
-               {"boxes": torch.tensor([[10.0, 10.0, 20.0, 30.0]]), "labels": torch.tensor([2])}]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 28.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[10.0, 10.0, 20.0, 30.0]]), "labels": torch.tensor([2])},
+    ]
     assert tuple(model(images, targets)) == loss_terms(model)
     model.eval()
     assert set(model(images)[0]) == {"boxes", "scores", "labels"}
@@ -188,8 +207,10 @@ def pair():
 def _batch():
     g = torch.Generator().manual_seed(3)
     images = [torch.rand(3, 48, 44, generator=g), torch.rand(3, 40, 48, generator=g)]
-    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 28.0], [30.0, 2.0, 44.0, 12.0]]), "labels": torch.tensor([1, 2])},
-               {"boxes": torch.tensor([[10.0, 10.0, 20.0, 30.0]]), "labels": torch.tensor([2])}]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 28.0], [30.0, 2.0, 44.0, 12.0]]), "labels": torch.tensor([1, 2])},
+        {"boxes": torch.tensor([[10.0, 10.0, 20.0, 30.0]]), "labels": torch.tensor([2])},
+    ]
     return images, targets
 
 
@@ -203,11 +224,17 @@ def test_objective_groupings_partition_the_detector_loss(pair):
         assert list(losses) == task.loss_names
         totals[terms] = sum(losses.values())
     assert task.loss_names == ["det/classification", "det/bbox_regression"]
-    assert DetectionTask(student, teacher, {"det": {"type": "detector", "terms": "kind"}}).loss_names == ["det/cls", "det/box"]
+    assert DetectionTask(student, teacher, {"det": {"type": "detector", "terms": "kind"}}).loss_names == [
+        "det/cls",
+        "det/box",
+    ]
     torch.testing.assert_close(totals["kind"], totals["sum"])
     two_stage = create_model("detection:fasterrcnn_mobilenet_v3_small_fpn", 2, 3, 48, SMALL)
-    assert DetectionTask(two_stage, None, {"det": {"type": "detector", "terms": "kind"}}).loss_names == \
-        ["det/cls", "det/box", "det/obj"]
+    assert DetectionTask(two_stage, None, {"det": {"type": "detector", "terms": "kind"}}).loss_names == [
+        "det/cls",
+        "det/box",
+        "det/obj",
+    ]
     torch.testing.assert_close(totals["each"], totals["sum"])
 
 
@@ -222,8 +249,11 @@ def test_fpn_levels_pair_by_size_with_a_projector_each(pair):
     images, targets = _batch()
     levels, losses = task(images, targets)
     assert len(levels) == 4 and all(loss.requires_grad for loss in losses.values())
-    summed = DetectionTask(student, teacher, {"det": {"type": "detector"}, "fpn": {"type": "fpn", "per_level": False,
-                                                                                   "levels": ["0", "p7"]}})
+    summed = DetectionTask(
+        student,
+        teacher,
+        {"det": {"type": "detector"}, "fpn": {"type": "fpn", "per_level": False, "levels": ["0", "p7"]}},
+    )
     assert summed.loss_names == ["det", "fpn"]
     with pytest.raises(ValueError, match="not levels of the student"):
         DetectionTask(student, teacher, {"det": {"type": "detector"}, "fpn": {"type": "fpn", "levels": ["p9"]}})
@@ -232,12 +262,16 @@ def test_fpn_levels_pair_by_size_with_a_projector_each(pair):
 def test_teacher_features_come_from_the_students_input_renormalised(pair):
     student, _ = pair
     torch.manual_seed(1)
-    teacher = create_model(TEACHER, 2, 3, 48, {**SMALL, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}).eval()
+    teacher = create_model(
+        TEACHER, 2, 3, 48, {**SMALL, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}
+    ).eval()
     task = DetectionTask(student, teacher, {"det": {"type": "detector"}, "fpn": {"type": "fpn", "norm": "none"}})
     images, targets = _batch()
     task(images, targets)
     padded = task._captured["input"]
-    raw = padded * torch.tensor(student.transform.image_std).view(1, 3, 1, 1) + torch.tensor(student.transform.image_mean).view(1, 3, 1, 1)
+    raw = padded * torch.tensor(student.transform.image_std).view(1, 3, 1, 1) + torch.tensor(
+        student.transform.image_mean
+    ).view(1, 3, 1, 1)
     with torch.no_grad():
         expected = teacher.backbone((raw - 0.5) / 0.25)
     torch.testing.assert_close(task._last_teacher["2"], expected["2"], rtol=1e-4, atol=1e-4)
@@ -278,11 +312,21 @@ def test_task_and_data_must_agree(pair):
 
 def _config(tmp_path, *overrides):
     base = [
-        "name=det", "task=detection", "epochs=1", "batch_size=4", "eval_batch_size=8", "log_every=1",
-        "data.name=synthetic-coco", "data.image_size=48", "data.workers=0", "data.val_fraction=0.25",
+        "name=det",
+        "task=detection",
+        "epochs=1",
+        "batch_size=4",
+        "eval_batch_size=8",
+        "log_every=1",
+        "data.name=synthetic-coco",
+        "data.image_size=48",
+        "data.workers=0",
+        "data.val_fraction=0.25",
         "data.synthetic={train_images: 12, val_images: 4}",
-        f"student.name={STUDENT}", "student.kwargs={anchor_scale: 0.25}",
-        "optim.lr=0.01", "losses={det: {type: detector}}",
+        f"student.name={STUDENT}",
+        "student.kwargs={anchor_scale: 0.25}",
+        "optim.lr=0.01",
+        "losses={det: {type: detector}}",
     ]
     return load_config(None, base + list(overrides))
 
@@ -308,13 +352,22 @@ DISTILL = [
 ]
 
 
-@pytest.mark.parametrize("method, engine, terms, fpn, gram", DISTILL, ids=[f"{d[0]}-{d[1]}-{d[2][7:]}" for d in DISTILL])
+@pytest.mark.parametrize(
+    "method, engine, terms, fpn, gram", DISTILL, ids=[f"{d[0]}-{d[1]}-{d[2][7:]}" for d in DISTILL]
+)
 def test_distillation_through_every_grouping_and_engine(tmp_path, teacher_weights, method, engine, terms, fpn, gram):
     options = "balancer.options={weights: [1.0, 2.0]}" if method == "fixed" else "balancer.options={}"
-    config = _config(tmp_path, f"teacher.name={TEACHER}", f"teacher.checkpoint={teacher_weights}",
-                     "teacher.kwargs={anchor_scale: 0.25}", f"balancer.method={method}", f"balancer.engine={engine}",
-                     f"losses={{det: {{type: detector, {terms}}}, fpn: {{type: fpn, {fpn}}}}}", options,
-                     *([f"balancer.gram_params={gram}"] if gram else []))
+    config = _config(
+        tmp_path,
+        f"teacher.name={TEACHER}",
+        f"teacher.checkpoint={teacher_weights}",
+        "teacher.kwargs={anchor_scale: 0.25}",
+        f"balancer.method={method}",
+        f"balancer.engine={engine}",
+        f"losses={{det: {{type: detector, {terms}}}, fpn: {{type: fpn, {fpn}}}}}",
+        options,
+        *([f"balancer.gram_params={gram}"] if gram else []),
+    )
     summary = train(config, tmp_path / "run", progress=False, verbose=False, max_steps=2)
     assert summary["epochs_run"] == 1 and "last_test_AP" in summary
     steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
@@ -325,9 +378,15 @@ def test_distillation_through_every_grouping_and_engine(tmp_path, teacher_weight
 
 
 def test_detection_run_resumes_to_the_same_weights(tmp_path, monkeypatch, teacher_weights):
-    config = _config(tmp_path, "epochs=2", f"teacher.name={TEACHER}", f"teacher.checkpoint={teacher_weights}",
-                     "teacher.kwargs={anchor_scale: 0.25}", "balancer.method=dto",
-                     "losses={det: {type: detector}, fpn: {type: fpn, per_level: false}}")
+    config = _config(
+        tmp_path,
+        "epochs=2",
+        f"teacher.name={TEACHER}",
+        f"teacher.checkpoint={teacher_weights}",
+        "teacher.kwargs={anchor_scale: 0.25}",
+        "balancer.method=dto",
+        "losses={det: {type: detector}, fpn: {type: fpn, per_level: false}}",
+    )
     train(config, tmp_path / "straight", progress=False, verbose=False, max_steps=2)
     with monkeypatch.context() as patch:
         interrupt_after(patch, 1)
@@ -348,13 +407,19 @@ def test_two_processes_match_one_process(tmp_path, teacher_weights):
     from tests.test_torchrun import finish, torchrun
 
     lines = [
-        "name: det-ddp", "task: detection", "epochs: 1", "batch_size: 4", "eval_batch_size: 8", "log_every: 1",
+        "name: det-ddp",
+        "task: detection",
+        "epochs: 1",
+        "batch_size: 4",
+        "eval_batch_size: 8",
+        "log_every: 1",
         "data: {name: synthetic-coco, image_size: 48, workers: 0, val_fraction: 0.25,"
         " synthetic: {train_images: 12, val_images: 4, size_jitter: 0.0}}",
         f"student: {{name: '{STUDENT}', kwargs: {{anchor_scale: 0.25, norm: frozen}}}}",
         f"teacher: {{name: '{TEACHER}', checkpoint: '{teacher_weights}', kwargs: {{anchor_scale: 0.25}}}}",
         "losses: {det: {type: detector, terms: kind}, fpn: {type: fpn, per_level: false}}",
-        "balancer: {method: dto, engine: exact}", "optim: {lr: 0.01}",
+        "balancer: {method: dto, engine: exact}",
+        "optim: {lr: 0.01}",
     ]
     config = tmp_path / "det.yaml"
     config.write_text("\n".join(lines))
@@ -379,8 +444,12 @@ def test_category_id_labels_keep_the_files_ids(tmp_path):
     dataset = CocoDetectionSet(coco, tmp_path, [1, 2], flip=False, workers=0, image_size=100, labels="category-id")
     assert dataset.classes == ("N/A", "N/A", "c3", "N/A", "N/A", "N/A", "c7")
     assert dataset[0][1]["labels"].tolist() == [7]
-    assert detections_to_coco(1, torch.tensor([[0.0, 0, 1, 1]]), torch.tensor([0.5]), torch.tensor([7]),
-                              dataset.category_ids)[0]["category_id"] == 7
+    assert (
+        detections_to_coco(
+            1, torch.tensor([[0.0, 0, 1, 1]]), torch.tensor([0.5]), torch.tensor([7]), dataset.category_ids
+        )[0]["category_id"]
+        == 7
+    )
     with pytest.raises(ValueError, match="data.labels='ids'"):
         CocoDetectionSet(coco, tmp_path, [1], flip=False, workers=0, image_size=100, labels="ids")
 
@@ -411,13 +480,20 @@ def test_detection_refuses_what_it_cannot_do(tmp_path):
 def test_detection_distills_on_cuda(tmp_path, teacher_weights, amp):
     """The detection path on a GPU: teacher features, projectors, DTO over 5 objectives,
     evaluation; without AMP the first step's losses equal the CPU run's to float32 accuracy."""
-    overrides = [f"teacher.name={TEACHER}", f"teacher.checkpoint={teacher_weights}", "teacher.kwargs={anchor_scale: 0.25}",
-                 "balancer.method=dto", "losses={det: {type: detector}, fpn: {type: fpn}}", f"amp={amp}"]
+    overrides = [
+        f"teacher.name={TEACHER}",
+        f"teacher.checkpoint={teacher_weights}",
+        "teacher.kwargs={anchor_scale: 0.25}",
+        "balancer.method=dto",
+        "losses={det: {type: detector}, fpn: {type: fpn}}",
+        f"amp={amp}",
+    ]
     steps = {}
     for device in ("cuda", "cpu") if amp == "none" else ("cuda",):
         folder = tmp_path / device
-        summary = train(_config(tmp_path, *overrides, f"device={device}"), folder, progress=False, verbose=False,
-                        max_steps=2)
+        summary = train(
+            _config(tmp_path, *overrides, f"device={device}"), folder, progress=False, verbose=False, max_steps=2
+        )
         assert "last_test_AP" in summary
         steps[device] = json.loads((folder / "steps.jsonl").read_text().splitlines()[0])
         assert json.loads((folder / "meta.json").read_text())["device"].startswith(device)

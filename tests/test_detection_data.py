@@ -49,12 +49,18 @@ DEFECTS = [
     ("bbox with nan", lambda d: _first_annotation(d).update(bbox=[1, 2, float("nan"), 4]), "four finite numbers"),
     ("negative width", lambda d: _first_annotation(d).update(bbox=[10, 10, -3, 4]), "negative width or height"),
     ("no area", lambda d: _first_annotation(d).pop("area"), "has no 'area'"),
-    ("unknown category", lambda d: _first_annotation(d).update(category_id=7),
-     "category_id=7, which the file's categories do not define \\(ids \\[1, 2\\]\\)"),
+    (
+        "unknown category",
+        lambda d: _first_annotation(d).update(category_id=7),
+        "category_id=7, which the file's categories do not define \\(ids \\[1, 2\\]\\)",
+    ),
     ("box right of the image", lambda d: _first_annotation(d).update(bbox=[500, 5, 4, 4]), "wholly outside its"),
     ("box above the image", lambda d: _first_annotation(d).update(bbox=[5, -20, 4, 4]), "wholly outside its"),
-    ("annotation of an unlisted image", lambda d: _first_annotation(d).update(image_id=999),
-     "belongs to an image the file does not list"),
+    (
+        "annotation of an unlisted image",
+        lambda d: _first_annotation(d).update(image_id=999),
+        "belongs to an image the file does not list",
+    ),
     ("image without a size", lambda d: d["images"][0].pop("width"), "image 1 has no 'width'"),
     ("missing image file", lambda d: d["images"][0].update(file_name="gone.png"), "gone.png' does not exist"),
 ]
@@ -99,12 +105,26 @@ def test_a_test_split_without_objects_runs_to_the_end_and_reports_no_test_ap(coc
     crashed after its checkpoint before, again on every resume)."""
     root, edit = coco
     edit("val", lambda d: d.update(annotations=[]))
-    config = load_config(None, [
-        "name=det", "task=detection", "epochs=1", "batch_size=2", "eval_batch_size=4", "log_every=1",
-        "data.name=coco", f"data.root={root}", "data.image_size=32", "data.workers=0", "data.val_fraction=0.34",
-        "student.name=detection:retinanet_mobilenet_v3_small_fpn", "student.kwargs={anchor_scale: 0.25}",
-        "optim.lr=0.01", "losses={det: {type: detector}}",
-    ])
+    config = load_config(
+        None,
+        [
+            "name=det",
+            "task=detection",
+            "epochs=1",
+            "batch_size=2",
+            "eval_batch_size=4",
+            "log_every=1",
+            "data.name=coco",
+            f"data.root={root}",
+            "data.image_size=32",
+            "data.workers=0",
+            "data.val_fraction=0.34",
+            "student.name=detection:retinanet_mobilenet_v3_small_fpn",
+            "student.kwargs={anchor_scale: 0.25}",
+            "optim.lr=0.01",
+            "losses={det: {type: detector}}",
+        ],
+    )
     summary = train(config, tmp_path / "run", progress=False, verbose=False, max_steps=1)
     assert summary["epochs_run"] == 1 and summary["best_val_AP"] >= 0
     assert summary["last_test_AP"] is None and summary["test_AP_at_best_val"] is None

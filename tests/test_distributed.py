@@ -28,8 +28,12 @@ def batch(step: int):
 
 
 def losses_of(logits, y, teacher):
-    kd = nn.functional.kl_div(nn.functional.log_softmax(logits / 2, 1), nn.functional.softmax(teacher / 2, 1),
-                              reduction="batchmean") * 4
+    kd = (
+        nn.functional.kl_div(
+            nn.functional.log_softmax(logits / 2, 1), nn.functional.softmax(teacher / 2, 1), reduction="batchmean"
+        )
+        * 4
+    )
     return {"distill": kd, "task": nn.functional.cross_entropy(logits, y)}
 
 
@@ -109,7 +113,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("method, options", CASES, ids=[f"{m}-{o.get('engine', o.get('update', ''))}" for m, o in CASES])
+@pytest.mark.parametrize(
+    "method, options", CASES, ids=[f"{m}-{o.get('engine', o.get('update', ''))}" for m, o in CASES]
+)
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, method, options):
     ref_weights, ref_params = train_steps(make_model(), None, method, options)
     results = run_two_processes(tmp_path, method, options)
@@ -118,12 +124,17 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, met
         assert torch.equal(a, b)
 
 
-COMBINE_CASES = [("dto", {"engine": "representation"}), ("dto", {}), ("dto-amortized", {"update": "next-step"}),
-                 ("fixed", {"weights": [0.9, 0.1]})]
+COMBINE_CASES = [
+    ("dto", {"engine": "representation"}),
+    ("dto", {}),
+    ("dto-amortized", {"update": "next-step"}),
+    ("fixed", {"weights": [0.9, 0.1]}),
+]
 
 
-@pytest.mark.parametrize("method, options", COMBINE_CASES,
-                         ids=[f"{m}-{o.get('engine', o.get('update', ''))}" for m, o in COMBINE_CASES])
+@pytest.mark.parametrize(
+    "method, options", COMBINE_CASES, ids=[f"{m}-{o.get('engine', o.get('update', ''))}" for m, o in COMBINE_CASES]
+)
 def test_combine_under_ddp_equals_one_process(tmp_path, method, options):
     """``loss = balancer.combine(...); loss.backward()`` through DDP (what Lightning and the
     Hugging Face Trainer do) gives the one-process update on the concatenated batch."""

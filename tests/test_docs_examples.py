@@ -18,8 +18,11 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"```python\n(.*?)```", re.S)
-EXAMPLES = [(page.relative_to(ROOT).as_posix(), k, code) for page in PAGES
-            for k, code in enumerate(BLOCK.findall(page.read_text()))]
+EXAMPLES = [
+    (page.relative_to(ROOT).as_posix(), k, code)
+    for page in PAGES
+    for k, code in enumerate(BLOCK.findall(page.read_text()))
+]
 
 
 class MLP(nn.Module):
@@ -47,18 +50,29 @@ class Items(torch.utils.data.Dataset):
 
 
 def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
-    return F.kl_div(F.log_softmax(logits / temperature, 1), F.softmax(teacher_logits / temperature, 1),
-                    reduction="batchmean") * temperature**2
+    return (
+        F.kl_div(
+            F.log_softmax(logits / temperature, 1), F.softmax(teacher_logits / temperature, 1), reduction="batchmean"
+        )
+        * temperature**2
+    )
 
 
 def classification_names(tmp_path: Path) -> dict:
     torch.manual_seed(0)
     student, teacher = MLP(16), MLP(32).eval()
     x, y = torch.randn(48, 8), torch.randint(0, 4, (48,))
-    loader = [(x[k: k + 16], y[k: k + 16]) for k in range(0, 48, 16)]
-    return {"student": student, "teacher": teacher, "loader": loader, "train_loader": torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(x, y), batch_size=16), "train_set": Items([{"x": a, "labels": b} for a, b in zip(x, y)]),
-        "optimizer": torch.optim.SGD(student.parameters(), lr=0.1), "kd_loss": kd_loss, "ce": F.cross_entropy}
+    loader = [(x[k : k + 16], y[k : k + 16]) for k in range(0, 48, 16)]
+    return {
+        "student": student,
+        "teacher": teacher,
+        "loader": loader,
+        "train_loader": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16),
+        "train_set": Items([{"x": a, "labels": b} for a, b in zip(x, y)]),
+        "optimizer": torch.optim.SGD(student.parameters(), lr=0.1),
+        "kd_loss": kd_loss,
+        "ce": F.cross_entropy,
+    }
 
 
 def vit_names(tmp_path: Path) -> dict:
@@ -66,12 +80,21 @@ def vit_names(tmp_path: Path) -> dict:
     from dtokd.models import create_model
 
     torch.manual_seed(0)
-    student = create_model("timm:deit_tiny_distilled_patch16_224", 4, 3, 16,
-                           {"img_size": 16, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2})
+    student = create_model(
+        "timm:deit_tiny_distilled_patch16_224",
+        4,
+        3,
+        16,
+        {"img_size": 16, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2},
+    )
     teacher = create_model("timm:resnet10t", 4, 3, 16).eval()
     loader = [(torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))) for _ in range(2)]
-    return {"student": student, "teacher": teacher, "loader": loader,
-            "optimizer": torch.optim.SGD(student.parameters(), lr=0.1)}
+    return {
+        "student": student,
+        "teacher": teacher,
+        "loader": loader,
+        "optimizer": torch.optim.SGD(student.parameters(), lr=0.1),
+    }
 
 
 def framework_names(tmp_path: Path) -> dict:
@@ -80,19 +103,40 @@ def framework_names(tmp_path: Path) -> dict:
     try:
         import lightning
 
-        names["lightning"] = types.SimpleNamespace(Trainer=functools.partial(
-            lightning.Trainer, max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False))
+        names["lightning"] = types.SimpleNamespace(
+            Trainer=functools.partial(
+                lightning.Trainer,
+                max_steps=2,
+                accelerator="cpu",
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
+        )
     except ImportError:
         pass
     try:
         import transformers
 
         names["TrainingArguments"] = functools.partial(
-            transformers.TrainingArguments, max_steps=2, use_cpu=True, report_to=[], save_strategy="no",
-            disable_tqdm=True, per_device_train_batch_size=8)
-        config = dict(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                      intermediate_size=32, max_position_embeddings=16)
+            transformers.TrainingArguments,
+            max_steps=2,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            disable_tqdm=True,
+            per_device_train_batch_size=8,
+        )
+        config = dict(
+            vocab_size=40,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+        )
         torch.manual_seed(0)
         names["student_lm"] = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
         names["teacher_lm"] = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**config, "hidden_size": 32}))

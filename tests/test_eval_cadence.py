@@ -62,11 +62,14 @@ def test_a_resumed_run_with_the_test_at_the_end_gives_the_same_summary(tmp_path,
         assert resumed[key] == straight[key], key
 
 
-@pytest.mark.parametrize("override, message", [
-    ("eval.test=often", "eval.test='often' is not allowed; use one of ['every', 'end']"),
-    ("eval.every=0", "eval.every=0 is not allowed; it must be an integer >= 1"),
-    ("eval.every=two", "eval.every"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("eval.test=often", "eval.test='often' is not allowed; use one of ['every', 'end']"),
+        ("eval.every=0", "eval.every=0 is not allowed; it must be an integer >= 1"),
+        ("eval.every=two", "eval.every"),
+    ],
+)
 def test_bad_cadence_is_refused_with_its_name(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_config(None, BASE + [override])
@@ -91,11 +94,17 @@ def test_the_teacher_check_is_computed_once_per_teacher_and_data(tmp_path, monke
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop, "_measure_teacher", counting)
-    distil = BASE + ["epochs=1", "teacher.name=cnn_small", f"teacher.checkpoint={teacher_run / 'best.pt'}",
-                     "losses={distill: {type: kd}, task: {type: ce}}", "balancer.method=dto"]
+    distil = BASE + [
+        "epochs=1",
+        "teacher.name=cnn_small",
+        f"teacher.checkpoint={teacher_run / 'best.pt'}",
+        "losses={distill: {type: kd}, task: {type: ce}}",
+        "balancer.method=dto",
+    ]
     first = train(load_config(None, distil + ["name=a"]), tmp_path / "a", progress=False, verbose=False)
-    second = train(load_config(None, distil + ["name=b", "balancer.method=mean"]), tmp_path / "b", progress=False,
-                   verbose=False)
+    second = train(
+        load_config(None, distil + ["name=b", "balancer.method=mean"]), tmp_path / "b", progress=False, verbose=False
+    )
     assert len(calls) == 1 and first["teacher"] == second["teacher"]
     train(load_config(None, distil + ["seed=1"]), tmp_path / "c", progress=False, verbose=False)
     assert len(calls) == 2

@@ -53,8 +53,9 @@ def test_gram_and_combine_match_float64_reference(m, max_numel):
     torch.testing.assert_close(gram, reference @ reference.T, rtol=1e-6, atol=1e-6)
     coefficients = torch.randn(m, dtype=torch.float64).tolist()
     combined = torch.cat([v.reshape(-1) for v in layout.views(flat.combine(chunks, coefficients))])
-    torch.testing.assert_close(combined.double(), torch.tensor(coefficients, dtype=torch.float64) @ reference,
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        combined.double(), torch.tensor(coefficients, dtype=torch.float64) @ reference, rtol=1e-6, atol=1e-6
+    )
 
 
 def test_half_precision_chunks_are_dotted_in_float32():

@@ -41,8 +41,17 @@ def foreign_teacher(tmp_path_factory):
     """A resnet8 trained here briefly on the synthetic set with CIFAR-10's normalisation, saved
     as a plain state dict with the other project's names."""
     folder = tmp_path_factory.mktemp("foreign")
-    config = load_config(None, ["data.name=synthetic-rgb", "student.name=resnet8", "epochs=3", "batch_size=32",
-                                "name=t", f"student.normalize={json.dumps(CIFAR10_STATS)}"])
+    config = load_config(
+        None,
+        [
+            "data.name=synthetic-rgb",
+            "student.name=resnet8",
+            "epochs=3",
+            "batch_size=32",
+            "name=t",
+            f"student.normalize={json.dumps(CIFAR10_STATS)}",
+        ],
+    )
     train(config, folder / "run", progress=False)
     state = torch.load(folder / "run" / "best.pt", weights_only=True)["model"]
     path = folder / "resnet8_chenyaofo.pth"
@@ -78,10 +87,12 @@ def test_rule_lists_and_their_errors():
 def test_normalize_checks():
     assert check_normalize(None, "x") is None
     assert check_normalize({"mean": [0, 1], "std": [1, 2]}, "x") == ((0.0, 1.0), (1.0, 2.0))
-    for bad, message in (({"mean": [0]}, "exactly the keys 'mean' and 'std'"),
-                         ({"mean": [0, 1], "std": [1]}, "gives 2 means but 1 stds"),
-                         ({"mean": [0], "std": [0]}, "must be positive"),
-                         ({"mean": "0", "std": [1]}, "must be a list of numbers")):
+    for bad, message in (
+        ({"mean": [0]}, "exactly the keys 'mean' and 'std'"),
+        ({"mean": [0, 1], "std": [1]}, "gives 2 means but 1 stds"),
+        ({"mean": [0], "std": [0]}, "must be positive"),
+        ({"mean": "0", "std": [1]}, "must be a list of numbers"),
+    ):
         with pytest.raises(ValueError, match=re.escape(message)):
             check_normalize(bad, "teacher.normalize")
 
@@ -98,17 +109,30 @@ def test_renormalize_equals_normalising_the_raw_pixels_with_the_models_statistic
 
 
 def distill_overrides(path, *extra):
-    return ["data.name=synthetic-rgb", "batch_size=32", "epochs=1", "name=s", "student.name=mlp_small",
-            "teacher.name=resnet8", f"teacher.checkpoint={path}", "losses={distill: {type: kd}, task: {type: ce}}",
-            "balancer.method=dto", *extra]
+    return [
+        "data.name=synthetic-rgb",
+        "batch_size=32",
+        "epochs=1",
+        "name=s",
+        "student.name=mlp_small",
+        "teacher.name=resnet8",
+        f"teacher.checkpoint={path}",
+        "losses={distill: {type: kd}, task: {type: ce}}",
+        "balancer.method=dto",
+        *extra,
+    ]
 
 
 def test_distilling_from_the_foreign_teacher_reports_its_accuracy_first(foreign_teacher, tmp_path):
     path, ours = foreign_teacher
-    with pytest.raises(ValueError, match=r"do not fit model CifarResNet: 56 missing name\(s\) \[.stem.0.weight., .*56 unexpected name\(s\) \[.conv1.weight.*need teacher.key_map"):
+    with pytest.raises(
+        ValueError,
+        match=r"do not fit model CifarResNet: 56 missing name\(s\) \[.stem.0.weight., .*56 unexpected name\(s\) \[.conv1.weight.*need teacher.key_map",
+    ):
         train(load_config(None, distill_overrides(path)), tmp_path / "unmapped", progress=False)
-    overrides = distill_overrides(path, "teacher.key_map=cifar-resnet-chenyaofo",
-                                  f"teacher.normalize={json.dumps(CIFAR10_STATS)}")
+    overrides = distill_overrides(
+        path, "teacher.key_map=cifar-resnet-chenyaofo", f"teacher.normalize={json.dumps(CIFAR10_STATS)}"
+    )
     summary = train(load_config(None, overrides), tmp_path / "run", progress=False)
     recorded = json.loads((tmp_path / "run" / "teacher.json").read_text())
     assert summary["teacher"] == recorded
@@ -131,32 +155,59 @@ def test_without_its_own_normalisation_the_teacher_sees_other_inputs(foreign_tea
     changes what the teacher sees: the reported accuracy shows it."""
     path, _ = foreign_teacher
     overrides = distill_overrides(path, "teacher.key_map=cifar-resnet-chenyaofo")
-    own = train(load_config(None, overrides + [f"teacher.normalize={json.dumps(CIFAR10_STATS)}"]), tmp_path / "own",
-                progress=False)["teacher"]
+    own = train(
+        load_config(None, overrides + [f"teacher.normalize={json.dumps(CIFAR10_STATS)}"]),
+        tmp_path / "own",
+        progress=False,
+    )["teacher"]
     other = train(load_config(None, overrides), tmp_path / "other", progress=False)["teacher"]
     assert own["test_loss"] != pytest.approx(other["test_loss"], rel=1e-3)
 
 
 def test_student_start_from_a_foreign_state_dict(foreign_teacher, tmp_path):
     path, ours = foreign_teacher
-    config = load_config(None, ["data.name=synthetic-rgb", "batch_size=32", "epochs=1", "name=s", "student.name=resnet8",
-                                f"student.weights={path}", "student.key_map=cifar-resnet-chenyaofo", "optim.lr=0.0",
-                                "optim.weight_decay=0.0", "optim.momentum=0.0", "data.augment=false"])
+    config = load_config(
+        None,
+        [
+            "data.name=synthetic-rgb",
+            "batch_size=32",
+            "epochs=1",
+            "name=s",
+            "student.name=resnet8",
+            f"student.weights={path}",
+            "student.key_map=cifar-resnet-chenyaofo",
+            "optim.lr=0.0",
+            "optim.weight_decay=0.0",
+            "optim.momentum=0.0",
+            "data.augment=false",
+        ],
+    )
     train(config, tmp_path / "run", progress=False)
     trained = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["student"]
     for key, value in ours.items():
         if "running" not in key and "num_batches" not in key:  # lr 0: only BatchNorm statistics move
             assert torch.equal(trained[key], value), key
     with pytest.raises(ValueError, match="teacher.normalize gives 1 channel"):
-        train(load_config(None, distill_overrides(path, "teacher.key_map=cifar-resnet-chenyaofo",
-                                                  "teacher.normalize={mean: [0.5], std: [0.2]}")),
-              tmp_path / "bad", progress=False)
+        train(
+            load_config(
+                None,
+                distill_overrides(
+                    path, "teacher.key_map=cifar-resnet-chenyaofo", "teacher.normalize={mean: [0.5], std: [0.2]}"
+                ),
+            ),
+            tmp_path / "bad",
+            progress=False,
+        )
 
 
-@pytest.mark.skipif(not (SHARED_TEACHERS / "cifar10_resnet56.pth").is_file(),
-                    reason="the shared pretrained teachers (../shared/data/teachers) are not present")
-@pytest.mark.parametrize("name, classes", [("cifar10_resnet56", 10), ("cifar10_resnet20", 10),
-                                           ("cifar100_resnet56", 100), ("cifar100_resnet20", 100)])
+@pytest.mark.skipif(
+    not (SHARED_TEACHERS / "cifar10_resnet56.pth").is_file(),
+    reason="the shared pretrained teachers (../shared/data/teachers) are not present",
+)
+@pytest.mark.parametrize(
+    "name, classes",
+    [("cifar10_resnet56", 10), ("cifar10_resnet20", 10), ("cifar100_resnet56", 100), ("cifar100_resnet20", 100)],
+)
 def test_shared_pretrained_teachers_load_strictly_with_the_preset(name, classes):
     depth = int(name.rsplit("resnet", 1)[1])
     model = create_model(f"resnet{depth}", classes)

@@ -135,8 +135,13 @@ def test_stop_on_signals_handles_sigint_even_when_the_process_started_with_it_ig
                 print("stopped by", stop)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # restored on leaving
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "stopped by SIGINT"
 

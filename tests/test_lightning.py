@@ -36,9 +36,19 @@ def sgd(params):
 
 
 def fit(module, data, steps, accumulate=1, ckpt_path=None, root=None):
-    trainer = lightning.Trainer(max_steps=steps, accelerator="cpu", devices=1, precision="64-true", logger=False,
-                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                accumulate_grad_batches=accumulate, default_root_dir=root, num_sanity_val_steps=0)
+    trainer = lightning.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        precision="64-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accumulate_grad_batches=accumulate,
+        default_root_dir=root,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt_path)
     return trainer
 
@@ -77,8 +87,13 @@ def plain_loop(student, teacher, data, steps, method, engine, options, accumulat
                 return student
 
 
-CASES = [("dto", "representation", {}), ("dto", "exact", {}), ("dto-amortized", "exact", {}),
-         ("anchored", "exact", {"anchor": "task"}), ("fixed", "exact", {"weights": {"distill": 0.9, "task": 0.1}})]
+CASES = [
+    ("dto", "representation", {}),
+    ("dto", "exact", {}),
+    ("dto-amortized", "exact", {}),
+    ("anchored", "exact", {"anchor": "task"}),
+    ("fixed", "exact", {"weights": {"distill": 0.9, "task": 0.1}}),
+]
 
 
 @pytest.mark.parametrize("method, engine, options", CASES)
@@ -95,12 +110,24 @@ def test_a_lightning_checkpoint_resumes_identically_with_the_balancer_state(tmp_
     """A checkpoint that Lightning's ModelCheckpoint wrote mid-run (step 4 of 8) holds the
     balancer's state; resuming from it ends where the uninterrupted run ends."""
     student, teacher = nets()
-    kwargs = {"method": "dto-amortized", "engine": "exact", "balancer_options": {"update": "same-batch"},
-              "optimizer": sgd}
+    kwargs = {
+        "method": "dto-amortized",
+        "engine": "exact",
+        "balancer_options": {"update": "same-batch"},
+        "optimizer": sgd,
+    }
     straight = DistillationModule(copy.deepcopy(student), teacher, **kwargs)
     every = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=4, save_top_k=-1)
-    trainer = lightning.Trainer(max_steps=8, accelerator="cpu", precision="64-true", logger=False, callbacks=[every],
-                                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = lightning.Trainer(
+        max_steps=8,
+        accelerator="cpu",
+        precision="64-true",
+        logger=False,
+        callbacks=[every],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(straight, train_dataloaders=loader())
     half = tmp_path / "ck" / "epoch=0-step=4.ckpt"
     saved = torch.load(half, weights_only=False)["dtokd_balancer"]
@@ -119,10 +146,12 @@ def test_accumulated_batches_average_the_micro_batches_balanced_updates(method, 
     update is the mean of the two balanced updates (for DTO not the balanced update of their
     union: the reference computes each micro-batch's update separately)."""
     student, teacher = nets()
-    reference = plain_loop(copy.deepcopy(student), teacher, loader(), 2, method, "representation", options,
-                           accumulate=2)
-    module = DistillationModule(student, teacher, method=method, engine="representation", balancer_options=options,
-                                optimizer=sgd)
+    reference = plain_loop(
+        copy.deepcopy(student), teacher, loader(), 2, method, "representation", options, accumulate=2
+    )
+    module = DistillationModule(
+        student, teacher, method=method, engine="representation", balancer_options=options, optimizer=sgd
+    )
     fit(module, loader(), 2, accumulate=2, root=tmp_path)
     for a, b in zip(module.student.state_dict().values(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
@@ -151,8 +180,10 @@ class SaveEachRank(lightning.Callback):
         self.folder = folder
 
     def on_train_end(self, trainer, module):
-        torch.save({"student": module.student.state_dict(), "balancer": module.balancer.state_dict()},
-                   f"{self.folder}/rank{trainer.global_rank}.pt")
+        torch.save(
+            {"student": module.student.state_dict(), "balancer": module.balancer.state_dict()},
+            f"{self.folder}/rank{trainer.global_rank}.pt",
+        )
 
 
 DDP_CASES = [("dto", "representation", {}), ("dto-amortized", "exact", {"update": "same-batch"})]
@@ -169,14 +200,25 @@ def test_two_process_ddp_equals_one_process_on_the_whole_batch(method, engine, o
     student, teacher = nets_without_batchnorm()
     data = loader(batches=8, size=16)
     perm = torch.randperm(len(data.dataset), generator=torch.Generator().manual_seed(0)).tolist()
-    one = DistillationModule(copy.deepcopy(student), teacher, method=method, engine=engine,
-                             balancer_options=options, optimizer=sgd)
+    one = DistillationModule(
+        copy.deepcopy(student), teacher, method=method, engine=engine, balancer_options=options, optimizer=sgd
+    )
     fit(one, torch.utils.data.DataLoader(data.dataset, batch_size=32, sampler=perm), 4, root=tmp_path / "one")
     two = DistillationModule(student, teacher, method=method, engine=engine, balancer_options=options, optimizer=sgd)
-    trainer = lightning.Trainer(max_steps=4, accelerator="cpu", devices=2, strategy="ddp_spawn", precision="64-true",
-                                logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                                enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path / "two",
-                                callbacks=[SaveEachRank(tmp_path)])
+    trainer = lightning.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        precision="64-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path / "two",
+        callbacks=[SaveEachRank(tmp_path)],
+    )
     trainer.fit(two, train_dataloaders=data)
     for rank in range(2):
         saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)

@@ -27,8 +27,13 @@ def teacher(tmp_path_factory) -> Path:
 
 def student_overrides(teacher: Path, method: str = "dto", epochs: int = 3) -> list[str]:
     return BASE + [
-        "name=student", "student.name=mlp_small", f"epochs={epochs}", "teacher.name=cnn_small",
-        f"teacher.checkpoint={teacher}", "losses={distill: {type: kd}, task: {type: ce}}", f"balancer.method={method}",
+        "name=student",
+        "student.name=mlp_small",
+        f"epochs={epochs}",
+        "teacher.name=cnn_small",
+        f"teacher.checkpoint={teacher}",
+        "losses={distill: {type: kd}, task: {type: ce}}",
+        f"balancer.method={method}",
     ]
 
 
@@ -36,7 +41,15 @@ def test_distill_writes_a_complete_run_folder(teacher, tmp_path):
     config = load_config(None, student_overrides(teacher))
     summary = train(config, tmp_path / "s", progress=False)
     folder = tmp_path / "s"
-    for name in ("config.yaml", "meta.json", "metrics.jsonl", "steps.jsonl", "summary.json", "best.pt", "checkpoint.pt"):
+    for name in (
+        "config.yaml",
+        "meta.json",
+        "metrics.jsonl",
+        "steps.jsonl",
+        "summary.json",
+        "best.pt",
+        "checkpoint.pt",
+    ):
         assert (folder / name).is_file(), name
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["seed"] == 0 and meta["versions"]["torch"] == torch.__version__ and meta["commit"]
@@ -91,9 +104,17 @@ def test_mismatched_checkpoint_is_refused(teacher, tmp_path):
     folder = tmp_path / "s"
     train(load_config(None, student_overrides(teacher, epochs=1)), folder, progress=False)
     before = (folder / "checkpoint.pt").read_bytes()
-    with pytest.raises(ValueError, match="differs: epochs: saved 1, given 2; student.name: saved 'mlp_small', "
-                                         "given 'mlp' \\(to lengthen the run, pass --extend-epochs N\\)"):
-        train(load_config(None, student_overrides(teacher, epochs=2) + ["student.name=mlp"]), folder, resume=True, progress=False)
+    with pytest.raises(
+        ValueError,
+        match="differs: epochs: saved 1, given 2; student.name: saved 'mlp_small', "
+        "given 'mlp' \\(to lengthen the run, pass --extend-epochs N\\)",
+    ):
+        train(
+            load_config(None, student_overrides(teacher, epochs=2) + ["student.name=mlp"]),
+            folder,
+            resume=True,
+            progress=False,
+        )
     assert (folder / "checkpoint.pt").read_bytes() == before
     # a config.yaml edited by hand: the checkpoint's own identity still refuses it
     (folder / "config.yaml").write_text((folder / "config.yaml").read_text().replace("name: mlp_small", "name: mlp"))
@@ -126,12 +147,24 @@ def test_config_errors_name_the_key_and_the_valid_ones(tmp_path):
 
 def test_cli_commands_end_to_end(teacher, tmp_path, capsys):
     config = tmp_path / "student.yaml"
-    config.write_text("\n".join([
-        "name: cli", "epochs: 2", "batch_size: 32", "data: {name: synthetic}", "student: {name: mlp_small}",
-        f"teacher: {{name: cnn_small, checkpoint: {teacher}}}", "losses: {distill: {type: kd}, task: {type: ce}}",
-    ]))
+    config.write_text(
+        "\n".join(
+            [
+                "name: cli",
+                "epochs: 2",
+                "batch_size: 32",
+                "data: {name: synthetic}",
+                "student: {name: mlp_small}",
+                f"teacher: {{name: cnn_small, checkpoint: {teacher}}}",
+                "losses: {distill: {type: kd}, task: {type: ce}}",
+            ]
+        )
+    )
     assert cli.main(["distill", str(config), "--balancer", "mgda", "--out", str(tmp_path / "mgda"), "--quiet"]) == 0
-    assert cli.main(["distill", str(config), "--balancer", "dto-amortized", "--out", str(tmp_path / "amo"), "--quiet"]) == 0
+    assert (
+        cli.main(["distill", str(config), "--balancer", "dto-amortized", "--out", str(tmp_path / "amo"), "--quiet"])
+        == 0
+    )
     assert cli.main(["eval", str(tmp_path / "mgda")]) == 0
     evaluated = json.loads(capsys.readouterr().out.split("run folder")[-1].split("\n", 1)[1])
     best = json.loads((tmp_path / "mgda" / "summary.json").read_text())["test_top1_at_best_val"]
@@ -150,8 +183,10 @@ def test_cli_commands_end_to_end(teacher, tmp_path, capsys):
 def test_demo_quick_on_fashion_mnist(tmp_path, monkeypatch, capsys):
     from dtokd.data import sources
 
-    if not any(all((p / f).is_file() for pair in sources.FASHION_FILES.values() for f in pair)
-               for p in sources.fashion_mnist_candidates(None)):
+    if not any(
+        all((p / f).is_file() for pair in sources.FASHION_FILES.values() for f in pair)
+        for p in sources.fashion_mnist_candidates(None)
+    ):
         pytest.skip("Fashion-MNIST is not installed (Debian package dataset-fashion-mnist, or $DTOKD_DATA)")
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
@@ -166,8 +201,10 @@ def test_demo_quick_on_fashion_mnist(tmp_path, monkeypatch, capsys):
     "extra",
     [
         ["losses={distill: {type: dkd, warmup_epochs: 2}, task: {type: ce}}"],
-        ["losses={distill: {type: kd}, feat: {type: feature, student_tap: features, teacher_tap: features}, task: {type: ce}}",
-         "balancer.method=upgrad"],
+        [
+            "losses={distill: {type: kd}, feat: {type: feature, student_tap: features, teacher_tap: features}, task: {type: ce}}",
+            "balancer.method=upgrad",
+        ],
         ["amp=bf16", "optim.grad_clip=1.0"],
         ["optim.name=adamw", "optim.lr=0.003", "optim.schedule=step", "optim.milestones=[1]", "optim.warmup_epochs=1"],
         ["balancer.engine=subset", "balancer.gram_params=head"],
@@ -175,7 +212,16 @@ def test_demo_quick_on_fashion_mnist(tmp_path, monkeypatch, capsys):
         ["balancer.method=gradnorm"],
         ["balancer.method=dto-amortized", "balancer.options={update: next-step}"],
     ],
-    ids=["dkd", "feature-upgrad", "bf16-clip", "adamw-step-warmup", "subset", "representation", "gradnorm", "amortized-next"],
+    ids=[
+        "dkd",
+        "feature-upgrad",
+        "bf16-clip",
+        "adamw-step-warmup",
+        "subset",
+        "representation",
+        "gradnorm",
+        "amortized-next",
+    ],
 )
 def test_trainer_options_run_and_learn(teacher, tmp_path, extra):
     summary = train(load_config(None, student_overrides(teacher, epochs=2) + extra), tmp_path / "s", progress=False)
@@ -196,22 +242,32 @@ def test_learning_rate_schedule_by_hand():
         lr_factor(OptimConfig(schedule="linear"), 0, 5)
 
 
-@pytest.mark.parametrize("balancer", [["balancer.engine=representation"],
-                                      ["balancer.method=dto-amortized", "balancer.options={update: next-step}"]])
+@pytest.mark.parametrize(
+    "balancer",
+    [["balancer.engine=representation"], ["balancer.method=dto-amortized", "balancer.options={update: next-step}"]],
+)
 def test_deferred_checks_train_to_the_same_weights_and_metrics(teacher, tmp_path, balancer):
     """balancer.options.deferred_checks only moves the checks to the next step: same run."""
     overrides = student_overrides(teacher, epochs=2) + balancer
     deferred = [o.replace("}", ", deferred_checks: true}") for o in overrides if o.startswith("balancer.options")]
     deferred = deferred or ["balancer.options={deferred_checks: true}"]
     train(load_config(None, overrides), tmp_path / "checked", progress=False)
-    train(load_config(None, [o for o in overrides if not o.startswith("balancer.options")] + deferred),
-          tmp_path / "deferred", progress=False)
+    train(
+        load_config(None, [o for o in overrides if not o.startswith("balancer.options")] + deferred),
+        tmp_path / "deferred",
+        progress=False,
+    )
     a = torch.load(tmp_path / "checked" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "deferred" / "checkpoint.pt", weights_only=False)
     for key in a["student"]:
         assert torch.equal(a["student"][key], b["student"][key]), key
-    rows = [[{k: v for k, v in json.loads(line).items() if k != "epoch_seconds"}
-             for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("checked", "deferred")]
+    rows = [
+        [
+            {k: v for k, v in json.loads(line).items() if k != "epoch_seconds"}
+            for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        ]
+        for run in ("checked", "deferred")
+    ]
     assert rows[0] == rows[1] and "loss_weight/distill" in rows[0][0]
 
 

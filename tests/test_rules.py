@@ -20,6 +20,7 @@ def gram_of(j: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- DTO (affine) ----------------------
 
+
 def affine_reference(g: np.ndarray) -> np.ndarray:
     """Solve the KKT system of min pi^T G pi s.t. sum(pi) = 1 directly (full-rank G)."""
     m = g.shape[0]
@@ -128,6 +129,7 @@ def test_dto_keeps_dtype_and_is_scale_invariant():
 
 # ---------------------------------------------------------------- MGDA / DTO simplex ---------------
 
+
 def simplex_reference(g: np.ndarray) -> tuple[float, np.ndarray]:
     """Exhaustive search over supports: the affine problem on each support, kept if >= 0."""
     m = g.shape[0]
@@ -176,6 +178,7 @@ def test_mgda_identical_gradients():
 
 # ---------------------------------------------------------------- UPGrad -----------------------------
 
+
 def upgrad_reference(g: np.ndarray) -> np.ndarray:
     """Sum over i of the exhaustive minimiser of v^T G v over v >= e_i / m."""
     m = g.shape[0]
@@ -209,6 +212,7 @@ def test_upgrad_matches_exhaustive_projection(m, seed):
 
 
 # ---------------------------------------------------------------- IMTL-G, Aligned-MTL, Nash, CAGrad --
+
 
 @pytest.mark.parametrize("m", [2, 3, 4])
 def test_imtl_g_equal_projections_on_unit_gradients(m):
@@ -267,6 +271,7 @@ def test_cagrad_with_c_zero_is_the_mean():
 
 # ---------------------------------------------------------------- PCGrad, mean, fixed ---------------
 
+
 def pcgrad_reference(j: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     m = j.shape[0]
     out = torch.zeros_like(j[0])
@@ -298,6 +303,7 @@ def test_mean_and_fixed():
 
 
 # ---------------------------------------------------------------- validation ------------------------
+
 
 @pytest.mark.parametrize(
     "gram, message",
@@ -369,10 +375,15 @@ def test_anchored_special_cases():
     torch.testing.assert_close(weights("anchored", agree, anchor=1), torch.tensor([0.5, 0.5], dtype=torch.float64))
     opposite = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
     w = weights("anchored", opposite, anchor=1)  # d_0 = -d_1: its whole gradient conflicts and is removed
-    torch.testing.assert_close(w @ torch.tensor([[1.0], [-1.0]], dtype=torch.float64), torch.tensor([-1.0 / 3], dtype=torch.float64))
+    torch.testing.assert_close(
+        w @ torch.tensor([[1.0], [-1.0]], dtype=torch.float64), torch.tensor([-1.0 / 3], dtype=torch.float64)
+    )
     zero_anchor = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
-    torch.testing.assert_close(weights("anchored", zero_anchor, anchor=1), torch.tensor([0.5, 0.5], dtype=torch.float64))
-    torch.testing.assert_close(weights("anchored", torch.ones(1, 1, dtype=torch.float64), anchor=0),
-                               torch.ones(1, dtype=torch.float64))
+    torch.testing.assert_close(
+        weights("anchored", zero_anchor, anchor=1), torch.tensor([0.5, 0.5], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        weights("anchored", torch.ones(1, 1, dtype=torch.float64), anchor=0), torch.ones(1, dtype=torch.float64)
+    )
     with pytest.raises(ValueError, match="anchor=2 must be the index of one of the 2 objectives"):
         weights("anchored", agree, anchor=2)

@@ -36,11 +36,23 @@ def teacher(tmp_path_factory) -> Path:
 @pytest.fixture
 def config_file(teacher, tmp_path) -> Path:
     path = tmp_path / "student.yaml"
-    path.write_text("\n".join([
-        "# my experiment", "name: s", "epochs: 3", "batch_size: 32", "log_every: 2", "data: {name: synthetic}",
-        "student: {name: mlp_small}", f"teacher: {{name: cnn_small, checkpoint: {teacher}}}",
-        "losses: {distill: {type: kd}, task: {type: ce}}", "balancer: {method: dto}",
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                "# my experiment",
+                "name: s",
+                "epochs: 3",
+                "batch_size: 32",
+                "log_every: 2",
+                "data: {name: synthetic}",
+                "student: {name: mlp_small}",
+                f"teacher: {{name: cnn_small, checkpoint: {teacher}}}",
+                "losses: {distill: {type: kd}, task: {type: ce}}",
+                "balancer: {method: dto}",
+            ]
+        )
+        + "\n"
+    )
     return path
 
 
@@ -54,9 +66,18 @@ def run(*args: str) -> int:
 
 # ------------------------------------------------------------------------ 1. resume = the saved config
 
-@pytest.mark.parametrize("override", ["data.name=digits", "batch_size=16", "balancer.engine=representation",
-                                      "losses={distill: {type: kd, temperature: 2.0}, task: {type: ce}}",
-                                      "optim.lr=0.5", "epochs=5"])
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.name=digits",
+        "batch_size=16",
+        "balancer.engine=representation",
+        "losses={distill: {type: kd, temperature: 2.0}, task: {type: ce}}",
+        "optim.lr=0.5",
+        "epochs=5",
+    ],
+)
 def test_resume_with_a_changed_setting_is_refused_naming_it(config_file, tmp_path, capsys, override):
     folder = tmp_path / "run"
     assert run("distill", str(config_file), "--out", str(folder), "epochs=1") == 0
@@ -105,6 +126,7 @@ def test_extending_a_finished_run(config_file, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------ 2. no silent overwrite
+
 
 def test_a_folder_with_results_but_no_checkpoint_is_not_overwritten(config_file, tmp_path, capsys):
     folder = tmp_path / "run"
@@ -168,8 +190,16 @@ def test_force_replaces_a_whole_previous_run(config_file, tmp_path, capsys):
     folder = tmp_path / "run"
     assert run("distill", str(config_file), "--out", str(folder), "epochs=1") == 0
     (folder / "checkpoint.pt.tmp").write_bytes(b"PK\x03\x04")  # what a killed checkpoint write leaves
-    assert {p.name for p in folder.iterdir()} >= {"best.pt", "checkpoint.pt", "metrics.jsonl", "steps.jsonl",
-                                                   "summary.json", "config.yaml", "meta.json", "tensorboard"}
+    assert {p.name for p in folder.iterdir()} >= {
+        "best.pt",
+        "checkpoint.pt",
+        "metrics.jsonl",
+        "steps.jsonl",
+        "summary.json",
+        "config.yaml",
+        "meta.json",
+        "tensorboard",
+    }
     assert all(written_by_a_run(p) for p in folder.iterdir()), sorted(p.name for p in folder.iterdir())
     events = sorted((folder / "tensorboard").rglob("events.out.tfevents.*"))
     old_events = [p.rename(p.with_name(f"events.out.tfevents.previous-run-{k}")) for k, p in enumerate(events)]
@@ -192,12 +222,22 @@ def test_a_failed_start_leaves_no_half_folder(config_file, tmp_path, monkeypatch
 
 def test_default_folder_names_a_changed_method(config_file, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert run("distill", str(config_file), "epochs=1", "--balancer", "fixed",
-               "balancer.options={weights: {distill: 0.9, task: 0.1}}") == 0
+    assert (
+        run(
+            "distill",
+            str(config_file),
+            "epochs=1",
+            "--balancer",
+            "fixed",
+            "balancer.options={weights: {distill: 0.9, task: 0.1}}",
+        )
+        == 0
+    )
     assert (tmp_path / "runs" / "s-fixed" / "summary.json").is_file() and not (tmp_path / "runs" / "s").exists()
 
 
 # ------------------------------------------------------------------------ 3. caches keyed by content
+
 
 def write_folder(root: Path, counts: dict[str, int]) -> None:
     from PIL import Image
@@ -222,6 +262,7 @@ def test_image_folder_cache_sees_files_added_deep_in_the_tree(tmp_path, monkeypa
 
 # ------------------------------------------------------------------------ 4. eval = the logged epoch
 
+
 def test_eval_equals_the_logged_epoch_with_limit_train(config_file, tmp_path, capsys):
     folder = tmp_path / "run"
     assert run("distill", str(config_file), "--out", str(folder), "epochs=2", "data.limit_train=100") == 0
@@ -229,10 +270,13 @@ def test_eval_equals_the_logged_epoch_with_limit_train(config_file, tmp_path, ca
     assert cli.main(["eval", str(folder), "--which", "last", "--quiet"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     logged = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()][-1]
-    assert evaluated["top1"] == logged["test_top1"] and evaluated["loss"] == pytest.approx(logged["test_loss"], rel=1e-6)
+    assert evaluated["top1"] == logged["test_top1"] and evaluated["loss"] == pytest.approx(
+        logged["test_loss"], rel=1e-6
+    )
 
 
 # ------------------------------------------------------------------------ 5. messages, not tracebacks
+
 
 def test_errors_are_one_line_with_exit_code_2(config_file, teacher, tmp_path, capsys, monkeypatch):
     garbage = tmp_path / "garbage.pt"
@@ -252,8 +296,10 @@ def test_errors_are_one_line_with_exit_code_2(config_file, teacher, tmp_path, ca
         (["distill", str(config_file), f"teacher.checkpoint={garbage}"], "is not a readable state dict"),
         (["distill", str(config_file), f"teacher.checkpoint={truncated}"], "is not a readable state dict"),
         (["distill", str(config_file), f"teacher.checkpoint={checkpoint}"], "give its best.pt"),
-        (["distill", str(config_file), "data.name=image-folder", f"data.root={not_archive}"],
-         "is not a readable .tar.gz of an image folder"),
+        (
+            ["distill", str(config_file), "data.name=image-folder", f"data.root={not_archive}"],
+            "is not a readable .tar.gz of an image folder",
+        ),
         (["distill", str(config_file), "epochs=-1"], "epochs=-1 is not allowed; it must be an integer >= 0"),
     ]
     if not torch.cuda.is_available():
@@ -288,7 +334,10 @@ def test_an_image_folder_skips_hidden_entries_and_refuses_what_is_not_its_layout
     raw = sources.load_image_folder(root, 8)
     assert raw.classes == ("a", "b") and raw.train_labels.tolist() == [0, 0, 1]
     cases = [
-        (lambda: (root / "train" / "labels.csv").write_text("x"), "holds files outside the class folders \\(labels.csv\\)"),
+        (
+            lambda: (root / "train" / "labels.csv").write_text("x"),
+            "holds files outside the class folders \\(labels.csv\\)",
+        ),
         (lambda: (root / "test" / "c").mkdir(), "has class folders that .*train has not \\(c\\)"),
         (lambda: (root / "train" / "a" / "more").mkdir(), "a/more is a folder inside a class folder"),
     ]
@@ -318,8 +367,9 @@ def test_sigint_saves_nothing_half_written_and_resume_ends_where_a_straight_run_
     folder, straight = tmp_path / "run", tmp_path / "straight"
     command = [sys.executable, "-m", "dtokd", "distill", str(config_file), "epochs=40", "data.limit_train=200"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([*command, "--out", str(folder)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=env)
+    process = subprocess.Popen(
+        [*command, "--out", str(folder)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     deadline = time.time() + 120
     while not (folder / "checkpoint.pt").is_file() and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
@@ -337,6 +387,7 @@ def test_sigint_saves_nothing_half_written_and_resume_ends_where_a_straight_run_
 
 
 # ------------------------------------------------------------------------ 7. smaller ones
+
 
 def test_a_checkpoint_with_flipped_bytes_is_refused(config_file, tmp_path, capsys):
     folder = tmp_path / "run"
@@ -418,9 +469,11 @@ def test_nothing_asks_git_at_import():
     """Importing the library, the trainer, the bench and the CLI runs no subprocess for the
     commit: the CLI asks before it dispatches a command (a library user's process never does
     until it trains)."""
-    code = ("import dtokd, dtokd.train.loop, dtokd.bench, dtokd.cli, dtokd.report\n"
-            "from dtokd.train import records\n"
-            "print(records.git_commit.cache_info().currsize)")
+    code = (
+        "import dtokd, dtokd.train.loop, dtokd.bench, dtokd.cli, dtokd.report\n"
+        "from dtokd.train import records\n"
+        "print(records.git_commit.cache_info().currsize)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0"
 
@@ -429,8 +482,14 @@ def test_a_checkpoint_holds_the_training_state_and_its_identity(tmp_path):
     """checkpoint.pt = the run's identity + TrainingState.state_dict() (its keys spelled once)."""
     from dtokd.train.state import TrainingState
 
-    overrides = ["epochs=1", "batch_size=64", "data.name=synthetic", "student.name=mlp_small", "device=cpu",
-                 "optim.ema_decay=0.9"]
+    overrides = [
+        "epochs=1",
+        "batch_size=64",
+        "data.name=synthetic",
+        "student.name=mlp_small",
+        "device=cpu",
+        "optim.ema_decay=0.9",
+    ]
     train(load_config(None, overrides), tmp_path / "run", progress=False, verbose=False)
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     parts = set(TrainingState.PARTS)

@@ -25,8 +25,12 @@ def step(on_nonfinite, method, *, engine="representation", scale=None, corrupt=N
     y = torch.randint(0, 3, (16,), generator=g)
     t = torch.randn(16, 3, generator=g, dtype=torch.float64)
     logits = net(x)
-    kd = nn.functional.kl_div(nn.functional.log_softmax(logits / 2, 1), nn.functional.softmax(t / 2, 1),
-                              reduction="batchmean") * 4
+    kd = (
+        nn.functional.kl_div(
+            nn.functional.log_softmax(logits / 2, 1), nn.functional.softmax(t / 2, 1), reduction="batchmean"
+        )
+        * 4
+    )
     losses = {"distill": kd, "task": nn.functional.cross_entropy(logits, y)}
     if corrupt:
         losses[corrupt[0]] = losses[corrupt[0]] * corrupt[1]
@@ -116,7 +120,10 @@ def test_amortized_learner_is_the_same_on_both_paths(mode):
 
 # -- deferred checks: no host read in the step, the checks at the next backward ---------------
 
-DEFERRED_CASES = CASES + [("dto-amortized", {"update": "next-step"}), ("fixed", {"engine": "exact", "weights": [0.9, 0.1]})]
+DEFERRED_CASES = CASES + [
+    ("dto-amortized", {"update": "next-step"}),
+    ("fixed", {"engine": "exact", "weights": [0.9, 0.1]}),
+]
 
 
 @pytest.mark.parametrize("method, options", DEFERRED_CASES)
@@ -137,7 +144,9 @@ def training(deferred_checks, corrupt_step=None, corruption=math.nan, steps=4, m
     of that step by ``corruption``. Returns the balancer, the parameters and the step infos."""
     net = model()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    balancer = make_balancer(method, net.parameters(), engine="representation", deferred_checks=deferred_checks, **options)
+    balancer = make_balancer(
+        method, net.parameters(), engine="representation", deferred_checks=deferred_checks, **options
+    )
     infos = []
     for k in range(steps):
         g = torch.Generator().manual_seed(k)
@@ -160,7 +169,9 @@ def test_deferred_training_equals_checked_training():
     assert [i.weights for i in deferred_infos] == [i.weights for i in checked_infos]
 
 
-@pytest.mark.parametrize("corruption, message", [(math.nan, r"non-finite loss\(es\) \['task'\]"), (-1.0, r"\['task'\] are negative")])
+@pytest.mark.parametrize(
+    "corruption, message", [(math.nan, r"non-finite loss\(es\) \['task'\]"), (-1.0, r"\['task'\] are negative")]
+)
 def test_deferred_check_raises_at_the_next_backward_naming_the_previous_step(corruption, message):
     with pytest.raises(ValueError, match=r"^the previous step \(deferred_checks=True.*" + message):
         training(True, corrupt_step=1, corruption=corruption)
@@ -207,7 +218,9 @@ def test_deferred_checks_refuse_steps_that_need_a_host_read():
         net = model()
         logits = net(torch.randn(4, 5, dtype=torch.float64))
         losses = {k: logits[:, i].pow(2).mean() for i, k in enumerate("abc")}
-        make_balancer("dto", net.parameters(), engine="representation", deferred_checks=True).backward(losses, representation=logits)
+        make_balancer("dto", net.parameters(), engine="representation", deferred_checks=True).backward(
+            losses, representation=logits
+        )
 
 
 def test_deferred_checks_allow_a_diagnose_step_on_the_host_and_check_it_at_once():
@@ -259,8 +272,10 @@ def test_deferred_checks_with_same_batch_amortized_updates():
 
 # -- one decision, one check: the rule records say which path a step takes ------------------
 
-RECORD_CASES = [(name, {"weights": [0.9, 0.1]} if name == "fixed" else {"anchor": "task"} if name == "anchored" else {})
-                for name in RULES]
+RECORD_CASES = [
+    (name, {"weights": [0.9, 0.1]} if name == "fixed" else {"anchor": "task"} if name == "anchored" else {})
+    for name in RULES
+]
 
 
 @pytest.mark.parametrize("method, options", RECORD_CASES)
@@ -276,9 +291,15 @@ def test_rule_records_decide_the_balancer(method, options):
         assert balancer.can_defer_checks(m) == (device_form and not (engine == "exact" and record.needs_gram))
 
 
-@pytest.mark.parametrize("method, options, sizes", [
-    ("dto", {}, (1, 2)), ("anchored", {"anchor": 1}, (1, 2, 4)), ("mean", {}, (1, 3)), ("fixed", {"weights": None}, (1, 3)),
-])
+@pytest.mark.parametrize(
+    "method, options, sizes",
+    [
+        ("dto", {}, (1, 2)),
+        ("anchored", {"anchor": 1}, (1, 2, 4)),
+        ("mean", {}, (1, 3)),
+        ("fixed", {"weights": None}, (1, 3)),
+    ],
+)
 def test_device_forms_equal_the_validated_host_rule(method, options, sizes):
     """A rule's device form (called without the host's Gram validation) gives the host rule's weights."""
     g = torch.Generator().manual_seed(3)
@@ -289,8 +310,9 @@ def test_device_forms_equal_the_validated_host_rule(method, options, sizes):
         if method == "anchored":
             given = {"anchor": min(1, m - 1)}
         assert RULE_RECORDS[method].runs_on_device(m, given)
-        torch.testing.assert_close(RULE_RECORDS[method].function(gram, **given), weights(method, gram, **given),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            RULE_RECORDS[method].function(gram, **given), weights(method, gram, **given), rtol=0, atol=0
+        )
 
 
 def test_dto_has_no_device_form_beyond_two_objectives_or_on_the_simplex():
@@ -299,8 +321,9 @@ def test_dto_has_no_device_form_beyond_two_objectives_or_on_the_simplex():
     assert all(not RULE_RECORDS[n].runs_on_device(2, {}) for n in ("mgda", "upgrad", "cagrad", "nash-mtl", "pcgrad"))
 
 
-@pytest.mark.parametrize("engine, m, expected", [("representation", 2, True), ("representation", 3, False),
-                                                 ("exact", 2, False)])
+@pytest.mark.parametrize(
+    "engine, m, expected", [("representation", 2, True), ("representation", 3, False), ("exact", 2, False)]
+)
 def test_deferred_checks_auto_defers_wherever_every_step_allows_it(engine, m, expected):
     net = model()
     logits = net(torch.randn(4, 5, dtype=torch.float64))
@@ -309,18 +332,29 @@ def test_deferred_checks_auto_defers_wherever_every_step_allows_it(engine, m, ex
     assert balancer.deferred_checks == "auto"
     balancer.backward(losses, representation=logits if engine == "representation" else None)
     assert balancer.deferred_checks is expected
-    assert make_balancer("dto", net.parameters(), engine=engine, deferred_checks="auto").decide_deferred_checks(m) is expected
+    assert (
+        make_balancer("dto", net.parameters(), engine=engine, deferred_checks="auto").decide_deferred_checks(m)
+        is expected
+    )
 
 
-@pytest.mark.parametrize("on_nonfinite, engine, deferred", [("raise", "representation", False), ("raise", "exact", False),
-                                                            ("skip", "representation", False),
-                                                            ("raise", "representation", True)])
+@pytest.mark.parametrize(
+    "on_nonfinite, engine, deferred",
+    [
+        ("raise", "representation", False),
+        ("raise", "exact", False),
+        ("skip", "representation", False),
+        ("raise", "representation", True),
+    ],
+)
 def test_a_negative_loss_under_the_log_is_refused_on_every_path(on_nonfinite, engine, deferred):
     """On the host (exact engine, on_nonfinite='skip': not skippable), on the device and deferred."""
     net = model()
     logits = net(torch.randn(4, 5, dtype=torch.float64))
     losses = {"distill": logits.pow(2).mean() - 10.0, "task": logits.abs().mean()}
-    balancer = make_balancer("dto", net.parameters(), engine=engine, on_nonfinite=on_nonfinite, deferred_checks=deferred)
+    balancer = make_balancer(
+        "dto", net.parameters(), engine=engine, on_nonfinite=on_nonfinite, deferred_checks=deferred
+    )
     with pytest.raises(ValueError, match=r"\['distill'\] are negative"):
         balancer.backward(losses, representation=logits if engine == "representation" else None)
         balancer.check_deferred()

@@ -11,8 +11,14 @@ from dtokd.data import build_data, train_loader
 from dtokd.train import load_config, train
 from dtokd.train import teacher_cache as tc
 
-BASE = ["data.name=synthetic", "batch_size=32", "log_every=2", "eval_batch_size=64", "student.name=mlp_small",
-        "epochs=2"]
+BASE = [
+    "data.name=synthetic",
+    "batch_size=32",
+    "log_every=2",
+    "eval_batch_size=64",
+    "student.name=mlp_small",
+    "epochs=2",
+]
 
 
 @pytest.fixture
@@ -24,8 +30,17 @@ def teacher(tmp_path, monkeypatch):
 
 
 def _distil(teacher, *extra):
-    return load_config(None, BASE + ["teacher.name=cnn_small", f"teacher.checkpoint={teacher}",
-                                     "losses={distill: {type: kd}, task: {type: ce}}", "balancer.method=mean", *extra])
+    return load_config(
+        None,
+        BASE
+        + [
+            "teacher.name=cnn_small",
+            f"teacher.checkpoint={teacher}",
+            "losses={distill: {type: kd}, task: {type: ce}}",
+            "balancer.method=mean",
+            *extra,
+        ],
+    )
 
 
 def _counting(monkeypatch):
@@ -53,30 +68,50 @@ def test_a_cached_run_equals_an_uncached_one_and_pays_the_teacher_once(teacher, 
     extra = ["data.mixup={mixup_alpha: 0.8, cutmix_alpha: 1.0}"] if mixup else []
     plain = train(_distil(teacher, *extra, "balancer.method=dto"), tmp_path / "plain", progress=False, verbose=False)
     calls = _counting(monkeypatch)
-    first = train(_distil(teacher, *extra, "balancer.method=dto", "teacher.cache_outputs=true"), tmp_path / "a",
-                  progress=False, verbose=False)
+    first = train(
+        _distil(teacher, *extra, "balancer.method=dto", "teacher.cache_outputs=true"),
+        tmp_path / "a",
+        progress=False,
+        verbose=False,
+    )
     assert calls == {"hits": 0, "misses": 2 * 7}  # 2 epochs of 7 steps (200 synthetic images, batches of 32)
-    other = train(_distil(teacher, *extra, "balancer.method=mean", "teacher.cache_outputs=true"), tmp_path / "b",
-                  progress=False, verbose=False)
+    other = train(
+        _distil(teacher, *extra, "balancer.method=mean", "teacher.cache_outputs=true"),
+        tmp_path / "b",
+        progress=False,
+        verbose=False,
+    )
     assert calls == {"hits": 2 * 7, "misses": 2 * 7}  # another method, same seed: the teacher did not run
     assert first["last_test_top1"] == plain["last_test_top1"]
-    assert _last_rows(tmp_path / "a") == [dict(r, epoch_seconds=a["epoch_seconds"]) for r, a in
-                                           zip(_last_rows(tmp_path / "plain"), _last_rows(tmp_path / "a"))]
+    assert _last_rows(tmp_path / "a") == [
+        dict(r, epoch_seconds=a["epoch_seconds"])
+        for r, a in zip(_last_rows(tmp_path / "plain"), _last_rows(tmp_path / "a"))
+    ]
     mean_plain = train(_distil(teacher, *extra, "balancer.method=mean"), tmp_path / "c", progress=False, verbose=False)
     assert other["last_test_top1"] == mean_plain["last_test_top1"]
 
 
 def test_cached_outputs_are_the_teacher_forward_bit_for_bit(teacher, tmp_path):
-    train(_distil(teacher, "balancer.method=dto", "teacher.cache_outputs=true"), tmp_path / "a", progress=False,
-          verbose=False)
+    train(
+        _distil(teacher, "balancer.method=dto", "teacher.cache_outputs=true"),
+        tmp_path / "a",
+        progress=False,
+        verbose=False,
+    )
     files = sorted((tmp_path / "cache" / "teacher-outputs").glob("*/epoch*.pt"))
     assert [f.name for f in files] == ["epoch0.pt", "epoch1.pt"]
     from dtokd.models import create_model
     from dtokd.models.registry import apply_weights, read_weights
 
     config = _distil(teacher)
-    data = build_data("synthetic", None, val_fraction=config.data.val_fraction, seed=0, augment=True,
-                      image_size=config.data.image_size)
+    data = build_data(
+        "synthetic",
+        None,
+        val_fraction=config.data.val_fraction,
+        seed=0,
+        augment=True,
+        image_size=config.data.image_size,
+    )
     model = create_model("cnn_small", data.num_classes, data.in_channels, data.image_size)
     state, _ = read_weights(teacher)
     apply_weights(model, state, teacher, "teacher.key_map")
@@ -104,12 +139,21 @@ def test_a_cache_of_another_teacher_or_other_data_is_never_used(teacher, tmp_pat
     calls = _counting(monkeypatch)
     train(_distil(teacher, "teacher.cache_outputs=true"), tmp_path / "a", progress=False, verbose=False)
     other_teacher = tmp_path / "teacher2"
-    train(load_config(None, BASE + ["student.name=cnn_small", "epochs=1", "seed=5"]), other_teacher, progress=False,
-          verbose=False)
-    train(_distil(other_teacher / "best.pt", "teacher.cache_outputs=true"), tmp_path / "b", progress=False,
-          verbose=False)
-    train(_distil(teacher, "teacher.cache_outputs=true", "data.augment=false"), tmp_path / "c", progress=False,
-          verbose=False)
+    train(
+        load_config(None, BASE + ["student.name=cnn_small", "epochs=1", "seed=5"]),
+        other_teacher,
+        progress=False,
+        verbose=False,
+    )
+    train(
+        _distil(other_teacher / "best.pt", "teacher.cache_outputs=true"), tmp_path / "b", progress=False, verbose=False
+    )
+    train(
+        _distil(teacher, "teacher.cache_outputs=true", "data.augment=false"),
+        tmp_path / "c",
+        progress=False,
+        verbose=False,
+    )
     train(_distil(teacher, "teacher.cache_outputs=true", "seed=1"), tmp_path / "d", progress=False, verbose=False)
     assert calls == {"hits": 0, "misses": 4 * 2 * 7}
     assert len(list((tmp_path / "cache" / "teacher-outputs").iterdir())) == 4
@@ -121,13 +165,30 @@ def test_a_cache_file_under_a_wrong_key_is_refused(teacher, tmp_path):
     saved = torch.load(path, weights_only=True)
     torch.save({**saved, "key": "someone-else"}, path)
     with pytest.raises(ValueError, match="was written for another teacher or data"):
-        train(_distil(teacher, "teacher.cache_outputs=true", "balancer.method=mean"), tmp_path / "b", progress=False,
-              verbose=False)
+        train(
+            _distil(teacher, "teacher.cache_outputs=true", "balancer.method=mean"),
+            tmp_path / "b",
+            progress=False,
+            verbose=False,
+        )
 
 
 def test_the_cache_refuses_what_it_cannot_hold(teacher):
     feature = "losses={task: {type: ce}, feat: {type: feature, student_tap: features, teacher_tap: features}}"
     with pytest.raises(ValueError, match="caches the teacher's logits only, and losses \\['feat'\\]"):
-        train(load_config(None, BASE + ["student.name=cnn_small", "teacher.name=cnn_small",
-                                        f"teacher.checkpoint={teacher}", feature, "teacher.cache_outputs=true"]),
-              teacher.parent.parent / "f", progress=False, verbose=False)
+        train(
+            load_config(
+                None,
+                BASE
+                + [
+                    "student.name=cnn_small",
+                    "teacher.name=cnn_small",
+                    f"teacher.checkpoint={teacher}",
+                    feature,
+                    "teacher.cache_outputs=true",
+                ],
+            ),
+            teacher.parent.parent / "f",
+            progress=False,
+            verbose=False,
+        )

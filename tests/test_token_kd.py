@@ -14,8 +14,9 @@ from dtokd.losses.token_kd import DIVERGENCES
 def reference(student, teacher, labels, divergence, beta=0.5, temperature=1.0):
     """The textbook formulas over the whole vocabulary, one token at a time, in float64."""
     total, count = 0.0, 0
-    for s, t, y in zip(student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1]),
-                       labels.reshape(-1)):
+    for s, t, y in zip(
+        student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1]), labels.reshape(-1)
+    ):
         if int(y) == -100:
             continue
         p, q = torch.softmax(s / temperature, 0), torch.softmax(t / temperature, 0)
@@ -28,14 +29,18 @@ def reference(student, teacher, labels, divergence, beta=0.5, temperature=1.0):
             m = beta * q + (1 - beta) * p
             value = beta * kl(q, m) + (1 - beta) * kl(p, m)
         total, count = total + value, count + 1
-    return total * temperature ** 2 / max(count, 1)
+    return total * temperature**2 / max(count, 1)
 
 
 def bucket_reference(student, topk_log_probs, indices, labels, divergence, beta=0.5, temperature=1.0):
     """The same over k + 1 buckets: the teacher's top-k tokens and the tail."""
     total, count = 0.0, 0
-    for s, lq, idx, y in zip(student.reshape(-1, student.shape[-1]), topk_log_probs.reshape(-1, indices.shape[-1]),
-                             indices.reshape(-1, indices.shape[-1]), labels.reshape(-1)):
+    for s, lq, idx, y in zip(
+        student.reshape(-1, student.shape[-1]),
+        topk_log_probs.reshape(-1, indices.shape[-1]),
+        indices.reshape(-1, indices.shape[-1]),
+        labels.reshape(-1),
+    ):
         if int(y) == -100:
             continue
         p = torch.softmax(s / temperature, 0)
@@ -43,11 +48,15 @@ def bucket_reference(student, topk_log_probs, indices, labels, divergence, beta=
         qt = lq.exp()
         qb = torch.cat([qt, (1 - qt.sum()).reshape(1)])
         kl = lambda a, b: (a * (a.log() - b.log())).sum()  # noqa: E731
-        value = {"forward_kl": lambda: kl(qb, pb), "reverse_kl": lambda: kl(pb, qb),
-                 "jsd": lambda: beta * kl(qb, beta * qb + (1 - beta) * pb)
-                 + (1 - beta) * kl(pb, beta * qb + (1 - beta) * pb)}[divergence]()
+        value = {
+            "forward_kl": lambda: kl(qb, pb),
+            "reverse_kl": lambda: kl(pb, qb),
+            "jsd": lambda: (
+                beta * kl(qb, beta * qb + (1 - beta) * pb) + (1 - beta) * kl(pb, beta * qb + (1 - beta) * pb)
+            ),
+        }[divergence]()
         total, count = total + value, count + 1
-    return total * temperature ** 2 / max(count, 1)
+    return total * temperature**2 / max(count, 1)
 
 
 def batch(seed=0, shape=(3, 5), vocabulary=11, masked=(0, 1, 7)):
@@ -67,8 +76,9 @@ CASES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), (
 @pytest.mark.parametrize("chunk_tokens", [1, 4, 1000])
 def test_value_and_gradient_equal_the_full_vocabulary_formulas(divergence, beta, temperature, chunk_tokens):
     student, teacher, labels = batch()
-    ours = token_kd_loss(student, teacher, labels, divergence=divergence, beta=beta, temperature=temperature,
-                         chunk_tokens=chunk_tokens)
+    ours = token_kd_loss(
+        student, teacher, labels, divergence=divergence, beta=beta, temperature=temperature, chunk_tokens=chunk_tokens
+    )
     (ours_grad,) = torch.autograd.grad(ours, student)
     expected = reference(student, teacher, labels, divergence, beta, temperature)
     (expected_grad,) = torch.autograd.grad(expected, student)
@@ -80,8 +90,9 @@ def test_value_and_gradient_equal_the_full_vocabulary_formulas(divergence, beta,
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_gradcheck(divergence):
     student, teacher, labels = batch(shape=(2, 3), vocabulary=5, masked=(2,))
-    torch.autograd.gradcheck(lambda s: token_kd_loss(s, teacher, labels, divergence=divergence, temperature=1.7,
-                                                     chunk_tokens=2), (student,))
+    torch.autograd.gradcheck(
+        lambda s: token_kd_loss(s, teacher, labels, divergence=divergence, temperature=1.7, chunk_tokens=2), (student,)
+    )
 
 
 @pytest.mark.parametrize("divergence, beta", CASES)
@@ -91,8 +102,16 @@ def test_a_top_k_teacher_equals_its_bucket_formula(divergence, beta, k):
     temperature = 2.0
     log_q = torch.log_softmax(teacher / temperature, -1)
     top, indices = log_q.topk(k, dim=-1)
-    ours = token_kd_loss(student, None, labels, divergence=divergence, beta=beta, temperature=temperature,
-                         teacher_topk=(top, indices), chunk_tokens=4)
+    ours = token_kd_loss(
+        student,
+        None,
+        labels,
+        divergence=divergence,
+        beta=beta,
+        temperature=temperature,
+        teacher_topk=(top, indices),
+        chunk_tokens=4,
+    )
     (ours_grad,) = torch.autograd.grad(ours, student)
     if k == 11:  # every token listed: the full loss
         expected = reference(student, teacher, labels, divergence, beta, temperature)
@@ -160,8 +179,14 @@ def test_no_float32_tensor_beyond_one_chunk(teacher_form):
     topk = torch.log_softmax(teacher.float(), -1).topk(8, -1) if teacher_form == "top-k" else None
     tracker = LargestFloat32()
     with tracker:
-        loss = token_kd_loss(student, teacher if topk is None else None, labels, divergence="jsd", chunk_tokens=4,
-                             teacher_topk=None if topk is None else (topk.values, topk.indices))
+        loss = token_kd_loss(
+            student,
+            teacher if topk is None else None,
+            labels,
+            divergence="jsd",
+            chunk_tokens=4,
+            teacher_topk=None if topk is None else (topk.values, topk.indices),
+        )
         loss.backward()
     assert tracker.largest <= 4 * 512
     unchunked = LargestFloat32()
@@ -194,10 +219,16 @@ def test_agrees_with_trls_generalized_jsd(beta):
     student, teacher, labels = batch(seed=5)
     divergence = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(beta, "jsd")
     temperature = 2.0
-    ours = token_kd_loss(student, teacher, labels, divergence=divergence, beta=beta if divergence == "jsd" else 0.5,
-                         temperature=temperature)
+    ours = token_kd_loss(
+        student,
+        teacher,
+        labels,
+        divergence=divergence,
+        beta=beta if divergence == "jsd" else 0.5,
+        temperature=temperature,
+    )
     theirs = gkd.GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta, temperature=temperature)
-    torch.testing.assert_close(ours / temperature ** 2, theirs, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours / temperature**2, theirs, rtol=1e-10, atol=1e-12)
     assert math.isfinite(float(theirs))
 
 

@@ -108,8 +108,11 @@ def test_dto_update_from_torchjd_autogram_gramian_equals_our_exact_engine():
         return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
 
     g = torch.Generator().manual_seed(2)
-    x, y, t = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g), \
-        torch.randn(16, 3, generator=g, dtype=torch.float64)
+    x, y, t = (
+        torch.randn(16, 5, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (16,), generator=g),
+        torch.randn(16, 3, generator=g, dtype=torch.float64),
+    )
 
     def losses(model):
         z = model(x)

@@ -16,8 +16,14 @@ from dtokd.train import load_config, train
 pytestmark = pytest.mark.slow
 
 CONFIG = [
-    "name: ddp", "epochs: 6", "batch_size: 32", "log_every: 10", "data: {name: digits}", "student: {name: mlp_small}",
-    "losses: {distill: {type: kd}, task: {type: ce}}", "optim: {lr: 0.05, schedule: cosine}",
+    "name: ddp",
+    "epochs: 6",
+    "batch_size: 32",
+    "log_every: 10",
+    "data: {name: digits}",
+    "student: {name: mlp_small}",
+    "losses: {distill: {type: kd}, task: {type: ce}}",
+    "optim: {lr: 0.05, schedule: cosine}",
 ]
 
 
@@ -27,16 +33,32 @@ def setup(tmp_path_factory):
     teacher = load_config(None, ["data.name=digits", "student.name=cnn_small", "epochs=1", "batch_size=64"])
     train(teacher, folder / "teacher", progress=False)
     config = folder / "student.yaml"
-    config.write_text("\n".join(CONFIG + [f"teacher: {{name: cnn_small, checkpoint: {folder / 'teacher' / 'best.pt'}}}"]))
+    config.write_text(
+        "\n".join(CONFIG + [f"teacher: {{name: cnn_small, checkpoint: {folder / 'teacher' / 'best.pt'}}}"])
+    )
     return folder, config
 
 
 def torchrun(config: Path, out: Path, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "dtokd.cli", "distill", str(config), "--out", str(out), "--quiet", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "dtokd.cli",
+        "distill",
+        str(config),
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def finish(process: subprocess.Popen) -> None:

@@ -32,21 +32,36 @@ def teacher(tmp_path_factory):
 
 
 def distill_overrides(teacher, *extra):
-    return BASE + ["name=s", "epochs=2", "log_every=3", "teacher.name=cnn_small", f"teacher.checkpoint={teacher}",
-                   "losses={distill: {type: kd}, task: {type: ce}}", *extra]
+    return BASE + [
+        "name=s",
+        "epochs=2",
+        "log_every=3",
+        "teacher.name=cnn_small",
+        f"teacher.checkpoint={teacher}",
+        "losses={distill: {type: kd}, task: {type: ce}}",
+        *extra,
+    ]
 
 
 # ------------------------------------------------------------------------ StepInfo placement
 
+
 def test_stepinfo_keeps_packed_on_the_requested_device_and_reads_the_host_copy():
     values = torch.tensor([1.0, 2.0], dtype=torch.float64)
-    info = stepinfo_module.StepInfo(("a", "b"), values, torch.tensor([0.25, 0.75]), torch.tensor([0.5, 0.5]),
-                                    device=torch.device("meta"))
+    info = stepinfo_module.StepInfo(
+        ("a", "b"), values, torch.tensor([0.25, 0.75]), torch.tensor([0.5, 0.5]), device=torch.device("meta")
+    )
     assert info.packed.device.type == "meta"  # where a training loop sums it
     assert info.per_loss_on_device.device.type == "meta" and info.per_loss_on_device.shape == (6,)
     assert info.losses == {"a": 1.0, "b": 2.0} and info.weights == {"a": 0.25, "b": 0.75}
-    host = stepinfo_module.StepInfo(("a", "b"), values, torch.tensor([0.25, 0.75]), torch.tensor([0.5, 0.5]),
-                                    torch.eye(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64))
+    host = stepinfo_module.StepInfo(
+        ("a", "b"),
+        values,
+        torch.tensor([0.25, 0.75]),
+        torch.tensor([0.5, 0.5]),
+        torch.eye(2, dtype=torch.float64),
+        torch.eye(2, dtype=torch.float64),
+    )
     assert host.per_loss_on_device.tolist() == [1.0, 2.0, 0.25, 0.75, 0.5, 0.5]  # the Grams are left out
 
 
@@ -68,8 +83,16 @@ def _spy_steps(monkeypatch):
     return record
 
 
-@pytest.mark.parametrize("method, engine", [("fixed", "exact"), ("dto-amortized", "exact"), ("dto", "exact"),
-                                            ("dto", "representation"), ("mgda", "representation")])
+@pytest.mark.parametrize(
+    "method, engine",
+    [
+        ("fixed", "exact"),
+        ("dto-amortized", "exact"),
+        ("dto", "exact"),
+        ("dto", "representation"),
+        ("mgda", "representation"),
+    ],
+)
 def test_host_path_step_asks_for_the_losses_device(monkeypatch, method, engine):
     record = _spy_steps(monkeypatch)
     model = torch.nn.Linear(3, 2)
@@ -89,13 +112,18 @@ def test_host_path_step_asks_for_the_losses_device(monkeypatch, method, engine):
 
 @pytest.mark.parametrize("method, engine", [("fixed", "exact"), ("dto", "representation"), ("dto-amortized", "exact")])
 def test_one_epoch_mixes_host_and_device_path_steps_and_sums_them_on_the_training_device(
-        teacher, tmp_path, monkeypatch, method, engine):
+    teacher, tmp_path, monkeypatch, method, engine
+):
     """The regression of the CUDA crash: diagnostic steps (host path) between device-path
     steps; every step's numbers where the epoch sums them; the epoch means equal the steps'."""
     record = _spy_steps(monkeypatch)
     options = ["balancer.options={weights: {distill: 0.9, task: 0.1}}"] if method == "fixed" else []
-    config = load_config(None, distill_overrides(teacher, f"balancer.method={method}", f"balancer.engine={engine}",
-                                                 "epochs=1", "log_every=2", *options))
+    config = load_config(
+        None,
+        distill_overrides(
+            teacher, f"balancer.method={method}", f"balancer.engine={engine}", "epochs=1", "log_every=2", *options
+        ),
+    )
     train(config, tmp_path / "run", progress=False)
     infos = [info for _, info in record["infos"] if info.names == ("distill", "task")]
     device_path = [info for device, info in record["infos"] if device is None]
@@ -111,11 +139,17 @@ def test_one_epoch_mixes_host_and_device_path_steps_and_sums_them_on_the_trainin
 
 # ------------------------------------------------------------------------ data where training reads it
 
+
 def test_in_memory_batches_equal_a_dataloader_with_a_random_sampler():
     data = build_data("synthetic", seed=0, augment=False)
     generator = torch.Generator().manual_seed(7)
-    reference = DataLoader(data.train, batch_size=32, sampler=RandomSampler(data.train, generator=generator),
-                           collate_fn=lambda batch: batch, drop_last=True)
+    reference = DataLoader(
+        data.train,
+        batch_size=32,
+        sampler=RandomSampler(data.train, generator=generator),
+        collate_fn=lambda batch: batch,
+        drop_last=True,
+    )
     ours = train_loader(data.train, 32, seed=0, epoch=0)
     ours.generator.manual_seed(7)
     expected = [data.train.__getitems__(indices) for indices in reference.batch_sampler]
@@ -145,11 +179,14 @@ def test_augmentation_on_another_device_draws_the_same_random_numbers():
 def test_place_data_keeps_the_cpu_and_refuses_unknown_placements():
     data = build_data("synthetic", seed=0)
     assert place_data(data, torch.device("cpu"), "device") is data
-    with pytest.raises(ValueError, match=r"data.placement='gpu' is not allowed; use one of \['auto', 'device', 'host'\]"):
+    with pytest.raises(
+        ValueError, match=r"data.placement='gpu' is not allowed; use one of \['auto', 'device', 'host'\]"
+    ):
         place_data(data, torch.device("cpu"), "gpu")
 
 
 # ------------------------------------------------------------------------ settings
+
 
 def test_device_auto_and_errors():
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -162,12 +199,16 @@ def test_device_auto_and_errors():
 
 
 def test_trainer_records_its_device_and_defers_checks_where_every_step_allows(teacher, tmp_path):
-    cases = {"dto-repr": (["balancer.method=dto", "balancer.engine=representation"], True),
-             "dto-exact": (["balancer.method=dto"], False),
-             "mgda-repr": (["balancer.method=mgda", "balancer.engine=representation"], False),
-             "amortized": (["balancer.method=dto-amortized"], True),
-             "asked-off": (["balancer.method=dto", "balancer.engine=representation",
-                            "balancer.options={deferred_checks: false}"], False)}
+    cases = {
+        "dto-repr": (["balancer.method=dto", "balancer.engine=representation"], True),
+        "dto-exact": (["balancer.method=dto"], False),
+        "mgda-repr": (["balancer.method=mgda", "balancer.engine=representation"], False),
+        "amortized": (["balancer.method=dto-amortized"], True),
+        "asked-off": (
+            ["balancer.method=dto", "balancer.engine=representation", "balancer.options={deferred_checks: false}"],
+            False,
+        ),
+    }
     for name, (overrides, deferred) in cases.items():
         train(load_config(None, distill_overrides(teacher, "epochs=1", *overrides)), tmp_path / name, progress=False)
         meta = json.loads((tmp_path / name / "meta.json").read_text())
@@ -198,8 +239,11 @@ def test_compile_settings_are_checked_before_training(teacher, tmp_path):
         train(load_config(None, distill_overrides(teacher, "compile=fast")), tmp_path / "a", progress=False)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA device"):
-            train(load_config(None, distill_overrides(teacher, "compile=reduce-overhead", "device=cpu")),
-                  tmp_path / "b", progress=False)
+            train(
+                load_config(None, distill_overrides(teacher, "compile=reduce-overhead", "device=cpu")),
+                tmp_path / "b",
+                progress=False,
+            )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

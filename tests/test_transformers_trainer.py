@@ -51,10 +51,24 @@ def models():
 
 
 def arguments(tmp_path, steps, **extra):
-    settings = dict(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=16, learning_rate=0.1,
-                    optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, warmup_steps=0,
-                    report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True, seed=0, dataloader_num_workers=0,
-                    save_strategy="no")
+    settings = dict(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=16,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        warmup_steps=0,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        save_strategy="no",
+    )
     return transformers.TrainingArguments(**{**settings, **extra})
 
 
@@ -64,7 +78,7 @@ def plain_loop(student, teacher, steps, method, engine, options):
     data, losses_of = Pairs(), default_losses()
     for step in range(steps):
         k = (step % 4) * 16
-        x, y = data.x[k:k + 16], data.y[k:k + 16]
+        x, y = data.x[k : k + 16], data.y[k : k + 16]
         logits = student(x)["logits"]
         with torch.no_grad():
             t = teacher(x)["logits"]
@@ -74,16 +88,27 @@ def plain_loop(student, teacher, steps, method, engine, options):
     return student, balancer
 
 
-CASES = [("dto", "representation", {}), ("dto", "exact", {}), ("dto-amortized", "exact", {"update": "next-step"}),
-         ("anchored", "representation", {"anchor": "task"})]
+CASES = [
+    ("dto", "representation", {}),
+    ("dto", "exact", {}),
+    ("dto-amortized", "exact", {"update": "next-step"}),
+    ("anchored", "representation", {"anchor": "task"}),
+]
 
 
 @pytest.mark.parametrize("method, engine, options", CASES)
 def test_the_trainer_update_equals_the_plain_pytorch_loop(method, engine, options, tmp_path):
     student, teacher = models()
     reference, _ = plain_loop(copy.deepcopy(student), teacher, 6, method, engine, options)
-    trainer = InOrder(model=student, teacher=teacher, method=method, engine=engine, balancer_options=options,
-                      args=arguments(tmp_path, 6), train_dataset=Pairs())
+    trainer = InOrder(
+        model=student,
+        teacher=teacher,
+        method=method,
+        engine=engine,
+        balancer_options=options,
+        args=arguments(tmp_path, 6),
+        train_dataset=Pairs(),
+    )
     trainer.train()
     for a, b in zip(trainer.model.state_dict().values(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -96,17 +121,37 @@ def test_the_trainer_update_equals_the_plain_pytorch_loop(method, engine, option
 def test_a_trainer_checkpoint_resumes_with_the_balancer_state(tmp_path):
     student, teacher = models()
     options = {"update": "next-step"}
-    straight = InOrder(model=copy.deepcopy(student), teacher=teacher, method="dto-amortized", engine="exact",
-                       balancer_options=options, args=arguments(tmp_path / "a", 8), train_dataset=Pairs())
+    straight = InOrder(
+        model=copy.deepcopy(student),
+        teacher=teacher,
+        method="dto-amortized",
+        engine="exact",
+        balancer_options=options,
+        args=arguments(tmp_path / "a", 8),
+        train_dataset=Pairs(),
+    )
     straight.train()
-    first = InOrder(model=copy.deepcopy(student), teacher=teacher, method="dto-amortized", engine="exact",
-                    balancer_options=options, train_dataset=Pairs(),
-                    args=arguments(tmp_path / "b", 8, save_strategy="steps", save_steps=4))
+    first = InOrder(
+        model=copy.deepcopy(student),
+        teacher=teacher,
+        method="dto-amortized",
+        engine="exact",
+        balancer_options=options,
+        train_dataset=Pairs(),
+        args=arguments(tmp_path / "b", 8, save_strategy="steps", save_steps=4),
+    )
     first.train()
     half = tmp_path / "b" / "checkpoint-4"
     assert (half / BALANCER_FILE).is_file()
-    resumed = InOrder(model=models()[0], teacher=teacher, method="dto-amortized", engine="exact",
-                      balancer_options=options, train_dataset=Pairs(), args=arguments(tmp_path / "c", 8))
+    resumed = InOrder(
+        model=models()[0],
+        teacher=teacher,
+        method="dto-amortized",
+        engine="exact",
+        balancer_options=options,
+        train_dataset=Pairs(),
+        args=arguments(tmp_path / "c", 8),
+    )
     resumed.train(resume_from_checkpoint=str(half))
     for a, b in zip(resumed.model.state_dict().values(), straight.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -116,9 +161,14 @@ def test_a_trainer_checkpoint_resumes_with_the_balancer_state(tmp_path):
 def test_same_batch_amortized_is_refused_with_the_alternative(tmp_path):
     student, teacher = models()
     with pytest.raises(ValueError, match="needs balancer_options=\\{'update': 'next-step'\\}"):
-        DistillationTrainer(model=student, teacher=teacher, method="dto-amortized",
-                            balancer_options={"update": "same-batch"}, args=arguments(tmp_path, 1),
-                            train_dataset=Pairs())
+        DistillationTrainer(
+            model=student,
+            teacher=teacher,
+            method="dto-amortized",
+            balancer_options={"update": "same-batch"},
+            args=arguments(tmp_path, 1),
+            train_dataset=Pairs(),
+        )
 
 
 class Blocks(torch.utils.data.Dataset):
@@ -138,8 +188,15 @@ class Blocks(torch.utils.data.Dataset):
 
 
 def tiny_llamas():
-    config = dict(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                  intermediate_size=32, max_position_embeddings=16)
+    config = dict(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
     torch.manual_seed(0)
     student = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
     teacher = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**config, "hidden_size": 32}))
@@ -167,14 +224,15 @@ def test_a_causal_lm_distils_in_the_trainer_as_in_the_plain_loop(tmp_path, engin
     reference = copy.deepcopy(student)
     losses = causal_lm_losses()
     args = arguments(tmp_path, 3, per_device_train_batch_size=4, learning_rate=0.05)
-    trainer = InOrder(model=student, teacher=teacher, method="dto", engine=engine, losses=losses, args=args,
-                      train_dataset=Blocks())
+    trainer = InOrder(
+        model=student, teacher=teacher, method="dto", engine=engine, losses=losses, args=args, train_dataset=Blocks()
+    )
     trainer.train()
     balancer = make_balancer("dto", reference.parameters(), engine=engine)
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
     data = Blocks()
     for step in range(3):
-        ids, labels = data.ids[4 * step: 4 * step + 4], data.labels[4 * step: 4 * step + 4]
+        ids, labels = data.ids[4 * step : 4 * step + 4], data.labels[4 * step : 4 * step + 4]
         logits = reference(input_ids=ids).logits
         with torch.no_grad():
             t = teacher(input_ids=ids).logits
@@ -217,15 +275,22 @@ def test_gradient_accumulation_averages_the_micro_batches_balanced_updates(tmp_p
     if kind == "classifier":
         student, teacher = models()
         data, losses, batch = Pairs(), default_losses(), 8
-        micro = [({"x": data.x[k:k + batch]}, data.y[k:k + batch]) for k in range(0, 32, batch)]
+        micro = [({"x": data.x[k : k + batch]}, data.y[k : k + batch]) for k in range(0, 32, batch)]
     else:
         student, teacher = tiny_llamas()
         data, losses, batch = Blocks(), causal_lm_losses(), 2
-        micro = [({"input_ids": data.ids[k:k + batch]}, data.labels[k:k + batch]) for k in range(0, 8, batch)]
+        micro = [({"input_ids": data.ids[k : k + batch]}, data.labels[k : k + batch]) for k in range(0, 8, batch)]
     reference = accumulated_plain_loop(copy.deepcopy(student), teacher, micro, losses, accumulate=2, lr=0.05)
     args = arguments(tmp_path, 2, per_device_train_batch_size=batch, gradient_accumulation_steps=2, learning_rate=0.05)
-    trainer = InOrder(model=student, teacher=teacher, method="dto", engine="representation", losses=losses, args=args,
-                      train_dataset=data)
+    trainer = InOrder(
+        model=student,
+        teacher=teacher,
+        method="dto",
+        engine="representation",
+        losses=losses,
+        args=args,
+        train_dataset=data,
+    )
     trainer.train()
     for (name, a), b in zip(student.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
@@ -243,11 +308,30 @@ def test_torchrun_with_two_processes_equals_one_process(tmp_path, method):
     from pathlib import Path
 
     script = Path(__file__).with_name("trainer_run.py")
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), method, "32", "4"], check=True,
-                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tmp_path / "two"), method, "16", "4"],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "one"), method, "32", "4"],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(tmp_path / "two"),
+            method,
+            "16",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=False)
     for rank in range(2):

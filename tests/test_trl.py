@@ -30,13 +30,24 @@ def tokenizer():
     model = tokenizers.models.WordLevel(vocabulary, unk_token="<unk>")
     core = tokenizers.Tokenizer(model)
     core.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 def llamas():
-    config = dict(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                  intermediate_size=32, max_position_embeddings=32, pad_token_id=0, eos_token_id=2, bos_token_id=2)
+    config = dict(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=2,
+    )
     torch.manual_seed(0)
     student = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
     teacher = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**config, "hidden_size": 32}))
@@ -46,8 +57,10 @@ def llamas():
 def texts(n=12):
     """Sentences of different lengths, so that TRL's collator pads (labels -100 there)."""
     g = torch.Generator().manual_seed(3)
-    return [" ".join(f"w{int(t)}" for t in torch.randint(0, 37, (int(k),), generator=g))
-            for k in torch.randint(4, 12, (n,), generator=g)]
+    return [
+        " ".join(f"w{int(t)}" for t in torch.randint(0, 37, (int(k),), generator=g))
+        for k in torch.randint(4, 12, (n,), generator=g)
+    ]
 
 
 @pytest.mark.parametrize("engine", ["representation", "exact"])
@@ -55,13 +68,37 @@ def test_sft_trainer_composition_equals_the_plain_loop_on_its_batches(tmp_path, 
     student, teacher = llamas()
     reference = copy.deepcopy(student)
     losses = causal_lm_losses()
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=0.05,
-                         optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
-                         warmup_steps=0, report_to=[], use_cpu=True, bf16=False, fp16=False, logging_steps=1,
-                         save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0, packing=False)
-    trainer = SFTDistillationTrainer(model=student, teacher=teacher, method="dto", engine=engine, losses=losses,
-                                     args=args, processing_class=tokenizer(),
-                                     train_dataset=datasets.Dataset.from_dict({"text": texts()}))
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=0.05,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        warmup_steps=0,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        packing=False,
+    )
+    trainer = SFTDistillationTrainer(
+        model=student,
+        teacher=teacher,
+        method="dto",
+        engine=engine,
+        losses=losses,
+        args=args,
+        processing_class=tokenizer(),
+        train_dataset=datasets.Dataset.from_dict({"text": texts()}),
+    )
     batches = list(trainer.get_train_dataloader())[:3]
     assert any((b["labels"] == -100).any() for b in batches)  # TRL padded and masked: the masks are exercised
     trainer.train()
@@ -72,7 +109,9 @@ def test_sft_trainer_composition_equals_the_plain_loop_on_its_batches(tmp_path, 
         logits = reference(**inputs).logits
         with torch.no_grad():
             t = teacher(**inputs).logits
-        balancer.backward(losses(logits, t, batch["labels"]), representation=logits if engine == "representation" else None)
+        balancer.backward(
+            losses(logits, t, batch["labels"]), representation=logits if engine == "representation" else None
+        )
         optimizer.step()
         optimizer.zero_grad()
     for (name, a), b in zip(student.named_parameters(), reference.parameters()):

@@ -22,8 +22,10 @@ timm = pytest.importorskip("timm", reason="timm is a test dependency (pip instal
 
 TINY_VIT = "{img_size: 16, patch_size: 4, embed_dim: 24, depth: 2, num_heads: 2}"
 VIT_KWARGS = {"img_size": 16, "patch_size": 4, "embed_dim": 24, "depth": 2, "num_heads": 2}
-THREE = ("losses={task: {type: ce, label_smoothing: 0.1}, token: {type: deit, mode: soft, temperature: 3.0}, "
-         "feature: {type: feature, student_tap: patch_mean, teacher_tap: features}}")
+THREE = (
+    "losses={task: {type: ce, label_smoothing: 0.1}, token: {type: deit, mode: soft, temperature: 3.0}, "
+    "feature: {type: feature, student_tap: patch_mean, teacher_tap: features}}"
+)
 
 
 def tiny_vit(classes: int = 4) -> torch.nn.Module:
@@ -34,20 +36,40 @@ def tiny_vit(classes: int = 4) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vit") / "teacher"
-    train(load_config(None, ["data.name=synthetic-rgb", "student.name=cnn_small", "epochs=3", "batch_size=32",
-                             "name=t"]), folder, progress=False, verbose=False)
+    train(
+        load_config(None, ["data.name=synthetic-rgb", "student.name=cnn_small", "epochs=3", "batch_size=32", "name=t"]),
+        folder,
+        progress=False,
+        verbose=False,
+    )
     return folder / "best.pt"
 
 
 def overrides(teacher, *extra):
-    return ["data.name=synthetic-rgb", "batch_size=32", "epochs=1", "log_every=3", "name=vit",
-            "student.name=timm:deit_tiny_distilled_patch16_224", f"student.kwargs={TINY_VIT}",
-            "teacher.name=cnn_small", f"teacher.checkpoint={teacher}", THREE, "optim.name=adamw", "optim.lr=1e-3",
-            "optim.weight_decay=0.05", "optim.no_decay_1d=true", "optim.lr_batch_scale=512", "optim.grad_clip=5.0",
-            "data.mixup={mixup_alpha: 0.8, cutmix_alpha: 1.0, label_smoothing: 0.1}", *extra]
+    return [
+        "data.name=synthetic-rgb",
+        "batch_size=32",
+        "epochs=1",
+        "log_every=3",
+        "name=vit",
+        "student.name=timm:deit_tiny_distilled_patch16_224",
+        f"student.kwargs={TINY_VIT}",
+        "teacher.name=cnn_small",
+        f"teacher.checkpoint={teacher}",
+        THREE,
+        "optim.name=adamw",
+        "optim.lr=1e-3",
+        "optim.weight_decay=0.05",
+        "optim.no_decay_1d=true",
+        "optim.lr_batch_scale=512",
+        "optim.grad_clip=5.0",
+        "data.mixup={mixup_alpha: 0.8, cutmix_alpha: 1.0, label_smoothing: 0.1}",
+        *extra,
+    ]
 
 
 # ------------------------------------------------------------------------ each loss against its reference
+
 
 def test_deit_token_loss_matches_the_papers_definition():
     g = torch.Generator().manual_seed(0)
@@ -71,8 +93,9 @@ def test_deit_token_loss_against_timms_token_distillation_task():
     teacher.eval()
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
     for mode in ("hard", "soft"):
-        task = TokenDistillationTask(student, teacher, criterion=torch.nn.CrossEntropyLoss(), distill_type=mode,
-                                     temperature=2.0, verbose=False)
+        task = TokenDistillationTask(
+            student, teacher, criterion=torch.nn.CrossEntropyLoss(), distill_type=mode, temperature=2.0, verbose=False
+        )
         out = task(x, y)
         with torch.no_grad():
             teacher_logits = teacher(x)
@@ -101,13 +124,17 @@ def test_vkd_feature_loss_against_a_hand_written_reference():
     student, teacher = tiny_vit(), create_model("cnn_small", 4, 3, 16)
     teacher.eval()
     sample = torch.randn(2, 3, 16, 16)
-    task = ClassificationTask(student, teacher, {"feature": {"type": "feature", "student_tap": "patch_mean",
-                                                             "teacher_tap": "features"}}, sample)
+    task = ClassificationTask(
+        student,
+        teacher,
+        {"feature": {"type": "feature", "student_tap": "patch_mean", "teacher_tap": "features"}},
+        sample,
+    )
     x = torch.randn(5, 3, 16, 16)
     _, losses = task(x, torch.randint(0, 4, (5,)))
     with torch.no_grad():
         feats = student.forward_features(x)  # final norm applied: (B, 2 + patches, D)
-        patch_mean = feats[:, student.num_prefix_tokens:].mean(1)
+        patch_mean = feats[:, student.num_prefix_tokens :].mean(1)
         t = teacher.forward_features(x)
     weight = task.projectors["feature"].proj.weight  # (teacher width, student width), orthogonal rows/columns
     projected = patch_mean @ weight.T
@@ -118,6 +145,7 @@ def test_vkd_feature_loss_against_a_hand_written_reference():
 
 
 # ------------------------------------------------------------------------ heads at evaluation
+
 
 def test_evaluation_averages_the_two_heads_and_reports_each():
     from dtokd.data import build_data
@@ -139,13 +167,22 @@ def test_evaluation_averages_the_two_heads_and_reports_each():
 
 # ------------------------------------------------------------------------ the three-objective recipe
 
-@pytest.mark.parametrize("engine, extra", [
-    ("exact", []), ("subset", ["balancer.gram_params=head"]),
-    ("representation", ["balancer.representation=norm"]),
-])
+
+@pytest.mark.parametrize(
+    "engine, extra",
+    [
+        ("exact", []),
+        ("subset", ["balancer.gram_params=head"]),
+        ("representation", ["balancer.representation=norm"]),
+    ],
+)
 def test_three_objectives_through_every_engine_with_mixup(teacher, tmp_path, engine, extra):
-    summary = train(load_config(None, overrides(teacher, "balancer.method=dto", f"balancer.engine={engine}", *extra)),
-                    tmp_path / "run", progress=False, verbose=False)
+    summary = train(
+        load_config(None, overrides(teacher, "balancer.method=dto", f"balancer.engine={engine}", *extra)),
+        tmp_path / "run",
+        progress=False,
+        verbose=False,
+    )
     steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     assert steps and all(set(s) >= {"weight/task", "weight/token", "weight/feature", "cos/task|feature"} for s in steps)
     for s in steps:
@@ -156,13 +193,21 @@ def test_three_objectives_through_every_engine_with_mixup(teacher, tmp_path, eng
 
 
 def test_amortized_three_objectives_and_the_projector_stays_orthogonal(teacher, tmp_path):
-    train(load_config(None, overrides(teacher, "balancer.method=dto-amortized", "epochs=2")), tmp_path / "run",
-          progress=False, verbose=False)
+    train(
+        load_config(None, overrides(teacher, "balancer.method=dto-amortized", "epochs=2")),
+        tmp_path / "run",
+        progress=False,
+        verbose=False,
+    )
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert any(k.startswith("feature.") for k in state["projectors"])
     student, teacher_model = tiny_vit(), create_model("cnn_small", 4, 3, 16)
-    task = ClassificationTask(student, teacher_model, {"feature": {"type": "feature", "student_tap": "patch_mean",
-                                                                   "teacher_tap": "features"}}, torch.randn(2, 3, 16, 16))
+    task = ClassificationTask(
+        student,
+        teacher_model,
+        {"feature": {"type": "feature", "student_tap": "patch_mean", "teacher_tap": "features"}},
+        torch.randn(2, 3, 16, 16),
+    )
     task.projectors.load_state_dict(state["projectors"])
     w = task.projectors["feature"].proj.weight.detach().double()
     small = min(w.shape)
@@ -191,25 +236,41 @@ def test_no_weight_decay_on_norms_biases_and_tokens_and_the_scaled_lr(teacher, t
 
     student = tiny_vit()
     named = [(f"student.{n}", p) for n, p in student.named_parameters()]
-    optimizer = make_optimizer(named, OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05, no_decay_1d=True,
-                                                  lr_batch_scale=512), 1024,
-                               [f"student.{n}" for n in student.no_weight_decay()])
+    optimizer = make_optimizer(
+        named,
+        OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05, no_decay_1d=True, lr_batch_scale=512),
+        1024,
+        [f"student.{n}" for n in student.no_weight_decay()],
+    )
     decay, plain = optimizer.param_groups
     assert decay["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0 and decay["lr"] == pytest.approx(2e-3)
     by_id = {id(p): n for n, p in named}
     plain_names = {by_id[id(p)] for p in plain["params"]}
-    assert {"student.cls_token", "student.dist_token", "student.pos_embed", "student.norm.weight",
-            "student.blocks.0.attn.qkv.bias"} <= plain_names
+    assert {
+        "student.cls_token",
+        "student.dist_token",
+        "student.pos_embed",
+        "student.norm.weight",
+        "student.blocks.0.attn.qkv.bias",
+    } <= plain_names
     assert all(by_id[id(p)].endswith("weight") and p.ndim > 1 for p in decay["params"])
 
 
 def test_a_dist_loss_needs_a_distillation_head(teacher, tmp_path):
     with pytest.raises(ValueError, match="use the 'dist' output, but student .* has no distillation token"):
-        train(load_config(None, overrides(teacher, "student.name=timm:vit_tiny_patch16_224")), tmp_path / "x",
-              progress=False, verbose=False)
+        train(
+            load_config(None, overrides(teacher, "student.name=timm:vit_tiny_patch16_224")),
+            tmp_path / "x",
+            progress=False,
+            verbose=False,
+        )
     with pytest.raises(ValueError, match="does not take kwargs"):
-        train(load_config(None, overrides(teacher, "student.kwargs={wings: 2}")), tmp_path / "y", progress=False,
-              verbose=False)
+        train(
+            load_config(None, overrides(teacher, "student.kwargs={wings: 2}")),
+            tmp_path / "y",
+            progress=False,
+            verbose=False,
+        )
 
 
 def test_a_balancer_drives_timms_token_distillation_task():
@@ -219,8 +280,9 @@ def test_a_balancer_drives_timms_token_distillation_task():
     from timm.task import TokenDistillationTask
 
     student, teacher = tiny_vit(), create_model("timm:resnet10t", 4, 3, 16)
-    task = TokenDistillationTask(student, teacher, criterion=torch.nn.CrossEntropyLoss(), distill_type="hard",
-                                 verbose=False)
+    task = TokenDistillationTask(
+        student, teacher, criterion=torch.nn.CrossEntropyLoss(), distill_type="hard", verbose=False
+    )
     balancer = make_balancer("dto", task.trainable_module.parameters())
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
     out = task(x, y)

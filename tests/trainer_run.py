@@ -11,11 +11,20 @@ from test_transformers_trainer import InOrder, Pairs, arguments, models
 def main(out: str, method: str, batch: int, steps: int) -> None:
     student, teacher = models()
     options = {"update": "next-step"} if method == "dto-amortized" else {}
-    trainer = InOrder(model=student, teacher=teacher, method=method, engine="representation", balancer_options=options,
-                      args=arguments(out, steps, per_device_train_batch_size=batch), train_dataset=Pairs())
+    trainer = InOrder(
+        model=student,
+        teacher=teacher,
+        method=method,
+        engine="representation",
+        balancer_options=options,
+        args=arguments(out, steps, per_device_train_batch_size=batch),
+        train_dataset=Pairs(),
+    )
     trainer.train()
-    torch.save({"model": trainer.model.state_dict(), "balancer": trainer.balancer.state_dict()},
-               f"{out}/rank{trainer.args.process_index}.pt")
+    torch.save(
+        {"model": trainer.model.state_dict(), "balancer": trainer.balancer.state_dict()},
+        f"{out}/rank{trainer.args.process_index}.pt",
+    )
 
 
 if __name__ == "__main__":

@@ -98,8 +98,10 @@ def load_matrix(path: str | Path) -> Matrix:
         raise ValueError(f"{path}: not a valid YAML matrix ({str(error).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         keys = [f.name for f in dataclasses.fields(Matrix)]
-        raise ValueError(f"{path}: a matrix is a mapping with keys {keys}; the file holds "
-                         f"{'nothing' if raw is None else type(raw).__name__}")
+        raise ValueError(
+            f"{path}: a matrix is a mapping with keys {keys}; the file holds "
+            f"{'nothing' if raw is None else type(raw).__name__}"
+        )
     try:
         matrix = from_dict(Matrix, raw, "")
     except ConfigError as error:
@@ -114,10 +116,16 @@ def load_matrix(path: str | Path) -> Matrix:
     if matrix.reference not in matrix.methods:
         raise ValueError(f"{path}: reference {matrix.reference!r} is not one of the methods {list(matrix.methods)}")
     root = path.parent.parent if path.parent.name == "configs" else Path.cwd()
-    pairs = {name: dataclasses.replace(pair, checkpoint=None if pair.checkpoint is None else str(root / pair.checkpoint))
-             for name, pair in matrix.pairs.items()}
-    return dataclasses.replace(matrix, pairs=pairs, student_config=str(root / matrix.student_config),
-                               teacher_config=str(root / matrix.teacher_config))
+    pairs = {
+        name: dataclasses.replace(pair, checkpoint=None if pair.checkpoint is None else str(root / pair.checkpoint))
+        for name, pair in matrix.pairs.items()
+    }
+    return dataclasses.replace(
+        matrix,
+        pairs=pairs,
+        student_config=str(root / matrix.student_config),
+        teacher_config=str(root / matrix.teacher_config),
+    )
 
 
 class CellsFailed(RuntimeError):
@@ -129,26 +137,42 @@ STOP_GRACE_SECONDS = 60.0
 kills the rest (``--stop-grace``)."""
 
 
-def select_cells(matrix: Matrix, *, pairs: list[str] | None = None, methods: list[str] | None = None,
-                 seeds: list[int] | None = None) -> list[tuple[str, str, int]]:
+def select_cells(
+    matrix: Matrix, *, pairs: list[str] | None = None, methods: list[str] | None = None, seeds: list[int] | None = None
+) -> list[tuple[str, str, int]]:
     """The cells to run, pair by pair, seed by seed, in the matrix's order of methods (a partial
     matrix is a whole one over fewer seeds); ``pairs`` / ``methods`` / ``seeds`` keep only those
     (``None``: all), so that the cells a question needs first can run before the rest. A name
     that is not in the matrix is refused, naming what it holds."""
     chosen = {}
-    for name, given, known in (("pairs", pairs, list(matrix.pairs)), ("methods", methods, list(matrix.methods)),
-                               ("seeds", seeds, matrix.seeds)):
+    for name, given, known in (
+        ("pairs", pairs, list(matrix.pairs)),
+        ("methods", methods, list(matrix.methods)),
+        ("seeds", seeds, matrix.seeds),
+    ):
         unknown = [v for v in given or [] if v not in known]
         if unknown:
             raise ValueError(f"--{name} {' '.join(map(str, unknown))}: not in the matrix, which has {known}")
         chosen[name] = set(given) if given else set(known)
-    return [(pair, method, seed) for pair in matrix.pairs for seed in matrix.seeds for method in matrix.methods
-            if pair in chosen["pairs"] and method in chosen["methods"] and seed in chosen["seeds"]]
+    return [
+        (pair, method, seed)
+        for pair in matrix.pairs
+        for seed in matrix.seeds
+        for method in matrix.methods
+        if pair in chosen["pairs"] and method in chosen["methods"] and seed in chosen["seeds"]
+    ]
 
 
-def run_matrix(matrix: Matrix, out: Path, *, progress: bool = False, parallel: int = 1,
-               matrix_path: Path | None = None, cells: list[tuple[str, str, int]] | None = None,
-               stop_grace: float = STOP_GRACE_SECONDS) -> Path:
+def run_matrix(
+    matrix: Matrix,
+    out: Path,
+    *,
+    progress: bool = False,
+    parallel: int = 1,
+    matrix_path: Path | None = None,
+    cells: list[tuple[str, str, int]] | None = None,
+    stop_grace: float = STOP_GRACE_SECONDS,
+) -> Path:
     """Run (or finish) every cell (or only ``cells``, see :func:`select_cells`), then aggregate
     whatever has finished; returns the markdown results path.
 
@@ -167,27 +191,42 @@ def run_matrix(matrix: Matrix, out: Path, *, progress: bool = False, parallel: i
     out.mkdir(parents=True, exist_ok=True)
     cells = select_cells(matrix) if cells is None else cells
     used = {pair for pair, _, _ in cells}
-    teachers = {name: Path(pair.checkpoint) if pair.checkpoint is not None else
-                _ensure_teacher(matrix, out / "teachers" / pair.teacher, pair.teacher, progress)
-                for name, pair in matrix.pairs.items() if name in used}
+    teachers = {
+        name: Path(pair.checkpoint)
+        if pair.checkpoint is not None
+        else _ensure_teacher(matrix, out / "teachers" / pair.teacher, pair.teacher, progress)
+        for name, pair in matrix.pairs.items()
+        if name in used
+    }
     pending = [c for c in cells if not _finished(out / c[0] / c[1] / f"seed{c[2]}")]
     began = time.perf_counter()
     if parallel == 1:
         for k, (pair, method, seed) in enumerate(pending):
             elapsed = time.perf_counter() - began
-            print(f"[bench] {k + 1}/{len(pending)} to run: {pair} {method} seed {seed} (elapsed {elapsed / 60:.1f} min)",
-                  flush=True)
+            print(
+                f"[bench] {k + 1}/{len(pending)} to run: {pair} {method} seed {seed} (elapsed {elapsed / 60:.1f} min)",
+                flush=True,
+            )
             run_cell(matrix, out, pair, method, seed, teachers[pair], progress=progress)
     else:
         _run_in_processes(matrix_path, out, pending, parallel, grace=stop_grace)  # type: ignore[arg-type]
     seconds = time.perf_counter() - began
     if pending:
-        timing = {"parallel": parallel, "cells": len(pending), "seconds": round(seconds, 2),
-                  "cells_per_minute": round(len(pending) / (seconds / 60), 3), "commit": git_commit(), "machine": machine()}
+        timing = {
+            "parallel": parallel,
+            "cells": len(pending),
+            "seconds": round(seconds, 2),
+            "cells_per_minute": round(len(pending) / (seconds / 60), 3),
+            "commit": git_commit(),
+            "machine": machine(),
+        }
         with open(out / "timing.jsonl", "a") as f:
             f.write(json.dumps(timing) + "\n")
-        print(f"[bench] {len(pending)} cell(s) in {seconds / 60:.1f} min with {parallel} at once: "
-              f"{timing['cells_per_minute']:.2f} cells per minute", flush=True)
+        print(
+            f"[bench] {len(pending)} cell(s) in {seconds / 60:.1f} min with {parallel} at once: "
+            f"{timing['cells_per_minute']:.2f} cells per minute",
+            flush=True,
+        )
     return aggregate(matrix, out)
 
 
@@ -199,11 +238,19 @@ def cell_config(matrix: Matrix, pair: str, method: str, seed: int, teacher: Path
     """The run configuration of one cell: the student config with the matrix's shared overrides,
     the pair's, the cell's name, seed, models and teacher, then the method's."""
     given = matrix.pairs[pair]
-    return load_config(matrix.student_config, [
-        *matrix.base, *given.overrides, f"name={method}", f"seed={seed}",
-        f"student.name={given.student}", f"teacher.name={given.teacher}", f"teacher.checkpoint={teacher}",
-        *matrix.methods[method],
-    ])
+    return load_config(
+        matrix.student_config,
+        [
+            *matrix.base,
+            *given.overrides,
+            f"name={method}",
+            f"seed={seed}",
+            f"student.name={given.student}",
+            f"teacher.name={given.teacher}",
+            f"teacher.checkpoint={teacher}",
+            *matrix.methods[method],
+        ],
+    )
 
 
 def check_cells(matrix: Matrix) -> None:
@@ -217,16 +264,22 @@ def check_cells(matrix: Matrix) -> None:
                 except ValueError as error:
                     raise ValueError(f"cell {pair} {method} seed {seed}: {error}") from None
                 if config.epochs < 1:
-                    raise ValueError(f"cell {pair} {method} seed {seed}: epochs={config.epochs}; a matrix cell must "
-                                     "train (epochs >= 1)")
+                    raise ValueError(
+                        f"cell {pair} {method} seed {seed}: epochs={config.epochs}; a matrix cell must "
+                        "train (epochs >= 1)"
+                    )
 
 
-def run_cell(matrix: Matrix, out: Path, pair: str, method: str, seed: int, teacher: Path | None = None, *,
-             progress: bool = False) -> None:
+def run_cell(
+    matrix: Matrix, out: Path, pair: str, method: str, seed: int, teacher: Path | None = None, *, progress: bool = False
+) -> None:
     """One cell (resumed from its checkpoint if one exists); a run whose losses become
     non-finite is recorded as diverged (``diverged.json``) rather than failing the matrix."""
-    for name, value, allowed in (("pair", pair, matrix.pairs), ("method", method, matrix.methods),
-                                 ("seed", seed, matrix.seeds)):
+    for name, value, allowed in (
+        ("pair", pair, matrix.pairs),
+        ("method", method, matrix.methods),
+        ("seed", seed, matrix.seeds),
+    ):
         if value not in allowed:
             raise ValueError(f"{name} {value!r} is not in the matrix; allowed: {list(allowed)}")
     folder = out / pair / method / f"seed{seed}"
@@ -235,12 +288,15 @@ def run_cell(matrix: Matrix, out: Path, pair: str, method: str, seed: int, teach
     given = matrix.pairs[pair]
     teacher = teacher or Path(given.checkpoint or out / "teachers" / given.teacher / "best.pt")
     if not teacher.is_file():
-        raise FileNotFoundError(f"teacher {given.teacher!r} of pair {pair!r} is not trained yet ({teacher}); "
-                                "run the matrix without --cell first")
+        raise FileNotFoundError(
+            f"teacher {given.teacher!r} of pair {pair!r} is not trained yet ({teacher}); "
+            "run the matrix without --cell first"
+        )
     config = cell_config(matrix, pair, method, seed, teacher)
     try:  # the bench owns its cell folders: a cell killed before its first checkpoint starts afresh
-        train(config, folder, resume=(folder / "checkpoint.pt").is_file(), force=True, progress=progress,
-              verbose=progress)
+        train(
+            config, folder, resume=(folder / "checkpoint.pt").is_file(), force=True, progress=progress, verbose=progress
+        )
     except NonFiniteStepError as error:
         folder.mkdir(parents=True, exist_ok=True)
         epochs = len(read_jsonl(folder / "metrics.jsonl"))
@@ -248,8 +304,9 @@ def run_cell(matrix: Matrix, out: Path, pair: str, method: str, seed: int, teach
         print(f"[bench] {pair} {method} seed {seed} diverged in epoch {epochs + 1}: {error}", flush=True)
 
 
-def _run_in_processes(matrix_path: Path, out: Path, cells: list[tuple[str, str, int]], parallel: int, *,
-                      grace: float = STOP_GRACE_SECONDS) -> None:
+def _run_in_processes(
+    matrix_path: Path, out: Path, cells: list[tuple[str, str, int]], parallel: int, *, grace: float = STOP_GRACE_SECONDS
+) -> None:
     """Run ``cells`` as ``parallel`` concurrent ``dtokd bench --cell`` processes; CPU threads are
     shared out between them unless ``OMP_NUM_THREADS`` is set. Raises once all have ended if any failed.
 
@@ -274,12 +331,32 @@ def _run_in_processes(matrix_path: Path, out: Path, cells: list[tuple[str, str, 
 
 
 def _cell_command(matrix_path: Path, out: Path, pair: str, method: str, seed: int) -> list[str]:
-    return [sys.executable, "-m", "dtokd.cli", "bench", str(matrix_path), "--out", str(out),
-            "--cell", pair, method, str(seed)]
+    return [
+        sys.executable,
+        "-m",
+        "dtokd.cli",
+        "bench",
+        str(matrix_path),
+        "--out",
+        str(out),
+        "--cell",
+        pair,
+        method,
+        str(seed),
+    ]
 
 
-def _drive(matrix_path: Path, out: Path, queue: list, running: list, failed: list, parallel: int,
-           env: dict[str, str], total: int, stop: StopRequest) -> None:
+def _drive(
+    matrix_path: Path,
+    out: Path,
+    queue: list,
+    running: list,
+    failed: list,
+    parallel: int,
+    env: dict[str, str],
+    total: int,
+    stop: StopRequest,
+) -> None:
     """Keep ``parallel`` cell processes running until ``queue`` is empty and all have ended, or
     until ``stop`` notes a signal (then return at once, with the running cells in ``running``)."""
     done = 0
@@ -289,11 +366,18 @@ def _drive(matrix_path: Path, out: Path, queue: list, running: list, failed: lis
             folder = out / pair / method / f"seed{seed}"
             folder.mkdir(parents=True, exist_ok=True)
             log = open(folder / "bench.log", "a")
-            process = subprocess.Popen(_cell_command(matrix_path, out, pair, method, seed), stdout=log,
-                                       stderr=subprocess.STDOUT, env=env,
-                                       start_new_session=True)  # a Ctrl-C reaches the cells through us, once
+            process = subprocess.Popen(
+                _cell_command(matrix_path, out, pair, method, seed),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )  # a Ctrl-C reaches the cells through us, once
             running.append(((pair, method, seed), process, log))
-            print(f"[bench] started {pair} {method} seed {seed} ({len(running)} running, {len(queue)} waiting)", flush=True)
+            print(
+                f"[bench] started {pair} {method} seed {seed} ({len(running)} running, {len(queue)} waiting)",
+                flush=True,
+            )
         time.sleep(0.2)
         for entry in list(running):
             cell, process, log = entry
@@ -304,8 +388,10 @@ def _drive(matrix_path: Path, out: Path, queue: list, running: list, failed: lis
             done += 1
             if process.returncode != 0:
                 failed.append((cell, log.name))
-            print(f"[bench] {'failed' if process.returncode else 'finished'} {' '.join(map(str, cell))} "
-                  f"({done}/{total})", flush=True)
+            print(
+                f"[bench] {'failed' if process.returncode else 'finished'} {' '.join(map(str, cell))} ({done}/{total})",
+                flush=True,
+            )
 
 
 def _stop_cells(running: list, grace: float) -> None:
@@ -321,8 +407,11 @@ def _stop_cells(running: list, grace: float) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-            print(f"[bench] killed {' '.join(map(str, cell))}: it did not stop within {grace:g} s of SIGINT "
-                  "(it resumes from its last checkpoint)", flush=True)
+            print(
+                f"[bench] killed {' '.join(map(str, cell))}: it did not stop within {grace:g} s of SIGINT "
+                "(it resumes from its last checkpoint)",
+                flush=True,
+            )
         log.close()
     running.clear()
 
@@ -331,8 +420,9 @@ def _ensure_teacher(matrix: Matrix, folder: Path, name: str, progress: bool) -> 
     if not (folder / "summary.json").is_file():
         config = load_config(matrix.teacher_config, [f"student.name={name}", f"name=teacher-{name}", "seed=0"])
         print(f"[bench] training teacher {name} into {folder}", flush=True)
-        train(config, folder, resume=(folder / "checkpoint.pt").is_file(), force=True, progress=progress,
-              verbose=progress)
+        train(
+            config, folder, resume=(folder / "checkpoint.pt").is_file(), force=True, progress=progress, verbose=progress
+        )
     return folder / "best.pt"
 
 
@@ -360,8 +450,9 @@ def cell_statistics(folders: list[Path]) -> dict[str, Any]:
     cell["curve_split"] = split
     cell["curve_epochs"] = [rows[0][e]["epoch"] + 1 for e in range(count)]
     cell["curve"] = [statistics.fmean(run[e][f"{split}_{m}"] for run in rows) for e in range(count)]
-    cell["curve_std"] = [statistics.stdev([run[e][f"{split}_{m}"] for run in rows]) if len(rows) > 1 else 0.0
-                         for e in range(count)]
+    cell["curve_std"] = [
+        statistics.stdev([run[e][f"{split}_{m}"] for run in rows]) if len(rows) > 1 else 0.0 for e in range(count)
+    ]
     for key in sorted({k for row in steps for k in row if k.startswith(("loss_weight/", "weight/"))}):
         cell[key] = statistics.fmean(row[key] for row in steps if key in row)
     first_weight = next((k for k in sorted({k for row in steps for k in row}) if k.startswith("loss_weight/")), None)
@@ -376,8 +467,9 @@ def cell_statistics(folders: list[Path]) -> dict[str, Any]:
         if "update_ratio" in row and math.isfinite(row["update_ratio"]):
             ratios.setdefault(row["step"], []).append(row["update_ratio"])
     cell["update_ratio_curve"] = [(step, statistics.fmean(v)) for step, v in sorted(ratios.items())]
-    cell["update_ratio"] = (math.exp(statistics.fmean(math.log(r) for v in ratios.values() for r in v if r > 0))
-                            if ratios else None)  # geometric mean over the logged steps
+    cell["update_ratio"] = (
+        math.exp(statistics.fmean(math.log(r) for v in ratios.values() for r in v if r > 0)) if ratios else None
+    )  # geometric mean over the logged steps
     conflicts = [row["conflict"] for row in steps if "conflict" in row]
     dominances = [row["dominance"] for row in steps if "dominance" in row and 0 < row["dominance"] < math.inf]
     cell["conflict"] = statistics.fmean(conflicts) if conflicts else None
@@ -391,8 +483,9 @@ def _curve_split(metrics: list[list[dict[str, Any]]], metric: str) -> str:
     return "test" if rows and all(f"test_{metric}" in row for row in rows) else "val"
 
 
-def paired_differences(folder: Path, method: str, reference: str, seeds: list[int],
-                       metric: str) -> tuple[float, float, int]:
+def paired_differences(
+    folder: Path, method: str, reference: str, seeds: list[int], metric: str
+) -> tuple[float, float, int]:
     """Mean and standard deviation over seeds of ``method - reference`` in test metric at the
     epoch chosen on validation, over the seeds both finished (same seed: same initialisation and
     batches), and how many seeds that is."""
@@ -415,24 +508,38 @@ def aggregate(matrix: Matrix, out: Path) -> Path:
         target = reference["curve"][-1] if reference["curve"] else math.nan
         tuned = None
         if matrix.grid_prefix:
-            grid = [m for m in cells if (m.startswith(matrix.grid_prefix) or m == matrix.reference) and cells[m]["seeds"]]
+            grid = [
+                m for m in cells if (m.startswith(matrix.grid_prefix) or m == matrix.reference) and cells[m]["seeds"]
+            ]
             tuned = max(grid, key=lambda m: cells[m][f"best_val_{cells[m]['metric']}"]) if len(grid) >= 2 else None
         for method, cell in cells.items():
             if not cell["seeds"] and not cell["diverged"]:
                 continue
             reach = next((epoch for epoch, acc in zip(cell["curve_epochs"], cell["curve"]) if acc >= target), None)
             if not cell["seeds"]:
-                rows.append({"pair": pair, "method": method, **cell, "epochs_to_reference_final": None,
-                             "time_vs_reference": math.nan})
+                rows.append(
+                    {
+                        "pair": pair,
+                        "method": method,
+                        **cell,
+                        "epochs_to_reference_final": None,
+                        "time_vs_reference": math.nan,
+                    }
+                )
                 continue
             paired = paired_differences(out / pair, method, matrix.reference, matrix.seeds, cell["metric"])
-            rows.append({
-                "pair": pair, "method": method + (" (tuned on val)" if method == tuned else ""), **cell,
-                "epochs_to_reference_final": reach,
-                "time_vs_reference": cell["seconds_per_epoch_min"] / reference["seconds_per_epoch_min"],
-                "paired_vs_reference": paired[0], "paired_vs_reference_std": paired[1],
-                "paired_seeds": paired[2],
-            })
+            rows.append(
+                {
+                    "pair": pair,
+                    "method": method + (" (tuned on val)" if method == tuned else ""),
+                    **cell,
+                    "epochs_to_reference_final": reach,
+                    "time_vs_reference": cell["seconds_per_epoch_min"] / reference["seconds_per_epoch_min"],
+                    "paired_vs_reference": paired[0],
+                    "paired_vs_reference_std": paired[1],
+                    "paired_seeds": paired[2],
+                }
+            )
     csv_path, md_path = out / "results.csv", out / "results.md"
     series = ("curve", "curve_std", "curve_epochs", "weight_curve", "weight_curve_name", "update_ratio_curve")
     scalar_keys = [k for k in rows[0] if k not in series] if rows else []
@@ -467,7 +574,8 @@ def _metric(rows: list[dict[str, Any]]) -> str:
 def _markdown(matrix: Matrix, rows: list[dict[str, Any]], plots: list[Path]) -> str:
     m = _metric(rows)
     lines = [
-        f"# Accuracy benchmark: {matrix.name}", "",
+        f"# Accuracy benchmark: {matrix.name}",
+        "",
         f"- commit `{git_commit()[:10]}`; machine: {machine()}",
         f"- seeds {matrix.seeds}; shared overrides: `{' '.join(matrix.base)}`; run config `{Path(matrix.student_config).name}`",
         f"- reference for time ratios and convergence: `{matrix.reference}`; accuracies: mean ± standard deviation over "
@@ -476,7 +584,8 @@ def _markdown(matrix: Matrix, rows: list[dict[str, Any]], plots: list[Path]) -> 
         f"{m} at best val, same seed = same initialisation and batches (n: seeds both finished); epochs to "
         f"ref. final: on the {rows[0]['curve_split'] if rows else 'test'} curve; step length / ref.: the "
         "geometric mean over logged steps of the update's length over the reference weights' at the same step",
-        "", f"| pair | method | test {m} at best val | paired vs ref. (n) | best test {m} | last test {m} | "
+        "",
+        f"| pair | method | test {m} at best val | paired vs ref. (n) | best test {m} | last test {m} | "
         "epochs to ref. final | s / epoch (min) | time / ref. | mean weights (on raw loss grads) | conflict | "
         "dominance | step length / ref. |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -530,33 +639,70 @@ def _plots(matrix: Matrix, rows: list[dict[str, Any]], out: Path) -> list[Path]:
                 continue
             x = r["curve_epochs"]
             ax.plot(x, r["curve"], label=r["method"])
-            ax.fill_between(x, [m - s for m, s in zip(r["curve"], r["curve_std"])],
-                            [m + s for m, s in zip(r["curve"], r["curve_std"])], alpha=0.12)
+            ax.fill_between(
+                x,
+                [m - s for m, s in zip(r["curve"], r["curve_std"])],
+                [m + s for m, s in zip(r["curve"], r["curve_std"])],
+                alpha=0.12,
+            )
         if len(shown) < len(pair_rows):
-            ax.text(0.01, 0.01, "not shown (collapsed or diverged): " + ", ".join(r["method"] for r in pair_rows if r not in shown),
-                    transform=ax.transAxes, fontsize=6)
-        split_label = label if not pair_rows or pair_rows[0]["curve_split"] == "test" else label.replace("test", "validation")
+            ax.text(
+                0.01,
+                0.01,
+                "not shown (collapsed or diverged): " + ", ".join(r["method"] for r in pair_rows if r not in shown),
+                transform=ax.transAxes,
+                fontsize=6,
+            )
+        split_label = (
+            label if not pair_rows or pair_rows[0]["curve_split"] == "test" else label.replace("test", "validation")
+        )
         paths.append(save(fig, ax, f"accuracy_{pair}.png", "epoch", f"{split_label}, mean ± std over seeds", pair))
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in pair_rows:
             if r["weight_curve"]:
                 ax.plot(*zip(*r["weight_curve"]), label=r["method"])
         ax.set_yscale("symlog", linthresh=0.1)
-        paths.append(save(fig, ax, f"weights_{pair}.png", "step", "coefficient on the first loss (distill), mean over seeds",
-                          f"{pair}: weights over training"))
+        paths.append(
+            save(
+                fig,
+                ax,
+                f"weights_{pair}.png",
+                "step",
+                "coefficient on the first loss (distill), mean over seeds",
+                f"{pair}: weights over training",
+            )
+        )
         if any(r["update_ratio_curve"] for r in pair_rows):
             fig, ax = plt.subplots(figsize=(7, 4.5))
             for r in pair_rows:
                 if r["update_ratio_curve"]:
                     ax.plot(*zip(*r["update_ratio_curve"]), label=r["method"])
             ax.set_yscale("log")
-            paths.append(save(fig, ax, f"update_length_{pair}.png", "step",
-                              "update length / the reference's at the same step (mean over seeds)",
-                              f"{pair}: how long each step is against the reference weights"))
+            paths.append(
+                save(
+                    fig,
+                    ax,
+                    f"update_length_{pair}.png",
+                    "step",
+                    "update length / the reference's at the same step (mean over seeds)",
+                    f"{pair}: how long each step is against the reference weights",
+                )
+            )
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for r in pair_rows:
-            ax.errorbar(r["time_vs_reference"], r[f"test_{m}_at_best_val"], yerr=r[f"test_{m}_at_best_val_std"], fmt="o")
+            ax.errorbar(
+                r["time_vs_reference"], r[f"test_{m}_at_best_val"], yerr=r[f"test_{m}_at_best_val_std"], fmt="o"
+            )
             ax.annotate(r["method"], (r["time_vs_reference"], r[f"test_{m}_at_best_val"]), fontsize=6)
-        paths.append(save(fig, ax, f"cost_{pair}.png", f"time per epoch / {matrix.reference}", f"{label} at best val",
-                          f"{pair}: accuracy against cost", legend=False))
+        paths.append(
+            save(
+                fig,
+                ax,
+                f"cost_{pair}.png",
+                f"time per epoch / {matrix.reference}",
+                f"{label} at best val",
+                f"{pair}: accuracy against cost",
+                legend=False,
+            )
+        )
     return paths

@@ -26,32 +26,55 @@ from dtokd.train.records import git_commit
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML config file (see configs/); with --resume, optional: "
-                        "the run's saved config.yaml is used")
+    parser.add_argument(
+        "config",
+        nargs="?",
+        help="YAML config file (see configs/); with --resume, optional: the run's saved config.yaml is used",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1 epochs=20")
-    parser.add_argument("--out", help="run folder (default: runs/<name>, with -<method> added when --balancer "
-                        "changes the config's method)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, "
-                        "with its saved configuration")
-    parser.add_argument("--extend-epochs", type=int, metavar="N", help="with --resume: lengthen the run to N epochs "
-                        "(the schedule of an N-epoch run applies from the resumed epoch on)")
+    parser.add_argument(
+        "--out",
+        help="run folder (default: runs/<name>, with -<method> added when --balancer changes the config's method)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint, with its saved configuration",
+    )
+    parser.add_argument(
+        "--extend-epochs",
+        type=int,
+        metavar="N",
+        help="with --resume: lengthen the run to N epochs "
+        "(the schedule of an N-epoch run applies from the resumed epoch on)",
+    )
     parser.add_argument("--force", action="store_true", help="replace a previous run's files in --out")
     parser.add_argument("--data-root", help="where the data set lives (same as data.root=...)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (the per-epoch lines stay)")
-    parser.add_argument("--dry-run", action="store_true", help="build everything from the config and run two "
-                        "steps on a small generated image folder (teacher with random weights); writes nothing")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build everything from the config and run two "
+        "steps on a small generated image folder (teacher with random weights); writes nothing",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from dtokd.balancing import BALANCERS
 
-    parser = argparse.ArgumentParser(prog="dtokd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="dtokd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _common(sub.add_parser("train", help="train a model alone (a teacher, or a student baseline)"))
     distill = sub.add_parser("distill", help="distil a teacher into a student with a balancer")
     _common(distill)
-    distill.add_argument("--balancer", choices=BALANCERS, metavar="METHOD",
-                         help=f"balancing method (same as balancer.method=...): {', '.join(BALANCERS)}")
+    distill.add_argument(
+        "--balancer",
+        choices=BALANCERS,
+        metavar="METHOD",
+        help=f"balancing method (same as balancer.method=...): {', '.join(BALANCERS)}",
+    )
     evaluate = sub.add_parser("eval", help="evaluate a run's model on its test split, with the run's data settings")
     evaluate.add_argument("run", help="run folder")
     evaluate.add_argument("--which", choices=("best", "last"), default="best")
@@ -66,16 +89,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="output folder (default: runs/bench_<file stem>)")
     bench.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables and plots")
     bench.add_argument("--progress", action="store_true", help="progress bars for every run")
-    bench.add_argument("--parallel", type=int, default=1, metavar="N",
-                       help="run N cells at once, one process each, on the same device (default 1)")
+    bench.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N cells at once, one process each, on the same device (default 1)",
+    )
     bench.add_argument("--pairs", nargs="+", metavar="PAIR", help="run only these pairs' cells")
     bench.add_argument("--methods", nargs="+", metavar="METHOD", help="run only these methods' cells")
     bench.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="run only these seeds' cells")
-    bench.add_argument("--stop-grace", type=float, default=60.0, metavar="SECONDS",
-                       help="on SIGINT/SIGTERM/SIGHUP, how long to wait for the cells to stop before killing "
-                            "them (default 60; checkpoints are atomic either way)")
-    bench.add_argument("--cell", nargs=3, metavar=("PAIR", "METHOD", "SEED"),
-                       help="run only this cell (its teacher must be trained); used by --parallel")
+    bench.add_argument(
+        "--stop-grace",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM/SIGHUP, how long to wait for the cells to stop before killing "
+        "them (default 60; checkpoints are atomic either way)",
+    )
+    bench.add_argument(
+        "--cell",
+        nargs=3,
+        metavar=("PAIR", "METHOD", "SEED"),
+        help="run only this cell (its teacher must be trained); used by --parallel",
+    )
     demo = sub.add_parser("demo", help="Fashion-MNIST: teacher, then a student alone / fixed KD / DTO-KD")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a tiny version for smoke tests")
@@ -111,13 +148,23 @@ def _run_training(args: argparse.Namespace, distill: bool) -> int:
         return _dry_run(config, args.command)
     folder = Path(args.out) if args.out else _default_folder(args, config)
     try:
-        summary = train(config, folder, resume=args.resume, force=args.force, extend_epochs=args.extend_epochs,
-                        progress=not args.quiet, config_file=Path(args.config) if args.config else None)
+        summary = train(
+            config,
+            folder,
+            resume=args.resume,
+            force=args.force,
+            extend_epochs=args.extend_epochs,
+            progress=not args.quiet,
+            config_file=Path(args.config) if args.config else None,
+        )
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
             if (folder / "checkpoint.pt").is_file():
-                print(f"\ninterrupted; the last checkpoint is kept. Resume with:\n  dtokd {args.command} --resume "
-                      f"--out {folder}", file=sys.stderr)
+                print(
+                    f"\ninterrupted; the last checkpoint is kept. Resume with:\n  dtokd {args.command} --resume "
+                    f"--out {folder}",
+                    file=sys.stderr,
+                )
             else:
                 print("\ninterrupted before the first checkpoint; nothing was kept", file=sys.stderr)
         return 130
@@ -164,30 +211,44 @@ def _dry_run(config, command: str) -> int:
             classes = data_of(dataclasses.replace(config, data=data)).num_classes
         elif config.task == "detection":  # a tiny generated COCO-format set at the config's image size
             classes = 2
-            data = dataclasses.replace(config.data, name="synthetic-coco", root=None, val_fraction=0.25,
-                                       limit_train=None, workers=0,
-                                       synthetic={"train_images": 8, "val_images": 2, "classes": classes})
+            data = dataclasses.replace(
+                config.data,
+                name="synthetic-coco",
+                root=None,
+                val_fraction=0.25,
+                limit_train=None,
+                workers=0,
+                synthetic={"train_images": 8, "val_images": 2, "classes": classes},
+            )
         elif config.data.name in ("cifar10", "cifar100"):
             classes = 10 if config.data.name == "cifar10" else 100
             root = write_fake_cifar(scratch / "cifar", classes, per_class=2)
             data = dataclasses.replace(config.data, root=str(root), val_fraction=0.25, limit_train=None)
         else:
             classes = 4
-            root = write_fake_image_folder(scratch / "images", classes=classes, per_class={"train": 4, "val": 1},
-                                           image_size=size)
+            root = write_fake_image_folder(
+                scratch / "images", classes=classes, per_class={"train": 4, "val": 1}, image_size=size
+            )
             streamed = config.data.name == "image-folder-stream"
-            data = dataclasses.replace(config.data, name="image-folder-stream" if streamed else "image-folder",
-                                       root=str(root), val_fraction=0.25, limit_train=None,
-                                       workers=0 if streamed else config.data.workers)
+            data = dataclasses.replace(
+                config.data,
+                name="image-folder-stream" if streamed else "image-folder",
+                root=str(root),
+                val_fraction=0.25,
+                limit_train=None,
+                workers=0 if streamed else config.data.workers,
+            )
         teacher = dataclasses.replace(config.teacher, kwargs=_without_weight_files(config.teacher.kwargs))
         if teacher.name and not names_a_local_folder(teacher.name):  # a local LM folder brings its own weights
             weights = scratch / "teacher.pt"
             torch.save(create_model(teacher.name, classes, 3, size, teacher.kwargs).state_dict(), weights)
             teacher = dataclasses.replace(teacher, checkpoint=str(weights), key_map=None)
-        student = dataclasses.replace(config.student, weights=None, key_map=None,
-                                      kwargs=_without_weight_files(config.student.kwargs))
-        dry = dataclasses.replace(config, data=data, teacher=teacher, student=student, batch_size=4, eval_batch_size=4,
-                                  epochs=1, log_every=1)
+        student = dataclasses.replace(
+            config.student, weights=None, key_map=None, kwargs=_without_weight_files(config.student.kwargs)
+        )
+        dry = dataclasses.replace(
+            config, data=data, teacher=teacher, student=student, batch_size=4, eval_batch_size=4, epochs=1, log_every=1
+        )
         try:
             summary = train(dry, scratch / "run", progress=False, verbose=False, max_steps=2)
         finally:
@@ -197,9 +258,11 @@ def _dry_run(config, command: str) -> int:
                 os.environ["DTOKD_CACHE"] = cache
         steps = (scratch / "run" / "steps.jsonl").read_text().splitlines()
     losses = {k: round(v, 4) for k, v in json.loads(steps[-1]).items() if k.startswith("loss/")}
-    print(f"dtokd {command} --dry-run: {config.name}: student {config.student.name}, teacher {config.teacher.name}, "
-          f"balancer {config.balancer.method}/{config.balancer.engine}; 2 steps ran, last losses {losses}; "
-          f"evaluation ran (test {summary['metric']} {summary['last_test_' + summary['metric']]:.1f} on random data)")
+    print(
+        f"dtokd {command} --dry-run: {config.name}: student {config.student.name}, teacher {config.teacher.name}, "
+        f"balancer {config.balancer.method}/{config.balancer.engine}; 2 steps ran, last losses {losses}; "
+        f"evaluation ran (test {summary['metric']} {summary['last_test_' + summary['metric']]:.1f} on random data)"
+    )
     return 0
 
 
@@ -238,8 +301,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     config = load_config(folder / "config.yaml", [f"data.root={args.data_root}"] if args.data_root else [])
     device = resolve_device(args.device)
     data = data_of(config, augment=False)
-    model = create_model(config.student.name, data.num_classes, data.in_channels, data.image_size,
-                         config.student.kwargs).to(device)
+    model = create_model(
+        config.student.name, data.num_classes, data.in_channels, data.image_size, config.student.kwargs
+    ).to(device)
     path = folder / ("best.pt" if args.which == "best" else "checkpoint.pt")
     state = load_checked(path, {"student": config.student.name, "num_classes": data.num_classes})
     model.load_state_dict(state["model"] if "model" in state else state["student"])
@@ -248,8 +312,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     elif config.task == "causal-lm":
         result = evaluate_causal_lm(model, data.test, config.eval_batch_size, device)
     else:
-        if has_distillation_head(model) and any(s.get("output") == "dist"
-                                                for s in resolve_loss_specs(config.losses).values()):
+        if has_distillation_head(model) and any(
+            s.get("output") == "dist" for s in resolve_loss_specs(config.losses).values()
+        ):
             model.set_distilled_training(True)  # as in training: the two heads are averaged and reported
         result = evaluate_classifier(model, data.test, config.eval_batch_size, device)
     print(json.dumps({"run": str(folder), "checkpoint": path.name, "epoch": state["epoch"], **result}, indent=2))
@@ -301,9 +366,19 @@ def _bench(args: argparse.Namespace) -> int:
             return 0
         cells = select_cells(matrix, pairs=args.pairs, methods=args.methods, seeds=args.seeds)
         try:
-            path = aggregate(matrix, out) if args.aggregate_only else run_matrix(
-                matrix, out, progress=args.progress, parallel=args.parallel, matrix_path=Path(args.matrix),
-                cells=cells, stop_grace=args.stop_grace)
+            path = (
+                aggregate(matrix, out)
+                if args.aggregate_only
+                else run_matrix(
+                    matrix,
+                    out,
+                    progress=args.progress,
+                    parallel=args.parallel,
+                    matrix_path=Path(args.matrix),
+                    cells=cells,
+                    stop_grace=args.stop_grace,
+                )
+            )
         except CellsFailed as error:
             print(f"dtokd bench: {error}", file=sys.stderr)
             return 1
@@ -311,10 +386,16 @@ def _bench(args: argparse.Namespace) -> int:
         if args.cell:  # a cell of a parallel bench: the bench says how to finish
             print(f"\ninterrupted ({interrupt}); the cell keeps its last checkpoint", file=sys.stderr)
         else:
-            selection = "".join(f" --{name} {' '.join(map(str, values))}" for name, values in
-                                (("pairs", args.pairs), ("methods", args.methods), ("seeds", args.seeds)) if values)
-            print(f"\ninterrupted ({interrupt}); every cell keeps its last checkpoint. Finish the matrix with:\n"
-                  f"  dtokd bench {args.matrix} --out {out} --parallel {args.parallel}{selection}", file=sys.stderr)
+            selection = "".join(
+                f" --{name} {' '.join(map(str, values))}"
+                for name, values in (("pairs", args.pairs), ("methods", args.methods), ("seeds", args.seeds))
+                if values
+            )
+            print(
+                f"\ninterrupted ({interrupt}); every cell keeps its last checkpoint. Finish the matrix with:\n"
+                f"  dtokd bench {args.matrix} --out {out} --parallel {args.parallel}{selection}",
+                file=sys.stderr,
+            )
         return 130
     print(f"results: {path}")
     return 0

@@ -12,7 +12,12 @@ from dtokd.train import load_config, train
 from dtokd.train.config import to_dict
 
 VARIANTS = {
-    "student-alone": ["teacher.name=null", "teacher.checkpoint=null", "losses={task: {type: ce}}", "balancer.method=fixed"],
+    "student-alone": [
+        "teacher.name=null",
+        "teacher.checkpoint=null",
+        "losses={task: {type: ce}}",
+        "balancer.method=fixed",
+    ],
     "fixed-kd": ["balancer.method=fixed", "balancer.options={weights: {distill: 0.9, task: 0.1}}"],
     "dto-kd": ["balancer.method=dto"],
 }
@@ -38,14 +43,18 @@ def run_demo(out: Path, *, quick: bool = False, data_root: str | None = None) ->
     if _finished_with(teacher_dir, teacher_cfg):
         print(f"[demo] teacher: reusing the trained teacher in {teacher_dir}")
     else:
-        print(f"[demo] training the teacher ({teacher_cfg.student.name}, {teacher_cfg.epochs} epochs) into {teacher_dir}")
+        print(
+            f"[demo] training the teacher ({teacher_cfg.student.name}, {teacher_cfg.epochs} epochs) into {teacher_dir}"
+        )
         resume = (teacher_dir / "checkpoint.pt").is_file() and _same_config(teacher_dir, teacher_cfg)
         train(teacher_cfg, teacher_dir, resume=resume, force=True)  # force: replaces only a previous run's files
     folders, times = [], {}
     for name, overrides in VARIANTS.items():
         folder = out / name
-        cfg = load_config(configs / "fmnist_distill_mlp.yaml",
-                          common + [f"name={name}", f"teacher.checkpoint={teacher_dir / 'best.pt'}"] + overrides)
+        cfg = load_config(
+            configs / "fmnist_distill_mlp.yaml",
+            common + [f"name={name}", f"teacher.checkpoint={teacher_dir / 'best.pt'}"] + overrides,
+        )
         print(f"[demo] training the student: {name}")
         began = time.perf_counter()
         train(cfg, folder, force=True)

@@ -93,8 +93,10 @@ def hold_folder(folder: Path):
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
-        raise FileExistsError(f"{folder} is in use by another dtokd process (pid {holder}); wait for it to end or "
-                              "stop it before running in this folder") from None
+        raise FileExistsError(
+            f"{folder} is in use by another dtokd process (pid {holder}); wait for it to end or "
+            "stop it before running in this folder"
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")

@@ -70,8 +70,9 @@ def run_metric(runs: list[dict[str, Any]]) -> str:
     """The metric the runs are compared on (``top1``, or ``AP`` for detection); one for all."""
     metrics = sorted({r["summary"].get("metric", "top1") for r in runs})
     if len(metrics) > 1:
-        raise ValueError(f"the runs report different metrics {metrics} (classification and detection); "
-                         "report them separately")
+        raise ValueError(
+            f"the runs report different metrics {metrics} (classification and detection); report them separately"
+        )
     return metrics[0]
 
 
@@ -80,18 +81,22 @@ def table(runs: list[dict[str, Any]]) -> str:
     for detection also the last epoch's AP50, AP75, APs, APm, APl."""
     m = run_metric(runs)
     details = DETAIL_METRICS[m]
-    rows = [f"| run | method | seed | epochs | teacher val / test {m} | best val {m} | test {m} at best val | "
-            f"best test {m} | last test {m} | " + "".join(f"last test {d} | " for d in details) + "s / epoch |",
-            "|---|---|---|---|---|---|---|---|---|" + "---|" * len(details) + "---|"]
+    rows = [
+        f"| run | method | seed | epochs | teacher val / test {m} | best val {m} | test {m} at best val | "
+        f"best test {m} | last test {m} | " + "".join(f"last test {d} | " for d in details) + "s / epoch |",
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(details) + "---|",
+    ]
     for run in runs:
         s, t = run["summary"], run["teacher"]
         last = run["metrics"][-1] if run["metrics"] else {}
         teacher = f"{_fmt(t.get(f'val_{m}'))} / {_fmt(t.get(f'test_{m}'))}" if t else "-"
-        rows.append(f"| {run['name']} | {s.get('method', '?')} | {s.get('seed', '?')} | {s.get('epochs_run', len(run['metrics']))} | "
-                    f"{teacher} | {_fmt(s.get(f'best_val_{m}'))} | {_fmt(s.get(f'test_{m}_at_best_val'))} | "
-                    f"{_fmt(s.get(f'best_test_{m}'))} | {_fmt(s.get(f'last_test_{m}'))} | "
-                    + "".join(f"{_fmt(last.get(f'test_{d}'))} | " for d in details)
-                    + f"{_fmt(s.get('seconds_per_epoch'), 1)} |")
+        rows.append(
+            f"| {run['name']} | {s.get('method', '?')} | {s.get('seed', '?')} | {s.get('epochs_run', len(run['metrics']))} | "
+            f"{teacher} | {_fmt(s.get(f'best_val_{m}'))} | {_fmt(s.get(f'test_{m}_at_best_val'))} | "
+            f"{_fmt(s.get(f'best_test_{m}'))} | {_fmt(s.get(f'last_test_{m}'))} | "
+            + "".join(f"{_fmt(last.get(f'test_{d}'))} | " for d in details)
+            + f"{_fmt(s.get('seconds_per_epoch'), 1)} |"
+        )
     return "\n".join(rows)
 
 
@@ -100,7 +105,10 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def _curves(runs: list[dict[str, Any]], path: Path, key: str, label: str) -> Path | None:
-    series = [(r["name"], [m["epoch"] + 1 for m in r["metrics"] if key in m], [m[key] for m in r["metrics"] if key in m]) for r in runs]
+    series = [
+        (r["name"], [m["epoch"] + 1 for m in r["metrics"] if key in m], [m[key] for m in r["metrics"] if key in m])
+        for r in runs
+    ]
     series = [s for s in series if s[1]]
     if not series:
         return None
@@ -125,7 +133,7 @@ def _step_plot(runs: list[dict[str, Any]], path: Path, key: str, label: str, log
         for k in keys:
             points = [(row["step"], row[k]) for row in run["steps"] if k in row]
             if points:
-                suffix = f" {k[len(key):]}" if key.endswith("/") else ""
+                suffix = f" {k[len(key) :]}" if key.endswith("/") else ""
                 ax.plot(*zip(*points), label=f"{run['name']}{suffix}")
                 drawn = True
     if not drawn:

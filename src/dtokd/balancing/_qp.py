@@ -24,9 +24,7 @@ import numpy as np
 _MAX_ITERATIONS_PER_DIM = 50
 
 
-def solve_bounded_min_norm(
-    gram: np.ndarray, lower: np.ndarray, *, sum_to_one: bool, start: np.ndarray
-) -> np.ndarray:
+def solve_bounded_min_norm(gram: np.ndarray, lower: np.ndarray, *, sum_to_one: bool, start: np.ndarray) -> np.ndarray:
     """Minimise ``x^T gram x`` over ``x >= lower`` (and ``sum(x) == 1`` if asked).
 
     ``start`` must be feasible. ``gram`` should be normalised (e.g. unit trace): the
@@ -86,9 +84,7 @@ def _face_step(gram: np.ndarray, x: np.ndarray, free: np.ndarray, sum_to_one: bo
     return np.linalg.lstsq(q_ff, -gradient, rcond=None)[0]
 
 
-def _bound_multipliers(
-    gram: np.ndarray, x: np.ndarray, free: np.ndarray, sum_to_one: bool
-) -> np.ndarray:
+def _bound_multipliers(gram: np.ndarray, x: np.ndarray, free: np.ndarray, sum_to_one: bool) -> np.ndarray:
     """Lagrange multipliers mu of ``x >= lower`` from  Q x = mu + nu 1  (nu: equality's)."""
     gradient = gram @ x
     nu = gradient[free].mean() if (sum_to_one and free.any()) else 0.0

@@ -139,10 +139,13 @@ class AmortizedDTOBalancer(Balancer):
     def _place(self, device: torch.device, m: int) -> None:
         """Create the learner's state (zeros) on ``device``, or move it there."""
         if self.logits is None:
-            self.logits, self._exp_avg, self._exp_avg_sq = (torch.zeros(m, dtype=torch.float64, device=device) for _ in range(3))
+            self.logits, self._exp_avg, self._exp_avg_sq = (
+                torch.zeros(m, dtype=torch.float64, device=device) for _ in range(3)
+            )
         elif self.logits.device != device:
             self.logits, self._exp_avg, self._exp_avg_sq = (
-                t.to(device) for t in (self.logits, self._exp_avg, self._exp_avg_sq)  # type: ignore[union-attr]
+                t.to(device)
+                for t in (self.logits, self._exp_avg, self._exp_avg_sq)  # type: ignore[union-attr]
             )
             self._before = None if self._before is None else self._before.to(device)
 
@@ -151,8 +154,11 @@ class AmortizedDTOBalancer(Balancer):
         if self.logits is not None:
             state.update(
                 logits=self.logits.cpu().clone(),
-                adam={"exp_avg": self._exp_avg.cpu().clone(), "exp_avg_sq": self._exp_avg_sq.cpu().clone(),  # type: ignore[union-attr]
-                      "steps": self._adam_steps},
+                adam={
+                    "exp_avg": self._exp_avg.cpu().clone(),
+                    "exp_avg_sq": self._exp_avg_sq.cpu().clone(),  # type: ignore[union-attr]
+                    "steps": self._adam_steps,
+                },
                 before=None if self._before is None else self._before.cpu().clone(),
             )
         return state

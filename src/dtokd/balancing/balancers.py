@@ -52,8 +52,9 @@ class RuleBalancer(Balancer):
             value = options.get(option)
             if isinstance(value, Mapping):
                 if set(value) != set(names):
-                    raise ValueError(f"{self.method}: {option} are given for {sorted(value)}, "
-                                     f"but the losses are {sorted(names)}")
+                    raise ValueError(
+                        f"{self.method}: {option} are given for {sorted(value)}, but the losses are {sorted(names)}"
+                    )
                 options[option] = [float(value[n]) for n in names]
         for option in self.rule.loss_index:
             value = options.get(option)
@@ -81,7 +82,6 @@ class RuleBalancer(Balancer):
 
 BALANCERS: tuple[str, ...] = (*rules.RULES, "dto-amortized", "gradnorm")
 """Every method :func:`make_balancer` knows."""
-
 
 
 def _log_losses_by_default(method: str) -> bool:

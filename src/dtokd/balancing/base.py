@@ -252,8 +252,11 @@ class Balancer:
         checked, then written). The device path needs a rule with a device form, errors that
         raise (skipping a step needs its values first), and, when the step has a Gram, an engine
         that does not check its Gram before writing (:attr:`~dtokd.balancing.engines.ExactEngine.checks_before_writing`)."""
-        return (self.on_nonfinite == "raise" and self._has_device_rule(num_losses)
-                and not (with_gram and self.engine.checks_before_writing))
+        return (
+            self.on_nonfinite == "raise"
+            and self._has_device_rule(num_losses)
+            and not (with_gram and self.engine.checks_before_writing)
+        )
 
     def can_defer_checks(self, num_losses: int) -> bool:
         """Whether every step of this balancer over ``num_losses`` objectives, diagnostic steps
@@ -274,8 +277,12 @@ class Balancer:
         return self.needs_gram or self.rescale == "norm"
 
     def _host_step(
-        self, values: Tensor, gradients: ObjectiveGradients | None, scaled: dict[str, Tensor],
-        scaler: torch.amp.GradScaler | None, device: torch.device,
+        self,
+        values: Tensor,
+        gradients: ObjectiveGradients | None,
+        scaled: dict[str, Tensor],
+        scaler: torch.amp.GradScaler | None,
+        device: torch.device,
     ) -> StepInfo:
         """The step on the host: one read (losses, Gram, loss scale), the checks, the rule in
         float64 on the CPU, then the update; a failed check writes nothing (except a GradScaler
@@ -288,16 +295,28 @@ class Balancer:
             return self._refuse(problem, values, gradients, scaler is not None, device)
         divisors = self._divisors(values)
         gram = None if raw_gram is None else raw_gram / torch.outer(divisors, divisors)
-        pi, coefficients = self._coefficients(self._weights(gram if self.needs_gram else None, values), divisors,
-                                              raw_gram)
+        pi, coefficients = self._coefficients(
+            self._weights(gram if self.needs_gram else None, values), divisors, raw_gram
+        )
         self._write(gradients, scaled, coefficients)
         if raw_gram is not None:
             self._warn_zero_gradients(raw_gram, pi)
-        return StepInfo(self.names, values, pi, coefficients, gram, raw_gram, device=device,  # type: ignore[arg-type]
-                        reference=self._reference(values))
+        return StepInfo(
+            self.names,
+            values,
+            pi,
+            coefficients,
+            gram,
+            raw_gram,
+            device=device,  # type: ignore[arg-type]
+            reference=self._reference(values),
+        )
 
     def _device_step(
-        self, values: Tensor, gradients: ObjectiveGradients | None, scaled: dict[str, Tensor],
+        self,
+        values: Tensor,
+        gradients: ObjectiveGradients | None,
+        scaled: dict[str, Tensor],
         scaler: torch.amp.GradScaler | None,
     ) -> StepInfo:
         """The step with no host synchronisation before the update is written: the weights, the
@@ -319,8 +338,16 @@ class Balancer:
             finite = torch.isfinite(raw_gram).all()
             pi, coefficients = torch.where(finite, pi, math.nan), torch.where(finite, coefficients, math.nan)
         self._write(gradients, scaled, coefficients)
-        info = StepInfo(self.names, values, pi, coefficients, gram, raw_gram, overflow_skips=scaler is not None,  # type: ignore[arg-type]
-                        reference=self._reference(values))
+        info = StepInfo(
+            self.names,
+            values,
+            pi,
+            coefficients,
+            gram,
+            raw_gram,
+            overflow_skips=scaler is not None,  # type: ignore[arg-type]
+            reference=self._reference(values),
+        )
         if self.deferred_checks:
             self._unchecked = info
         else:
@@ -357,19 +384,25 @@ class Balancer:
         listed = values.tolist()
         bad = [n for n, v in zip(self.names, listed) if not math.isfinite(v)]  # type: ignore[arg-type]
         if bad:
-            return Problem("non-finite loss", f"non-finite loss(es) {bad}: "
-                           + ", ".join(f"{n}={v}" for n, v in zip(self.names, listed) if n in bad))  # type: ignore[arg-type]
+            return Problem(
+                "non-finite loss",
+                f"non-finite loss(es) {bad}: " + ", ".join(f"{n}={v}" for n, v in zip(self.names, listed) if n in bad),
+            )  # type: ignore[arg-type]
         negative = [n for n, v in zip(self.names, listed) if v < 0] if self.log_losses else []  # type: ignore[arg-type]
         if negative:
-            return Problem("negative loss", f"loss(es) {negative} are negative, but this balancer takes log L "
-                           "(log_losses=True); use a non-negative loss or log_losses=False")
+            return Problem(
+                "negative loss",
+                f"loss(es) {negative} are negative, but this balancer takes log L "
+                "(log_losses=True); use a non-negative loss or log_losses=False",
+            )
         if raw_gram is not None and not all(map(math.isfinite, raw_gram.reshape(-1).tolist())):
             diagonal = [n for n, v in zip(self.names, raw_gram.diagonal().tolist()) if not math.isfinite(v)]  # type: ignore[arg-type]
             return Problem("non-finite gradient", f"non-finite gradients for loss(es) {diagonal or list(self.names)}")  # type: ignore[arg-type]
         return None
 
-    def _refuse(self, problem: Problem, values: Tensor, gradients: ObjectiveGradients | None, scaled: bool,
-                device: torch.device) -> StepInfo:
+    def _refuse(
+        self, problem: Problem, values: Tensor, gradients: ObjectiveGradients | None, scaled: bool, device: torch.device
+    ) -> StepInfo:
         """What the host path does with a problem: a GradScaler overflow fills ``.grad`` with NaN
         (``scaler.step`` then skips the step) and is reported as skipped; a negative loss under
         the log raises; a non-finite loss or gradient raises, or with ``on_nonfinite="skip"``
@@ -393,14 +426,16 @@ class Balancer:
         for name, norm2, weight in zip(self.names, diagonal, listed):  # type: ignore[arg-type]
             if norm2 <= threshold and name not in self._zero_gradient_warned:
                 self._zero_gradient_warned.add(name)
-                warnings.warn(f"{type(self).__name__}: the gradient of loss {name!r} was zero at a step "
-                              f"(a loss that does not depend on the trained parameters, or a flat point); "
-                              f"its weight there: {weight:.4g}. This warning is shown once per loss.",
-                              RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"{type(self).__name__}: the gradient of loss {name!r} was zero at a step "
+                    f"(a loss that does not depend on the trained parameters, or a flat point); "
+                    f"its weight there: {weight:.4g}. This warning is shown once per loss.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     # -- helpers ----------------------------------------------------------------------------
-    def _coefficients(self, weights: Tensor, divisors: Tensor,
-                      raw_gram: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def _coefficients(self, weights: Tensor, divisors: Tensor, raw_gram: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The weights every rank applies (rank 0's in global mode, the rank mean in local
         mode) and the coefficients on the raw losses, ``c = pi / divisors``, rescaled (see the
         module notes; ``rescale="norm"`` needs ``raw_gram``, the raw gradients' Gram)."""
@@ -435,13 +470,16 @@ class Balancer:
                 values = [1.0 / m] * m
             elif isinstance(self.reference, Mapping):
                 if set(self.reference) != set(self.names):  # type: ignore[arg-type]
-                    raise ValueError(f"reference={dict(self.reference)!r} must give a weight for each loss "
-                                     f"{list(self.names)}")  # type: ignore[arg-type]
+                    raise ValueError(
+                        f"reference={dict(self.reference)!r} must give a weight for each loss {list(self.names)}"
+                    )  # type: ignore[arg-type]
                 values = [float(self.reference[n]) for n in self.names]  # type: ignore[union-attr]
             else:
                 if len(self.reference) != m:
-                    raise ValueError(f"reference={list(self.reference)!r} gives {len(self.reference)} weights "
-                                     f"for {m} losses {list(self.names)}")  # type: ignore[arg-type]
+                    raise ValueError(
+                        f"reference={list(self.reference)!r} gives {len(self.reference)} weights "
+                        f"for {m} losses {list(self.names)}"
+                    )  # type: ignore[arg-type]
                 values = [float(v) for v in self.reference]
             cached = self._reference_vector = torch.tensor(values, dtype=torch.float64, device=like.device)
         return cached
@@ -451,7 +489,9 @@ class Balancer:
         backward; inside :meth:`combine`, the loss ``sum_i c_i L_i`` (c detached) instead."""
         if self._combining:
             c = coefficients.detach()
-            self._combined = torch.stack([c[i].to(v.dtype) * v.reshape(()) for i, v in enumerate(scaled.values())]).sum()
+            self._combined = torch.stack(
+                [c[i].to(v.dtype) * v.reshape(()) for i, v in enumerate(scaled.values())]
+            ).sum()
             return
         if gradients is not None:
             gradients.backward(coefficients)
@@ -506,8 +546,11 @@ def _check_reference(reference: object) -> None:
         values = list(reference)
     else:
         raise TypeError(f"reference must be a mapping name -> weight or a sequence of weights, got {reference!r}")
-    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                             for v in values) or not any(values):
+    if (
+        not values
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        or not any(values)
+    ):
         raise ValueError(f"reference={reference!r} must hold finite numbers, not all zero")
 
 
@@ -552,6 +595,6 @@ def _to_host(
         parts.append(scaler.scale(torch.ones((), device=values.device)).to(torch.float64).reshape(1))
     host = torch.cat(parts).cpu()
     m = values.numel()
-    gram = host[m: m + m * m].view(m, m) if gradients is not None else None
+    gram = host[m : m + m * m].view(m, m) if gradients is not None else None
     scale = float(host[-1]) if scaler is not None else 1.0
     return host[:m], gram, scale

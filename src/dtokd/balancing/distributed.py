@@ -49,8 +49,9 @@ SYNC_MODES = ("global", "local", "off")
 class Sync:
     """The collective operations a balancer needs, or none outside a process group."""
 
-    def __init__(self, mode: SyncMode = "global", *, check: bool | None = None,
-                 group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self, mode: SyncMode = "global", *, check: bool | None = None, group: dist.ProcessGroup | None = None
+    ) -> None:
         if mode not in SYNC_MODES:
             raise ValueError(f"sync={mode!r} is not allowed; use one of {list(SYNC_MODES)}")
         self.mode = mode
@@ -101,8 +102,12 @@ class Sync:
         """Rank 0's ``weights`` on every rank. With ``check``, first verify that all ranks hold
         the same parameters (a fingerprint: sum and sum of squares) and computed the same weights."""
         if self.check:
-            fingerprint = torch.stack([torch.stack([p.detach().double().sum() for p in params]).sum(),
-                                       torch.stack([p.detach().double().pow(2).sum() for p in params]).sum()])
+            fingerprint = torch.stack(
+                [
+                    torch.stack([p.detach().double().sum() for p in params]).sum(),
+                    torch.stack([p.detach().double().pow(2).sum() for p in params]).sum(),
+                ]
+            )
             self._check_equal(fingerprint, "parameters (sum, sum of squares)")
             self._check_equal(weights, "balancing weights")
         out = weights.detach().to(self._backend_device(weights), copy=True)

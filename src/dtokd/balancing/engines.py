@@ -81,8 +81,10 @@ def _per_objective_grads(
         per_input = torch.autograd.grad(
             stacked, inputs, grad_outputs=eye, is_grads_batched=True, retain_graph=keep_graph, allow_unused=True
         )
-        columns = [torch.zeros((m, *x.shape), dtype=x.dtype, device=x.device) if g is None else g
-                   for g, x in zip(per_input, inputs)]
+        columns = [
+            torch.zeros((m, *x.shape), dtype=x.dtype, device=x.device) if g is None else g
+            for g, x in zip(per_input, inputs)
+        ]
         reaches = any(g is not None for g in per_input)
         return [[column[i] for column in columns] for i in range(m)], [reaches] * m
     grads, reached = [], []
@@ -151,8 +153,14 @@ class ExactEngine:
         self.params = list(params)
         self.batched = bool(batched)
 
-    def gradients(self, losses: Mapping[str, Tensor], representation: object = None, sync: Sync | None = None, *,
-                  keep_graph: bool = False) -> ObjectiveGradients:
+    def gradients(
+        self,
+        losses: Mapping[str, Tensor],
+        representation: object = None,
+        sync: Sync | None = None,
+        *,
+        keep_graph: bool = False,
+    ) -> ObjectiveGradients:
         """``keep_graph``: leave the losses' graph for a later backward (``Balancer.combine``)."""
         _no_representation(self.name, representation)
         params = trainable(self.params)
@@ -178,8 +186,14 @@ class SubsetEngine:
             raise ValueError(f"gram_params at positions {outside} are not among the balancer's params")
         self.batched = bool(batched)
 
-    def gradients(self, losses: Mapping[str, Tensor], representation: object = None, sync: Sync | None = None, *,
-                  keep_graph: bool = False) -> ObjectiveGradients:
+    def gradients(
+        self,
+        losses: Mapping[str, Tensor],
+        representation: object = None,
+        sync: Sync | None = None,
+        *,
+        keep_graph: bool = False,
+    ) -> ObjectiveGradients:
         _no_representation(self.name, representation)
         values = list(losses.values())  # the graph is always kept: the update is a backward of the losses
         _, chunks, _ = _flat_gradients(values, trainable(self.gram_params), self.batched, True, sync)
@@ -236,8 +250,12 @@ class RepresentationEngine:
         self.batched = bool(batched)
 
     def gradients(
-        self, losses: Mapping[str, Tensor], representation: Tensor | Sequence[Tensor] | None = None,
-        sync: Sync | None = None, *, keep_graph: bool = False,
+        self,
+        losses: Mapping[str, Tensor],
+        representation: Tensor | Sequence[Tensor] | None = None,
+        sync: Sync | None = None,
+        *,
+        keep_graph: bool = False,
     ) -> ObjectiveGradients:
         tensors = _representation_tensors(representation)
         values = list(losses.values())

@@ -48,7 +48,10 @@ class ChunkLayout:
         for k, t in enumerate(tensors):
             current = groups[-1] if groups else None
             fits = current is not None and size + t.numel() <= max_numel
-            same_kind = current is not None and (tensors[current[0]].device, tensors[current[0]].dtype) == (t.device, t.dtype)
+            same_kind = current is not None and (tensors[current[0]].device, tensors[current[0]].dtype) == (
+                t.device,
+                t.dtype,
+            )
             if fits and same_kind:
                 current.append(k)  # type: ignore[union-attr]
                 size += t.numel()

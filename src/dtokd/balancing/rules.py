@@ -419,10 +419,20 @@ RULE_RECORDS: Mapping[str, Rule] = {
     "aligned-mtl": Rule(aligned_mtl, per_loss=("pref_vector",)),
     "cagrad": Rule(cagrad),
     "mean": Rule(mean, needs_gram=False, device_form=_always),
-    "fixed": Rule(fixed, needs_gram=False, device_form=_always, per_loss=("weights",),
-                  required={"weights": "weights=..., e.g. weights={'distill': 0.9, 'task': 0.1}"}),
-    "anchored": Rule(anchored, log_losses=True, device_form=_always, loss_index=("anchor",),
-                     required={"anchor": "anchor=..., the name of the loss to keep whole (e.g. anchor='task')"}),
+    "fixed": Rule(
+        fixed,
+        needs_gram=False,
+        device_form=_always,
+        per_loss=("weights",),
+        required={"weights": "weights=..., e.g. weights={'distill': 0.9, 'task': 0.1}"},
+    ),
+    "anchored": Rule(
+        anchored,
+        log_losses=True,
+        device_form=_always,
+        loss_index=("anchor",),
+        required={"anchor": "anchor=..., the name of the loss to keep whole (e.g. anchor='task')"},
+    ),
 }
 """Every weight rule by name, with its facts."""
 
@@ -450,9 +460,7 @@ def check_rule_options(method: str, options: Mapping[str, object]) -> None:
     allowed = rule_options(method)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise TypeError(
-            f"{method!r} does not accept option(s) {unknown}; allowed: {list(allowed) or 'none'}"
-        )
+        raise TypeError(f"{method!r} does not accept option(s) {unknown}; allowed: {list(allowed) or 'none'}")
 
 
 def weights(method: str, gram: Tensor, **options: object) -> Tensor:

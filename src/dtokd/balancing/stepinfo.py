@@ -71,13 +71,13 @@ class StepInfo:
 
     def _part(self, k: int) -> Tensor:
         m = len(self.names)
-        return self._host[k * m: (k + 1) * m]
+        return self._host[k * m : (k + 1) * m]
 
     def _matrix(self, k: int) -> Tensor | None:
         if not self.has_gram:
             return None
         m = len(self.names)
-        return self._host[3 * m + k * m * m: 3 * m + (k + 1) * m * m].view(m, m)
+        return self._host[3 * m + k * m * m : 3 * m + (k + 1) * m * m].view(m, m)
 
     @property
     def per_loss_on_device(self) -> Tensor:
@@ -107,8 +107,15 @@ class StepInfo:
 
     @property
     def skipped_reason(self) -> str | None:
-        """Why no gradient was written this step, or None."""
-        if self._reason is None and self._overflow_skips and not bool(torch.isfinite(self.raw_gram).all()):  # type: ignore[arg-type]
+        """Why no gradient was written this step, or None. Under a GradScaler a step with no Gram
+        (fixed, mean, amortized) is not judged here: ``scaler.step`` finds its overflow itself."""
+        raw_gram = self.raw_gram
+        if (
+            self._reason is None
+            and self._overflow_skips
+            and raw_gram is not None
+            and not bool(torch.isfinite(raw_gram).all())
+        ):
             return OVERFLOW
         return self._reason
 

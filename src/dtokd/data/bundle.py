@@ -89,8 +89,10 @@ def place_data(data: DataBundle, device: torch.device, placement: str) -> DataBu
         return data
     if data.train.streams:
         if placement == "device":
-            raise ValueError(f"data.placement='device' is not possible for {data.name!r}: it is streamed from files; "
-                             "use 'auto' or 'host'")
+            raise ValueError(
+                f"data.placement='device' is not possible for {data.name!r}: it is streamed from files; "
+                "use 'auto' or 'host'"
+            )
         return data
     if placement == "auto" and data.nbytes > torch.cuda.get_device_properties(device).total_memory // 4:
         return data
@@ -144,9 +146,11 @@ def build_data(
         return _text(root, text, val_fraction, seed, limit_train)
     if name in DETECTION_DATASETS:
         if transform or normalize is not None:
-            raise ValueError(f"data set {name!r}: detectors resize and normalise their inputs themselves; "
-                             "set min_size/max_size/image_mean/image_std in student.kwargs, not data.transform "
-                             "or student.normalize")
+            raise ValueError(
+                f"data set {name!r}: detectors resize and normalise their inputs themselves; "
+                "set min_size/max_size/image_mean/image_std in student.kwargs, not data.transform "
+                "or student.normalize"
+            )
         folder = _synthetic_coco(image_size, synthetic or {}) if name == "synthetic-coco" else _coco_root(root)
         return _detection(name, folder, val_fraction, seed, augment, image_size, limit_train, workers, labels)
     if name == "image-folder-stream":
@@ -161,8 +165,10 @@ def build_data(
     if normalize is not None:
         mean, std = normalize
         if len(mean) != channels or len(std) != channels:
-            raise ValueError(f"normalize gives {len(mean)} means and {len(std)} stds, but data set {name!r} has "
-                             f"{channels} channel(s)")
+            raise ValueError(
+                f"normalize gives {len(mean)} means and {len(std)} stds, but data set {name!r} has "
+                f"{channels} channel(s)"
+            )
     else:
         pixels = raw.train_images[train_idx].float() / 255.0
         mean = tuple(pixels.mean((0, 2, 3)).tolist())
@@ -185,8 +191,9 @@ def carve_validation(n: int, val_fraction: float, seed: int, limit_train: int | 
     return order[:n_val], train if limit_train is None else train[:limit_train]
 
 
-def _text(root: str | None, options: dict | None, val_fraction: float, seed: int,
-          limit_train: int | None) -> DataBundle:
+def _text(
+    root: str | None, options: dict | None, val_fraction: float, seed: int, limit_train: int | None
+) -> DataBundle:
     splits = load_text(root, options, val_fraction)
     train = splits.train
     if limit_train is not None:
@@ -195,14 +202,24 @@ def _text(root: str | None, options: dict | None, val_fraction: float, seed: int
     return DataBundle("text", train, splits.val, splits.test, splits.vocabulary)
 
 
-def _streaming(root: str | None, val_fraction: float, seed: int, augment: bool, image_size: int,
-               limit_train: int | None, normalize: tuple | None, transform: dict | None,
-               workers: int | None) -> DataBundle:
+def _streaming(
+    root: str | None,
+    val_fraction: float,
+    seed: int,
+    augment: bool,
+    image_size: int,
+    limit_train: int | None,
+    normalize: tuple | None,
+    transform: dict | None,
+    workers: int | None,
+) -> DataBundle:
     if not root:
         raise ValueError("dataset 'image-folder-stream' needs data.root: a folder with train/<class>/ and val/<class>/")
     folder = Path(root)
     if not (folder / "train").is_dir():
-        raise FileNotFoundError(f"data.root={root!r} has no train/ folder (ImageNet layout: train/<class>/, val/<class>/)")
+        raise FileNotFoundError(
+            f"data.root={root!r} has no train/ folder (ImageNet layout: train/<class>/, val/<class>/)"
+        )
     test_name = next((n for n in ("val", "test") if (folder / n).is_dir()), None)
     if test_name is None:
         raise FileNotFoundError(f"data.root={root!r} has a train/ folder but neither val/ nor test/")
@@ -225,7 +242,9 @@ def _streaming(root: str | None, val_fraction: float, seed: int, augment: bool, 
 
 def _coco_root(root: str | None) -> Path:
     if not root:
-        raise ValueError("dataset 'coco' needs data.root: a folder with annotations/instances_<split>.json and <split>/")
+        raise ValueError(
+            "dataset 'coco' needs data.root: a folder with annotations/instances_<split>.json and <split>/"
+        )
     return Path(root)
 
 
@@ -259,8 +278,17 @@ def _synthetic_coco(image_size: int, options: dict) -> Path:
     return folder
 
 
-def _detection(name: str, folder: Path, val_fraction: float, seed: int, augment: bool, image_size: int,
-               limit_train: int | None, workers: int | None, labels: str) -> DataBundle:
+def _detection(
+    name: str,
+    folder: Path,
+    val_fraction: float,
+    seed: int,
+    augment: bool,
+    image_size: int,
+    limit_train: int | None,
+    workers: int | None,
+    labels: str,
+) -> DataBundle:
     from dtokd.data.coco import check_annotations, find_splits, load_coco
 
     splits = find_splits(folder)
@@ -276,15 +304,19 @@ def _detection(name: str, folder: Path, val_fraction: float, seed: int, augment:
     val_idx, train_idx = carve_validation(len(ids), val_fraction, seed, limit_train)
     val_ids, train_ids = [ids[i] for i in val_idx], [ids[i] for i in train_idx]
     if not train_ids:
-        raise ValueError(f"{train_file}: no training images left ({len(ids)} listed, {len(val_ids)} carved for validation by "
-                         f"data.val_fraction={val_fraction}, data.limit_train={limit_train})")
+        raise ValueError(
+            f"{train_file}: no training images left ({len(ids)} listed, {len(val_ids)} carved for validation by "
+            f"data.val_fraction={val_fraction}, data.limit_train={limit_train})"
+        )
     workers = streaming.default_workers() if workers is None else workers
     train_categories = {c: train_coco.cats[c]["name"] for c in train_coco.getCatIds()}
     test_categories = {c: test_coco.cats[c]["name"] for c in test_coco.getCatIds()}
     if train_categories != test_categories:
         differ = sorted(set(train_categories.items()) ^ set(test_categories.items()))
-        raise ValueError(f"{train_file} and {test_file} define different categories (id, name): {differ[:6]}; "
-                         "the labels would mean different things in training and testing")
+        raise ValueError(
+            f"{train_file} and {test_file} define different categories (id, name): {differ[:6]}; "
+            "the labels would mean different things in training and testing"
+        )
 
     def split(coco, images, chosen, flip):
         return CocoDetectionSet(coco, images, chosen, flip=flip, workers=workers, image_size=image_size, labels=labels)
@@ -313,8 +345,9 @@ def _load(name: str, root: str | None, image_size: int) -> sources.RawSplits:
     return sources.load_synthetic()
 
 
-def train_loader(dataset: Split, batch_size: int, seed: int, epoch: int, *, rank: int = 0, world: int = 1,
-                 repeats: int = 1) -> Iterable[tuple[Tensor, Tensor]]:
+def train_loader(
+    dataset: Split, batch_size: int, seed: int, epoch: int, *, rank: int = 0, world: int = 1, repeats: int = 1
+) -> Iterable[tuple[Tensor, Tensor]]:
     """Shuffled batches whose order and augmentation depend only on (seed, epoch): a run
     resumed at an epoch boundary sees exactly the batches an uninterrupted run sees, and a
     data set moved to an accelerator (:meth:`TensorImageDataset.to`) gives the same batches

@@ -51,8 +51,9 @@ def load_coco(annotation_file: Path) -> Any:
         with contextlib.redirect_stdout(io.StringIO()):
             return COCO(str(annotation_file))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as error:
-        raise ValueError(f"{annotation_file} is not a COCO annotation file ({type(error).__name__}: "
-                         f"{str(error)[:200]})") from None
+        raise ValueError(
+            f"{annotation_file} is not a COCO annotation file ({type(error).__name__}: {str(error)[:200]})"
+        ) from None
 
 
 def check_annotations(coco: Any, annotation_file: Path, image_dir: Path) -> None:
@@ -73,8 +74,11 @@ def check_annotations(coco: Any, annotation_file: Path, image_dir: Path) -> None
     for ann in coco.dataset.get("annotations", []):
         name = f"{where}: annotation {ann.get('id', '(no id)')} (image {ann.get('image_id')})"
         box = ann.get("bbox")
-        if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+        if (
+            not isinstance(box, (list, tuple))
+            or len(box) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+        ):
             raise ValueError(f"{name} has bbox={box!r}; COCO boxes are [x, y, width, height], four finite numbers")
         x, y, w, h = box
         if w < 0 or h < 0:
@@ -82,14 +86,18 @@ def check_annotations(coco: Any, annotation_file: Path, image_dir: Path) -> None
         if "area" not in ann:
             raise ValueError(f"{name} has no 'area' (the COCO evaluation needs it; for a box it is width x height)")
         if ann.get("category_id") not in coco.cats:
-            raise ValueError(f"{name} has category_id={ann.get('category_id')!r}, which the file's categories "
-                             f"do not define (ids {sorted(coco.cats)})")
+            raise ValueError(
+                f"{name} has category_id={ann.get('category_id')!r}, which the file's categories "
+                f"do not define (ids {sorted(coco.cats)})"
+            )
         info = coco.imgs.get(ann.get("image_id"))
         if info is None:
             raise ValueError(f"{name} belongs to an image the file does not list")
         if x >= info["width"] or y >= info["height"] or x + w <= 0 or y + h <= 0:
-            raise ValueError(f"{name} has bbox={box!r}, wholly outside its {info['width']}x{info['height']} image "
-                             "(COCO boxes are [x, y, width, height] in pixels)")
+            raise ValueError(
+                f"{name} has bbox={box!r}, wholly outside its {info['width']}x{info['height']} image "
+                "(COCO boxes are [x, y, width, height] in pixels)"
+            )
 
 
 class CocoDetectionSet(Dataset):
@@ -102,8 +110,17 @@ class CocoDetectionSet(Dataset):
     device = torch.device("cpu")
     nbytes = 0  # read from files per batch: never moved to an accelerator
 
-    def __init__(self, coco: Any, image_dir: Path, image_ids: list[int], *, flip: bool, workers: int,
-                 image_size: int, labels: str = "contiguous") -> None:
+    def __init__(
+        self,
+        coco: Any,
+        image_dir: Path,
+        image_ids: list[int],
+        *,
+        flip: bool,
+        workers: int,
+        image_size: int,
+        labels: str = "contiguous",
+    ) -> None:
         if labels not in LABEL_MODES:
             raise ValueError(f"data.labels={labels!r} is not allowed; use one of {list(LABEL_MODES)}")
         self.coco, self.image_dir, self.image_ids = coco, Path(image_dir), list(image_ids)
@@ -151,21 +168,24 @@ class CocoDetectionSet(Dataset):
         if self.flips is not None and bool(self.flips[index]):
             image = image.flip(-1)
             width = image.shape[-1]
-            box_tensor = torch.stack([width - box_tensor[:, 2], box_tensor[:, 1], width - box_tensor[:, 0],
-                                      box_tensor[:, 3]], 1)
+            box_tensor = torch.stack(
+                [width - box_tensor[:, 2], box_tensor[:, 1], width - box_tensor[:, 0], box_tensor[:, 3]], 1
+            )
         return image, {"boxes": box_tensor, "labels": torch.tensor(labels, dtype=torch.int64), "image_id": image_id}
 
     def to(self, device: torch.device | str) -> "CocoDetectionSet":
         return self  # decoded per batch on the host
 
-    def train_batches(self, batch_size: int, seed: int, epoch: int, *, rank: int = 0, world: int = 1,
-                      repeats: int = 1) -> DataLoader:
+    def train_batches(
+        self, batch_size: int, seed: int, epoch: int, *, rank: int = 0, world: int = 1, repeats: int = 1
+    ) -> DataLoader:
         """This rank's share of every global batch of a seeded permutation, flips drawn for the epoch."""
         if repeats != 1:
             raise ValueError("data.repeated_augmentation is for streamed image folders (image-folder-stream)")
         self.set_epoch(seed, epoch)
-        sampler = GlobalBatchSampler(len(self), batch_size, torch.Generator().manual_seed(seed * 100_003 + epoch),
-                                     rank, world, 1)
+        sampler = GlobalBatchSampler(
+            len(self), batch_size, torch.Generator().manual_seed(seed * 100_003 + epoch), rank, world, 1
+        )
         return self._loader(sampler)
 
     def eval_batches(self, batch_size: int) -> DataLoader:
@@ -174,11 +194,17 @@ class CocoDetectionSet(Dataset):
         unflipped = copy.copy(self)
         unflipped.flips = None
         order = list(range(len(self)))
-        return unflipped._loader([order[k: k + batch_size] for k in range(0, len(order), batch_size)])
+        return unflipped._loader([order[k : k + batch_size] for k in range(0, len(order), batch_size)])
 
     def _loader(self, batches: Sampler[list[int]] | list[list[int]]) -> DataLoader:
-        return DataLoader(self, batch_sampler=batches, num_workers=self.workers, collate_fn=collate,
-                          pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.workers else None)
+        return DataLoader(
+            self,
+            batch_sampler=batches,
+            num_workers=self.workers,
+            collate_fn=collate,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=4 if self.workers else None,
+        )
 
 
 def collate(samples: list[tuple[Tensor, Target]]) -> tuple[list[Tensor], list[Target]]:
@@ -194,12 +220,14 @@ def find_splits(root: Path) -> dict[str, tuple[Path, Path]]:
     annotations = root / "annotations"
     files = sorted(annotations.glob("instances_*.json")) if annotations.is_dir() else []
     if not files:
-        raise FileNotFoundError(f"data.root={str(root)!r} has no annotations/instances_*.json (the COCO layout: "
-                                "annotations/instances_train2017.json with train2017/, instances_val2017.json with val2017/)")
+        raise FileNotFoundError(
+            f"data.root={str(root)!r} has no annotations/instances_*.json (the COCO layout: "
+            "annotations/instances_train2017.json with train2017/, instances_val2017.json with val2017/)"
+        )
     found: dict[str, tuple[Path, Path]] = {}
     for prefix, role in (("train", "train"), ("val", "test"), ("test", "test")):
         for file in files:
-            split = file.stem[len("instances_"):]
+            split = file.stem[len("instances_") :]
             if split.startswith(prefix) and role not in found:
                 images = root / split
                 if not images.is_dir():
@@ -207,6 +235,7 @@ def find_splits(root: Path) -> dict[str, tuple[Path, Path]]:
                 found[role] = (file, images)
     missing = [r for r in ("train", "test") if r not in found]
     if missing:
-        raise FileNotFoundError(f"data.root={str(root)!r}: no annotation file for the {missing} split(s); "
-                                f"found {[f.name for f in files]}")
+        raise FileNotFoundError(
+            f"data.root={str(root)!r}: no annotation file for the {missing} split(s); found {[f.name for f in files]}"
+        )
     return found

@@ -8,8 +8,15 @@ from pathlib import Path
 import numpy as np
 
 
-def write_fake_image_folder(root: Path, *, classes: int = 4, per_class: int | dict[str, int] = 4,
-                            image_size: int = 32, splits: tuple[str, ...] = ("train", "val"), seed: int = 0) -> Path:
+def write_fake_image_folder(
+    root: Path,
+    *,
+    classes: int = 4,
+    per_class: int | dict[str, int] = 4,
+    image_size: int = 32,
+    splits: tuple[str, ...] = ("train", "val"),
+    seed: int = 0,
+) -> Path:
     """Write ``root/<split>/class<k>/<i>.jpg`` and return ``root``; ``per_class`` may differ by split."""
     from PIL import Image
 

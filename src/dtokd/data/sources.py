@@ -25,7 +25,18 @@ FASHION_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,7 @@ def cache_dir() -> Path:
 
 
 # ------------------------------------------------------------------------ Fashion-MNIST
+
 
 def fashion_mnist_candidates(root: str | Path | None) -> list[Path]:
     """Where to look, in order: the given root, $DTOKD_DATA, Debian's install location."""
@@ -87,18 +99,22 @@ def _read_fashion(folder: Path) -> RawSplits:
         with gzip.open(path, "rb") as f:
             data = f.read()
         dims = data[3]
-        shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+        shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
         return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
     arrays = {split: (idx(folder / a), idx(folder / b)) for split, (a, b) in FASHION_FILES.items()}
     (tri, trl), (tei, tel) = arrays["train"], arrays["test"]
     return RawSplits(
-        torch.from_numpy(tri.copy()).unsqueeze(1), torch.from_numpy(trl.astype(np.int64)),
-        torch.from_numpy(tei.copy()).unsqueeze(1), torch.from_numpy(tel.astype(np.int64)), FASHION_CLASSES,
+        torch.from_numpy(tri.copy()).unsqueeze(1),
+        torch.from_numpy(trl.astype(np.int64)),
+        torch.from_numpy(tei.copy()).unsqueeze(1),
+        torch.from_numpy(tel.astype(np.int64)),
+        FASHION_CLASSES,
     )
 
 
 # ------------------------------------------------------------------------ image folders
+
 
 def load_image_folder(path: str | Path, image_size: int) -> RawSplits:
     """An ImageNet-layout folder (``train/<class>/*`` and ``val/`` or ``test/``), or a ``.tar.gz``
@@ -124,8 +140,10 @@ def load_image_folder(path: str | Path, image_size: int) -> RawSplits:
         classes = _class_folders(root / "train")
         unknown = sorted(set(_class_folders(root / test_name)) - set(classes))
         if unknown:
-            raise ValueError(f"{root / test_name} has class folders that {root / 'train'} has not ({', '.join(unknown)}): "
-                             "their images could never be predicted; add them to train/ or remove them")
+            raise ValueError(
+                f"{root / test_name} has class folders that {root / 'train'} has not ({', '.join(unknown)}): "
+                "their images could never be predicted; add them to train/ or remove them"
+            )
         if not classes:
             raise ValueError(f"{root / 'train'} has no class folders (train/<class>/<image>)")
         train_images, train_labels = _read_images(root / "train", classes, image_size)
@@ -168,8 +186,10 @@ def _extracted(archive: Path, key: str) -> Path:
                 tar.extractall(target, filter="data")
         except (tarfile.TarError, EOFError, OSError) as error:
             shutil.rmtree(target, ignore_errors=True)
-            raise ValueError(f"data.root={str(archive)!r} is not a readable .tar.gz of an image folder "
-                             f"({type(error).__name__}: {error}); give a folder or an intact archive") from None
+            raise ValueError(
+                f"data.root={str(archive)!r} is not a readable .tar.gz of an image folder "
+                f"({type(error).__name__}: {error}); give a folder or an intact archive"
+            ) from None
         done.touch()
     return target
 
@@ -191,8 +211,10 @@ def _class_folders(split: Path) -> tuple[str, ...]:
     """The class names of a split (its sub-folders); a file beside them is refused, not ignored."""
     loose = [p.name for p in _visible(split) if not p.is_dir()]
     if loose:
-        raise ValueError(f"{split} holds files outside the class folders ({', '.join(loose[:5])}); the layout is "
-                         f"{split.name}/<class>/<image>: move or remove them")
+        raise ValueError(
+            f"{split} holds files outside the class folders ({', '.join(loose[:5])}); the layout is "
+            f"{split.name}/<class>/<image>: move or remove them"
+        )
     return tuple(p.name for p in _visible(split))
 
 
@@ -206,8 +228,9 @@ def _read_images(folder: Path, classes: tuple[str, ...], image_size: int) -> tup
     for label, name in enumerate(classes):
         for entry in _visible(folder / name) if (folder / name).is_dir() else []:
             if entry.is_dir():
-                raise ValueError(f"{entry} is a folder inside a class folder; the layout is "
-                                 f"{folder.name}/<class>/<image>")
+                raise ValueError(
+                    f"{entry} is a folder inside a class folder; the layout is {folder.name}/<class>/<image>"
+                )
             files.append((entry, label))
     images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
     for i, (file, _) in enumerate(tqdm(files, desc=f"reading {folder.name}", unit="img", leave=False, disable=None)):
@@ -223,6 +246,7 @@ def _read_images(folder: Path, classes: tuple[str, ...], image_size: int) -> tup
 
 
 # ------------------------------------------------------------------------ CIFAR (python format)
+
 
 def load_cifar(root: str | Path, num_classes: int) -> RawSplits:
     """CIFAR-10 (``cifar-10-batches-py``) or CIFAR-100 (``cifar-100-python``) under ``root``."""
@@ -251,6 +275,7 @@ def load_cifar(root: str | Path, num_classes: int) -> RawSplits:
 
 # ------------------------------------------------------------------------ tests and quick checks
 
+
 def load_digits() -> RawSplits:
     """scikit-learn's 8x8 digits (1,797 images), scaled to uint8, split 80/20 with a fixed seed."""
     from sklearn.datasets import load_digits as sklearn_digits
@@ -264,8 +289,9 @@ def load_digits() -> RawSplits:
     return RawSplits(images[train], labels[train], images[test], labels[test], tuple(str(d) for d in range(10)))
 
 
-def load_synthetic(num_classes: int = 4, size: int = 8, channels: int = 1, n_train: int = 256, n_test: int = 64,
-                   smooth: bool = False) -> RawSplits:
+def load_synthetic(
+    num_classes: int = 4, size: int = 8, channels: int = 1, n_train: int = 256, n_test: int = 64, smooth: bool = False
+) -> RawSplits:
     """Class-dependent blobs: learnable in a few steps. For tests only. ``smooth``: the class
     prototypes are 2x2 colour patterns scaled up to ``size`` (learnable by convolutional nets
     with global pooling too), else per-pixel noise."""

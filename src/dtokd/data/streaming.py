@@ -41,8 +41,15 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 class StreamingImageFolder(Dataset):
     """``(path, label)`` samples decoded and transformed one by one (in loader workers)."""
 
-    def __init__(self, samples: list[tuple[Path, int]], transform: Callable, image_size: int,
-                 mean: tuple[float, ...], std: tuple[float, ...], workers: int) -> None:
+    def __init__(
+        self,
+        samples: list[tuple[Path, int]],
+        transform: Callable,
+        image_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        workers: int,
+    ) -> None:
         self.samples, self.transform, self.image_size, self.workers = samples, transform, image_size, workers
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
@@ -76,15 +83,21 @@ class StreamingImageFolder(Dataset):
 
 
 def list_samples(folder: Path, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
-    samples = [(f, label) for label, c in enumerate(classes) if (folder / c).is_dir()
-               for f in sorted((folder / c).iterdir()) if f.suffix.lower() in EXTENSIONS]
+    samples = [
+        (f, label)
+        for label, c in enumerate(classes)
+        if (folder / c).is_dir()
+        for f in sorted((folder / c).iterdir())
+        if f.suffix.lower() in EXTENSIONS
+    ]
     if not samples:
         raise FileNotFoundError(f"no images ({', '.join(EXTENSIONS)}) in the class folders of {folder}")
     return samples
 
 
-def make_transforms(image_size: int, mean: tuple[float, ...], std: tuple[float, ...], augment: bool,
-                    options: dict[str, Any] | None) -> tuple[Callable, Callable]:
+def make_transforms(
+    image_size: int, mean: tuple[float, ...], std: tuple[float, ...], augment: bool, options: dict[str, Any] | None
+) -> tuple[Callable, Callable]:
     """(training, evaluation) transforms; ``options``: timm ``create_transform`` keywords."""
     options = dict(options or {})
     try:
@@ -94,24 +107,42 @@ def make_transforms(image_size: int, mean: tuple[float, ...], std: tuple[float, 
             raise ValueError(f"data.transform={options!r} needs timm: pip install 'dtokd[timm]'") from None
         from torchvision import transforms as T
 
-        evaluation = T.Compose([T.Resize(int(image_size / 0.875)), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
-        training = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+        evaluation = T.Compose(
+            [T.Resize(int(image_size / 0.875)), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)]
+        )
+        training = T.Compose(
+            [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
+        )
         return (training if augment else evaluation), evaluation
     try:
         training = create_transform(image_size, is_training=augment, mean=mean, std=std, **options)
     except TypeError as error:
         raise ValueError(f"data.transform={options!r}: {error}") from None
-    evaluation = create_transform(image_size, is_training=False, mean=mean, std=std,
-                                  interpolation=options.get("interpolation", "bilinear"),
-                                  crop_pct=options.get("crop_pct"))
+    evaluation = create_transform(
+        image_size,
+        is_training=False,
+        mean=mean,
+        std=std,
+        interpolation=options.get("interpolation", "bilinear"),
+        crop_pct=options.get("crop_pct"),
+    )
     return training, evaluation
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
     """This rank's share of each global batch of a seeded permutation (see the module notes)."""
 
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator, rank: int, world: int, repeats: int) -> None:
-        self.n, self.batch_size, self.generator, self.rank, self.world, self.repeats = n, batch_size, generator, rank, world, repeats
+    def __init__(
+        self, n: int, batch_size: int, generator: torch.Generator, rank: int, world: int, repeats: int
+    ) -> None:
+        self.n, self.batch_size, self.generator, self.rank, self.world, self.repeats = (
+            n,
+            batch_size,
+            generator,
+            rank,
+            world,
+            repeats,
+        )
 
     def __len__(self) -> int:
         return self.n // self.batch_size if self.n > self.batch_size else 1
@@ -121,26 +152,47 @@ class GlobalBatchSampler(Sampler[list[int]]):
         if self.repeats > 1:
             order = order.repeat_interleave(self.repeats)[: self.n]
         for k in range(len(self)):
-            batch = order[k * self.batch_size: (k + 1) * self.batch_size]
-            yield batch[self.rank::self.world].tolist()
+            batch = order[k * self.batch_size : (k + 1) * self.batch_size]
+            yield batch[self.rank :: self.world].tolist()
 
 
-def streaming_loader(dataset: StreamingImageFolder, batch_size: int, seed: int, epoch: int, *, rank: int = 0,
-                     world: int = 1, repeats: int = 1) -> DataLoader:
+def streaming_loader(
+    dataset: StreamingImageFolder,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    repeats: int = 1,
+) -> DataLoader:
     """Batches of this rank's share (``batch_size / world`` images) of every global batch,
     decoded by ``dataset.workers`` processes into pinned memory."""
-    sampler = GlobalBatchSampler(len(dataset), batch_size, torch.Generator().manual_seed(seed * 100_003 + epoch),
-                                 rank, world, repeats)
+    sampler = GlobalBatchSampler(
+        len(dataset), batch_size, torch.Generator().manual_seed(seed * 100_003 + epoch), rank, world, repeats
+    )
     workers = dataset.workers
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      collate_fn=_already_stacked,
-                      generator=torch.Generator().manual_seed(seed * 100_019 + epoch * 1_009 + rank),
-                      persistent_workers=False, prefetch_factor=4 if workers else None)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        collate_fn=_already_stacked,
+        generator=torch.Generator().manual_seed(seed * 100_019 + epoch * 1_009 + rank),
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
 
 
 def streaming_eval_loader(dataset: StreamingImageFolder, batch_size: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=dataset.workers,
-                      pin_memory=torch.cuda.is_available(), collate_fn=_already_stacked)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=dataset.workers,
+        pin_memory=torch.cuda.is_available(),
+        collate_fn=_already_stacked,
+    )
 
 
 def _already_stacked(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:

@@ -30,9 +30,18 @@ import numpy as np
 SHAPES = ("rectangle", "ellipse", "triangle", "cross")
 
 
-def write_synthetic_coco(root: str | Path, *, train_images: int = 256, val_images: int = 64, image_size: int = 64,
-                         classes: int = 2, max_objects: int = 4, min_object: int = 4, size_jitter: float = 0.25,
-                         seed: int = 0) -> Path:
+def write_synthetic_coco(
+    root: str | Path,
+    *,
+    train_images: int = 256,
+    val_images: int = 64,
+    image_size: int = 64,
+    classes: int = 2,
+    max_objects: int = 4,
+    min_object: int = 4,
+    size_jitter: float = 0.25,
+    seed: int = 0,
+) -> Path:
     """Write the data set under ``root`` (created; must not hold one already) and return it."""
     from PIL import Image
 
@@ -45,8 +54,9 @@ def write_synthetic_coco(root: str | Path, *, train_images: int = 256, val_image
     if not 4 <= min_object <= 0.5 * (1 - size_jitter) * image_size:
         raise ValueError(f"min_object={min_object} is not allowed; use 4 to half the smallest image side")
     if max_objects < 1 or train_images < 1 or val_images < 1:
-        raise ValueError(f"max_objects, train_images and val_images must be >= 1, got "
-                         f"{max_objects}, {train_images}, {val_images}")
+        raise ValueError(
+            f"max_objects, train_images and val_images must be >= 1, got {max_objects}, {train_images}, {val_images}"
+        )
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -61,15 +71,24 @@ def write_synthetic_coco(root: str | Path, *, train_images: int = 256, val_image
             height, width = pixels.shape[:2]
             images.append({"id": image_id, "file_name": name, "width": width, "height": height})
             for box, label in zip(boxes, labels):
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label,
-                                    "bbox": [float(v) for v in box], "area": float(box[2] * box[3]), "iscrowd": 0})
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": label,
+                        "bbox": [float(v) for v in box],
+                        "area": float(box[2] * box[3]),
+                        "iscrowd": 0,
+                    }
+                )
         document = {"images": images, "annotations": annotations, "categories": categories}
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(document))
     return root
 
 
-def _draw_image(rng: np.random.Generator, size: int, classes: int, max_objects: int, min_object: int,
-                size_jitter: float) -> tuple[np.ndarray, list[list[int]], list[int]]:
+def _draw_image(
+    rng: np.random.Generator, size: int, classes: int, max_objects: int, min_object: int, size_jitter: float
+) -> tuple[np.ndarray, list[list[int]], list[int]]:
     from PIL import Image, ImageDraw
 
     height, width = (int(rng.integers(int(round((1 - size_jitter) * size)), size + 1)) for _ in range(2))
@@ -102,11 +121,16 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     ys, xs = np.linspace(0, 3, height), np.linspace(0, 3, width)
     y0, x0 = np.minimum(ys.astype(int), 2), np.minimum(xs.astype(int), 2)
     fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
-    field = ((1 - fy) * (1 - fx) * grid[y0][:, x0] + (1 - fy) * fx * grid[y0][:, x0 + 1]
-             + fy * (1 - fx) * grid[y0 + 1][:, x0] + fy * fx * grid[y0 + 1][:, x0 + 1])
+    field = (
+        (1 - fy) * (1 - fx) * grid[y0][:, x0]
+        + (1 - fy) * fx * grid[y0][:, x0 + 1]
+        + fy * (1 - fx) * grid[y0 + 1][:, x0]
+        + fy * fx * grid[y0 + 1][:, x0 + 1]
+    )
     angle, period = rng.uniform(0, math.pi), rng.uniform(4, 12)
-    stripes = 20 * np.sin(2 * math.pi * (np.cos(angle) * np.arange(width)[None, :]
-                                         + np.sin(angle) * np.arange(height)[:, None]) / period)
+    stripes = 20 * np.sin(
+        2 * math.pi * (np.cos(angle) * np.arange(width)[None, :] + np.sin(angle) * np.arange(height)[:, None]) / period
+    )
     noise = rng.normal(0, 6, (height, width, 3))
     return np.clip(field + stripes[:, :, None] + noise, 0, 255).astype(np.uint8)
 

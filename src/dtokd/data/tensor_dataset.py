@@ -123,8 +123,11 @@ class TensorImageDataset(Dataset):
     def subset(self, indices: Tensor, augmentation: Augmentation | None) -> "TensorImageDataset":
         """A new dataset of the given rows (sharing nothing mutable), with its own augmentation."""
         return TensorImageDataset(
-            self.images[indices], self.labels[indices], tuple(self.mean.flatten().tolist()),
-            tuple(self.std.flatten().tolist()), augmentation,
+            self.images[indices],
+            self.labels[indices],
+            tuple(self.mean.flatten().tolist()),
+            tuple(self.std.flatten().tolist()),
+            augmentation,
         )
 
 
@@ -137,8 +140,9 @@ class InMemoryBatches:
     per-sample Python work. On an accelerator the permutation is moved there once an epoch.
     """
 
-    def __init__(self, dataset: TensorImageDataset, batch_size: int, generator: torch.Generator,
-                 drop_last: bool) -> None:
+    def __init__(
+        self, dataset: TensorImageDataset, batch_size: int, generator: torch.Generator, drop_last: bool
+    ) -> None:
         self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
         self.generator = generator
 
@@ -149,5 +153,4 @@ class InMemoryBatches:
     def __iter__(self):
         order = torch.randperm(len(self.dataset), generator=self.generator).to(self.dataset.device, non_blocking=True)
         for k in range(len(self)):
-            yield self.dataset.__getitems__(order[k * self.batch_size: (k + 1) * self.batch_size])
-
+            yield self.dataset.__getitems__(order[k * self.batch_size : (k + 1) * self.batch_size])

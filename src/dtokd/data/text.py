@@ -42,8 +42,14 @@ from dtokd.data.tensor_dataset import InMemoryBatches
 from dtokd.interrupts import exclusive
 
 TEXT_OPTIONS: dict[str, Any] = {
-    "block_size": 128, "tokenizer": "train", "vocab_size": 2048, "eos": "<|endoftext|>", "test_fraction": 0.1,
-    "split_seed": 0, "extensions": [".py", ".txt", ".md", ".rst"], "field": "text",
+    "block_size": 128,
+    "tokenizer": "train",
+    "vocab_size": 2048,
+    "eos": "<|endoftext|>",
+    "test_fraction": 0.1,
+    "split_seed": 0,
+    "extensions": [".py", ".txt", ".md", ".rst"],
+    "field": "text",
 }
 
 
@@ -59,7 +65,9 @@ def read_documents(root: str, extensions: list[str], field: str) -> tuple[list[s
         return [f.name for f in files], [_read(f) for f in files]
     path = Path(root)
     if not path.exists():
-        raise FileNotFoundError(f"data.root={root!r} does not exist (give 'stdlib', a folder of text files or a .jsonl file)")
+        raise FileNotFoundError(
+            f"data.root={root!r} does not exist (give 'stdlib', a folder of text files or a .jsonl file)"
+        )
     if path.is_file():
         if path.suffix != ".jsonl":
             raise ValueError(f"data.root={root!r} is a file but not .jsonl (one JSON object per line)")
@@ -76,8 +84,13 @@ def read_documents(root: str, extensions: list[str], field: str) -> tuple[list[s
             names.append(f"{path.name}:{k + 1}")
             texts.append(row[field])
         return names, texts
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in extensions
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.suffix in extensions
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
     return [str(f.relative_to(path)) for f in files], [_read(f) for f in files]
 
 
@@ -129,8 +142,9 @@ class TokenBlocks(Dataset):
     def to(self, device: torch.device | str) -> "TokenBlocks":
         return TokenBlocks(self.blocks.to(device))
 
-    def train_batches(self, batch_size: int, seed: int, epoch: int, *, rank: int = 0, world: int = 1,
-                      repeats: int = 1) -> InMemoryBatches:
+    def train_batches(
+        self, batch_size: int, seed: int, epoch: int, *, rank: int = 0, world: int = 1, repeats: int = 1
+    ) -> InMemoryBatches:
         """Whole global batches of a permutation drawn from (seed, epoch) (each rank takes its part)."""
         if repeats != 1:
             raise ValueError("data.repeated_augmentation is for streamed image folders (image-folder-stream)")
@@ -157,10 +171,12 @@ def load_text(root: str | None, options: dict[str, Any] | None, val_fraction: fl
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(settings["split_seed"])).tolist()
     n_test = round(settings["test_fraction"] * len(texts))
     n_val = round(val_fraction * len(texts))
-    parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+    parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     if len(texts) < 2 or not parts["train"] or not parts["test"]:
-        raise ValueError(f"data.root={root!r} has {len(texts)} document(s): too few for a training and a test split "
-                         f"(data.text.test_fraction={settings['test_fraction']}, data.val_fraction={val_fraction})")
+        raise ValueError(
+            f"data.root={root!r} has {len(texts)} document(s): too few for a training and a test split "
+            f"(data.text.test_fraction={settings['test_fraction']}, data.val_fraction={val_fraction})"
+        )
     tokenizer = _tokenizer(settings, [texts[i] for i in parts["train"]])
     eos = tokenizer.token_to_id(settings["eos"])
     if eos is None:
@@ -179,12 +195,19 @@ def load_text(root: str | None, options: dict[str, Any] | None, val_fraction: fl
         size = settings["block_size"] + 1
         count = len(ids) // size
         if count == 0:
-            raise ValueError(f"the {split} split has {len(ids)} tokens, fewer than one block of {size} "
-                             "(data.text.block_size + 1): use a smaller block_size or more documents")
-        return TokenBlocks(torch.tensor(ids[:count * size], dtype=torch.int32).view(count, size))
+            raise ValueError(
+                f"the {split} split has {len(ids)} tokens, fewer than one block of {size} "
+                "(data.text.block_size + 1): use a smaller block_size or more documents"
+            )
+        return TokenBlocks(torch.tensor(ids[: count * size], dtype=torch.int32).view(count, size))
 
-    return TextSplits(blocks(parts["train"], "train"), blocks(parts["val"], "val"), blocks(parts["test"], "test"),
-                      tuple(vocabulary), {s: [names[i] for i in sorted(v)] for s, v in parts.items()})
+    return TextSplits(
+        blocks(parts["train"], "train"),
+        blocks(parts["val"], "val"),
+        blocks(parts["test"], "test"),
+        tuple(vocabulary),
+        {s: [names[i] for i in sorted(v)] for s, v in parts.items()},
+    )
 
 
 def check_text_options(options: dict[str, Any] | None) -> dict[str, Any]:
@@ -199,8 +222,10 @@ def check_text_options(options: dict[str, Any] | None) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "split_seed" else 2):
             raise ValueError(f"data.text.{key}={value!r} must be an integer >= {0 if key == 'split_seed' else 2}")
     if settings["tokenizer"] == "train" and settings["vocab_size"] < 257:
-        raise ValueError(f"data.text.vocab_size={settings['vocab_size']} is too small for a byte-level BPE: it holds "
-                         "the 256 bytes and the end token, so at least 257")
+        raise ValueError(
+            f"data.text.vocab_size={settings['vocab_size']} is too small for a byte-level BPE: it holds "
+            "the 256 bytes and the end token, so at least 257"
+        )
     fraction = settings["test_fraction"]
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise ValueError(f"data.text.test_fraction={fraction!r} must lie strictly between 0 and 1")
@@ -224,8 +249,10 @@ def _tokenizer(settings: dict[str, Any], train_texts: list[str]) -> Any:
         path = Path(settings["tokenizer"])
         path = path / "tokenizer.json" if path.is_dir() else path
         if not path.is_file():
-            raise FileNotFoundError(f"data.text.tokenizer={settings['tokenizer']!r}: no tokenizer.json there "
-                                    "(give a local tokenizer file or folder, or 'train')")
+            raise FileNotFoundError(
+                f"data.text.tokenizer={settings['tokenizer']!r}: no tokenizer.json there "
+                "(give a local tokenizer file or folder, or 'train')"
+            )
         try:
             return Tokenizer.from_file(str(path))
         except Exception as error:  # tokenizers raises its own exception type for a malformed file
@@ -238,11 +265,15 @@ def _tokenizer(settings: dict[str, Any], train_texts: list[str]) -> Any:
     with exclusive(cache_dir() / "locks" / f"{key}.lock"):
         if not path.is_file():
             trained = ByteLevelBPETokenizer()
-            trained.train_from_iterator(train_texts, vocab_size=settings["vocab_size"], min_frequency=2,
-                                        special_tokens=[settings["eos"]], show_progress=False)
+            trained.train_from_iterator(
+                train_texts,
+                vocab_size=settings["vocab_size"],
+                min_frequency=2,
+                special_tokens=[settings["eos"]],
+                show_progress=False,
+            )
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_suffix(".tmp")
             temporary.write_text(trained.to_str())
             temporary.replace(path)
     return Tokenizer.from_file(str(path))
-

@@ -24,8 +24,10 @@ class ClassifierLosses:
     temperature: float = 4.0
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor) -> dict[str, Tensor]:
-        return {"distill": kd_loss(student_logits, teacher_logits, self.temperature),
-                "task": cross_entropy(student_logits, y)}
+        return {
+            "distill": kd_loss(student_logits, teacher_logits, self.temperature),
+            "task": cross_entropy(student_logits, y),
+        }
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,16 @@ class CausalLMLosses:
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
         logits, targets = student_logits[:, :-1], labels[:, 1:]
-        distill = token_kd_loss(logits, teacher_logits[:, :-1], targets, divergence=self.divergence, beta=self.beta,
-                                temperature=self.temperature, ignore_index=self.ignore_index,
-                                chunk_tokens=self.chunk_tokens)
+        distill = token_kd_loss(
+            logits,
+            teacher_logits[:, :-1],
+            targets,
+            divergence=self.divergence,
+            beta=self.beta,
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+            chunk_tokens=self.chunk_tokens,
+        )
         flat = logits.reshape(-1, logits.shape[-1]).float()
         task = F.cross_entropy(flat, targets.reshape(-1), ignore_index=self.ignore_index, reduction="sum")
         return {"distill": distill, "task": task / (targets != self.ignore_index).sum().clamp_min(1)}
@@ -57,7 +66,12 @@ def default_losses(temperature: float = 4.0) -> LossFn:
     return ClassifierLosses(temperature)
 
 
-def causal_lm_losses(divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
-                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS, ignore_index: int = -100) -> LossFn:
+def causal_lm_losses(
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ignore_index: int = -100,
+) -> LossFn:
     """The causal-LM losses (see :class:`CausalLMLosses`)."""
     return CausalLMLosses(divergence, temperature, beta, chunk_tokens, ignore_index)

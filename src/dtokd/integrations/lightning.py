@@ -51,10 +51,17 @@ class DistillationModule(lightning.LightningModule):
     student's parameters returning the optimizer (default SGD, lr 0.1, momentum 0.9). Under
     Lightning's ``ddp_spawn`` the module is pickled: give module-level functions, not lambdas."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, *, method: str = "dto",
-                 engine: str = "representation", balancer_options: Mapping[str, Any] | None = None,
-                 losses: LossFn | None = None,
-                 optimizer: Callable[[Any], torch.optim.Optimizer] | None = None) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        *,
+        method: str = "dto",
+        engine: str = "representation",
+        balancer_options: Mapping[str, Any] | None = None,
+        losses: LossFn | None = None,
+        optimizer: Callable[[Any], torch.optim.Optimizer] | None = None,
+    ) -> None:
         super().__init__()
         self.student = student
         self.teacher = [teacher.eval().requires_grad_(False)]  # a list: not a submodule, not in state_dict
@@ -62,7 +69,9 @@ class DistillationModule(lightning.LightningModule):
         self.engine = engine
         self.balancer = make_balancer(method, self.student.parameters(), engine=engine, **dict(balancer_options or {}))
         self._optimizer = optimizer or default_optimizer
-        self._same_batch = method == "dto-amortized" and dict(balancer_options or {}).get("update", "same-batch") == "same-batch"
+        self._same_batch = (
+            method == "dto-amortized" and dict(balancer_options or {}).get("update", "same-batch") == "same-batch"
+        )
         self._batch: tuple[Tensor, Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -81,8 +90,9 @@ class DistillationModule(lightning.LightningModule):
         loss = self.balancer.combine(losses, representation=logits if self.engine == "representation" else None)
         self._batch = (x, y, teacher_logits)
         info = self.balancer.last_info
-        self.log_dict({f"dtokd/{k}": v for k, v in info.as_dict().items()}, on_step=True, on_epoch=False,
-                      batch_size=x.shape[0])
+        self.log_dict(
+            {f"dtokd/{k}": v for k, v in info.as_dict().items()}, on_step=True, on_epoch=False, batch_size=x.shape[0]
+        )
         return loss
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
@@ -105,6 +115,8 @@ class DistillationModule(lightning.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "dtokd_balancer" not in checkpoint:
-            raise ValueError("this Lightning checkpoint holds no dtokd balancer state ('dtokd_balancer'): it was "
-                             "not written by a DistillationModule")
+            raise ValueError(
+                "this Lightning checkpoint holds no dtokd balancer state ('dtokd_balancer'): it was "
+                "not written by a DistillationModule"
+            )
         self.balancer.load_state_dict(checkpoint["dtokd_balancer"])

@@ -65,14 +65,23 @@ class DistillationTrainer(transformers.Trainer):
     # would skip for a causal LM, whose forward takes loss keywords, or under a TRL parent).
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args: Any, teacher: nn.Module, method: str = "dto", engine: str = "representation",
-                 balancer_options: Mapping[str, Any] | None = None,
-                 losses: Callable[[Tensor, Tensor, Tensor], Mapping[str, Tensor]] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        teacher: nn.Module,
+        method: str = "dto",
+        engine: str = "representation",
+        balancer_options: Mapping[str, Any] | None = None,
+        losses: Callable[[Tensor, Tensor, Tensor], Mapping[str, Tensor]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         options = dict(balancer_options or {})
         if method == "dto-amortized" and options.setdefault("update", "next-step") != "next-step":
-            raise ValueError("dto-amortized in the Hugging Face Trainer needs balancer_options={'update': 'next-step'}: "
-                             "the same-batch update needs a re-evaluation after each optimizer step")
+            raise ValueError(
+                "dto-amortized in the Hugging Face Trainer needs balancer_options={'update': 'next-step'}: "
+                "the same-batch update needs a re-evaluation after each optimizer step"
+            )
         self.teacher = teacher.eval().requires_grad_(False)
         self.losses = losses or default_losses()
         self.engine = engine
@@ -81,8 +90,9 @@ class DistillationTrainer(transformers.Trainer):
         if "labels" not in self.label_names:  # kept for the losses even if the model's forward takes none
             self.label_names = [*self.label_names, "labels"]
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, Any]:
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Tensor | tuple[Tensor, Any]:
         inputs = dict(inputs)
         if "labels" not in inputs:
             raise KeyError(f"the batch has no 'labels' (it has {sorted(inputs)}): the distillation losses need them")
@@ -104,7 +114,10 @@ class DistillationTrainer(transformers.Trainer):
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
-        folder = Path(self._get_output_dir(trial=trial)) / f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        folder = (
+            Path(self._get_output_dir(trial=trial))
+            / f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
         if self.args.should_save:
             torch.save(self.balancer.state_dict(), folder / BALANCER_FILE)
 
@@ -112,6 +125,8 @@ class DistillationTrainer(transformers.Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = Path(resume_from_checkpoint) / BALANCER_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by a DistillationTrainer "
-                                    "(its balancer state is needed to continue the run as it was)")
+            raise FileNotFoundError(
+                f"{path} is missing: the checkpoint was not written by a DistillationTrainer "
+                "(its balancer state is needed to continue the run as it was)"
+            )
         self.balancer.load_state_dict(torch.load(path, weights_only=False))

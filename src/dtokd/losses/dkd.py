@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float = 4.0) -> tuple[Tensor, Tensor]:
+def dkd_parts(
+    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float = 4.0
+) -> tuple[Tensor, Tensor]:
     """``(T^2 TCKD, T^2 NCKD)``, each averaged over the batch."""
     gt = F.one_hot(target, student_logits.shape[1]).bool()
     p_s = F.softmax(student_logits / temperature, 1)
@@ -32,7 +34,13 @@ def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, te
     return tckd * temperature**2, nckd * temperature**2
 
 
-def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: float = 1.0, beta: float = 8.0,
-             temperature: float = 4.0) -> Tensor:
+def dkd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+) -> Tensor:
     tckd, nckd = dkd_parts(student_logits, teacher_logits, target, temperature)
     return alpha * tckd + beta * nckd

@@ -49,12 +49,16 @@ class FeatureProjector(nn.Module):
     ) -> None:
         super().__init__()
         if not learned and student_channels != teacher_channels:
-            raise ValueError(f"a feature loss without a projector needs equal widths; the student feature has "
-                             f"{student_channels} channels, the teacher's {teacher_channels}")
+            raise ValueError(
+                f"a feature loss without a projector needs equal widths; the student feature has "
+                f"{student_channels} channels, the teacher's {teacher_channels}"
+            )
         if teacher_norm not in TEACHER_NORMS:
             raise ValueError(f"teacher_norm={teacher_norm!r} is not allowed; use one of {list(TEACHER_NORMS)}")
         if teacher_norm == "pearson" and not spatial:
-            raise ValueError("teacher_norm='pearson' standardises feature maps over positions; it needs spatial features")
+            raise ValueError(
+                "teacher_norm='pearson' standardises feature maps over positions; it needs spatial features"
+            )
         if distance not in ("smooth_l1", "mse"):
             raise ValueError(f"distance={distance!r} is not allowed; use 'smooth_l1' or 'mse'")
         self.spatial = spatial
@@ -81,11 +85,16 @@ class FeatureProjector(nn.Module):
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         projected = self.proj(student.movedim(1, -1)).movedim(-1, 1) if self.spatial else self.proj(student)
         if projected.shape != teacher.shape:
-            raise ValueError(f"projected student feature {tuple(projected.shape)} does not match teacher feature {tuple(teacher.shape)}")
+            raise ValueError(
+                f"projected student feature {tuple(projected.shape)} does not match teacher feature {tuple(teacher.shape)}"
+            )
         target = self.normalise(teacher.detach())
         if self.teacher_norm == "pearson":
-            return F.mse_loss(_standardize_maps(projected), target) / 2 if self.distance == "mse" else \
-                F.smooth_l1_loss(_standardize_maps(projected), target)
+            return (
+                F.mse_loss(_standardize_maps(projected), target) / 2
+                if self.distance == "mse"
+                else F.smooth_l1_loss(_standardize_maps(projected), target)
+            )
         if self.distance == "mse":
             return F.mse_loss(projected, target)
         return F.smooth_l1_loss(projected, target)

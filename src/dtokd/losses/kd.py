@@ -31,7 +31,9 @@ def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) 
     return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
 
 
-def deit_token_loss(dist_logits: Tensor, teacher_logits: Tensor, mode: str = "hard", temperature: float = 1.0) -> Tensor:
+def deit_token_loss(
+    dist_logits: Tensor, teacher_logits: Tensor, mode: str = "hard", temperature: float = 1.0
+) -> Tensor:
     """The loss on DeiT's distillation token (Touvron et al., ICML 2021).
 
     ``hard``: ``CE(z_dist, argmax z_teacher)``. ``soft``: ``T^2 KL(softmax(z_t / T) ||

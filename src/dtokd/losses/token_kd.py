@@ -43,10 +43,18 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 DEFAULT_CHUNK_TOKENS = 1024
 
 
-def token_kd_loss(student_logits: Tensor, teacher_logits: Tensor | None = None, labels: Tensor | None = None, *,
-                  divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
-                  ignore_index: int = -100, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                  teacher_topk: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def token_kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None = None,
+    labels: Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    teacher_topk: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """The mean over valid tokens of ``T^2 D(teacher, student)`` (see the module notes).
 
     ``student_logits``: ``(..., V)``; ``teacher_logits``: the same shape, or ``None`` with
@@ -56,8 +64,9 @@ def token_kd_loss(student_logits: Tensor, teacher_logits: Tensor | None = None, 
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence={divergence!r} is not allowed; use one of {list(DIVERGENCES)}")
     if divergence == "jsd" and not (isinstance(beta, (int, float)) and 0 < beta < 1):
-        raise ValueError(f"beta={beta!r} must lie strictly between 0 and 1 for 'jsd' (its limits are "
-                         "'forward_kl' and 'reverse_kl')")
+        raise ValueError(
+            f"beta={beta!r} must lie strictly between 0 and 1 for 'jsd' (its limits are 'forward_kl' and 'reverse_kl')"
+        )
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature={temperature!r} must be a positive number")
     if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
@@ -68,14 +77,17 @@ def token_kd_loss(student_logits: Tensor, teacher_logits: Tensor | None = None, 
         raise ValueError("give the teacher as teacher_logits or as teacher_topk=(log_probs, indices), not both")
     if teacher_logits is not None:
         if teacher_logits.shape != student_logits.shape:
-            raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} must match student_logits "
-                             f"{tuple(student_logits.shape)}")
+            raise ValueError(
+                f"teacher_logits {tuple(teacher_logits.shape)} must match student_logits {tuple(student_logits.shape)}"
+            )
         teacher: tuple[Tensor, ...] = (teacher_logits.detach().reshape(-1, vocabulary),)
     else:
         log_probs, indices = teacher_topk  # type: ignore[misc]
         if log_probs.shape != indices.shape or log_probs.shape[:-1] != student_logits.shape[:-1]:
-            raise ValueError(f"teacher_topk log_probs {tuple(log_probs.shape)} and indices {tuple(indices.shape)} must "
-                             f"share the student's leading shape {tuple(student_logits.shape[:-1])} and one k")
+            raise ValueError(
+                f"teacher_topk log_probs {tuple(log_probs.shape)} and indices {tuple(indices.shape)} must "
+                f"share the student's leading shape {tuple(student_logits.shape[:-1])} and one k"
+            )
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= vocabulary):
             raise ValueError(f"teacher_topk indices must lie in [0, {vocabulary})")
         k = log_probs.shape[-1]
@@ -84,14 +96,16 @@ def token_kd_loss(student_logits: Tensor, teacher_logits: Tensor | None = None, 
         valid = torch.ones(student.shape[0], dtype=torch.bool, device=student.device)
     else:
         if labels.shape != student_logits.shape[:-1]:
-            raise ValueError(f"labels {tuple(labels.shape)} must match the logits' leading shape "
-                             f"{tuple(student_logits.shape[:-1])}")
+            raise ValueError(
+                f"labels {tuple(labels.shape)} must match the logits' leading shape {tuple(student_logits.shape[:-1])}"
+            )
         valid = labels.reshape(-1) != ignore_index
     return _ChunkedTokenKD.apply(student, valid, divergence, float(beta), float(temperature), chunk_tokens, *teacher)
 
 
-def _bucketed(student_log_probs: Tensor, teacher: tuple[Tensor, ...], temperature: float
-              ) -> tuple[Tensor, Tensor, Tensor | None]:
+def _bucketed(
+    student_log_probs: Tensor, teacher: tuple[Tensor, ...], temperature: float
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """(student, teacher) log-probabilities over the buckets of a chunk, and the top-k indices
     (None: the buckets are the vocabulary). With ``k`` below the vocabulary the last bucket is
     the tail; the teacher's tail mass is at least the smallest positive float (a top-k whose
@@ -136,11 +150,12 @@ class _ChunkedTokenKD(torch.autograd.Function):
         count = int(valid.sum())
         total = torch.zeros((), dtype=torch.float64, device=student.device)
         for rows in _chunks(valid, chunk_tokens):
-            log_p, log_q, _ = _bucketed(_student_log_probs(student, rows, temperature),
-                                        tuple(part[rows] for part in teacher), temperature)
+            log_p, log_q, _ = _bucketed(
+                _student_log_probs(student, rows, temperature), tuple(part[rows] for part in teacher), temperature
+            )
             total += _divergence(log_p, log_q, divergence, beta)[0].sum().double()
         ctx.count = count
-        return (total * temperature ** 2 / max(count, 1)).to(_compute_dtype(student))
+        return (total * temperature**2 / max(count, 1)).to(_compute_dtype(student))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -169,7 +184,7 @@ def _chunks(valid: Tensor, chunk_tokens: int):
     """The indices of the valid rows, ``chunk_tokens`` at a time."""
     rows = valid.nonzero().squeeze(-1)
     for start in range(0, rows.numel(), chunk_tokens):
-        yield rows[start:start + chunk_tokens]
+        yield rows[start : start + chunk_tokens]
 
 
 def _compute_dtype(student: Tensor) -> torch.dtype:

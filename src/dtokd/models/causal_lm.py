@@ -22,7 +22,7 @@ PREFIX = "hf-causal-lm:"
 def names_a_local_folder(name: str | None) -> bool:
     """Whether ``name`` is ``hf-causal-lm:<folder>`` with that folder present: a model that
     brings its own weights (a released teacher needs no ``teacher.checkpoint``)."""
-    return bool(name) and name.startswith(PREFIX) and Path(name[len(PREFIX):]).is_dir()
+    return bool(name) and name.startswith(PREFIX) and Path(name[len(PREFIX) :]).is_dir()
 
 
 class CausalLM(nn.Module):
@@ -41,15 +41,17 @@ def create_causal_lm(name: str, vocab_size: int, kwargs: dict[str, Any]) -> Caus
         import transformers
     except ImportError:
         raise ValueError(f"model {name!r} needs transformers: pip install 'dtokd[lm]'") from None
-    spec = name[len(PREFIX):]
+    spec = name[len(PREFIX) :]
     if Path(spec).is_dir():
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, **kwargs)
         except (OSError, ValueError) as error:
             raise ValueError(f"{spec} is not a local causal LM folder ({str(error).splitlines()[0][:200]})") from None
         if model.config.vocab_size != vocab_size:
-            raise ValueError(f"{spec} has a vocabulary of {model.config.vocab_size}, the data's tokenizer "
-                             f"{vocab_size}: give the model's own tokenizer (data.text.tokenizer)")
+            raise ValueError(
+                f"{spec} has a vocabulary of {model.config.vocab_size}, the data's tokenizer "
+                f"{vocab_size}: give the model's own tokenizer (data.text.tokenizer)"
+            )
         return CausalLM(model)
     if "vocab_size" in kwargs:
         raise ValueError(f"model {name!r}: vocab_size comes from the data's tokenizer; remove it from the kwargs")

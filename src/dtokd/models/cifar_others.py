@@ -24,14 +24,20 @@ class _Classifier(nn.Module):
         return self.head(self.forward_features(x))
 
 
-def _conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, relu: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+def _conv_bn(
+    cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, relu: bool = True
+) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
     if relu:
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
 
 # ----------------------------------------------------------------- Wide ResNet (Zagoruyko & Komodakis)
+
 
 class _WideBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
@@ -56,7 +62,11 @@ class WideResNet(_Classifier):
         self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         stages, cin = [], widths[0]
         for i, w in enumerate(widths[1:]):
-            stages.append(nn.Sequential(*[_WideBlock(cin if b == 0 else w, w, (1 if i == 0 else 2) if b == 0 else 1) for b in range(n)]))
+            stages.append(
+                nn.Sequential(
+                    *[_WideBlock(cin if b == 0 else w, w, (1 if i == 0 else 2) if b == 0 else 1) for b in range(n)]
+                )
+            )
             cin = w
         stages.append(nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True)))
         self.stages = nn.Sequential(*stages)
@@ -66,8 +76,11 @@ class WideResNet(_Classifier):
 
 # ----------------------------------------------------------------- VGG (Simonyan & Zisserman), CIFAR
 
-VGG_CONFIGS = {8: [[64], [128], [256], [512], [512]], 11: [[64], [128], [256, 256], [512, 512], [512, 512]],
-               13: [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]]}
+VGG_CONFIGS = {
+    8: [[64], [128], [256], [512], [512]],
+    11: [[64], [128], [256, 256], [512, 512], [512, 512]],
+    13: [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+}
 
 
 class VGG(_Classifier):
@@ -92,13 +105,16 @@ class VGG(_Classifier):
 
 # ----------------------------------------------------------------- MobileNetV2 (Sandler et al.), width 0.5
 
+
 class _InvertedResidual(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
         super().__init__()
         hidden = cin * expand
         self.residual = stride == 1 and cin == cout
         self.body = nn.Sequential(
-            _conv_bn(cin, hidden, 1), _conv_bn(hidden, hidden, 3, stride, groups=hidden), _conv_bn(hidden, cout, 1, relu=False)
+            _conv_bn(cin, hidden, 1),
+            _conv_bn(hidden, hidden, 3, stride, groups=hidden),
+            _conv_bn(hidden, cout, 1, relu=False),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -106,7 +122,15 @@ class _InvertedResidual(nn.Module):
 
 
 class MobileNetV2(_Classifier):
-    SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    SETTINGS = [
+        (1, 16, 1, 1),
+        (6, 24, 2, 1),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ]
 
     def __init__(self, width: float = 0.5, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
@@ -115,7 +139,11 @@ class MobileNetV2(_Classifier):
         stages = []
         for t, c, n, s in self.SETTINGS:
             cout = int(c * width)
-            stages.append(nn.Sequential(*[_InvertedResidual(cin if i == 0 else cout, cout, s if i == 0 else 1, t) for i in range(n)]))
+            stages.append(
+                nn.Sequential(
+                    *[_InvertedResidual(cin if i == 0 else cout, cout, s if i == 0 else 1, t) for i in range(n)]
+                )
+            )
             cin = cout
         stages.append(_conv_bn(cin, 1280, 1))
         self.stages = nn.Sequential(*stages)
@@ -124,6 +152,7 @@ class MobileNetV2(_Classifier):
 
 
 # ----------------------------------------------------------------- ShuffleNet V1 / V2 (Zhang et al.; Ma et al.)
+
 
 def _shuffle(x: Tensor, groups: int) -> Tensor:
     b, c, h, w = x.shape
@@ -154,7 +183,11 @@ class ShuffleNetV1(_Classifier):
         self.stem = _conv_bn(in_channels, 24, 1)
         stages, cin = [], 24
         for cout, blocks in zip((240, 480, 960), (4, 8, 4)):
-            stages.append(nn.Sequential(*[_ShuffleV1Block(cin if i == 0 else cout, cout, 2 if i == 0 else 1, groups) for i in range(blocks)]))
+            stages.append(
+                nn.Sequential(
+                    *[_ShuffleV1Block(cin if i == 0 else cout, cout, 2 if i == 0 else 1, groups) for i in range(blocks)]
+                )
+            )
             cin = cout
         self.stages = nn.Sequential(*stages)
         self.num_features = cin
@@ -173,7 +206,9 @@ class _ShuffleV2Block(nn.Module):
             self.left = nn.Identity()
             right_in = branch
         self.right = nn.Sequential(
-            _conv_bn(right_in, branch, 1), _conv_bn(branch, branch, 3, stride, groups=branch, relu=False), _conv_bn(branch, branch, 1)
+            _conv_bn(right_in, branch, 1),
+            _conv_bn(branch, branch, 3, stride, groups=branch, relu=False),
+            _conv_bn(branch, branch, 1),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -191,7 +226,11 @@ class ShuffleNetV2(_Classifier):
         self.stem = _conv_bn(in_channels, 24, 3)
         stages, cin = [], 24
         for cout, blocks in zip((116, 232, 464), (3, 7, 3)):
-            stages.append(nn.Sequential(*[_ShuffleV2Block(cin if i == 0 else cout, cout, 2 if i == 0 else 1) for i in range(blocks + 1)]))
+            stages.append(
+                nn.Sequential(
+                    *[_ShuffleV2Block(cin if i == 0 else cout, cout, 2 if i == 0 else 1) for i in range(blocks + 1)]
+                )
+            )
             cin = cout
         stages.append(_conv_bn(cin, 1024, 1))
         self.stages = nn.Sequential(*stages)
@@ -201,11 +240,14 @@ class ShuffleNetV2(_Classifier):
 
 # ----------------------------------------------------------------- ResNet-50 (bottleneck), CIFAR stem
 
+
 class _Bottleneck(nn.Module):
     def __init__(self, cin: int, width: int, stride: int) -> None:
         super().__init__()
         cout = 4 * width
-        self.body = nn.Sequential(_conv_bn(cin, width, 1), _conv_bn(width, width, 3, stride), _conv_bn(width, cout, 1, relu=False))
+        self.body = nn.Sequential(
+            _conv_bn(cin, width, 1), _conv_bn(width, width, 3, stride), _conv_bn(width, cout, 1, relu=False)
+        )
         self.shortcut = nn.Identity() if (stride == 1 and cin == cout) else _conv_bn(cin, cout, 1, stride, relu=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -218,7 +260,14 @@ class ResNet50(_Classifier):
         self.stem = _conv_bn(in_channels, 64, 3)
         stages, cin = [], 64
         for i, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
-            stages.append(nn.Sequential(*[_Bottleneck(cin if b == 0 else 4 * width, width, (2 if i > 0 else 1) if b == 0 else 1) for b in range(blocks)]))
+            stages.append(
+                nn.Sequential(
+                    *[
+                        _Bottleneck(cin if b == 0 else 4 * width, width, (2 if i > 0 else 1) if b == 0 else 1)
+                        for b in range(blocks)
+                    ]
+                )
+            )
             cin = 4 * width
         self.stages = nn.Sequential(*stages)
         self.num_features = cin

@@ -33,7 +33,9 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int = 10, in_channels: int = 3) -> None:
+    def __init__(
+        self, depth: int, widths: tuple[int, int, int, int], num_classes: int = 10, in_channels: int = 3
+    ) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2 with n >= 1, got {depth}")

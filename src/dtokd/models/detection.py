@@ -56,8 +56,10 @@ def parse_name(name: str) -> tuple[str, str]:
         for backbone in RESNETS + MOBILENETS:
             if arch == f"{head}_{backbone}_fpn":
                 return head, backbone
-    raise ValueError(f"unknown detector {name!r}; use detection:<head>_<backbone>_fpn with head in {list(HEADS)} "
-                     f"and backbone in {list(RESNETS + MOBILENETS)}")
+    raise ValueError(
+        f"unknown detector {name!r}; use detection:<head>_<backbone>_fpn with head in {list(HEADS)} "
+        f"and backbone in {list(RESNETS + MOBILENETS)}"
+    )
 
 
 def create_detector(name: str, num_classes: int, image_size: int, kwargs: dict[str, Any] | None = None) -> nn.Module:
@@ -82,8 +84,14 @@ def create_detector(name: str, num_classes: int, image_size: int, kwargs: dict[s
     anchors = _anchor_generator(head, strides, float(own.get("anchor_scale", 1.0)))
     builder = {"fasterrcnn": FasterRCNN, "retinanet": RetinaNet, "fcos": FCOS}[head]
     try:
-        return builder(backbone, num_classes=num_classes + 1, min_size=min_size, max_size=max_size,
-                       **{"rpn_anchor_generator" if two_stage else "anchor_generator": anchors}, **kwargs)
+        return builder(
+            backbone,
+            num_classes=num_classes + 1,
+            min_size=min_size,
+            max_size=max_size,
+            **{"rpn_anchor_generator" if two_stage else "anchor_generator": anchors},
+            **kwargs,
+        )
     except TypeError as error:
         raise ValueError(f"model {name!r} does not take kwargs {kwargs}: {error}") from None
 
@@ -98,18 +106,30 @@ def _norm_layer(norm: str) -> Any:
     return nn.BatchNorm2d
 
 
-def _backbone(name: str, norm: str, trainable_layers: int | None, two_stage: bool, extra: nn.Module | None) -> nn.Module:
+def _backbone(
+    name: str, norm: str, trainable_layers: int | None, two_stage: bool, extra: nn.Module | None
+) -> nn.Module:
     from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
 
     norm_layer = _norm_layer(norm)
     if name in RESNETS:
         returned = [1, 2, 3, 4] if two_stage else [2, 3, 4]
-        return resnet_fpn_backbone(backbone_name=name, weights=None, norm_layer=norm_layer,
-                                   trainable_layers=5 if trainable_layers is None else trainable_layers,
-                                   returned_layers=returned, extra_blocks=extra)
-    return mobilenet_backbone(backbone_name=name, weights=None, fpn=True, norm_layer=norm_layer,
-                              trainable_layers=6 if trainable_layers is None else trainable_layers,
-                              extra_blocks=extra)
+        return resnet_fpn_backbone(
+            backbone_name=name,
+            weights=None,
+            norm_layer=norm_layer,
+            trainable_layers=5 if trainable_layers is None else trainable_layers,
+            returned_layers=returned,
+            extra_blocks=extra,
+        )
+    return mobilenet_backbone(
+        backbone_name=name,
+        weights=None,
+        fpn=True,
+        norm_layer=norm_layer,
+        trainable_layers=6 if trainable_layers is None else trainable_layers,
+        extra_blocks=extra,
+    )
 
 
 @torch.no_grad()
@@ -145,13 +165,15 @@ def _load_backbone_weights(body: nn.Module, path: Path, backbone_name: str) -> N
 
     state, _ = read_weights(path)
     if backbone_name in MOBILENETS:
-        state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        state = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
     expected = body.state_dict()
     kept = {k: v for k, v in state.items() if k in expected}
     missing = [k for k in expected if k not in kept and not k.endswith("num_batches_tracked")]
     if missing:
-        raise ValueError(f"kwargs backbone_weights={str(path)!r} does not fit the {backbone_name} backbone: "
-                         f"{len(missing)} missing name(s), e.g. {missing[:3]}")
+        raise ValueError(
+            f"kwargs backbone_weights={str(path)!r} does not fit the {backbone_name} backbone: "
+            f"{len(missing)} missing name(s), e.g. {missing[:3]}"
+        )
     body.load_state_dict(kept, strict=False)
 
 
@@ -176,6 +198,13 @@ def loss_terms(model: nn.Module) -> tuple[str, ...]:
     raise ValueError(f"{type(model).__name__} is not a torchvision detector (FasterRCNN, RetinaNet, FCOS)")
 
 
-TERM_KINDS = {"loss_classifier": "cls", "classification": "cls", "loss_box_reg": "box", "loss_rpn_box_reg": "box",
-              "bbox_regression": "box", "loss_objectness": "obj", "bbox_ctrness": "obj"}
+TERM_KINDS = {
+    "loss_classifier": "cls",
+    "classification": "cls",
+    "loss_box_reg": "box",
+    "loss_rpn_box_reg": "box",
+    "bbox_regression": "box",
+    "loss_objectness": "obj",
+    "bbox_ctrness": "obj",
+}
 """Each loss term's kind: classification, box regression, objectness (or FCOS's centerness)."""

@@ -33,37 +33,53 @@ KEY_MAP_PRESETS: dict[str, list[list[str]]] = {
     # CIFAR ResNets in the layout of chenyaofo/pytorch-cifar-models (stem conv1/bn1, stages
     # layer1..layer3 of BasicBlocks with a 'downsample' shortcut, head 'fc'): dtokd's resnetN.
     "cifar-resnet-chenyaofo": [
-        [r"^conv1\.", "stem.0."], [r"^bn1\.", "stem.1."],
-        [r"^layer1\.", "stages.0."], [r"^layer2\.", "stages.1."], [r"^layer3\.", "stages.2."],
-        [r"\.downsample\.", ".shortcut."], [r"^fc\.", "head."],
+        [r"^conv1\.", "stem.0."],
+        [r"^bn1\.", "stem.1."],
+        [r"^layer1\.", "stages.0."],
+        [r"^layer2\.", "stages.1."],
+        [r"^layer3\.", "stages.2."],
+        [r"\.downsample\.", ".shortcut."],
+        [r"^fc\.", "head."],
     ],
     # a model saved from inside nn.DataParallel / DistributedDataParallel
     "strip-module": [[r"^module\.", ""]],
 }
 
 
-def key_map_rules(key_map: str | Sequence[Sequence[str]] | None, argument: str = "key_map") -> list[tuple[re.Pattern, str]]:
+def key_map_rules(
+    key_map: str | Sequence[Sequence[str]] | None, argument: str = "key_map"
+) -> list[tuple[re.Pattern, str]]:
     """The compiled rules of ``key_map`` (a preset name, a list of [pattern, replacement], or None)."""
     if key_map is None:
         return []
     if isinstance(key_map, str):
         if key_map not in KEY_MAP_PRESETS:
-            raise ValueError(f"{argument}={key_map!r} is not a known preset; use one of {sorted(KEY_MAP_PRESETS)} "
-                             "or a list of [pattern, replacement] rules")
+            raise ValueError(
+                f"{argument}={key_map!r} is not a known preset; use one of {sorted(KEY_MAP_PRESETS)} "
+                "or a list of [pattern, replacement] rules"
+            )
         key_map = KEY_MAP_PRESETS[key_map]
     rules = []
     for k, rule in enumerate(key_map):
-        if isinstance(rule, str) or not isinstance(rule, Sequence) or len(rule) != 2 or not all(isinstance(r, str) for r in rule):
+        if (
+            isinstance(rule, str)
+            or not isinstance(rule, Sequence)
+            or len(rule) != 2
+            or not all(isinstance(r, str) for r in rule)
+        ):
             raise ValueError(f"{argument}[{k}]={rule!r} must be a [pattern, replacement] pair of strings")
         try:
             rules.append((re.compile(rule[0]), rule[1]))
         except re.error as error:
-            raise ValueError(f"{argument}[{k}]: pattern {rule[0]!r} is not a valid regular expression ({error})") from None
+            raise ValueError(
+                f"{argument}[{k}]: pattern {rule[0]!r} is not a valid regular expression ({error})"
+            ) from None
     return rules
 
 
-def remap_keys(state: Mapping[str, Any], key_map: str | Sequence[Sequence[str]] | None,
-               argument: str = "key_map") -> dict[str, Any]:
+def remap_keys(
+    state: Mapping[str, Any], key_map: str | Sequence[Sequence[str]] | None, argument: str = "key_map"
+) -> dict[str, Any]:
     """``state`` with every key rewritten by the rules of ``key_map``, in order."""
     rules = key_map_rules(key_map, argument)
     result: dict[str, Any] = {}
@@ -78,7 +94,9 @@ def remap_keys(state: Mapping[str, Any], key_map: str | Sequence[Sequence[str]] 
     return result
 
 
-def check_normalize(normalize: Mapping[str, Sequence[float]] | None, argument: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+def check_normalize(
+    normalize: Mapping[str, Sequence[float]] | None, argument: str
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """``(mean, std)`` from a ``{mean: [...], std: [...]}`` mapping of equally long lists of
     numbers, the stds positive (None stays None)."""
     if normalize is None:
@@ -88,8 +106,12 @@ def check_normalize(normalize: Mapping[str, Sequence[float]] | None, argument: s
     values = {}
     for key in ("mean", "std"):
         given = normalize[key]
-        if isinstance(given, str) or not isinstance(given, Sequence) or not given \
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in given):
+        if (
+            isinstance(given, str)
+            or not isinstance(given, Sequence)
+            or not given
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in given)
+        ):
             raise ValueError(f"{argument}.{key}={given!r} must be a list of numbers, one per channel")
         values[key] = tuple(float(v) for v in given)
     if len(values["mean"]) != len(values["std"]):
@@ -103,7 +125,9 @@ class Renormalize(nn.Module):
     """Images normalised with ``data`` statistics -> normalised with ``model`` statistics:
     ``x * (std_d / std_m) + (mean_d - mean_m) / std_m`` per channel (exact: an affine map)."""
 
-    def __init__(self, data: tuple[Sequence[float], Sequence[float]], model: tuple[Sequence[float], Sequence[float]]) -> None:
+    def __init__(
+        self, data: tuple[Sequence[float], Sequence[float]], model: tuple[Sequence[float], Sequence[float]]
+    ) -> None:
         super().__init__()
         mean_d, std_d = (torch.tensor(v, dtype=torch.float64) for v in data)
         mean_m, std_m = (torch.tensor(v, dtype=torch.float64) for v in model)

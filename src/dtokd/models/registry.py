@@ -48,12 +48,17 @@ ZOO = _zoo()
 
 
 def available_models() -> list[str]:
-    return sorted(ZOO) + ["torchvision:<name>", "timm:<name>", "detection:<head>_<backbone>_fpn",
-                          "hf-causal-lm:<model_type or local folder>"]
+    return sorted(ZOO) + [
+        "torchvision:<name>",
+        "timm:<name>",
+        "detection:<head>_<backbone>_fpn",
+        "hf-causal-lm:<model_type or local folder>",
+    ]
 
 
-def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32,
-                 kwargs: dict | None = None) -> nn.Module:
+def create_model(
+    name: str, num_classes: int, in_channels: int = 3, image_size: int = 32, kwargs: dict | None = None
+) -> nn.Module:
     """A freshly initialised classifier ``name`` with ``num_classes`` outputs; ``kwargs`` go to
     a ``timm:`` or ``torchvision:`` constructor (the zoo's models take none)."""
     if not isinstance(num_classes, int) or num_classes < 2:
@@ -71,7 +76,9 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
         return create_detector(name, num_classes, image_size, kwargs)
     if name in ZOO:
         if kwargs:
-            raise ValueError(f"model {name!r} takes no kwargs (got {sorted(kwargs)}); kwargs are for timm:/torchvision: models")
+            raise ValueError(
+                f"model {name!r} takes no kwargs (got {sorted(kwargs)}); kwargs are for timm:/torchvision: models"
+            )
         return ZOO[name](num_classes, in_channels, image_size)
     if name.startswith("torchvision:"):
         import torchvision
@@ -81,8 +88,9 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
             raise ValueError(f"unknown torchvision classification model {arch!r}")
         if in_channels != 3:
             raise ValueError(f"torchvision models take 3-channel images; the data has {in_channels}")
-        return _construct(lambda: torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs),
-                          name, kwargs)
+        return _construct(
+            lambda: torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs), name, kwargs
+        )
     if name.startswith("timm:"):
         try:
             import timm
@@ -91,8 +99,11 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
         arch = name.split(":", 1)[1]
         if not timm.is_model(arch):
             raise ValueError(f"unknown timm model {arch!r}")
-        return _construct(lambda: timm.create_model(arch, pretrained=False, num_classes=num_classes,
-                                                    in_chans=in_channels, **kwargs), name, kwargs)
+        return _construct(
+            lambda: timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs),
+            name,
+            kwargs,
+        )
     raise ValueError(f"unknown model {name!r}; available: {available_models()}")
 
 
@@ -115,10 +126,15 @@ def read_weights(path: str | Path) -> tuple[dict, dict]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the file is not plain weights
-        hint = ("; a run's checkpoint.pt holds the whole training state: give its best.pt"
-                if path.name == "checkpoint.pt" else "")
-        raise ValueError(f"weights file {str(path)!r} is not a readable state dict "
-                         f"({type(error).__name__}: {' '.join(str(error).split())[:160]}){hint}") from None
+        hint = (
+            "; a run's checkpoint.pt holds the whole training state: give its best.pt"
+            if path.name == "checkpoint.pt"
+            else ""
+        )
+        raise ValueError(
+            f"weights file {str(path)!r} is not a readable state dict "
+            f"({type(error).__name__}: {' '.join(str(error).split())[:160]}){hint}"
+        ) from None
     if not isinstance(state, dict):
         raise ValueError(f"weights file {str(path)!r} holds a {type(state).__name__}, not a state dict")
     if state.get("format") == FORMAT:
@@ -152,8 +168,9 @@ def _first(names: list[str], count: int = 5) -> str:
     return str(names[:count])[:-1] + (", ...]" if len(names) > count else "]")
 
 
-def load_weights(model: nn.Module, path: str | Path, key_map: str | list[list[str]] | None = None,
-                 argument: str = "key_map") -> None:
+def load_weights(
+    model: nn.Module, path: str | Path, key_map: str | list[list[str]] | None = None, argument: str = "key_map"
+) -> None:
     """Load a state dict (or a dtokd checkpoint's ``model``) from a local file, strictly, its
     parameter names rewritten by ``key_map`` (see :mod:`dtokd.models.foreign`)."""
     apply_weights(model, remap_keys(read_weights(path)[0], key_map, argument), path, argument)

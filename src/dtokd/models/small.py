@@ -16,13 +16,15 @@ class SmallCNN(nn.Module):
     pullover) need; ``stages`` holds the two conv blocks for feature taps.
     """
 
-    def __init__(self, width: int = 32, num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
-                 hidden: int = 128) -> None:
+    def __init__(
+        self, width: int = 32, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, hidden: int = 128
+    ) -> None:
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                                 nn.MaxPool2d(2))
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)
+            )
 
         self.stages = nn.Sequential(block(in_channels, width), block(width, 2 * width))
         side = image_size // 4

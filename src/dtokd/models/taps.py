@@ -35,9 +35,13 @@ class FeatureTaps:
                 continue
             if name == "patch_mean":
                 if not isinstance(getattr(model, "norm", None), nn.Module) or not hasattr(model, "num_prefix_tokens"):
-                    raise ValueError(f"{type(model).__name__} is not a vision transformer with 'norm' and "
-                                     "'num_prefix_tokens': it has no 'patch_mean' to tap")
-                self._handles.append(model.norm.register_forward_hook(self._record_patch_mean(name, model.num_prefix_tokens)))
+                    raise ValueError(
+                        f"{type(model).__name__} is not a vision transformer with 'norm' and "
+                        "'num_prefix_tokens': it has no 'patch_mean' to tap"
+                    )
+                self._handles.append(
+                    model.norm.register_forward_hook(self._record_patch_mean(name, model.num_prefix_tokens))
+                )
                 continue
             if name not in modules:
                 listing = [n for n in modules if n][:40]

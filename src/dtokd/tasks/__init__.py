@@ -24,9 +24,14 @@ TASKS = CHOICES["task"]
 Task = ClassificationTask | DetectionTask | CausalLMTask
 
 
-def check_task_settings(kind: str, data_name: str, model_names: list[tuple[str, str | None]],
-                        specs: Mapping[str, Mapping[str, Any]], representation: str,
-                        teacher_normalized: bool) -> None:
+def check_task_settings(
+    kind: str,
+    data_name: str,
+    model_names: list[tuple[str, str | None]],
+    specs: Mapping[str, Mapping[str, Any]],
+    representation: str,
+    teacher_normalized: bool,
+) -> None:
     """The task's checks that need only the settings, run before any data is read or model built:
     the task and the data set belong together (detection data for ``task: detection``, text for
     ``task: causal-lm``), the loss specs are the task's (types, options, values), and for
@@ -39,24 +44,31 @@ def check_task_settings(kind: str, data_name: str, model_names: list[tuple[str, 
         raise ValueError(f"task={kind!r} is not allowed; use one of {list(TASKS)}")
     if kind == "causal-lm" or data_name == "text":
         if data_name != "text" or kind != "causal-lm":
-            raise ValueError("task='causal-lm' and data.name='text' go together (token blocks for language models); "
-                             f"got task={kind!r} with data.name={data_name!r}")
+            raise ValueError(
+                "task='causal-lm' and data.name='text' go together (token blocks for language models); "
+                f"got task={kind!r} with data.name={data_name!r}"
+            )
         wrong = [arg for arg, name in model_names if name is not None and not name.startswith(PREFIX)]
         if wrong:
             raise ValueError(f"task='causal-lm' needs language models: {wrong} must name hf-causal-lm:<model_type>")
         if representation != "outputs":
-            raise ValueError(f"balancer.representation={representation!r}: for causal-lm the representation is "
-                             "the student's logits; leave it at 'outputs'")
+            raise ValueError(
+                f"balancer.representation={representation!r}: for causal-lm the representation is "
+                "the student's logits; leave it at 'outputs'"
+            )
         if teacher_normalized:
             raise ValueError("teacher.normalize is for images; a language model's input is token ids")
         resolve_lm_specs(specs)
     elif kind == "detection":
         if data_name not in DETECTION_DATASETS:
-            raise ValueError(f"task='detection' needs a detection data set (data.name 'coco' or 'synthetic-coco'), "
-                             f"not {data_name!r}")
+            raise ValueError(
+                f"task='detection' needs a detection data set (data.name 'coco' or 'synthetic-coco'), not {data_name!r}"
+            )
         if representation != "outputs":
-            raise ValueError(f"balancer.representation={representation!r}: for detection the representation is "
-                             "the student's FPN levels; leave it at 'outputs'")
+            raise ValueError(
+                f"balancer.representation={representation!r}: for detection the representation is "
+                "the student's FPN levels; leave it at 'outputs'"
+            )
         resolve_detection_specs(specs)
     else:
         if data_name in DETECTION_DATASETS:
@@ -64,8 +76,15 @@ def check_task_settings(kind: str, data_name: str, model_names: list[tuple[str, 
         resolve_loss_specs(specs)
 
 
-def build_task(kind: str, student: nn.Module, teacher: nn.Module | None, specs: Mapping[str, Mapping[str, Any]],
-               data: Any, teacher_input: nn.Module | None = None, representation: str = "outputs") -> Task:
+def build_task(
+    kind: str,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    specs: Mapping[str, Mapping[str, Any]],
+    data: Any,
+    teacher_input: nn.Module | None = None,
+    representation: str = "outputs",
+) -> Task:
     """The task ``kind`` for these models and data, with the checks that they belong to it
     (:func:`check_task_settings`, then the models')."""
     from dtokd.models.detection import is_detector
@@ -91,5 +110,18 @@ def build_task(kind: str, student: nn.Module, teacher: nn.Module | None, specs: 
     return ClassificationTask(student, teacher, specs, sample, teacher_input, representation=representation)
 
 
-__all__ = ["LOSS_OPTIONS", "TASKS", "CausalLMTask", "check_task_settings", "ClassificationTask", "DetectionTask", "Task", "build_task",
-           "evaluate_causal_lm", "evaluate_classifier", "evaluate_detector", "has_distillation_head", "resolve_loss_specs"]
+__all__ = [
+    "LOSS_OPTIONS",
+    "TASKS",
+    "CausalLMTask",
+    "check_task_settings",
+    "ClassificationTask",
+    "DetectionTask",
+    "Task",
+    "build_task",
+    "evaluate_causal_lm",
+    "evaluate_classifier",
+    "evaluate_detector",
+    "has_distillation_head",
+    "resolve_loss_specs",
+]

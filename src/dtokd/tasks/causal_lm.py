@@ -47,8 +47,9 @@ def resolve_lm_specs(specs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[s
         if spec["type"] != "token-kd":
             continue
         if spec["divergence"] not in DIVERGENCES:
-            raise ValueError(f"losses.{name}.divergence={spec['divergence']!r} is not allowed; use one of "
-                             f"{list(DIVERGENCES)}")
+            raise ValueError(
+                f"losses.{name}.divergence={spec['divergence']!r} is not allowed; use one of {list(DIVERGENCES)}"
+            )
         if spec["divergence"] == "jsd" and not 0 < spec["beta"] < 1:
             raise ValueError(f"losses.{name}.beta={spec['beta']!r} must lie strictly between 0 and 1 for jsd")
         if not isinstance(spec["chunk_tokens"], int) or spec["chunk_tokens"] < 1:
@@ -89,8 +90,9 @@ class CausalLMTask(nn.Module):
     def loss_names(self) -> list[str]:
         return list(self.specs)
 
-    def forward(self, x: Tensor, y: Tensor, progress: float | None = None, *,
-                reuse_teacher: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, x: Tensor, y: Tensor, progress: float | None = None, *, reuse_teacher: bool = False
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """``reuse_teacher=True`` takes the teacher's logits of the previous call (same batch)."""
         if not reuse_teacher:
             self._last_teacher = None
@@ -103,13 +105,21 @@ class CausalLMTask(nn.Module):
             if spec["type"] == "ce":
                 losses[name] = next_token_cross_entropy(logits, y)
             else:
-                losses[name] = token_kd_loss(logits, self._last_teacher, y, divergence=spec["divergence"],
-                                             beta=spec["beta"], temperature=spec["temperature"],
-                                             ignore_index=IGNORE_INDEX, chunk_tokens=spec["chunk_tokens"])
+                losses[name] = token_kd_loss(
+                    logits,
+                    self._last_teacher,
+                    y,
+                    divergence=spec["divergence"],
+                    beta=spec["beta"],
+                    temperature=spec["temperature"],
+                    ignore_index=IGNORE_INDEX,
+                    chunk_tokens=spec["chunk_tokens"],
+                )
         return logits, losses
 
-    def evaluate(self, model: nn.Module, dataset: Any, batch_size: int, device: torch.device, *,
-                 channels_last: bool = False) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, dataset: Any, batch_size: int, device: torch.device, *, channels_last: bool = False
+    ) -> dict[str, float]:
         return evaluate_causal_lm(model, dataset, batch_size, device)
 
 
@@ -126,8 +136,9 @@ def evaluate_causal_lm(model: nn.Module, dataset: Any, batch_size: int, device: 
         x, y = to_device(x, device), to_device(y, device)
         logits = model(x).float()
         counted = y != IGNORE_INDEX
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX,
-                             reduction="sum")
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         hits = ((logits.argmax(-1) == y) & counted).sum()
         sums += torch.stack([ce.double(), hits.double(), counted.sum().double()])
     model.train(was_training)

@@ -55,8 +55,13 @@ LOSS_OPTIONS: dict[str, dict[str, Any]] = {
     "kd": {"output": "logits", "temperature": 4.0},
     "dkd": {"output": "logits", "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 20},
     "deit": {"output": "dist", "mode": "hard", "temperature": 1.0},
-    "feature": {"student_tap": "features", "teacher_tap": "features", "orthogonal": True,
-                "teacher_norm": "layernorm", "distance": "smooth_l1"},
+    "feature": {
+        "student_tap": "features",
+        "teacher_tap": "features",
+        "orthogonal": True,
+        "teacher_norm": "layernorm",
+        "distance": "smooth_l1",
+    },
 }
 OUTPUT_NAMES = ("logits", "dist")
 
@@ -88,8 +93,15 @@ class ClassificationTask(nn.Module):
     metric = "top1"
     """The evaluation metric that selects the best epoch."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, specs: Mapping[str, Mapping[str, Any]],
-                 sample: Tensor, teacher_input: nn.Module | None = None, representation: str = "outputs") -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        specs: Mapping[str, Mapping[str, Any]],
+        sample: Tensor,
+        teacher_input: nn.Module | None = None,
+        representation: str = "outputs",
+    ) -> None:
         super().__init__()
         self.student = student
         self.teacher = [teacher]  # a list keeps the frozen teacher out of parameters() and state_dict()
@@ -102,8 +114,10 @@ class ClassificationTask(nn.Module):
         self.two_heads = bool(uses_dist)
         if uses_dist:
             if not has_distillation_head(student):
-                raise ValueError(f"loss(es) {uses_dist} use the 'dist' output, but student {type(student).__name__} "
-                                 "has no distillation token (use e.g. timm:deit_tiny_distilled_patch16_224)")
+                raise ValueError(
+                    f"loss(es) {uses_dist} use the 'dist' output, but student {type(student).__name__} "
+                    "has no distillation token (use e.g. timm:deit_tiny_distilled_patch16_224)"
+                )
             student.set_distilled_training(True)
         self.projectors = nn.ModuleDict()
         student_taps, teacher_taps = [], []
@@ -113,11 +127,17 @@ class ClassificationTask(nn.Module):
             s_shape = feature_shape(student, spec["student_tap"], sample)
             t_shape = feature_shape(teacher, spec["teacher_tap"], self.teacher_input(sample))
             if s_shape[2:] != t_shape[2:]:
-                raise ValueError(f"losses.{name}: student feature {tuple(s_shape)} and teacher feature "
-                                 f"{tuple(t_shape)} differ in spatial size; tap layers of equal resolution")
+                raise ValueError(
+                    f"losses.{name}: student feature {tuple(s_shape)} and teacher feature "
+                    f"{tuple(t_shape)} differ in spatial size; tap layers of equal resolution"
+                )
             self.projectors[name] = FeatureProjector(
-                s_shape[1], t_shape[1], spatial=len(s_shape) == 4, orthogonal_weight=spec["orthogonal"],
-                teacher_norm=spec["teacher_norm"], distance=spec["distance"],
+                s_shape[1],
+                t_shape[1],
+                spatial=len(s_shape) == 4,
+                orthogonal_weight=spec["orthogonal"],
+                teacher_norm=spec["teacher_norm"],
+                distance=spec["distance"],
             )
             student_taps.append(spec["student_tap"])
             teacher_taps.append(spec["teacher_tap"])
@@ -146,8 +166,9 @@ class ClassificationTask(nn.Module):
             return {"logits": out[0], "dist": out[1]}
         return {"logits": out}
 
-    def forward(self, x: Tensor, y: Tensor, progress: float | None = None, *,
-                reuse_teacher: bool = False) -> tuple[Tensor | tuple[Tensor, ...], dict[str, Tensor]]:
+    def forward(
+        self, x: Tensor, y: Tensor, progress: float | None = None, *, reuse_teacher: bool = False
+    ) -> tuple[Tensor | tuple[Tensor, ...], dict[str, Tensor]]:
         """``y``: integer labels, or soft targets ``(B, C)`` (mixup/cutmix). ``progress``:
         epochs of training done, counting this step (2.5 = halfway through the third epoch);
         only warm-ups use it, and ``None`` means warm-up is over. ``reuse_teacher=True`` takes
@@ -181,8 +202,10 @@ class ClassificationTask(nn.Module):
                 losses[name] = deit_token_loss(z, teacher_logits, spec["mode"], spec["temperature"])
             else:
                 if y.dim() != 1:
-                    raise ValueError(f"losses.{name}: dkd needs integer labels, but the batch has soft targets "
-                                     "(mixup/cutmix); turn mixup off or use kd")
+                    raise ValueError(
+                        f"losses.{name}: dkd needs integer labels, but the batch has soft targets "
+                        "(mixup/cutmix); turn mixup off or use kd"
+                    )
                 warmup = spec["warmup_epochs"]
                 ramp = 1.0 if (progress is None or warmup <= 0) else min(1.0, progress / warmup)
                 losses[name] = ramp * dkd_loss(z, teacher_logits, y, spec["alpha"], spec["beta"], spec["temperature"])
@@ -190,15 +213,17 @@ class ClassificationTask(nn.Module):
             return self.student_taps.features[self.representation], losses
         return (outputs["logits"], outputs["dist"]) if self.two_heads else outputs["logits"], losses
 
-    def evaluate(self, model: nn.Module, dataset: Any, batch_size: int, device: torch.device, *,
-                 channels_last: bool = False) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, dataset: Any, batch_size: int, device: torch.device, *, channels_last: bool = False
+    ) -> dict[str, float]:
         """Metrics of ``model`` (the student, or the teacher) on ``dataset``."""
         return evaluate_classifier(model, dataset, batch_size, device, channels_last=channels_last)
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, dataset: Any, batch_size: int, device: torch.device, *,
-                        channels_last: bool = False) -> dict[str, float]:
+def evaluate_classifier(
+    model: nn.Module, dataset: Any, batch_size: int, device: torch.device, *, channels_last: bool = False
+) -> dict[str, float]:
     """Top-1, top-5 (top-k with k = min(5, classes)) in percent, and mean cross-entropy, of the
     model's prediction; for a model with a distillation head in distilled training, the
     prediction is the mean of its two heads' logits and each head is reported too
@@ -207,7 +232,9 @@ def evaluate_classifier(model: nn.Module, dataset: Any, batch_size: int, device:
         return {}
     was_training = model.training
     model.eval()
-    heads = ("", "cls_", "dist_") if has_distillation_head(model) and getattr(model, "distilled_training", False) else ("",)
+    heads = (
+        ("", "cls_", "dist_") if has_distillation_head(model) and getattr(model, "distilled_training", False) else ("",)
+    )
     sums = torch.zeros(len(heads), 3, dtype=torch.float64, device=device)  # cross-entropy, top-1 hits, top-k hits
     n = 0
     for x, y in eval_loader(dataset, batch_size):
@@ -216,14 +243,20 @@ def evaluate_classifier(model: nn.Module, dataset: Any, batch_size: int, device:
         for k, logits in enumerate(predictions):
             logits = logits.float()
             top = logits.topk(min(5, logits.shape[1]), 1).indices
-            sums[k] += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (top[:, 0] == y).sum(),
-                                    (top == y[:, None]).any(1).sum()]).to(torch.float64)
+            sums[k] += torch.stack(
+                [F.cross_entropy(logits, y, reduction="sum"), (top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum()]
+            ).to(torch.float64)
         n += y.shape[0]
     model.train(was_training)
     result = {}
     for prefix, (loss_sum, correct1, correct5) in zip(heads, sums.tolist()):
-        result.update({f"{prefix}top1": 100.0 * correct1 / n, f"{prefix}top5": 100.0 * correct5 / n,
-                       f"{prefix}loss": loss_sum / n})
+        result.update(
+            {
+                f"{prefix}top1": 100.0 * correct1 / n,
+                f"{prefix}top5": 100.0 * correct5 / n,
+                f"{prefix}loss": loss_sum / n,
+            }
+        )
     return result
 
 

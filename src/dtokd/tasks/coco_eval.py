@@ -22,9 +22,15 @@ def detections_to_coco(image_id: int, boxes: Any, scores: Any, labels: Any, cate
     """One image's detections (``boxes`` ``[x1, y1, x2, y2]``, labels 1..K) as COCO result
     entries (``bbox`` ``[x, y, width, height]``, the file's category ids)."""
     boxes, scores, labels = boxes.tolist(), scores.tolist(), labels.tolist()
-    return [{"image_id": int(image_id), "category_id": category_ids[int(label) - 1],
-             "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)}
-            for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels)]
+    return [
+        {
+            "image_id": int(image_id),
+            "category_id": category_ids[int(label) - 1],
+            "bbox": [x1, y1, x2 - x1, y2 - y1],
+            "score": float(score),
+        }
+        for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels)
+    ]
 
 
 def coco_box_ap(coco_gt: Any, results: list[dict], image_ids: list[int]) -> dict[str, float]:
@@ -50,5 +56,11 @@ def _defined_ranges(coco_gt: Any, image_ids: list[int]) -> list[bool]:
     """Which of :data:`METRICS` COCOeval defines on these images (some non-crowd object in range)."""
     areas = [a["area"] for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=image_ids, iscrowd=False))]
     anything = bool(areas)
-    return [anything, anything, anything, any(a < 32 ** 2 for a in areas),
-            any(32 ** 2 <= a < 96 ** 2 for a in areas), any(a >= 96 ** 2 for a in areas)]
+    return [
+        anything,
+        anything,
+        anything,
+        any(a < 32**2 for a in areas),
+        any(32**2 <= a < 96**2 for a in areas),
+        any(a >= 96**2 for a in areas),
+    ]

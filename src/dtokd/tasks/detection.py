@@ -47,8 +47,14 @@ from dtokd.tasks.specs import fill_specs
 
 LOSS_OPTIONS: dict[str, dict[str, Any]] = {
     "detector": {"terms": "sum"},
-    "fpn": {"norm": "layernorm", "distance": "mse", "projector": True, "orthogonal": True, "per_level": True,
-            "levels": None},
+    "fpn": {
+        "norm": "layernorm",
+        "distance": "mse",
+        "projector": True,
+        "orthogonal": True,
+        "per_level": True,
+        "levels": None,
+    },
 }
 TERM_GROUPINGS = ("sum", "kind", "each")
 PROBE_SIZE = 256
@@ -95,21 +101,29 @@ class DetectionTask(nn.Module):
             levels = spec["levels"] or list(student_shapes)
             unknown = [level for level in levels if level not in student_shapes]
             if unknown:
-                raise ValueError(f"losses.{name}.levels: {unknown} are not levels of the student's FPN "
-                                 f"{list(student_shapes)}")
+                raise ValueError(
+                    f"losses.{name}.levels: {unknown} are not levels of the student's FPN {list(student_shapes)}"
+                )
             self.pairs[name] = {}
             for level in levels:
                 size = student_shapes[level][1:]
                 match = next((t for t, shape in teacher_shapes.items() if shape[1:] == size), None)
                 if match is None:
-                    raise ValueError(f"losses.{name}: student FPN level {level!r} (spatial size {size} at "
-                                     f"{PROBE_SIZE} px) has no teacher level of that size; teacher levels: "
-                                     f"{ {t: s[1:] for t, s in teacher_shapes.items()} }")
+                    raise ValueError(
+                        f"losses.{name}: student FPN level {level!r} (spatial size {size} at "
+                        f"{PROBE_SIZE} px) has no teacher level of that size; teacher levels: "
+                        f"{ {t: s[1:] for t, s in teacher_shapes.items()} }"
+                    )
                 self.pairs[name][level] = match
                 self.projectors[f"{name}__{level}"] = FeatureProjector(
-                    student_shapes[level][0], teacher_shapes[match][0], spatial=True,
-                    orthogonal_weight=spec["orthogonal"], teacher_norm=spec["norm"], distance=spec["distance"],
-                    learned=spec["projector"])
+                    student_shapes[level][0],
+                    teacher_shapes[match][0],
+                    spatial=True,
+                    orthogonal_weight=spec["orthogonal"],
+                    teacher_norm=spec["norm"],
+                    distance=spec["distance"],
+                    learned=spec["projector"],
+                )
         self._captured: dict[str, Any] = {}
         captured = self._captured
 
@@ -139,8 +153,14 @@ class DetectionTask(nn.Module):
             groups.setdefault(TERM_KINDS[term], []).append(term)
         return groups
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Any]], progress: float | None = None, *,
-                reuse_teacher: bool = False) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    def forward(
+        self,
+        images: list[Tensor],
+        targets: list[dict[str, Any]],
+        progress: float | None = None,
+        *,
+        reuse_teacher: bool = False,
+    ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
         """``progress`` is unused (no warm-up here); ``reuse_teacher=True`` takes the teacher's
         features of the previous call (same batch)."""
         terms = self.student(images, targets)
@@ -156,19 +176,23 @@ class DetectionTask(nn.Module):
                 if spec["terms"] == "sum":
                     losses[name] = sum(terms[t] for t in self.terms)
                 else:
-                    losses.update({f"{name}/{g}": sum(terms[t] for t in members)
-                                   for g, members in self._groups(spec).items()})
+                    losses.update(
+                        {f"{name}/{g}": sum(terms[t] for t in members) for g, members in self._groups(spec).items()}
+                    )
                 continue
-            per_level = {f"{name}/{s}": self.projectors[f"{name}__{s}"](levels[s], self._last_teacher[t])
-                         for s, t in self.pairs[name].items()}
+            per_level = {
+                f"{name}/{s}": self.projectors[f"{name}__{s}"](levels[s], self._last_teacher[t])
+                for s, t in self.pairs[name].items()
+            }
             if spec["per_level"]:
                 losses.update(per_level)
             else:
                 losses[name] = torch.stack(list(per_level.values())).mean()
         return tuple(levels.values()), losses
 
-    def evaluate(self, model: nn.Module, dataset: Any, batch_size: int, device: torch.device, *,
-                 channels_last: bool = False) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, dataset: Any, batch_size: int, device: torch.device, *, channels_last: bool = False
+    ) -> dict[str, float]:
         """Box AP of ``model`` (the student, or the teacher) on ``dataset``."""
         return evaluate_detector(model, dataset, batch_size, device)
 
@@ -185,8 +209,13 @@ def evaluate_detector(model: nn.Module, dataset: Any, batch_size: int, device: t
     for images, targets in dataset.eval_batches(batch_size):
         outputs = model([image.to(device, non_blocking=True) for image in images])
         for output, target in zip(outputs, targets):
-            results += detections_to_coco(target["image_id"], output["boxes"].float().cpu(),
-                                          output["scores"].float().cpu(), output["labels"].cpu(), dataset.category_ids)
+            results += detections_to_coco(
+                target["image_id"],
+                output["boxes"].float().cpu(),
+                output["scores"].float().cpu(),
+                output["labels"].cpu(),
+                dataset.category_ids,
+            )
     model.train(was_training)
     return coco_box_ap(dataset.coco, results, dataset.image_ids)
 

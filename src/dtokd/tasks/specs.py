@@ -7,14 +7,18 @@ from collections.abc import Mapping
 from typing import Any
 
 RANGES: dict[str, tuple[float, float, str]] = {
-    "temperature": (0.0, math.inf, "> 0"), "label_smoothing": (0.0, 1.0, "in [0, 1)"),
-    "alpha": (0.0, math.inf, ">= 0"), "beta": (0.0, math.inf, ">= 0"), "warmup_epochs": (0.0, math.inf, ">= 0"),
+    "temperature": (0.0, math.inf, "> 0"),
+    "label_smoothing": (0.0, 1.0, "in [0, 1)"),
+    "alpha": (0.0, math.inf, ">= 0"),
+    "beta": (0.0, math.inf, ">= 0"),
+    "warmup_epochs": (0.0, math.inf, ">= 0"),
 }
 """Options whose values have a range, wherever a task uses them (open at the bound that says so)."""
 
 
-def fill_specs(specs: Mapping[str, Mapping[str, Any]], options: Mapping[str, Mapping[str, Any]], task: str,
-               example: str) -> dict[str, dict[str, Any]]:
+def fill_specs(
+    specs: Mapping[str, Mapping[str, Any]], options: Mapping[str, Mapping[str, Any]], task: str, example: str
+) -> dict[str, dict[str, Any]]:
     """Each spec with the defaults of its type (``options[type]``) filled in; an empty ``specs``,
     an unknown type or an unknown option is a ValueError naming it and what is allowed."""
     if not specs:
@@ -23,12 +27,14 @@ def fill_specs(specs: Mapping[str, Mapping[str, Any]], options: Mapping[str, Map
     for name, spec in specs.items():
         kind = spec.get("type")
         if kind not in options:
-            raise ValueError(f"losses.{name}.type={kind!r} is not allowed for task {task!r}; use one of "
-                             f"{sorted(options)}")
+            raise ValueError(
+                f"losses.{name}.type={kind!r} is not allowed for task {task!r}; use one of {sorted(options)}"
+            )
         unknown = sorted(set(spec) - {"type"} - set(options[kind]))
         if unknown:
-            raise ValueError(f"losses.{name}: unknown option(s) {unknown} for type {kind!r}; allowed: "
-                             f"{sorted(options[kind])}")
+            raise ValueError(
+                f"losses.{name}: unknown option(s) {unknown} for type {kind!r}; allowed: {sorted(options[kind])}"
+            )
         resolved[name] = {"type": kind, **options[kind], **{k: v for k, v in spec.items() if k != "type"}}
         for option, default in options[kind].items():
             _check_value(name, option, resolved[name][option], default)

@@ -69,8 +69,9 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         temporary.unlink(missing_ok=True)
         free = shutil.disk_usage(path.parent).free
         kept = f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written"
-        raise CheckpointWriteError(f"could not write {path} ({free / 2**20:.0f} MiB free on its disk; "
-                                   f"{str(error).splitlines()[0]}); {kept}") from error
+        raise CheckpointWriteError(
+            f"could not write {path} ({free / 2**20:.0f} MiB free on its disk; {str(error).splitlines()[0]}); {kept}"
+        ) from error
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -98,10 +99,13 @@ def load_checked(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(error).__name__}: {error}); "
-                         "it was left untouched") from None
+        raise ValueError(
+            f"checkpoint {path} is corrupt or unreadable ({type(error).__name__}: {error}); it was left untouched"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a dtokd checkpoint (format {state.get('format') if isinstance(state, dict) else type(state).__name__})")
+        raise ValueError(
+            f"{path} is not a dtokd checkpoint (format {state.get('format') if isinstance(state, dict) else type(state).__name__})"
+        )
     verify_checksum(state, path)
     saved = state.get("identity", {})
     mismatched = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
@@ -116,12 +120,17 @@ def verify_checksum(state: dict[str, Any], path: Path) -> None:
     from before the checksums is loaded with a warning)."""
     content = {k: v for k, v in state.items() if k != "checksum"}
     if "checksum" not in state:  # written before checkpoints carried one: usable, but not verifiable
-        warnings.warn(f"checkpoint {path} has no checksum (written by an older dtokd): loaded without verification",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"checkpoint {path} has no checksum (written by an older dtokd): loaded without verification",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return
     if checksum(content) != state["checksum"]:
-        raise ValueError(f"checkpoint {path} is corrupt: its content does not match the checksum written with it "
-                         "(bytes changed on disk); it was left untouched")
+        raise ValueError(
+            f"checkpoint {path} is corrupt: its content does not match the checksum written with it "
+            "(bytes changed on disk); it was left untouched"
+        )
 
 
 def rng_state() -> dict[str, Any]:

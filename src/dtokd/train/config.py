@@ -17,8 +17,19 @@ from typing import Any, Literal
 
 import yaml
 
-DataName = Literal["fashion-mnist", "image-folder", "image-folder-stream", "cifar10", "cifar100", "digits", "synthetic",
-                   "synthetic-rgb", "coco", "synthetic-coco", "text"]
+DataName = Literal[
+    "fashion-mnist",
+    "image-folder",
+    "image-folder-stream",
+    "cifar10",
+    "cifar100",
+    "digits",
+    "synthetic",
+    "synthetic-rgb",
+    "coco",
+    "synthetic-coco",
+    "text",
+]
 Placement = Literal["auto", "device", "host"]
 DetectionLabels = Literal["contiguous", "category-id"]
 OptimName = Literal["sgd", "adamw"]
@@ -202,9 +213,11 @@ def reference_markdown() -> str:
             return f.default
         return None if dataclasses.is_dataclass(f.type) else f.default_factory()
 
-    sections = [("", Config)] + [(f.name, f.default_factory) for f in dataclasses.fields(Config)
-                                 if f.default_factory is not dataclasses.MISSING
-                                 and dataclasses.is_dataclass(f.default_factory)]
+    sections = [("", Config)] + [
+        (f.name, f.default_factory)
+        for f in dataclasses.fields(Config)
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
+    ]
     lines = []
     for prefix, kind in sections:
         lines += [f"## `{prefix or 'top level'}`", "", "| key | type | default | allowed |", "|---|---|---|---|"]
@@ -212,11 +225,21 @@ def reference_markdown() -> str:
             if not prefix and dataclasses.is_dataclass(f.default_factory):
                 continue
             key = f"{prefix}.{f.name}" if prefix else f.name
-            kind_name = "str" if key in CHOICES else f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            kind_name = (
+                "str"
+                if key in CHOICES
+                else f.type
+                if isinstance(f.type, str)
+                else getattr(f.type, "__name__", str(f.type))
+            )
             allowed = ", ".join(f"`{c}`" for c in CHOICES.get(key, ()))
             cells = [f"`{key}`", f"`{kind_name}`", f"`{default_of(f)!r}`", allowed]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")  # a type's | is not a column
-        notes = " ".join((kind.__doc__ or "").split()) if kind.__doc__ and not kind.__doc__.startswith(kind.__name__) else ""
+        notes = (
+            " ".join((kind.__doc__ or "").split())
+            if kind.__doc__ and not kind.__doc__.startswith(kind.__name__)
+            else ""
+        )
         lines += ["", notes, ""] if notes else [""]
     return "\n".join(lines)
 
@@ -257,8 +280,9 @@ def read_config_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]
         return raw
     base = raw.pop("base")
     if not isinstance(base, str) or not base:
-        raise ConfigError(f"{str(path)!r}: base={base!r} must be the path of another config file, relative to "
-                          "this one's folder")
+        raise ConfigError(
+            f"{str(path)!r}: base={base!r} must be the path of another config file, relative to this one's folder"
+        )
     base_path = (path.parent / base).resolve()
     chain = (*_seen, path.resolve())
     if base_path in chain:
@@ -274,9 +298,14 @@ def read_config_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]
 
 def validate(config: Config) -> Config:
     """Range checks that the types alone do not express; the errors name key, value and range."""
-    checks = [("epochs", config.epochs, 0), ("batch_size", config.batch_size, 1),
-              ("eval_batch_size", config.eval_batch_size, 1), ("log_every", config.log_every, 1),
-              ("data.image_size", config.data.image_size, 1), ("eval.every", config.eval.every, 1)]
+    checks = [
+        ("epochs", config.epochs, 0),
+        ("batch_size", config.batch_size, 1),
+        ("eval_batch_size", config.eval_batch_size, 1),
+        ("log_every", config.log_every, 1),
+        ("data.image_size", config.data.image_size, 1),
+        ("eval.every", config.eval.every, 1),
+    ]
     checks.append(("data.repeated_augmentation", config.data.repeated_augmentation, 1))
     if config.data.limit_train is not None:
         checks.append(("data.limit_train", config.data.limit_train, 2))  # a training batch of one breaks batch norm
@@ -288,7 +317,9 @@ def validate(config: Config) -> Config:
     if not 0 <= config.seed < 2**32:
         raise ConfigError(f"seed={config.seed} is not allowed; it must be an integer in [0, 2**32) (numpy's range)")
     if config.optim.ema_decay is not None and not 0.0 < config.optim.ema_decay < 1.0:
-        raise ConfigError(f"optim.ema_decay={config.optim.ema_decay} is not allowed; it must be in (0, 1), e.g. 0.99996")
+        raise ConfigError(
+            f"optim.ema_decay={config.optim.ema_decay} is not allowed; it must be in (0, 1), e.g. 0.99996"
+        )
     if not 0.0 <= config.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={config.data.val_fraction} is not allowed; it must be in [0, 1)")
     for key, allowed in CHOICES.items():  # a Config built in code, not read: its choices too
@@ -296,14 +327,20 @@ def validate(config: Config) -> Config:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed; use one of {list(allowed)}")
     _check_balancer(config.balancer)
-    finite = [("optim.lr", config.optim.lr), ("optim.momentum", config.optim.momentum),
-              ("optim.weight_decay", config.optim.weight_decay), ("optim.gamma", config.optim.gamma)]
+    finite = [
+        ("optim.lr", config.optim.lr),
+        ("optim.momentum", config.optim.momentum),
+        ("optim.weight_decay", config.optim.weight_decay),
+        ("optim.gamma", config.optim.gamma),
+    ]
     for key, value in finite:
         if not math.isfinite(value) or value < 0:
             raise ConfigError(f"{key}={value} is not allowed; it must be a finite number >= 0")
     if config.eval.test == "end" and config.data.val_fraction == 0:
-        raise ConfigError("eval.test='end' evaluates the test split on the checkpoint chosen on the validation "
-                          "split, and data.val_fraction=0 leaves none; give data.val_fraction > 0 or eval.test=every")
+        raise ConfigError(
+            "eval.test='end' evaluates the test split on the checkpoint chosen on the validation "
+            "split, and data.val_fraction=0 leaves none; give data.val_fraction > 0 or eval.test=every"
+        )
     return config
 
 
@@ -342,8 +379,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     try:
         node[parts[-1]] = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_one_line(error)}); quote lists and "
-                          "mappings, e.g. 'optim.milestones=[150, 180]'") from None
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML ({_one_line(error)}); quote lists and "
+            "mappings, e.g. 'optim.milestones=[150, 180]'"
+        ) from None
 
 
 def from_dict(cls: type, raw: Any, where: str) -> Any:
@@ -354,8 +393,11 @@ def from_dict(cls: type, raw: Any, where: str) -> Any:
     unknown = sorted(set(raw) - set(names))
     if unknown:
         raise ConfigError(f"unknown key(s) {[_join(where, k) for k in unknown]}; valid keys here: {names}")
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     missing = [name for name in required if name not in raw]
     if missing:
         raise ConfigError(f"missing key(s) {[_join(where, k) for k in missing]}; required here: {required}")

@@ -65,8 +65,10 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"device={name!r} is not allowed; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={name!r}, but no CUDA device is available here "
-                             "(torch.cuda.is_available() is False); use device=auto or device=cpu")
+            raise ValueError(
+                f"device={name!r}, but no CUDA device is available here "
+                "(torch.cuda.is_available() is False); use device=auto or device=cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device={name!r}, but only {torch.cuda.device_count()} CUDA device(s) are present")
     return device

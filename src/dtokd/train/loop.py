@@ -44,9 +44,18 @@ from dtokd.train.teacher_cache import CachedTeacher, cache_key
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def train(config: Config | None, folder: str | Path, *, resume: bool = False, force: bool = False,
-          extend_epochs: int | None = None, progress: bool = True, verbose: bool = True,
-          config_file: Path | None = None, max_steps: int | None = None) -> dict[str, Any]:
+def train(
+    config: Config | None,
+    folder: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    extend_epochs: int | None = None,
+    progress: bool = True,
+    verbose: bool = True,
+    config_file: Path | None = None,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
     """Train (or distil) as configured, keeping everything in ``folder``; returns the summary.
 
     A fresh run needs a missing or empty ``folder`` (``force``: one holding only a previous
@@ -79,8 +88,17 @@ def train(config: Config | None, folder: str | Path, *, resume: bool = False, fo
         if not resume:
             prepare_fresh(folder, force=force, config_file=config_file, remove=parts.ranks.main)
         folder.mkdir(parents=True, exist_ok=True)
-        summary = _run(config, folder, parts, resume=resume, saved_epochs=saved_epochs, extend_epochs=extend_epochs,
-                       progress=progress and sys.stderr.isatty(), verbose=verbose, max_steps=max_steps)
+        summary = _run(
+            config,
+            folder,
+            parts,
+            resume=resume,
+            saved_epochs=saved_epochs,
+            extend_epochs=extend_epochs,
+            progress=progress and sys.stderr.isatty(),
+            verbose=verbose,
+            max_steps=max_steps,
+        )
         finished = True
         return summary
     except BaseException:
@@ -119,10 +137,21 @@ def data_of(config: Config, *, augment: bool | None = None) -> DataBundle:
     """The data set a run of ``config`` trains and evaluates on (``augment``: None keeps the
     config's ``data.augment``); what training and ``dtokd eval`` both read."""
     d = config.data
-    return build_data(d.name, d.root, val_fraction=d.val_fraction, seed=config.seed,
-                      augment=d.augment if augment is None else augment, image_size=d.image_size,
-                      limit_train=d.limit_train, normalize=check_normalize(config.student.normalize, "student.normalize"),
-                      transform=d.transform, workers=d.workers, synthetic=d.synthetic, labels=d.labels, text=d.text)
+    return build_data(
+        d.name,
+        d.root,
+        val_fraction=d.val_fraction,
+        seed=config.seed,
+        augment=d.augment if augment is None else augment,
+        image_size=d.image_size,
+        limit_train=d.limit_train,
+        normalize=check_normalize(config.student.normalize, "student.normalize"),
+        transform=d.transform,
+        workers=d.workers,
+        synthetic=d.synthetic,
+        labels=d.labels,
+        text=d.text,
+    )
 
 
 def _build(config: Config, verbose: bool) -> _Parts:
@@ -132,19 +161,26 @@ def _build(config: Config, verbose: bool) -> _Parts:
     ranks, device = distributed.setup(config.device, config.batch_size)
     _check_compile(config, device)
     ckpt.seed_everything(config.seed)
-    check_task_settings(config.task, config.data.name, [("student.name", config.student.name),
-                        ("teacher.name", config.teacher.name)], config.losses, config.balancer.representation,
-                        config.teacher.normalize is not None)  # before data is read (a corpus, a tokenizer trained)
+    check_task_settings(
+        config.task,
+        config.data.name,
+        [("student.name", config.student.name), ("teacher.name", config.teacher.name)],
+        config.losses,
+        config.balancer.representation,
+        config.teacher.normalize is not None,
+    )  # before data is read (a corpus, a tokenizer trained)
     data = data_of(config)
     if data.detection and config.data.mixup:
         raise ValueError("data.mixup mixes classification labels; it is not available for detection")
-    student = create_model(config.student.name, data.num_classes, data.in_channels, data.image_size,
-                           config.student.kwargs)
+    student = create_model(
+        config.student.name, data.num_classes, data.in_channels, data.image_size, config.student.kwargs
+    )
     if config.student.weights:
         load_weights(student, config.student.weights, config.student.key_map, "student.key_map")
     teacher, teacher_input = _load_teacher(config, data)
-    task = build_task(config.task, student, teacher, config.losses, data, teacher_input,
-                      representation=config.balancer.representation).to(device)
+    task = build_task(
+        config.task, student, teacher, config.losses, data, teacher_input, representation=config.balancer.representation
+    ).to(device)
     if teacher is not None:
         teacher.to(device)
     if config.channels_last:
@@ -152,11 +188,16 @@ def _build(config: Config, verbose: bool) -> _Parts:
             if model is not None:
                 model.to(memory_format=torch.channels_last)
     data = place_data(data, device, config.data.placement)
-    teacher_cache = _cache_teacher_outputs(config, task, teacher, device, ranks) if config.teacher.cache_outputs else None
+    teacher_cache = (
+        _cache_teacher_outputs(config, task, teacher, device, ranks) if config.teacher.cache_outputs else None
+    )
     if ranks.main and verbose:
         where = "the device" if data.train.device.type != "cpu" else "the host"
-        print(f"[{config.name}] device {device}{' (auto)' if config.device == 'auto' else ''}; "
-              f"training images on {where}", flush=True)
+        print(
+            f"[{config.name}] device {device}{' (auto)' if config.device == 'auto' else ''}; "
+            f"training images on {where}",
+            flush=True,
+        )
     params = list(task.parameters())
     forward = nn.parallel.DistributedDataParallel(task) if ranks.world > 1 else task
     no_decay = [f"student.{n}" for n in student.no_weight_decay()] if hasattr(student, "no_weight_decay") else []
@@ -164,18 +205,49 @@ def _build(config: Config, verbose: bool) -> _Parts:
     scheduler = make_scheduler(optimizer, config.optim, config.epochs)
     balancer = _make_balancer(config, task, params)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    identity = {"student": config.student.name, "num_classes": data.num_classes, "losses": task.loss_names,
-                "balancer": config.balancer.method, "teacher": config.teacher.name}
+    identity = {
+        "student": config.student.name,
+        "num_classes": data.num_classes,
+        "losses": task.loss_names,
+        "balancer": config.balancer.method,
+        "teacher": config.teacher.name,
+    }
     ema = None
     if config.optim.ema_decay is not None:  # an exponential moving average of the student, updated every step
         ema = torch.optim.swa_utils.AveragedModel(
-            student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.optim.ema_decay), use_buffers=True)
-    return _Parts(ranks, device, data, student, teacher, teacher_input, task, forward, optimizer, scheduler,
-                  balancer, scaler, identity, ema, teacher_cache)
+            student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.optim.ema_decay), use_buffers=True
+        )
+    return _Parts(
+        ranks,
+        device,
+        data,
+        student,
+        teacher,
+        teacher_input,
+        task,
+        forward,
+        optimizer,
+        scheduler,
+        balancer,
+        scaler,
+        identity,
+        ema,
+        teacher_cache,
+    )
 
 
-def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs: int | None,
-         extend_epochs: int | None, progress: bool, verbose: bool, max_steps: int | None) -> dict[str, Any]:
+def _run(
+    config: Config,
+    folder: Path,
+    p: _Parts,
+    *,
+    resume: bool,
+    saved_epochs: int | None,
+    extend_epochs: int | None,
+    progress: bool,
+    verbose: bool,
+    max_steps: int | None,
+) -> dict[str, Any]:
     """The run in its folder: restore (or record the set-up), teacher check, epochs, summary."""
     checkpoint_path = folder / "checkpoint.pt"
     log = MetricLog(folder, enabled=p.ranks.main)
@@ -191,38 +263,66 @@ def _run(config: Config, folder: Path, p: _Parts, *, resume: bool, saved_epochs:
                 record_extension(folder, config, saved_epochs or state.epoch, state.epoch)
     elif p.ranks.main:
         write_yaml(folder / "config.yaml", to_dict(config))
-        meta = {**metadata(config.seed), "device": str(p.device), "training_images_on": str(p.data.train.device),
-                "deferred_checks": p.balancer.deferred_checks}
+        meta = {
+            **metadata(config.seed),
+            "device": str(p.device),
+            "training_images_on": str(p.data.train.device),
+            "deferred_checks": p.balancer.deferred_checks,
+        }
         (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    teacher_metrics = _teacher_accuracy(config, folder, p.task, p.teacher, p.teacher_input, p.data, p.device, p.ranks.main,
-                                        verbose)
+    teacher_metrics = _teacher_accuracy(
+        config, folder, p.task, p.teacher, p.teacher_input, p.data, p.device, p.ranks.main, verbose
+    )
     start_epoch, history = state.epoch, state.history  # the rows appended to history are the ones saved
     if config.compile != "none":
         p.student.compile(mode=config.compile)
     try:
         for epoch in range(start_epoch, config.epochs):
-            row = _train_epoch(config, p.forward, p.task, p.balancer, p.optimizer, p.scaler, p.data, epoch,
-                               p.device, log, progress, p.ranks, max_steps, p.ema, p.teacher_cache)
+            row = _train_epoch(
+                config,
+                p.forward,
+                p.task,
+                p.balancer,
+                p.optimizer,
+                p.scaler,
+                p.data,
+                epoch,
+                p.device,
+                log,
+                progress,
+                p.ranks,
+                max_steps,
+                p.ema,
+                p.teacher_cache,
+            )
             p.scheduler.step()
             if _evaluates(config, epoch):
-                row.update(_evaluate(config, p, p.student, p.ema, ("val", "test") if config.eval.test == "every"
-                                     else ("val",)))
+                row.update(
+                    _evaluate(config, p, p.student, p.ema, ("val", "test") if config.eval.test == "every" else ("val",))
+                )
             history.append(row)
             log.write("metrics.jsonl", row, epoch)
             if p.ranks.main and _is_best(history, metric_of(config)):
-                ckpt.save_atomic({"model": p.student.state_dict(), "identity": p.identity, "epoch": epoch + 1},
-                                 folder / "best.pt")
+                ckpt.save_atomic(
+                    {"model": p.student.state_dict(), "identity": p.identity, "epoch": epoch + 1}, folder / "best.pt"
+                )
             if p.ranks.main:
                 state.epoch = epoch + 1
                 ckpt.save_atomic({"identity": p.identity, **state.state_dict()}, checkpoint_path)
             p.ranks.barrier()
             if verbose:
                 m = metric_of(config)
-                scores = "".join(f" {split} {m} {row[f'{split}_{m}']:.2f}" + (
-                    f" ppl {row[f'{split}_ppl']:.2f}" if f"{split}_ppl" in row else "")
-                    for split in ("val", "test") if f"{split}_{m}" in row)
-                print(f"[{config.name}] epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}{scores} "
-                      f"({row['epoch_seconds']:.1f}s)", flush=True)
+                scores = "".join(
+                    f" {split} {m} {row[f'{split}_{m}']:.2f}"
+                    + (f" ppl {row[f'{split}_ppl']:.2f}" if f"{split}_ppl" in row else "")
+                    for split in ("val", "test")
+                    if f"{split}_{m}" in row
+                )
+                print(
+                    f"[{config.name}] epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}{scores} "
+                    f"({row['epoch_seconds']:.1f}s)",
+                    flush=True,
+                )
     finally:
         log.close()
     final = _test_at_end(config, folder, p) if config.eval.test == "end" and history else None
@@ -239,15 +339,26 @@ def _evaluates(config: Config, epoch: int) -> bool:
     return (epoch + 1) % config.eval.every == 0 or epoch + 1 == config.epochs
 
 
-def _evaluate(config: Config, p: _Parts, model: nn.Module, ema: nn.Module | None,
-              splits: tuple[str, ...]) -> dict[str, float]:
+def _evaluate(
+    config: Config, p: _Parts, model: nn.Module, ema: nn.Module | None, splits: tuple[str, ...]
+) -> dict[str, float]:
     """``model`` (and the EMA model, as ``ema_<split>_...``) on each of ``splits``."""
     row: dict[str, float] = {}
     for split in splits:
         for prefix, net in ((split, model), (f"ema_{split}", ema.module if ema is not None else None)):
             if net is not None:
-                row.update(_prefixed(prefix, p.task.evaluate(net, getattr(p.data, split), config.eval_batch_size,
-                                                             p.device, channels_last=config.channels_last)))
+                row.update(
+                    _prefixed(
+                        prefix,
+                        p.task.evaluate(
+                            net,
+                            getattr(p.data, split),
+                            config.eval_batch_size,
+                            p.device,
+                            channels_last=config.channels_last,
+                        ),
+                    )
+                )
     return row
 
 
@@ -271,13 +382,17 @@ def _check_compile(config: Config, device: torch.device) -> None:
     if config.compile not in COMPILE_MODES:
         raise ValueError(f"compile={config.compile!r} is not allowed; use one of {list(COMPILE_MODES)}")
     if config.task == "detection" and config.compile != "none":
-        raise ValueError(f"compile={config.compile!r} is refused for detection: torch.compile of torchvision's "
-                         "detectors (data-dependent proposal and box shapes) is not verified here; use compile=none")
+        raise ValueError(
+            f"compile={config.compile!r} is refused for detection: torch.compile of torchvision's "
+            "detectors (data-dependent proposal and box shapes) is not verified here; use compile=none"
+        )
     if config.compile != "reduce-overhead":
         return
     if device.type != "cuda":
-        raise ValueError(f"compile='reduce-overhead' captures CUDA graphs and needs a CUDA device, not {device}; "
-                         "use compile=default on the CPU")
+        raise ValueError(
+            f"compile='reduce-overhead' captures CUDA graphs and needs a CUDA device, not {device}; "
+            "use compile=default on the CPU"
+        )
     if config.balancer.engine != "representation":
         raise ValueError(
             f"compile='reduce-overhead' with balancer.engine={config.balancer.engine!r} is refused: that engine runs "
@@ -293,29 +408,38 @@ def _load_teacher(config: Config, data: DataBundle) -> tuple[nn.Module | None, R
     if not config.teacher.name:
         return None, None
     if not config.teacher.checkpoint and not names_a_local_folder(config.teacher.name):
-        raise ValueError("teacher.checkpoint is required: a teacher must be trained (dtokd train) or given as weights "
-                         "(or be a hf-causal-lm:<folder> whose folder holds its weights)")
+        raise ValueError(
+            "teacher.checkpoint is required: a teacher must be trained (dtokd train) or given as weights "
+            "(or be a hf-causal-lm:<folder> whose folder holds its weights)"
+        )
     state = None
     if config.teacher.checkpoint:  # else the folder's own weights
         path = Path(config.teacher.checkpoint)
         state, identity = read_weights(path)
         if identity and identity.get("num_classes") != data.num_classes:
-            raise ValueError(f"teacher checkpoint {path} was trained for {identity.get('num_classes')} classes, "
-                             f"but data set {data.name!r} has {data.num_classes}")
+            raise ValueError(
+                f"teacher checkpoint {path} was trained for {identity.get('num_classes')} classes, "
+                f"but data set {data.name!r} has {data.num_classes}"
+            )
         if identity and identity.get("student") != config.teacher.name:
-            raise ValueError(f"teacher checkpoint {path} holds a {identity.get('student')!r}, not the configured "
-                             f"teacher.name {config.teacher.name!r}")
-    teacher = create_model(config.teacher.name, data.num_classes, data.in_channels, data.image_size,
-                           config.teacher.kwargs)
+            raise ValueError(
+                f"teacher checkpoint {path} holds a {identity.get('student')!r}, not the configured "
+                f"teacher.name {config.teacher.name!r}"
+            )
+    teacher = create_model(
+        config.teacher.name, data.num_classes, data.in_channels, data.image_size, config.teacher.kwargs
+    )
     if state is not None:
         apply_weights(teacher, remap_keys(state, config.teacher.key_map, "teacher.key_map"), path, "teacher.key_map")
     teacher.eval()
     teacher.requires_grad_(False)
     own = check_normalize(config.teacher.normalize, "teacher.normalize")
     if own is not None and data.detection:
-        raise ValueError("teacher.normalize: a detector normalises its own input (its transform's image_mean and "
-                         "image_std, set in teacher.kwargs); the teacher's features are computed from the student's "
-                         "input mapped exactly to them")
+        raise ValueError(
+            "teacher.normalize: a detector normalises its own input (its transform's image_mean and "
+            "image_std, set in teacher.kwargs); the teacher's features are computed from the student's "
+            "input mapped exactly to them"
+        )
     if own is None:
         return teacher, None
     if len(own[0]) != data.in_channels:
@@ -323,9 +447,17 @@ def _load_teacher(config: Config, data: DataBundle) -> tuple[nn.Module | None, R
     return teacher, Renormalize(data.normalization, own)
 
 
-def _teacher_accuracy(config: Config, folder: Path, task: Task, teacher: nn.Module | None,
-                      teacher_input: nn.Module | None, data: DataBundle, device: torch.device, main: bool,
-                      progress: bool) -> dict[str, Any] | None:
+def _teacher_accuracy(
+    config: Config,
+    folder: Path,
+    task: Task,
+    teacher: nn.Module | None,
+    teacher_input: nn.Module | None,
+    data: DataBundle,
+    device: torch.device,
+    main: bool,
+    progress: bool,
+) -> dict[str, Any] | None:
     """The teacher's metrics on the validation and test splits, measured before training as it
     sees its inputs in distillation, and kept in ``teacher.json`` (a resumed run reads it). The
     measurement is cached by content (the teacher's weights, its input mapping, the data
@@ -350,17 +482,27 @@ def _teacher_accuracy(config: Config, folder: Path, task: Task, teacher: nn.Modu
         path.write_text(json.dumps(result, indent=2) + "\n")
         if progress:
             m = metric_of(config)
-            print(f"[{config.name}] teacher {config.teacher.name}: val {m} {result.get(f'val_{m}', float('nan')):.2f} "
-                  f"test {m} {result[f'test_{m}']:.2f}", flush=True)
+            print(
+                f"[{config.name}] teacher {config.teacher.name}: val {m} {result.get(f'val_{m}', float('nan')):.2f} "
+                f"test {m} {result[f'test_{m}']:.2f}",
+                flush=True,
+            )
     return result
 
 
-def _measure_teacher(config: Config, task: Task, model: nn.Module, data: DataBundle,
-                     device: torch.device) -> dict[str, float]:
+def _measure_teacher(
+    config: Config, task: Task, model: nn.Module, data: DataBundle, device: torch.device
+) -> dict[str, float]:
     result: dict[str, float] = {}
     for split in ("val", "test"):
-        result.update(_prefixed(split, task.evaluate(model, getattr(data, split), config.eval_batch_size, device,
-                                                     channels_last=config.channels_last)))
+        result.update(
+            _prefixed(
+                split,
+                task.evaluate(
+                    model, getattr(data, split), config.eval_batch_size, device, channels_last=config.channels_last
+                ),
+            )
+        )
     return result
 
 
@@ -369,10 +511,16 @@ def _teacher_key(config: Config, model: nn.Module) -> str:
     they were read from), its input mapping, the task, the data settings and content, and the seed."""
     root = Path(config.data.root) if config.data.root else None
     data_content = sources.content_key(root) if root is not None and root.exists() else None
-    settings = {"task": config.task, "data": to_dict(config)["data"], "seed": config.seed,
-                "teacher": config.teacher.name, "eval_batch_size": config.eval_batch_size,
-                "channels_last": config.channels_last, "data_content": data_content,
-                "weights": ckpt.checksum(model.state_dict())}
+    settings = {
+        "task": config.task,
+        "data": to_dict(config)["data"],
+        "seed": config.seed,
+        "teacher": config.teacher.name,
+        "eval_batch_size": config.eval_batch_size,
+        "channels_last": config.channels_last,
+        "data_content": data_content,
+        "weights": ckpt.checksum(model.state_dict()),
+    }
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -380,10 +528,14 @@ def _make_balancer(config: Config, task: Task, params: list[torch.Tensor]) -> Ba
     cfg = config.balancer
     gram_params = None
     if cfg.gram_params:
-        gram_params = [p for n, p in task.student.named_parameters() if n == cfg.gram_params or n.startswith(cfg.gram_params + ".")]
+        gram_params = [
+            p for n, p in task.student.named_parameters() if n == cfg.gram_params or n.startswith(cfg.gram_params + ".")
+        ]
         if not gram_params:
             names = sorted({n.rsplit(".", 1)[0] for n, _ in task.student.named_parameters()})
-            raise ValueError(f"balancer.gram_params={cfg.gram_params!r} matches no student parameter; modules: {names[-20:]}")
+            raise ValueError(
+                f"balancer.gram_params={cfg.gram_params!r} matches no student parameter; modules: {names[-20:]}"
+            )
     options = dict(cfg.options)
     if cfg.method == "fixed" and "weights" not in options and len(task.loss_names) == 1:
         options["weights"] = [1.0]  # a single loss: the plain backward pass
@@ -398,20 +550,42 @@ def _make_balancer(config: Config, task: Task, params: list[torch.Tensor]) -> Ba
     return balancer
 
 
-def _train_epoch(config: Config, forward: nn.Module, task: Task, balancer: Balancer,
-                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, data: DataBundle, epoch: int,
-                 device: torch.device, log: MetricLog, progress: bool, ranks: distributed.Ranks,
-                 max_steps: int | None = None, ema: torch.optim.swa_utils.AveragedModel | None = None,
-                 teacher_cache: CachedTeacher | None = None) -> dict[str, Any]:
+def _train_epoch(
+    config: Config,
+    forward: nn.Module,
+    task: Task,
+    balancer: Balancer,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    data: DataBundle,
+    epoch: int,
+    device: torch.device,
+    log: MetricLog,
+    progress: bool,
+    ranks: distributed.Ranks,
+    max_steps: int | None = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
+    teacher_cache: CachedTeacher | None = None,
+) -> dict[str, Any]:
     """One epoch; ``forward`` is the task or its DDP wrapper, and each rank trains on its
     shard of every global batch (``teacher_cache``: the teacher's outputs read or stored)."""
     task.student.train()
-    loader = train_loader(data.train, config.batch_size, config.seed, epoch, rank=ranks.rank, world=ranks.world,
-                          repeats=config.data.repeated_augmentation)
+    loader = train_loader(
+        data.train,
+        config.batch_size,
+        config.seed,
+        epoch,
+        rank=ranks.rank,
+        world=ranks.world,
+        repeats=config.data.repeated_augmentation,
+    )
     local = data.train.streams  # a streamed set gives each rank its own part of the global batch
     amp_dtype = AMP_DTYPES[config.amp]
     representation = config.balancer.engine == "representation"
-    same_batch = config.balancer.method == "dto-amortized" and config.balancer.options.get("update", "same-batch") == "same-batch"
+    same_batch = (
+        config.balancer.method == "dto-amortized"
+        and config.balancer.options.get("update", "same-batch") == "same-batch"
+    )
     m = len(task.loss_names)
     # sums of the steps' losses, weights and loss weights, on the training device: every step's
     # numbers are brought there, whichever path (host or device) the balancer took
@@ -420,8 +594,15 @@ def _train_epoch(config: Config, forward: nn.Module, task: Task, balancer: Balan
     mixup = _make_mixup(config.data.mixup, data.num_classes)
     if teacher_cache is not None:
         teacher_cache.begin_epoch(epoch)
-    for i, (x, y) in enumerate(tqdm(loader, desc=f"{config.name} epoch {epoch + 1}/{config.epochs}", leave=False,
-                                    disable=not progress, unit="batch")):
+    for i, (x, y) in enumerate(
+        tqdm(
+            loader,
+            desc=f"{config.name} epoch {epoch + 1}/{config.epochs}",
+            leave=False,
+            disable=not progress,
+            unit="batch",
+        )
+    ):
         if mixup is not None:  # on the global batch before each rank takes its part (a streamed set: the local one)
             x, y = mixup(to_device(x, device), to_device(y, device))
         if not local:
@@ -434,7 +615,9 @@ def _train_epoch(config: Config, forward: nn.Module, task: Task, balancer: Balan
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits, losses = forward(x, y, epochs_done)
         diagnose = step % config.log_every == 0
-        info = balancer.backward(losses, representation=logits if representation else None, scaler=scaler, diagnose=diagnose)
+        info = balancer.backward(
+            losses, representation=logits if representation else None, scaler=scaler, diagnose=diagnose
+        )
         if config.optim.grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(task.parameters(), config.optim.grad_clip)
@@ -446,8 +629,11 @@ def _train_epoch(config: Config, forward: nn.Module, task: Task, balancer: Balan
             if ema is not None:
                 ema.update_parameters(task.student)
         if same_batch:
-            with torch.no_grad(), frozen_batchnorm_statistics(task.student), \
-                    torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with (
+                torch.no_grad(),
+                frozen_batchnorm_statistics(task.student),
+                torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None),
+            ):
                 _, after = forward(x, y, epochs_done, reuse_teacher=True)
             balancer.update(after)
         totals.add_(info.per_loss_on_device.to(device, non_blocking=True))  # no host read: see StepInfo
@@ -459,8 +645,12 @@ def _train_epoch(config: Config, forward: nn.Module, task: Task, balancer: Balan
     if teacher_cache is not None:
         teacher_cache.end_epoch(complete=max_steps is None or count < max_steps)
     balancer.check_deferred()  # before the epoch's checkpoint
-    row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - start,
-                           "skipped_steps": skipped}
+    row: dict[str, Any] = {
+        "epoch": epoch,
+        "lr": optimizer.param_groups[0]["lr"],
+        "epoch_seconds": time.perf_counter() - start,
+        "skipped_steps": skipped,
+    }
     if count:
         means = (totals / count).tolist()
         row.update({f"loss/{n}": means[k] for k, n in enumerate(balancer.names)})
@@ -469,8 +659,9 @@ def _train_epoch(config: Config, forward: nn.Module, task: Task, balancer: Balan
     return row
 
 
-def _cache_teacher_outputs(config: Config, task: Task, teacher: nn.Module | None, device: torch.device,
-                           ranks: distributed.Ranks) -> CachedTeacher:
+def _cache_teacher_outputs(
+    config: Config, task: Task, teacher: nn.Module | None, device: torch.device, ranks: distributed.Ranks
+) -> CachedTeacher:
     """``teacher.cache_outputs``: the task's teacher replaced by its cached outputs on the
     training batches (see :mod:`dtokd.train.teacher_cache`)."""
     if teacher is None:
@@ -479,12 +670,23 @@ def _cache_teacher_outputs(config: Config, task: Task, teacher: nn.Module | None
         raise ValueError(f"teacher.cache_outputs=true is for classification; task={config.task!r} is not cached")
     features = [n for n, spec in task.specs.items() if spec["type"] == "feature"]
     if features:
-        raise ValueError(f"teacher.cache_outputs=true caches the teacher's logits only, and losses {features} need "
-                         "its features; set teacher.cache_outputs=false")
-    settings = {"data": to_dict(config)["data"], "seed": config.seed, "batch_size": config.batch_size,
-                "rank": ranks.rank, "world": ranks.world, "amp": config.amp, "channels_last": config.channels_last,
-                "device": device.type, "teacher": config.teacher.name, "normalize": config.teacher.normalize,
-                "student_normalize": config.student.normalize}
+        raise ValueError(
+            f"teacher.cache_outputs=true caches the teacher's logits only, and losses {features} need "
+            "its features; set teacher.cache_outputs=false"
+        )
+    settings = {
+        "data": to_dict(config)["data"],
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "rank": ranks.rank,
+        "world": ranks.world,
+        "amp": config.amp,
+        "channels_last": config.channels_last,
+        "device": device.type,
+        "teacher": config.teacher.name,
+        "normalize": config.teacher.normalize,
+        "student_normalize": config.student.normalize,
+    }
     cached = CachedTeacher(teacher, sources.cache_dir() / "teacher-outputs", cache_key(teacher, settings))
     task.use_teacher(cached)
     return cached
@@ -512,8 +714,7 @@ def metric_of(config: Config) -> str:
     return "AP" if config.task == "detection" else "top1"
 
 
-def summarize(history: list[dict[str, Any]], config: Config,
-              final: dict[str, Any] | None = None) -> dict[str, Any]:
+def summarize(history: list[dict[str, Any]], config: Config, final: dict[str, Any] | None = None) -> dict[str, Any]:
     """Best epoch (by the validation metric, :func:`metric_of`, among the evaluated epochs, the
     latest of ties as ``best.pt`` keeps; by the test one when there is no validation split),
     its test metric, the best and last test metric, and the mean training seconds per epoch;
@@ -522,33 +723,56 @@ def summarize(history: list[dict[str, Any]], config: Config,
     (no best-of-test figure: the test split was not seen per epoch)."""
     method = config.balancer.method if config.teacher.name else "student alone"
     m = metric_of(config)
-    summary: dict[str, Any] = {"name": config.name, "method": method, "seed": config.seed, "metric": m,
-                               "epochs_run": len(history)}
+    summary: dict[str, Any] = {
+        "name": config.name,
+        "method": method,
+        "seed": config.seed,
+        "metric": m,
+        "epochs_run": len(history),
+    }
     evaluated = [i for i, row in enumerate(history) if _selection_key(row, m)]
     if not evaluated:
         return summary
     key = _selection_key(history[evaluated[-1]], m)
     best = max(evaluated, key=lambda i: (history[i][key], i))
     tested = final["last"] if final else history[evaluated[-1]]
-    summary.update({
-        "best_epoch": best + 1, f"best_val_{m}": history[best].get(f"val_{m}"),
-        f"test_{m}_at_best_val": (final["best"] if final else history[best]).get(f"test_{m}"),
-        **({} if final else {f"best_test_{m}": max((history[i][f"test_{m}"] for i in evaluated
-                                                     if f"test_{m}" in history[i]), default=None)}),
-        f"last_test_{m}": tested.get(f"test_{m}"),  # None: the metric is undefined on this test split
-        **({"last_test_top5": tested["test_top5"]} if "test_top5" in tested else {}),
-        **({"test_ppl_at_best_val": (final["best"] if final else history[best]).get("test_ppl"),
-            "last_test_ppl": tested.get("test_ppl")} if config.task == "causal-lm" else {}),
-        "seconds_per_epoch": sum(r["epoch_seconds"] for r in history) / len(history),
-        "test_evaluated": config.eval.test, "eval_every": config.eval.every,
-    })
+    summary.update(
+        {
+            "best_epoch": best + 1,
+            f"best_val_{m}": history[best].get(f"val_{m}"),
+            f"test_{m}_at_best_val": (final["best"] if final else history[best]).get(f"test_{m}"),
+            **(
+                {}
+                if final
+                else {
+                    f"best_test_{m}": max(
+                        (history[i][f"test_{m}"] for i in evaluated if f"test_{m}" in history[i]), default=None
+                    )
+                }
+            ),
+            f"last_test_{m}": tested.get(f"test_{m}"),  # None: the metric is undefined on this test split
+            **({"last_test_top5": tested["test_top5"]} if "test_top5" in tested else {}),
+            **(
+                {
+                    "test_ppl_at_best_val": (final["best"] if final else history[best]).get("test_ppl"),
+                    "last_test_ppl": tested.get("test_ppl"),
+                }
+                if config.task == "causal-lm"
+                else {}
+            ),
+            "seconds_per_epoch": sum(r["epoch_seconds"] for r in history) / len(history),
+            "test_evaluated": config.eval.test,
+            "eval_every": config.eval.every,
+        }
+    )
     if f"ema_test_{m}" in tested:
         summary[f"ema_last_test_{m}"] = tested[f"ema_test_{m}"]
         if not final:
             summary[f"ema_best_test_{m}"] = max(history[i][f"ema_test_{m}"] for i in evaluated)
     if final and final["best_epoch"] != best + 1:
-        raise RuntimeError(f"best.pt holds epoch {final['best_epoch']}, but the validation history chooses epoch "
-                           f"{best + 1}")
+        raise RuntimeError(
+            f"best.pt holds epoch {final['best_epoch']}, but the validation history chooses epoch {best + 1}"
+        )
     return summary
 
 

@@ -10,8 +10,12 @@ import torch
 from dtokd.train.config import CHOICES, OptimConfig
 
 
-def make_optimizer(named_params: Iterable[tuple[str, torch.Tensor]], cfg: OptimConfig, batch_size: int,
-                   no_decay_names: Iterable[str] = ()) -> torch.optim.Optimizer:
+def make_optimizer(
+    named_params: Iterable[tuple[str, torch.Tensor]],
+    cfg: OptimConfig,
+    batch_size: int,
+    no_decay_names: Iterable[str] = (),
+) -> torch.optim.Optimizer:
     """SGD or AdamW over the named parameters.
 
     ``lr_batch_scale`` N: the learning rate is ``lr * batch_size / N`` (DeiT: N = 512, the
@@ -52,6 +56,8 @@ def lr_factor(cfg: OptimConfig, epoch: int, epochs: int) -> float:
     raise ValueError(f"optim.schedule={cfg.schedule!r} is not allowed; use one of {list(CHOICES['optim.schedule'])}")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     lr_factor(cfg, 0, epochs)  # validate the schedule name before training starts
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(cfg, epoch, epochs))

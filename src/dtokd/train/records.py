@@ -33,8 +33,11 @@ def git_commit() -> str:
 def machine() -> str:
     cpu = platform.processor() or "unknown"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
@@ -47,10 +50,17 @@ def metadata(seed: int) -> dict[str, Any]:
     from dtokd import __version__
 
     return {
-        "seed": seed, "commit": git_commit(), "machine": machine(), "command": " ".join(sys.argv),
+        "seed": seed,
+        "commit": git_commit(),
+        "machine": machine(),
+        "command": " ".join(sys.argv),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"dtokd": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "dtokd": __version__,
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "python": platform.python_version(),
+        },
     }
 
 

@@ -26,10 +26,24 @@ from dtokd.interrupts import LOCK_FILE
 from dtokd.train.checkpoint import FORMAT
 from dtokd.train.config import Config, ConfigError, load_config, to_dict
 
-RUN_FILES = frozenset({
-    "config.yaml", "meta.json", "metrics.jsonl", "steps.jsonl", "summary.json", "teacher.json", "best.pt",
-    "checkpoint.pt", "best.pt.tmp", "checkpoint.pt.tmp", "tensorboard", "diverged.json", "bench.log", LOCK_FILE,
-})  # RECOGNISERS (below) has every one of them but KEPT_ON_FORCE
+RUN_FILES = frozenset(
+    {
+        "config.yaml",
+        "meta.json",
+        "metrics.jsonl",
+        "steps.jsonl",
+        "summary.json",
+        "teacher.json",
+        "best.pt",
+        "checkpoint.pt",
+        "best.pt.tmp",
+        "checkpoint.pt.tmp",
+        "tensorboard",
+        "diverged.json",
+        "bench.log",
+        LOCK_FILE,
+    }
+)  # RECOGNISERS (below) has every one of them but KEPT_ON_FORCE
 """Every entry a dtokd run (or a bench cell) writes into its folder."""
 
 KEPT_ON_FORCE = frozenset({"bench.log", LOCK_FILE})  # the bench's own log of a cell; the lock the run holds
@@ -43,8 +57,10 @@ def prepare_fresh(folder: Path, *, force: bool, config_file: Path | None = None,
     remove the previous run's files (where ``remove``: one process of a distributed run does).
     ``config_file``: the user's config, never to be replaced."""
     if config_file is not None and config_file.resolve().parent == folder.resolve() and config_file.name in RUN_FILES:
-        raise FileExistsError(f"the run would write {folder / config_file.name}, which is the config file given; "
-                              "choose another --out folder")
+        raise FileExistsError(
+            f"the run would write {folder / config_file.name}, which is the config file given; "
+            "choose another --out folder"
+        )
     if not folder.exists():
         return
     if not folder.is_dir():
@@ -54,13 +70,20 @@ def prepare_fresh(folder: Path, *, force: bool, config_file: Path | None = None,
         return
     foreign = [name for name in entries if not written_by_a_run(folder / name)]
     if foreign:
-        raise FileExistsError(f"{folder} holds files that are not a dtokd run's ({_listing(foreign)}); nothing was "
-                              "written: choose another --out folder")
+        raise FileExistsError(
+            f"{folder} holds files that are not a dtokd run's ({_listing(foreign)}); nothing was "
+            "written: choose another --out folder"
+        )
     if not force:
-        what = "a run (checkpoint.pt); pass --resume to continue it" if "checkpoint.pt" in entries else \
-            f"a previous run's files ({_listing(entries)})"
-        raise FileExistsError(f"{folder} already holds {what}, or pass --force to replace it, or choose another "
-                              "--out folder; nothing was written")
+        what = (
+            "a run (checkpoint.pt); pass --resume to continue it"
+            if "checkpoint.pt" in entries
+            else f"a previous run's files ({_listing(entries)})"
+        )
+        raise FileExistsError(
+            f"{folder} already holds {what}, or pass --force to replace it, or choose another "
+            "--out folder; nothing was written"
+        )
     if remove:
         _remove_run_files(folder)
 
@@ -182,23 +205,36 @@ def config_for_resume(folder: Path, config: Config | None, *, extend_epochs: int
     (None: take the saved one as it is), with ``epochs`` raised to ``extend_epochs`` if given."""
     saved_path = folder / "config.yaml"
     if not (folder / "checkpoint.pt").is_file():
-        raise FileNotFoundError(f"no checkpoint at {folder / 'checkpoint.pt'} to resume from"
-                                + ("; start afresh with --force" if folder.is_dir() and any(folder.iterdir()) else ""))
+        raise FileNotFoundError(
+            f"no checkpoint at {folder / 'checkpoint.pt'} to resume from"
+            + ("; start afresh with --force" if folder.is_dir() and any(folder.iterdir()) else "")
+        )
     if not saved_path.is_file():
         raise FileNotFoundError(f"{saved_path} is missing: the run's saved configuration is what a resume continues")
     saved = load_config(saved_path)
     if config is not None:
-        differences = [(key, a, b) for key, (a, b) in _differences(to_dict(saved), to_dict(config)).items()
-                       if key not in RESUMABLE_CHANGES]
+        differences = [
+            (key, a, b)
+            for key, (a, b) in _differences(to_dict(saved), to_dict(config)).items()
+            if key not in RESUMABLE_CHANGES
+        ]
         if differences:
             listing = "; ".join(f"{key}: saved {a!r}, given {b!r}" for key, a, b in differences)
-            hint = " (to lengthen the run, pass --extend-epochs N)" if any(k == "epochs" for k, _, _ in differences) else ""
-            raise ConfigError(f"--resume continues the run as saved in {saved_path}, but the configuration given differs: "
-                              f"{listing}{hint}. Give the same config and overrides, or none to use the saved one")
+            hint = (
+                " (to lengthen the run, pass --extend-epochs N)"
+                if any(k == "epochs" for k, _, _ in differences)
+                else ""
+            )
+            raise ConfigError(
+                f"--resume continues the run as saved in {saved_path}, but the configuration given differs: "
+                f"{listing}{hint}. Give the same config and overrides, or none to use the saved one"
+            )
         saved = config  # equal to the saved one but for RESUMABLE_CHANGES
     if extend_epochs is not None:
         if not isinstance(extend_epochs, int) or extend_epochs <= saved.epochs:
-            raise ConfigError(f"--extend-epochs {extend_epochs!r} must be an integer above the run's {saved.epochs} epochs")
+            raise ConfigError(
+                f"--extend-epochs {extend_epochs!r} must be an integer above the run's {saved.epochs} epochs"
+            )
         saved = dataclasses.replace(saved, epochs=extend_epochs)
     return saved
 
@@ -210,10 +246,14 @@ def record_extension(folder: Path, config: Config, previous_epochs: int, done: i
     write_yaml(folder / "config.yaml", to_dict(config))
     meta_path = folder / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    meta.setdefault("extensions", []).append({
-        "from_epochs": previous_epochs, "to_epochs": config.epochs, "at_epoch": done,
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
+    meta.setdefault("extensions", []).append(
+        {
+            "from_epochs": previous_epochs,
+            "to_epochs": config.epochs,
+            "at_epoch": done,
+            "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 

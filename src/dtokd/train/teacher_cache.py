@@ -63,8 +63,10 @@ class CachedTeacher:
         if path.is_file():
             saved = torch.load(path, weights_only=True)
             if saved.get("key") != self.key:
-                raise ValueError(f"teacher-output cache {path} was written for another teacher or data "
-                                 f"(key {saved.get('key')!r}, expected {self.key!r}); remove it")
+                raise ValueError(
+                    f"teacher-output cache {path} was written for another teacher or data "
+                    f"(key {saved.get('key')!r}, expected {self.key!r}); remove it"
+                )
             self._stored = saved["outputs"]
 
     def end_epoch(self, complete: bool) -> None:
@@ -86,8 +88,10 @@ class CachedTeacher:
         step, self._step = self._step, self._step + 1
         if self._stored is not None:
             if step >= len(self._stored) or self._stored[step].shape[0] != x.shape[0]:
-                raise ValueError(f"teacher-output cache {self._path(self._epoch)} does not match this run's batches "
-                                 f"(step {step}: batch of {x.shape[0]}); remove it")
+                raise ValueError(
+                    f"teacher-output cache {self._path(self._epoch)} does not match this run's batches "
+                    f"(step {step}: batch of {x.shape[0]}); remove it"
+                )
             self.hits += 1
             return self._stored[step].to(x.device)
         self.misses += 1
