@@ -49,3 +49,20 @@ def test_the_readmes_relative_links_resolve():
     assert links, "the README links into the docs"
     missing = [link for link in links if not (ROOT / link).exists()]
     assert not missing, missing
+
+
+def test_yaml_examples_quote_the_shipped_configs():
+    """A YAML example that names a shipped config in its first line is that file (from its first
+    key on: the file's header comments left out)."""
+    blocks = [
+        block
+        for page in (ROOT / "docs").glob("*.md")
+        for block in re.findall(r"```yaml\n(.*?)```", page.read_text(), re.S)
+    ]
+    quoted = [block for block in blocks if block.startswith("# configs/")]
+    assert quoted, "the docs quote a shipped config"
+    for block in quoted:
+        first, body = block.split("\n", 1)
+        lines = (ROOT / first[2:].strip()).read_text().splitlines()
+        start = next(k for k, line in enumerate(lines) if not line.startswith("#"))
+        assert body.rstrip("\n").splitlines() == lines[start:], first
