@@ -83,7 +83,7 @@ class AmortizedDTOBalancer(Balancer):
                 )
             self._learn(self._before - log_losses)
         self._before = log_losses
-        return torch.softmax(self.logits, 0)  # type: ignore[arg-type]
+        return torch.softmax(self._learner()[0], 0)
 
     def _has_device_rule(self, num_losses: int) -> bool:
         """Always: the learner runs on the losses' device, with no host read."""
@@ -118,14 +118,19 @@ class AmortizedDTOBalancer(Balancer):
     def _check_after(self, after: Tensor, deferred: bool) -> None:
         listed = after.tolist()
         if not all(map(math.isfinite, listed)):
-            problem = f"update(): non-finite losses after the step {dict(zip(self.names, listed))}"  # type: ignore[arg-type]
+            problem = f"update(): non-finite losses after the step {dict(zip(self._names, listed))}"
             raise NonFiniteStepError(deferred_message(problem) if deferred else problem)
 
-    def _learn(self, delta: Tensor) -> None:
-        """One Adam step (L2 weight decay) on ``xi`` with gradient ``pi * (delta - <pi, delta>)``."""
+    def _learner(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The learner's state: the logits ``xi`` and Adam's two moment estimates."""
         xi, exp_avg, exp_avg_sq = self.logits, self._exp_avg, self._exp_avg_sq
         if xi is None or exp_avg is None or exp_avg_sq is None:
             raise RuntimeError("dto-amortized: the learner's state is made by the first backward()")
+        return xi, exp_avg, exp_avg_sq
+
+    def _learn(self, delta: Tensor) -> None:
+        """One Adam step (L2 weight decay) on ``xi`` with gradient ``pi * (delta - <pi, delta>)``."""
+        xi, exp_avg, exp_avg_sq = self._learner()
         pi = torch.softmax(xi, 0)
         grad = pi * (delta - (pi * delta).sum()) + self.weight_decay * xi
         beta1, beta2 = _BETAS
@@ -143,20 +148,18 @@ class AmortizedDTOBalancer(Balancer):
                 torch.zeros(m, dtype=torch.float64, device=device) for _ in range(3)
             )
         elif self.logits.device != device:
-            self.logits, self._exp_avg, self._exp_avg_sq = (
-                t.to(device)
-                for t in (self.logits, self._exp_avg, self._exp_avg_sq)  # type: ignore[union-attr]
-            )
+            self.logits, self._exp_avg, self._exp_avg_sq = (t.to(device) for t in self._learner())
             self._before = None if self._before is None else self._before.to(device)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self.logits is not None:
+            xi, exp_avg, exp_avg_sq = self._learner()
             state.update(
-                logits=self.logits.cpu().clone(),
+                logits=xi.cpu().clone(),
                 adam={
-                    "exp_avg": self._exp_avg.cpu().clone(),
-                    "exp_avg_sq": self._exp_avg_sq.cpu().clone(),  # type: ignore[union-attr]
+                    "exp_avg": exp_avg.cpu().clone(),
+                    "exp_avg_sq": exp_avg_sq.cpu().clone(),
                     "steps": self._adam_steps,
                 },
                 before=None if self._before is None else self._before.cpu().clone(),

@@ -159,6 +159,13 @@ class Balancer:
         """The balancer's state (names and, for learned weights, their parameters)."""
         return {"names": self.names}
 
+    @property
+    def _names(self) -> tuple[str, ...]:
+        """The losses' names in their order, fixed by the first step."""
+        if self.names is None:
+            raise RuntimeError(f"{type(self).__name__}: no step yet; the first backward() fixes the losses' names")
+        return self.names
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         names = state.get("names")
         self.names = None if names is None else tuple(names)
@@ -186,12 +193,12 @@ class Balancer:
         device = values.device
         if self.sync.global_mode:
             values = self.sync.mean(values)  # the objective is log of the global mean loss
-        scaling = scaler is not None and scaler.is_enabled()
-        scaled = {n: scaler.scale(v) for n, v in ordered.items()} if scaling else dict(ordered)  # type: ignore[union-attr]
+        scaling = scaler if scaler is not None and scaler.is_enabled() else None  # the scaler in use, if any
+        scaled = {n: scaling.scale(v) for n, v in ordered.items()} if scaling is not None else dict(ordered)
         gradients: ObjectiveGradients | None = None
         if self._needs_gradients or diagnose:
             gradients = self.engine.gradients(scaled, representation, self.sync, keep_graph=self._combining)
-        m, unscale_by = len(ordered), scaler if scaling else None
+        m, unscale_by = len(ordered), scaling
         deferred = self.decide_deferred_checks(m)
         if self._runs_on_device(m, gradients is not None):
             return self._device_step(values, gradients, scaled, unscale_by)
@@ -302,13 +309,13 @@ class Balancer:
         if raw_gram is not None:
             self._warn_zero_gradients(raw_gram, pi)
         return StepInfo(
-            self.names,
+            self._names,
             values,
             pi,
             coefficients,
             gram,
             raw_gram,
-            device=device,  # type: ignore[arg-type]
+            device=device,
             reference=self._reference(values),
         )
 
@@ -339,13 +346,13 @@ class Balancer:
             pi, coefficients = torch.where(finite, pi, math.nan), torch.where(finite, coefficients, math.nan)
         self._write(gradients, scaled, coefficients)
         info = StepInfo(
-            self.names,
+            self._names,
             values,
             pi,
             coefficients,
             gram,
             raw_gram,
-            overflow_skips=scaler is not None,  # type: ignore[arg-type]
+            overflow_skips=scaler is not None,
             reference=self._reference(values),
         )
         if self.deferred_checks:
@@ -382,13 +389,13 @@ class Balancer:
         loss, a negative loss under the log, then non-finite gradients (``raw_gram``: None when
         the step had no Gram or it is not to be checked)."""
         listed = values.tolist()
-        bad = [n for n, v in zip(self.names, listed) if not math.isfinite(v)]  # type: ignore[arg-type]
+        bad = [n for n, v in zip(self._names, listed) if not math.isfinite(v)]
         if bad:
             return Problem(
                 "non-finite loss",
-                f"non-finite loss(es) {bad}: " + ", ".join(f"{n}={v}" for n, v in zip(self.names, listed) if n in bad),
-            )  # type: ignore[arg-type]
-        negative = [n for n, v in zip(self.names, listed) if v < 0] if self.log_losses else []  # type: ignore[arg-type]
+                f"non-finite loss(es) {bad}: " + ", ".join(f"{n}={v}" for n, v in zip(self._names, listed) if n in bad),
+            )
+        negative = [n for n, v in zip(self._names, listed) if v < 0] if self.log_losses else []
         if negative:
             return Problem(
                 "negative loss",
@@ -396,8 +403,8 @@ class Balancer:
                 "(log_losses=True); use a non-negative loss or log_losses=False",
             )
         if raw_gram is not None and not all(map(math.isfinite, raw_gram.reshape(-1).tolist())):
-            diagonal = [n for n, v in zip(self.names, raw_gram.diagonal().tolist()) if not math.isfinite(v)]  # type: ignore[arg-type]
-            return Problem("non-finite gradient", f"non-finite gradients for loss(es) {diagonal or list(self.names)}")  # type: ignore[arg-type]
+            diagonal = [n for n, v in zip(self._names, raw_gram.diagonal().tolist()) if not math.isfinite(v)]
+            return Problem("non-finite gradient", f"non-finite gradients for loss(es) {diagonal or list(self._names)}")
         return None
 
     def _refuse(
@@ -407,8 +414,8 @@ class Balancer:
         (``scaler.step`` then skips the step) and is reported as skipped; a negative loss under
         the log raises; a non-finite loss or gradient raises, or with ``on_nonfinite="skip"``
         is reported as a skipped step with nothing written."""
-        if problem.kind == "non-finite gradient" and scaled:
-            gradients.backward(torch.full_like(values, math.nan))  # type: ignore[union-attr]
+        if problem.kind == "non-finite gradient" and scaled and gradients is not None:
+            gradients.backward(torch.full_like(values, math.nan))
             return self._skipped(values, OVERFLOW, device)
         if problem.kind == "negative loss":
             raise ValueError(problem.message)
@@ -423,7 +430,7 @@ class Balancer:
         the rule gave it (DTO leaves it out: weight 0; ``ZERO_GRADIENT`` as in the rule)."""
         diagonal, listed = raw_gram.diagonal().tolist(), weights.tolist()
         threshold = ZERO_GRADIENT * sum(diagonal)
-        for name, norm2, weight in zip(self.names, diagonal, listed):  # type: ignore[arg-type]
+        for name, norm2, weight in zip(self._names, diagonal, listed):
             if norm2 <= threshold and name not in self._zero_gradient_warned:
                 self._zero_gradient_warned.add(name)
                 warnings.warn(
@@ -451,7 +458,9 @@ class Balancer:
             if raw_gram is None:
                 raise RuntimeError("rescale='norm' needs the Gram of the raw loss gradients")
             raw_gram = raw_gram.to(coefficients.device, torch.float64)
-            reference = self._reference(coefficients).to(coefficients.device)  # type: ignore[union-attr]
+            reference = self._reference(coefficients)
+            if reference is None:
+                raise RuntimeError("rescale='norm' has a reference by construction")
             wanted, got = reference @ raw_gram @ reference, coefficients @ raw_gram @ coefficients
             negligible = got <= NEGLIGIBLE_UPDATE * wanted
             factor = torch.where(negligible, 1.0, (wanted / got.clamp_min(torch.finfo(torch.float64).tiny)).sqrt())
@@ -463,23 +472,23 @@ class Balancer:
         mean when ``rescale="norm"`` is given none), or None."""
         if self.reference is None and self.rescale != "norm":
             return None
-        m = len(self.names)  # type: ignore[arg-type]
+        m = len(self._names)
         cached = self._reference_vector
         if cached is None or cached.device != like.device or cached.numel() != m:
             if self.reference is None:
                 values = [1.0 / m] * m
             elif isinstance(self.reference, Mapping):
-                if set(self.reference) != set(self.names):  # type: ignore[arg-type]
+                if set(self.reference) != set(self._names):
                     raise ValueError(
-                        f"reference={dict(self.reference)!r} must give a weight for each loss {list(self.names)}"
-                    )  # type: ignore[arg-type]
-                values = [float(self.reference[n]) for n in self.names]  # type: ignore[union-attr]
+                        f"reference={dict(self.reference)!r} must give a weight for each loss {list(self._names)}"
+                    )
+                values = [float(self.reference[n]) for n in self._names]
             else:
                 if len(self.reference) != m:
                     raise ValueError(
                         f"reference={list(self.reference)!r} gives {len(self.reference)} weights "
-                        f"for {m} losses {list(self.names)}"
-                    )  # type: ignore[arg-type]
+                        f"for {m} losses {list(self._names)}"
+                    )
                 values = [float(v) for v in self.reference]
             cached = self._reference_vector = torch.tensor(values, dtype=torch.float64, device=like.device)
         return cached
@@ -529,11 +538,11 @@ class Balancer:
                 f"losses have names {sorted(losses)}, but this balancer was first used with "
                 f"{sorted(self.names)}; a balancer balances a fixed set of objectives"
             )
-        return {n: losses[n] for n in self.names}
+        return {n: losses[n] for n in self._names}
 
     def _skipped(self, values: Tensor, reason: str, device: torch.device) -> StepInfo:
         nan = torch.full_like(values, math.nan)
-        return StepInfo(self.names, values, nan, nan, skipped_reason=reason, device=device)  # type: ignore[arg-type]
+        return StepInfo(self._names, values, nan, nan, skipped_reason=reason, device=device)
 
 
 def _check_reference(reference: object) -> None:

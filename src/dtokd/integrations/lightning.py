@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from dtokd.balancing import make_balancer
+from dtokd.balancing.amortized import AmortizedDTOBalancer
 from dtokd.integrations.common import LossFn, default_losses
 from dtokd.models.norms import frozen_batchnorm_statistics
 
@@ -90,6 +91,7 @@ class DistillationModule(lightning.LightningModule):
         loss = self.balancer.combine(losses, representation=logits if self.engine == "representation" else None)
         self._batch = (x, y, teacher_logits)
         info = self.balancer.last_info
+        assert info is not None  # combine() has just set it
         self.log_dict(
             {f"dtokd/{k}": v for k, v in info.as_dict().items()}, on_step=True, on_epoch=False, batch_size=x.shape[0]
         )
@@ -100,7 +102,7 @@ class DistillationModule(lightning.LightningModule):
         step's last batch and given to ``balancer.update``: inside the step, so that a
         checkpoint written after the batch holds no half-done balancer step."""
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self._same_batch and self._batch is not None:
+        if self._same_batch and self._batch is not None and isinstance(self.balancer, AmortizedDTOBalancer):
             x, y, teacher_logits = self._batch
             with torch.no_grad(), frozen_batchnorm_statistics(self.student):  # as the dtokd trainer re-evaluates
                 _, after = self._losses(x, y, teacher_logits)

@@ -85,6 +85,8 @@ class DistillationTrainer(transformers.Trainer):
         self.teacher = teacher.eval().requires_grad_(False)
         self.losses = losses or default_losses()
         self.engine = engine
+        if self.model is None:
+            raise ValueError("DistillationTrainer needs model=, the student to distil into")
         self.balancer = make_balancer(method, self.model.parameters(), engine=engine, **options)
         self.model_accepts_loss_kwargs = False  # what transformers < 5.19 reads instead of loss_is_scaled_for_ga
         if "labels" not in self.label_names:  # kept for the losses even if the model's forward takes none
