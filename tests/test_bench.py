@@ -252,7 +252,7 @@ def test_shipped_matrices_resolve_every_cell(name):
             r"missing key\(s\) \['pairs.cnn-mlp.student'\]",
         ),
         (lambda t: t.replace("base: [epochs=3]", "base: epochs=3"), "base must be a list, got 'epochs=3'"),
-        (lambda t: t + "colour: blue\n", r"unknown key\(s\) \['colour'\]"),
+        (lambda t: "colour: blue\n" + t, r"unknown key\(s\) \['colour'\]"),
     ],
 )
 def test_a_malformed_matrix_file_is_named(tmp_path, edit, message):
