@@ -97,6 +97,15 @@ def test_bench_runs_resumes_and_aggregates(tmp_path, capsys):
     (out / "cnn-mlp" / "kd-grid-a0.5").rename(tmp_path / "set-aside")
     assert cli.main(["bench", matrix, "--out", str(out), "--aggregate-only"]) == 0
     assert "(tuned on val)" not in (out / "results.md").read_text()
+    # an unfinished cell counts nowhere: neither its accuracy nor its logged steps
+    (out / "cnn-mlp" / "dto" / "seed1" / "summary.json").unlink()
+    assert cli.main(["bench", matrix, "--out", str(out), "--aggregate-only"]) == 0
+    with open(out / "results.csv") as f:
+        dto = next(r for r in csv.DictReader(f) if r["method"] == "dto")
+    seed0 = [json.loads(line) for line in (out / "cnn-mlp" / "dto" / "seed0" / "steps.jsonl").read_text().splitlines()]
+    assert int(dto["seeds"]) == 1
+    expected = sum(row["loss_weight/distill"] for row in seed0) / len(seed0)
+    assert float(dto["loss_weight/distill"]) == pytest.approx(expected)
 
 
 def test_bad_matrix_is_named(tmp_path):

@@ -437,7 +437,7 @@ def cell_statistics(folders: list[Path]) -> dict[str, Any]:
     summaries = [json.loads((f / "summary.json").read_text()) for f in folders if (f / "summary.json").is_file()]
     diverged = sum((f / "diverged.json").is_file() for f in folders)
     metrics = [read_jsonl(f / "metrics.jsonl") for f in folders if (f / "summary.json").is_file()]
-    steps = [row for f in folders for row in read_jsonl(f / "steps.jsonl")]
+    steps = [row for f in folders if (f / "summary.json").is_file() for row in read_jsonl(f / "steps.jsonl")]
     m = summaries[0].get("metric", "top1") if summaries else "top1"
     cell: dict[str, Any] = {"seeds": len(summaries), "diverged": diverged, "metric": m}
     for key in (f"test_{m}_at_best_val", f"best_val_{m}", f"best_test_{m}", f"last_test_{m}", "seconds_per_epoch"):
