@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from helpers import tiny_llamas
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"```python\n(.*?)```", re.S)
@@ -128,18 +130,7 @@ def framework_names(tmp_path: Path) -> dict:
             disable_tqdm=True,
             per_device_train_batch_size=8,
         )
-        config = dict(
-            vocab_size=40,
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=16,
-        )
-        torch.manual_seed(0)
-        names["student_lm"] = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
-        names["teacher_lm"] = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**config, "hidden_size": 32}))
+        names["student_lm"], names["teacher_lm"] = tiny_llamas()
         ids = torch.randint(0, 40, (16, 12), generator=torch.Generator().manual_seed(1))
         names["tokenized"] = Items([{"input_ids": row, "labels": row} for row in ids])
     except ImportError:

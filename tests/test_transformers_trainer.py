@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import tiny_llamas
+
 transformers = pytest.importorskip("transformers", reason="the Trainer integration needs transformers and accelerate")
 pytest.importorskip("accelerate", reason="the Trainer integration needs accelerate")
 
@@ -185,22 +187,6 @@ class Blocks(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.ids[i], "labels": self.labels[i]}
-
-
-def tiny_llamas():
-    config = dict(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    student = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
-    teacher = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**config, "hidden_size": 32}))
-    return student, teacher
 
 
 def test_causal_lm_losses_score_as_the_models_own_loss():
