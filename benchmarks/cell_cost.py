@@ -126,7 +126,8 @@ def _markdown(r: dict) -> str:
         "| part | seconds |",
         "|---|---|",
         f"| training epoch, teacher on every batch | {m['epoch_teacher']:.1f} |",
-        f"| training epoch, teacher outputs cached | {m['epoch_cached']:.1f} ({m['epoch_cached'] / m['epoch_teacher']:.2f}x) |",
+        f"| training epoch, teacher outputs cached | {m['epoch_cached']:.1f} "
+        f"({m['epoch_cached'] / m['epoch_teacher']:.2f}x) |",
         f"| validation split (5,000) | {m['val']:.1f} |",
         f"| test split (10,000) | {m['test']:.1f} |",
         f"| teacher check (validation + test, ResNet-56) | {m['teacher_check']:.1f} |",
@@ -135,7 +136,8 @@ def _markdown(r: dict) -> str:
         f"every {r['every']} epochs and at the last; the test split on best.pt and on the last model; the "
         "teacher check read from its cache.",
         "",
-        f"| {r['epochs']}-epoch cell | training | evaluation | teacher check | total | evaluation share | teacher share |",
+        f"| {r['epochs']}-epoch cell | training | evaluation | teacher check | total | evaluation share "
+        "| teacher share |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, parts in (("before", r["cell_before_seconds"]), ("after", r["cell_after_seconds"])):

@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- commit `{git_commit()[:10]}`; machine: {machine()}; {datetime.now(timezone.utc):%Y-%m-%d}",
         f"- command: `python benchmarks/detection_dto_conditioning.py {' '.join(argv or sys.argv[1:])}`",
-        f"- student {args.student}, teacher {args.teacher} ({'trained: ' + args.teacher_weights if args.teacher_weights else 'random weights'}); "
+        f"- student {args.student}, teacher {args.teacher} "
+        f"({'trained: ' + args.teacher_weights if args.teacher_weights else 'random weights'}); "
         f"synthetic COCO-format set, 64 px, batches of {args.batch}; medians over {args.batches} batches "
         "(min - max in brackets)",
         "",

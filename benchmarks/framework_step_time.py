@@ -214,7 +214,8 @@ def main() -> None:
             times = FITS[framework](method, engine, options, args.batch, args.steps)
             timed[name] += times[args.warmup :]
             print(
-                f"[round {round_ + 1}/{args.rounds}] {name}: median {statistics.median(times[args.warmup :]):.3f} s/step",
+                f"[round {round_ + 1}/{args.rounds}] {name}: "
+                f"median {statistics.median(times[args.warmup :]):.3f} s/step",
                 flush=True,
             )
     medians = {name: statistics.median(v) for name, v in timed.items()}
@@ -243,7 +244,8 @@ def main() -> None:
         "",
         f"- command: `{record['command']}`",
         f"- commit `{record['commit'][:10]}`; {record['machine']}; torch {torch.__version__}",
-        f"- {record['date']}; CPU; ResNet-56 -> ResNet-20, batch {args.batch}, SGD; median seconds per optimizer step over "
+        f"- {record['date']}; CPU; ResNet-56 -> ResNet-20, batch {args.batch}, SGD; "
+        "median seconds per optimizer step over "
         f"{args.rounds} interleaved, rotated round(s) x {args.steps - args.warmup} timed steps",
         "",
         "| row | s / step (median) | time / the framework's hand-written fixed KD |",

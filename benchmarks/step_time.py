@@ -6,9 +6,9 @@ round, in one process; the figure per method is the median step time after warm-
 ratio to plain KD is taken from the same run. ``--timing per-step`` (default) waits for the
 device before and after every step; ``--timing back-to-back`` times ``--steps`` consecutive
 steps with one wait at the end (a training loop, where the host queues the next step while
-the device runs this one: a step that waits for the device mid-way loses that overlap). Peak memory is measured per method in a fresh
-subprocess as the growth of the peak resident set over the set-up (CPU) or
-``torch.cuda.max_memory_allocated`` (GPU).
+the device runs this one: a step that waits for the device mid-way loses that overlap). Peak
+memory is measured per method in a fresh subprocess as the growth of the peak resident set
+over the set-up (CPU) or ``torch.cuda.max_memory_allocated`` (GPU).
 
     python benchmarks/step_time.py                                  # ResNet-56 -> ResNet-20, batch 128, CPU
     python benchmarks/step_time.py --rounds 1 --steps 2 --no-memory  # a short smoke run
@@ -430,16 +430,19 @@ def main() -> None:
         f"- command: `{command}`",
         f"- commit: `{record['commit']}`",
         f"- machine: {record['machine']}",
-        f"- date: {record['date']}; batch {args.batch}; amp {args.amp}; inputs {record['images']}; median of {args.rounds} rounds x {args.steps} steps after "
+        f"- date: {record['date']}; batch {args.batch}; amp {args.amp}; inputs {record['images']}; "
+        f"median of {args.rounds} rounds x {args.steps} steps after "
         f"{args.warmup} warm-up steps per method, methods interleaved; timing {args.timing}",
         "",
-        "| method | median step (ms) | IQR (ms) | images/s | / plain KD | / two-backward floor | peak extra memory (MB) | host syncs / step | waits for the device | GPU kernels / step |",
+        "| method | median step (ms) | IQR (ms) | images/s | / plain KD | / two-backward floor "
+        "| peak extra memory (MB) | host syncs / step | waits for the device | GPU kernels / step |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         memory = "-" if row["peak_extra_mb"] is None else f"{row['peak_extra_mb']:.0f}"
         lines.append(
-            f"| {row['method']} | {1000 * row['median_s']:.1f} | {1000 * row['iqr_s']:.1f} | {row['images_per_s']:.0f} | "
+            f"| {row['method']} | {1000 * row['median_s']:.1f} | {1000 * row['iqr_s']:.1f} "
+            f"| {row['images_per_s']:.0f} | "
             f"{row['vs_plain_kd']:.3f} | {row['vs_two_backward_floor']:.3f} | {memory} | "
             f"{'-' if row['host_syncs_per_step'] is None else row['host_syncs_per_step']} | "
             f"{'-' if row['waits_for_device'] is None else ('yes' if row['waits_for_device'] else 'no')} | "

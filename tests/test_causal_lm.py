@@ -20,9 +20,12 @@ from dtokd.models import create_model  # noqa: E402
 from dtokd.tasks import CausalLMTask, evaluate_causal_lm  # noqa: E402
 from dtokd.train import load_config, train  # noqa: E402
 
-from tests.helpers import interrupt_after  # noqa: E402
+from helpers import interrupt_after  # noqa: E402
 
-TINY = "{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2, intermediate_size: 64, max_position_embeddings: 32}"
+TINY = (
+    "{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2, "
+    "intermediate_size: 64, max_position_embeddings: 32}"
+)
 TEXT = {"block_size": 12, "vocab_size": 300, "test_fraction": 0.2}
 
 
@@ -38,6 +41,8 @@ def corpus(tmp_path):
 
 def test_documents_split_by_document_with_their_own_seed(corpus):
     a = build_data("text", str(corpus), val_fraction=0.2, seed=0, text=TEXT)
+    with pytest.raises(TypeError, match="data set 'text' is not an image classification set"):
+        _ = a.normalization  # token blocks have no per-channel statistics
     b = build_data("text", str(corpus), val_fraction=0.2, seed=7, text=TEXT)  # another run seed: the same splits
     for split in ("train", "val", "test"):
         assert torch.equal(getattr(a, split).blocks, getattr(b, split).blocks)
@@ -259,3 +264,159 @@ def test_the_memory_estimate_counts_a_llamas_parameters_as_by_hand():
         by_hand = 50 * h + 3 * (2 * h * h + 2 * h * kv + 3 * h * 40 + 2 * h) + h + (0 if tied else 50 * h)
         assert lm_memory.parameters(shape) == by_hand
     assert round(lm_memory.parameters(lm_memory.SHAPES["llama-3.1-8b"]) / 1e9, 2) == 8.03  # the published size
+
+
+def _pair(vocabulary, teacher_width=48, teacher_layers=2):
+    """A 1-layer student of width 32 and a wider, deeper teacher."""
+    torch.manual_seed(0)
+    kwargs = {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 32,
+    }
+    wider = {**kwargs, "hidden_size": teacher_width, "num_hidden_layers": teacher_layers}
+    return (
+        create_model("hf-causal-lm:llama", vocabulary, 1, 12, kwargs),
+        create_model("hf-causal-lm:llama", vocabulary, 1, 12, wider),
+    )
+
+
+def _smooth_l1(d):
+    return torch.where(d.abs() < 1, 0.5 * d**2, d.abs() - 0.5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # mse to the layer-normalised last teacher state
+        {"distance": "smooth_l1", "teacher_norm": "standardize", "student_layer": 0, "teacher_layer": 1},
+        {"teacher_norm": "none", "student_layer": -2, "teacher_layer": 0},
+    ],
+)
+def test_the_hidden_state_loss_by_hand_over_counted_tokens_only(corpus, options):
+    """In float64 from the models' own hidden states: the projected student state against the
+    normalised teacher state, averaged over counted tokens and the teacher's width; the masked
+    positions weigh nothing (the reference multiplies by the mask instead of selecting)."""
+    data = build_data("text", str(corpus), val_fraction=0.2, text=TEXT)
+    student, teacher = _pair(data.num_classes)
+    spec = {"type": "hidden", **options}
+    task = CausalLMTask(student, teacher, {"feat": spec, "task": {"type": "ce"}})
+    x, y = data.train.__getitems__([0, 1, 2])
+    y = y.clone()
+    y[0, :5] = -100
+    y[2, 3] = -100
+    _, losses = task(x, y)
+
+    with torch.no_grad():
+        hs = student.model(input_ids=x, output_hidden_states=True).hidden_states[options.get("student_layer", -1)]
+        ht = teacher.model(input_ids=x, output_hidden_states=True).hidden_states[options.get("teacher_layer", -1)]
+    hs, ht = hs.double(), ht.double()
+    mask = (y != -100).double()[..., None]
+    projected = hs @ task.projectors["feat"].proj.weight.double().T
+    norm = options.get("teacher_norm", "layernorm")
+    if norm == "layernorm":
+        target = (ht - ht.mean(-1, keepdim=True)) / torch.sqrt(ht.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    elif norm == "standardize":  # per channel over the counted tokens, unbiased
+        n = mask.sum()
+        mean = (mask * ht).sum((0, 1)) / n
+        std = torch.sqrt((mask * (ht - mean) ** 2).sum((0, 1)) / (n - 1))
+        target = (ht - mean) / std.clamp_min(1e-6)
+    else:
+        target = ht
+    d = projected - target
+    per_element = _smooth_l1(d) if options.get("distance") == "smooth_l1" else d**2
+    expected = (mask * per_element).sum() / (mask.sum() * ht.shape[-1])
+    torch.testing.assert_close(losses["feat"].double(), expected, rtol=1e-4, atol=1e-6)
+    losses["feat"].backward()
+    assert task.projectors["feat"].proj.weight.grad.abs().sum() > 0
+
+
+def test_the_hidden_state_loss_without_counted_tokens_and_bad_options(corpus):
+    data = build_data("text", str(corpus), val_fraction=0.2, text=TEXT)
+    student, teacher = _pair(data.num_classes)
+    task = CausalLMTask(student, teacher, {"feat": {"type": "hidden"}, "task": {"type": "ce"}})
+    x, y = data.train.__getitems__([0, 1])
+    _, losses = task(x, torch.full_like(y, -100))
+    assert losses["feat"].item() == 0.0 and losses["feat"].requires_grad
+    losses["feat"].backward()  # in the graph, with zero gradients
+    assert all(p.grad is None or not p.grad.any() for p in task.parameters())
+
+    cases = [
+        ({"student_layer": 2}, "losses.feat.student_layer=2 is out of range: the model has 2 hidden states"),
+        ({"teacher_layer": -4}, "losses.feat.teacher_layer=-4 is out of range: the model has 3 hidden states"),
+        ({"student_layer": 1.5}, "losses.feat.student_layer=1.5 must be an integer"),
+        ({"student_layer": True}, "losses.feat.student_layer=True is not allowed; it must be a finite number"),
+        ({"distance": "l2"}, "losses.feat.distance='l2' is not allowed; use one of \\['mse', 'smooth_l1'\\]"),
+        ({"teacher_norm": "pearson"}, "losses.feat.teacher_norm='pearson' is not allowed"),
+        ({"projector": False}, "without a projector needs equal widths; the student feature has 32 channels"),
+        ({"width": 3}, "unknown option\\(s\\) \\['width'\\] for type 'hidden'"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            CausalLMTask(student, teacher, {"feat": {"type": "hidden", **options}})
+    with pytest.raises(ValueError, match="need a teacher"):
+        CausalLMTask(student, None, {"feat": {"type": "hidden"}})
+    with pytest.raises(ValueError, match="representation='norm'.*use one of \\['outputs', 'hidden'\\]"):
+        CausalLMTask(student, teacher, {"task": {"type": "ce"}}, representation="norm")
+
+
+def test_the_hidden_representation_is_the_last_hidden_state(corpus):
+    """``representation: hidden`` returns the student's last hidden state, which the logits and
+    a last-layer hidden loss depend on: the representation engine's Gram there equals the
+    Gram of the losses' gradients with respect to that state, taken one by one; a hidden loss
+    at an earlier layer does not reach it, and the engine says so."""
+    from dtokd.balancing.engines import RepresentationEngine
+
+    data = build_data("text", str(corpus), val_fraction=0.2, text=TEXT)
+    student, teacher = _pair(data.num_classes)
+    specs = {"feat": {"type": "hidden"}, "distill": {"type": "token-kd"}, "task": {"type": "ce"}}
+    task = CausalLMTask(student, teacher, specs, representation="hidden")
+    x, y = data.train.__getitems__([0, 1])
+    representation, losses = task(x, y)
+    with torch.no_grad():
+        last = student.model(input_ids=x, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(representation, last)
+    grads = [torch.autograd.grad(v, representation, retain_graph=True)[0].flatten().double() for v in losses.values()]
+    stacked = torch.stack(grads)
+    engine = RepresentationEngine(list(task.parameters()))
+    gram = engine.gradients(losses, representation, keep_graph=True).gram
+    torch.testing.assert_close(gram, stacked @ stacked.T, rtol=1e-4, atol=1e-10)
+    earlier = CausalLMTask(student, teacher, {**specs, "feat": {"type": "hidden", "student_layer": 0}}, "hidden")
+    representation, losses = earlier(x, y)
+    with pytest.raises(ValueError, match="loss\\(es\\) \\['feat'\\] do not depend on the representation"):
+        engine.gradients(losses, representation)
+
+
+def test_a_hidden_state_loss_in_the_pipeline_trains_its_projector_and_resumes_exactly(corpus, tmp_path, monkeypatch):
+    data = build_data("text", str(corpus), val_fraction=0.2, text=TEXT)
+    _, teacher = _pair(data.num_classes)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    distill = _config(
+        corpus,
+        "teacher.name=hf-causal-lm:llama",
+        "teacher.kwargs={hidden_size: 48, num_hidden_layers: 2, num_attention_heads: 2, num_key_value_heads: 2, "
+        "intermediate_size: 64, max_position_embeddings: 32}",
+        f"teacher.checkpoint={tmp_path / 'teacher.pt'}",
+        "balancer.method=dto",
+        "balancer.engine=representation",
+        "balancer.representation=hidden",
+        "losses={distill: {type: token-kd}, hidden: {type: hidden}, task: {type: ce}}",
+    )
+    straight = train(distill, tmp_path / "straight", progress=False, verbose=False)
+    assert straight["last_test_ppl"] > 1
+    steps = [json.loads(line) for line in (tmp_path / "straight" / "steps.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(s["loss/hidden"]) and math.isfinite(s["loss_weight/hidden"]) for s in steps)
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            train(distill, tmp_path / "resumed", progress=False, verbose=False)
+    first_epoch = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["projectors"]
+    train(None, tmp_path / "resumed", resume=True, progress=False, verbose=False)
+    a, b = (torch.load(tmp_path / f / "checkpoint.pt", weights_only=False) for f in ("straight", "resumed"))
+    assert a["projectors"].keys() == {"hidden.proj.weight"}
+    for part in ("student", "projectors"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert not torch.equal(first_epoch["hidden.proj.weight"], a["projectors"]["hidden.proj.weight"])  # it trains

@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import re
 import shutil
 import tarfile
 import threading
@@ -277,6 +278,10 @@ def test_task_returns_named_losses_in_order_and_checks_specs():
         ClassificationTask(student, None, {"distill": {"type": "kd"}}, sample)
     with pytest.raises(ValueError, match="type='kl'"):
         ClassificationTask(student, teacher, {"distill": {"type": "kl"}}, sample)
+    for kind in (["kd"], None):  # not a word (a list is not even hashable): named like any wrong type
+        message = re.escape(f"losses.distill.type={kind!r} is not allowed for task 'classification'")
+        with pytest.raises(ValueError, match=message):
+            ClassificationTask(student, teacher, {"distill": {"type": kind}}, sample)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['temp'\]"):
         ClassificationTask(student, teacher, {"distill": {"type": "kd", "temp": 4}}, sample)
 

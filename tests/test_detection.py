@@ -20,7 +20,7 @@ from dtokd.tasks import DetectionTask, build_task  # noqa: E402
 from dtokd.tasks.coco_eval import coco_box_ap, detections_to_coco  # noqa: E402
 from dtokd.train import load_config, train  # noqa: E402
 
-from tests.helpers import interrupt_after  # noqa: E402
+from helpers import interrupt_after  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -404,7 +404,7 @@ def test_detection_run_resumes_to_the_same_weights(tmp_path, monkeypatch, teache
 def test_two_processes_match_one_process(tmp_path, teacher_weights):
     """``torchrun --nproc_per_node 2`` against one process on the same global batches: a
     batch-independent student (frozen normalisation) and equal image sizes (so both pad alike)."""
-    from tests.test_torchrun import finish, torchrun
+    from test_torchrun import finish, torchrun
 
     lines = [
         "name: det-ddp",

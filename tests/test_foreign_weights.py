@@ -127,7 +127,8 @@ def test_distilling_from_the_foreign_teacher_reports_its_accuracy_first(foreign_
     path, ours = foreign_teacher
     with pytest.raises(
         ValueError,
-        match=r"do not fit model CifarResNet: 56 missing name\(s\) \[.stem.0.weight., .*56 unexpected name\(s\) \[.conv1.weight.*need teacher.key_map",
+        match=r"do not fit model CifarResNet: 56 missing name\(s\) \[.stem.0.weight., "
+        r".*56 unexpected name\(s\) \[.conv1.weight.*need teacher.key_map",
     ):
         train(load_config(None, distill_overrides(path)), tmp_path / "unmapped", progress=False)
     overrides = distill_overrides(

@@ -202,7 +202,8 @@ def test_demo_quick_on_fashion_mnist(tmp_path, monkeypatch, capsys):
     [
         ["losses={distill: {type: dkd, warmup_epochs: 2}, task: {type: ce}}"],
         [
-            "losses={distill: {type: kd}, feat: {type: feature, student_tap: features, teacher_tap: features}, task: {type: ce}}",
+            "losses={distill: {type: kd}, feat: {type: feature, student_tap: features, teacher_tap: features}, "
+            "task: {type: ce}}",
             "balancer.method=upgrad",
         ],
         ["amp=bf16", "optim.grad_clip=1.0"],

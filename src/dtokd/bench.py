@@ -46,7 +46,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -55,6 +55,11 @@ from dtokd.interrupts import Interrupted, StopRequest, deferred_stop
 from dtokd.train import load_config, train
 from dtokd.train.config import ConfigError, from_dict
 from dtokd.train.records import git_commit, machine, read_jsonl
+
+Cell = tuple[str, str, int]
+"""A cell of a matrix: (pair, method, seed)."""
+RunningCell = tuple[Cell, "subprocess.Popen[bytes]", IO[str]]
+"""A cell's process and the log file it writes."""
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,7 @@ def run_matrix(
     progress: bool = False,
     parallel: int = 1,
     matrix_path: Path | None = None,
-    cells: list[tuple[str, str, int]] | None = None,
+    cells: list[Cell] | None = None,
     stop_grace: float = STOP_GRACE_SECONDS,
 ) -> Path:
     """Run (or finish) every cell (or only ``cells``, see :func:`select_cells`), then aggregate
@@ -305,7 +310,7 @@ def run_cell(
 
 
 def _run_in_processes(
-    matrix_path: Path, out: Path, cells: list[tuple[str, str, int]], parallel: int, *, grace: float = STOP_GRACE_SECONDS
+    matrix_path: Path, out: Path, cells: list[Cell], parallel: int, *, grace: float = STOP_GRACE_SECONDS
 ) -> None:
     """Run ``cells`` as ``parallel`` concurrent ``dtokd bench --cell`` processes; CPU threads are
     shared out between them unless ``OMP_NUM_THREADS`` is set. Raises once all have ended if any failed.
@@ -316,7 +321,9 @@ def _run_in_processes(
     """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
-    queue, running, failed = list(cells), [], []
+    queue = list(cells)
+    running: list[RunningCell] = []
+    failed: list[tuple[Cell, str]] = []
     with deferred_stop() as stop:  # a signal is only noted, so no started cell escapes the list
         try:
             _drive(matrix_path, out, queue, running, failed, parallel, env, len(cells), stop)
@@ -349,9 +356,9 @@ def _cell_command(matrix_path: Path, out: Path, pair: str, method: str, seed: in
 def _drive(
     matrix_path: Path,
     out: Path,
-    queue: list,
-    running: list,
-    failed: list,
+    queue: list[Cell],
+    running: list[RunningCell],
+    failed: list[tuple[Cell, str]],
     parallel: int,
     env: dict[str, str],
     total: int,
@@ -380,21 +387,21 @@ def _drive(
             )
         time.sleep(0.2)
         for entry in list(running):
-            cell, process, log = entry
+            cell, process, cell_log = entry
             if process.poll() is None:
                 continue
             running.remove(entry)
-            log.close()
+            cell_log.close()
             done += 1
             if process.returncode != 0:
-                failed.append((cell, log.name))
+                failed.append((cell, cell_log.name))
             print(
                 f"[bench] {'failed' if process.returncode else 'finished'} {' '.join(map(str, cell))} ({done}/{total})",
                 flush=True,
             )
 
 
-def _stop_cells(running: list, grace: float) -> None:
+def _stop_cells(running: list[RunningCell], grace: float) -> None:
     """SIGINT to every running cell; wait up to ``grace`` seconds in all; kill the rest."""
     for _, process, _ in running:
         if process.poll() is None:
@@ -577,9 +584,11 @@ def _markdown(matrix: Matrix, rows: list[dict[str, Any]], plots: list[Path]) -> 
         f"# Accuracy benchmark: {matrix.name}",
         "",
         f"- commit `{git_commit()[:10]}`; machine: {machine()}",
-        f"- seeds {matrix.seeds}; shared overrides: `{' '.join(matrix.base)}`; run config `{Path(matrix.student_config).name}`",
-        f"- reference for time ratios and convergence: `{matrix.reference}`; accuracies: mean ± standard deviation over "
-        "seeds; time: the fastest seed's mean seconds per epoch (other load on the machine only adds time)",
+        f"- seeds {matrix.seeds}; shared overrides: `{' '.join(matrix.base)}`; "
+        f"run config `{Path(matrix.student_config).name}`",
+        f"- reference for time ratios and convergence: `{matrix.reference}`; "
+        "accuracies: mean ± standard deviation over seeds; "
+        "time: the fastest seed's mean seconds per epoch (other load on the machine only adds time)",
         "- paired: the mean ± standard deviation over seeds of (method - reference) in test "
         f"{m} at best val, same seed = same initialisation and batches (n: seeds both finished); epochs to "
         f"ref. final: on the {rows[0]['curve_split'] if rows else 'test'} curve; step length / ref.: the "
@@ -593,10 +602,13 @@ def _markdown(matrix: Matrix, rows: list[dict[str, Any]], plots: list[Path]) -> 
     for r in rows:
         weights = ", ".join(f"{k.split('/', 1)[1]} {v:.3g}" for k, v in r.items() if k.startswith("loss_weight/"))
         lines.append(
-            f"| {r['pair']} | {r['method']}{_diverged(r)} | {_fmt(r[f'test_{m}_at_best_val'], r[f'test_{m}_at_best_val_std'])} | "
+            f"| {r['pair']} | {r['method']}{_diverged(r)} "
+            f"| {_fmt(r[f'test_{m}_at_best_val'], r[f'test_{m}_at_best_val_std'])} | "
             f"{_fmt(r.get('paired_vs_reference'), r.get('paired_vs_reference_std'))} ({r.get('paired_seeds', 0)}) | "
-            f"{_fmt(r[f'best_test_{m}'], r[f'best_test_{m}_std'])} | {_fmt(r[f'last_test_{m}'], r[f'last_test_{m}_std'])} | "
-            f"{r['epochs_to_reference_final'] or '-'} | {_fmt(r['seconds_per_epoch_min'], None, 1)} | {_fmt(r['time_vs_reference'], None)} | "
+            f"{_fmt(r[f'best_test_{m}'], r[f'best_test_{m}_std'])} "
+            f"| {_fmt(r[f'last_test_{m}'], r[f'last_test_{m}_std'])} | "
+            f"{r['epochs_to_reference_final'] or '-'} | {_fmt(r['seconds_per_epoch_min'], None, 1)} "
+            f"| {_fmt(r['time_vs_reference'], None)} | "
             f"{weights or '-'} | {_fmt(r['conflict'], None, 3)} | {_fmt(r['dominance'], None, 3)} | "
             f"{_fmt(r['update_ratio'], None, 3)} |"
         )
@@ -631,7 +643,7 @@ def _plots(matrix: Matrix, rows: list[dict[str, Any]], out: Path) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
         if len(pair_rows) <= 20:
-            ax.set_prop_cycle(color=plt.cm.tab20.colors[: len(pair_rows)])
+            ax.set_prop_cycle(color=[plt.get_cmap("tab20")(k) for k in range(len(pair_rows))])
         best = max((max(r["curve"]) for r in pair_rows if r["curve"]), default=100.0)
         shown = [r for r in pair_rows if r["curve"] and r["curve"][-1] > 0.5 * best]
         for r in pair_rows:

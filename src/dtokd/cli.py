@@ -19,6 +19,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 from dtokd.interrupts import stop_on_signals
 from dtokd.train.config import ConfigError, load_config
@@ -197,8 +198,8 @@ def _dry_run(config, command: str) -> int:
     if config is None:
         raise ConfigError("--dry-run needs a CONFIG")
     cache = os.environ.get("DTOKD_CACHE")
-    with tempfile.TemporaryDirectory(prefix="dtokd-dry-run-") as scratch:
-        scratch = Path(scratch)
+    with tempfile.TemporaryDirectory(prefix="dtokd-dry-run-") as scratch_name:
+        scratch = Path(scratch_name)
         os.environ["DTOKD_CACHE"] = str(scratch / "cache")  # the decoded-image cache too stays inside
         size = config.data.image_size
         if config.task == "causal-lm":  # generated text, the config's local tokenizer or one trained on it
@@ -315,7 +316,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         if has_distillation_head(model) and any(
             s.get("output") == "dist" for s in resolve_loss_specs(config.losses).values()
         ):
-            model.set_distilled_training(True)  # as in training: the two heads are averaged and reported
+            cast(Any, model).set_distilled_training(
+                True
+            )  # timm's distilled ViTs, as in training: the two heads are averaged and reported
         result = evaluate_classifier(model, data.test, config.eval_batch_size, device)
     print(json.dumps({"run": str(folder), "checkpoint": path.name, "epoch": state["epoch"], **result}, indent=2))
     return 0

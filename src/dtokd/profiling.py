@@ -54,7 +54,7 @@ class ComputeOpCounter(TorchDispatchMode):
         super().__init__()
         self.count = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not func.is_view and func.overloadpacket not in (torch.ops.aten.split, torch.ops.aten.split_with_sizes):
             self.count += 1
         return func(*args, **(kwargs or {}))

@@ -4,6 +4,7 @@ and dominance over training (PNG), and a markdown summary with several runs side
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ def load_run(folder: Path) -> dict[str, Any]:
     }
 
 
-def report(folders: list[str | Path], out: str | Path) -> Path:
+def report(folders: Sequence[str | Path], out: str | Path) -> Path:
     """Write ``report.md`` and its PNG plots into ``out``; return the markdown path."""
     if not folders:
         raise ValueError("report needs at least one run folder")
@@ -91,7 +92,8 @@ def table(runs: list[dict[str, Any]]) -> str:
         last = run["metrics"][-1] if run["metrics"] else {}
         teacher = f"{_fmt(t.get(f'val_{m}'))} / {_fmt(t.get(f'test_{m}'))}" if t else "-"
         rows.append(
-            f"| {run['name']} | {s.get('method', '?')} | {s.get('seed', '?')} | {s.get('epochs_run', len(run['metrics']))} | "
+            f"| {run['name']} | {s.get('method', '?')} | {s.get('seed', '?')} "
+            f"| {s.get('epochs_run', len(run['metrics']))} | "
             f"{teacher} | {_fmt(s.get(f'best_val_{m}'))} | {_fmt(s.get(f'test_{m}_at_best_val'))} | "
             f"{_fmt(s.get(f'best_test_{m}'))} | {_fmt(s.get(f'last_test_{m}'))} | "
             + "".join(f"{_fmt(last.get(f'test_{d}'))} | " for d in details)

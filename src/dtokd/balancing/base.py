@@ -55,11 +55,11 @@ StepInfo's numbers are read from the device on first access (see :class:`StepInf
 
 Mixed precision: under ``torch.autocast`` nothing changes (the Gram's dot products run in
 float32 at least and are summed in float64). With ``torch.amp.GradScaler`` pass ``scaler=``
-to :meth:`Balancer.backward` instead of scaling the losses yourself: gradients are computed from the scaled losses (so fp16 does
-not underflow), the Gram is unscaled before the rule sees it, and ``.grad`` receives the
-scaled combination that ``scaler.step`` expects. If the scaled gradients overflow, ``.grad``
-is filled with NaN so that ``scaler.step`` skips the step and lowers the scale, and the step
-is reported as skipped.
+to :meth:`Balancer.backward` instead of scaling the losses yourself: gradients are computed
+from the scaled losses (so fp16 does not underflow), the Gram is unscaled before the rule
+sees it, and ``.grad`` receives the scaled combination that ``scaler.step`` expects. If the
+scaled gradients overflow, ``.grad`` is filled with NaN so that ``scaler.step`` skips the step
+and lowers the scale, and the step is reported as skipped.
 
 Data parallelism: see :mod:`dtokd.balancing.distributed` (``sync=``); losses and Gram are
 those of the global batch by default.
@@ -258,7 +258,8 @@ class Balancer:
         host read, checked after it, or at the next step when deferred) or on the host (read,
         checked, then written). The device path needs a rule with a device form, errors that
         raise (skipping a step needs its values first), and, when the step has a Gram, an engine
-        that does not check its Gram before writing (:attr:`~dtokd.balancing.engines.ExactEngine.checks_before_writing`)."""
+        that does not check its Gram before writing
+        (:attr:`~dtokd.balancing.engines.ExactEngine.checks_before_writing`)."""
         return (
             self.on_nonfinite == "raise"
             and self._has_device_rule(num_losses)
@@ -378,7 +379,10 @@ class Balancer:
         if problem is not None:
             message = problem.message
             if problem.kind == "non-finite loss" and not deferred:
-                message += " (.grad holds this step's non-finite gradient; pass on_nonfinite='skip' to skip such steps instead)"
+                message += (
+                    " (.grad holds this step's non-finite gradient; "
+                    "pass on_nonfinite='skip' to skip such steps instead)"
+                )
             error = ValueError if problem.kind == "negative loss" else NonFiniteStepError
             raise error(deferred_message(message) if deferred else message)
         if raw_gram is not None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -31,6 +31,14 @@ DEFAULT_AUGMENTATION = {
 
 
 Split = TensorImageDataset | StreamingImageFolder | CocoDetectionSet | TokenBlocks
+
+
+class Batches(Protocol):
+    """An epoch's training batches: how many, and the batches in order."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -63,8 +71,11 @@ class DataBundle:
 
     @property
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """The per-channel ``(mean, std)`` every split is normalised with."""
-        return tuple(self.train.mean.flatten().tolist()), tuple(self.train.std.flatten().tolist())
+        """The per-channel ``(mean, std)`` every split is normalised with (image classification sets)."""
+        train = self.train
+        if not isinstance(train, (TensorImageDataset, StreamingImageFolder)):
+            raise TypeError(f"data set {self.name!r} is not an image classification set: it has no normalisation")
+        return tuple(train.mean.flatten().tolist()), tuple(train.std.flatten().tolist())
 
     @property
     def nbytes(self) -> int:
@@ -347,16 +358,16 @@ def _load(name: str, root: str | None, image_size: int) -> sources.RawSplits:
 
 def train_loader(
     dataset: Split, batch_size: int, seed: int, epoch: int, *, rank: int = 0, world: int = 1, repeats: int = 1
-) -> Iterable[tuple[Tensor, Tensor]]:
+) -> Batches:
     """Shuffled batches whose order and augmentation depend only on (seed, epoch): a run
     resumed at an epoch boundary sees exactly the batches an uninterrupted run sees, and a
     data set moved to an accelerator (:meth:`TensorImageDataset.to`) gives the same batches
     there, gathered and augmented on the device. In memory: whole global batches (each rank
     takes its part); streamed (``dataset.streams``): this rank's part only, with ``repeats``
     (repeated augmentation)."""
-    if hasattr(dataset, "train_batches"):
+    if isinstance(dataset, (CocoDetectionSet, TokenBlocks)):
         return dataset.train_batches(batch_size, seed, epoch, rank=rank, world=world, repeats=repeats)
-    if dataset.streams:
+    if isinstance(dataset, StreamingImageFolder):
         return streaming.streaming_loader(dataset, batch_size, seed, epoch, rank=rank, world=world, repeats=repeats)
     if repeats != 1:
         raise ValueError("data.repeated_augmentation is for streamed image folders (image-folder-stream)")
@@ -368,10 +379,10 @@ def train_loader(
 def eval_loader(dataset: Split, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     """The data set in order, in batches of ``batch_size``, gathered where its tensors live
     (or decoded by loader workers for a streamed set)."""
-    if hasattr(dataset, "eval_batches"):
+    if isinstance(dataset, CocoDetectionSet):
         yield from dataset.eval_batches(batch_size)
         return
-    if dataset.streams:
+    if isinstance(dataset, StreamingImageFolder):
         yield from streaming.streaming_eval_loader(dataset, batch_size)
         return
     for start in range(0, len(dataset), batch_size):

@@ -235,11 +235,11 @@ def _read_images(folder: Path, classes: tuple[str, ...], image_size: int) -> tup
     images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
     for i, (file, _) in enumerate(tqdm(files, desc=f"reading {folder.name}", unit="img", leave=False, disable=None)):
         try:
-            with Image.open(file) as image:
-                image = image.convert("RGB")
-                if image.size != (image_size, image_size):
-                    image = image.resize((image_size, image_size), Image.BILINEAR)
-                images[i] = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+            with Image.open(file) as opened:
+                rgb = opened.convert("RGB")
+                if rgb.size != (image_size, image_size):
+                    rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+                images[i] = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
         except (OSError, Image.DecompressionBombError) as error:  # unreadable, truncated, or too many pixels
             raise ValueError(f"{file} is not a readable image ({error}); remove it from the image folder") from None
     return images, torch.tensor([label for _, label in files], dtype=torch.int64)

@@ -195,8 +195,9 @@ def streaming_eval_loader(dataset: StreamingImageFolder, batch_size: int) -> Dat
     )
 
 
-def _already_stacked(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """The collate function for :meth:`StreamingImageFolder.__getitems__` batches."""
+def _already_stacked(batch: Any) -> tuple[Tensor, Tensor]:
+    """The collate function for :meth:`StreamingImageFolder.__getitems__` batches: the
+    ``(images, labels)`` pair those return, passed through as it is."""
     return batch
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +64,8 @@ def write_synthetic_coco(
     categories = [{"id": k + 1, "name": SHAPES[k]} for k in range(classes)]
     for split, count in (("train", train_images), ("val", val_images)):
         (root / split).mkdir(exist_ok=True)
-        images, annotations = [], []
+        images: list[dict[str, Any]] = []
+        annotations: list[dict[str, Any]] = []
         for image_id in range(1, count + 1):
             pixels, boxes, labels = _draw_image(rng, image_size, classes, max_objects, min_object, size_jitter)
             name = f"{image_id:06d}.png"

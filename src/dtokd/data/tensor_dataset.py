@@ -15,6 +15,7 @@ wherever the images live.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -131,6 +132,18 @@ class TensorImageDataset(Dataset):
         )
 
 
+class IndexedTensors(Protocol):
+    """What ``InMemoryBatches`` reads of a data set: its length, where its tensors live and a
+    batch gathered by a tensor of indices (``TensorImageDataset``, the text task's ``TokenBlocks``)."""
+
+    def __len__(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def __getitems__(self, indices: list[int] | Tensor) -> tuple[Tensor, Tensor]: ...
+
+
 class InMemoryBatches:
     """Shuffled batches of an in-memory data set, gathered where its tensors live.
 
@@ -140,9 +153,7 @@ class InMemoryBatches:
     per-sample Python work. On an accelerator the permutation is moved there once an epoch.
     """
 
-    def __init__(
-        self, dataset: TensorImageDataset, batch_size: int, generator: torch.Generator, drop_last: bool
-    ) -> None:
+    def __init__(self, dataset: IndexedTensors, batch_size: int, generator: torch.Generator, drop_last: bool) -> None:
         self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
         self.generator = generator
 

@@ -185,9 +185,7 @@ def load_text(root: str | None, options: dict[str, Any] | None, val_fraction: fl
     for token, index in tokenizer.get_vocab().items():
         vocabulary[index] = token
 
-    def blocks(indices: list[int], split: str) -> TokenBlocks | None:
-        if not indices:
-            return None
+    def blocks(indices: list[int], split: str) -> TokenBlocks:
         ids: list[int] = []
         for encoding in tokenizer.encode_batch([texts[i] for i in sorted(indices)]):
             ids.extend(encoding.ids)
@@ -203,7 +201,7 @@ def load_text(root: str | None, options: dict[str, Any] | None, val_fraction: fl
 
     return TextSplits(
         blocks(parts["train"], "train"),
-        blocks(parts["val"], "val"),
+        blocks(parts["val"], "val") if parts["val"] else None,
         blocks(parts["test"], "test"),
         tuple(vocabulary),
         {s: [names[i] for i in sorted(v)] for s, v in parts.items()},

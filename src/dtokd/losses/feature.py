@@ -86,7 +86,8 @@ class FeatureProjector(nn.Module):
         projected = self.proj(student.movedim(1, -1)).movedim(-1, 1) if self.spatial else self.proj(student)
         if projected.shape != teacher.shape:
             raise ValueError(
-                f"projected student feature {tuple(projected.shape)} does not match teacher feature {tuple(teacher.shape)}"
+                f"projected student feature {tuple(projected.shape)} does not match "
+                f"teacher feature {tuple(teacher.shape)}"
             )
         target = self.normalise(teacher.detach())
         if self.teacher_norm == "pearson":

@@ -5,7 +5,8 @@
 ...: the shapes in ``student.kwargs``, e.g. ``{hidden_size: 128, num_hidden_layers: 2,
 num_attention_heads: 4, intermediate_size: 256}``); ``vocab_size`` is the data's. ``hf-causal-lm:<folder>``
 loads a local model folder (``config.json`` and weights, ``local_files_only``): a released
-teacher. The model returns the next-token logits ``(batch, length, vocabulary)``.
+teacher. The model returns the next-token logits ``(batch, length, vocabulary)``;
+:meth:`CausalLM.forward_hidden` adds its hidden states (for a hidden-state loss).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ PREFIX = "hf-causal-lm:"
 def names_a_local_folder(name: str | None) -> bool:
     """Whether ``name`` is ``hf-causal-lm:<folder>`` with that folder present: a model that
     brings its own weights (a released teacher needs no ``teacher.checkpoint``)."""
-    return bool(name) and name.startswith(PREFIX) and Path(name[len(PREFIX) :]).is_dir()
+    return name is not None and name.startswith(PREFIX) and Path(name[len(PREFIX) :]).is_dir()
 
 
 class CausalLM(nn.Module):
@@ -34,6 +35,19 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def forward_hidden(self, input_ids: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The logits and the hidden states ``(batch, length, hidden_size)``: the embeddings'
+        output, then each layer's (``num_hidden_layers + 1`` in all; Hugging Face's last is after
+        the final norm, the input of the output head)."""
+        out = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=True)
+        return out.logits, tuple(out.hidden_states)
+
+    @property
+    def hidden_shape(self) -> tuple[int, int]:
+        """(number of hidden states, their width): ``num_hidden_layers + 1`` and ``hidden_size``."""
+        config: Any = self.model.config
+        return config.num_hidden_layers + 1, config.hidden_size
 
 
 def create_causal_lm(name: str, vocab_size: int, kwargs: dict[str, Any]) -> CausalLM:

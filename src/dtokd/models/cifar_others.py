@@ -200,7 +200,9 @@ class _ShuffleV2Block(nn.Module):
         self.stride = stride
         branch = cout // 2
         if stride == 2:
-            self.left = nn.Sequential(_conv_bn(cin, cin, 3, 2, groups=cin, relu=False), _conv_bn(cin, branch, 1))
+            self.left: nn.Module = nn.Sequential(
+                _conv_bn(cin, cin, 3, 2, groups=cin, relu=False), _conv_bn(cin, branch, 1)
+            )
             right_in = cin
         else:
             self.left = nn.Identity()

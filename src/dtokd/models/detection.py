@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -79,7 +79,7 @@ def create_detector(name: str, num_classes: int, image_size: int, kwargs: dict[s
     extra = None if two_stage else LastLevelP6P7(256, 256)
     backbone = _backbone(backbone_name, norm, own.get("trainable_layers"), two_stage, extra)
     if own.get("backbone_weights"):
-        _load_backbone_weights(backbone.body, Path(own["backbone_weights"]), backbone_name)
+        _load_backbone_weights(cast(nn.Module, backbone.body), Path(own["backbone_weights"]), backbone_name)
     strides = _strides(backbone)
     anchors = _anchor_generator(head, strides, float(own.get("anchor_scale", 1.0)))
     builder = {"fasterrcnn": FasterRCNN, "retinanet": RetinaNet, "fcos": FCOS}[head]
@@ -148,6 +148,7 @@ def _anchor_generator(head: str, strides: list[int], scale: float) -> nn.Module:
 
     if scale <= 0:
         raise ValueError(f"kwargs anchor_scale={scale} is not allowed; use a positive factor")
+    sizes: tuple[tuple[int, ...], ...]
     if head == "fasterrcnn":
         sizes = tuple((max(1, round(8 * s * scale)),) for s in strides)
     elif head == "retinanet":

@@ -125,6 +125,9 @@ class Renormalize(nn.Module):
     """Images normalised with ``data`` statistics -> normalised with ``model`` statistics:
     ``x * (std_d / std_m) + (mean_d - mean_m) / std_m`` per channel (exact: an affine map)."""
 
+    scale: Tensor
+    shift: Tensor
+
     def __init__(
         self, data: tuple[Sequence[float], Sequence[float]], model: tuple[Sequence[float], Sequence[float]]
     ) -> None:
@@ -141,7 +144,7 @@ class Renormalize(nn.Module):
 class WithInput(nn.Module):
     """``model(renormalize(x))``: a model that sees its own input normalisation."""
 
-    def __init__(self, model: nn.Module, renormalize: Renormalize) -> None:
+    def __init__(self, model: nn.Module, renormalize: nn.Module) -> None:
         super().__init__()
         self.renormalize, self.model = renormalize, model
 

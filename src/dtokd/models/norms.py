@@ -20,5 +20,5 @@ def frozen_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
     finally:
         for m, (momentum, tracked) in zip(norms, saved):
             m.momentum = momentum
-            if tracked is not None:
+            if tracked is not None and m.num_batches_tracked is not None:
                 m.num_batches_tracked.copy_(tracked)

@@ -34,14 +34,26 @@ def _zoo() -> dict[str, Builder]:
         "resnet50": lambda k, c, s: ResNet50(k, c),
     }
     for depth in (8, 14, 20, 32, 44, 56, 110):
-        zoo[f"resnet{depth}"] = lambda k, c, s, d=depth: cifar_resnet(d, num_classes=k, in_channels=c)
+        zoo[f"resnet{depth}"] = _resnet(depth, wide=False)
     for depth in (8, 32):
-        zoo[f"resnet{depth}x4"] = lambda k, c, s, d=depth: cifar_resnet(d, wide=True, num_classes=k, in_channels=c)
+        zoo[f"resnet{depth}x4"] = _resnet(depth, wide=True)
     for depth, widen in ((16, 2), (40, 1), (40, 2)):
-        zoo[f"wrn_{depth}_{widen}"] = lambda k, c, s, d=depth, w=widen: WideResNet(d, w, k, c)
+        zoo[f"wrn_{depth}_{widen}"] = _wide_resnet(depth, widen)
     for depth in (8, 11, 13):
-        zoo[f"vgg{depth}"] = lambda k, c, s, d=depth: VGG(d, k, c)
+        zoo[f"vgg{depth}"] = _vgg(depth)
     return zoo
+
+
+def _resnet(depth: int, wide: bool) -> Builder:
+    return lambda k, c, s: cifar_resnet(depth, wide=wide, num_classes=k, in_channels=c)
+
+
+def _wide_resnet(depth: int, widen: int) -> Builder:
+    return lambda k, c, s: WideResNet(depth, widen, k, c)
+
+
+def _vgg(depth: int) -> Builder:
+    return lambda k, c, s: VGG(depth, k, c)
 
 
 ZOO = _zoo()

@@ -34,14 +34,13 @@ class FeatureTaps:
                 self._handles.append(classifier(model).register_forward_hook(self._record_pooled_input(name)))
                 continue
             if name == "patch_mean":
-                if not isinstance(getattr(model, "norm", None), nn.Module) or not hasattr(model, "num_prefix_tokens"):
+                norm, prefix = getattr(model, "norm", None), getattr(model, "num_prefix_tokens", None)
+                if not isinstance(norm, nn.Module) or not isinstance(prefix, int):
                     raise ValueError(
                         f"{type(model).__name__} is not a vision transformer with 'norm' and "
                         "'num_prefix_tokens': it has no 'patch_mean' to tap"
                     )
-                self._handles.append(
-                    model.norm.register_forward_hook(self._record_patch_mean(name, model.num_prefix_tokens))
-                )
+                self._handles.append(norm.register_forward_hook(self._record_patch_mean(name, prefix)))
                 continue
             if name not in modules:
                 listing = [n for n in modules if n][:40]
@@ -80,6 +79,7 @@ def classifier(model: nn.Module) -> nn.Module:
         module = getattr(model, name, None)
         if isinstance(module, nn.Module):
             return module
-    if hasattr(model, "get_classifier"):
-        return model.get_classifier()
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        return get_classifier()
     raise ValueError(f"{type(model).__name__} has no 'head', 'fc' or 'classifier' to tap 'features' from")

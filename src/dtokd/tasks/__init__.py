@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from dtokd.tasks.causal_lm import CausalLMTask, evaluate_causal_lm, resolve_lm_specs
+from dtokd.tasks.causal_lm import CausalLMTask, check_lm_representation, evaluate_causal_lm, resolve_lm_specs
 from dtokd.tasks.classification import (
     LOSS_OPTIONS,
     ClassificationTask,
@@ -36,7 +36,7 @@ def check_task_settings(
     the task and the data set belong together (detection data for ``task: detection``, text for
     ``task: causal-lm``), the loss specs are the task's (types, options, values), and for
     language models: the models (``(argument, name)`` pairs) named ``hf-causal-lm:...``, the
-    representation left at ``outputs``, no ``teacher.normalize``."""
+    representation ``outputs`` or ``hidden``, no ``teacher.normalize``."""
     from dtokd.data.bundle import DETECTION_DATASETS
     from dtokd.models.causal_lm import PREFIX
 
@@ -51,11 +51,7 @@ def check_task_settings(
         wrong = [arg for arg, name in model_names if name is not None and not name.startswith(PREFIX)]
         if wrong:
             raise ValueError(f"task='causal-lm' needs language models: {wrong} must name hf-causal-lm:<model_type>")
-        if representation != "outputs":
-            raise ValueError(
-                f"balancer.representation={representation!r}: for causal-lm the representation is "
-                "the student's logits; leave it at 'outputs'"
-            )
+        check_lm_representation(representation)
         if teacher_normalized:
             raise ValueError("teacher.normalize is for images; a language model's input is token ids")
         resolve_lm_specs(specs)
@@ -97,7 +93,8 @@ def build_task(
         wrong = [arg for arg, model in models if not isinstance(model, CausalLM)]
         if wrong:
             raise ValueError(f"task='causal-lm' needs language models: {wrong} must name hf-causal-lm:<model_type>")
-        return CausalLMTask(student, teacher, specs)
+        assert isinstance(student, CausalLM) and (teacher is None or isinstance(teacher, CausalLM))
+        return CausalLMTask(student, teacher, specs, representation)
     if kind == "detection":
         wrong = [arg for arg, model in models if not is_detector(model)]
         if wrong:

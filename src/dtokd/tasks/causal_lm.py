@@ -7,11 +7,23 @@ A batch is ``(input_ids, targets)``, both ``(B, L)``: the targets are the next t
 - ``ce``: next-token cross-entropy, the mean over counted tokens;
 - ``token-kd``: :func:`~dtokd.losses.token_kd.token_kd_loss` to the teacher's next-token
   distribution: ``divergence`` (``forward_kl``, ``reverse_kl``, ``jsd``), ``beta`` (jsd's mix,
-  0.5), ``temperature`` (1), ``chunk_tokens`` (1024): the mean over counted tokens.
+  0.5), ``temperature`` (1), ``chunk_tokens`` (1024): the mean over counted tokens;
+- ``hidden``: a hidden-state loss through a learned projector
+  (:class:`~dtokd.losses.feature.FeatureProjector` over the hidden width): the student's hidden
+  state ``student_layer`` and the teacher's ``teacher_layer`` (indices into the
+  ``num_hidden_layers + 1`` hidden states, embeddings first; -1, the default, is the last, after
+  the final norm) at the counted tokens only, ``loss = distance(P h_s, norm(h_t))``
+  averaged over counted tokens and the teacher's width; ``distance`` ``mse`` (default) or
+  ``smooth_l1``, ``teacher_norm`` ``layernorm`` (default, over the width, no parameters),
+  ``standardize`` (per channel over the batch's counted tokens) or ``none``;
+  ``projector: false`` compares the student's state itself (equal widths), ``orthogonal: true``
+  keeps the projector's rows or columns orthonormal (VkD). 0 for a batch without a counted token.
 
 The balancer's representation (for the ``representation`` engine) is the student's logits
-``(B, L, V)``. Teacher and student must share the tokenizer (the same vocabulary size is
-checked when the teacher is loaded).
+``(B, L, V)`` (``balancer.representation: outputs``), or its last hidden state ``(B, L, H)``
+(``hidden``), which the logits and a hidden loss at the last layer both depend on (a hidden
+loss at an earlier layer does not: the exact engine serves it). Teacher and student must share
+the tokenizer (the same vocabulary size is checked when the teacher is loaded).
 
 **Evaluation** (:func:`evaluate_causal_lm`): ``loss`` (mean next-token cross-entropy in nats
 per token over the split's counted tokens), ``ppl`` (``exp(loss)``) and ``top1`` (next-token
@@ -30,13 +42,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dtokd.data import eval_loader, to_device
+from dtokd.losses.feature import FeatureProjector
 from dtokd.losses.token_kd import DIVERGENCES, token_kd_loss
+from dtokd.models.causal_lm import CausalLM
 from dtokd.tasks.specs import fill_specs
 
 LOSS_OPTIONS: dict[str, dict[str, Any]] = {
     "ce": {},
     "token-kd": {"divergence": "forward_kl", "beta": 0.5, "temperature": 1.0, "chunk_tokens": 1024},
+    "hidden": {
+        "student_layer": -1,
+        "teacher_layer": -1,
+        "distance": "mse",
+        "teacher_norm": "layernorm",
+        "projector": True,
+        "orthogonal": False,
+    },
 }
+HIDDEN_NORMS = ("layernorm", "standardize", "none")
+HIDDEN_DISTANCES = ("mse", "smooth_l1")
+REPRESENTATIONS = ("outputs", "hidden")
+"""``balancer.representation`` for causal LMs: the student's logits or its last hidden state."""
 IGNORE_INDEX = -100
 
 
@@ -44,6 +70,8 @@ def resolve_lm_specs(specs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[s
     """Fill in defaults and reject unknown types, options or values, naming them."""
     resolved = fill_specs(specs, LOSS_OPTIONS, "causal-lm", "{task: {type: ce}}")
     for name, spec in resolved.items():
+        if spec["type"] == "hidden":
+            _check_hidden_spec(name, spec)
         if spec["type"] != "token-kd":
             continue
         if spec["divergence"] not in DIVERGENCES:
@@ -55,6 +83,40 @@ def resolve_lm_specs(specs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[s
         if not isinstance(spec["chunk_tokens"], int) or spec["chunk_tokens"] < 1:
             raise ValueError(f"losses.{name}.chunk_tokens={spec['chunk_tokens']!r} must be a positive integer")
     return resolved
+
+
+def check_lm_representation(representation: str) -> None:
+    """``balancer.representation`` is one of :data:`REPRESENTATIONS`, or a ValueError naming it."""
+    if representation not in REPRESENTATIONS:
+        raise ValueError(
+            f"balancer.representation={representation!r}: for causal-lm the representation is the student's "
+            f"logits ('outputs') or its last hidden state ('hidden'); use one of {list(REPRESENTATIONS)}"
+        )
+
+
+def _check_hidden_spec(name: str, spec: Mapping[str, Any]) -> None:
+    for key in ("student_layer", "teacher_layer"):
+        if not isinstance(spec[key], int):  # a number already (fill_specs), and not a flag
+            raise ValueError(f"losses.{name}.{key}={spec[key]!r} must be an integer (a hidden state's index)")
+    if spec["distance"] not in HIDDEN_DISTANCES:
+        raise ValueError(
+            f"losses.{name}.distance={spec['distance']!r} is not allowed; use one of {list(HIDDEN_DISTANCES)}"
+        )
+    if spec["teacher_norm"] not in HIDDEN_NORMS:
+        raise ValueError(
+            f"losses.{name}.teacher_norm={spec['teacher_norm']!r} is not allowed; use one of {list(HIDDEN_NORMS)}"
+        )
+
+
+def _layer(model: CausalLM, index: int, where: str) -> int:
+    """``index`` into the model's hidden states as a non-negative index; out of range is an error."""
+    count = model.hidden_shape[0]
+    if not -count <= index < count:
+        raise ValueError(
+            f"{where}={index} is out of range: the model has {count} hidden states "
+            f"(embeddings and {count - 1} layers), so use {-count} to {count - 1}"
+        )
+    return index % count
 
 
 def next_token_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -70,21 +132,44 @@ class CausalLMTask(nn.Module):
 
     metric = "top1"
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, specs: Mapping[str, Mapping[str, Any]]) -> None:
+    def __init__(
+        self,
+        student: CausalLM,
+        teacher: CausalLM | None,
+        specs: Mapping[str, Mapping[str, Any]],
+        representation: str = "outputs",
+    ) -> None:
         super().__init__()
+        check_lm_representation(representation)
         self.student = student
         self.teacher = [teacher]  # a list keeps the frozen teacher out of parameters() and state_dict()
         self.specs = resolve_lm_specs(specs)
+        self.representation = representation
         needs_teacher = [n for n, s in self.specs.items() if s["type"] != "ce"]
         if needs_teacher and teacher is None:
             raise ValueError(f"loss(es) {needs_teacher} need a teacher, but none is configured (teacher.name)")
-        self.projectors = nn.ModuleDict()  # none: the run folder's state has the same keys for every task
+        self.projectors = nn.ModuleDict()  # one per hidden loss (the run folder's state holds them)
+        self.layers: dict[str, tuple[int, int]] = {}
+        """Each hidden loss's (student, teacher) hidden-state indices, non-negative."""
+        for name, spec in self.specs.items():
+            if spec["type"] != "hidden":
+                continue
+            assert teacher is not None  # refused above without one
+            self.layers[name] = (
+                _layer(student, spec["student_layer"], f"losses.{name}.student_layer"),
+                _layer(teacher, spec["teacher_layer"], f"losses.{name}.teacher_layer"),
+            )
+            self.projectors[name] = FeatureProjector(
+                student.hidden_shape[1],
+                teacher.hidden_shape[1],
+                spatial=False,
+                orthogonal_weight=spec["orthogonal"],
+                teacher_norm=spec["teacher_norm"],
+                distance=spec["distance"],
+                learned=spec["projector"],
+            )
         self._last_teacher: Tensor | None = None
-
-    def use_teacher(self, call: Any) -> None:
-        """Take the teacher's logits from ``call(input_ids)`` in training from now on (a
-        :class:`~dtokd.train.teacher_cache.CachedTeacher`)."""
-        self.teacher[0] = call
+        self._last_teacher_hidden: dict[int, Tensor] = {}
 
     @property
     def loss_names(self) -> list[str]:
@@ -93,17 +178,33 @@ class CausalLMTask(nn.Module):
     def forward(
         self, x: Tensor, y: Tensor, progress: float | None = None, *, reuse_teacher: bool = False
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``reuse_teacher=True`` takes the teacher's logits of the previous call (same batch)."""
+        """``reuse_teacher=True`` takes the teacher's outputs of the previous call (same batch).
+        The first returned value is the balancer's representation (see the module notes)."""
+        teacher_layers = sorted({t for _, t in self.layers.values()})
         if not reuse_teacher:
-            self._last_teacher = None
-            if any(s["type"] != "ce" for s in self.specs.values()):
+            self._last_teacher, self._last_teacher_hidden = None, {}
+            teacher = self.teacher[0]
+            if teacher is not None and any(s["type"] != "ce" for s in self.specs.values()):
                 with torch.no_grad():
-                    self._last_teacher = self.teacher[0](x)
-        logits = self.student(x)
+                    if teacher_layers:
+                        self._last_teacher, hidden = teacher.forward_hidden(x)
+                        self._last_teacher_hidden = {t: hidden[t] for t in teacher_layers}
+                    else:
+                        self._last_teacher = teacher(x)
+        if self.layers or self.representation == "hidden":
+            logits, student_hidden = self.student.forward_hidden(x)
+        else:
+            logits, student_hidden = self.student(x), ()
+        counted = y != IGNORE_INDEX
         losses: dict[str, Tensor] = {}
         for name, spec in self.specs.items():
             if spec["type"] == "ce":
                 losses[name] = next_token_cross_entropy(logits, y)
+            elif spec["type"] == "hidden":
+                s, t = self.layers[name]
+                losses[name] = hidden_state_loss(
+                    self.projectors[name], student_hidden[s], self._last_teacher_hidden[t], counted
+                )
             else:
                 losses[name] = token_kd_loss(
                     logits,
@@ -115,12 +216,21 @@ class CausalLMTask(nn.Module):
                     ignore_index=IGNORE_INDEX,
                     chunk_tokens=spec["chunk_tokens"],
                 )
-        return logits, losses
+        return (student_hidden[-1] if self.representation == "hidden" else logits), losses
 
     def evaluate(
         self, model: nn.Module, dataset: Any, batch_size: int, device: torch.device, *, channels_last: bool = False
     ) -> dict[str, float]:
         return evaluate_causal_lm(model, dataset, batch_size, device)
+
+
+def hidden_state_loss(projector: nn.Module, student: Tensor, teacher: Tensor, counted: Tensor) -> Tensor:
+    """The projector's loss between the student's and the teacher's hidden states ``(B, L, H)``
+    at the counted positions (``counted``: ``(B, L)`` booleans) only: the mean over those
+    tokens and the teacher's width (0, in the graph, for a batch without a counted token)."""
+    if not bool(counted.any()):
+        return student.sum() * 0.0
+    return projector(student[counted], teacher[counted])
 
 
 @torch.no_grad()

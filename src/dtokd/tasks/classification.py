@@ -37,7 +37,7 @@ each head is also reported (``cls_top1``, ``dist_top1``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,9 @@ class ClassificationTask(nn.Module):
     metric = "top1"
     """The evaluation metric that selects the best epoch."""
 
+    _last_teacher: tuple[Tensor | None, dict[str, Tensor]]
+    """The teacher's logits and features of the last call that computed them."""
+
     def __init__(
         self,
         student: nn.Module,
@@ -118,12 +121,13 @@ class ClassificationTask(nn.Module):
                     f"loss(es) {uses_dist} use the 'dist' output, but student {type(student).__name__} "
                     "has no distillation token (use e.g. timm:deit_tiny_distilled_patch16_224)"
                 )
-            student.set_distilled_training(True)
+            cast(Any, student).set_distilled_training(True)  # timm's distilled ViTs
         self.projectors = nn.ModuleDict()
         student_taps, teacher_taps = [], []
         for name, spec in self.specs.items():
             if spec["type"] != "feature":
                 continue
+            assert teacher is not None  # a feature loss needs the teacher: refused above without one
             s_shape = feature_shape(student, spec["student_tap"], sample)
             t_shape = feature_shape(teacher, spec["teacher_tap"], self.teacher_input(sample))
             if s_shape[2:] != t_shape[2:]:
@@ -196,7 +200,9 @@ class ClassificationTask(nn.Module):
             z = outputs[spec["output"]]
             if kind == "ce":
                 losses[name] = cross_entropy(z, y, spec["label_smoothing"])
-            elif kind == "kd":
+                continue
+            assert teacher_logits is not None  # every other loss needs the teacher: refused above without one
+            if kind == "kd":
                 losses[name] = kd_loss(z, teacher_logits, spec["temperature"])
             elif kind == "deit":
                 losses[name] = deit_token_loss(z, teacher_logits, spec["mode"], spec["temperature"])
@@ -260,9 +266,9 @@ def evaluate_classifier(
     return result
 
 
-def _head_logits(model: nn.Module, x: Tensor) -> list[Tensor]:
-    """(average, class head, distillation head) logits of a DeiT-style model in eval mode: the
-    average is what the model itself predicts there."""
+def _head_logits(model: Any, x: Tensor) -> list[Tensor]:
+    """(average, class head, distillation head) logits of a DeiT-style model in eval mode (timm's
+    ``forward_features``, ``head``, ``head_dist``): the average is what the model itself predicts there."""
     tokens = model.forward_features(x)
     cls, dist = model.head(tokens[:, 0]), model.head_dist(tokens[:, 1])
     return [(cls + dist) / 2, cls, dist]

@@ -34,7 +34,7 @@ levels, which every objective depends on.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -131,7 +131,7 @@ class DetectionTask(nn.Module):
             # a plain function, not a bound method: a deep copy of the student (EMA) shares it
             captured.update(input=inputs[0], levels=output)
 
-        student.backbone.register_forward_hook(capture)
+        _backbone(student).register_forward_hook(capture)
         self._last_teacher: dict[str, Tensor] = {}
 
     @property
@@ -167,9 +167,10 @@ class DetectionTask(nn.Module):
         levels: dict[str, Tensor] = self._captured["levels"]
         if not reuse_teacher:
             self._last_teacher = {}
-            if self.pairs:
+            teacher = self.teacher[0]
+            if self.pairs and teacher is not None:  # pairs exist only with a teacher
                 with torch.no_grad():
-                    self._last_teacher = dict(self.teacher[0].backbone(self.teacher_input(self._captured["input"])))
+                    self._last_teacher = dict(_backbone(teacher)(self.teacher_input(self._captured["input"])))
         losses: dict[str, Tensor] = {}
         for name, spec in self.specs.items():
             if spec["type"] == "detector":
@@ -223,7 +224,7 @@ def evaluate_detector(model: nn.Module, dataset: Any, batch_size: int, device: t
 @torch.no_grad()
 def _level_shapes(detector: nn.Module) -> dict[str, tuple[int, int, int]]:
     """(channels, height, width) of each FPN level for a square ``PROBE_SIZE`` input."""
-    backbone = detector.backbone
+    backbone = _backbone(detector)
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
@@ -232,8 +233,14 @@ def _level_shapes(detector: nn.Module) -> dict[str, tuple[int, int, int]]:
     return {name: tuple(f.shape[1:]) for name, f in levels.items()}
 
 
-def _renormalize(student: nn.Module, teacher: nn.Module) -> nn.Module:
-    """The map from the student's input normalisation to the teacher's (identity when equal)."""
+def _backbone(detector: nn.Module) -> nn.Module:
+    """A torchvision detector's feature extractor (its ``backbone``: body and FPN)."""
+    return cast(nn.Module, detector.backbone)
+
+
+def _renormalize(student: Any, teacher: Any) -> nn.Module:
+    """The map from the student's input normalisation to the teacher's (identity when equal);
+    ``student`` and ``teacher`` are torchvision detectors (``transform.image_mean`` / ``image_std``)."""
     own = (tuple(student.transform.image_mean), tuple(student.transform.image_std))
     theirs = (tuple(teacher.transform.image_mean), tuple(teacher.transform.image_std))
     return nn.Identity() if own == theirs else Renormalize(own, theirs)

@@ -26,7 +26,7 @@ def fill_specs(
     resolved = {}
     for name, spec in specs.items():
         kind = spec.get("type")
-        if kind not in options:
+        if not isinstance(kind, str) or kind not in options:
             raise ValueError(
                 f"losses.{name}.type={kind!r} is not allowed for task {task!r}; use one of {sorted(options)}"
             )

@@ -104,7 +104,8 @@ def load_checked(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(
-            f"{path} is not a dtokd checkpoint (format {state.get('format') if isinstance(state, dict) else type(state).__name__})"
+            f"{path} is not a dtokd checkpoint "
+            f"(format {state.get('format') if isinstance(state, dict) else type(state).__name__})"
         )
     verify_checksum(state, path)
     saved = state.get("identity", {})

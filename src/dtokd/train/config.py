@@ -11,6 +11,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -181,7 +182,7 @@ class Config:
     losses: dict[str, dict[str, Any]] = field(default_factory=lambda: {"task": {"type": "ce"}})
 
 
-def _choices(kind: type, prefix: str = "") -> dict[str, tuple[str, ...]]:
+def _choices(kind: Any, prefix: str = "") -> dict[str, tuple[str, ...]]:
     """Every ``Literal`` field of ``kind`` and its sections, by dotted key -> its allowed values."""
     found: dict[str, tuple[str, ...]] = {}
     for name, hint in typing.get_type_hints(kind).items():
@@ -211,13 +212,14 @@ def reference_markdown() -> str:
     def default_of(f: dataclasses.Field) -> Any:
         if f.default is not dataclasses.MISSING:
             return f.default
-        return None if dataclasses.is_dataclass(f.type) else f.default_factory()
+        factory = f.default_factory
+        return None if factory is dataclasses.MISSING else factory()
 
-    sections = [("", Config)] + [
-        (f.name, f.default_factory)
-        for f in dataclasses.fields(Config)
-        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
-    ]
+    sections: list[tuple[str, type]] = [("", Config)]
+    for f in dataclasses.fields(Config):
+        factory = f.default_factory
+        if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+            sections.append((f.name, factory))
     lines = []
     for prefix, kind in sections:
         lines += [f"## `{prefix or 'top level'}`", "", "| key | type | default | allowed |", "|---|---|---|---|"]
@@ -248,7 +250,7 @@ class ConfigError(ValueError):
     """A configuration key or value that is not allowed."""
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML file (or start from the defaults), apply ``key=value`` overrides, validate.
 
     A file may start from another: ``base: other.yaml`` (a path relative to the file's folder;
@@ -327,15 +329,15 @@ def validate(config: Config) -> Config:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed; use one of {list(allowed)}")
     _check_balancer(config.balancer)
-    finite = [
+    finite: list[tuple[str, float]] = [
         ("optim.lr", config.optim.lr),
         ("optim.momentum", config.optim.momentum),
         ("optim.weight_decay", config.optim.weight_decay),
         ("optim.gamma", config.optim.gamma),
     ]
-    for key, value in finite:
-        if not math.isfinite(value) or value < 0:
-            raise ConfigError(f"{key}={value} is not allowed; it must be a finite number >= 0")
+    for key, number in finite:
+        if not math.isfinite(number) or number < 0:
+            raise ConfigError(f"{key}={number} is not allowed; it must be a finite number >= 0")
     if config.eval.test == "end" and config.data.val_fraction == 0:
         raise ConfigError(
             "eval.test='end' evaluates the test split on the checkpoint chosen on the validation "
@@ -385,7 +387,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         ) from None
 
 
-def from_dict(cls: type, raw: Any, where: str) -> Any:
+def from_dict(cls: Any, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)

@@ -15,15 +15,17 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from dtokd.balancing import Balancer, make_balancer
+from dtokd.balancing.amortized import AmortizedDTOBalancer
 from dtokd.data import DataBundle, build_data, place_data, sources, to_device, train_loader
 from dtokd.interrupts import hold_folder
 from dtokd.models import create_model, load_weights
@@ -31,7 +33,7 @@ from dtokd.models.causal_lm import names_a_local_folder
 from dtokd.models.foreign import Renormalize, WithInput, check_normalize, remap_keys
 from dtokd.models.norms import frozen_batchnorm_statistics
 from dtokd.models.registry import apply_weights, read_weights
-from dtokd.tasks import Task, build_task, check_task_settings
+from dtokd.tasks import ClassificationTask, Task, build_task, check_task_settings
 from dtokd.train import checkpoint as ckpt
 from dtokd.train import distributed
 from dtokd.train.config import CHOICES, Config, ConfigError, load_config, to_dict
@@ -200,7 +202,8 @@ def _build(config: Config, verbose: bool) -> _Parts:
         )
     params = list(task.parameters())
     forward = nn.parallel.DistributedDataParallel(task) if ranks.world > 1 else task
-    no_decay = [f"student.{n}" for n in student.no_weight_decay()] if hasattr(student, "no_weight_decay") else []
+    no_weight_decay = getattr(student, "no_weight_decay", None)  # timm's: parameters kept out of weight decay
+    no_decay = [f"student.{n}" for n in no_weight_decay()] if callable(no_weight_decay) else []
     optimizer = make_optimizer(task.named_parameters(), config.optim, config.batch_size, no_decay)
     scheduler = make_scheduler(optimizer, config.optim, config.epochs)
     balancer = _make_balancer(config, task, params)
@@ -345,7 +348,7 @@ def _evaluate(
     """``model`` (and the EMA model, as ``ema_<split>_...``) on each of ``splits``."""
     row: dict[str, float] = {}
     for split in splits:
-        for prefix, net in ((split, model), (f"ema_{split}", ema.module if ema is not None else None)):
+        for prefix, net in ((split, model), (f"ema_{split}", cast(nn.Module, ema.module) if ema is not None else None)):
             if net is not None:
                 row.update(
                     _prefixed(
@@ -524,7 +527,7 @@ def _teacher_key(config: Config, model: nn.Module) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _make_balancer(config: Config, task: Task, params: list[torch.Tensor]) -> Balancer:
+def _make_balancer(config: Config, task: Task, params: Sequence[torch.Tensor]) -> Balancer:
     cfg = config.balancer
     gram_params = None
     if cfg.gram_params:
@@ -582,9 +585,9 @@ def _train_epoch(
     local = data.train.streams  # a streamed set gives each rank its own part of the global batch
     amp_dtype = AMP_DTYPES[config.amp]
     representation = config.balancer.engine == "representation"
+    # the paper's amortized rule learns from the losses re-evaluated on the same batch after the step
     same_batch = (
-        config.balancer.method == "dto-amortized"
-        and config.balancer.options.get("update", "same-batch") == "same-batch"
+        balancer if isinstance(balancer, AmortizedDTOBalancer) and balancer.update_mode == "same-batch" else None
     )
     m = len(task.loss_names)
     # sums of the steps' losses, weights and loss weights, on the training device: every step's
@@ -628,14 +631,14 @@ def _train_epoch(
             scaler.update()
             if ema is not None:
                 ema.update_parameters(task.student)
-        if same_batch:
+        if same_batch is not None:
             with (
                 torch.no_grad(),
                 frozen_batchnorm_statistics(task.student),
                 torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None),
             ):
                 _, after = forward(x, y, epochs_done, reuse_teacher=True)
-            balancer.update(after)
+            same_batch.update(after)
         totals.add_(info.per_loss_on_device.to(device, non_blocking=True))  # no host read: see StepInfo
         count += 1
         if diagnose:
@@ -652,9 +655,11 @@ def _train_epoch(
         "skipped_steps": skipped,
     }
     if count:
+        names = balancer.names
+        assert names is not None  # fixed by the epoch's first step
         means = (totals / count).tolist()
-        row.update({f"loss/{n}": means[k] for k, n in enumerate(balancer.names)})
-        row.update({f"loss_weight/{n}": means[2 * m + k] for k, n in enumerate(balancer.names)})
+        row.update({f"loss/{n}": means[k] for k, n in enumerate(names)})
+        row.update({f"loss_weight/{n}": means[2 * m + k] for k, n in enumerate(names)})
     row["train_loss"] = sum(v for k, v in row.items() if k.startswith("loss/"))
     return row
 
@@ -666,7 +671,7 @@ def _cache_teacher_outputs(
     training batches (see :mod:`dtokd.train.teacher_cache`)."""
     if teacher is None:
         raise ValueError("teacher.cache_outputs=true needs a teacher (teacher.name)")
-    if config.task != "classification":
+    if not isinstance(task, ClassificationTask):
         raise ValueError(f"teacher.cache_outputs=true is for classification; task={config.task!r} is not cached")
     features = [n for n, spec in task.specs.items() if spec["type"] == "feature"]
     if features:
@@ -734,6 +739,7 @@ def summarize(history: list[dict[str, Any]], config: Config, final: dict[str, An
     if not evaluated:
         return summary
     key = _selection_key(history[evaluated[-1]], m)
+    assert key is not None  # an evaluated row
     best = max(evaluated, key=lambda i: (history[i][key], i))
     tested = final["last"] if final else history[evaluated[-1]]
     summary.update(
