@@ -22,10 +22,24 @@ from dtokd.train import load_config, train  # noqa: E402
 
 from helpers import interrupt_after  # noqa: E402
 
-TINY = (
-    "{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2, "
-    "intermediate_size: 64, max_position_embeddings: 32}"
-)
+LLAMA = {
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 32,
+}
+WIDER = {**LLAMA, "hidden_size": 48, "num_hidden_layers": 2}
+"""The teacher of the hidden-state tests: wider and deeper than the student."""
+
+
+def _flow(kwargs):
+    """A mapping as a YAML flow mapping, for a key=value override."""
+    return "{" + ", ".join(f"{k}: {v}" for k, v in kwargs.items()) + "}"
+
+
+TINY = _flow(LLAMA)
 TEXT = {"block_size": 12, "vocab_size": 300, "test_fraction": 0.2}
 
 
@@ -101,16 +115,8 @@ def test_sources_and_bad_input(tmp_path, corpus):
 
 def _models(vocabulary, seed=0):
     torch.manual_seed(seed)
-    kwargs = {
-        "hidden_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "intermediate_size": 64,
-        "max_position_embeddings": 32,
-    }
-    return create_model("hf-causal-lm:llama", vocabulary, 1, 12, kwargs), create_model(
-        "hf-causal-lm:llama", vocabulary, 1, 12, kwargs
+    return create_model("hf-causal-lm:llama", vocabulary, 1, 12, LLAMA), create_model(
+        "hf-causal-lm:llama", vocabulary, 1, 12, LLAMA
     )
 
 
@@ -266,21 +272,12 @@ def test_the_memory_estimate_counts_a_llamas_parameters_as_by_hand():
     assert round(lm_memory.parameters(lm_memory.SHAPES["llama-3.1-8b"]) / 1e9, 2) == 8.03  # the published size
 
 
-def _pair(vocabulary, teacher_width=48, teacher_layers=2):
-    """A 1-layer student of width 32 and a wider, deeper teacher."""
+def _pair(vocabulary):
+    """A 1-layer student of width 32 and the wider, deeper teacher."""
     torch.manual_seed(0)
-    kwargs = {
-        "hidden_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "intermediate_size": 64,
-        "max_position_embeddings": 32,
-    }
-    wider = {**kwargs, "hidden_size": teacher_width, "num_hidden_layers": teacher_layers}
     return (
-        create_model("hf-causal-lm:llama", vocabulary, 1, 12, kwargs),
-        create_model("hf-causal-lm:llama", vocabulary, 1, 12, wider),
+        create_model("hf-causal-lm:llama", vocabulary, 1, 12, LLAMA),
+        create_model("hf-causal-lm:llama", vocabulary, 1, 12, WIDER),
     )
 
 
@@ -397,8 +394,7 @@ def test_a_hidden_state_loss_in_the_pipeline_trains_its_projector_and_resumes_ex
     distill = _config(
         corpus,
         "teacher.name=hf-causal-lm:llama",
-        "teacher.kwargs={hidden_size: 48, num_hidden_layers: 2, num_attention_heads: 2, num_key_value_heads: 2, "
-        "intermediate_size: 64, max_position_embeddings: 32}",
+        f"teacher.kwargs={_flow(WIDER)}",
         f"teacher.checkpoint={tmp_path / 'teacher.pt'}",
         "balancer.method=dto",
         "balancer.engine=representation",
