@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dtokd import cli
-from dtokd.bench import load_matrix
+from dtokd.bench import grid_choice, load_matrix
 
 pytestmark = pytest.mark.slow
 
@@ -62,9 +62,22 @@ METHODS = "\n".join(
 
 
 def test_bench_runs_resumes_and_aggregates(tmp_path, capsys):
-    matrix = write_matrix(tmp_path, METHODS)
+    # a grid member that cannot win (it barely moves): the first seed chooses another, so it runs once
+    hopeless = (
+        "  kd-grid-still: [balancer.method=fixed, 'balancer.options={weights: {distill: 0.9, task: 0.1}}', "
+        "optim.lr=1.0e-9]"
+    )
+    matrix = write_matrix(tmp_path, METHODS + "\n" + hopeless)
     out = tmp_path / "out"
     assert cli.main(["bench", matrix, "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    choice = grid_choice(load_matrix(matrix), out / "cnn-mlp")
+    assert choice in ("kd-fixed", "kd-grid-a0.5")
+    assert f"skipped cnn-mlp kd-grid-still seed 1: the 'kd-grid' grid chose {choice} on seed 0" in log
+    assert (out / "cnn-mlp" / "kd-grid-still" / "seed0" / "summary.json").is_file()
+    assert not (out / "cnn-mlp" / "kd-grid-still" / "seed1").exists()
+    for method in {"kd-fixed", choice}:  # the reference and the choice run every seed
+        assert (out / "cnn-mlp" / method / "seed1" / "summary.json").is_file()
     summary = out / "cnn-mlp" / "dto" / "seed1" / "summary.json"
     first = json.loads(summary.read_text())
     # a killed cell: remove its summary; rerunning finishes it from its checkpoint, the rest is skipped
@@ -86,6 +99,10 @@ def test_bench_runs_resumes_and_aggregates(tmp_path, capsys):
     reference = [json.loads((out / "cnn-mlp" / "kd-fixed" / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
     differences = [a["test_top1_at_best_val"] - b["test_top1_at_best_val"] for a, b in zip(summaries, reference)]
     assert float(dto["paired_vs_reference"]) == pytest.approx(sum(differences) / 2) and int(dto["paired_seeds"]) == 2
+    tuned = [json.loads((out / "cnn-mlp" / choice / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
+    versus = [a["test_top1_at_best_val"] - b["test_top1_at_best_val"] for a, b in zip(summaries, tuned)]
+    assert float(dto["paired_vs_tuned"]) == pytest.approx(sum(versus) / 2) and int(dto["paired_tuned_seeds"]) == 2
+    assert rows[f"{choice} (tuned on val)"]["seeds"] == "2" and rows["kd-grid-still"]["seeds"] == "1"
     text = (out / "results.md").read_text()
     assert "| cnn-mlp | dto |" in text and "accuracy_cnn-mlp.png" in text
     assert int(rows["blowup"]["diverged"]) == 2 and int(rows["blowup"]["seeds"]) == 0
@@ -93,7 +110,7 @@ def test_bench_runs_resumes_and_aggregates(tmp_path, capsys):
     assert (out / "cnn-mlp" / "blowup" / "seed0" / "diverged.json").is_file()
     for png in ("accuracy_cnn-mlp.png", "cost_cnn-mlp.png", "weights_cnn-mlp.png"):
         assert (out / png).stat().st_size > 1000
-    # with one grid member finished nothing was chosen: no row says it was tuned
+    # with a grid member's first seed not finished nothing was chosen: no row says it was tuned
     (out / "cnn-mlp" / "kd-grid-a0.5").rename(tmp_path / "set-aside")
     assert cli.main(["bench", matrix, "--out", str(out), "--aggregate-only"]) == 0
     assert "(tuned on val)" not in (out / "results.md").read_text()
@@ -125,14 +142,21 @@ def test_parallel_cells_give_the_same_results_as_one_at_a_time(tmp_path, capsys)
     assert "with 3 at once" in log and "cells per minute" in log
     for method in ("kd-fixed", "kd-grid-a0.5", "dto"):
         for seed in (0, 1):
-            a, b = (
-                json.loads((tmp_path / kind / "cnn-mlp" / method / f"seed{seed}" / "summary.json").read_text())
+            done = [
+                (tmp_path / kind / "cnn-mlp" / method / f"seed{seed}" / "summary.json")
                 for kind in ("serial", "parallel")
-            )
+            ]
+            assert done[0].is_file() == done[1].is_file()  # the grid skips the same cells either way
+            if not done[0].is_file():
+                continue
+            a, b = (json.loads(path.read_text()) for path in done)
             assert a["last_test_top1"] == b["last_test_top1"] and a["best_val_top1"] == b["best_val_top1"]
             assert (tmp_path / "parallel" / "cnn-mlp" / method / f"seed{seed}" / "bench.log").is_file()
     timing = [json.loads(line) for line in (tmp_path / "parallel" / "timing.jsonl").read_text().splitlines()]
     assert timing[0]["parallel"] == 3 and timing[0]["cells"] == 6 and timing[0]["cells_per_minute"] > 0
+    assert ("skipped cnn-mlp kd-grid-a0.5 seed 1" in log) == (
+        grid_choice(load_matrix(matrix), tmp_path / "serial" / "cnn-mlp") == "kd-fixed"
+    )
     # nothing left to run: a rerun adds no timing line
     assert cli.main(["bench", matrix, "--out", str(tmp_path / "parallel"), "--parallel", "3"]) == 0
     assert len((tmp_path / "parallel" / "timing.jsonl").read_text().splitlines()) == 1

@@ -16,6 +16,7 @@ Config (YAML)::
       kd-fixed: [balancer.method=fixed, "balancer.options={weights: {distill: 0.9, task: 0.1}}"]
     reference: kd-fixed                                     # the baseline for time ratios and convergence
     grid_prefix: kd-grid                                    # methods tuned on the validation split
+    grid_all_seeds: false                                   # true: every grid member on every seed
 
 Relative ``student_config`` / ``teacher_config`` / ``checkpoint`` paths are read from the
 repository root when the matrix file lives in ``configs/``, else from the current directory. A
@@ -25,7 +26,15 @@ from the student config); the others get a teacher trained from ``teacher_config
 Runs go to ``OUT/<pair>/<method>/seed<k>``, pair by pair, seed by seed, in the order the
 methods are listed (so that a partial matrix holds every method for its first seeds); a finished run
 (``summary.json``) is skipped and a killed one resumed, so rerunning the command finishes a partial
-matrix. ``--pairs`` / ``--methods`` / ``--seeds`` run only some cells first (the aggregate covers
+matrix.
+
+**The grid** (``grid_prefix``): the methods whose names start with it, and the reference, are
+one hyperparameter search (e.g. fixed KD's alpha). The first seed chooses: the member with the
+best validation score on ``seeds[0]`` (once every member's first-seed cell has finished; a
+diverged member cannot be chosen) is marked "(tuned on val)", and only it and the reference run
+on the other seeds (``grid_all_seeds: true`` runs every member on every seed); a skipped cell
+is said in the log. Each row is also compared, seed by seed, with the chosen member
+(``paired_vs_tuned``). ``--pairs`` / ``--methods`` / ``--seeds`` run only some cells first (the aggregate covers
 every finished cell). ``--parallel N`` runs N cells at once, each in its own process. A run whose losses
 become NaN/inf is recorded as diverged (``diverged.json``) and reported as such, not retried. Teachers are trained
 once per teacher name (seed 0) into ``OUT/teachers/<name>``. The aggregate is written as
@@ -44,6 +53,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -88,6 +98,7 @@ class Matrix:
     reference: str
     base: list[str] = field(default_factory=list)
     grid_prefix: str | None = None
+    grid_all_seeds: bool = False
 
 
 def load_matrix(path: str | Path) -> Matrix:
@@ -207,6 +218,11 @@ def run_matrix(
     began = time.perf_counter()
     if parallel == 1:
         for k, (pair, method, seed) in enumerate(pending):
+            # cells run pair by pair, seed by seed: this invocation's first-seed cells have run
+            gate, choice = grid_gate(matrix, out, (pair, method, seed), ())
+            if gate == "skip":
+                _say_skipped(matrix, (pair, method, seed), str(choice))
+                continue
             elapsed = time.perf_counter() - began
             print(
                 f"[bench] {k + 1}/{len(pending)} to run: {pair} {method} seed {seed} (elapsed {elapsed / 60:.1f} min)",
@@ -214,7 +230,7 @@ def run_matrix(
             )
             run_cell(matrix, out, pair, method, seed, teachers[pair], progress=progress)
     else:
-        _run_in_processes(matrix_path, out, pending, parallel, grace=stop_grace)  # type: ignore[arg-type]
+        _run_in_processes(matrix, matrix_path, out, pending, parallel, grace=stop_grace)  # type: ignore[arg-type]
     seconds = time.perf_counter() - began
     if pending:
         timing = {
@@ -237,6 +253,60 @@ def run_matrix(
 
 def _finished(folder: Path) -> bool:
     return (folder / "summary.json").is_file() or (folder / "diverged.json").is_file()
+
+
+def grid_members(matrix: Matrix) -> list[str]:
+    """The methods of the matrix's grid: those named with ``grid_prefix``, and the reference."""
+    if not matrix.grid_prefix:
+        return []
+    return [m for m in matrix.methods if m.startswith(matrix.grid_prefix) or m == matrix.reference]
+
+
+def grid_choice(matrix: Matrix, pair_folder: Path) -> str | None:
+    """The grid member with the best validation score on the first seed, once every member's
+    first-seed cell has finished (a diverged one cannot be chosen; ties go to the first listed);
+    ``None`` before that, or for a grid of fewer than two members."""
+    members = grid_members(matrix)
+    if len(members) < 2:
+        return None
+    scores: dict[str, float] = {}
+    for method in members:
+        folder = pair_folder / method / f"seed{matrix.seeds[0]}"
+        if (folder / "diverged.json").is_file():
+            continue
+        if not (folder / "summary.json").is_file():
+            return None
+        summary = json.loads((folder / "summary.json").read_text())
+        score = summary.get(f"best_val_{summary['metric']}")
+        if score is not None:
+            scores[method] = score
+    return max(scores, key=lambda m: scores[m]) if scores else None
+
+
+def grid_gate(matrix: Matrix, out: Path, cell: Cell, unfinished: Container[Cell]) -> tuple[str, str | None]:
+    """Whether ``cell`` runs now: ``("run", None)``; ``("skip", choice)`` for a grid member the
+    first seed did not choose (see the module notes); ``("wait", None)`` while the choice is open
+    and first-seed grid cells of its pair are among ``unfinished`` (this invocation's queued or
+    running cells), so that cells run in parallel are the cells run one at a time."""
+    pair, method, seed = cell
+    first = matrix.seeds[0]
+    if matrix.grid_all_seeds or seed == first or method == matrix.reference or method not in grid_members(matrix):
+        return "run", None
+    choice = grid_choice(matrix, out / pair)
+    if choice is not None:
+        return ("run", None) if choice == method else ("skip", choice)
+    if any((pair, m, first) in unfinished for m in grid_members(matrix)):
+        return "wait", None
+    return "run", None
+
+
+def _say_skipped(matrix: Matrix, cell: Cell, choice: str) -> None:
+    pair, method, seed = cell
+    print(
+        f"[bench] skipped {pair} {method} seed {seed}: the {matrix.grid_prefix!r} grid chose {choice} "
+        f"on seed {matrix.seeds[0]} (grid_all_seeds: true runs every member on every seed)",
+        flush=True,
+    )
 
 
 def cell_config(matrix: Matrix, pair: str, method: str, seed: int, teacher: Path | str):
@@ -310,7 +380,13 @@ def run_cell(
 
 
 def _run_in_processes(
-    matrix_path: Path, out: Path, cells: list[Cell], parallel: int, *, grace: float = STOP_GRACE_SECONDS
+    matrix: Matrix,
+    matrix_path: Path,
+    out: Path,
+    cells: list[Cell],
+    parallel: int,
+    *,
+    grace: float = STOP_GRACE_SECONDS,
 ) -> None:
     """Run ``cells`` as ``parallel`` concurrent ``dtokd bench --cell`` processes; CPU threads are
     shared out between them unless ``OMP_NUM_THREADS`` is set. Raises once all have ended if any failed.
@@ -326,7 +402,7 @@ def _run_in_processes(
     failed: list[tuple[Cell, str]] = []
     with deferred_stop() as stop:  # a signal is only noted, so no started cell escapes the list
         try:
-            _drive(matrix_path, out, queue, running, failed, parallel, env, len(cells), stop)
+            _drive(matrix, matrix_path, out, queue, running, failed, parallel, env, len(cells), stop)
         finally:
             if running:  # a stop signal, or an error of the driver itself
                 _stop_cells(running, grace)
@@ -354,6 +430,7 @@ def _cell_command(matrix_path: Path, out: Path, pair: str, method: str, seed: in
 
 
 def _drive(
+    matrix: Matrix,
     matrix_path: Path,
     out: Path,
     queue: list[Cell],
@@ -365,11 +442,27 @@ def _drive(
     stop: StopRequest,
 ) -> None:
     """Keep ``parallel`` cell processes running until ``queue`` is empty and all have ended, or
-    until ``stop`` notes a signal (then return at once, with the running cells in ``running``)."""
+    until ``stop`` notes a signal (then return at once, with the running cells in ``running``).
+    The next cell started is the first in ``queue`` that :func:`grid_gate` lets run (skipped
+    ones leave the queue; waiting ones stay until the grid's first-seed cells have ended)."""
     done = 0
     while (queue or running) and stop.signal is None:
         while queue and len(running) < parallel and stop.signal is None:
-            pair, method, seed = queue.pop(0)
+            unfinished = set(queue) | {cell for cell, _, _ in running}
+            ready = None
+            for cell in list(queue):
+                gate, choice = grid_gate(matrix, out, cell, unfinished)
+                if gate == "skip":
+                    queue.remove(cell)
+                    done += 1
+                    _say_skipped(matrix, cell, str(choice))
+                elif gate == "run":
+                    ready = cell
+                    break
+            if ready is None:
+                break  # every queued cell waits for the grid's first-seed cells
+            queue.remove(ready)
+            pair, method, seed = ready
             folder = out / pair / method / f"seed{seed}"
             folder.mkdir(parents=True, exist_ok=True)
             log = open(folder / "bench.log", "a")
@@ -513,12 +606,7 @@ def aggregate(matrix: Matrix, out: Path) -> Path:
         cells = {m: cell_statistics([out / pair / m / f"seed{s}" for s in matrix.seeds]) for m in matrix.methods}
         reference = cells[matrix.reference]
         target = reference["curve"][-1] if reference["curve"] else math.nan
-        tuned = None
-        if matrix.grid_prefix:
-            grid = [
-                m for m in cells if (m.startswith(matrix.grid_prefix) or m == matrix.reference) and cells[m]["seeds"]
-            ]
-            tuned = max(grid, key=lambda m: cells[m][f"best_val_{cells[m]['metric']}"]) if len(grid) >= 2 else None
+        tuned = grid_choice(matrix, out / pair)
         for method, cell in cells.items():
             if not cell["seeds"] and not cell["diverged"]:
                 continue
@@ -535,6 +623,11 @@ def aggregate(matrix: Matrix, out: Path) -> Path:
                 )
                 continue
             paired = paired_differences(out / pair, method, matrix.reference, matrix.seeds, cell["metric"])
+            versus_tuned = (
+                paired_differences(out / pair, method, tuned, matrix.seeds, cell["metric"])
+                if tuned is not None
+                else (None, None, 0)
+            )
             rows.append(
                 {
                     "pair": pair,
@@ -545,6 +638,9 @@ def aggregate(matrix: Matrix, out: Path) -> Path:
                     "paired_vs_reference": paired[0],
                     "paired_vs_reference_std": paired[1],
                     "paired_seeds": paired[2],
+                    "paired_vs_tuned": versus_tuned[0],
+                    "paired_vs_tuned_std": versus_tuned[1],
+                    "paired_tuned_seeds": versus_tuned[2],
                 }
             )
     csv_path, md_path = out / "results.csv", out / "results.md"
@@ -590,14 +686,17 @@ def _markdown(matrix: Matrix, rows: list[dict[str, Any]], plots: list[Path]) -> 
         "accuracies: mean ± standard deviation over seeds; "
         "time: the fastest seed's mean seconds per epoch (other load on the machine only adds time)",
         "- paired: the mean ± standard deviation over seeds of (method - reference) in test "
-        f"{m} at best val, same seed = same initialisation and batches (n: seeds both finished); epochs to "
+        f"{m} at best val, same seed = same initialisation and batches (n: seeds both finished); paired vs "
+        f"tuned: the same against the grid's choice on seed {matrix.seeds[0]}'s validation "
+        "(marked tuned on val; it and the reference alone run on the other seeds); epochs to "
         f"ref. final: on the {rows[0]['curve_split'] if rows else 'test'} curve; step length / ref.: the "
         "geometric mean over logged steps of the update's length over the reference weights' at the same step",
         "",
-        f"| pair | method | test {m} at best val | paired vs ref. (n) | best test {m} | last test {m} | "
+        f"| pair | method | test {m} at best val | paired vs ref. (n) | paired vs tuned (n) | "
+        f"best test {m} | last test {m} | "
         "epochs to ref. final | s / epoch (min) | time / ref. | mean weights (on raw loss grads) | conflict | "
         "dominance | step length / ref. |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         weights = ", ".join(f"{k.split('/', 1)[1]} {v:.3g}" for k, v in r.items() if k.startswith("loss_weight/"))
@@ -605,6 +704,7 @@ def _markdown(matrix: Matrix, rows: list[dict[str, Any]], plots: list[Path]) -> 
             f"| {r['pair']} | {r['method']}{_diverged(r)} "
             f"| {_fmt(r[f'test_{m}_at_best_val'], r[f'test_{m}_at_best_val_std'])} | "
             f"{_fmt(r.get('paired_vs_reference'), r.get('paired_vs_reference_std'))} ({r.get('paired_seeds', 0)}) | "
+            f"{_fmt(r.get('paired_vs_tuned'), r.get('paired_vs_tuned_std'))} ({r.get('paired_tuned_seeds', 0)}) | "
             f"{_fmt(r[f'best_test_{m}'], r[f'best_test_{m}_std'])} "
             f"| {_fmt(r[f'last_test_{m}'], r[f'last_test_{m}_std'])} | "
             f"{r['epochs_to_reference_final'] or '-'} | {_fmt(r['seconds_per_epoch_min'], None, 1)} "
