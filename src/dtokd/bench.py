@@ -215,12 +215,18 @@ def run_matrix(
         if name in used
     }
     pending = [c for c in cells if not _finished(out / c[0] / c[1] / f"seed{c[2]}")]
+    for cell in list(pending):  # the grid's choice already made: its other members' later seeds
+        gate, choice = grid_gate(matrix, out, cell, pending)
+        if gate == "skip":
+            pending.remove(cell)
+            _say_skipped(matrix, cell, str(choice))
     began = time.perf_counter()
     if parallel == 1:
+        ran = 0
         for k, (pair, method, seed) in enumerate(pending):
             # cells run pair by pair, seed by seed: this invocation's first-seed cells have run
             gate, choice = grid_gate(matrix, out, (pair, method, seed), ())
-            if gate == "skip":
+            if gate == "skip":  # chosen while this invocation ran the first seed
                 _say_skipped(matrix, (pair, method, seed), str(choice))
                 continue
             elapsed = time.perf_counter() - began
@@ -229,22 +235,23 @@ def run_matrix(
                 flush=True,
             )
             run_cell(matrix, out, pair, method, seed, teachers[pair], progress=progress)
+            ran += 1
     else:
-        _run_in_processes(matrix, matrix_path, out, pending, parallel, grace=stop_grace)  # type: ignore[arg-type]
+        ran = _run_in_processes(matrix, matrix_path, out, pending, parallel, grace=stop_grace)  # type: ignore[arg-type]
     seconds = time.perf_counter() - began
-    if pending:
+    if ran:
         timing = {
             "parallel": parallel,
-            "cells": len(pending),
+            "cells": ran,
             "seconds": round(seconds, 2),
-            "cells_per_minute": round(len(pending) / (seconds / 60), 3),
+            "cells_per_minute": round(ran / (seconds / 60), 3),
             "commit": git_commit(),
             "machine": machine(),
         }
         with open(out / "timing.jsonl", "a") as f:
             f.write(json.dumps(timing) + "\n")
         print(
-            f"[bench] {len(pending)} cell(s) in {seconds / 60:.1f} min with {parallel} at once: "
+            f"[bench] {ran} cell(s) in {seconds / 60:.1f} min with {parallel} at once: "
             f"{timing['cells_per_minute']:.2f} cells per minute",
             flush=True,
         )
@@ -387,9 +394,10 @@ def _run_in_processes(
     parallel: int,
     *,
     grace: float = STOP_GRACE_SECONDS,
-) -> None:
-    """Run ``cells`` as ``parallel`` concurrent ``dtokd bench --cell`` processes; CPU threads are
-    shared out between them unless ``OMP_NUM_THREADS`` is set. Raises once all have ended if any failed.
+) -> int:
+    """Run ``cells`` (those :func:`grid_gate` does not skip) as ``parallel`` concurrent ``dtokd bench
+    --cell`` processes and return how many ran; CPU threads are shared out between them unless
+    ``OMP_NUM_THREADS`` is set. Raises once all have ended if any failed.
 
     SIGINT, SIGTERM or SIGHUP, whenever it lands (a cell being started included), stops every
     cell this call started: each gets SIGINT (it stops at its last checkpoint), those still
@@ -402,7 +410,7 @@ def _run_in_processes(
     failed: list[tuple[Cell, str]] = []
     with deferred_stop() as stop:  # a signal is only noted, so no started cell escapes the list
         try:
-            _drive(matrix, matrix_path, out, queue, running, failed, parallel, env, len(cells), stop)
+            started = _drive(matrix, matrix_path, out, queue, running, failed, parallel, env, len(cells), stop)
         finally:
             if running:  # a stop signal, or an error of the driver itself
                 _stop_cells(running, grace)
@@ -411,6 +419,7 @@ def _run_in_processes(
     if failed:
         listing = "; ".join(f"{' '.join(map(str, cell))} (see {path})" for cell, path in sorted(failed))
         raise CellsFailed(f"{len(failed)} of {len(cells)} cell(s) failed: {listing}")
+    return started
 
 
 def _cell_command(matrix_path: Path, out: Path, pair: str, method: str, seed: int) -> list[str]:
@@ -440,12 +449,13 @@ def _drive(
     env: dict[str, str],
     total: int,
     stop: StopRequest,
-) -> None:
+) -> int:
     """Keep ``parallel`` cell processes running until ``queue`` is empty and all have ended, or
     until ``stop`` notes a signal (then return at once, with the running cells in ``running``).
     The next cell started is the first in ``queue`` that :func:`grid_gate` lets run (skipped
-    ones leave the queue; waiting ones stay until the grid's first-seed cells have ended)."""
-    done = 0
+    ones leave the queue; waiting ones stay until the grid's first-seed cells have ended).
+    Returns how many cells it started."""
+    done, started = 0, 0
     while (queue or running) and stop.signal is None:
         while queue and len(running) < parallel and stop.signal is None:
             unfinished = set(queue) | {cell for cell, _, _ in running}
@@ -474,6 +484,7 @@ def _drive(
                 start_new_session=True,
             )  # a Ctrl-C reaches the cells through us, once
             running.append(((pair, method, seed), process, log))
+            started += 1
             print(
                 f"[bench] started {pair} {method} seed {seed} ({len(running)} running, {len(queue)} waiting)",
                 flush=True,
@@ -492,6 +503,7 @@ def _drive(
                 f"[bench] {'failed' if process.returncode else 'finished'} {' '.join(map(str, cell))} ({done}/{total})",
                 flush=True,
             )
+    return started
 
 
 def _stop_cells(running: list[RunningCell], grace: float) -> None:
