@@ -59,6 +59,15 @@ def fake_cells(tmp_path, monkeypatch):
 
 
 CELLS = [("p", "m", 0), ("p", "m", 1), ("p", "m", 2)]
+MATRIX = bench.Matrix(  # what the driver reads of the matrix itself: no grid, so every cell runs
+    name="m",
+    seeds=[0, 1, 2],
+    pairs={"p": bench.Pair(teacher="t", student="s")},
+    methods={"m": []},
+    student_config="s.yaml",
+    teacher_config="t.yaml",
+    reference="m",
+)
 
 
 def _wait_ready(out: Path, count: int) -> None:
@@ -79,7 +88,7 @@ def test_a_signal_while_the_cells_run_stops_every_one(tmp_path, fake_cells, monk
 
     monkeypatch.setattr(bench.time, "sleep", sleep_then_signal)
     with stop_on_signals(), pytest.raises(Interrupted) as raised:
-        bench._run_in_processes(tmp_path / "matrix.yaml", out, CELLS, parallel=2, grace=30)
+        bench._run_in_processes(MATRIX, tmp_path / "matrix.yaml", out, CELLS, parallel=2, grace=30)
     assert raised.value.signum == signum
     assert len(started) == 2  # the third cell was never started
     for process in started:
@@ -101,7 +110,7 @@ def test_a_signal_while_a_cell_is_being_started_still_stops_that_cell(tmp_path, 
 
     monkeypatch.setattr(bench.subprocess, "Popen", popen_then_signal)
     with stop_on_signals(), pytest.raises(Interrupted):
-        bench._run_in_processes(tmp_path / "matrix.yaml", out, CELLS, parallel=3, grace=30)
+        bench._run_in_processes(MATRIX, tmp_path / "matrix.yaml", out, CELLS, parallel=3, grace=30)
     assert len(started) == 2 and all(p.returncode is not None for p in started)
 
 
@@ -118,7 +127,7 @@ def test_a_cell_that_ignores_sigint_is_killed_after_the_grace_period(tmp_path, f
 
     monkeypatch.setattr(bench.time, "sleep", sleep_then_signal)
     with stop_on_signals(), pytest.raises(Interrupted):
-        bench._run_in_processes(tmp_path / "matrix.yaml", out, CELLS[:1], parallel=1, grace=0.5)
+        bench._run_in_processes(MATRIX, tmp_path / "matrix.yaml", out, CELLS[:1], parallel=1, grace=0.5)
     assert started[0].returncode == -signal.SIGKILL
     assert "did not stop within 0.5 s of SIGINT" in capsys.readouterr().out
 
