@@ -227,7 +227,8 @@ class CausalLMTask(nn.Module):
 def hidden_state_loss(projector: nn.Module, student: Tensor, teacher: Tensor, counted: Tensor) -> Tensor:
     """The projector's loss between the student's and the teacher's hidden states ``(B, L, H)``
     at the counted positions (``counted``: ``(B, L)`` booleans) only: the mean over those
-    tokens and the teacher's width (0, in the graph, for a batch without a counted token)."""
+    tokens and the teacher's width (0, in the graph, for a batch without a counted token).
+    Selecting the counted tokens reads their number on the host: one device sync per step."""
     if not bool(counted.any()):
         return student.sum() * 0.0
     return projector(student[counted], teacher[counted])
