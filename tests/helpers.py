@@ -19,19 +19,23 @@ def interrupt_after(monkeypatch, epochs: int) -> None:
     monkeypatch.setattr(loop, "_train_epoch", interrupted)
 
 
-def tiny_llamas():
-    """A 1-layer Llama student (width 16) and teacher (width 32), vocabulary 40, seeded."""
+def tiny_llamas(**changes):
+    """A 1-layer Llama student (width 16) and teacher (width 32), vocabulary 40, seeded;
+    ``changes``: other LlamaConfig fields for both (e.g. token ids)."""
     import transformers
 
-    config = dict(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-    )
+    config = {
+        **dict(
+            vocab_size=40,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+        ),
+        **changes,
+    }
     torch.manual_seed(0)
     student = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
     teacher = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**config, "hidden_size": 32}))

@@ -17,6 +17,8 @@ from dtokd import make_balancer  # noqa: E402
 from dtokd.integrations.common import causal_lm_losses  # noqa: E402
 from dtokd.integrations.transformers import DistillationTrainer  # noqa: E402
 
+from helpers import tiny_llamas  # noqa: E402
+
 
 class SFTDistillationTrainer(DistillationTrainer, trl.SFTTrainer):
     """dtokd's compute_loss first in the method order; TRL's data handling underneath."""
@@ -36,22 +38,8 @@ def tokenizer():
 
 
 def llamas():
-    config = dict(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=2,
-    )
-    torch.manual_seed(0)
-    student = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
-    teacher = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**config, "hidden_size": 32}))
-    return student, teacher
+    """The shared tiny pair, with the tokenizer's pad and end tokens and room for 32 positions."""
+    return tiny_llamas(max_position_embeddings=32, pad_token_id=0, eos_token_id=2, bos_token_id=2)
 
 
 def texts(n=12):
