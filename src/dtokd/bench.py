@@ -551,8 +551,11 @@ def cell_statistics(folders: list[Path]) -> dict[str, Any]:
     metrics = [read_jsonl(f / "metrics.jsonl") for f in folders if (f / "summary.json").is_file()]
     steps = [row for f in folders if (f / "summary.json").is_file() for row in read_jsonl(f / "steps.jsonl")]
     m = summaries[0].get("metric", "top1") if summaries else "top1"
-    cell: dict[str, Any] = {"seeds": len(summaries), "diverged": diverged, "metric": m}
-    for key in (f"test_{m}_at_best_val", f"best_val_{m}", f"best_test_{m}", f"last_test_{m}", "seconds_per_epoch"):
+    others = other_metrics(summaries, m)
+    cell: dict[str, Any] = {"seeds": len(summaries), "diverged": diverged, "metric": m, "other_metrics": others}
+    keys = [f"test_{m}_at_best_val", f"best_val_{m}", f"best_test_{m}", f"last_test_{m}", "seconds_per_epoch"]
+    keys += [key for x in others for key in (f"test_{x}_at_best_val", f"last_test_{x}")]
+    for key in keys:
         cell[key], cell[key + "_std"] = _mean_std([s[key] for s in summaries if s.get(key) is not None])
     times = [s["seconds_per_epoch"] for s in summaries]
     cell["seconds_per_epoch_min"] = min(times) if times else math.nan  # interference only adds time
@@ -587,6 +590,17 @@ def cell_statistics(folders: list[Path]) -> dict[str, Any]:
     cell["conflict"] = statistics.fmean(conflicts) if conflicts else None
     cell["dominance"] = math.exp(statistics.fmean(math.log(d) for d in dominances)) if dominances else None
     return cell
+
+
+def other_metrics(summaries: list[dict[str, Any]], metric: str) -> list[str]:
+    """The test metrics the summaries report besides the one that chooses the epoch (``ppl``
+    for causal LMs: ``test_ppl_at_best_val`` is the perplexity at the epoch chosen on
+    validation ``metric``), in the order the first summary lists them."""
+    keys = summaries[0] if summaries else {}
+    found = [
+        k[len("test_") : -len("_at_best_val")] for k in keys if k.startswith("test_") and k.endswith("_at_best_val")
+    ]
+    return [x for x in found if x != metric]
 
 
 def _curve_split(metrics: list[list[dict[str, Any]]], metric: str) -> str:
@@ -640,6 +654,9 @@ def aggregate(matrix: Matrix, out: Path) -> Path:
                 if tuned is not None
                 else (None, None, 0)
             )
+            for other in cell["other_metrics"]:
+                difference = paired_differences(out / pair, method, matrix.reference, matrix.seeds, other)
+                cell[f"paired_{other}_vs_reference"], cell[f"paired_{other}_vs_reference_std"] = difference[:2]
             rows.append(
                 {
                     "pair": pair,
@@ -657,6 +674,7 @@ def aggregate(matrix: Matrix, out: Path) -> Path:
             )
     csv_path, md_path = out / "results.csv", out / "results.md"
     series = ("curve", "curve_std", "curve_epochs", "weight_curve", "weight_curve_name", "update_ratio_curve")
+    series += ("other_metrics",)
     scalar_keys = [k for k in rows[0] if k not in series] if rows else []
     all_keys = sorted({k for r in rows for k in r if k not in series}, key=lambda k: (k not in scalar_keys, k))
     with open(csv_path, "w", newline="") as f:
@@ -688,6 +706,7 @@ def _metric(rows: list[dict[str, Any]]) -> str:
 
 def _markdown(matrix: Matrix, rows: list[dict[str, Any]], plots: list[Path]) -> str:
     m = _metric(rows)
+    others = list(dict.fromkeys(x for r in rows for x in r["other_metrics"]))
     lines = [
         f"# Accuracy benchmark: {matrix.name}",
         "",
@@ -703,12 +722,22 @@ def _markdown(matrix: Matrix, rows: list[dict[str, Any]], plots: list[Path]) -> 
         "(marked tuned on val; it and the reference alone run on the other seeds); epochs to "
         f"ref. final: on the {rows[0]['curve_split'] if rows else 'test'} curve; step length / ref.: the "
         "geometric mean over logged steps of the update's length over the reference weights' at the same step",
+        *(
+            [
+                f"- also reported: {', '.join(others)} on the test split at the epoch chosen on validation {m} and "
+                "at the last, and its paired difference (method - reference) over the same seeds (for a perplexity, "
+                "lower is better)"
+            ]
+            if others
+            else []
+        ),
         "",
         f"| pair | method | test {m} at best val | paired vs ref. (n) | paired vs tuned (n) | "
         f"best test {m} | last test {m} | "
-        "epochs to ref. final | s / epoch (min) | time / ref. | mean weights (on raw loss grads) | conflict | "
+        + "".join(f"test {x} at best val | paired {x} vs ref. | last test {x} | " for x in others)
+        + "epochs to ref. final | s / epoch (min) | time / ref. | mean weights (on raw loss grads) | conflict | "
         "dominance | step length / ref. |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---" * (14 + 3 * len(others)) + "|",
     ]
     for r in rows:
         weights = ", ".join(f"{k.split('/', 1)[1]} {v:.3g}" for k, v in r.items() if k.startswith("loss_weight/"))
@@ -719,13 +748,21 @@ def _markdown(matrix: Matrix, rows: list[dict[str, Any]], plots: list[Path]) -> 
             f"{_fmt(r.get('paired_vs_tuned'), r.get('paired_vs_tuned_std'))} ({r.get('paired_tuned_seeds', 0)}) | "
             f"{_fmt(r[f'best_test_{m}'], r[f'best_test_{m}_std'])} "
             f"| {_fmt(r[f'last_test_{m}'], r[f'last_test_{m}_std'])} | "
-            f"{r['epochs_to_reference_final'] or '-'} | {_fmt(r['seconds_per_epoch_min'], None, 1)} "
+            + "".join(_other_metric_cells(r, x) for x in others)
+            + f"{r['epochs_to_reference_final'] or '-'} | {_fmt(r['seconds_per_epoch_min'], None, 1)} "
             f"| {_fmt(r['time_vs_reference'], None)} | "
             f"{weights or '-'} | {_fmt(r['conflict'], None, 3)} | {_fmt(r['dominance'], None, 3)} | "
             f"{_fmt(r['update_ratio'], None, 3)} |"
         )
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _other_metric_cells(row: dict[str, Any], metric: str) -> str:
+    """The markdown cells of a metric reported beside the choosing one: at the chosen epoch,
+    paired against the reference, and at the last epoch (``-`` where the row lacks it)."""
+    keys = (f"test_{metric}_at_best_val", f"paired_{metric}_vs_reference", f"last_test_{metric}")
+    return "".join(f"{_fmt(row.get(key), row.get(key + '_std'))} | " for key in keys)
 
 
 def _plots(matrix: Matrix, rows: list[dict[str, Any]], out: Path) -> list[Path]:
