@@ -673,8 +673,8 @@ def aggregate(matrix: Matrix, out: Path) -> Path:
                 }
             )
     csv_path, md_path = out / "results.csv", out / "results.md"
-    series = ("curve", "curve_std", "curve_epochs", "weight_curve", "weight_curve_name", "update_ratio_curve")
-    series += ("other_metrics",)
+    series = {"curve", "curve_std", "curve_epochs", "weight_curve", "weight_curve_name", "update_ratio_curve"}
+    series.add("other_metrics")  # lists, not CSV values
     scalar_keys = [k for k in rows[0] if k not in series] if rows else []
     all_keys = sorted({k for r in rows for k in r if k not in series}, key=lambda k: (k not in scalar_keys, k))
     with open(csv_path, "w", newline="") as f:
