@@ -40,3 +40,26 @@ def tiny_llamas(**changes):
     student = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
     teacher = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**config, "hidden_size": 32}))
     return student, teacher
+
+
+def bench_matrix(tmp_path, **changes):
+    """A bench ``Matrix`` over a tiny student config written into ``tmp_path`` (synthetic data,
+    an MLP student, a CNN teacher, KD and CE losses): pair ``p``, methods ``kd`` (the
+    reference) and ``dto``, seeds 0 and 1; ``changes``: other Matrix fields."""
+    from dtokd.bench import Matrix, Pair
+
+    student = tmp_path / "student.yaml"
+    student.write_text(
+        "name: s\ndata: {name: synthetic}\nstudent: {name: mlp_small}\n"
+        "teacher: {name: cnn_small, checkpoint: none}\nlosses: {distill: {type: kd}, task: {type: ce}}\n"
+    )
+    fields = dict(
+        name="tiny",
+        seeds=[0, 1],
+        pairs={"p": Pair(teacher="cnn_small", student="mlp_small")},
+        methods={"kd": ["balancer.method=fixed"], "dto": ["balancer.method=dto"]},
+        student_config=str(student),
+        teacher_config=str(student),
+        reference="kd",
+    )
+    return Matrix(**{**fields, **changes})

@@ -125,6 +125,32 @@ def test_bench_runs_resumes_and_aggregates(tmp_path, capsys):
     assert float(dto["loss_weight/distill"]) == pytest.approx(expected)
 
 
+def test_a_run_without_a_teacher_runs_once_for_the_pairs_that_share_it(tmp_path, capsys):
+    alone = (
+        "  alone: [teacher.name=null, teacher.checkpoint=null, 'losses={task: {type: ce}}', balancer.method=fixed, "
+        "'balancer.options={weights: {task: 1.0}}']"
+    )
+    matrix = Path(write_matrix(tmp_path, METHODS.splitlines()[0] + "\n" + alone))
+    two_pairs = (
+        "pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}, mlp-mlp: {teacher: mlp_small, student: mlp_small}}"
+    )
+    text = matrix.read_text().replace("pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}", two_pairs)
+    matrix.write_text(text.replace("seeds: [0, 1]", "seeds: [0]").replace("epochs=3", "epochs=1"))
+    out = tmp_path / "out"
+    assert cli.main(["bench", str(matrix), "--out", str(out)]) == 0
+    assert "mlp-mlp alone 0 is the run of pair 'cnn-mlp'" in capsys.readouterr().out
+    assert (out / "cnn-mlp" / "alone" / "seed0" / "summary.json").is_file()
+    assert (out / "mlp-mlp" / "kd-fixed" / "seed0" / "summary.json").is_file()
+    assert not (out / "mlp-mlp" / "alone").exists()
+    with open(out / "results.csv") as f:
+        rows = {(r["pair"], r["method"]): r for r in csv.DictReader(f)}
+    shared, own = rows[("mlp-mlp", "alone (run in cnn-mlp)")], rows[("cnn-mlp", "alone")]
+    assert shared["test_top1_at_best_val"] == own["test_top1_at_best_val"]
+    kd = json.loads((out / "mlp-mlp" / "kd-fixed" / "seed0" / "summary.json").read_text())
+    expected = float(own["test_top1_at_best_val"]) - kd["test_top1_at_best_val"]
+    assert float(shared["paired_vs_reference"]) == pytest.approx(expected)
+
+
 def test_bad_matrix_is_named(tmp_path):
     matrix = write_matrix(tmp_path, METHODS)
     text = open(matrix).read().replace("reference: kd-fixed", "reference: kd-none")

@@ -6,19 +6,9 @@ import csv
 import json
 import statistics
 
-from dtokd.bench import Matrix, Pair, aggregate, other_metrics
+from dtokd.bench import aggregate, other_metrics
 
-
-def _matrix():
-    return Matrix(
-        name="tables",
-        seeds=[0, 1],
-        pairs={"p": Pair(teacher="t", student="s")},
-        methods={"kd": [], "dto": []},
-        student_config="s.yaml",
-        teacher_config="t.yaml",
-        reference="kd",
-    )
+from helpers import bench_matrix
 
 
 def _finish(out, method, seed, top1, ppl, last_ppl):
@@ -53,7 +43,7 @@ def test_perplexity_columns_and_their_paired_differences(tmp_path):
     values |= {("dto", 0): (30.5, 32.0, 32.1), ("dto", 1): (30.0, 33.5, 33.9)}
     for (method, seed), v in values.items():
         _finish(tmp_path, method, seed, *v)
-    md = aggregate(_matrix(), tmp_path).read_text()
+    md = aggregate(bench_matrix(tmp_path), tmp_path).read_text()
     header = next(line for line in md.splitlines() if line.startswith("| pair"))
     for column in ("test ppl at best val", "paired ppl vs ref.", "last test ppl"):
         assert f"| {column} |" in header
@@ -76,7 +66,7 @@ def test_a_classification_table_has_no_columns_for_other_metrics(tmp_path):
         summary = json.loads((folder / "summary.json").read_text())
         del summary["test_ppl_at_best_val"], summary["last_test_ppl"]
         (folder / "summary.json").write_text(json.dumps(summary))
-    md = aggregate(_matrix(), tmp_path).read_text()
+    md = aggregate(bench_matrix(tmp_path), tmp_path).read_text()
     assert "ppl" not in md
     header = next(line for line in md.splitlines() if line.startswith("| pair"))
     assert header.count("|") == 15  # the 14 columns

@@ -26,7 +26,9 @@ from the student config); the others get a teacher trained from ``teacher_config
 Runs go to ``OUT/<pair>/<method>/seed<k>``, pair by pair, seed by seed, in the order the
 methods are listed (so that a partial matrix holds every method for its first seeds); a finished run
 (``summary.json``) is skipped and a killed one resumed, so rerunning the command finishes a partial
-matrix.
+matrix. A run without a teacher (the student alone) is the same run in every pair whose cell has
+the same configuration apart from the teacher: it runs once, in the first such pair, and the
+others' tables read it (marked "run in <pair>").
 
 **The grid** (``grid_prefix``): the methods whose names start with it, and the reference, are
 one hyperparameter search (e.g. fixed KD's alpha). The first seed chooses: the member with the
@@ -63,7 +65,7 @@ import yaml
 from dtokd.balancing import NonFiniteStepError
 from dtokd.interrupts import Interrupted, StopRequest, deferred_stop
 from dtokd.train import load_config, train
-from dtokd.train.config import ConfigError, from_dict
+from dtokd.train.config import ConfigError, from_dict, to_dict
 from dtokd.train.records import git_commit, machine, read_jsonl
 
 Cell = tuple[str, str, int]
@@ -205,7 +207,8 @@ def run_matrix(
         raise ValueError("parallel > 1 runs each cell as 'dtokd bench MATRIX --cell ...' and needs matrix_path")
     check_cells(matrix)
     out.mkdir(parents=True, exist_ok=True)
-    cells = select_cells(matrix) if cells is None else cells
+    shared = shared_runs(matrix)
+    cells = _the_runs(select_cells(matrix) if cells is None else cells, shared)
     used = {pair for pair, _, _ in cells}
     teachers = {
         name: Path(pair.checkpoint)
@@ -260,6 +263,43 @@ def run_matrix(
 
 def _finished(folder: Path) -> bool:
     return (folder / "summary.json").is_file() or (folder / "diverged.json").is_file()
+
+
+def shared_runs(matrix: Matrix) -> dict[Cell, Cell]:
+    """The cells that are another pair's run: a cell without a teacher whose configuration, apart
+    from the teacher section, equals the same method and seed's in an earlier pair maps to the
+    first such pair's cell (the student alone of two pairs with one student is one run)."""
+    shared: dict[Cell, Cell] = {}
+    for method in matrix.methods:
+        for seed in matrix.seeds:
+            first: dict[str, str] = {}  # the configuration without its teacher -> its first pair
+            for pair in matrix.pairs:
+                config = to_dict(cell_config(matrix, pair, method, seed, "teacher.pt"))
+                if config["teacher"]["name"] is not None:
+                    continue
+                identity = json.dumps({k: v for k, v in config.items() if k != "teacher"}, sort_keys=True, default=str)
+                source = first.setdefault(identity, pair)
+                if source != pair:
+                    shared[(pair, method, seed)] = (source, method, seed)
+    return shared
+
+
+def _the_runs(cells: list[Cell], shared: dict[Cell, Cell]) -> list[Cell]:
+    """``cells`` with each shared one replaced by the run it is (said once), in order, without repeats."""
+    for cell in cells:
+        if cell in shared:
+            print(
+                f"[bench] {' '.join(map(str, cell))} is the run of pair {shared[cell][0]!r} (no teacher, "
+                "the same configuration): it runs there once",
+                flush=True,
+            )
+    return list(dict.fromkeys(shared.get(cell, cell) for cell in cells))
+
+
+def cell_folder(out: Path, cell: Cell, shared: dict[Cell, Cell]) -> Path:
+    """Where a cell's run lives (its own folder, or the shared run's: :func:`shared_runs`)."""
+    pair, method, seed = shared.get(cell, cell)
+    return out / pair / method / f"seed{seed}"
 
 
 def grid_members(matrix: Matrix) -> list[str]:
@@ -364,6 +404,7 @@ def run_cell(
     ):
         if value not in allowed:
             raise ValueError(f"{name} {value!r} is not in the matrix; allowed: {list(allowed)}")
+    pair, method, seed = shared_runs(matrix).get((pair, method, seed), (pair, method, seed))
     folder = out / pair / method / f"seed{seed}"
     if _finished(folder):
         return
@@ -609,15 +650,14 @@ def _curve_split(metrics: list[list[dict[str, Any]]], metric: str) -> str:
     return "test" if rows and all(f"test_{metric}" in row for row in rows) else "val"
 
 
-def paired_differences(
-    folder: Path, method: str, reference: str, seeds: list[int], metric: str
-) -> tuple[float, float, int]:
+def paired_differences(folders: list[tuple[Path, Path]], metric: str) -> tuple[float, float, int]:
     """Mean and standard deviation over seeds of ``method - reference`` in test metric at the
-    epoch chosen on validation, over the seeds both finished (same seed: same initialisation and
-    batches), and how many seeds that is."""
+    epoch chosen on validation, from one (method's, reference's) pair of cell folders per seed,
+    over the seeds both finished (same seed: same initialisation and batches), and how many
+    seeds that is."""
     differences = []
-    for seed in seeds:
-        pair = [folder / name / f"seed{seed}" / "summary.json" for name in (method, reference)]
+    for method_folder, reference_folder in folders:
+        pair = [method_folder / "summary.json", reference_folder / "summary.json"]
         if all(p.is_file() for p in pair):
             values = [json.loads(p.read_text()).get(f"test_{metric}_at_best_val") for p in pair]
             if None not in values:
@@ -628,8 +668,10 @@ def paired_differences(
 
 def aggregate(matrix: Matrix, out: Path) -> Path:
     rows: list[dict[str, Any]] = []
+    shared = shared_runs(matrix)
     for pair in matrix.pairs:
-        cells = {m: cell_statistics([out / pair / m / f"seed{s}" for s in matrix.seeds]) for m in matrix.methods}
+        folders = {m: [cell_folder(out, (pair, m, s), shared) for s in matrix.seeds] for m in matrix.methods}
+        cells = {m: cell_statistics(folders[m]) for m in matrix.methods}
         reference = cells[matrix.reference]
         target = reference["curve"][-1] if reference["curve"] else math.nan
         tuned = grid_choice(matrix, out / pair)
@@ -648,19 +690,20 @@ def aggregate(matrix: Matrix, out: Path) -> Path:
                     }
                 )
                 continue
-            paired = paired_differences(out / pair, method, matrix.reference, matrix.seeds, cell["metric"])
+            versus_reference = list(zip(folders[method], folders[matrix.reference]))
+            paired = paired_differences(versus_reference, cell["metric"])
             versus_tuned = (
-                paired_differences(out / pair, method, tuned, matrix.seeds, cell["metric"])
+                paired_differences(list(zip(folders[method], folders[tuned])), cell["metric"])
                 if tuned is not None
                 else (None, None, 0)
             )
             for other in cell["other_metrics"]:
-                difference = paired_differences(out / pair, method, matrix.reference, matrix.seeds, other)
+                difference = paired_differences(versus_reference, other)
                 cell[f"paired_{other}_vs_reference"], cell[f"paired_{other}_vs_reference_std"] = difference[:2]
             rows.append(
                 {
                     "pair": pair,
-                    "method": method + (" (tuned on val)" if method == tuned else ""),
+                    "method": method + (" (tuned on val)" if method == tuned else "") + _run_in(pair, folders[method]),
                     **cell,
                     "epochs_to_reference_final": reach,
                     "time_vs_reference": cell["seconds_per_epoch_min"] / reference["seconds_per_epoch_min"],
@@ -685,6 +728,12 @@ def aggregate(matrix: Matrix, out: Path) -> Path:
     plots = _plots(matrix, rows, out)
     md_path.write_text(_markdown(matrix, rows, plots))
     return md_path
+
+
+def _run_in(pair: str, folders: list[Path]) -> str:
+    """`` (run in <pair>)`` for a row whose runs are another pair's (:func:`shared_runs`)."""
+    sources = sorted({f.parent.parent.name for f in folders} - {pair})
+    return f" (run in {', '.join(sources)})" if sources else ""
 
 
 def _fmt(mean: float | None, std: float | None = None, digits: int = 2) -> str:
