@@ -683,7 +683,7 @@ def aggregate(matrix: Matrix, out: Path) -> Path:
                 rows.append(
                     {
                         "pair": pair,
-                        "method": method,
+                        "method": method + _run_in(pair, folders[method]),
                         **cell,
                         "epochs_to_reference_final": None,
                         "time_vs_reference": math.nan,
@@ -717,7 +717,7 @@ def aggregate(matrix: Matrix, out: Path) -> Path:
             )
     csv_path, md_path = out / "results.csv", out / "results.md"
     series = {"curve", "curve_std", "curve_epochs", "weight_curve", "weight_curve_name", "update_ratio_curve"}
-    series.add("other_metrics")  # lists, not CSV values
+    series |= {"other_metrics"}  # lists too: not CSV values
     scalar_keys = [k for k in rows[0] if k not in series] if rows else []
     all_keys = sorted({k for r in rows for k in r if k not in series}, key=lambda k: (k not in scalar_keys, k))
     with open(csv_path, "w", newline="") as f:
