@@ -10,6 +10,7 @@ import torch
 from dtokd.data import build_data, train_loader
 from dtokd.train import load_config, train
 from dtokd.train import teacher_cache as tc
+from dtokd.train.config import ConfigError
 
 BASE = [
     "data.name=synthetic",
@@ -192,3 +193,11 @@ def test_the_cache_refuses_what_it_cannot_hold(teacher):
             progress=False,
             verbose=False,
         )
+
+
+def test_a_cache_without_a_teacher_is_refused_with_the_config():
+    """Refused when the config is read (so a bench checks it before any cell runs), naming both keys."""
+    alone = ["teacher.name=null", "losses={task: {type: ce}}", "teacher.cache_outputs=true"]
+    with pytest.raises(ConfigError, match="teacher.cache_outputs=true .* teacher.name is null"):
+        load_config(None, BASE + alone)
+    assert load_config(None, BASE + alone[:2]).teacher.cache_outputs is False

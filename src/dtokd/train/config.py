@@ -338,6 +338,11 @@ def validate(config: Config) -> Config:
     for key, number in finite:
         if not math.isfinite(number) or number < 0:
             raise ConfigError(f"{key}={number} is not allowed; it must be a finite number >= 0")
+    if config.teacher.cache_outputs and config.teacher.name is None:
+        raise ConfigError(
+            "teacher.cache_outputs=true caches a teacher's outputs, and teacher.name is null (no teacher); "
+            "set teacher.cache_outputs=false"
+        )
     if config.eval.test == "end" and config.data.val_fraction == 0:
         raise ConfigError(
             "eval.test='end' evaluates the test split on the checkpoint chosen on the validation "
