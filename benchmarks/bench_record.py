@@ -27,6 +27,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from dtokd.bench import cell_finished
+
 CELL_FILES = ("config.yaml", "meta.json", "metrics.jsonl", "steps.jsonl", "teacher.json", "summary.json")
 """A finished cell's result files (``diverged.json`` too, for a cell that diverged)."""
 TEACHER_FILES = ("config.yaml", "meta.json", "metrics.jsonl", "summary.json")
@@ -37,24 +39,19 @@ class Conflict(RuntimeError):
     """A file exists at the destination with other content."""
 
 
-def _finished(cell: Path) -> bool:
-    return (cell / "summary.json").is_file() or (cell / "diverged.json").is_file()
-
-
-def _copy(source: Path, target: Path) -> bool:
-    """Copy ``source`` to ``target`` unless an identical file is there; True when copied."""
+def _copy(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` unless an identical file is there (a differing one: :class:`Conflict`)."""
     if target.exists():
         if filecmp.cmp(source, target, shallow=False):
-            return False
+            return
         raise Conflict(f"{target} exists with other content than {source}; move it away first")
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(source, target)
-    return True
 
 
 def _cells(root: Path) -> list[Path]:
     """The finished cell folders ``<pair>/<method>/seed<N>`` under ``root``."""
-    return sorted(c for c in root.glob("*/*/seed*") if c.is_dir() and _finished(c))
+    return sorted(c for c in root.glob("*/*/seed*") if c.is_dir() and cell_finished(c))
 
 
 def _copy_cells(source: Path, target: Path) -> int:

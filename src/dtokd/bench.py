@@ -217,7 +217,7 @@ def run_matrix(
         for name, pair in matrix.pairs.items()
         if name in used
     }
-    pending = [c for c in cells if not _finished(out / c[0] / c[1] / f"seed{c[2]}")]
+    pending = [c for c in cells if not cell_finished(out / c[0] / c[1] / f"seed{c[2]}")]
     for cell in list(pending):  # the grid's choice already made: its other members' later seeds
         gate, choice = grid_gate(matrix, out, cell, pending)
         if gate == "skip":
@@ -261,7 +261,8 @@ def run_matrix(
     return aggregate(matrix, out)
 
 
-def _finished(folder: Path) -> bool:
+def cell_finished(folder: Path) -> bool:
+    """Whether the cell in ``folder`` has ended: its summary written, or recorded as diverged."""
     return (folder / "summary.json").is_file() or (folder / "diverged.json").is_file()
 
 
@@ -406,7 +407,7 @@ def run_cell(
             raise ValueError(f"{name} {value!r} is not in the matrix; allowed: {list(allowed)}")
     pair, method, seed = shared_runs(matrix).get((pair, method, seed), (pair, method, seed))
     folder = out / pair / method / f"seed{seed}"
-    if _finished(folder):
+    if cell_finished(folder):
         return
     given = matrix.pairs[pair]
     teacher = teacher or Path(given.checkpoint or out / "teachers" / given.teacher / "best.pt")
