@@ -216,6 +216,20 @@ def test_teacher_distillation_resume_and_eval(corpus, tmp_path, monkeypatch, cap
     assert evaluated["ppl"] == pytest.approx(straight["last_test_ppl"], rel=1e-6)
 
 
+def test_a_run_chosen_on_validation_perplexity_and_its_report(corpus, tmp_path):
+    """``eval.select=ppl``: ``best.pt`` is the epoch of the lowest validation perplexity (from the
+    run's own records), the summary leads with the perplexity and adds top-1, the report reads it."""
+    folder = tmp_path / "lm"
+    summary = train(_config(corpus, "epochs=3", "eval.select=ppl", "eval.test=end"), folder, progress=False)
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    lowest = min(range(len(rows)), key=lambda i: (rows[i]["val_ppl"], -i))
+    assert summary["metric"] == "ppl" and summary["best_epoch"] == lowest + 1
+    assert summary["best_val_ppl"] == rows[lowest]["val_ppl"]
+    assert summary["test_ppl_at_best_val"] > 1 and 0 <= summary["test_top1_at_best_val"] <= 100
+    assert cli.main(["report", str(folder), "--out", str(tmp_path / "report")]) == 0
+    assert "test ppl at best val" in (tmp_path / "report" / "report.md").read_text()
+
+
 def test_the_task_and_its_losses_are_checked_before_the_corpus_is_read(corpus, tmp_path, monkeypatch):
     """Each setting error is reported before the corpus is read and a tokenizer trained (on a
     real corpus that takes minutes); the model's own kwargs are checked when it is built."""

@@ -65,7 +65,7 @@ import yaml
 from dtokd.balancing import NonFiniteStepError
 from dtokd.interrupts import Interrupted, StopRequest, deferred_stop
 from dtokd.train import load_config, train
-from dtokd.train.config import ConfigError, from_dict, to_dict
+from dtokd.train.config import LOWER_IS_BETTER, ConfigError, from_dict, to_dict
 from dtokd.train.records import git_commit, machine, read_jsonl
 
 Cell = tuple[str, str, int]
@@ -311,9 +311,10 @@ def grid_members(matrix: Matrix) -> list[str]:
 
 
 def grid_choice(matrix: Matrix, pair_folder: Path) -> str | None:
-    """The grid member with the best validation score on the first seed, once every member's
-    first-seed cell has finished (a diverged one cannot be chosen; ties go to the first listed);
-    ``None`` before that, or for a grid of fewer than two members."""
+    """The grid member with the best validation score on the first seed (the highest, the lowest
+    for a perplexity or loss), once every member's first-seed cell has finished (a diverged one
+    cannot be chosen; ties go to the first listed); ``None`` before that, or for a grid of fewer
+    than two members."""
     members = grid_members(matrix)
     if len(members) < 2:
         return None
@@ -327,7 +328,7 @@ def grid_choice(matrix: Matrix, pair_folder: Path) -> str | None:
         summary = json.loads((folder / "summary.json").read_text())
         score = summary.get(f"best_val_{summary['metric']}")
         if score is not None:
-            scores[method] = score
+            scores[method] = -score if summary["metric"] in LOWER_IS_BETTER else score
     return max(scores, key=lambda m: scores[m]) if scores else None
 
 
@@ -679,7 +680,10 @@ def aggregate(matrix: Matrix, out: Path) -> Path:
         for method, cell in cells.items():
             if not cell["seeds"] and not cell["diverged"]:
                 continue
-            reach = next((epoch for epoch, acc in zip(cell["curve_epochs"], cell["curve"]) if acc >= target), None)
+            reach = next(
+                (epoch for epoch, value in zip(cell["curve_epochs"], cell["curve"]) if _reaches(value, target, cell)),
+                None,
+            )
             if not cell["seeds"]:
                 rows.append(
                     {
@@ -729,6 +733,11 @@ def aggregate(matrix: Matrix, out: Path) -> Path:
     plots = _plots(matrix, rows, out)
     md_path.write_text(_markdown(matrix, rows, plots))
     return md_path
+
+
+def _reaches(value: float, target: float, cell: dict[str, Any]) -> bool:
+    """Whether a curve's ``value`` is as good as ``target`` (as high, or as low for a perplexity or loss)."""
+    return value <= target if cell["metric"] in LOWER_IS_BETTER else value >= target
 
 
 def _run_in(pair: str, folders: list[Path]) -> str:
@@ -815,18 +824,31 @@ def _other_metric_cells(row: dict[str, Any], metric: str) -> str:
     return "".join(f"{_fmt(row.get(key), row.get(key + '_std'))} | " for key in keys)
 
 
+def _plotted(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The rows whose curve is drawn: all but the collapsed or diverged, whose last value is less
+    than half the best (an accuracy), or more than twice the best (a perplexity or loss)."""
+    curves = [r for r in rows if r["curve"]]
+    if metric in LOWER_IS_BETTER:
+        best = min(min(r["curve"]) for r in curves) if curves else math.inf
+        return [r for r in curves if r["curve"][-1] < 2 * best]
+    best = max((max(r["curve"]) for r in curves), default=100.0)
+    return [r for r in curves if r["curve"][-1] > 0.5 * best]
+
+
 def _plots(matrix: Matrix, rows: list[dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dtokd.report import METRIC_LABELS
+
     def save(fig, ax, name: str, xlabel: str, ylabel: str, title: str, legend: bool = True) -> Path:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        if legend:
+        if legend and ax.get_legend_handles_labels()[0]:  # no legend without a labelled line
             ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
@@ -834,7 +856,7 @@ def _plots(matrix: Matrix, rows: list[dict[str, Any]], out: Path) -> list[Path]:
         return out / name
 
     m = _metric(rows)
-    label = "test top-1 (%)" if m == "top1" else f"test {m} (%)"
+    label = METRIC_LABELS.get(m, f"test {m}")
     paths = []
     for pair in matrix.pairs:
         pair_rows = [r for r in rows if r["pair"] == pair]
@@ -843,8 +865,7 @@ def _plots(matrix: Matrix, rows: list[dict[str, Any]], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         if len(pair_rows) <= 20:
             ax.set_prop_cycle(color=[plt.get_cmap("tab20")(k) for k in range(len(pair_rows))])
-        best = max((max(r["curve"]) for r in pair_rows if r["curve"]), default=100.0)
-        shown = [r for r in pair_rows if r["curve"] and r["curve"][-1] > 0.5 * best]
+        shown = _plotted(pair_rows, m)
         for r in pair_rows:
             if r not in shown:
                 continue

@@ -50,7 +50,9 @@ def report(folders: Sequence[str | Path], out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plots = [
         _curves(runs, out / "accuracy.png", f"test_{metric}", METRIC_LABELS[metric]),
-        _curves(runs, out / "val_accuracy.png", f"val_{metric}", METRIC_LABELS[metric].replace("test", "validation")),
+        _curves(
+            runs, out / "val_accuracy.png", f"val_{metric}", METRIC_LABELS[metric].replace("test", "validation", 1)
+        ),
         _curves(runs, out / "loss.png", "train_loss", "training loss (sum of the losses)"),
         _step_plot(runs, out / "weights.png", "loss_weight/", "coefficient on each loss gradient"),
         _step_plot(runs, out / "conflict.png", "conflict", "conflict cos(g_1, g_2)"),
@@ -63,16 +65,27 @@ def report(folders: Sequence[str | Path], out: str | Path) -> Path:
     return path
 
 
-METRIC_LABELS = {"top1": "test top-1 (%)", "AP": "test box AP (COCO, %)"}
-DETAIL_METRICS = {"top1": (), "AP": ("AP50", "AP75", "APs", "APm", "APl")}
+METRIC_LABELS = {
+    "top1": "test top-1 (%)",
+    "top5": "test top-5 (%)",
+    "AP": "test box AP (COCO, %)",
+    "AP50": "test box AP50 (COCO, %)",
+    "AP75": "test box AP75 (COCO, %)",
+    "ppl": "test perplexity",
+    "loss": "test next-token cross-entropy",
+}
+"""Axis labels of the metrics a run can be chosen on (``eval.select``)."""
+DETECTION_DETAILS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+"""The COCO figures a detection report lists beside the choosing one."""
 
 
 def run_metric(runs: list[dict[str, Any]]) -> str:
-    """The metric the runs are compared on (``top1``, or ``AP`` for detection); one for all."""
+    """The metric the runs are compared on (the one that chose their ``best.pt``: ``top1``, ``AP``
+    for detection, or their ``eval.select``); one for all."""
     metrics = sorted({r["summary"].get("metric", "top1") for r in runs})
     if len(metrics) > 1:
         raise ValueError(
-            f"the runs report different metrics {metrics} (classification and detection); report them separately"
+            f"the runs report different metrics {metrics} (other tasks or eval.select); report them separately"
         )
     return metrics[0]
 
@@ -81,7 +94,7 @@ def table(runs: list[dict[str, Any]]) -> str:
     """One row per run; the teacher's val / test metric as measured before its distillation;
     for detection also the last epoch's AP50, AP75, APs, APm, APl."""
     m = run_metric(runs)
-    details = DETAIL_METRICS[m]
+    details = tuple(d for d in DETECTION_DETAILS if d != m) if m in DETECTION_DETAILS else ()
     rows = [
         f"| run | method | seed | epochs | teacher val / test {m} | best val {m} | test {m} at best val | "
         f"best test {m} | last test {m} | " + "".join(f"last test {d} | " for d in details) + "s / epoch |",

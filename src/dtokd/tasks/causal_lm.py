@@ -130,8 +130,6 @@ def next_token_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 class CausalLMTask(nn.Module):
     """``forward(input_ids, targets, progress) -> (logits, {name: loss})``."""
 
-    metric = "top1"
-
     def __init__(
         self,
         student: CausalLM,

@@ -90,9 +90,6 @@ class ClassificationTask(nn.Module):
     three-objective recipe depends on).
     """
 
-    metric = "top1"
-    """The evaluation metric that selects the best epoch."""
-
     _last_teacher: tuple[Tensor | None, dict[str, Tensor]]
     """The teacher's logits and features of the last call that computed them."""
 

@@ -79,8 +79,6 @@ def resolve_detection_specs(specs: Mapping[str, Mapping[str, Any]]) -> dict[str,
 class DetectionTask(nn.Module):
     """``forward(images, targets, progress) -> (FPN levels, {objective: loss})``."""
 
-    metric = "AP"
-
     def __init__(self, student: nn.Module, teacher: nn.Module | None, specs: Mapping[str, Mapping[str, Any]]) -> None:
         super().__init__()
         self.student = student

@@ -145,10 +145,13 @@ class EvalConfig:
     after the last one); the checkpoint kept as ``best.pt`` is chosen among those epochs.
     ``test``: ``every`` (the test split whenever validation runs) or ``end`` (once, after the
     last epoch, on ``best.pt`` and on the last model: the two test figures a run reports; no
-    per-epoch test curve, no best-of-test figure)."""
+    per-epoch test curve, no best-of-test figure). ``select``: the validation metric that chooses
+    ``best.pt`` and that summaries and benches report first (see :data:`SELECTION_METRICS`; null:
+    the task's default, ``top1`` or ``AP``); ``ppl`` and ``loss`` choose their lowest epoch."""
 
     every: int = 1
     test: EvalTest = "every"
+    select: str | None = None
 
 
 @dataclass
@@ -192,6 +195,25 @@ def _choices(kind: Any, prefix: str = "") -> dict[str, tuple[str, ...]]:
         elif typing.get_origin(hint) is Literal:
             found[key] = typing.get_args(hint)
     return found
+
+
+SELECTION_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("top1", "top5"),
+    "detection": ("AP", "AP50", "AP75"),
+    "causal-lm": ("top1", "ppl", "loss"),
+}
+"""The validation metrics that may choose ``best.pt`` (``eval.select``), by task; the first is the
+task's default. ``ppl`` (perplexity) and ``loss`` (mean next-token cross-entropy) are lower-better
+(:data:`LOWER_IS_BETTER`), the accuracies and APs higher-better."""
+
+LOWER_IS_BETTER = frozenset({"ppl", "loss"})
+"""The selectable metrics for which a lower value is the better epoch."""
+
+
+def selection_metric(config: Config) -> str:
+    """The metric that chooses ``best.pt`` and that summaries report first: ``eval.select``, or
+    the task's default (the first of :data:`SELECTION_METRICS`)."""
+    return config.eval.select or SELECTION_METRICS[config.task][0]
 
 
 CHOICES: dict[str, tuple[str, ...]] = _choices(Config)
@@ -342,6 +364,12 @@ def validate(config: Config) -> Config:
         raise ConfigError(
             "teacher.cache_outputs=true caches a teacher's outputs, and teacher.name is null (no teacher); "
             "set teacher.cache_outputs=false"
+        )
+    allowed_metrics = SELECTION_METRICS[config.task]
+    if config.eval.select is not None and config.eval.select not in allowed_metrics:
+        raise ConfigError(
+            f"eval.select={config.eval.select!r} is not allowed for task {config.task!r}; "
+            f"use one of {list(allowed_metrics)} or null (the task's default, {allowed_metrics[0]!r})"
         )
     if config.eval.test == "end" and config.data.val_fraction == 0:
         raise ConfigError(

@@ -36,7 +36,7 @@ from dtokd.models.registry import apply_weights, read_weights
 from dtokd.tasks import ClassificationTask, Task, build_task, check_task_settings
 from dtokd.train import checkpoint as ckpt
 from dtokd.train import distributed
-from dtokd.train.config import CHOICES, Config, ConfigError, load_config, to_dict
+from dtokd.train.config import CHOICES, LOWER_IS_BETTER, Config, ConfigError, load_config, selection_metric, to_dict
 from dtokd.train.optim import lr_factor, make_optimizer, make_scheduler
 from dtokd.train.records import MetricLog, metadata, write_yaml
 from dtokd.train.run_folder import config_for_resume, prepare_fresh, record_extension, remove_partial_run
@@ -305,7 +305,7 @@ def _run(
                 )
             history.append(row)
             log.write("metrics.jsonl", row, epoch)
-            if p.ranks.main and _is_best(history, metric_of(config)):
+            if p.ranks.main and _is_best(history, selection_metric(config)):
                 ckpt.save_atomic(
                     {"model": p.student.state_dict(), "identity": p.identity, "epoch": epoch + 1}, folder / "best.pt"
                 )
@@ -314,10 +314,10 @@ def _run(
                 ckpt.save_atomic({"identity": p.identity, **state.state_dict()}, checkpoint_path)
             p.ranks.barrier()
             if verbose:
-                m = metric_of(config)
+                m = selection_metric(config)
                 scores = "".join(
                     f" {split} {m} {row[f'{split}_{m}']:.2f}"
-                    + (f" ppl {row[f'{split}_ppl']:.2f}" if f"{split}_ppl" in row else "")
+                    + (f" ppl {row[f'{split}_ppl']:.2f}" if f"{split}_ppl" in row and m != "ppl" else "")
                     for split in ("val", "test")
                     if f"{split}_{m}" in row
                 )
@@ -484,7 +484,7 @@ def _teacher_accuracy(
     if main:
         path.write_text(json.dumps(result, indent=2) + "\n")
         if progress:
-            m = metric_of(config)
+            m = selection_metric(config)
             print(
                 f"[{config.name}] teacher {config.teacher.name}: val {m} {result.get(f'val_{m}', float('nan')):.2f} "
                 f"test {m} {result[f'test_{m}']:.2f}",
@@ -712,22 +712,18 @@ def _make_mixup(options: dict[str, Any] | None, num_classes: int) -> Any:
         raise ValueError(f"data.mixup={options!r}: {error}") from None
 
 
-def metric_of(config: Config) -> str:
-    """The metric that selects the best epoch and that summaries report: ``top1`` for
-    classification (and next-token accuracy for causal-lm, whose summaries add the perplexity),
-    ``AP`` (COCO box AP) for detection."""
-    return "AP" if config.task == "detection" else "top1"
-
-
 def summarize(history: list[dict[str, Any]], config: Config, final: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Best epoch (by the validation metric, :func:`metric_of`, among the evaluated epochs, the
-    latest of ties as ``best.pt`` keeps; by the test one when there is no validation split),
-    its test metric, the best and last test metric, and the mean training seconds per epoch;
-    keys name the metric (``best_val_top1``, ``last_test_AP``, ...). ``final``: the end-of-run
+    """Best epoch (by the validation metric, :func:`~dtokd.train.config.selection_metric`, among
+    the evaluated epochs: the highest, or the lowest for a perplexity or loss, the latest of ties
+    as ``best.pt`` keeps; by the test one when there is no validation split), its test metric,
+    the best and last test metric, and the mean training seconds per epoch; keys name the metric
+    (``best_val_top1``, ``last_test_AP``, ``best_val_ppl``, ...); a causal LM's summary adds
+    next-token top-1 and perplexity at the chosen and the last epoch, whichever chose.
+    ``final``: the end-of-run
     test evaluation of ``eval.test=end`` (:func:`_test_at_end`), which gives the test figures
     (no best-of-test figure: the test split was not seen per epoch)."""
     method = config.balancer.method if config.teacher.name else "student alone"
-    m = metric_of(config)
+    m = selection_metric(config)
     summary: dict[str, Any] = {
         "name": config.name,
         "method": method,
@@ -740,7 +736,9 @@ def summarize(history: list[dict[str, Any]], config: Config, final: dict[str, An
         return summary
     key = _selection_key(history[evaluated[-1]], m)
     assert key is not None  # an evaluated row
-    best = max(evaluated, key=lambda i: (history[i][key], i))
+    sign = _orientation(m)
+    best = max(evaluated, key=lambda i: (sign * history[i][key], i))
+    best_of = min if m in LOWER_IS_BETTER else max
     tested = final["last"] if final else history[evaluated[-1]]
     summary.update(
         {
@@ -751,21 +749,22 @@ def summarize(history: list[dict[str, Any]], config: Config, final: dict[str, An
                 {}
                 if final
                 else {
-                    f"best_test_{m}": max(
+                    f"best_test_{m}": best_of(
                         (history[i][f"test_{m}"] for i in evaluated if f"test_{m}" in history[i]), default=None
                     )
                 }
             ),
             f"last_test_{m}": tested.get(f"test_{m}"),  # None: the metric is undefined on this test split
             **({"last_test_top5": tested["test_top5"]} if "test_top5" in tested else {}),
-            **(
-                {
-                    "test_ppl_at_best_val": (final["best"] if final else history[best]).get("test_ppl"),
-                    "last_test_ppl": tested.get("test_ppl"),
-                }
-                if config.task == "causal-lm"
-                else {}
-            ),
+            **{
+                key: value
+                for other in (("top1", "ppl") if config.task == "causal-lm" else ())
+                if other != m
+                for key, value in (
+                    (f"test_{other}_at_best_val", (final["best"] if final else history[best]).get(f"test_{other}")),
+                    (f"last_test_{other}", tested.get(f"test_{other}")),
+                )
+            },
             "seconds_per_epoch": sum(r["epoch_seconds"] for r in history) / len(history),
             "test_evaluated": config.eval.test,
             "eval_every": config.eval.every,
@@ -774,7 +773,7 @@ def summarize(history: list[dict[str, Any]], config: Config, final: dict[str, An
     if f"ema_test_{m}" in tested:
         summary[f"ema_last_test_{m}"] = tested[f"ema_test_{m}"]
         if not final:
-            summary[f"ema_best_test_{m}"] = max(history[i][f"ema_test_{m}"] for i in evaluated)
+            summary[f"ema_best_test_{m}"] = best_of(history[i][f"ema_test_{m}"] for i in evaluated)
     if final and final["best_epoch"] != best + 1:
         raise RuntimeError(
             f"best.pt holds epoch {final['best_epoch']}, but the validation history chooses epoch {best + 1}"
@@ -788,8 +787,17 @@ def _selection_key(row: dict[str, Any], metric: str) -> str | None:
 
 
 def _is_best(history: list[dict[str, Any]], metric: str) -> bool:
+    """Whether the last epoch is the best evaluated so far (ties: the later), as :func:`summarize` chooses."""
     key = _selection_key(history[-1], metric)
-    return key is not None and history[-1][key] >= max(r[key] for r in history if key in r)
+    if key is None:
+        return False
+    sign = _orientation(metric)
+    return sign * history[-1][key] >= max(sign * r[key] for r in history if key in r)
+
+
+def _orientation(metric: str) -> float:
+    """1 for a metric whose higher value is better (accuracy, AP), -1 for a perplexity or loss."""
+    return -1.0 if metric in LOWER_IS_BETTER else 1.0
 
 
 def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
