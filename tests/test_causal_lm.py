@@ -216,6 +216,30 @@ def test_teacher_distillation_resume_and_eval(corpus, tmp_path, monkeypatch, cap
     assert evaluated["ppl"] == pytest.approx(straight["last_test_ppl"], rel=1e-6)
 
 
+def test_the_amortized_rule_distils_a_causal_lm_with_coefficients_that_sum_to_one(corpus, tmp_path):
+    """The rule the CIFAR-10 evidence recommends, on a causal LM: its same-batch update runs
+    after every step (a forgotten one is an error), and its coefficients on the raw losses,
+    pi_i / (c L_i) with c = sum_i pi_i / L_i, are positive and sum to one at every logged step."""
+    train(_config(corpus, "epochs=1"), tmp_path / "teacher", progress=False, verbose=False)
+    distill = _config(
+        corpus,
+        "teacher.name=hf-causal-lm:llama",
+        f"teacher.kwargs={TINY}",
+        f"teacher.checkpoint={tmp_path / 'teacher' / 'best.pt'}",
+        "balancer.method=dto-amortized",
+        "balancer.engine=exact",
+        "losses={distill: {type: token-kd, divergence: forward_kl}, task: {type: ce}}",
+    )
+    summary = train(distill, tmp_path / "amortized", progress=False, verbose=False)
+    assert summary["method"] == "dto-amortized" and summary["last_test_ppl"] > 1
+    steps = [json.loads(line) for line in (tmp_path / "amortized" / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) >= 2
+    for s in steps:
+        coefficients = [s["loss_weight/distill"], s["loss_weight/task"]]
+        assert min(coefficients) > 0 and sum(coefficients) == pytest.approx(1.0, abs=1e-6)
+    assert steps[-1]["weight/distill"] != steps[0]["weight/distill"]  # it learned from the updates
+
+
 def test_a_run_chosen_on_validation_perplexity_and_its_report(corpus, tmp_path):
     """``eval.select=ppl``: ``best.pt`` is the epoch of the lowest validation perplexity (from the
     run's own records), the summary leads with the perplexity and adds top-1, the report reads it."""
