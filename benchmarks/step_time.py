@@ -1,19 +1,24 @@
 """Step time and peak memory of every balancing engine against plain fixed-weight KD.
 
-One training step = teacher forward (no grad) + student forward + backward + SGD step, on a
-fixed random batch (timing does not depend on the data). Methods run interleaved, round after
-round, in one process; the figure per method is the median step time after warm-up, and the
-ratio to plain KD is taken from the same run. ``--timing per-step`` (default) waits for the
-device before and after every step; ``--timing back-to-back`` times ``--steps`` consecutive
-steps with one wait at the end (a training loop, where the host queues the next step while
-the device runs this one: a step that waits for the device mid-way loses that overlap). Peak
-memory is measured per method in a fresh subprocess as the growth of the peak resident set
-over the set-up (CPU) or ``torch.cuda.max_memory_allocated`` (GPU).
+One training step = teacher forward (no grad) + student forward + backward + optimizer step, on
+a fixed random batch (timing does not depend on the data). Two workloads: ``cifar-resnet``
+(ResNet-56 -> ResNet-20 on 32x32 images, SGD, KD at T 4 with 0.9 / 0.1) and ``lm-stdlib`` (the
+language-model evidence's pair, ``configs/lm/stdlib_distill.yaml``: a 4x256 Llama teacher -> a
+2x128 student, vocabulary 2,048, blocks of 128 tokens, AdamW, the token-level forward KL and the
+next-token cross-entropy of :func:`dtokd.integrations.common.causal_lm_losses`, fixed 0.5 /
+0.5). Methods run interleaved, round after round, in one process; the figure per method is the
+median step time after warm-up, and the ratio to plain KD is taken from the same run. ``--timing
+per-step`` (default) waits for the device before and after every step; ``--timing back-to-back``
+times ``--steps`` consecutive steps with one wait at the end (a training loop, where the host
+queues the next step while the device runs this one: a step that waits for the device mid-way
+loses that overlap). Peak memory is measured per method in a fresh subprocess as the growth of
+the peak resident set over the set-up (CPU) or ``torch.cuda.max_memory_allocated`` (GPU).
 
     python benchmarks/step_time.py                                  # ResNet-56 -> ResNet-20, batch 128, CPU
     python benchmarks/step_time.py --rounds 1 --steps 2 --no-memory  # a short smoke run
     python benchmarks/step_time.py --device cuda --batch 256 --amp bf16 \
         --images ../shared/data/cifar10-jpeg.tar.gz --methods core   # the GPU comparison (scale-out issue)
+    python benchmarks/step_time.py --workload lm-stdlib --methods core   # the causal-LM pair, batch 32
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from dtokd import make_balancer
 from dtokd.models.cifar_resnet import cifar_resnet
 
 RESULTS = Path(__file__).parent / "results"
+LM_CONFIG = Path(__file__).parent.parent / "configs" / "lm" / "stdlib_distill.yaml"
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
@@ -50,7 +56,42 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     )
 
 
-class Setup:
+class Workload:
+    """A teacher, a student, its optimizer and a fixed batch ``x``; :meth:`losses` runs the
+    teacher (no grad) and the student on ``x`` and returns the two distillation losses."""
+
+    device: str
+    amp: torch.dtype | None
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    x: torch.Tensor
+    _teacher_logits: torch.Tensor
+
+    def loss_terms(self, logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def losses(
+        self, student: torch.nn.Module | None = None, reuse_teacher: bool = False
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``{"distill", "task"}`` and the student's logits; ``reuse_teacher``: the teacher's
+        logits of the previous call (the same batch), as the pipeline's same-batch update does."""
+        device_type = torch.device(self.device).type
+        with torch.autocast(device_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            if not reuse_teacher:
+                with torch.no_grad():
+                    self._teacher_logits = self.teacher(self.x)
+            logits = (student or self.student)(self.x)
+            return self.loss_terms(logits.float(), self._teacher_logits.float()), logits
+
+
+class ImageSetup(Workload):
+    """ResNet-56 -> ResNet-20 on a batch of 32x32 images (random, or the first of ``images``)."""
+
+    title = "CIFAR ResNet-56 teacher -> ResNet-20 student, 32x32 inputs"
+    unit = "images"
+    fixed = (0.9, 0.1)
+    default_batch = 128
+
     def __init__(self, batch: int, device: str, amp: str = "none", images: str | None = None, seed: int = 0) -> None:
         torch.manual_seed(seed)
         self.device = device
@@ -58,6 +99,7 @@ class Setup:
         self.teacher = cifar_resnet(56).to(device).eval()
         self.student = cifar_resnet(20).to(device).train()
         self.params = list(self.student.parameters())
+        self.last_block = list(self.student.stages[-1][-1].parameters()) + list(self.student.head.parameters())
         self.optimizer = torch.optim.SGD(self.params, lr=0.01, momentum=0.9)
         if images:
             from dtokd.data import build_data
@@ -69,27 +111,68 @@ class Setup:
             self.x = torch.randn(batch, 3, 32, 32, device=device)
             self.y = torch.randint(0, 10, (batch,), device=device)
 
-    def losses(self, student: torch.nn.Module | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        device_type = torch.device(self.device).type
-        with torch.autocast(device_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            with torch.no_grad():
-                teacher_logits = self.teacher(self.x)
-            logits = (student or self.student)(self.x)
-            losses = {
-                "distill": kd_loss(logits.float(), teacher_logits.float()),
-                "task": F.cross_entropy(logits.float(), self.y),
-            }
-        return losses, logits
+    def loss_terms(self, logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"distill": kd_loss(logits, teacher_logits), "task": F.cross_entropy(logits, self.y)}
+
+
+class LanguageModelSetup(Workload):
+    """The causal-LM pair of :data:`LM_CONFIG` (its models, vocabulary, block length, optimizer
+    and distillation loss), freshly initialised, on a batch of random token ids (the labels are
+    the inputs, as for a Hugging Face causal LM)."""
+
+    title = "causal LM, Llama 4x256 teacher -> 2x128 student (configs/lm/stdlib_distill.yaml), 128 tokens"
+    unit = "sequences"
+    fixed = (0.5, 0.5)
+    default_batch = 32
+
+    def __init__(self, batch: int, device: str, amp: str = "none", images: str | None = None, seed: int = 0) -> None:
+        from dtokd.integrations.common import causal_lm_losses
+        from dtokd.models import create_model
+        from dtokd.train import load_config
+
+        if images:
+            raise SystemExit("--images is for the cifar-resnet workload")
+        config = load_config(LM_CONFIG)
+        vocab, block = config.data.text["vocab_size"], config.data.text["block_size"]
+        torch.manual_seed(seed)
+        self.device = device
+        self.amp = {"none": None, "bf16": torch.bfloat16}[amp]
+        self.teacher = create_model(config.teacher.name, vocab, kwargs=config.teacher.kwargs).to(device).eval()
+        self.student = create_model(config.student.name, vocab, kwargs=config.student.kwargs).to(device).train()
+        self.params = list(self.student.parameters())
+        layers = self.student.model.model
+        self.last_block = list(layers.layers[-1].parameters()) + list(layers.norm.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+        distill = config.losses["distill"]
+        self.loss_fn = causal_lm_losses(distill["divergence"], distill["temperature"])
+        self.x = torch.randint(0, vocab, (batch, block), device=device)
+
+    def loss_terms(self, logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.loss_fn(logits, teacher_logits, self.x)
+
+
+WORKLOADS = {"cifar-resnet": ImageSetup, "lm-stdlib": LanguageModelSetup}
+
+
+def make_setup(args: argparse.Namespace) -> Workload:
+    return WORKLOADS[args.workload](args.batch, args.device, args.amp, args.images)
+
+
+def plain_name(fixed: tuple[float, float]) -> str:
+    """The baseline row: plain KD at a workload's fixed weights (distill, task)."""
+    return f"plain KD (fixed {fixed[0]}/{fixed[1]})"
 
 
 CORE = (
-    "plain KD (fixed 0.9/0.1)",
     "two-backward floor",
     "DTO exact",
     "DTO representation (logits)",
     "DTO amortized, next-step",
     "DTO amortized, same-batch",
+    "DTO amortized, same-batch, teacher reused",
+    "anchored exact (task)",
 )
+"""The core rows, after the baseline (:func:`plain_name`)."""
 DEFERRED = (
     "fixed via balancer, deferred checks",
     "DTO representation, deferred checks",
@@ -97,25 +180,28 @@ DEFERRED = (
 )
 
 
-def make_steps(s: Setup) -> dict[str, Callable[[], None]]:
+def make_steps(s: Workload) -> dict[str, Callable[[], None]]:
     """Every method's full training step, by name."""
-    last_block = list(s.student.stages[-1][-1].parameters()) + list(s.student.head.parameters())
+    a, b = s.fixed
 
     def plain_kd() -> None:
         s.optimizer.zero_grad(set_to_none=True)
         losses, _ = s.losses()
-        (0.9 * losses["distill"] + 0.1 * losses["task"]).backward()
+        (a * losses["distill"] + b * losses["task"]).backward()
         s.optimizer.step()
 
     def two_backward_floor() -> None:
         s.optimizer.zero_grad(set_to_none=True)
         losses, _ = s.losses()
-        total = 0.9 * losses["distill"] + 0.1 * losses["task"]
+        total = a * losses["distill"] + b * losses["task"]
         total.backward(retain_graph=True)
         total.backward()
         s.optimizer.step()
 
-    def balanced(method: str, **options) -> Callable[[], None]:
+    def balanced(method: str, reuse_teacher: bool = False, **options) -> Callable[[], None]:
+        """A step through ``make_balancer(method, **options)``; the amortized rule's same-batch
+        update re-evaluates the losses after the step, running the teacher again unless
+        ``reuse_teacher`` (the pipeline's way: a frozen teacher gives the same logits)."""
         balancer = make_balancer(method, s.params, **options)
         representation = options.get("engine") == "representation"
 
@@ -126,7 +212,7 @@ def make_steps(s: Setup) -> dict[str, Callable[[], None]]:
             s.optimizer.step()
             if method == "dto-amortized" and options.get("update", "same-batch") == "same-batch":
                 with torch.no_grad():
-                    after, _ = s.losses()
+                    after, _ = s.losses(reuse_teacher=reuse_teacher)
                 balancer.update(after)
 
         return step
@@ -171,21 +257,23 @@ def make_steps(s: Setup) -> dict[str, Callable[[], None]]:
         return step
 
     steps: dict[str, Callable[[], None]] = {
-        "plain KD (fixed 0.9/0.1)": plain_kd,
+        plain_name(s.fixed): plain_kd,
         "two-backward floor": two_backward_floor,
-        "fixed via balancer": balanced("fixed", weights=[0.9, 0.1]),
+        "fixed via balancer": balanced("fixed", weights=[a, b]),
         "DTO exact": balanced("dto"),
         "DTO exact, batched VJP": balanced("dto", batched=True),
-        "DTO subset (last block + head)": balanced("dto", engine="subset", gram_params=last_block),
+        "DTO subset (last block + head)": balanced("dto", engine="subset", gram_params=s.last_block),
         "DTO representation (logits)": balanced("dto", engine="representation"),
         "DTO representation, batched VJP": balanced("dto", engine="representation", batched=True),
         "DTO amortized, next-step": balanced("dto-amortized", update="next-step"),
         "DTO amortized, same-batch": balanced("dto-amortized", update="same-batch"),
+        "DTO amortized, same-batch, teacher reused": balanced("dto-amortized", True, update="same-batch"),
         "MGDA exact (ours)": balanced("mgda"),
         "UPGrad exact (ours)": balanced("upgrad"),
+        "anchored exact (task)": balanced("anchored", anchor="task"),
     }
     try:
-        steps["fixed via balancer, deferred checks"] = balanced("fixed", weights=[0.9, 0.1], deferred_checks=True)
+        steps["fixed via balancer, deferred checks"] = balanced("fixed", weights=[a, b], deferred_checks=True)
         steps["DTO representation, deferred checks"] = balanced("dto", engine="representation", deferred_checks=True)
         steps["DTO amortized, next-step, deferred checks"] = balanced(
             "dto-amortized", update="next-step", deferred_checks=True
@@ -213,12 +301,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def selected_steps(s: Setup, methods: str) -> dict[str, Callable[[], None]]:
+def selected_steps(s: Workload, methods: str) -> dict[str, Callable[[], None]]:
     steps = make_steps(s)
     if methods == "all":
         return steps
     wanted = (
-        CORE + tuple(d for d in DEFERRED if d in steps)
+        (plain_name(s.fixed), *CORE, *(d for d in DEFERRED if d in steps))
         if methods == "core"
         else tuple(m.strip() for m in methods.split(";"))
     )
@@ -229,8 +317,7 @@ def selected_steps(s: Setup, methods: str) -> dict[str, Callable[[], None]]:
 
 
 def time_steps(args: argparse.Namespace) -> dict[str, list[float]]:
-    s = Setup(args.batch, args.device, args.amp, args.images)
-    steps = selected_steps(s, args.methods)
+    steps = selected_steps(make_setup(args), args.methods)
     for name, step in steps.items():
         for _ in range(args.warmup):
             step()
@@ -294,6 +381,8 @@ def peak_memory_of(args: argparse.Namespace, method: str) -> float:
         __file__,
         "--memory-of",
         method,
+        "--workload",
+        args.workload,
         "--batch",
         str(args.batch),
         "--device",
@@ -306,8 +395,7 @@ def peak_memory_of(args: argparse.Namespace, method: str) -> float:
 
 
 def measure_memory(args: argparse.Namespace) -> None:
-    s = Setup(args.batch, args.device, args.amp, args.images)
-    step = make_steps(s)[args.memory_of]
+    step = make_steps(make_setup(args))[args.memory_of]
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -360,7 +448,8 @@ def commit() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="cifar-resnet")
+    parser.add_argument("--batch", type=int, default=None, help="default: 128 images, or 32 sequences")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per method per round")
@@ -375,18 +464,21 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="results stem (default: benchmarks/results/step_time_<device>)")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.batch = args.batch or WORKLOADS[args.workload].default_batch
     if args.memory_of:
         measure_memory(args)
         return
     times = time_steps(args)
+    workload = WORKLOADS[args.workload]
     syncs, waits, kernels = {}, {}, {}
     if args.device.startswith("cuda"):
-        steps = selected_steps(Setup(args.batch, args.device, args.amp, args.images), args.methods)
+        steps = selected_steps(make_setup(args), args.methods)
         syncs = {name: host_syncs_per_step(step) for name, step in steps.items()}
         waits = {name: waits_mid_step(step) for name, step in steps.items()}
         kernels = {name: kernels_per_step(step) for name, step in steps.items()}
     medians = {name: statistics.median(ts) for name, ts in times.items()}
-    plain, floor = medians["plain KD (fixed 0.9/0.1)"], medians["two-backward floor"]
+    plain = medians[plain_name(workload.fixed)]
+    floor = medians["two-backward floor"]
     rows = []
     for name, median in medians.items():
         memory = None if args.no_memory else peak_memory_of(args, name)
@@ -397,7 +489,7 @@ def main() -> None:
                 "iqr_s": interquartile_range(times[name]),
                 "vs_plain_kd": median / plain,
                 "vs_two_backward_floor": median / floor,
-                "images_per_s": args.batch / median,
+                f"{workload.unit}_per_s": args.batch / median,
                 "peak_extra_mb": memory,
                 "host_syncs_per_step": syncs.get(name),
                 "waits_for_device": waits.get(name),
@@ -407,7 +499,7 @@ def main() -> None:
         )
     command = "python " + " ".join(sys.argv)
     record = {
-        "benchmark": "step time, CIFAR ResNet-56 teacher -> ResNet-20 student, 32x32 inputs",
+        "benchmark": f"step time, {workload.title}",
         "batch": args.batch,
         "device": args.device,
         "amp": args.amp,
@@ -421,7 +513,8 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rows": rows,
     }
-    stem = Path(args.output) if args.output else RESULTS / f"step_time_{args.device.split(':')[0]}"
+    prefix = "step_time" if args.workload == "cifar-resnet" else "step_time_lm"
+    stem = Path(args.output) if args.output else RESULTS / f"{prefix}_{args.device.split(':')[0]}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
@@ -434,7 +527,7 @@ def main() -> None:
         f"median of {args.rounds} rounds x {args.steps} steps after "
         f"{args.warmup} warm-up steps per method, methods interleaved; timing {args.timing}",
         "",
-        "| method | median step (ms) | IQR (ms) | images/s | / plain KD | / two-backward floor "
+        f"| method | median step (ms) | IQR (ms) | {workload.unit}/s | / plain KD | / two-backward floor "
         "| peak extra memory (MB) | host syncs / step | waits for the device | GPU kernels / step |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -442,7 +535,7 @@ def main() -> None:
         memory = "-" if row["peak_extra_mb"] is None else f"{row['peak_extra_mb']:.0f}"
         lines.append(
             f"| {row['method']} | {1000 * row['median_s']:.1f} | {1000 * row['iqr_s']:.1f} "
-            f"| {row['images_per_s']:.0f} | "
+            f"| {row[f'{workload.unit}_per_s']:.0f} | "
             f"{row['vs_plain_kd']:.3f} | {row['vs_two_backward_floor']:.3f} | {memory} | "
             f"{'-' if row['host_syncs_per_step'] is None else row['host_syncs_per_step']} | "
             f"{'-' if row['waits_for_device'] is None else ('yes' if row['waits_for_device'] else 'no')} | "
