@@ -151,6 +151,25 @@ def test_a_run_without_a_teacher_runs_once_for_the_pairs_that_share_it(tmp_path,
     assert float(shared["paired_vs_reference"]) == pytest.approx(expected)
 
 
+def test_a_cell_without_a_teacher_neither_waits_for_nor_trains_one(tmp_path, capsys):
+    alone = (
+        "  alone: [teacher.name=null, teacher.checkpoint=null, 'losses={task: {type: ce}}', balancer.method=fixed, "
+        "'balancer.options={weights: {task: 1.0}}']"
+    )
+    matrix = Path(write_matrix(tmp_path, METHODS.splitlines()[0] + "\n" + alone))
+    matrix.write_text(matrix.read_text().replace("epochs=3", "epochs=1"))
+    out = tmp_path / "out"
+    assert cli.main(["bench", str(matrix), "--out", str(out), "--cell", "cnn-mlp", "alone", "1"]) == 0
+    assert (out / "cnn-mlp" / "alone" / "seed1" / "summary.json").is_file()
+    assert cli.main(["bench", str(matrix), "--out", str(out), "--cell", "cnn-mlp", "kd-fixed", "1"]) != 0
+    assert "teacher 'cnn_small' of pair 'cnn-mlp' is not trained yet" in capsys.readouterr().err
+    assert cli.main(["bench", str(matrix), "--out", str(out), "--methods", "alone"]) == 0
+    assert (out / "cnn-mlp" / "alone" / "seed0" / "summary.json").is_file()
+    assert not (out / "teachers").exists()
+    assert cli.main(["bench", str(matrix), "--out", str(out), "--methods", "kd-fixed", "--seeds", "0"]) == 0
+    assert (out / "teachers" / "cnn_small" / "summary.json").is_file()
+
+
 def test_bad_matrix_is_named(tmp_path):
     matrix = write_matrix(tmp_path, METHODS)
     text = open(matrix).read().replace("reference: kd-fixed", "reference: kd-none")

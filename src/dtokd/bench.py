@@ -196,8 +196,9 @@ def run_matrix(
 
     ``parallel``: how many cells run at once, each in its own process (``dtokd bench MATRIX
     --cell PAIR METHOD SEED``, output in the cell's ``bench.log``; needs ``matrix_path``), on
-    the same device: one small run leaves most of a GPU idle. Teachers are trained first, one
-    at a time. Each invocation appends its throughput (cells per minute) to ``timing.jsonl``.
+    the same device: one small run leaves most of a GPU idle. The teachers of the cells that
+    distil are trained first, one at a time; cells without a teacher need none. Each invocation
+    appends its throughput (cells per minute) to ``timing.jsonl``.
     """
     if not isinstance(parallel, int) or parallel < 1:
         raise ValueError(f"parallel={parallel!r} must be a positive integer")
@@ -209,7 +210,7 @@ def run_matrix(
     out.mkdir(parents=True, exist_ok=True)
     shared = shared_runs(matrix)
     cells = _the_runs(select_cells(matrix) if cells is None else cells, shared)
-    used = {pair for pair, _, _ in cells}
+    used = {cell[0] for cell in cells if needs_teacher(matrix, *cell)}  # a teacher-free cell waits for none
     teachers = {
         name: Path(pair.checkpoint)
         if pair.checkpoint is not None
@@ -237,7 +238,7 @@ def run_matrix(
                 f"[bench] {k + 1}/{len(pending)} to run: {pair} {method} seed {seed} (elapsed {elapsed / 60:.1f} min)",
                 flush=True,
             )
-            run_cell(matrix, out, pair, method, seed, teachers[pair], progress=progress)
+            run_cell(matrix, out, pair, method, seed, teachers.get(pair), progress=progress)
             ran += 1
     else:
         ran = _run_in_processes(matrix, matrix_path, out, pending, parallel, grace=stop_grace)  # type: ignore[arg-type]
@@ -377,6 +378,12 @@ def cell_config(matrix: Matrix, pair: str, method: str, seed: int, teacher: Path
     )
 
 
+def needs_teacher(matrix: Matrix, pair: str, method: str, seed: int) -> bool:
+    """Whether the cell distils (its configuration names a teacher); a cell without one (the
+    student alone) runs before, or without, its pair's teacher being trained."""
+    return cell_config(matrix, pair, method, seed, "teacher.pt").teacher.name is not None
+
+
 def check_cells(matrix: Matrix) -> None:
     """Every cell's configuration, checked before anything runs (a bad override fails now, not
     after hours of other cells); a cell must train (``epochs`` >= 1)."""
@@ -412,7 +419,7 @@ def run_cell(
         return
     given = matrix.pairs[pair]
     teacher = teacher or Path(given.checkpoint or out / "teachers" / given.teacher / "best.pt")
-    if not teacher.is_file():
+    if needs_teacher(matrix, pair, method, seed) and not teacher.is_file():
         raise FileNotFoundError(
             f"teacher {given.teacher!r} of pair {pair!r} is not trained yet ({teacher}); "
             "run the matrix without --cell first"

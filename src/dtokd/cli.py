@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cell",
         nargs=3,
         metavar=("PAIR", "METHOD", "SEED"),
-        help="run only this cell (its teacher must be trained); used by --parallel",
+        help="run only this cell (a cell that distils needs its teacher trained); used by --parallel",
     )
     demo = sub.add_parser("demo", help="Fashion-MNIST: teacher, then a student alone / fixed KD / DTO-KD")
     demo.add_argument("--out", default="runs/demo")
