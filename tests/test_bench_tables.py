@@ -70,3 +70,44 @@ def test_a_classification_table_has_no_columns_for_other_metrics(tmp_path):
     assert "ppl" not in md
     header = next(line for line in md.splitlines() if line.startswith("| pair"))
     assert header.count("|") == 15  # the 14 columns
+
+
+def _teacher(out, method, seed, **record):
+    (out / "p" / method / f"seed{seed}" / "teacher.json").write_text(json.dumps({"name": "t", **record}))
+
+
+def test_paired_differences_skip_seeds_whose_cells_learned_from_different_teachers(tmp_path):
+    values = {("kd", 0): (30.0, 33.0, 33.0), ("kd", 1): (31.0, 34.0, 34.0)}
+    values |= {("dto", 0): (30.5, 32.0, 32.0), ("dto", 1): (30.0, 33.5, 33.5)}
+    for (method, seed), v in values.items():
+        _finish(tmp_path, method, seed, *v)
+    for method in ("kd", "dto"):  # seed 0: one teacher, by its weights' digest
+        _teacher(tmp_path, method, 0, weights="aa", test_loss=3.5)
+    _teacher(tmp_path, "kd", 1, weights="aa", test_loss=3.5)
+    _teacher(tmp_path, "dto", 1, weights="bb", test_loss=3.5)  # seed 1: retrained, other weights
+    aggregate(bench_matrix(tmp_path), tmp_path)
+    rows = {r["method"].split(" ")[0]: r for r in csv.DictReader(open(tmp_path / "results.csv"))}
+    assert int(rows["dto"]["paired_seeds"]) == 1
+    assert float(rows["dto"]["paired_vs_reference"]) == 30.5 - 30.0  # seed 0's difference alone
+    assert float(rows["dto"]["paired_ppl_vs_reference"]) == 32.0 - 33.0
+    assert float(rows["dto"]["test_top1_at_best_val"]) == statistics.fmean([30.5, 30.0])  # both seeds still
+
+
+def test_same_teacher_by_digest_else_by_the_measured_figures_and_none_pairs_with_any(tmp_path):
+    from dtokd.bench import same_teacher
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    assert same_teacher(a, b)  # neither distilled
+    (a / "teacher.json").write_text(json.dumps({"name": "t", "checkpoint": "x", "weights": "aa", "test_loss": 3.5}))
+    assert same_teacher(a, b)  # the student alone pairs with any teacher's run
+    (b / "teacher.json").write_text(json.dumps({"name": "t", "checkpoint": "y", "weights": "aa", "test_loss": 3.6}))
+    assert same_teacher(a, b)  # the digest decides where both have it (another path, same weights)
+    (b / "teacher.json").write_text(json.dumps({"name": "t", "checkpoint": "x", "weights": "bb", "test_loss": 3.5}))
+    assert not same_teacher(a, b)
+    (b / "teacher.json").write_text(json.dumps({"name": "t", "checkpoint": "y", "test_loss": 3.5}))  # an older record
+    assert same_teacher(a, b)
+    (b / "teacher.json").write_text(json.dumps({"name": "t", "checkpoint": "x", "test_loss": 3.51}))
+    assert not same_teacher(a, b)
+    (b / "teacher.json").write_text(json.dumps({"name": "u", "checkpoint": "x", "test_loss": 3.5}))
+    assert not same_teacher(a, b)

@@ -14,6 +14,7 @@ from dtokd.models.foreign import KEY_MAP_PRESETS, Renormalize, check_normalize, 
 from dtokd.report import report
 from dtokd.tasks import evaluate_classifier as evaluate
 from dtokd.train import load_config, train
+from dtokd.train.checkpoint import checksum
 
 SHARED_TEACHERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "teachers"
 CIFAR10_STATS = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010]}
@@ -147,6 +148,7 @@ def test_distilling_from_the_foreign_teacher_reports_its_accuracy_first(foreign_
         assert recorded[f"{split}_top1"] == pytest.approx(expected["top1"], abs=1e-9)
         assert recorded[f"{split}_loss"] == pytest.approx(expected["loss"], rel=1e-4)
     assert recorded["test_top1"] > 50.0  # the mapping found a trained teacher (4 classes: chance 25 %)
+    assert recorded["weights"] == checksum(teacher.state_dict())  # which teacher, by content
     markdown = report([tmp_path / "run"], tmp_path / "report").read_text()
     assert f"{recorded['val_top1']:.2f} / {recorded['test_top1']:.2f}" in markdown
 

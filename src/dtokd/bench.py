@@ -662,17 +662,33 @@ def _curve_split(metrics: list[list[dict[str, Any]]], metric: str) -> str:
 def paired_differences(folders: list[tuple[Path, Path]], metric: str) -> tuple[float, float, int]:
     """Mean and standard deviation over seeds of ``method - reference`` in test metric at the
     epoch chosen on validation, from one (method's, reference's) pair of cell folders per seed,
-    over the seeds both finished (same seed: same initialisation and batches), and how many
-    seeds that is."""
+    over the seeds both finished with the same teacher (same seed: same initialisation and
+    batches; see :func:`same_teacher`), and how many seeds that is."""
     differences = []
     for method_folder, reference_folder in folders:
         pair = [method_folder / "summary.json", reference_folder / "summary.json"]
-        if all(p.is_file() for p in pair):
+        if all(p.is_file() for p in pair) and same_teacher(method_folder, reference_folder):
             values = [json.loads(p.read_text()).get(f"test_{metric}_at_best_val") for p in pair]
             if None not in values:
                 differences.append(values[0] - values[1])
     mean, std = _mean_std(differences)
     return mean, std, len(differences)
+
+
+def same_teacher(first: Path, second: Path) -> bool:
+    """Whether two finished runs can be paired as far as their teachers go: one of them
+    distilled from none (the student alone), or both from the same teacher, by the SHA-256 of
+    its weights in ``teacher.json`` where both have it, otherwise by its name and every figure
+    measured on its validation and test splits (a teacher trained again need not be bit-identical: a record
+    restored into a fresh checkout keeps its cells, not the teacher's weights)."""
+    paths = [first / "teacher.json", second / "teacher.json"]
+    if not all(p.is_file() for p in paths):
+        return True
+    a, b = (json.loads(p.read_text()) for p in paths)
+    if "weights" in a and "weights" in b:
+        return a["weights"] == b["weights"]
+    measured = [{k: v for k, v in t.items() if k not in ("checkpoint", "weights")} for t in (a, b)]
+    return measured[0] == measured[1]
 
 
 def aggregate(matrix: Matrix, out: Path) -> Path:
@@ -783,7 +799,8 @@ def _markdown(matrix: Matrix, rows: list[dict[str, Any]], plots: list[Path]) -> 
         "accuracies: mean ± standard deviation over seeds; "
         "time: the fastest seed's mean seconds per epoch (other load on the machine only adds time)",
         "- paired: the mean ± standard deviation over seeds of (method - reference) in test "
-        f"{m} at best val, same seed = same initialisation and batches (n: seeds both finished); paired vs "
+        f"{m} at best val, same seed = same initialisation and batches (n: seeds both finished with the same "
+        "teacher); paired vs "
         f"tuned: the same against the grid's choice on seed {matrix.seeds[0]}'s validation "
         "(marked tuned on val; it and the reference alone run on the other seeds); epochs to "
         f"ref. final: on the {rows[0]['curve_split'] if rows else 'test'} curve; step length / ref.: the "

@@ -462,7 +462,8 @@ def _teacher_accuracy(
     progress: bool,
 ) -> dict[str, Any] | None:
     """The teacher's metrics on the validation and test splits, measured before training as it
-    sees its inputs in distillation, and kept in ``teacher.json`` (a resumed run reads it). The
+    sees its inputs in distillation, and kept in ``teacher.json`` with the SHA-256 of its weights
+    (``weights``: which teacher this run learned from; a resumed run reads the file). The
     measurement is cached by content (the teacher's weights, its input mapping, the data
     settings and the seed that carves the validation split), so the cells of a matrix that share
     a teacher and data pay it once."""
@@ -480,7 +481,12 @@ def _teacher_accuracy(
         if main:
             cached.parent.mkdir(parents=True, exist_ok=True)
             ckpt.write_text_atomic(cached, json.dumps(measured, indent=2) + "\n")
-    result: dict[str, Any] = {"name": config.teacher.name, "checkpoint": config.teacher.checkpoint, **measured}
+    result: dict[str, Any] = {
+        "name": config.teacher.name,
+        "checkpoint": config.teacher.checkpoint,
+        "weights": ckpt.checksum(teacher.state_dict()),
+        **measured,
+    }
     if main:
         path.write_text(json.dumps(result, indent=2) + "\n")
         if progress:
