@@ -10,9 +10,13 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,tensorboard]"
+	# torchtune's KD losses, a reference the token-level losses are tested against: its package
+	# imports torchao and pins torchdata, but the losses' own file needs only torch, so the
+	# tests read that file and it is installed without its dependencies
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps torchtune==0.6.1
 	touch $@
 
 # Debian's dataset-fashion-mnist package when it is missing and apt is at hand; otherwise the
