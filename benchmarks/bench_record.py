@@ -12,7 +12,8 @@ new ones::
 
 Layout of a record: ``cells/<pair>/<method>/seed<N>/`` (the files of ``CELL_FILES`` that the
 cell has), ``teachers/<name>/`` for teachers the bench trained (``:`` in a name becomes ``_``;
-their weights stay out), and the bench's ``results.md``, ``results.csv``, plots and
+their weights stay out; a teacher trained again, which need not be bit-identical, is kept beside
+the first as ``<name>-<the time its training started>``), and the bench's ``results.md``, ``results.csv``, plots and
 ``timing.jsonl``. Neither direction overwrites a file that differs from the one it would write:
 it stops and names it. ``save`` replaces a record's tables and plots (``--aggregate-only``
 rebuilds them from the cells) and its timing log only with one that continues it (the bench
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -49,6 +51,21 @@ def _copy(source: Path, target: Path) -> None:
     shutil.copy2(source, target)
 
 
+def _teacher_record(teacher: Path, teachers: Path) -> Path:
+    """Where the trained teacher ``teacher`` is kept in a record's ``teachers``: ``<name>``, or,
+    where another teacher of that name is kept there (one trained again in a fresh checkout is
+    not bit-identical), ``<name>-<the time its training started>``."""
+    name = teacher.name.replace(":", "_")
+    kept = teachers / name
+    differs = [n for n in TEACHER_FILES if (teacher / n).is_file() and (kept / n).is_file()]
+    if not any(not filecmp.cmp(teacher / n, kept / n, shallow=False) for n in differs):
+        return kept
+    started = json.loads((teacher / "meta.json").read_text())["started"] if (teacher / "meta.json").is_file() else None
+    if not started:
+        raise Conflict(f"{kept} keeps another teacher, and {teacher} has no meta.json to name this one by")
+    return teachers / f"{name}-{started[:16].replace(':', '-')}"
+
+
 def _cells(root: Path) -> list[Path]:
     """The finished cell folders ``<pair>/<method>/seed<N>`` under ``root``."""
     return sorted(c for c in root.glob("*/*/seed*") if c.is_dir() and cell_finished(c))
@@ -67,10 +84,11 @@ def _copy_cells(source: Path, target: Path) -> int:
 def save(out: Path, record: Path) -> int:
     """Copy the finished cells of the bench output ``out`` into ``record`` (see the module notes)."""
     cells = _copy_cells(out, record / "cells")
-    for teacher in sorted((out / "teachers").glob("*/summary.json")):
+    for teacher in sorted(summary.parent for summary in (out / "teachers").glob("*/summary.json")):
+        target = _teacher_record(teacher, record / "teachers")
         for name in TEACHER_FILES:
-            if (teacher.parent / name).is_file():
-                _copy(teacher.parent / name, record / "teachers" / teacher.parent.name.replace(":", "_") / name)
+            if (teacher / name).is_file():
+                _copy(teacher / name, target / name)
     timing = record / "timing.jsonl"
     if timing.is_file() and (out / "timing.jsonl").is_file():
         if not (out / "timing.jsonl").read_text().startswith(timing.read_text()):

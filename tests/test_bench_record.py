@@ -85,3 +85,26 @@ def test_a_timing_log_that_does_not_continue_the_records_is_refused(tmp_path, be
 def test_the_command_line_names_a_folder_that_is_no_record(tmp_path, bench_record, capsys):
     assert bench_record.main(["restore", str(tmp_path), str(tmp_path / "out")]) == 1
     assert "holds no cells/ folder" in capsys.readouterr().err
+
+
+def test_a_teacher_trained_again_is_kept_beside_the_first_named_by_its_start(tmp_path, bench_record):
+    out, record = tmp_path / "out", tmp_path / "record"
+    _bench_output(out)
+    teacher = out / "teachers" / "hf-causal-lm:llama"
+    (teacher / "meta.json").write_text('{"started": "2026-12-01T17:30:04+00:00"}\n')
+    bench_record.save(out, record)
+    (teacher / "summary.json").write_text('{"test_ppl": 35.0}\n')  # a fresh checkout trained it again
+    (teacher / "meta.json").write_text('{"started": "2026-12-03T07:47:12+00:00"}\n')
+    bench_record.save(out, record)
+    first, again = (
+        record / "teachers" / "hf-causal-lm_llama",
+        record / "teachers" / "hf-causal-lm_llama-2026-12-03T07-47",
+    )
+    assert (first / "summary.json").read_text() == "{}\n"  # the first teacher's record untouched
+    assert (again / "summary.json").read_text() == '{"test_ppl": 35.0}\n'
+    assert "07:47:12" in (again / "meta.json").read_text()
+    bench_record.save(out, record)  # again: the same files, no conflict
+    (teacher / "meta.json").unlink()
+    (teacher / "summary.json").write_text('{"test_ppl": 36.0}\n')
+    with pytest.raises(bench_record.Conflict, match="no meta.json to name this one by"):
+        bench_record.save(out, record)
