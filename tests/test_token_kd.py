@@ -23,6 +23,8 @@ def reference(student, teacher, labels, divergence, beta=0.5, temperature=1.0):
         kl = lambda a, b: (a * (a.log() - b.log())).sum()  # noqa: E731
         if divergence == "forward_kl":
             value = kl(q, p)
+        elif divergence == "forward_ce":
+            value = -(q * p.log()).sum()
         elif divergence == "reverse_kl":
             value = kl(p, q)
         else:
@@ -50,6 +52,7 @@ def bucket_reference(student, topk_log_probs, indices, labels, divergence, beta=
         kl = lambda a, b: (a * (a.log() - b.log())).sum()  # noqa: E731
         value = {
             "forward_kl": lambda: kl(qb, pb),
+            "forward_ce": lambda: -(qb * pb.log()).sum(),
             "reverse_kl": lambda: kl(pb, qb),
             "jsd": lambda: (
                 beta * kl(qb, beta * qb + (1 - beta) * pb) + (1 - beta) * kl(pb, beta * qb + (1 - beta) * pb)
@@ -68,7 +71,7 @@ def batch(seed=0, shape=(3, 5), vocabulary=11, masked=(0, 1, 7)):
     return student, teacher, labels
 
 
-CASES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9)]
+CASES = [("forward_kl", 0.5), ("forward_ce", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9)]
 
 
 @pytest.mark.parametrize("divergence, beta", CASES)
@@ -120,6 +123,24 @@ def test_a_top_k_teacher_equals_its_bucket_formula(divergence, beta, k):
     (expected_grad,) = torch.autograd.grad(expected, student)
     torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ours_grad, expected_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_the_cross_entropy_form_is_forward_kl_plus_the_teachers_entropy_with_the_same_gradient(temperature):
+    """``forward_ce = forward_kl + T^2 * mean over valid tokens of H(q)``, by hand; the gradients
+    are the same tensor's (the entropy is the teacher's, a constant)."""
+    student, teacher, labels = batch(seed=3)
+    kl = token_kd_loss(student, teacher, labels, divergence="forward_kl", temperature=temperature)
+    ce = token_kd_loss(student, teacher, labels, divergence="forward_ce", temperature=temperature, chunk_tokens=2)
+    q = torch.softmax(teacher / temperature, -1)
+    entropy = -(q * q.log()).sum(-1)[labels != -100].mean() * temperature**2
+    torch.testing.assert_close(ce, kl + entropy, rtol=1e-12, atol=1e-12)
+    assert float(ce.detach()) >= float(entropy) > 0  # its floor: the teacher's entropy, not 0
+    (kl_grad,) = torch.autograd.grad(kl, student)
+    (ce_grad,) = torch.autograd.grad(ce, student)
+    torch.testing.assert_close(ce_grad, kl_grad, rtol=1e-10, atol=1e-13)
+    matched = token_kd_loss(teacher.clone(), teacher, labels, divergence="forward_ce", temperature=temperature)
+    torch.testing.assert_close(matched, entropy, rtol=1e-12, atol=1e-12)  # a student equal to its teacher
 
 
 def test_edge_cases():
@@ -247,11 +268,15 @@ def _torchtune_kd_losses():
     return module
 
 
-@pytest.mark.parametrize("divergence, theirs", [("forward_kl", "ForwardKLLoss"), ("reverse_kl", "ReverseKLLoss")])
+@pytest.mark.parametrize(
+    "divergence, theirs",
+    [("forward_kl", "ForwardKLLoss"), ("forward_ce", "ForwardKLLoss"), ("reverse_kl", "ReverseKLLoss")],
+)
 def test_agrees_with_torchtunes_kl_losses(divergence, theirs):
-    """torchtune's losses are cross-entropies (``-sum q log p`` forward, ``sum p (log p - log q)``
-    reverse), in float32, over (tokens, vocabulary): its forward loss is ours plus the teacher's
-    entropy, a constant; the gradients are equal."""
+    """torchtune's losses are the cross-entropy to the teacher (``-sum q log p``: our
+    ``forward_ce``) and the reverse KL (``sum p (log p - log q)``), in float32, over (tokens,
+    vocabulary): its forward loss is our ``forward_kl`` plus the teacher's entropy, a constant;
+    the gradients are equal."""
     losses = _torchtune_kd_losses()
     student, teacher, labels = batch(seed=6)
     flat_student = student.detach().float().reshape(-1, 11).requires_grad_()

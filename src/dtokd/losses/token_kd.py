@@ -3,8 +3,13 @@
 For a student's next-token logits ``s`` and a teacher's ``t`` at temperature ``T``, with
 ``p = softmax(s / T)`` and ``q = softmax(t / T)``, the loss of one token is one of
 
-- ``forward_kl``: ``KL(q || p) = sum_v q_v (log q_v - log p_v)`` (Hinton's KD; torchtune's
-  ``ForwardKLLoss``; TRL's generalized JSD at ``beta = 0``),
+- ``forward_kl``: ``KL(q || p) = sum_v q_v (log q_v - log p_v)`` (Hinton's KD; TRL's
+  generalized JSD at ``beta = 0``),
+- ``forward_ce``: the cross-entropy to the teacher's distribution, ``H(q, p) = -sum_v q_v log p_v
+  = KL(q || p) + H(q)`` (torchtune's ``ForwardKLLoss``): forward KL's gradient, but its floor is
+  the teacher's entropy ``H(q)`` instead of 0, as the next-token cross-entropy's floor is the
+  data's. A balancer of log losses (DTO's rules) weighs a loss by ``1 / L``: a KL that nears 0
+  as the student matches its teacher takes an ever larger share, the cross-entropy form does not,
 - ``reverse_kl``: ``KL(p || q)`` (mode-seeking; MiniLLM; TRL's generalized JSD at ``beta = 1``),
 - ``jsd``: the generalized Jensen-Shannon divergence of GKD (Agarwal et al., ICLR 2024),
   ``beta KL(q || m) + (1 - beta) KL(p || m)`` with ``m = beta q + (1 - beta) p``, for
@@ -39,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES = ("forward_kl", "forward_ce", "reverse_kl", "jsd")
 DEFAULT_CHUNK_TOKENS = 1024
 
 
@@ -131,6 +136,8 @@ def _divergence(log_p: Tensor, log_q: Tensor, divergence: str, beta: float) -> t
     if divergence == "forward_kl":
         loss = torch.where(q > 0, q * (log_q - log_p), 0.0).sum(-1)
         return loss, -q
+    if divergence == "forward_ce":
+        return torch.where(q > 0, -q * log_p, 0.0).sum(-1), -q
     if divergence == "reverse_kl":
         terms = torch.where(p > 0, p * (log_p - log_q), 0.0)
         return terms.sum(-1), terms + p
