@@ -143,6 +143,30 @@ def test_ce_equals_the_models_own_loss_and_masked_tokens_do_not_count(corpus):
     torch.testing.assert_close(masked["task"].double(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_the_cross_entropy_form_of_token_kd_adds_the_teachers_entropy_over_counted_tokens(corpus):
+    """``divergence: forward_ce`` in a loss spec: forward KL plus the teacher's next-token entropy,
+    averaged over the counted tokens (by hand, in float64), with the same gradient."""
+    data = build_data("text", str(corpus), val_fraction=0.2, text=TEXT)
+    student, teacher = _models(data.num_classes)
+    x, y = data.train.__getitems__([0, 1, 2])
+    y = y.clone()  # a view of the inputs' block
+    y[0, :5] = -100
+    values, grads = {}, {}
+    for divergence in ("forward_kl", "forward_ce"):
+        task = CausalLMTask(student, teacher, {"distill": {"type": "token-kd", "divergence": divergence}})
+        _, losses = task(x, y)
+        values[divergence] = losses["distill"]
+        grads[divergence] = torch.autograd.grad(losses["distill"], list(student.parameters()))
+    with torch.no_grad():
+        q = torch.softmax(teacher(x).double(), -1)[y != -100]
+    entropy = -(q * q.log()).sum(-1).mean()
+    torch.testing.assert_close(
+        values["forward_ce"].double(), values["forward_kl"].double() + entropy, rtol=1e-5, atol=1e-6
+    )
+    for ce_grad, kl_grad in zip(grads["forward_ce"], grads["forward_kl"]):
+        torch.testing.assert_close(ce_grad, kl_grad)
+
+
 def test_evaluation_by_brute_force(corpus):
     data = build_data("text", str(corpus), val_fraction=0.2, text=TEXT)
     student, _ = _models(data.num_classes)
