@@ -13,9 +13,9 @@ new ones::
 Layout of a record: ``cells/<pair>/<method>/seed<N>/`` (the files of ``CELL_FILES`` that the
 cell has), ``teachers/<name>/`` for teachers the bench trained (``:`` in a name becomes ``_``;
 their weights stay out; a teacher trained again, which need not be bit-identical, is kept beside
-the first as ``<name>-<the time its training started>``), and the bench's ``results.md``, ``results.csv``, plots and
-``timing.jsonl``. Neither direction overwrites a file that differs from the one it would write:
-it stops and names it. ``save`` replaces a record's tables and plots (``--aggregate-only``
+the first as ``<name>-<the time its training started>``), and the bench's ``results.md``,
+``results.csv``, plots and ``timing.jsonl``. Neither direction overwrites a file that differs
+from the one it would write: it stops and names it. ``save`` replaces a record's tables and plots (``--aggregate-only``
 rebuilds them from the cells) and its timing log only with one that continues it (the bench
 appends a line per invocation).
 """
@@ -57,12 +57,12 @@ def _teacher_record(teacher: Path, teachers: Path) -> Path:
     not bit-identical), ``<name>-<the time its training started>``."""
     name = teacher.name.replace(":", "_")
     kept = teachers / name
-    differs = [n for n in TEACHER_FILES if (teacher / n).is_file() and (kept / n).is_file()]
-    if not any(not filecmp.cmp(teacher / n, kept / n, shallow=False) for n in differs):
+    both = [n for n in TEACHER_FILES if (teacher / n).is_file() and (kept / n).is_file()]
+    if all(filecmp.cmp(teacher / n, kept / n, shallow=False) for n in both):
         return kept
-    started = json.loads((teacher / "meta.json").read_text())["started"] if (teacher / "meta.json").is_file() else None
-    if not started:
+    if not (teacher / "meta.json").is_file():
         raise Conflict(f"{kept} keeps another teacher, and {teacher} has no meta.json to name this one by")
+    started = json.loads((teacher / "meta.json").read_text())["started"]
     return teachers / f"{name}-{started[:16].replace(':', '-')}"
 
 

@@ -679,8 +679,9 @@ def same_teacher(first: Path, second: Path) -> bool:
     """Whether two finished runs can be paired as far as their teachers go: one of them
     distilled from none (the student alone), or both from the same teacher, by the SHA-256 of
     its weights in ``teacher.json`` where both have it, otherwise by its name and every figure
-    measured on its validation and test splits (a teacher trained again need not be bit-identical: a record
-    restored into a fresh checkout keeps its cells, not the teacher's weights)."""
+    measured on its validation and test splits (a teacher trained again need not be
+    bit-identical: a record restored into a fresh checkout keeps its cells, not the teacher's
+    weights)."""
     paths = [first / "teacher.json", second / "teacher.json"]
     if not all(p.is_file() for p in paths):
         return True

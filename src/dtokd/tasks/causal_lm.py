@@ -6,8 +6,9 @@ A batch is ``(input_ids, targets)``, both ``(B, L)``: the targets are the next t
 
 - ``ce``: next-token cross-entropy, the mean over counted tokens;
 - ``token-kd``: :func:`~dtokd.losses.token_kd.token_kd_loss` to the teacher's next-token
-  distribution: ``divergence`` (``forward_kl``, ``forward_ce``, ``reverse_kl``, ``jsd``), ``beta`` (jsd's mix,
-  0.5), ``temperature`` (1), ``chunk_tokens`` (1024): the mean over counted tokens;
+  distribution: ``divergence`` (``forward_kl``, ``forward_ce``, ``reverse_kl``, ``jsd``),
+  ``beta`` (jsd's mix, 0.5), ``temperature`` (1), ``chunk_tokens`` (1024): the mean over
+  counted tokens;
 - ``hidden``: a hidden-state loss through a learned projector
   (:class:`~dtokd.losses.feature.FeatureProjector` over the hidden width): the student's hidden
   state ``student_layer`` and the teacher's ``teacher_layer`` (indices into the

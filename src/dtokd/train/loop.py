@@ -472,8 +472,9 @@ def _teacher_accuracy(
     path = folder / "teacher.json"
     if path.is_file():
         return json.loads(path.read_text())
+    weights = ckpt.checksum(teacher.state_dict())  # read once: a large teacher takes a while to hash
     model = WithInput(teacher, teacher_input) if teacher_input is not None else teacher
-    cached = sources.cache_dir() / "teacher-eval" / f"{_teacher_key(config, model)}.json"
+    cached = sources.cache_dir() / "teacher-eval" / f"{_teacher_key(config, weights, teacher_input)}.json"
     if cached.is_file():
         measured = json.loads(cached.read_text())
     else:
@@ -484,7 +485,7 @@ def _teacher_accuracy(
     result: dict[str, Any] = {
         "name": config.teacher.name,
         "checkpoint": config.teacher.checkpoint,
-        "weights": ckpt.checksum(teacher.state_dict()),
+        "weights": weights,
         **measured,
     }
     if main:
@@ -515,9 +516,10 @@ def _measure_teacher(
     return result
 
 
-def _teacher_key(config: Config, model: nn.Module) -> str:
-    """What the teacher's measurement depends on: its weights and buffers (by content, wherever
-    they were read from), its input mapping, the task, the data settings and content, and the seed."""
+def _teacher_key(config: Config, weights: str, teacher_input: nn.Module | None) -> str:
+    """What the teacher's measurement depends on: its weights and buffers (``weights``, their
+    checksum: by content, wherever they were read from), its input mapping, the task, the data
+    settings and content, and the seed."""
     root = Path(config.data.root) if config.data.root else None
     data_content = sources.content_key(root) if root is not None and root.exists() else None
     settings = {
@@ -528,7 +530,8 @@ def _teacher_key(config: Config, model: nn.Module) -> str:
         "eval_batch_size": config.eval_batch_size,
         "channels_last": config.channels_last,
         "data_content": data_content,
-        "weights": ckpt.checksum(model.state_dict()),
+        "weights": weights,
+        "input": ckpt.checksum(teacher_input.state_dict()) if teacher_input is not None else None,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
