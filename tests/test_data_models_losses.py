@@ -205,6 +205,61 @@ def test_kd_loss_against_explicit_formula():
     assert kd_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-12)
 
 
+def test_kd_loss_cross_entropy_form_against_explicit_formula():
+    """``forward_ce``: ``T^2 H(q, p)`` by hand in float64; it is the KL plus ``T^2`` times the
+    teacher's mean entropy, with the KL's gradient, and a student equal to its teacher gets
+    exactly that entropy term (the floor)."""
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(7, 6, generator=g, dtype=torch.float64)
+    s = torch.randn(7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    for T in (1.0, 2.5):
+        q, log_p = torch.softmax(t / T, 1), torch.log_softmax(s / T, 1)
+        entropy = -(q * q.log()).sum(1).mean() * T * T
+        ce = kd_loss(s, t, T, divergence="forward_ce")
+        torch.testing.assert_close(ce, -(q * log_p).sum(1).mean() * T * T)
+        kl = kd_loss(s, t, T)
+        torch.testing.assert_close(ce, kl + entropy)
+        (grad_ce,) = torch.autograd.grad(ce, s)
+        (grad_kl,) = torch.autograd.grad(kl, s)
+        torch.testing.assert_close(grad_ce, grad_kl, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(kd_loss(t, t, T, divergence="forward_ce"), entropy)
+    with pytest.raises(ValueError, match=re.escape("divergence='reverse_kl' is not allowed; use one of")):
+        kd_loss(s, t, 2.0, divergence="reverse_kl")
+    with pytest.raises(ValueError, match=re.escape("temperature=0.0 is not allowed; it must be a positive")):
+        kd_loss(s, t, 0.0)
+
+
+def test_classification_kd_spec_takes_the_cross_entropy_form():
+    student, teacher = create_model("mlp_small", 4, 1, 8), create_model("cnn_small", 4, 1, 8).eval()
+    sample = torch.randn(2, 1, 8, 8)
+    x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 4, (5,))
+    specs = {"distill": {"type": "kd", "temperature": 2.0, "divergence": "forward_ce"}, "task": {"type": "ce"}}
+    losses = ClassificationTask(student, teacher, specs, sample)(x, y)[1]
+    with torch.no_grad():
+        expected = kd_loss(student(x), teacher(x), 2.0, divergence="forward_ce")
+    torch.testing.assert_close(losses["distill"].detach(), expected)
+    default = ClassificationTask(student, teacher, {"distill": {"type": "kd", "temperature": 2.0}}, sample)(x, y)[1]
+    assert losses["distill"].item() > default["distill"].item()  # the forward KL, by default: no entropy
+    message = re.escape("losses.distill.divergence='jsd' is not allowed; use one of ['forward_kl', 'forward_ce']")
+    with pytest.raises(ValueError, match=message):
+        ClassificationTask(student, teacher, {"distill": {"type": "kd", "divergence": "jsd"}}, sample)
+
+
+def test_framework_default_losses_pass_the_divergence_on():
+    """The Lightning and Trainer integrations' default classifier losses (picklable) use the
+    divergence and temperature they are given."""
+    import pickle
+
+    from dtokd.integrations.common import default_losses
+
+    g = torch.Generator().manual_seed(4)
+    s, t, y = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g), torch.randint(0, 4, (5,), generator=g)
+    losses = pickle.loads(pickle.dumps(default_losses(2.0, "forward_ce")))(s, t, y)
+    torch.testing.assert_close(losses["distill"], kd_loss(s, t, 2.0, divergence="forward_ce"))
+    torch.testing.assert_close(losses["task"], F.cross_entropy(s, y))
+    torch.testing.assert_close(default_losses()(s, t, y)["distill"], kd_loss(s, t, 4.0))
+
+
 def test_dkd_decomposes_kd_per_sample():
     """DKD paper, Eq. (1)-(3): KD = TCKD + (1 - p_t^T) NCKD for each sample."""
     g = torch.Generator().manual_seed(1)

@@ -19,13 +19,16 @@ LossFn = Callable[[Tensor, Tensor, Tensor], Mapping[str, Tensor]]
 
 @dataclass(frozen=True)
 class ClassifierLosses:
-    """``{"distill": T^2 KL at temperature T, "task": cross-entropy}`` on ``(B, C)`` logits."""
+    """``{"distill": T^2 KL (or, with ``divergence="forward_ce"``, T^2 cross-entropy) to the
+    teacher at temperature T, "task": cross-entropy}`` on ``(B, C)`` logits (see
+    :func:`dtokd.losses.kd.kd_loss`)."""
 
     temperature: float = 4.0
+    divergence: str = "forward_kl"
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor) -> dict[str, Tensor]:
         return {
-            "distill": kd_loss(student_logits, teacher_logits, self.temperature),
+            "distill": kd_loss(student_logits, teacher_logits, self.temperature, self.divergence),
             "task": cross_entropy(student_logits, y),
         }
 
@@ -61,9 +64,9 @@ class CausalLMLosses:
         return {"distill": distill, "task": task / (targets != self.ignore_index).sum().clamp_min(1)}
 
 
-def default_losses(temperature: float = 4.0) -> LossFn:
+def default_losses(temperature: float = 4.0, divergence: str = "forward_kl") -> LossFn:
     """The classifier losses at temperature ``temperature`` (see :class:`ClassifierLosses`)."""
-    return ClassifierLosses(temperature)
+    return ClassifierLosses(temperature, divergence)
 
 
 def causal_lm_losses(

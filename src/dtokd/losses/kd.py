@@ -1,21 +1,37 @@
-"""Logit losses: cross-entropy (labels, label smoothing, soft targets), Hinton's KD (KL with
-temperature, T^2 scaling), and DeiT's distillation-token loss."""
+"""Logit losses: cross-entropy (labels, label smoothing, soft targets), Hinton's KD (KL or
+cross-entropy to the teacher with temperature, T^2 scaling), and DeiT's distillation-token loss."""
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor
 
+KD_DIVERGENCES = ("forward_kl", "forward_ce")
+"""What :func:`kd_loss` measures between the teacher's and the student's softened distributions."""
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
-    """``T^2 KL(softmax(t / T) || softmax(s / T))``, averaged over the batch (Hinton et al. 2015).
+
+def kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0, divergence: str = "forward_kl"
+) -> Tensor:
+    """Hinton's KD (Hinton et al. 2015), averaged over the batch, with ``q = softmax(t / T)`` and
+    ``p = softmax(s / T)``:
+
+    - ``forward_kl``: ``T^2 KL(q || p)``, 0 when the student matches its teacher;
+    - ``forward_ce``: ``T^2 H(q, p) = T^2 (KL(q || p) + H(q))``, the cross-entropy to the
+      teacher: the same gradient, but a floor at the teacher's entropy instead of 0, as the
+      task's cross-entropy has one at the labels' (what a balancer that weighs log losses
+      needs, see :mod:`dtokd.balancing.amortized`).
 
     The ``T^2`` keeps the gradient's scale independent of ``T``.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature={temperature!r} is not allowed; it must be a positive number")
+    if divergence not in KD_DIVERGENCES:
+        raise ValueError(f"divergence={divergence!r} is not allowed; use one of {list(KD_DIVERGENCES)}")
     log_student = F.log_softmax(student_logits / temperature, dim=1)
     log_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    if divergence == "forward_ce":
+        return -(log_teacher.exp() * log_student).sum(1).mean() * temperature**2
     return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature**2
 
 

@@ -14,7 +14,9 @@ distillation loss before the task loss to get ``conflict = cos(g_distill, g_task
 
 - ``ce``: cross-entropy with the labels, ``label_smoothing`` (0); with mixup/cutmix the
   labels are soft targets and the smoothing is in them;
-- ``kd``: Hinton's KD, ``temperature`` (4);
+- ``kd``: Hinton's KD, ``temperature`` (4), ``divergence`` (``forward_kl``, the KL to the
+  teacher; ``forward_ce``, the cross-entropy to it: the same gradient, a floor at the teacher's
+  entropy; see :func:`~dtokd.losses.kd.kd_loss`);
 - ``dkd``: decoupled KD, ``alpha`` 1, ``beta`` 8, ``temperature`` 4, ``warmup_epochs`` 20
   (the loss is scaled by ``min(1, progress / warmup_epochs)``, ``progress`` counting epochs
   including the current step; a fractional ``warmup_epochs`` is allowed for short schedules);
@@ -46,13 +48,13 @@ from torch import Tensor, nn
 from dtokd.data import eval_loader, to_device
 from dtokd.losses.dkd import dkd_loss
 from dtokd.losses.feature import FeatureProjector, feature_shape
-from dtokd.losses.kd import cross_entropy, deit_token_loss, kd_loss
+from dtokd.losses.kd import KD_DIVERGENCES, cross_entropy, deit_token_loss, kd_loss
 from dtokd.models.taps import FeatureTaps
 from dtokd.tasks.specs import fill_specs
 
 LOSS_OPTIONS: dict[str, dict[str, Any]] = {
     "ce": {"output": "logits", "label_smoothing": 0.0},
-    "kd": {"output": "logits", "temperature": 4.0},
+    "kd": {"output": "logits", "temperature": 4.0, "divergence": "forward_kl"},
     "dkd": {"output": "logits", "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 20},
     "deit": {"output": "dist", "mode": "hard", "temperature": 1.0},
     "feature": {
@@ -73,6 +75,11 @@ def resolve_loss_specs(specs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict
         output = spec.get("output")
         if output is not None and output not in OUTPUT_NAMES:
             raise ValueError(f"losses.{name}.output={output!r} is not allowed; use one of {list(OUTPUT_NAMES)}")
+        divergence = spec.get("divergence")
+        if spec["type"] == "kd" and divergence not in KD_DIVERGENCES:
+            raise ValueError(
+                f"losses.{name}.divergence={divergence!r} is not allowed; use one of {list(KD_DIVERGENCES)}"
+            )
     return resolved
 
 
@@ -200,7 +207,7 @@ class ClassificationTask(nn.Module):
                 continue
             assert teacher_logits is not None  # every other loss needs the teacher: refused above without one
             if kind == "kd":
-                losses[name] = kd_loss(z, teacher_logits, spec["temperature"])
+                losses[name] = kd_loss(z, teacher_logits, spec["temperature"], spec["divergence"])
             elif kind == "deit":
                 losses[name] = deit_token_loss(z, teacher_logits, spec["mode"], spec["temperature"])
             else:
