@@ -19,8 +19,9 @@ def kd_loss(
     - ``forward_kl``: ``T^2 KL(q || p)``, 0 when the student matches its teacher;
     - ``forward_ce``: ``T^2 H(q, p) = T^2 (KL(q || p) + H(q))``, the cross-entropy to the
       teacher: the same gradient, but a floor at the teacher's entropy instead of 0, as the
-      task's cross-entropy has one at the labels' (what a balancer that weighs log losses
-      needs, see :mod:`dtokd.balancing.amortized`).
+      task's cross-entropy has one at the labels' (what the amortized rule, which weighs log
+      losses, needs: :mod:`dtokd.balancing.amortized`; the min-norm ``dto`` is better served by
+      ``forward_kl``, see docs/methods.md, "Which to pick").
 
     The ``T^2`` keeps the gradient's scale independent of ``T``.
     """

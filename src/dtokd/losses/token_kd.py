@@ -8,8 +8,11 @@ For a student's next-token logits ``s`` and a teacher's ``t`` at temperature ``T
 - ``forward_ce``: the cross-entropy to the teacher's distribution, ``H(q, p) = -sum_v q_v log p_v
   = KL(q || p) + H(q)`` (torchtune's ``ForwardKLLoss``): forward KL's gradient, but its floor is
   the teacher's entropy ``H(q)`` instead of 0, as the next-token cross-entropy's floor is the
-  data's. A balancer of log losses (DTO's rules) weighs a loss by ``1 / L``: a KL that nears 0
-  as the student matches its teacher takes an ever larger share, the cross-entropy form does not,
+  data's. A balancer of log losses (DTO's rules) weighs a loss by ``1 / L``: under the
+  amortized rule a KL that nears 0 as the student matches its teacher takes an ever larger
+  share, the cross-entropy form does not; under the min-norm rule (``dto``) the larger loss
+  shortens the KL's log-gradient and the rule then goes almost wholly to it, so keep
+  ``forward_kl`` there (docs/methods.md, "Which to pick"),
 - ``reverse_kl``: ``KL(p || q)`` (mode-seeking; MiniLLM; TRL's generalized JSD at ``beta = 1``),
 - ``jsd``: the generalized Jensen-Shannon divergence of GKD (Agarwal et al., ICLR 2024),
   ``beta KL(q || m) + (1 - beta) KL(p || m)`` with ``m = beta q + (1 - beta) p``, for
