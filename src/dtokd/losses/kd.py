@@ -25,7 +25,7 @@ def kd_loss(
 
     The ``T^2`` keeps the gradient's scale independent of ``T``.
     """
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
+    if not temperature > 0:  # NaN too
         raise ValueError(f"temperature={temperature!r} is not allowed; it must be a positive number")
     if divergence not in KD_DIVERGENCES:
         raise ValueError(f"divergence={divergence!r} is not allowed; use one of {list(KD_DIVERGENCES)}")
