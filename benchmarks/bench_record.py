@@ -15,9 +15,9 @@ cell has), ``teachers/<name>/`` for teachers the bench trained (``:`` in a name 
 their weights stay out; a teacher trained again, which need not be bit-identical, is kept beside
 the first as ``<name>-<the time its training started>``), and the bench's ``results.md``,
 ``results.csv``, plots and ``timing.jsonl``. Neither direction overwrites a file that differs
-from the one it would write: it stops and names it. ``save`` replaces a record's tables and plots (``--aggregate-only``
-rebuilds them from the cells) and its timing log only with one that continues it (the bench
-appends a line per invocation).
+from the one it would write: it stops and names it. ``save`` replaces a record's tables and
+plots (``--aggregate-only`` rebuilds them from the cells) and its timing log only with one that
+continues it (the bench appends a line per invocation).
 """
 
 from __future__ import annotations
