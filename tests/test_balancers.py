@@ -279,8 +279,10 @@ def test_amortized_dto_matches_step_by_step_reference(mode):
 def test_amortized_forgotten_update_is_an_error():
     net = Net()
     balancer = make_balancer("dto-amortized", net.parameters())
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     x, y, t = batch()
     balancer.backward(kd_losses(net(x), y, t))
+    optimizer.step()  # and no update(): the next backward must say so
     with pytest.raises(RuntimeError, match=r"call balancer.update\(losses_after\)"):
         balancer.backward(kd_losses(net(x), y, t))
 
@@ -289,6 +291,7 @@ def test_amortized_forgotten_update_is_an_error():
 def test_stateful_balancer_resumes_from_state_dict(method, extra):
     def run(steps, state=None):
         net = Net()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.0)  # a step that moves nothing, but is one
         balancer = make_balancer(method, net.parameters(), **extra)
         if state is not None:
             balancer.load_state_dict(state)
@@ -296,12 +299,14 @@ def test_stateful_balancer_resumes_from_state_dict(method, extra):
         for step in steps:
             x, y, t = batch(seed=step)
             infos.append(balancer.backward(kd_losses(net(x), y, t)).weights)
+            optimizer.step()
         return balancer.state_dict(), infos
 
     _, straight = run(range(6))
     state, first = run(range(3))
     _, second = run(range(3, 6), state)
     assert first + second == straight
+    assert straight[-1] != straight[0]  # the weights were learned, not constant
 
 
 def test_amortized_state_without_adam_entry_is_refused_by_name():

@@ -11,12 +11,26 @@ and after ``optimizer.step()``, with ``delta_i = log L_i(before) - log L_i(after
     xi <- Adam step with gradient  (d softmax / d xi)^T delta  =  pi * (delta - <pi, delta>)
 
 ``update="same-batch"`` (the paper): the caller re-evaluates the losses on the same batch
-with the updated student under ``torch.no_grad()`` and calls :meth:`update`; a forgotten
-call is an error at the next ``backward``. ``update="next-step"``: the losses of the next
-``backward`` (a new batch) serve as the "after" values, so the method costs nothing beyond
-one backward; this is noisier, the batches being different. ``L`` is ``max(L, loss_floor)``
-throughout (FAMO adds 1e-8 instead). With ``deferred_checks=True`` the finiteness check of
-:meth:`update`'s losses is deferred to the next step as well.
+with the updated student under ``torch.no_grad()`` and calls :meth:`update` (or
+``after_step(losses_after)`` with a function that does it); a forgotten call is an error at
+the next ``backward``. ``update="next-step"``: the losses of the next ``backward`` (a new batch)
+serve as the "after" values, so the method costs nothing beyond one backward; this is noisier,
+the batches being different. ``L`` is ``max(L, loss_floor)`` throughout (FAMO adds 1e-8
+instead). With ``deferred_checks=True`` the finiteness check of :meth:`update`'s losses is
+deferred to the next step as well.
+
+Gradient accumulation: the learner learns once per optimizer step. The balancer tells an
+optimizer step from a micro-batch by the parameters' version counters (an optimizer updates
+them in place, which a backward does not): several ``backward`` calls with no optimizer step
+between them are the micro-batches of one step, weighted alike (the learner has not moved),
+and the "before" losses are the last micro-batch's, which same-batch :meth:`update` then
+compares with that micro-batch re-evaluated after the step. (A parameter update made through
+``.data``, which the version counter does not see, is then taken for a micro-batch.)
+
+Non-finite numbers never reach the learner: a learning step whose loss change is NaN or
+infinite (a step refused as non-finite, or its re-evaluation) leaves ``xi`` and Adam's state as
+they were (decided on the device, with no host read), and a refused step forgets its "before"
+losses, so the run continues as if that step had not been taken.
 
 The learner's state lives on the device of the losses and its Adam step is written out in
 tensor operations (torch.optim.Adam's update, operation for operation), so that a step on a
@@ -27,14 +41,14 @@ GPU needs no host read before its update is queued (see :class:`~dtokd.balancing
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from dtokd.balancing.base import Balancer, NonFiniteStepError, deferred_message
-from dtokd.balancing.stepinfo import HostCopy
+from dtokd.balancing.stepinfo import HostCopy, StepInfo
 
 UpdateMode = Literal["same-batch", "next-step"]
 
@@ -46,6 +60,8 @@ class AmortizedDTOBalancer(Balancer):
     """FAMO-style amortized DTO: one backward pass per step, weights learned across steps."""
 
     needs_gram = False
+    method = "dto-amortized"
+    learned_state = frozenset({"logits", "adam", "before"})
 
     def __init__(
         self,
@@ -68,22 +84,52 @@ class AmortizedDTOBalancer(Balancer):
         self.logits: Tensor | None = None
         self._exp_avg: Tensor | None = None
         self._exp_avg_sq: Tensor | None = None
-        self._adam_steps = 0
+        self._adam_steps: Tensor | None = None  # Adam's step count, on the learner's device
         self._before: Tensor | None = None  # log losses of the last step, awaiting their "after"
+        self._before_version = -1  # the parameters' version sum when ``_before`` was taken
         self._unchecked_after: HostCopy | None = None  # update()'s losses, while their check is deferred
+
+    def backward(self, losses: Mapping[str, Tensor], **kwargs: Any) -> StepInfo:
+        """:meth:`Balancer.backward`; a step refused as non-finite forgets its "before" losses."""
+        try:
+            return super().backward(losses, **kwargs)
+        except NonFiniteStepError:
+            self._before = None
+            raise
 
     def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
         log_losses = loss_values.clamp_min(self.loss_floor).log()
         self._place(log_losses.device, len(log_losses))
-        if self._before is not None:
+        version = self._parameters_version()
+        if self._before is not None and version != self._before_version:  # the optimizer stepped since
             if self.update_mode == "same-batch":
                 raise RuntimeError(
                     "dto-amortized (update='same-batch'): call balancer.update(losses_after) after "
                     "optimizer.step(), with the losses re-evaluated on the same batch under torch.no_grad()"
                 )
             self._learn(self._before - log_losses)
-        self._before = log_losses
+        self._before, self._before_version = log_losses, version
         return torch.softmax(self._learner()[0], 0)
+
+    def _parameters_version(self) -> int:
+        """The sum of the parameters' version counters: it changes when an optimizer updates them
+        in place, not when a backward writes their ``.grad``."""
+        return sum(p._version for p in self.engine.params)
+
+    def after_step(self, losses_after: Callable[[], Mapping[str, Tensor]] | None = None) -> None:
+        """Same-batch: :meth:`update` with ``losses_after()`` (called under ``torch.no_grad()``),
+        unless no step awaits its "after" losses (a refused step); next-step: nothing (the next
+        ``backward`` learns)."""
+        if self.update_mode != "same-batch" or self._before is None:
+            return
+        if losses_after is None:
+            raise ValueError(
+                "dto-amortized (update='same-batch'): after_step() needs losses_after, a function returning "
+                "the step's losses re-evaluated on the same batch (or build it with update='next-step')"
+            )
+        with torch.no_grad():
+            losses = losses_after()
+        self.update(losses)
 
     def _has_device_rule(self, num_losses: int) -> bool:
         """Always: the learner runs on the losses' device, with no host read."""
@@ -94,19 +140,22 @@ class AmortizedDTOBalancer(Balancer):
         if self.update_mode != "same-batch":
             raise RuntimeError("update() is only used with update='same-batch'; 'next-step' learns by itself")
         if self._before is None:
-            raise RuntimeError("update() called before backward(): nothing to compare with")
+            raise RuntimeError(
+                "update() with no step awaiting it: call it once after each optimizer.step() that followed "
+                "a backward() (a step refused as non-finite awaits none)"
+            )
         if self.names is None or set(losses_after) != set(self.names):
             raise ValueError(f"update(): losses must have the names {self.names}, got {sorted(losses_after)}")
+        before, self._before = self._before, None
         after = torch.stack([losses_after[n].detach().reshape(()) for n in self.names]).to(torch.float64)
         if self.sync.global_mode:
             after = self.sync.mean(after)
-        after = after.to(self._before.device)
+        after = after.to(before.device)
         if self.deferred_checks:
             self._unchecked_after = HostCopy(after)
         else:
             self._check_after(after, deferred=False)
-        self._learn(self._before - after.clamp_min(self.loss_floor).log())
-        self._before = None
+        self._learn(before - after.clamp_min(self.loss_floor).log())
 
     def check_deferred(self) -> None:
         """The deferred checks of the last step, and those of its :meth:`update` losses."""
@@ -129,17 +178,25 @@ class AmortizedDTOBalancer(Balancer):
         return xi, exp_avg, exp_avg_sq
 
     def _learn(self, delta: Tensor) -> None:
-        """One Adam step (L2 weight decay) on ``xi`` with gradient ``pi * (delta - <pi, delta>)``."""
+        """One Adam step (L2 weight decay) on ``xi`` with gradient ``pi * (delta - <pi, delta>)``;
+        none (the state kept as it was) where ``delta`` is not finite, decided on the device."""
         xi, exp_avg, exp_avg_sq = self._learner()
+        finite = torch.isfinite(delta).all()
         pi = torch.softmax(xi, 0)
+        delta = torch.where(finite, delta, 0.0)
         grad = pi * (delta - (pi * delta).sum()) + self.weight_decay * xi
         beta1, beta2 = _BETAS
-        self._adam_steps += 1
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_size = self.lr / (1 - beta1**self._adam_steps)
-        denominator = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**self._adam_steps)).add_(_EPS)
-        xi.addcdiv_(exp_avg, denominator, value=-step_size)
+        if self._adam_steps is None:
+            raise RuntimeError("dto-amortized: the learner's state is made by the first backward()")
+        steps = self._adam_steps + 1
+        new_avg = exp_avg.lerp(grad, 1 - beta1)
+        new_avg_sq = torch.addcmul(exp_avg_sq * beta2, grad, grad, value=1 - beta2)
+        step_size = self.lr / (1 - beta1**steps)
+        denominator = (new_avg_sq.sqrt() / torch.sqrt(1 - beta2**steps)).add_(_EPS)
+        new_xi = xi - step_size * (new_avg / denominator)
+        for state, new in ((xi, new_xi), (exp_avg, new_avg), (exp_avg_sq, new_avg_sq)):
+            state.copy_(torch.where(finite, new, state))
+        self._adam_steps = torch.where(finite, steps, self._adam_steps)
 
     def _place(self, device: torch.device, m: int) -> None:
         """Create the learner's state (zeros) on ``device``, or move it there."""
@@ -147,8 +204,10 @@ class AmortizedDTOBalancer(Balancer):
             self.logits, self._exp_avg, self._exp_avg_sq = (
                 torch.zeros(m, dtype=torch.float64, device=device) for _ in range(3)
             )
+            self._adam_steps = torch.zeros((), dtype=torch.float64, device=device)
         elif self.logits.device != device:
             self.logits, self._exp_avg, self._exp_avg_sq = (t.to(device) for t in self._learner())
+            self._adam_steps = self._adam_steps.to(device)  # type: ignore[union-attr]
             self._before = None if self._before is None else self._before.to(device)
 
     def state_dict(self) -> dict[str, Any]:
@@ -160,7 +219,7 @@ class AmortizedDTOBalancer(Balancer):
                 adam={
                     "exp_avg": exp_avg.cpu().clone(),
                     "exp_avg_sq": exp_avg_sq.cpu().clone(),
-                    "steps": self._adam_steps,
+                    "steps": int(self._adam_steps),  # type: ignore[arg-type]
                 },
                 before=None if self._before is None else self._before.cpu().clone(),
             )
@@ -178,6 +237,6 @@ class AmortizedDTOBalancer(Balancer):
             self.logits = state["logits"].to(torch.float64).clone()
             self._exp_avg = adam["exp_avg"].to(torch.float64).clone()
             self._exp_avg_sq = adam["exp_avg_sq"].to(torch.float64).clone()
-            self._adam_steps = int(adam["steps"])
+            self._adam_steps = torch.tensor(float(adam["steps"]), dtype=torch.float64)
             before = state.get("before")
             self._before = None if before is None else before.to(torch.float64).clone()

@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -103,6 +103,14 @@ class Balancer:
 
     needs_gram: bool = True
     """Whether the weights depend on the Gram matrix (if not, one plain backward suffices)."""
+
+    method: str = ""
+    """The method's name as :func:`~dtokd.balancing.make_balancer` takes it; saved in
+    :meth:`state_dict`, which refuses a state saved by another method."""
+
+    learned_state: frozenset[str] = frozenset()
+    """The :meth:`state_dict` entries that hold what the method learned (none for a stateless
+    rule): what a state saved before ``"method"`` was recorded is recognised by."""
 
     def __init__(
         self,
@@ -148,6 +156,7 @@ class Balancer:
         self.last_info: StepInfo | None = None
         """The StepInfo of the last :meth:`combine` call."""
         self._zero_gradient_warned: set[str] = set()
+        self._reach_checked = False  # whether the losses were seen to reach the parameters (first step)
 
     # -- to be provided by subclasses -------------------------------------------------------
     def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
@@ -156,8 +165,9 @@ class Balancer:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        """The balancer's state (names and, for learned weights, their parameters)."""
-        return {"names": self.names}
+        """The balancer's state: its method, the losses' names and, for learned weights, their
+        parameters (tensors, numbers and strings only: loadable with ``weights_only=True``)."""
+        return {"method": self.method, "names": self.names}
 
     @property
     def _names(self) -> tuple[str, ...]:
@@ -167,8 +177,36 @@ class Balancer:
         return self.names
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s state; a state saved by another method is refused (its
+        learned weights would be dropped, or this method's learner restarted, silently)."""
+        if not isinstance(state, Mapping) or "names" not in state:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: not a balancer state: {_describe(state)}")
+        saved = state.get("method")
+        if saved is None:  # saved before the method was recorded: recognised by its learned entries
+            learned = set(state) & _learned_entries()
+            if state.get("names") is not None and not (learned & self.learned_state or learned == self.learned_state):
+                saved = f"a method whose state holds {sorted(learned) or 'no learned weights'}"
+        if saved is not None and saved != self.method:
+            raise ValueError(
+                f"this balancer state was saved by method {saved!r}, but it is loaded into {self.method!r}: "
+                "resume with the method that saved it (or start this method afresh, without the state)"
+            )
         names = state.get("names")
         self.names = None if names is None else tuple(names)
+
+    def after_step(self, losses_after: Callable[[], Mapping[str, Tensor]] | None = None) -> None:
+        """What the method does after each ``optimizer.step()``; every driver calls it, whatever
+        the method. A no-op here; the amortized DTO learns its weights there
+        (:class:`~dtokd.balancing.amortized.AmortizedDTOBalancer`), calling ``losses_after`` (a
+        function returning the step's losses re-evaluated on the same batch, called under
+        ``torch.no_grad()``) only when it needs them."""
+
+    def update(self, losses_after: Mapping[str, Tensor]) -> None:
+        """The amortized DTO's same-batch learning step; no other method has one."""
+        raise TypeError(
+            f"update() is the same-batch learning step of method 'dto-amortized'; method {self.method!r} "
+            "learns nothing after the optimizer step (call after_step(), a no-op here, in generic code)"
+        )
 
     # -- the step ---------------------------------------------------------------------------
     def backward(
@@ -189,6 +227,9 @@ class Balancer:
         """
         self.check_deferred()
         ordered = self._checked(losses)
+        if not self._reach_checked:
+            _check_reach(ordered, self.engine.params, type(self).__name__)
+            self._reach_checked = True
         values = torch.stack([v.detach().reshape(()) for v in ordered.values()]).to(torch.float64)
         device = values.device
         if self.sync.global_mode:
@@ -379,10 +420,12 @@ class Balancer:
         if problem is not None:
             message = problem.message
             if problem.kind == "non-finite loss" and not deferred:
-                message += (
-                    " (.grad holds this step's non-finite gradient; "
-                    "pass on_nonfinite='skip' to skip such steps instead)"
+                written = (
+                    "nothing was written to .grad (combine)"
+                    if self._combining
+                    else ".grad holds this step's non-finite gradient"
                 )
+                message += f" ({written}; pass on_nonfinite='skip' to skip such steps instead)"
             error = ValueError if problem.kind == "negative loss" else NonFiniteStepError
             raise error(deferred_message(message) if deferred else message)
         if raw_gram is not None:
@@ -403,8 +446,11 @@ class Balancer:
         if negative:
             return Problem(
                 "negative loss",
-                f"loss(es) {negative} are negative, but this balancer takes log L "
-                "(log_losses=True); use a non-negative loss or log_losses=False",
+                f"loss(es) {negative} are negative ("
+                + ", ".join(f"{n}={v}" for n, v in zip(self._names, listed) if n in negative)
+                + f"), but method {self.method!r} balances log L (log_losses=True), defined for L >= 0 only: "
+                "give the non-negative form of the loss (a divergence, a cross-entropy or a distance; "
+                "dtokd's own losses are never below 0)",
             )
         if raw_gram is not None and not all(map(math.isfinite, raw_gram.reshape(-1).tolist())):
             diagonal = [n for n, v in zip(self._names, raw_gram.diagonal().tolist()) if not math.isfinite(v)]
@@ -565,6 +611,62 @@ def _check_reference(reference: object) -> None:
         or not any(values)
     ):
         raise ValueError(f"reference={reference!r} must hold finite numbers, not all zero")
+
+
+def _learned_entries() -> frozenset[str]:
+    """Every method's :attr:`Balancer.learned_state` entries."""
+    found: set[str] = set()
+    pending = [Balancer]
+    while pending:
+        cls = pending.pop()
+        found |= cls.learned_state
+        pending.extend(cls.__subclasses__())
+    return frozenset(found)
+
+
+def _describe(state: object) -> str:
+    return f"keys {sorted(map(str, state))}" if isinstance(state, Mapping) else f"a {type(state).__name__}"
+
+
+def _check_reach(losses: Mapping[str, Tensor], params: Sequence[Tensor], balancer: str) -> None:
+    """The first step's check that the losses reach the balancer's parameters through the
+    autograd graph: none reached is an error (the balancer was built over other parameters, and
+    would write nothing), a loss that reaches none of them a warning (its gradient is zero).
+    A walk of the graph once, not a backward pass."""
+    wanted = {id(p) for p in params if p.requires_grad}
+    if not wanted:  # the engine names this case
+        return
+    unreached = [name for name, loss in losses.items() if not _reaches(loss, wanted)]
+    if len(unreached) == len(losses):
+        raise ValueError(
+            f"{balancer}: no loss {list(losses)} reaches any of the {len(params)} parameters given to the "
+            "balancer: it would write no gradient. Build it over the parameters of the model that computes "
+            "the losses (e.g. make_balancer(method, student.parameters()))"
+        )
+    if unreached:
+        warnings.warn(
+            f"{balancer}: loss(es) {unreached} reach none of the balancer's parameters: their gradient is zero",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _reaches(loss: Tensor, wanted: set[int]) -> bool:
+    """Whether the autograd graph of ``loss`` accumulates into a tensor whose id is in ``wanted``."""
+    if loss.grad_fn is None:  # the loss is a leaf itself
+        return id(loss) in wanted
+    seen: set[Any] = set()
+    pending: list[Any] = [loss.grad_fn]
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: the leaf it writes
+        if variable is not None and id(variable) in wanted:
+            return True
+        pending.extend(following for following, _ in node.next_functions)
+    return False
 
 
 def deferred_message(problem: str) -> str:

@@ -20,7 +20,9 @@ Three engines, by name (:data:`ENGINES`):
     leaf passes through it (checked on the graph each step, a few microseconds), else an
     ordinary backward of ``sum_i c_i L_i``. Cost: about one backward.
 
-Every engine accumulates into ``.grad`` exactly like ``loss.backward()`` does: call
+Every engine takes ``representation=`` (the exact and subset engines ignore it), so that a
+driver passes the student's logits whatever the engine. Every engine accumulates into
+``.grad`` exactly like ``loss.backward()`` does: call
 ``optimizer.zero_grad()`` as usual. Gram entries: dot products in the gradients' precision
 (float32 at least) per chunk, summed in float64. Under
 ``torch.distributed`` the engines make the Gram that of the global batch (see
@@ -162,7 +164,6 @@ class ExactEngine:
         keep_graph: bool = False,
     ) -> ObjectiveGradients:
         """``keep_graph``: leave the losses' graph for a later backward (``Balancer.combine``)."""
-        _no_representation(self.name, representation)
         params = trainable(self.params)
         layout, chunks, _ = _flat_gradients(list(losses.values()), params, self.batched, keep_graph, sync)
         average = sync if (sync is not None and sync.local_mode) else None
@@ -194,7 +195,6 @@ class SubsetEngine:
         *,
         keep_graph: bool = False,
     ) -> ObjectiveGradients:
-        _no_representation(self.name, representation)
         values = list(losses.values())  # the graph is always kept: the update is a backward of the losses
         _, chunks, _ = _flat_gradients(values, trainable(self.gram_params), self.batched, True, sync)
         return _BackwardLater(flat.gram(chunks), values, self.params)
@@ -287,8 +287,3 @@ def _representation_tensors(representation: Tensor | Sequence[Tensor] | None) ->
         if not isinstance(z, Tensor) or not z.requires_grad:
             raise ValueError(f"representation[{k}] must be a tensor in the autograd graph (requires_grad=True)")
     return tensors
-
-
-def _no_representation(engine: str, representation: object) -> None:
-    if representation is not None:
-        raise ValueError(f"representation= is only used by engine='representation', not engine={engine!r}")

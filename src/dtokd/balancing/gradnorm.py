@@ -27,6 +27,9 @@ from dtokd.balancing.base import Balancer
 class GradNormBalancer(Balancer):
     """GradNorm's learned weights, computed analytically from the Gram (no second-order autograd)."""
 
+    method = "gradnorm"
+    learned_state = frozenset({"loss_weights", "initial_losses", "optimizer"})
+
     def __init__(self, engine: Any, *, alpha: float = 1.5, lr: float = 0.025, **kwargs: Any) -> None:
         super().__init__(engine, **kwargs)
         for name, value in (("alpha", alpha), ("lr", lr)):

@@ -1,15 +1,19 @@
 """What the framework integrations share: the default distillation losses, for classifiers and
-for causal language models. They are picklable (frozen dataclasses, not closures), so a module
-or trainer holding them can be sent to spawned processes (Lightning's ``ddp_spawn``,
-``torch.multiprocessing``)."""
+for causal language models, and the teacher as they run it (:class:`FrozenTeacher`). The losses
+are picklable (frozen dataclasses, not closures), so a module or trainer holding them can be
+sent to spawned processes (Lightning's ``ddp_spawn``, ``torch.multiprocessing``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from dtokd.losses.kd import cross_entropy, kd_loss
 from dtokd.losses.token_kd import DEFAULT_CHUNK_TOKENS, token_kd_loss
@@ -25,11 +29,13 @@ class ClassifierLosses:
 
     temperature: float = 4.0
     divergence: str = "forward_kl"
+    label_smoothing: float = 0.0
+    """The task's cross-entropy against ``(1 - eps) onehot + eps / C``."""
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor) -> dict[str, Tensor]:
         return {
             "distill": kd_loss(student_logits, teacher_logits, self.temperature, self.divergence),
-            "task": cross_entropy(student_logits, y),
+            "task": cross_entropy(student_logits, y, self.label_smoothing),
         }
 
 
@@ -46,6 +52,9 @@ class CausalLMLosses:
     beta: float = 0.5
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     ignore_index: int = -100
+    label_smoothing: float = 0.0
+    """The next-token cross-entropy against ``(1 - eps) onehot + eps / V`` (as the Hugging Face
+    Trainer's ``label_smoothing_factor``)."""
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
         logits, targets = student_logits[:, :-1], labels[:, 1:]
@@ -60,7 +69,13 @@ class CausalLMLosses:
             chunk_tokens=self.chunk_tokens,
         )
         flat = logits.reshape(-1, logits.shape[-1]).float()
-        task = F.cross_entropy(flat, targets.reshape(-1), ignore_index=self.ignore_index, reduction="sum")
+        task = F.cross_entropy(
+            flat,
+            targets.reshape(-1),
+            ignore_index=self.ignore_index,
+            reduction="sum",
+            label_smoothing=self.label_smoothing,
+        )
         return {"distill": distill, "task": task / (targets != self.ignore_index).sum().clamp_min(1)}
 
 
@@ -78,3 +93,96 @@ def causal_lm_losses(
 ) -> LossFn:
     """The causal-LM losses (see :class:`CausalLMLosses`)."""
     return CausalLMLosses(divergence, temperature, beta, chunk_tokens, ignore_index)
+
+
+SMOOTHABLE = (ClassifierLosses, CausalLMLosses)
+"""The losses whose task term takes a framework's label smoothing."""
+
+
+def with_label_smoothing(losses: LossFn, factor: float, setting: str) -> LossFn:
+    """``losses`` with its task cross-entropy smoothed by ``factor`` (a framework's own setting,
+    named ``setting`` in errors): the default losses take it; a loss function of the user's
+    cannot be changed from outside, so a non-zero factor is refused for it, not ignored."""
+    if not (isinstance(factor, (int, float)) and 0 <= factor < 1):
+        raise ValueError(f"{setting}={factor!r} must lie in [0, 1)")
+    if factor == 0:
+        return losses
+    if not isinstance(losses, SMOOTHABLE):
+        raise ValueError(
+            f"{setting}={factor} cannot be applied to the losses function {losses!r}: smooth the labels "
+            f"inside it and leave {setting} at 0 (or use dtokd's default losses, which take it)"
+        )
+    if losses.label_smoothing not in (0, factor):
+        raise ValueError(
+            f"{setting}={factor}, but the losses smooth with label_smoothing={losses.label_smoothing}: give one of them"
+        )
+    return dataclasses.replace(losses, label_smoothing=float(factor))
+
+
+class FrozenTeacher:
+    """The caller's teacher as the integrations run it: under ``torch.no_grad()``, in eval mode
+    for its forward only (the module's own training flags and ``requires_grad`` are left as the
+    caller set them: a student copied from it later is not frozen), on the inputs' device
+    (moved there once), floating inputs cast to its parameters' dtype. :meth:`check_fits`
+    refuses outputs that cannot be compared with the student's, naming the teacher."""
+
+    def __init__(self, module: nn.Module) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"teacher must be a torch.nn.Module, got {type(module).__name__}")
+        self.module = module
+        self.name = type(module).__name__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        device = _first_tensor_device(args, kwargs)
+        parameter = next(self.module.parameters(), None)
+        if parameter is not None and device is not None and parameter.device != device:
+            self.module.to(device)
+            parameter = next(self.module.parameters())
+        dtype = parameter.dtype if parameter is not None else None
+        args, kwargs = _cast_floating((args, kwargs), dtype)
+        with torch.no_grad(), _eval_mode(self.module):
+            return self.module(*args, **kwargs)
+
+    def check_fits(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
+        """The teacher's logits must have the student's shape (batch, [positions,] classes or
+        vocabulary) and be floating point."""
+        if not isinstance(teacher_logits, Tensor) or not teacher_logits.is_floating_point():
+            raise TypeError(f"the teacher {self.name} must return floating-point logits, got {teacher_logits!r:.80}")
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(
+                f"the teacher {self.name} does not fit its student: its logits have shape "
+                f"{tuple(teacher_logits.shape)}, the student's {tuple(student_logits.shape)} (the last dimension "
+                "is the number of classes, or the vocabulary: teacher and student must predict the same ones)"
+            )
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside the block, each submodule's training flag restored after."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def _first_tensor_device(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.device | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            return value.device
+    return None
+
+
+def _cast_floating(value: Any, dtype: torch.dtype | None) -> Any:
+    """``value`` with its floating tensors (in tuples, lists and dicts) cast to ``dtype``."""
+    if dtype is None:
+        return value
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floating(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast_floating(v, dtype) for k, v in value.items()}
+    return value

@@ -21,8 +21,16 @@ checkpoints under ``"dtokd_balancer"`` and restored with them. StepInfo is logge
 ``accumulate_grad_batches=N``: each micro-batch gets its own weights from its own gradients,
 and Lightning sums the N micro-batches' balanced losses divided by N: the update is the mean of
 the micro-batches' balanced updates (not the balanced update of their union, which would need
-the Gram of the summed gradients). Same-batch amortized DTO learns once per optimizer step, from
-the last micro-batch re-evaluated after that step.
+the Gram of the summed gradients). The amortized rule learns once per optimizer step
+(``balancer.after_step``), same-batch from the last micro-batch re-evaluated after that step.
+
+Validation and test sets (``trainer.fit(module, train, val)``, ``trainer.validate``,
+``trainer.test``): the student's top-1 accuracy and each named loss against the teacher, logged
+as ``val/accuracy``, ``val/loss/<name>`` (``test/...``), averaged over the set. The teacher is
+the caller's module, run frozen (:class:`~dtokd.integrations.common.FrozenTeacher`: eval mode
+and no gradients for its forward only; the caller's object keeps its flags), on the student's
+device and dtype; one whose logits do not match the student's is refused at the first batch.
+Batches are ``(inputs, labels)`` pairs.
 """
 
 from __future__ import annotations
@@ -35,8 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from dtokd.balancing import make_balancer
-from dtokd.balancing.amortized import AmortizedDTOBalancer
-from dtokd.integrations.common import LossFn, default_losses
+from dtokd.integrations.common import FrozenTeacher, LossFn, default_losses
 from dtokd.models.norms import frozen_batchnorm_statistics
 
 
@@ -65,14 +72,11 @@ class DistillationModule(lightning.LightningModule):
     ) -> None:
         super().__init__()
         self.student = student
-        self.teacher = [teacher.eval().requires_grad_(False)]  # a list: not a submodule, not in state_dict
+        self.teacher = [FrozenTeacher(teacher)]  # a list: not a submodule, not in state_dict
         self.losses = losses or default_losses()
         self.engine = engine
         self.balancer = make_balancer(method, self.student.parameters(), engine=engine, **dict(balancer_options or {}))
         self._optimizer = optimizer or default_optimizer
-        self._same_batch = (
-            method == "dto-amortized" and dict(balancer_options or {}).get("update", "same-batch") == "same-batch"
-        )
         self._batch: tuple[Tensor, Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -82,13 +86,20 @@ class DistillationModule(lightning.LightningModule):
         logits = self.student(x)
         return logits, self.losses(logits, teacher_logits, y)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        teacher = self.teacher[0].to(x.device)
-        with torch.no_grad():
-            teacher_logits = teacher(x)
-        logits, losses = self._losses(x, y, teacher_logits)
-        loss = self.balancer.combine(losses, representation=logits if self.engine == "representation" else None)
+    def _teacher_logits(self, x: Tensor, student_logits: Tensor | None = None) -> Tensor:
+        teacher = self.teacher[0]
+        teacher_logits = teacher(x)
+        if student_logits is not None:
+            teacher.check_fits(student_logits, teacher_logits)
+            teacher_logits = teacher_logits.to(student_logits.dtype)
+        return teacher_logits
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = _pair(batch)
+        logits = self.student(x)
+        teacher_logits = self._teacher_logits(x, logits)
+        losses = self.losses(logits, teacher_logits, y)
+        loss = self.balancer.combine(losses, representation=logits)
         self._batch = (x, y, teacher_logits)
         info = self.balancer.last_info
         assert info is not None  # combine() has just set it
@@ -98,16 +109,33 @@ class DistillationModule(lightning.LightningModule):
         return loss
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        """The optimizer step, then (same-batch amortized DTO) the losses re-evaluated on the
-        step's last batch and given to ``balancer.update``: inside the step, so that a
+        """The optimizer step, then ``balancer.after_step`` (the amortized rule learns there,
+        same-batch from the step's last batch re-evaluated): inside the step, so that a
         checkpoint written after the batch holds no half-done balancer step."""
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self._same_batch and self._batch is not None and isinstance(self.balancer, AmortizedDTOBalancer):
-            x, y, teacher_logits = self._batch
-            with torch.no_grad(), frozen_batchnorm_statistics(self.student):  # as the dtokd trainer re-evaluates
-                _, after = self._losses(x, y, teacher_logits)
-            self.balancer.update(after)
-        self._batch = None
+        batch, self._batch = self._batch, None
+        self.balancer.after_step(None if batch is None else lambda: self._losses_after(*batch))
+
+    def _losses_after(self, x: Tensor, y: Tensor, teacher_logits: Tensor) -> Mapping[str, Tensor]:
+        with frozen_batchnorm_statistics(self.student):  # as the dtokd trainer re-evaluates
+            return self._losses(x, y, teacher_logits)[1]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def _evaluation_step(self, batch: Any, stage: str) -> None:
+        """The student's top-1 accuracy and the named losses on an evaluation batch (Lightning
+        averages them over the set, weighted by the batch sizes)."""
+        x, y = _pair(batch)
+        logits = self.student(x)
+        losses = self.losses(logits, self._teacher_logits(x, logits), y)
+        metrics = {f"{stage}/loss/{name}": loss.detach() for name, loss in losses.items()}
+        if y.dim() == 1:  # integer labels
+            metrics[f"{stage}/accuracy"] = (logits.argmax(-1) == y).float().mean()
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=x.shape[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self._optimizer(self.student.parameters())
@@ -122,3 +150,14 @@ class DistillationModule(lightning.LightningModule):
                 "not written by a DistillationModule"
             )
         self.balancer.load_state_dict(checkpoint["dtokd_balancer"])
+
+
+def _pair(batch: Any) -> tuple[Tensor, Tensor]:
+    """A batch as ``(inputs, labels)``; anything else is named."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        what = f"a {type(batch).__name__}" + (f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else "")
+        raise ValueError(
+            f"DistillationModule takes batches (inputs, labels), got {what}: the task's cross-entropy needs the "
+            "labels (a TensorDataset(x, y) gives such pairs)"
+        )
+    return batch[0], batch[1]

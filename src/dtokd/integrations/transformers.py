@@ -23,8 +23,19 @@ the last step is added to each log (``dtokd/loss/task``, ``dtokd/weight/distill`
 ``dtokd/conflict``, ...); the Trainer's own ``loss`` is the balanced loss's value (for DTO on
 log losses always ``sum_i pi_i = 1``): read the losses from ``dtokd/loss/*``.
 Gradient accumulation: each micro-batch is balanced on its own gradients and the Trainer averages
-them. The amortized rule runs with ``update="next-step"`` here (``"same-batch"`` needs a
-re-evaluation after the optimizer step, which the Trainer does not offer a hook for; refused).
+them; the amortized rule learns once per optimizer step. The amortized rule runs with
+``update="next-step"`` here (``"same-batch"`` needs a re-evaluation after the optimizer step,
+which the Trainer does not offer a hook for; refused). ``label_smoothing_factor`` smooths the
+task's cross-entropy of the default losses (refused for a losses function of the user's, which
+must smooth by itself). Evaluation (``eval_dataset``, ``trainer.evaluate()``,
+``trainer.predict()``): no balancing and no balancer state changes; ``eval_loss`` is the task
+loss (the losses' ``"task"`` entry, else their sum), and each named loss is logged as
+``eval_dtokd/loss/<name>``. The teacher is the caller's module, run frozen
+(:class:`~dtokd.integrations.common.FrozenTeacher`: eval mode and no gradients for its forward
+only), on the student's device and dtype; one whose logits do not match the student's is refused
+at the first batch, naming it. Checkpoints' balancer states are read with ``weights_only=True``
+(a file carrying any other pickled object is refused, never run), and one saved by another
+method is refused.
 
 TRL: ``class SFTDistillationTrainer(DistillationTrainer, trl.SFTTrainer)`` (this class first,
 so its ``compute_loss`` is used) keeps TRL's data preparation and collation (``-100`` labels on
@@ -42,7 +53,7 @@ import transformers
 from torch import Tensor, nn
 
 from dtokd.balancing import make_balancer
-from dtokd.integrations.common import default_losses
+from dtokd.integrations.common import FrozenTeacher, default_losses, with_label_smoothing
 
 BALANCER_FILE = "dtokd_balancer.pt"
 
@@ -82,15 +93,18 @@ class DistillationTrainer(transformers.Trainer):
                 "dto-amortized in the Hugging Face Trainer needs balancer_options={'update': 'next-step'}: "
                 "the same-batch update needs a re-evaluation after each optimizer step"
             )
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.losses = losses or default_losses()
-        self.engine = engine
+        self.teacher = FrozenTeacher(teacher)
+        self.losses = with_label_smoothing(
+            losses or default_losses(), self.args.label_smoothing_factor, "label_smoothing_factor"
+        )
+        self.label_smoother = None  # the smoothing is the losses', above
         if self.model is None:
             raise ValueError("DistillationTrainer needs model=, the student to distil into")
         self.balancer = make_balancer(method, self.model.parameters(), engine=engine, **options)
         self.model_accepts_loss_kwargs = False  # what transformers < 5.19 reads instead of loss_is_scaled_for_ga
         if "labels" not in self.label_names:  # kept for the losses even if the model's forward takes none
             self.label_names = [*self.label_names, "labels"]
+        self._evaluation_losses: dict[str, list[float]] = {}
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -101,12 +115,28 @@ class DistillationTrainer(transformers.Trainer):
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         logits = _logits(outputs)
-        self.teacher.to(logits.device)
-        with torch.no_grad():
-            teacher_logits = _logits(self.teacher(**inputs))
-        losses = self.losses(logits, teacher_logits, labels)
-        loss = self.balancer.combine(losses, representation=logits if self.engine == "representation" else None)
+        teacher_logits = _logits(self.teacher(**inputs))
+        self.teacher.check_fits(logits, teacher_logits)
+        losses = self.losses(logits, teacher_logits.to(logits.dtype), labels)
+        if model.training and torch.is_grad_enabled():
+            loss = self.balancer.combine(losses, representation=logits)
+        else:  # evaluation: nothing to balance, and the balancer's state must not move
+            for name, value in losses.items():
+                self._evaluation_losses.setdefault(name, []).append(float(value.detach()))
+            loss = losses["task"] if "task" in losses else torch.stack([v.reshape(()) for v in losses.values()]).sum()
         return (loss, outputs) if return_outputs else loss
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's evaluation loop, with each named loss's mean over the batches added to
+        its metrics (``<prefix>_dtokd/loss/<name>``; this process's batches)."""
+        self._evaluation_losses = {}
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        metrics = output.metrics
+        if metrics is not None:
+            for name, values in self._evaluation_losses.items():
+                metrics[f"{prefix}_dtokd/loss/{name}"] = sum(values) / len(values)
+        return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         info = self.balancer.last_info
@@ -131,4 +161,4 @@ class DistillationTrainer(transformers.Trainer):
                 f"{path} is missing: the checkpoint was not written by a DistillationTrainer "
                 "(its balancer state is needed to continue the run as it was)"
             )
-        self.balancer.load_state_dict(torch.load(path, weights_only=False))
+        self.balancer.load_state_dict(torch.load(path, weights_only=True))

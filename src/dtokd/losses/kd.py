@@ -3,6 +3,9 @@ cross-entropy to the teacher with temperature, T^2 scaling), and DeiT's distilla
 
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -23,17 +26,41 @@ def kd_loss(
       losses, needs: :mod:`dtokd.balancing.amortized`; the min-norm ``dto`` is better served by
       ``forward_kl``, see docs/methods.md, "Which to pick").
 
-    The ``T^2`` keeps the gradient's scale independent of ``T``.
+    The ``T^2`` keeps the gradient's scale independent of ``T``. Both are ``>= 0``: a rounding
+    error below 0 (a student at its teacher) is returned as 0, with the gradient unchanged.
     """
-    if not temperature > 0:  # NaN too
-        raise ValueError(f"temperature={temperature!r} is not allowed; it must be a positive number")
+    _check_temperature(temperature)
     if divergence not in KD_DIVERGENCES:
         raise ValueError(f"divergence={divergence!r} is not allowed; use one of {list(KD_DIVERGENCES)}")
     log_student = F.log_softmax(student_logits / temperature, dim=1)
     log_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
     if divergence == "forward_ce":
-        return -(log_teacher.exp() * log_student).sum(1).mean() * temperature**2
-    return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature**2
+        return at_least_zero(-(log_teacher.exp() * log_student).sum(1).mean() * temperature**2)
+    return at_least_zero(F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature**2)
+
+
+def at_least_zero(loss: Tensor) -> Tensor:
+    """``max(loss, 0)`` in value with ``loss``'s gradient: for a loss that is ``>= 0`` in exact
+    arithmetic, whose rounding error may fall below 0 (a log-loss balancer refuses a negative
+    loss). NaN stays NaN."""
+    return loss + (loss.detach().clamp_min(0.0) - loss.detach())
+
+
+def _check_temperature(temperature: float) -> None:
+    """A positive finite number (a NumPy or one-element tensor scalar too); not a bool or a string."""
+    try:
+        value = math.nan if isinstance(temperature, (bool, str)) else float(temperature)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature={temperature!r} is not allowed; it must be a positive finite number")
+
+
+def _teacher_checked(loss: Tensor, teacher_logits: Tensor) -> Tensor:
+    """``loss``, or NaN where a teacher logit is NaN or +inf (a teacher run in half precision that
+    overflowed): a loss whose target does not exist must not look finite. Decided on the device."""
+    broken = torch.isnan(teacher_logits).any() | torch.isposinf(teacher_logits).any()
+    return torch.where(broken, torch.full_like(loss, math.nan), loss)
 
 
 def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -57,12 +84,12 @@ def deit_token_loss(
     softmax(z_dist / T))`` summed over batch and classes and divided by their number
     ``B * C`` (DeiT's normalisation: C times smaller than Hinton's batch mean).
     """
-    if mode == "hard":
-        return F.cross_entropy(dist_logits, teacher_logits.argmax(dim=-1))
+    if mode == "hard":  # argmax would hide a NaN teacher logit
+        return _teacher_checked(F.cross_entropy(dist_logits, teacher_logits.argmax(dim=-1)), teacher_logits)
     if mode != "soft":
         raise ValueError(f"deit: mode={mode!r} is not allowed; use 'hard' or 'soft'")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    _check_temperature(temperature)
     log_student = F.log_softmax(dist_logits / temperature, dim=-1)
     log_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
-    return F.kl_div(log_student, log_teacher, reduction="sum", log_target=True) * temperature**2 / dist_logits.numel()
+    kl = F.kl_div(log_student, log_teacher, reduction="sum", log_target=True)
+    return at_least_zero(kl * temperature**2 / dist_logits.numel())

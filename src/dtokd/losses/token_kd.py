@@ -134,19 +134,20 @@ def _bucketed(
 
 def _divergence(log_p: Tensor, log_q: Tensor, divergence: str, beta: float) -> tuple[Tensor, Tensor]:
     """Per row: the divergence, and ``h = p * dD/dp`` over the buckets (from which the
-    gradient at the logits is ``h - p sum(h)``), with ``0 log 0 = 0``."""
+    gradient at the logits is ``h - p sum(h)``), with ``0 log 0 = 0``. A NaN probability (a
+    NaN or +inf logit) is not a zero: it makes the row's loss NaN, as its gradient is."""
     p, q = log_p.exp(), log_q.exp()
     if divergence == "forward_kl":
-        loss = torch.where(q > 0, q * (log_q - log_p), 0.0).sum(-1)
+        loss = torch.where(q == 0, 0.0, q * (log_q - log_p)).sum(-1)
         return loss, -q
     if divergence == "forward_ce":
-        return torch.where(q > 0, -q * log_p, 0.0).sum(-1), -q
+        return torch.where(q == 0, 0.0, -q * log_p).sum(-1), -q
     if divergence == "reverse_kl":
-        terms = torch.where(p > 0, p * (log_p - log_q), 0.0)
+        terms = torch.where(p == 0, 0.0, p * (log_p - log_q))
         return terms.sum(-1), terms + p
     log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log1p(-beta))
-    teacher_part = torch.where(q > 0, q * (log_q - log_m), 0.0).sum(-1)
-    student_terms = torch.where(p > 0, p * (log_p - log_m), 0.0)
+    teacher_part = torch.where(q == 0, 0.0, q * (log_q - log_m)).sum(-1)
+    student_terms = torch.where(p == 0, 0.0, p * (log_p - log_m))
     return beta * teacher_part + (1 - beta) * student_terms.sum(-1), (1 - beta) * student_terms
 
 
@@ -165,7 +166,9 @@ class _ChunkedTokenKD(torch.autograd.Function):
             )
             total += _divergence(log_p, log_q, divergence, beta)[0].sum().double()
         ctx.count = count
-        return (total * temperature**2 / max(count, 1)).to(_compute_dtype(student))
+        # every divergence is >= 0: a rounding error below 0 (a student at its teacher) is 0, which
+        # a balancer of log losses needs (its gradient, the backward's, is unchanged)
+        return (total.clamp_min(0.0) * temperature**2 / max(count, 1)).to(_compute_dtype(student))
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -10,6 +10,7 @@ continues from the checkpoint so that the result equals an uninterrupted run.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -25,7 +26,6 @@ from torch import nn
 from tqdm import tqdm
 
 from dtokd.balancing import Balancer, make_balancer
-from dtokd.balancing.amortized import AmortizedDTOBalancer
 from dtokd.data import DataBundle, build_data, place_data, sources, to_device, train_loader
 from dtokd.interrupts import hold_folder
 from dtokd.models import create_model, load_weights
@@ -337,6 +337,20 @@ def _run(
     return summary
 
 
+def _losses_after(
+    forward: Any, task: Task, x: Any, y: Any, epochs_done: float, device: torch.device, amp_dtype: Any
+) -> dict[str, torch.Tensor]:
+    """The step's losses re-evaluated on its batch after the optimizer step (the teacher's
+    outputs reused, batch-norm statistics untouched, under the step's autocast), for
+    ``balancer.after_step``, which calls it under ``torch.no_grad()`` when it needs them."""
+    with (
+        frozen_batchnorm_statistics(task.student),
+        torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None),
+    ):
+        _, after = forward(x, y, epochs_done, reuse_teacher=True)
+    return after
+
+
 def _evaluates(config: Config, epoch: int) -> bool:
     """Whether epoch ``epoch`` (0-based) is evaluated: every ``eval.every`` epochs and the last."""
     return (epoch + 1) % config.eval.every == 0 or epoch + 1 == config.epochs
@@ -594,10 +608,6 @@ def _train_epoch(
     local = data.train.streams  # a streamed set gives each rank its own part of the global batch
     amp_dtype = AMP_DTYPES[config.amp]
     representation = config.balancer.engine == "representation"
-    # the paper's amortized rule learns from the losses re-evaluated on the same batch after the step
-    same_batch = (
-        balancer if isinstance(balancer, AmortizedDTOBalancer) and balancer.update_mode == "same-batch" else None
-    )
     m = len(task.loss_names)
     # sums of the steps' losses, weights and loss weights, on the training device: every step's
     # numbers are brought there, whichever path (host or device) the balancer took
@@ -640,14 +650,9 @@ def _train_epoch(
             scaler.update()
             if ema is not None:
                 ema.update_parameters(task.student)
-        if same_batch is not None:
-            with (
-                torch.no_grad(),
-                frozen_batchnorm_statistics(task.student),
-                torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None),
-            ):
-                _, after = forward(x, y, epochs_done, reuse_teacher=True)
-            same_batch.update(after)
+        # what the method learns after the step (the paper's amortized rule: from the losses
+        # re-evaluated on the same batch, which it asks for; nothing for most methods)
+        balancer.after_step(functools.partial(_losses_after, forward, task, x, y, epochs_done, device, amp_dtype))
         totals.add_(info.per_loss_on_device.to(device, non_blocking=True))  # no host read: see StepInfo
         count += 1
         if diagnose:
