@@ -29,8 +29,9 @@ compares with that micro-batch re-evaluated after the step. (A parameter update 
 
 Non-finite numbers never reach the learner: a learning step whose loss change is NaN or
 infinite (a step refused as non-finite, or its re-evaluation) leaves ``xi`` and Adam's state as
-they were (decided on the device, with no host read), and a refused step forgets its "before"
-losses, so the run continues as if that step had not been taken.
+they were (decided on the device, with no host read), and a refused step's "before" losses are
+forgotten (those of the step before it kept), so that a caller who catches the error and goes on
+continues as if that step had not been taken.
 
 The learner's state lives on the device of the losses and its Adam step is written out in
 tensor operations (torch.optim.Adam's update, operation for operation), so that a step on a
@@ -87,15 +88,20 @@ class AmortizedDTOBalancer(Balancer):
         self._adam_steps: Tensor | None = None  # Adam's step count, on the learner's device
         self._before: Tensor | None = None  # log losses of the last step, awaiting their "after"
         self._before_version = -1  # the parameters' version sum when ``_before`` was taken
+        self._previous_before: tuple[Tensor | None, int] = (None, -1)  # what a refused step restores
         self._unchecked_after: HostCopy | None = None  # update()'s losses, while their check is deferred
 
     def backward(self, losses: Mapping[str, Tensor], **kwargs: Any) -> StepInfo:
-        """:meth:`Balancer.backward`; a step refused as non-finite forgets its "before" losses."""
+        """:meth:`Balancer.backward`; a step refused as non-finite is forgotten by the learner."""
         try:
             return super().backward(losses, **kwargs)
         except NonFiniteStepError:
-            self._before = None
+            self._forget_refused_step()
             raise
+
+    def _forget_refused_step(self) -> None:
+        """The "before" losses as they were before the refused step."""
+        self._before, self._before_version = self._previous_before
 
     def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
         log_losses = loss_values.clamp_min(self.loss_floor).log()
@@ -108,6 +114,7 @@ class AmortizedDTOBalancer(Balancer):
                     "optimizer.step(), with the losses re-evaluated on the same batch under torch.no_grad()"
                 )
             self._learn(self._before - log_losses)
+        self._previous_before = (self._before, self._before_version)
         self._before, self._before_version = log_losses, version
         return torch.softmax(self._learner()[0], 0)
 
@@ -160,7 +167,11 @@ class AmortizedDTOBalancer(Balancer):
     def check_deferred(self) -> None:
         """The deferred checks of the last step, and those of its :meth:`update` losses."""
         after, self._unchecked_after = self._unchecked_after, None
-        super().check_deferred()
+        try:
+            super().check_deferred()
+        except NonFiniteStepError:
+            self._forget_refused_step()
+            raise
         if after is not None:
             self._check_after(after.tensor, deferred=True)
 

@@ -131,7 +131,7 @@ def load_image_folder(path: str | Path, image_size: int) -> RawSplits:
     # processes that start together (the cells of a parallel bench) read and extract once, in turn
     with exclusive(cache_dir() / "locks" / f"{path.name}-{content}.lock"):
         if cached.is_file():
-            return RawSplits(**torch.load(cached, weights_only=False))
+            return RawSplits(**torch.load(cached, weights_only=True))
         folder = _extracted(path, content) if path.is_file() else path
         root = _find_split_root(folder)
         test_name = next((n for n in ("val", "test") if (root / n).is_dir()), None)

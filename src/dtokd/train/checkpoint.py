@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -97,8 +98,14 @@ def load_checked(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path} to resume from")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        state = load_weights_only(path)
+    except pickle.UnpicklingError as error:  # what weights_only refuses: a pickled object to construct
+        raise ValueError(
+            f"checkpoint {path} holds objects other than tensors, numbers, strings and containers "
+            f"({str(error).splitlines()[0]}): refused without running them; a dtokd checkpoint holds none, "
+            "so this file was not written by dtokd or was altered. It was left untouched"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - any other failure to read means a corrupt file
         raise ValueError(
             f"checkpoint {path} is corrupt or unreadable ({type(error).__name__}: {error}); it was left untouched"
         ) from None
@@ -114,6 +121,18 @@ def load_checked(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
         details = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in mismatched.items())
         raise ValueError(f"checkpoint {path} belongs to a different run ({details}); it was left untouched")
     return state
+
+
+NUMPY_RNG_GLOBALS = (np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct)
+"""What NumPy's random state (a uint32 array) needs to be read back: array construction only."""
+
+
+def load_weights_only(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors, numbers, strings, containers and the
+    NumPy random state's array; a file that would construct any other object (run code on
+    load) raises ``pickle.UnpicklingError`` instead."""
+    with torch.serialization.safe_globals(list(NUMPY_RNG_GLOBALS)):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def verify_checksum(state: dict[str, Any], path: Path) -> None:
