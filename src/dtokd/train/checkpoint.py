@@ -123,7 +123,7 @@ def load_checked(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-NUMPY_RNG_GLOBALS = (np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct)
+NUMPY_RNG_GLOBALS = (np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct)  # type: ignore[attr-defined]
 """What NumPy's random state (a uint32 array) needs to be read back: array construction only."""
 
 
