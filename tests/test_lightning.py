@@ -140,11 +140,14 @@ def test_a_lightning_checkpoint_resumes_identically_with_the_balancer_state(tmp_
     assert not torch.equal(straight.balancer.logits, torch.zeros(2, dtype=torch.float64))  # it learned
 
 
-@pytest.mark.parametrize("method, options", [("fixed", {"weights": {"distill": 0.9, "task": 0.1}}), ("dto", {})])
+@pytest.mark.parametrize(
+    "method, options", [("fixed", {"weights": {"distill": 0.9, "task": 0.1}}), ("dto", {}), ("dto-amortized", {})]
+)
 def test_accumulated_batches_average_the_micro_batches_balanced_updates(method, options, tmp_path):
     """``accumulate_grad_batches=2``: each micro-batch is balanced on its own gradients and the
     update is the mean of the two balanced updates (for DTO not the balanced update of their
-    union: the reference computes each micro-batch's update separately)."""
+    union: the reference computes each micro-batch's update separately); the amortized rule
+    learns once per optimizer step, from the last micro-batch re-evaluated."""
     student, teacher = nets()
     reference = plain_loop(
         copy.deepcopy(student), teacher, loader(), 2, method, "representation", options, accumulate=2
@@ -155,6 +158,8 @@ def test_accumulated_batches_average_the_micro_batches_balanced_updates(method, 
     fit(module, loader(), 2, accumulate=2, root=tmp_path)
     for a, b in zip(module.student.state_dict().values(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    if method == "dto-amortized":
+        assert module.balancer.state_dict()["adam"]["steps"] == 2
 
 
 def test_a_checkpoint_without_balancer_state_is_refused(tmp_path):
@@ -226,3 +231,67 @@ def test_two_process_ddp_equals_one_process_on_the_whole_batch(method, engine, o
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
         if method == "dto-amortized":
             torch.testing.assert_close(saved["balancer"]["logits"], one.balancer.logits, rtol=1e-9, atol=1e-12)
+
+
+# -- ordinary settings: an evaluation set, a teacher that does not fit, the caller's teacher -----
+
+
+def test_validation_and_test_sets_log_the_students_accuracy_and_losses(tmp_path):
+    student, teacher = nets()
+    module = DistillationModule(student, teacher, method="dto-amortized", optimizer=sgd)
+    trainer = fit(module, loader(), 2, root=tmp_path)
+    (validated,) = trainer.validate(module, loader(batches=2), verbose=False)
+    (tested,) = trainer.test(module, loader(batches=2), verbose=False)
+    x, y = (torch.cat(parts) for parts in zip(*loader(batches=2)))
+    module.student.eval()
+    with torch.no_grad():
+        logits = module.student(x)
+        expected = default_losses()(logits, teacher.eval()(x), y)
+    for metrics, stage in ((validated, "val"), (tested, "test")):
+        assert metrics[f"{stage}/accuracy"] == pytest.approx((logits.argmax(-1) == y).double().mean().item())
+        for name, value in expected.items():
+            assert metrics[f"{stage}/loss/{name}"] == pytest.approx(value.item(), rel=1e-9)
+    assert module.balancer.state_dict()["adam"]["steps"] == 2  # evaluation moved no balancer state
+
+
+def test_a_batch_without_labels_is_named(tmp_path):
+    student, teacher = nets()
+    inputs = torch.utils.data.DataLoader(torch.randn(32, 6, dtype=torch.float64), batch_size=16)
+    with pytest.raises(ValueError, match=r"takes batches \(inputs, labels\), got a Tensor"):
+        fit(DistillationModule(student, teacher, optimizer=sgd), inputs, 1, root=tmp_path)
+
+
+def test_a_teacher_of_other_classes_is_refused_by_name_before_any_update(tmp_path):
+    student, _ = nets()
+    before = [p.detach().clone() for p in student.parameters()]
+    wrong = nn.Sequential(nn.Linear(6, 5)).double()
+    with pytest.raises(ValueError, match=r"teacher Sequential does not fit its student: .* \(16, 5\), .* \(16, 4\)"):
+        fit(DistillationModule(student, wrong, optimizer=sgd), loader(), 1, root=tmp_path)
+    for a, b in zip(student.parameters(), before):
+        assert torch.equal(a, b)
+
+
+def test_the_callers_teacher_is_left_as_it_was_and_may_have_another_dtype(tmp_path):
+    student, _ = nets()
+    teacher = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.1), nn.Linear(32, 4))  # float32, in training mode
+    module = DistillationModule(student, teacher, method="dto", optimizer=sgd)
+    fit(module, loader(), 2, root=tmp_path)
+    assert all(p.requires_grad for p in teacher.parameters())  # not frozen in place
+    assert all(m.training for m in teacher.modules())  # its mode restored after each forward
+    assert next(teacher.parameters()).dtype == torch.float32
+    with torch.no_grad():  # the teacher ran in eval mode: its outputs are deterministic
+        first = module._teacher_logits(loader().dataset.tensors[0][:8])
+        second = module._teacher_logits(loader().dataset.tensors[0][:8])
+    assert torch.equal(first, second)
+
+
+def test_a_checkpoint_of_another_method_is_refused():
+    student, teacher = nets()
+    saved = DistillationModule(copy.deepcopy(student), teacher, method="dto-amortized", optimizer=sgd)
+    x, y = next(iter(loader()))
+    saved.balancer.backward(saved.losses(saved.student(x), teacher(x), y))
+    checkpoint = {}
+    saved.on_save_checkpoint(checkpoint)
+    module = DistillationModule(student, teacher, method="fixed", balancer_options={"weights": [0.9, 0.1]})
+    with pytest.raises(ValueError, match="saved by method 'dto-amortized', but it is loaded into 'fixed'"):
+        module.on_load_checkpoint(checkpoint)

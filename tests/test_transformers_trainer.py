@@ -19,6 +19,8 @@ from dtokd.integrations.transformers import BALANCER_FILE, DistillationTrainer  
 
 
 class Classifier(nn.Module):
+    config = None  # the Trainer reads model.config with label smoothing (a transformers model has one)
+
     def __init__(self, width: int):
         super().__init__()
         self.body = nn.Sequential(nn.Linear(6, width), nn.Tanh(), nn.Linear(width, 4))
@@ -74,10 +76,10 @@ def arguments(tmp_path, steps, **extra):
     return transformers.TrainingArguments(**{**settings, **extra})
 
 
-def plain_loop(student, teacher, steps, method, engine, options):
+def plain_loop(student, teacher, steps, method, engine, options, losses_of=None):
     balancer = make_balancer(method, student.parameters(), engine=engine, **options)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-    data, losses_of = Pairs(), default_losses()
+    data, losses_of = Pairs(), losses_of or default_losses()
     for step in range(steps):
         k = (step % 4) * 16
         x, y = data.x[k : k + 16], data.y[k : k + 16]
@@ -347,3 +349,117 @@ def test_labels_reach_the_losses_when_the_model_takes_none(tmp_path):
     trainer.train()
     assert not torch.equal(student.body.weight, before)
     assert [row for row in trainer.state.log_history if "dtokd/loss/task" in row]
+
+
+# -- ordinary settings: evaluation, label smoothing, accumulation, the teacher, checkpoints ------
+
+
+def trainer_of(tmp_path, steps, student=None, teacher=None, method="dto", options=None, **extra):
+    default_student, default_teacher = models()
+    return InOrder(
+        model=student if student is not None else default_student,
+        teacher=teacher if teacher is not None else default_teacher,
+        method=method,
+        engine="representation",
+        balancer_options=options or {},
+        args=arguments(tmp_path, steps, **extra),
+        train_dataset=Pairs(),
+        **({"eval_dataset": Pairs(32)} if "eval_strategy" in extra else {}),
+    )
+
+
+def test_evaluation_reports_the_task_loss_and_each_named_loss_and_moves_no_balancer_state(tmp_path):
+    trainer = trainer_of(
+        tmp_path, 4, method="dto-amortized", options={"update": "next-step"}, eval_strategy="steps", eval_steps=2
+    )
+    trainer.train()
+    assert sum("eval_loss" in row for row in trainer.state.log_history) == 2  # evaluated during training
+    logits_before = trainer.balancer.logits.clone()
+    metrics = trainer.evaluate()
+    assert torch.equal(trainer.balancer.logits, logits_before)
+    data = Pairs(32)
+    with torch.no_grad():
+        student = trainer.model.eval()(data.x)["logits"]
+        expected = default_losses()(student, trainer.teacher.module(data.x)["logits"], data.y)
+    assert metrics["eval_loss"] == pytest.approx(expected["task"].item(), rel=1e-5)
+    for name, value in expected.items():  # one evaluation batch of 32: its mean is the set's
+        assert metrics[f"eval_dtokd/loss/{name}"] == pytest.approx(value.item(), rel=1e-5)
+
+
+def test_label_smoothing_factor_smooths_the_task_loss(tmp_path):
+    student, teacher = models()
+    smoothed = trainer_of(tmp_path / "a", 4, copy.deepcopy(student), teacher, label_smoothing_factor=0.3)
+    smoothed.train()
+    plain = trainer_of(tmp_path / "b", 4, copy.deepcopy(student), teacher)
+    plain.train()
+    reference, _ = plain_loop(
+        copy.deepcopy(student), teacher, 4, "dto", "representation", {}, default_losses(label_smoothing=0.3)
+    )
+    for a, b, c in zip(smoothed.model.parameters(), reference.parameters(), plain.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(a, c)
+
+
+def test_label_smoothing_cannot_be_applied_to_the_users_own_losses(tmp_path):
+    student, teacher = models()
+
+    def own(student_logits, teacher_logits, labels):
+        return default_losses()(student_logits, teacher_logits, labels)
+
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.3 cannot be applied to the losses function"):
+        DistillationTrainer(
+            model=student, teacher=teacher, losses=own, args=arguments(tmp_path, 1, label_smoothing_factor=0.3)
+        )
+
+
+def test_the_amortized_rule_learns_once_per_optimizer_step_under_accumulation(tmp_path):
+    trainer = trainer_of(
+        tmp_path,
+        3,
+        method="dto-amortized",
+        options={"update": "next-step"},
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=8,
+    )
+    trainer.train()
+    assert trainer.balancer.state_dict()["adam"]["steps"] == 2  # learnt between the 3 optimizer steps only
+
+
+def test_a_teacher_of_other_classes_is_refused_by_name(tmp_path):
+    student, _ = models()
+    wrong = Classifier(8)
+    wrong.body[-1] = nn.Linear(8, 5)
+    with pytest.raises(ValueError, match=r"teacher Classifier does not fit its student: .* \(16, 5\)"):
+        trainer_of(tmp_path, 1, student, wrong).train()
+
+
+def test_the_callers_teacher_is_left_as_it_was_and_may_have_another_dtype(tmp_path):
+    student, teacher = models()
+    teacher = teacher.double().train()
+    trainer_of(tmp_path, 2, student, teacher).train()
+    assert all(p.requires_grad for p in teacher.parameters()) and teacher.training
+    assert next(teacher.parameters()).dtype == torch.float64
+
+
+def test_resuming_with_another_methods_balancer_state_is_refused(tmp_path):
+    student, teacher = models()
+    trainer_of(tmp_path / "a", 2, copy.deepcopy(student), teacher, save_strategy="steps", save_steps=2).train()
+    other = trainer_of(tmp_path / "b", 4, copy.deepcopy(student), teacher, "dto-amortized", {"update": "next-step"})
+    with pytest.raises(ValueError, match="saved by method 'dto', but it is loaded into 'dto-amortized'"):
+        other.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+
+
+def test_a_balancer_state_carrying_a_pickled_payload_is_refused_without_running_it(tmp_path):
+    import pickle
+
+    from test_faults import Payload
+
+    student, teacher = models()
+    trainer_of(tmp_path / "a", 2, copy.deepcopy(student), teacher, save_strategy="steps", save_steps=2).train()
+    marker = tmp_path / "ran"
+    torch.save({"names": None, "payload": Payload(str(marker))}, tmp_path / "a" / "checkpoint-2" / BALANCER_FILE)
+    with pytest.raises(pickle.UnpicklingError):
+        trainer_of(tmp_path / "b", 4, student, teacher).train(
+            resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2")
+        )
+    assert not marker.exists()

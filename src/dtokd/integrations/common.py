@@ -79,9 +79,9 @@ class CausalLMLosses:
         return {"distill": distill, "task": task / (targets != self.ignore_index).sum().clamp_min(1)}
 
 
-def default_losses(temperature: float = 4.0, divergence: str = "forward_kl") -> LossFn:
+def default_losses(temperature: float = 4.0, divergence: str = "forward_kl", label_smoothing: float = 0.0) -> LossFn:
     """The classifier losses at temperature ``temperature`` (see :class:`ClassifierLosses`)."""
-    return ClassifierLosses(temperature, divergence)
+    return ClassifierLosses(temperature, divergence, label_smoothing)
 
 
 def causal_lm_losses(
@@ -90,9 +90,10 @@ def causal_lm_losses(
     beta: float = 0.5,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ignore_index: int = -100,
+    label_smoothing: float = 0.0,
 ) -> LossFn:
     """The causal-LM losses (see :class:`CausalLMLosses`)."""
-    return CausalLMLosses(divergence, temperature, beta, chunk_tokens, ignore_index)
+    return CausalLMLosses(divergence, temperature, beta, chunk_tokens, ignore_index, label_smoothing)
 
 
 SMOOTHABLE = (ClassifierLosses, CausalLMLosses)
