@@ -62,6 +62,7 @@ class AmortizedDTOBalancer(Balancer):
 
     needs_gram = False
     method = "dto-amortized"
+    log_losses_by_default = True
     learned_state = frozenset({"logits", "adam", "before"})
 
     def __init__(
@@ -71,10 +72,13 @@ class AmortizedDTOBalancer(Balancer):
         lr: float = 0.025,
         weight_decay: float = 0.01,
         update: UpdateMode = "same-batch",
+        rescale: str = "none",
         **kwargs: Any,
     ) -> None:
         if not kwargs.get("log_losses", True):
             raise ValueError("dto-amortized balances log losses by construction; log_losses=False is not allowed")
+        if rescale != "none":
+            raise ValueError("dto-amortized always rescales like FAMO ('unit-sum'); do not pass rescale=")
         super().__init__(engine, rescale="unit-sum", **kwargs)
         if update not in ("same-batch", "next-step"):
             raise ValueError(f"update={update!r} is not allowed; use 'same-batch' or 'next-step'")

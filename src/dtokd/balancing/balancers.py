@@ -14,6 +14,7 @@ from dtokd.balancing.base import Balancer, NonFinitePolicy, Rescale, unique_para
 from dtokd.balancing.distributed import Sync, SyncMode
 from dtokd.balancing.engines import ENGINES, ExactEngine, RepresentationEngine, SubsetEngine
 from dtokd.balancing.gradnorm import GradNormBalancer
+from dtokd.balancing.loss_size import LossSizeBalancer
 
 
 class RuleBalancer(Balancer):
@@ -80,16 +81,20 @@ class RuleBalancer(Balancer):
         return self.rule.runs_on_device(num_losses, self.rule_options)
 
 
-BALANCERS: tuple[str, ...] = (*rules.RULES, "dto-amortized", "gradnorm")
+BALANCER_CLASSES: dict[str, type[Balancer]] = {
+    cls.method: cls for cls in (AmortizedDTOBalancer, GradNormBalancer, LossSizeBalancer)
+}
+"""The methods that are not a weight rule of :mod:`dtokd.balancing.rules`, by name: a class each."""
+
+BALANCERS: tuple[str, ...] = (*rules.RULES, *BALANCER_CLASSES)
 """Every method :func:`make_balancer` knows."""
 
 
 def _log_losses_by_default(method: str) -> bool:
-    """Whether ``method`` balances ``log L_i`` unless told otherwise (its rule's record; the
-    amortized DTO always does)."""
+    """Whether ``method`` balances ``log L_i`` unless told otherwise (its rule's record, or its class)."""
     if method in rules.RULE_RECORDS:
         return rules.RULE_RECORDS[method].log_losses
-    return method == "dto-amortized"
+    return BALANCER_CLASSES[method].log_losses_by_default
 
 
 def make_balancer(
@@ -139,8 +144,9 @@ def make_balancer(
     :mod:`dtokd.balancing.distributed`.
     ``options``: the rule's own options (e.g. ``constraint="simplex"`` for ``"dto"``,
     ``weights=`` for ``"fixed"``, ``c=`` for ``"cagrad"``), or those of
-    :class:`~dtokd.balancing.amortized.AmortizedDTOBalancer` and
-    :class:`~dtokd.balancing.gradnorm.GradNormBalancer`.
+    :class:`~dtokd.balancing.amortized.AmortizedDTOBalancer`,
+    :class:`~dtokd.balancing.gradnorm.GradNormBalancer` and
+    :class:`~dtokd.balancing.loss_size.LossSizeBalancer` (``task=``, ``scale=``).
     """
     if method not in BALANCERS:
         raise ValueError(f"unknown balancing method {method!r}; available: {list(BALANCERS)}")
@@ -154,12 +160,8 @@ def make_balancer(
         "deferred_checks": deferred_checks,
         "sync": Sync(sync, check=check_sync),
     }
-    if method == "dto-amortized":
-        if rescale != "none":
-            raise ValueError("dto-amortized always rescales like FAMO ('unit-sum'); do not pass rescale=")
-        return AmortizedDTOBalancer(built_engine, **common, **options)
-    if method == "gradnorm":
-        return GradNormBalancer(built_engine, rescale=rescale, **common, **options)
+    if method in BALANCER_CLASSES:
+        return BALANCER_CLASSES[method](built_engine, rescale=rescale, **common, **options)
     return RuleBalancer(method, built_engine, rule_options=options, rescale=rescale, **common)
 
 

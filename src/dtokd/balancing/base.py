@@ -108,6 +108,10 @@ class Balancer:
     """The method's name as :func:`~dtokd.balancing.make_balancer` takes it; saved in
     :meth:`state_dict`, which refuses a state saved by another method."""
 
+    log_losses_by_default: bool = False
+    """Whether :func:`~dtokd.balancing.make_balancer` gives this class ``log_losses=True`` unless
+    told otherwise (a rule's own default is in its record)."""
+
     learned_state: frozenset[str] = frozenset()
     """The :meth:`state_dict` entries that hold what the method learned (none for a stateless
     rule): what a state saved before ``"method"`` was recorded is recognised by."""
