@@ -86,3 +86,73 @@ def test_task_settings_are_checked_before_any_data_is_read(tmp_path, monkeypatch
     monkeypatch.setattr(loop, "data_of", no_data)
     with pytest.raises(ValueError, match=message):
         loop.train(load_config(None, ["device=cpu", *overrides]), tmp_path / "run", progress=False, verbose=False)
+
+
+# -- a config file's own syntax and the optimizer's settings never change what a run names ------
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("optim:\n  lr: 0.05\n  lr: 0.5\n", r"key 'lr' is given twice \(lines 2 and 3\)"),
+        ("optim: {lr: 0.3}\noptim: {momentum: 0.0}\n", r"key 'optim' is given twice"),
+        ("seed: 010\n", "octal, hex, binary or base-60"),
+        ("seed: 0x1F\n", "octal, hex, binary or base-60"),
+        ("seed: 1:30\n", "octal, hex, binary or base-60"),
+        ("", "is empty"),
+        ("# only a comment\n", "is empty"),
+        ("[]\n", "must hold a mapping of settings at the top level, got list"),
+        ("false\n", "got bool"),
+        ("0\n", "got int"),
+    ],
+)
+def test_a_config_file_that_yaml_would_read_as_something_else_is_refused(tmp_path, text, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
+
+
+def test_merge_keys_may_be_overridden_and_decimal_integers_read_as_written(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  <<: {lr: 0.1, momentum: 0.5}\n  lr: 0.2\nseed: 1_000\n")
+    config = load_config(path)
+    assert (config.optim.lr, config.optim.momentum, config.seed) == (0.2, 0.5, 1000)
+
+
+def test_a_section_override_merges_key_by_key_as_a_base_does(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim: {lr: 0.1, momentum: 0.5, schedule: step, milestones: [3]}\nepochs: 5\n")
+    config = load_config(path, ["optim={lr: 0.2}"])
+    assert (config.optim.lr, config.optim.momentum, config.optim.schedule, config.optim.milestones) == (
+        0.2,
+        0.5,
+        "step",
+        [3],
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["optim.grad_clip=-1"], r"optim.grad_clip=-1.0 is not allowed; it must be a finite number > 0"),
+        (["optim.grad_clip=.nan"], "optim.grad_clip=nan"),
+        (["optim.grad_clip=0"], "or null for no clipping"),
+        (["optim.lr=0"], r"optim.lr=0.0 is not allowed; it must be a finite number > 0"),
+        (["optim.momentum=1.5"], r"optim.momentum=1.5 is not allowed; it must be a number in \[0, 1\)"),
+        (["optim.gamma=5", "optim.schedule=step"], r"optim.gamma=5.0 is not allowed"),
+        (["optim.name=adamw", "optim.momentum=0.5"], "apply to optim.name=sgd"),
+        (["optim.name=adamw", "optim.nesterov=true"], "apply to optim.name=sgd"),
+        (["optim.nesterov=true", "optim.momentum=0"], "needs optim.momentum > 0"),
+        (["epochs=3", "optim.warmup_epochs=5"], "below the number of epochs"),
+        (["optim.warmup_epochs=-2"], "integer >= 0"),
+        (["optim.milestones=[1]"], "apply to optim.schedule=step, not 'cosine'"),
+        (["optim.gamma=0.5"], "apply to optim.schedule=step"),
+        (["epochs=3", "optim.schedule=step", "optim.milestones=[10]"], r"each in \[1, epochs\)"),
+        (["epochs=9", "optim.schedule=step", "optim.milestones=[-1]"], "increasing"),
+        (["epochs=9", "optim.schedule=step", "optim.milestones=[5, 3]"], "increasing"),
+    ],
+)
+def test_optimizer_settings_outside_their_range_or_ignored_are_refused(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)

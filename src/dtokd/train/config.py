@@ -295,11 +295,16 @@ def read_config_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]
         where = f" (the base of {str(_seen[-1])!r})" if _seen else ""
         raise ConfigError(f"config file {str(path)!r}{where} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_one_line(error)}") from None
+    if raw is None:
+        raise ConfigError(f"config file {str(path)!r} is empty: it must hold a mapping of settings")
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping of settings at the top level, "
+            f"got {type(raw).__name__} {raw!r}"
+        )
     if "base" not in raw:
         return raw
     base = raw.pop("base")
@@ -351,15 +356,7 @@ def validate(config: Config) -> Config:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed; use one of {list(allowed)}")
     _check_balancer(config.balancer)
-    finite: list[tuple[str, float]] = [
-        ("optim.lr", config.optim.lr),
-        ("optim.momentum", config.optim.momentum),
-        ("optim.weight_decay", config.optim.weight_decay),
-        ("optim.gamma", config.optim.gamma),
-    ]
-    for key, number in finite:
-        if not math.isfinite(number) or number < 0:
-            raise ConfigError(f"{key}={number} is not allowed; it must be a finite number >= 0")
+    _check_optim(config.optim, config.epochs)
     if config.teacher.cache_outputs and config.teacher.name is None:
         raise ConfigError(
             "teacher.cache_outputs=true caches a teacher's outputs, and teacher.name is null (no teacher); "
@@ -377,6 +374,51 @@ def validate(config: Config) -> Config:
             "split, and data.val_fraction=0 leaves none; give data.val_fraction > 0 or eval.test=every"
         )
     return config
+
+
+def _check_optim(optim: OptimConfig, epochs: int) -> None:
+    """The optimizer's settings: each in its range, none that the chosen optimizer or schedule
+    would ignore, a warm-up and milestones inside the run."""
+    ranges: list[tuple[str, float, float, float, str]] = [  # key, value, low, high, what
+        ("optim.lr", optim.lr, 0.0, math.inf, "a finite number > 0"),
+        ("optim.weight_decay", optim.weight_decay, 0.0, math.inf, "a finite number >= 0"),
+        ("optim.momentum", optim.momentum, 0.0, 1.0, "a number in [0, 1)"),
+        ("optim.gamma", optim.gamma, 0.0, 1.0, "a number in (0, 1]"),
+    ]
+    for key, number, low, high, what in ranges:
+        inside = math.isfinite(number) and low <= number <= high
+        inside = inside and not (key in ("optim.lr", "optim.gamma") and number == 0)
+        inside = inside and not (key == "optim.momentum" and number == 1)
+        if not inside:
+            raise ConfigError(f"{key}={number} is not allowed; it must be {what}")
+    if optim.grad_clip is not None and not (math.isfinite(optim.grad_clip) and optim.grad_clip > 0):
+        raise ConfigError(
+            f"optim.grad_clip={optim.grad_clip} is not allowed; it must be a finite number > 0 (the largest "
+            "gradient norm), or null for no clipping"
+        )
+    if optim.name == "adamw" and (optim.momentum != OptimConfig.momentum or optim.nesterov):
+        raise ConfigError(
+            f"optim.momentum={optim.momentum} / optim.nesterov={optim.nesterov} apply to optim.name=sgd; AdamW "
+            f"runs with betas ({OptimConfig.momentum}, 0.999): leave them out"
+        )
+    if optim.nesterov and optim.momentum == 0:
+        raise ConfigError("optim.nesterov=true needs optim.momentum > 0 (Nesterov momentum without momentum)")
+    if optim.warmup_epochs < 0 or (optim.warmup_epochs and optim.warmup_epochs >= epochs):
+        raise ConfigError(
+            f"optim.warmup_epochs={optim.warmup_epochs} is not allowed with epochs={epochs}; it must be an "
+            "integer >= 0 and below the number of epochs"
+        )
+    if optim.schedule != "step" and (optim.milestones or optim.gamma != OptimConfig.gamma):
+        raise ConfigError(
+            f"optim.milestones={optim.milestones} / optim.gamma={optim.gamma} apply to optim.schedule=step, "
+            f"not {optim.schedule!r}: leave them out"
+        )
+    milestones = optim.milestones
+    if milestones and (milestones != sorted(set(milestones)) or milestones[0] < 1 or milestones[-1] >= epochs):
+        raise ConfigError(
+            f"optim.milestones={milestones} is not allowed with epochs={epochs}: the epochs at which the learning "
+            "rate is multiplied by optim.gamma, increasing, each in [1, epochs)"
+        )
 
 
 def _dotted(config: Config, key: str) -> Any:
@@ -412,12 +454,61 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
     try:
-        node[parts[-1]] = yaml.safe_load(text)
+        value = parse_yaml(text)
     except yaml.YAMLError as error:
         raise ConfigError(
             f"override {item!r}: the value is not valid YAML ({_one_line(error)}); quote lists and "
             "mappings, e.g. 'optim.milestones=[150, 180]'"
         ) from None
+    last = parts[-1]
+    if len(parts) == 1 and last in SECTIONS and isinstance(value, dict) and isinstance(node.get(last), dict):
+        node[last] = {**node[last], **value}  # a section is merged key by key, as over a base:
+    else:
+        node[last] = value
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as configs should mean it: a key given twice in one mapping is an error (PyYAML keeps
+    the last silently; merge keys ``<<`` may still be overridden), and integers are decimal
+    (YAML 1.1 reads ``010`` as 8, ``0x1F`` as 31 and ``1:30`` as 90)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in lines:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice (lines {lines[key]} and {line}): keep one",
+                    key_node.start_mark,
+                )
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = str(self.construct_scalar(node))
+        if not _DECIMAL.fullmatch(text):
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"{text!r} is an integer in YAML 1.1's octal, hex, binary or base-60 form: write it in "
+                "decimal (or quote it for a string)",
+                node.start_mark,
+            )
+        return int(text.replace("_", ""))
+
+
+_DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9_]*)")
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+
+
+def parse_yaml(text: str) -> Any:
+    """A YAML document read by :class:`_StrictLoader` (None for an empty one)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def from_dict(cls: Any, raw: Any, where: str) -> Any:

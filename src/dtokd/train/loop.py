@@ -607,7 +607,6 @@ def _train_epoch(
     )
     local = data.train.streams  # a streamed set gives each rank its own part of the global batch
     amp_dtype = AMP_DTYPES[config.amp]
-    representation = config.balancer.engine == "representation"
     m = len(task.loss_names)
     # sums of the steps' losses, weights and loss weights, on the training device: every step's
     # numbers are brought there, whichever path (host or device) the balancer took
@@ -637,10 +636,8 @@ def _train_epoch(
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits, losses = forward(x, y, epochs_done)
         diagnose = step % config.log_every == 0
-        info = balancer.backward(
-            losses, representation=logits if representation else None, scaler=scaler, diagnose=diagnose
-        )
-        if config.optim.grad_clip:
+        info = balancer.backward(losses, representation=logits, scaler=scaler, diagnose=diagnose)
+        if config.optim.grad_clip is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(task.parameters(), config.optim.grad_clip)
         if not scaler.is_enabled() and info.skipped:  # under a GradScaler, scaler.step handles the skip
