@@ -702,9 +702,11 @@ def test_rescale_norm_with_deferred_checks_is_bit_identical():
     [
         ({"distill": 0.9}, "must give a weight for each loss"),
         ([1.0, 2.0, 3.0], "gives 3 weights for 2 losses"),
-        ([math.nan, 1.0], "must hold finite numbers"),
+        ([math.nan, 1.0], "must be finite numbers >= 0"),
+        ([-1.0, 1.0], "must be finite numbers >= 0"),
+        ([True, 1.0], "must be numbers"),
         ([0.0, 0.0], "not all zero"),
-        ("fixed", "must be a mapping name -> weight or a sequence"),
+        ("fixed", "must be a sequence of numbers or a mapping name -> number"),
     ],
 )
 def test_a_bad_reference_is_named(reference, message):

@@ -351,3 +351,40 @@ def test_the_data_cache_carrying_a_pickled_payload_is_refused_without_running_it
     with pytest.raises(pickle.UnpicklingError):
         sources.load_image_folder(folder, 8)
     assert not marker.exists()
+
+
+# -- the balancer's weights and options never turn a run into something else ----------------------
+
+
+@pytest.mark.parametrize(
+    "method, options, error, match",
+    [
+        ("fixed", {"weights": {"distill": -1.0, "task": 0.0}}, ValueError, "finite numbers >= 0"),
+        ("fixed", {"weights": {"distill": 0, "task": 0}}, ValueError, "not all zero"),
+        ("fixed", {"weights": {"distill": True, "task": False}}, ValueError, "must be numbers"),
+        ("fixed", {"weights": {"distill": "0.9", "task": 0.1}}, ValueError, "must be numbers"),
+        ("upgrad", {"pref_vector": [0, 0]}, ValueError, "not all zero"),
+        ("dto", {"reference": {"distill": -1, "task": 1}, "rescale": "norm"}, ValueError, ">= 0"),
+        ("dto-amortized", {"lr": math.nan}, ValueError, "dto-amortized: lr must be a finite number >= 0"),
+        ("dto-amortized", {"weight_decay": math.inf}, ValueError, "weight_decay must be a finite number"),
+        ("dto-amortized", {"lr": True}, ValueError, "lr must be a finite number >= 0, got True"),
+        ("gradnorm", {"alpha": math.nan}, ValueError, "gradnorm: alpha must be a finite number"),
+        ("dto", {"log_losses": "false"}, TypeError, "log_losses must be True or False, got 'false'"),
+        ("dto", {"batched": "no"}, TypeError, "batched must be True or False"),
+        ("dto-amortized", {"constraint": "simplex"}, TypeError, r"does not accept option\(s\) \['constraint'\]"),
+    ],
+)
+def test_balancer_options_that_would_train_something_else_are_refused_when_built(method, options, error, match):
+    with pytest.raises(error, match=match):
+        make_balancer(method, net().parameters(), **options)
+
+
+def test_the_pipeline_names_an_engine_given_among_the_methods_options():
+    from types import SimpleNamespace
+
+    from dtokd.train import load_config, loop
+
+    config = load_config(None, ["balancer.method=dto", "balancer.options={engine: subset}"])
+    task = SimpleNamespace(student=net(), loss_names=("distill", "task"))
+    with pytest.raises(ValueError, match=r"balancer.options names \['engine'\]: set them as balancer.engine"):
+        loop._make_balancer(config, task, list(task.student.parameters()))

@@ -48,7 +48,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from dtokd.balancing.base import Balancer, NonFiniteStepError, deferred_message
+from dtokd.balancing.base import Balancer, NonFiniteStepError, check_non_negative, deferred_message
 from dtokd.balancing.stepinfo import HostCopy, StepInfo
 
 UpdateMode = Literal["same-batch", "next-step"]
@@ -83,8 +83,7 @@ class AmortizedDTOBalancer(Balancer):
         if update not in ("same-batch", "next-step"):
             raise ValueError(f"update={update!r} is not allowed; use 'same-batch' or 'next-step'")
         for name, value in (("lr", lr), ("weight_decay", weight_decay)):
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+            check_non_negative(f"dto-amortized: {name}", value)
         self.lr, self.weight_decay, self.update_mode = float(lr), float(weight_decay), update
         self.logits: Tensor | None = None
         self._exp_avg: Tensor | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -31,8 +32,8 @@ class RuleBalancer(Balancer):
                 raise TypeError(f"method {method!r} needs {what}")
         for option in self.rule.per_loss:
             value = rule_options.get(option)
-            if value is not None and (not isinstance(value, (Mapping, Sequence)) or isinstance(value, str)):
-                raise TypeError(f"{method}: {option} must be a mapping name -> value or a sequence, got {value!r}")
+            if value is not None:
+                rules.check_weight_vector(f"{method}: {option}", value)
         self.method = method
         self.rule_options = dict(rule_options)
         self.needs_gram = self.rule.needs_gram
@@ -150,6 +151,9 @@ def make_balancer(
     """
     if method not in BALANCERS:
         raise ValueError(f"unknown balancing method {method!r}; available: {list(BALANCERS)}")
+    for name, flag in (("log_losses", log_losses), ("batched", batched)):
+        if flag is not None and not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     param_list = unique_params(params)
     built_engine = _make_engine(engine, param_list, gram_params, batched)
     common: dict[str, Any] = {
@@ -161,7 +165,12 @@ def make_balancer(
         "sync": Sync(sync, check=check_sync),
     }
     if method in BALANCER_CLASSES:
-        return BALANCER_CLASSES[method](built_engine, rescale=rescale, **common, **options)
+        cls = BALANCER_CLASSES[method]
+        allowed = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "engine", "kwargs")]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise TypeError(f"{method!r} does not accept option(s) {unknown}; allowed: {allowed}")
+        return cls(built_engine, rescale=rescale, **common, **options)
     return RuleBalancer(method, built_engine, rule_options=options, rescale=rescale, **common)
 
 

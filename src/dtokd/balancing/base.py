@@ -77,7 +77,7 @@ from torch import Tensor
 
 from dtokd.balancing.distributed import Sync
 from dtokd.balancing.engines import ObjectiveGradients, weighted_sum_backward
-from dtokd.balancing.rules import ZERO_GRADIENT
+from dtokd.balancing.rules import ZERO_GRADIENT, check_weight_vector
 from dtokd.balancing.stepinfo import OVERFLOW, StepInfo
 
 Rescale = Literal["none", "unit-sum", "norm"]
@@ -142,8 +142,10 @@ class Balancer:
                 "deferred_checks=True cannot be combined with on_nonfinite='skip': skipping a step needs its "
                 "loss values on the host before the update is written"
             )
+        if not isinstance(log_losses, bool):
+            raise TypeError(f"log_losses must be True or False, got {log_losses!r}")
         self.engine = engine
-        self.log_losses = bool(log_losses)
+        self.log_losses = log_losses
         self.loss_floor = float(loss_floor)
         self.rescale = rescale
         self.reference = reference
@@ -600,21 +602,16 @@ class Balancer:
 
 
 def _check_reference(reference: object) -> None:
-    """``reference``: None, or finite weights (a mapping name -> weight, or a sequence), not all zero."""
-    if reference is None:
-        return
-    if isinstance(reference, Mapping):
-        values = list(reference.values())
-    elif isinstance(reference, Sequence) and not isinstance(reference, str):
-        values = list(reference)
-    else:
-        raise TypeError(f"reference must be a mapping name -> weight or a sequence of weights, got {reference!r}")
-    if (
-        not values
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
-        or not any(values)
-    ):
-        raise ValueError(f"reference={reference!r} must hold finite numbers, not all zero")
+    """``reference``: None, or weights (a mapping name -> weight, or a sequence) as
+    :func:`~dtokd.balancing.rules.check_weight_vector` takes them."""
+    if reference is not None:
+        check_weight_vector("reference", reference)
+
+
+def check_non_negative(name: str, value: object) -> None:
+    """A finite number >= 0 (not a boolean), or a ``ValueError`` naming it."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def _learned_entries() -> frozenset[str]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dtokd.balancing.base import Balancer
+from dtokd.balancing.base import Balancer, check_non_negative
 
 
 class GradNormBalancer(Balancer):
@@ -33,8 +33,7 @@ class GradNormBalancer(Balancer):
     def __init__(self, engine: Any, *, alpha: float = 1.5, lr: float = 0.025, **kwargs: Any) -> None:
         super().__init__(engine, **kwargs)
         for name, value in (("alpha", alpha), ("lr", lr)):
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"gradnorm: {name} must be a non-negative number, got {value!r}")
+            check_non_negative(f"gradnorm: {name}", value)
         self.alpha, self.lr = float(alpha), float(lr)
         self.loss_weights: Tensor | None = None
         self.initial_losses: Tensor | None = None

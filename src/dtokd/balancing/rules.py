@@ -366,12 +366,25 @@ def anchored(gram: Tensor, *, anchor: int) -> Tensor:
 def fixed(gram: Tensor, *, weights: Sequence[float]) -> Tensor:
     """The classic fixed weighted sum ``sum_i a_i g_i`` with the given ``weights`` ``a``."""
     m = gram.shape[0]
-    values = [float(v) for v in weights]
+    values = check_weight_vector("fixed: weights", weights)
     if len(values) != m:
         raise ValueError(f"fixed: weights has {len(values)} entries, but there are {m} objectives")
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"fixed: weights must be finite, got {values}")
     return torch.tensor(values, dtype=gram.dtype, device=gram.device)
+
+
+def check_weight_vector(name: str, values: object) -> list[float]:
+    """Weights on objectives as floats: numbers (not booleans or strings), finite, >= 0 and not
+    all zero (a weight below 0 ascends its loss; all zero trains nothing). ``values``: a
+    sequence, or a mapping name -> weight."""
+    listed = list(values.values()) if isinstance(values, Mapping) else values
+    if isinstance(listed, (str, bytes)) or not isinstance(listed, Sequence):
+        raise TypeError(f"{name} must be a sequence of numbers or a mapping name -> number, got {values!r}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in listed):
+        raise ValueError(f"{name} must be numbers, got {values!r}")
+    floats = [float(v) for v in listed]
+    if not all(math.isfinite(v) and v >= 0 for v in floats) or not any(floats):
+        raise ValueError(f"{name} must be finite numbers >= 0, not all zero, got {values!r}")
+    return floats
 
 
 def _always(num_objectives: int, options: Mapping[str, object]) -> bool:
@@ -516,8 +529,8 @@ def _uniform(gram: Tensor) -> Tensor:
 def _preference(pref_vector: Sequence[float] | None, m: int) -> np.ndarray:
     if pref_vector is None:
         return np.full(m, 1.0 / m)
-    pref = np.asarray([float(v) for v in pref_vector], dtype=np.float64)
-    if pref.shape != (m,) or not np.isfinite(pref).all() or (pref < 0).any():
+    pref = np.asarray(check_weight_vector("pref_vector", pref_vector), dtype=np.float64)
+    if pref.shape != (m,):
         raise ValueError(f"pref_vector must be {m} finite non-negative numbers, got {list(pref_vector)}")
     return pref
 

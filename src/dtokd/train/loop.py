@@ -563,6 +563,9 @@ def _make_balancer(config: Config, task: Task, params: Sequence[torch.Tensor]) -
                 f"balancer.gram_params={cfg.gram_params!r} matches no student parameter; modules: {names[-20:]}"
             )
     options = dict(cfg.options)
+    own = sorted(set(options) & {"engine", "gram_params"})
+    if own:
+        raise ValueError(f"balancer.options names {own}: set them as balancer.{own[0]}, not among the method's options")
     if cfg.method == "fixed" and "weights" not in options and len(task.loss_names) == 1:
         options["weights"] = [1.0]  # a single loss: the plain backward pass
     # by default the checks are deferred wherever every step allows it: no host wait per step,
