@@ -156,3 +156,9 @@ def test_a_section_override_merges_key_by_key_as_a_base_does(tmp_path):
 def test_optimizer_settings_outside_their_range_or_ignored_are_refused(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+def test_a_number_in_scientific_notation_is_a_number_wherever_it_is_written():
+    config = load_config(None, ["balancer.method=dto-amortized", "balancer.options={lr: 1e-3}", "optim.lr=2e-3"])
+    assert config.balancer.options == {"lr": 0.001} and config.optim.lr == 0.002
+    assert load_config(None, ["name='1e-3'"]).name == "1e-3"  # quoted: a string

@@ -504,6 +504,8 @@ class _StrictLoader(yaml.SafeLoader):
 
 _DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9_]*)")
 _StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+# YAML 1.1 reads 1e-3 (no dot) as a string, YAML 1.2 as a number: a number, wherever it is written
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _SCIENTIFIC, list("-+0123456789."))
 
 
 def parse_yaml(text: str) -> Any:
@@ -564,8 +566,6 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if hint is float and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint is bool and isinstance(value, bool):
