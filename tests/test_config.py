@@ -162,3 +162,22 @@ def test_a_number_in_scientific_notation_is_a_number_wherever_it_is_written():
     config = load_config(None, ["balancer.method=dto-amortized", "balancer.options={lr: 1e-3}", "optim.lr=2e-3"])
     assert config.balancer.options == {"lr": 0.001} and config.optim.lr == 0.002
     assert load_config(None, ["name='1e-3'"]).name == "1e-3"  # quoted: a string
+
+
+@pytest.mark.parametrize(
+    "method, divergence, expected",
+    [
+        ("dto-amortized", None, "forward_ce"),  # left out: the method's form
+        ("dto-amortized", "auto", "forward_ce"),
+        ("dto", None, "forward_kl"),
+        ("fixed", "auto", "forward_kl"),
+        ("dto-amortized", "forward_kl", "forward_kl"),  # given: kept
+    ],
+)
+def test_a_token_kd_form_left_to_the_library_is_resolved_by_the_method(method, divergence, expected):
+    spec = "{type: token-kd}" if divergence is None else f"{{type: token-kd, divergence: {divergence}}}"
+    config = load_config(
+        None, ["task=causal-lm", "data.name=text", f"balancer.method={method}", f"losses={{distill: {spec}}}"]
+    )
+    assert config.losses["distill"]["divergence"] == expected
+    assert to_dict(config)["losses"]["distill"]["divergence"] == expected  # what the run folder records

@@ -210,7 +210,7 @@ def test_causal_lm_losses_score_as_the_models_own_loss():
 def test_a_causal_lm_distils_in_the_trainer_as_in_the_plain_loop(tmp_path, engine):
     student, teacher = tiny_llamas()
     reference = copy.deepcopy(student)
-    losses = causal_lm_losses()
+    losses = causal_lm_losses("forward_kl")
     args = arguments(tmp_path, 3, per_device_train_batch_size=4, learning_rate=0.05)
     trainer = InOrder(
         model=student, teacher=teacher, method="dto", engine=engine, losses=losses, args=args, train_dataset=Blocks()
@@ -266,7 +266,7 @@ def test_gradient_accumulation_averages_the_micro_batches_balanced_updates(tmp_p
         micro = [({"x": data.x[k : k + batch]}, data.y[k : k + batch]) for k in range(0, 32, batch)]
     else:
         student, teacher = tiny_llamas()
-        data, losses, batch = Blocks(), causal_lm_losses(), 2
+        data, losses, batch = Blocks(), causal_lm_losses("forward_kl"), 2
         micro = [({"input_ids": data.ids[k : k + batch]}, data.labels[k : k + batch]) for k in range(0, 8, batch)]
     reference = accumulated_plain_loop(copy.deepcopy(student), teacher, micro, losses, accumulate=2, lr=0.05)
     args = arguments(tmp_path, 2, per_device_train_batch_size=batch, gradient_accumulation_steps=2, learning_rate=0.05)
@@ -463,3 +463,20 @@ def test_a_balancer_state_carrying_a_pickled_payload_is_refused_without_running_
             resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2")
         )
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("method, form", [("dto-amortized", "forward_ce"), ("dto", "forward_kl")])
+def test_the_token_kd_form_left_to_the_library_is_the_methods(tmp_path, method, form):
+    student, teacher = tiny_llamas()
+    options = {"update": "next-step"} if method == "dto-amortized" else {}
+    trainer = DistillationTrainer(
+        model=student,
+        teacher=teacher,
+        method=method,
+        balancer_options=options,
+        losses=causal_lm_losses(),
+        args=arguments(tmp_path, 1),
+    )
+    assert trainer.losses.divergence == form
+    with pytest.raises(ValueError, match="with_distillation_form"):
+        causal_lm_losses()(torch.randn(1, 3, 5), torch.randn(1, 3, 5), torch.zeros(1, 3, dtype=torch.long))

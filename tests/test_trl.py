@@ -55,7 +55,7 @@ def texts(n=12):
 def test_sft_trainer_composition_equals_the_plain_loop_on_its_batches(tmp_path, engine):
     student, teacher = llamas()
     reference = copy.deepcopy(student)
-    losses = causal_lm_losses()
+    losses = causal_lm_losses("forward_kl")
     args = trl.SFTConfig(
         output_dir=str(tmp_path),
         max_steps=3,

@@ -91,6 +91,14 @@ BALANCERS: tuple[str, ...] = (*rules.RULES, *BALANCER_CLASSES)
 """Every method :func:`make_balancer` knows."""
 
 
+def distillation_form(method: str) -> str:
+    """The token-level KD loss's form for ``method`` where the user leaves it to the library
+    (:attr:`~dtokd.balancing.base.Balancer.distillation_form`; ``forward_kl`` for every rule)."""
+    if method not in BALANCERS:
+        raise ValueError(f"unknown balancing method {method!r}; available: {list(BALANCERS)}")
+    return BALANCER_CLASSES[method].distillation_form if method in BALANCER_CLASSES else Balancer.distillation_form
+
+
 def _log_losses_by_default(method: str) -> bool:
     """Whether ``method`` balances ``log L_i`` unless told otherwise (its rule's record, or its class)."""
     if method in rules.RULE_RECORDS:

@@ -112,6 +112,12 @@ class Balancer:
     """Whether :func:`~dtokd.balancing.make_balancer` gives this class ``log_losses=True`` unless
     told otherwise (a rule's own default is in its record)."""
 
+    distillation_form: str = "forward_kl"
+    """The form of a token-level KD loss this method is measured best with, where the user leaves
+    it to the library (``divergence: auto``): ``forward_kl`` (floor 0), or ``forward_ce`` (the
+    cross-entropy to the teacher, floor at its entropy) for a method whose coefficient on a raw
+    loss goes as ``1 / L`` with weights learned across steps (docs/methods.md, "Which to pick")."""
+
     learned_state: frozenset[str] = frozenset()
     """The :meth:`state_dict` entries that hold what the method learned (none for a stateless
     rule): what a state saved before ``"method"`` was recorded is recognised by."""

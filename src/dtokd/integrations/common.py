@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dtokd.balancing.balancers import distillation_form
 from dtokd.losses.kd import cross_entropy, kd_loss
 from dtokd.losses.token_kd import DEFAULT_CHUNK_TOKENS, token_kd_loss
 
@@ -47,7 +48,9 @@ class CausalLMLosses:
     the model's own loss does. Both are means over the counted tokens (see
     :func:`dtokd.losses.token_kd_loss`)."""
 
-    divergence: str = "forward_kl"
+    divergence: str = "auto"
+    """A :func:`~dtokd.losses.token_kd_loss` divergence, or ``auto``: the form the balancing method
+    is measured best with (:func:`with_distillation_form`, which the integrations apply)."""
     temperature: float = 1.0
     beta: float = 0.5
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
@@ -57,6 +60,12 @@ class CausalLMLosses:
     Trainer's ``label_smoothing_factor``)."""
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        if self.divergence == "auto":
+            raise ValueError(
+                "causal_lm_losses(divergence='auto') takes the form of its balancing method: "
+                "with_distillation_form(losses, method) resolves it (the integrations do); to call the "
+                "losses yourself give the divergence (e.g. 'forward_kl')"
+            )
         logits, targets = student_logits[:, :-1], labels[:, 1:]
         distill = token_kd_loss(
             logits,
@@ -85,7 +94,7 @@ def default_losses(temperature: float = 4.0, divergence: str = "forward_kl", lab
 
 
 def causal_lm_losses(
-    divergence: str = "forward_kl",
+    divergence: str = "auto",
     temperature: float = 1.0,
     beta: float = 0.5,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
@@ -94,6 +103,15 @@ def causal_lm_losses(
 ) -> LossFn:
     """The causal-LM losses (see :class:`CausalLMLosses`)."""
     return CausalLMLosses(divergence, temperature, beta, chunk_tokens, ignore_index, label_smoothing)
+
+
+def with_distillation_form(losses: LossFn, method: str) -> LossFn:
+    """``losses`` with an ``auto`` token-level divergence replaced by the form ``method`` is
+    measured best with (:func:`~dtokd.balancing.balancers.distillation_form`: the cross-entropy
+    to the teacher for ``dto-amortized``, the forward KL otherwise); other losses unchanged."""
+    if isinstance(losses, CausalLMLosses) and losses.divergence == "auto":
+        return dataclasses.replace(losses, divergence=distillation_form(method))
+    return losses
 
 
 SMOOTHABLE = (ClassifierLosses, CausalLMLosses)

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from dtokd.balancing import make_balancer
-from dtokd.integrations.common import FrozenTeacher, LossFn, default_losses
+from dtokd.integrations.common import FrozenTeacher, LossFn, default_losses, with_distillation_form
 from dtokd.models.norms import frozen_batchnorm_statistics
 
 
@@ -73,7 +73,7 @@ class DistillationModule(lightning.LightningModule):
         super().__init__()
         self.student = student
         self.teacher = [FrozenTeacher(teacher)]  # a list: not a submodule, not in state_dict
-        self.losses = losses or default_losses()
+        self.losses = with_distillation_form(losses or default_losses(), method)
         self.engine = engine
         self.balancer = make_balancer(method, self.student.parameters(), engine=engine, **dict(balancer_options or {}))
         self._optimizer = optimizer or default_optimizer

@@ -53,7 +53,7 @@ import transformers
 from torch import Tensor, nn
 
 from dtokd.balancing import make_balancer
-from dtokd.integrations.common import FrozenTeacher, default_losses, with_label_smoothing
+from dtokd.integrations.common import FrozenTeacher, default_losses, with_distillation_form, with_label_smoothing
 
 BALANCER_FILE = "dtokd_balancer.pt"
 
@@ -95,7 +95,9 @@ class DistillationTrainer(transformers.Trainer):
             )
         self.teacher = FrozenTeacher(teacher)
         self.losses = with_label_smoothing(
-            losses or default_losses(), self.args.label_smoothing_factor, "label_smoothing_factor"
+            with_distillation_form(losses or default_losses(), method),
+            self.args.label_smoothing_factor,
+            "label_smoothing_factor",
         )
         self.label_smoother = None  # the smoothing is the losses', above
         if self.model is None:

@@ -6,7 +6,9 @@ A batch is ``(input_ids, targets)``, both ``(B, L)``: the targets are the next t
 
 - ``ce``: next-token cross-entropy, the mean over counted tokens;
 - ``token-kd``: :func:`~dtokd.losses.token_kd.token_kd_loss` to the teacher's next-token
-  distribution: ``divergence`` (``forward_kl``, ``forward_ce``, ``reverse_kl``, ``jsd``),
+  distribution: ``divergence`` (``forward_kl``, ``forward_ce``, ``reverse_kl``, ``jsd``; a config
+  that leaves it out or gives ``auto`` gets the balancing method's form as it is read:
+  :func:`dtokd.train.config.resolve_distillation_form`),
   ``beta`` (jsd's mix, 0.5), ``temperature`` (1), ``chunk_tokens`` (1024): the mean over
   counted tokens;
 - ``hidden``: a hidden-state loss through a learned projector

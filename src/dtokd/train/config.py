@@ -282,7 +282,25 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     raw: dict[str, Any] = {} if path is None else read_config_file(Path(path))
     for item in overrides:
         apply_override(raw, item)
-    return validate(from_dict(Config, raw, ""))
+    return resolve_distillation_form(validate(from_dict(Config, raw, "")))
+
+
+def resolve_distillation_form(config: Config) -> Config:
+    """A causal LM's token-level KD loss whose ``divergence`` is left out or ``auto`` gets the form
+    its balancing method is measured best with (``forward_ce`` for ``dto-amortized``, whose
+    coefficients go as ``1 / L``; ``forward_kl`` otherwise: see
+    :func:`dtokd.balancing.balancers.distillation_form`), written into the config the run saves."""
+    from dtokd.balancing.balancers import distillation_form
+
+    if config.task != "causal-lm":
+        return config
+    losses = {
+        name: {**spec, "divergence": distillation_form(config.balancer.method)}
+        if spec.get("type") == "token-kd" and spec.get("divergence", "auto") == "auto"
+        else spec
+        for name, spec in config.losses.items()
+    }
+    return dataclasses.replace(config, losses=losses)
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory))
