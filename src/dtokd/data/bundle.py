@@ -19,6 +19,13 @@ from dtokd.train.config import CHOICES
 
 DATASETS = CHOICES["data.name"]
 DETECTION_DATASETS = ("coco", "synthetic-coco")
+READ_NO_FILES = {
+    "digits": "scikit-learn's bundled 8x8 digits",
+    "synthetic": "generated",
+    "synthetic-rgb": "generated",
+    "synthetic-coco": "generated from data.synthetic",
+}
+"""The data sets that read no data.root, and where their data come from instead."""
 DEFAULT_AUGMENTATION = {
     "fashion-mnist": Augmentation(pad=2, flip=True),
     "image-folder": Augmentation(pad=4, flip=True),
@@ -145,6 +152,10 @@ def build_data(
         raise ValueError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if root and name in READ_NO_FILES:
+        raise ValueError(
+            f"data.root is not used by {name!r} ({READ_NO_FILES[name]}), got data.root={root!r}: leave it unset (null)"
+        )
     if labels != "contiguous" and name not in DETECTION_DATASETS:
         raise ValueError(f"data.labels is for detection data sets {list(DETECTION_DATASETS)}, not {name!r}")
     if synthetic and name != "synthetic-coco":
@@ -231,11 +242,11 @@ def _streaming(
         raise FileNotFoundError(
             f"data.root={root!r} has no train/ folder (ImageNet layout: train/<class>/, val/<class>/)"
         )
-    test_name = next((n for n in ("val", "test") if (folder / n).is_dir()), None)
-    if test_name is None:
-        raise FileNotFoundError(f"data.root={root!r} has a train/ folder but neither val/ nor test/")
-    classes = tuple(sorted(p.name for p in (folder / "train").iterdir() if p.is_dir()))
-    samples = streaming.list_samples(folder / "train", classes)
+    try:
+        layout = sources.read_layout(folder)  # the rules of the in-memory image-folder loader
+    except sources.LayoutError as error:
+        raise error.under(root, folder) from None
+    samples = layout.train
     val_idx, train_idx = carve_validation(len(samples), val_fraction, seed, limit_train)
     mean, std = normalize or (streaming.IMAGENET_MEAN, streaming.IMAGENET_STD)
     if len(mean) != 3 or len(std) != 3:
@@ -247,8 +258,9 @@ def _streaming(
         return StreamingImageFolder(chosen, transform_, image_size, mean, std, workers)
 
     val = split([samples[i] for i in val_idx], evaluation) if val_idx else None
-    test = split(streaming.list_samples(folder / test_name, classes), evaluation)
-    return DataBundle("image-folder-stream", split([samples[i] for i in train_idx], training), val, test, classes)
+    test = split(layout.test, evaluation)
+    train = split([samples[i] for i in train_idx], training)
+    return DataBundle("image-folder-stream", train, val, test, layout.classes)
 
 
 def _coco_root(root: str | None) -> Path:

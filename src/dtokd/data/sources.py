@@ -57,25 +57,38 @@ def cache_dir() -> Path:
 # ------------------------------------------------------------------------ Fashion-MNIST
 
 
+def _fashion_places(base: Path) -> list[Path]:
+    """The folders of ``base`` that may hold the files: itself, ``fashion-mnist/`` and torchvision's
+    ``FashionMNIST/raw/``."""
+    return [base, base / "fashion-mnist", base / "FashionMNIST" / "raw"]
+
+
 def fashion_mnist_candidates(root: str | Path | None) -> list[Path]:
-    """Where to look, in order: the given root, $DTOKD_DATA, Debian's install location."""
-    places = []
+    """Where to look, in order. A given root is the only place looked in (see
+    :func:`_fashion_places`): a root without the files is refused, never passed over for another
+    copy. Without one: $DTOKD_DATA, Debian's install location, then the download cache."""
     if root:
-        places += [Path(root), Path(root) / "fashion-mnist", Path(root) / "FashionMNIST" / "raw"]
-    if os.environ.get("DTOKD_DATA"):
-        base = Path(os.environ["DTOKD_DATA"])
-        places += [base, base / "fashion-mnist", base / "FashionMNIST" / "raw"]
-    places += [DEBIAN_FASHION_MNIST, cache_dir() / "FashionMNIST" / "raw"]
-    return places
+        return _fashion_places(Path(root))
+    places = _fashion_places(Path(os.environ["DTOKD_DATA"])) if os.environ.get("DTOKD_DATA") else []
+    return places + [DEBIAN_FASHION_MNIST, cache_dir() / "FashionMNIST" / "raw"]
 
 
 def load_fashion_mnist(root: str | Path | None = None, download: bool = True) -> RawSplits:
     """Fashion-MNIST from the original ``*-ubyte.gz`` files (see :func:`fashion_mnist_candidates`);
-    if none has them, torchvision's download into the cache where the network allows."""
+    if none has them and no root was given, torchvision's download into the cache where the
+    network allows."""
     places = fashion_mnist_candidates(root)
+    files = [f for pair in FASHION_FILES.values() for f in pair]
     for place in places:
-        if all((place / f).is_file() for pair in FASHION_FILES.values() for f in pair):
+        if all((place / f).is_file() for f in files):
             return _read_fashion(place)
+    if root:
+        raise FileNotFoundError(
+            f"data.root={str(root)!r} holds no Fashion-MNIST: the files {', '.join(files)} are in none of "
+            + ", ".join(str(p) for p in places)
+            + "; put them there, or leave data.root unset to search $DTOKD_DATA, "
+            f"{DEBIAN_FASHION_MNIST} and the download cache"
+        )
     if download:
         try:
             import torchvision
@@ -115,17 +128,50 @@ def _read_fashion(folder: Path) -> RawSplits:
 
 # ------------------------------------------------------------------------ image folders
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+class LayoutError(ValueError):
+    """An image folder that breaks the layout rules (:func:`read_layout`): ``where`` is the entry
+    at fault, ``problem`` what is wrong with it; the message is ``"<where> <problem>"``."""
+
+    def __init__(self, where: Path, problem: str, message: str | None = None) -> None:
+        super().__init__(message or f"{where} {problem}")
+        self.where, self.problem = where, problem
+
+    def __reduce__(self) -> tuple:
+        """Pickled whole (raised in a worker process, told in the parent)."""
+        return LayoutError, (self.where, self.problem, str(self))
+
+    def under(self, root: str | Path, folder: Path) -> LayoutError:
+        """The same error told by the setting that named the data: ``data.root='ROOT': <entry> <problem>``,
+        the entry relative to ``folder`` (what ``root`` is, or was extracted to)."""
+        inside = self.where.relative_to(folder) if self.where.is_relative_to(folder) else self.where
+        setting = f"data.root={str(root)!r}"
+        said = f"{setting} {self.problem}" if inside == Path(".") else f"{setting}: {inside} {self.problem}"
+        return LayoutError(self.where, self.problem, said)
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """An image folder's classes and its ``(file, label)`` samples, train and test, in order."""
+
+    classes: tuple[str, ...]
+    train: list[tuple[Path, int]]
+    test: list[tuple[Path, int]]
+
 
 def load_image_folder(path: str | Path, image_size: int) -> RawSplits:
-    """An ImageNet-layout folder (``train/<class>/*`` and ``val/`` or ``test/``), or a ``.tar.gz``
-    of one (extracted once into the cache). Images are resized to ``image_size`` squares and kept
-    in memory as uint8, cached as a tensor file for reruns, keyed by the content's identity
-    (:func:`content_key`): adding, removing or changing any file reads the images anew.
-    Processes that load one root at once take turns (a lock in the cache): one reads, the
-    others then find its tensor file."""
+    """An ImageNet-layout folder (``train/<class>/*`` and ``val/`` or ``test/``, see
+    :func:`read_layout`), or a ``.tar.gz`` of one (extracted once into the cache). Images are
+    resized to ``image_size`` squares and kept in memory as uint8, cached as a tensor file for
+    reruns, keyed by the content's identity (:func:`content_key`): adding, removing or changing
+    any file reads the images anew. Processes that load one root at once take turns (a lock in
+    the cache): one reads, the others then find its tensor file. A folder not in the layout is
+    refused, named by ``data.root`` and the entry at fault."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"image folder or archive {str(path)!r} does not exist")
+        raise FileNotFoundError(f"data.root={str(path)!r} does not exist (an image folder or a .tar.gz of one)")
     content = content_key(path)
     cached = cache_dir() / "tensors" / f"{path.name}-{content}-{image_size}px.pt"
     # processes that start together (the cells of a parallel bench) read and extract once, in turn
@@ -133,22 +179,13 @@ def load_image_folder(path: str | Path, image_size: int) -> RawSplits:
         if cached.is_file():
             return RawSplits(**torch.load(cached, weights_only=True))
         folder = _extracted(path, content) if path.is_file() else path
-        root = _find_split_root(folder)
-        test_name = next((n for n in ("val", "test") if (root / n).is_dir()), None)
-        if test_name is None:
-            raise FileNotFoundError(f"{root} has a train/ folder but neither val/ nor test/")
-        classes = _class_folders(root / "train")
-        unknown = sorted(set(_class_folders(root / test_name)) - set(classes))
-        if unknown:
-            raise ValueError(
-                f"{root / test_name} has class folders that {root / 'train'} has not ({', '.join(unknown)}): "
-                "their images could never be predicted; add them to train/ or remove them"
-            )
-        if not classes:
-            raise ValueError(f"{root / 'train'} has no class folders (train/<class>/<image>)")
-        train_images, train_labels = _read_images(root / "train", classes, image_size)
-        test_images, test_labels = _read_images(root / test_name, classes, image_size)
-        splits = RawSplits(train_images, train_labels, test_images, test_labels, classes)
+        try:
+            layout = read_layout(_find_split_root(folder))
+            train_images, train_labels = _read_images(layout.train, image_size, "train")
+            test_images, test_labels = _read_images(layout.test, image_size, "test")
+        except LayoutError as error:
+            raise error.under(path, folder) from None
+        splits = RawSplits(train_images, train_labels, test_images, test_labels, layout.classes)
         cached.parent.mkdir(parents=True, exist_ok=True)
         temporary = cached.with_suffix(f".{os.getpid()}.tmp")
         torch.save(splits.__dict__, temporary)
@@ -195,45 +232,110 @@ def _extracted(archive: Path, key: str) -> Path:
 
 
 def _find_split_root(folder: Path) -> Path:
-    for candidate in [folder, *sorted(p for p in folder.rglob("train") if p.is_dir())]:
-        root = candidate if (candidate / "train").is_dir() else candidate.parent
-        if (root / "train").is_dir():
-            return root
-    raise FileNotFoundError(f"no train/<class>/ folder found under {folder}")
+    """The folder that holds ``train/``: ``folder`` itself, else the one folder below it that
+    does (an extracted archive usually has one top folder). Hidden folders (:func:`hidden`) are
+    not searched, nor is anything below a split root found. Several split roots are refused,
+    named: which one to train on would be a guess."""
+    if (folder / "train").is_dir():
+        return folder
+    found = sorted(
+        p.parent
+        for p in folder.rglob("train")
+        if p.is_dir() and not any(hidden(part) for part in p.relative_to(folder).parts)
+    )
+    outermost = [p for p in found if not any(q in p.parents for q in found)]
+    if len(outermost) == 1:
+        return outermost[0]
+    if not outermost:
+        raise LayoutError(folder, "has no train/<class>/ folder, at its top or below (layout: train/<class>/<image>)")
+    names = ", ".join(str(p.relative_to(folder)) for p in outermost)
+    raise LayoutError(folder, f"holds several image folders ({names}); give the one to use as data.root")
 
 
-def _visible(folder: Path) -> list[Path]:
-    """The entries of ``folder`` but hidden ones (``.DS_Store``, ``.ipynb_checkpoints``, ...)."""
-    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+def hidden(name: str) -> bool:
+    """Whether an entry is hidden, never data: a dot name (``.DS_Store``, ``.ipynb_checkpoints``,
+    macOS's ``._<name>`` forks) or the ``__MACOSX`` folder macOS adds to archives."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def visible(folder: Path) -> list[Path]:
+    """The entries of ``folder`` but hidden ones (:func:`hidden`), sorted."""
+    return sorted(p for p in folder.iterdir() if not hidden(p.name))
+
+
+def read_layout(root: Path) -> FolderLayout:
+    """The classes and samples of the image folder at ``root``, by the rules both image-folder
+    loaders (in memory and streamed) apply: ``root/train/<class>/<image>`` and the test split
+    ``root/val/`` (else ``root/test/``) in the same layout; the classes are train's folders,
+    sorted; hidden entries are skipped (:func:`visible`). Refused (:class:`LayoutError`): no
+    test split, no class folder, a test class that train lacks, a train class without images,
+    a test split without images, and whatever :func:`_class_folders` and :func:`_samples` refuse."""
+    test_name = next((n for n in ("val", "test") if (root / n).is_dir()), None)
+    if test_name is None:
+        raise LayoutError(root, "has a train/ folder but neither val/ nor test/")
+    classes = _class_folders(root / "train")
+    if not classes:
+        raise LayoutError(root / "train", "has no class folders (train/<class>/<image>)")
+    unknown = sorted(set(_class_folders(root / test_name)) - set(classes))
+    if unknown:
+        raise LayoutError(
+            root / test_name,
+            f"has class folders that train has not ({', '.join(unknown)}): their images could never be "
+            "predicted; add them to train/ or remove them",
+        )
+    train, test = _samples(root / "train", classes), _samples(root / test_name, classes)
+    seen = {label for _, label in train}
+    empty = [name for label, name in enumerate(classes) if label not in seen]
+    if empty:
+        raise LayoutError(
+            root / "train" / empty[0],
+            "is a class folder without images: the model would get an output for a class it never sees; "
+            "add images or remove the folder",
+        )
+    if not test:
+        raise LayoutError(root / test_name, f"has no images in its class folders ({test_name}/<class>/<image>)")
+    return FolderLayout(classes, train, test)
 
 
 def _class_folders(split: Path) -> tuple[str, ...]:
-    """The class names of a split (its sub-folders); a file beside them is refused, not ignored."""
-    loose = [p.name for p in _visible(split) if not p.is_dir()]
+    """The class names of a split (its visible sub-folders); a file beside them is refused."""
+    loose = [p.name for p in visible(split) if not p.is_dir()]
     if loose:
-        raise ValueError(
-            f"{split} holds files outside the class folders ({', '.join(loose[:5])}); the layout is "
-            f"{split.name}/<class>/<image>: move or remove them"
+        raise LayoutError(
+            split,
+            f"holds files outside the class folders ({', '.join(loose[:5])}); the layout is "
+            f"{split.name}/<class>/<image>: move or remove them",
         )
-    return tuple(p.name for p in _visible(split))
+    return tuple(p.name for p in visible(split))
 
 
-def _read_images(folder: Path, classes: tuple[str, ...], image_size: int) -> tuple[Tensor, Tensor]:
-    """Every image of ``folder/<class>/`` for the given classes (a class without a folder here
-    has no images in this split); a sub-folder inside a class folder is refused."""
+def _samples(split: Path, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
+    """``(file, label)`` for every visible entry of ``split/<class>/`` (a class without a folder
+    here has no images in this split). Each must be a file named as an image
+    (:data:`IMAGE_EXTENSIONS`, any case): a sub-folder or another file is refused, not skipped."""
+    samples = []
+    for label, name in enumerate(classes):
+        for entry in visible(split / name) if (split / name).is_dir() else []:
+            if entry.is_dir():
+                raise LayoutError(
+                    entry, f"is a folder inside a class folder; the layout is {split.name}/<class>/<image>"
+                )
+            if entry.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise LayoutError(
+                    entry, f"is not an image ({', '.join(IMAGE_EXTENSIONS)}); remove it from the image folder"
+                )
+            samples.append((entry, label))
+    return samples
+
+
+def _read_images(samples: list[tuple[Path, int]], image_size: int, split: str) -> tuple[Tensor, Tensor]:
+    """The images of ``samples`` as uint8 ``image_size`` squares, and their labels; a file that
+    is no readable image is refused (:class:`LayoutError`)."""
     from PIL import Image
     from tqdm import tqdm
 
-    files = []
-    for label, name in enumerate(classes):
-        for entry in _visible(folder / name) if (folder / name).is_dir() else []:
-            if entry.is_dir():
-                raise ValueError(
-                    f"{entry} is a folder inside a class folder; the layout is {folder.name}/<class>/<image>"
-                )
-            files.append((entry, label))
-    images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
-    for i, (file, _) in enumerate(tqdm(files, desc=f"reading {folder.name}", unit="img", leave=False, disable=None)):
+    images = torch.empty(len(samples), 3, image_size, image_size, dtype=torch.uint8)
+    for i, (file, _) in enumerate(tqdm(samples, desc=f"reading {split}", unit="img", leave=False, disable=None)):
         try:
             with Image.open(file) as opened:
                 rgb = opened.convert("RGB")
@@ -241,8 +343,8 @@ def _read_images(folder: Path, classes: tuple[str, ...], image_size: int) -> tup
                     rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
                 images[i] = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
         except (OSError, Image.DecompressionBombError) as error:  # unreadable, truncated, or too many pixels
-            raise ValueError(f"{file} is not a readable image ({error}); remove it from the image folder") from None
-    return images, torch.tensor([label for _, label in files], dtype=torch.int64)
+            raise LayoutError(file, f"is not a readable image ({error}); remove it from the image folder") from None
+    return images, torch.tensor([label for _, label in samples], dtype=torch.int64)
 
 
 # ------------------------------------------------------------------------ CIFAR (python format)

@@ -1,7 +1,8 @@
 """Image folders too large to hold in memory (ImageNet): files decoded and augmented per batch
 by ``DataLoader`` workers, batches copied from pinned memory.
 
-Layout: ``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*`` (ImageNet's; ``test/`` also read).
+Layout: ``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*`` (ImageNet's; ``test/`` also read),
+checked by the rules of the in-memory loader (:func:`dtokd.data.sources.read_layout`).
 The validation split for model selection is ``val_fraction`` of the training files (seeded);
 the folder's ``val/`` is the test split, as papers report ImageNet "val" accuracy.
 
@@ -35,7 +36,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 class StreamingImageFolder(Dataset):
@@ -80,19 +80,6 @@ class StreamingImageFolder(Dataset):
 
     def to(self, device: torch.device | str) -> "StreamingImageFolder":
         return self  # decoded per batch on the host; batches go to the device from pinned memory
-
-
-def list_samples(folder: Path, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
-    samples = [
-        (f, label)
-        for label, c in enumerate(classes)
-        if (folder / c).is_dir()
-        for f in sorted((folder / c).iterdir())
-        if f.suffix.lower() in EXTENSIONS
-    ]
-    if not samples:
-        raise FileNotFoundError(f"no images ({', '.join(EXTENSIONS)}) in the class folders of {folder}")
-    return samples
 
 
 def make_transforms(
