@@ -138,7 +138,7 @@ def test_a_section_override_merges_key_by_key_as_a_base_does(tmp_path):
         (["optim.grad_clip=-1"], r"optim.grad_clip=-1.0 is not allowed; it must be a finite number > 0"),
         (["optim.grad_clip=.nan"], "optim.grad_clip=nan"),
         (["optim.grad_clip=0"], "or null for no clipping"),
-        (["optim.lr=0"], r"optim.lr=0.0 is not allowed; it must be a finite number > 0"),
+        (["optim.lr=-0.1"], r"optim.lr=-0.1 is not allowed; it must be a finite number >= 0"),
         (["optim.momentum=1.5"], r"optim.momentum=1.5 is not allowed; it must be a number in \[0, 1\)"),
         (["optim.gamma=5", "optim.schedule=step"], r"optim.gamma=5.0 is not allowed"),
         (["optim.name=adamw", "optim.momentum=0.5"], "apply to optim.name=sgd"),

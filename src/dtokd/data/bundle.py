@@ -12,12 +12,11 @@ from torch import Tensor
 
 from dtokd.data import sources, streaming
 from dtokd.data.coco import CocoDetectionSet
+from dtokd.data.names import DATASETS, PLACEMENTS
 from dtokd.data.streaming import StreamingImageFolder
 from dtokd.data.tensor_dataset import Augmentation, InMemoryBatches, TensorImageDataset
 from dtokd.data.text import TokenBlocks, load_text
-from dtokd.train.config import CHOICES
 
-DATASETS = CHOICES["data.name"]
 DETECTION_DATASETS = ("coco", "synthetic-coco")
 READ_NO_FILES = {
     "digits": "scikit-learn's bundled 8x8 digits",
@@ -92,9 +91,6 @@ class DataBundle:
         """The same splits with their images on ``device``."""
         val = self.val.to(device) if self.val is not None else None
         return DataBundle(self.name, self.train.to(device), val, self.test.to(device), self.classes)
-
-
-PLACEMENTS = CHOICES["data.placement"]
 
 
 def place_data(data: DataBundle, device: torch.device, placement: str) -> DataBundle:

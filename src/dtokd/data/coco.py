@@ -34,11 +34,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dtokd.data.names import LABEL_MODES
 from dtokd.data.streaming import GlobalBatchSampler
-from dtokd.train.config import CHOICES
 
 Target = dict[str, Any]
-LABEL_MODES = CHOICES["data.labels"]
 
 
 def load_coco(annotation_file: Path) -> Any:

@@ -162,7 +162,7 @@ def _anchor_generator(head: str, strides: list[int], scale: float) -> nn.Module:
 
 def _load_backbone_weights(body: nn.Module, path: Path, backbone_name: str) -> None:
     """An ImageNet classifier's state dict into the FPN backbone's body (which has no classifier)."""
-    from dtokd.models.registry import read_weights
+    from dtokd.models.weight_file import read_weights
 
     state, _ = read_weights(path)
     if backbone_name in MOBILENETS:

@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from dtokd.models.cifar_others import VGG, MobileNetV2, ResNet50, ShuffleNetV1, ShuffleNetV2, WideResNet
 from dtokd.models.cifar_resnet import cifar_resnet
 from dtokd.models.foreign import KEY_MAP_PRESETS, remap_keys
 from dtokd.models.small import MLP, SmallCNN
+from dtokd.models.weight_file import read_weights
 
 Builder = Callable[[int, int, int], nn.Module]  # (num_classes, in_channels, image_size) -> model
 
@@ -124,37 +124,6 @@ def _construct(build: Callable[[], nn.Module], name: str, kwargs: dict) -> nn.Mo
         return build()
     except TypeError as error:  # an argument the constructor does not take
         raise ValueError(f"model {name!r} does not take kwargs {kwargs}: {error}") from None
-
-
-def read_weights(path: str | Path) -> tuple[dict, dict]:
-    """A local weights file as ``(state_dict, identity)``: a plain state dict, or the model of a
-    dtokd run's ``best.pt`` with its ``identity`` (model name, classes; empty for plain files)
-    and its checksum verified. Read with ``weights_only=True``: no code in the file runs."""
-    from dtokd.train.checkpoint import FORMAT, verify_checksum
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means the file is not plain weights
-        hint = (
-            "; a run's checkpoint.pt holds the whole training state: give its best.pt"
-            if path.name == "checkpoint.pt"
-            else ""
-        )
-        raise ValueError(
-            f"weights file {str(path)!r} is not a readable state dict "
-            f"({type(error).__name__}: {' '.join(str(error).split())[:160]}){hint}"
-        ) from None
-    if not isinstance(state, dict):
-        raise ValueError(f"weights file {str(path)!r} holds a {type(state).__name__}, not a state dict")
-    if state.get("format") == FORMAT:
-        verify_checksum(state, path)
-        return state["model"], dict(state.get("identity") or {})
-    if "model" in state and isinstance(state["model"], dict):  # a dtokd best.pt from before the format mark
-        return state["model"], dict(state.get("identity") or {})
-    return state, {}
 
 
 def apply_weights(model: nn.Module, state: dict, source: str | Path, key_map_argument: str = "key_map") -> None:

@@ -18,9 +18,8 @@ from dtokd.tasks.classification import (
     resolve_loss_specs,
 )
 from dtokd.tasks.detection import DetectionTask, evaluate_detector, resolve_detection_specs
-from dtokd.train.config import CHOICES
+from dtokd.tasks.names import TASKS
 
-TASKS = CHOICES["task"]
 Task = ClassificationTask | DetectionTask | CausalLMTask
 
 

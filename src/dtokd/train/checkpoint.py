@@ -3,55 +3,37 @@
 A checkpoint holds the state of everything a run needs to continue exactly: student,
 projectors, optimizer, scheduler, balancer, grad scaler, RNG states, the next epoch, the
 history of metrics, and an identity (student name, number of classes, loss names) that a
-resumed run must match. It carries a SHA-256 :func:`checksum` of its content (every tensor's
-bytes, dtype and shape, every other value's representation, in order), verified on load: a
-file whose bytes changed on disk is refused rather than silently loaded.
+resumed run must match. Its file format (the SHA-256 checksum of its content verified on load,
+read with ``weights_only=True``) is :mod:`dtokd.models.weight_file`'s, which the model registry
+reads a run's ``best.pt`` with.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import random
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-FORMAT = "dtokd-checkpoint-v1"
+from dtokd.models.weight_file import FORMAT, checksum, load_weights_only, verify_checksum
 
-
-def checksum(state: Any) -> str:
-    """SHA-256 over the content of a nested state (dicts, lists, tuples, tensors, arrays, values)."""
-    digest = hashlib.sha256()
-
-    def feed(value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            tensor = value.detach().cpu().contiguous()
-            digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-        elif isinstance(value, np.ndarray):
-            digest.update(f"A{value.dtype}{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
-        elif isinstance(value, dict):
-            digest.update(b"{")
-            for key, item in value.items():
-                digest.update(repr(key).encode())
-                feed(item)
-            digest.update(b"}")
-        elif isinstance(value, (list, tuple)):
-            digest.update(b"[" if isinstance(value, list) else b"(")
-            for item in value:
-                feed(item)
-            digest.update(b"]")
-        else:
-            digest.update(repr(value).encode())
-
-    feed(state)
-    return digest.hexdigest()
+__all__ = [
+    "FORMAT",
+    "checksum",
+    "load_checked",
+    "load_weights_only",
+    "rng_state",
+    "save_atomic",
+    "seed_everything",
+    "set_rng_state",
+    "verify_checksum",
+    "write_text_atomic",
+]
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
@@ -121,36 +103,6 @@ def load_checked(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
         details = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in mismatched.items())
         raise ValueError(f"checkpoint {path} belongs to a different run ({details}); it was left untouched")
     return state
-
-
-NUMPY_RNG_GLOBALS = (np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct)  # type: ignore[attr-defined]
-"""What NumPy's random state (a uint32 array) needs to be read back: array construction only."""
-
-
-def load_weights_only(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True``: tensors, numbers, strings, containers and the
-    NumPy random state's array; a file that would construct any other object (run code on
-    load) raises ``pickle.UnpicklingError`` instead."""
-    with torch.serialization.safe_globals(list(NUMPY_RNG_GLOBALS)):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def verify_checksum(state: dict[str, Any], path: Path) -> None:
-    """Refuse a checkpoint whose content no longer matches the checksum written with it (one
-    from before the checksums is loaded with a warning)."""
-    content = {k: v for k, v in state.items() if k != "checksum"}
-    if "checksum" not in state:  # written before checkpoints carried one: usable, but not verifiable
-        warnings.warn(
-            f"checkpoint {path} has no checksum (written by an older dtokd): loaded without verification",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return
-    if checksum(content) != state["checksum"]:
-        raise ValueError(
-            f"checkpoint {path} is corrupt: its content does not match the checksum written with it "
-            "(bytes changed on disk); it was left untouched"
-        )
 
 
 def rng_state() -> dict[str, Any]:

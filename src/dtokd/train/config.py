@@ -18,25 +18,12 @@ from typing import Any, Literal
 
 import yaml
 
-DataName = Literal[
-    "fashion-mnist",
-    "image-folder",
-    "image-folder-stream",
-    "cifar10",
-    "cifar100",
-    "digits",
-    "synthetic",
-    "synthetic-rgb",
-    "coco",
-    "synthetic-coco",
-    "text",
-]
-Placement = Literal["auto", "device", "host"]
-DetectionLabels = Literal["contiguous", "category-id"]
+from dtokd.data.names import DataName, DetectionLabels, Placement
+from dtokd.tasks.names import TaskName
+
 OptimName = Literal["sgd", "adamw"]
 Schedule = Literal["cosine", "step", "constant"]
 EvalTest = Literal["every", "end"]
-TaskName = Literal["classification", "detection", "causal-lm"]
 Amp = Literal["none", "bf16", "fp16"]
 CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune"]
 
@@ -398,14 +385,14 @@ def _check_optim(optim: OptimConfig, epochs: int) -> None:
     """The optimizer's settings: each in its range, none that the chosen optimizer or schedule
     would ignore, a warm-up and milestones inside the run."""
     ranges: list[tuple[str, float, float, float, str]] = [  # key, value, low, high, what
-        ("optim.lr", optim.lr, 0.0, math.inf, "a finite number > 0"),
+        ("optim.lr", optim.lr, 0.0, math.inf, "a finite number >= 0"),
         ("optim.weight_decay", optim.weight_decay, 0.0, math.inf, "a finite number >= 0"),
         ("optim.momentum", optim.momentum, 0.0, 1.0, "a number in [0, 1)"),
         ("optim.gamma", optim.gamma, 0.0, 1.0, "a number in (0, 1]"),
     ]
     for key, number, low, high, what in ranges:
         inside = math.isfinite(number) and low <= number <= high
-        inside = inside and not (key in ("optim.lr", "optim.gamma") and number == 0)
+        inside = inside and not (key == "optim.gamma" and number == 0)
         inside = inside and not (key == "optim.momentum" and number == 1)
         if not inside:
             raise ConfigError(f"{key}={number} is not allowed; it must be {what}")

@@ -1,0 +1,128 @@
+"""The package's layers (docs/layout.md): a module imports only from its own layer or lower ones,
+at the top of the file or inside a function, and the modules import without a circle."""
+
+import ast
+import pathlib
+
+SOURCE = pathlib.Path(__file__).resolve().parent.parent / "src" / "dtokd"
+
+LAYERS = {
+    # lowest first: a module may import from its layer and the layers before it
+    "balancing": 0,
+    "interrupts": 0,
+    "models": 1,
+    "losses": 2,
+    "data": 2,
+    "tasks": 3,
+    "integrations": 3,
+    "train": 4,
+    "cli": 5,
+    "bench": 5,
+    "report": 5,
+    "demo": 5,
+    "profiling": 5,
+    "__init__": 0,  # the root package: its version and the balancing API, imported lazily
+    "__main__": 5,
+}
+
+
+def layer_of(dotted: str) -> int:
+    """The layer of ``dtokd.<part>...``: its first part, a package or a top-level module."""
+    part = dotted.split(".")[1] if dotted.count(".") else "__init__"
+    if part not in LAYERS:
+        raise AssertionError(f"{dotted}: the layer of {part!r} is not declared in LAYERS (and docs/layout.md)")
+    return LAYERS[part]
+
+
+def imports(path: pathlib.Path) -> list[tuple[int, str]]:
+    """The ``dtokd`` modules ``path`` imports (line, dotted name), function-level ones included;
+    ``from package import submodule`` names the submodule."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dtokd"):
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                is_module = (SOURCE.parent / submodule.replace(".", "/")).with_suffix(".py").is_file()
+                found.append((node.lineno, submodule if is_module else node.module))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names if alias.name.startswith("dtokd")]
+    return found
+
+
+def modules():
+    for path in sorted(SOURCE.rglob("*.py")):
+        relative = path.relative_to(SOURCE.parent).with_suffix("")
+        yield path, ".".join(relative.parts)
+
+
+def test_every_layer_is_declared_and_no_module_imports_a_higher_layer():
+    upward = []
+    for path, name in modules():
+        own = layer_of(name)
+        for line, target in imports(path):
+            if layer_of(target) > own:
+                upward.append(f"{name}:{line} imports {target}")
+    assert upward == []
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from dtokd.train.config import CHOICES\n")
+    assert imports(bad) == [(2, "dtokd.train.config")]
+    assert layer_of("dtokd.train.config") > layer_of("dtokd.data.bundle")
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the modules it imports (a package as its ``__init__``), within dtokd."""
+    names = {name for _, name in modules()}
+
+    def resolve(target: str) -> str | None:
+        while True:
+            for candidate in (target, f"{target}.__init__"):
+                if candidate in names:
+                    return candidate
+            if "." not in target:
+                return None
+            target = target.rsplit(".", 1)[0]
+
+    return {
+        name: {found for _, target in imports(path) if (found := resolve(target)) not in (None, name)}
+        for path, name in modules()
+    }
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles: strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for following in graph[node]:
+            if following not in index:
+                visit(following)
+                low[node] = min(low[node], low[following])
+            elif following in stack:
+                low[node] = min(low[node], index[following])
+        if low[node] == index[node]:
+            component = [stack.pop()]
+            while component[-1] != node:
+                component.append(stack.pop())
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_module_imports_another_that_imports_it_back():
+    assert circles(import_graph()) == []
+
+
+def test_the_circle_check_sees_a_circle():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
