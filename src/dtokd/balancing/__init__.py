@@ -8,7 +8,8 @@ Public API::
 """
 
 from dtokd.balancing.balancers import BALANCERS, make_balancer
-from dtokd.balancing.base import Balancer, NonFiniteStepError
+from dtokd.balancing.base import Balancer
+from dtokd.balancing.checks import NonFiniteStepError
 from dtokd.balancing.engines import ENGINES
 from dtokd.balancing.rules import RULES, weights
 from dtokd.balancing.stepinfo import StepInfo

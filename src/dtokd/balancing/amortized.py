@@ -48,7 +48,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from dtokd.balancing.base import Balancer, NonFiniteStepError, check_non_negative, deferred_message
+from dtokd.balancing.base import Balancer
+from dtokd.balancing.checks import NonFiniteStepError, check_non_negative, deferred_message
 from dtokd.balancing.stepinfo import HostCopy, StepInfo
 
 UpdateMode = Literal["same-batch", "next-step"]

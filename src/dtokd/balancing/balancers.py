@@ -11,7 +11,8 @@ from torch import Tensor
 
 from dtokd.balancing import rules
 from dtokd.balancing.amortized import AmortizedDTOBalancer
-from dtokd.balancing.base import Balancer, NonFinitePolicy, Rescale, unique_params
+from dtokd.balancing.base import Balancer, NonFinitePolicy, Rescale
+from dtokd.balancing.checks import unique_params
 from dtokd.balancing.distributed import Sync, SyncMode
 from dtokd.balancing.engines import ENGINES, ExactEngine, RepresentationEngine, SubsetEngine
 from dtokd.balancing.gradnorm import GradNormBalancer

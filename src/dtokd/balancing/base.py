@@ -10,15 +10,7 @@ One step, for losses ``L_i`` (a mapping name -> scalar tensor)::
     rescale="norm": c *= ||sum_i r_i grad L_i|| / ||sum_i c_i grad L_i||   (r: ``reference``)
     .grad      += sum_i c_i grad L_i
 
-``rescale="norm"`` keeps the rule's direction and gives the update the length of the
-``reference`` combination of the raw loss gradients (default: their mean, ``r_i = 1/m``; give
-the weights of the fixed KD a learning rate was tuned for, e.g. ``{"distill": 0.9, "task":
-0.1}``, to take that step's length). Both norms come from the Gram of the raw gradients,
-``||sum_i c_i grad L_i||^2 = c^T G_raw c``, so the rescale needs the Gram whatever the rule,
-and the lengths are those where the engine measures it (over every parameter for ``exact``;
-at the representation or over the subset for the others, whose ratio then scales the update);
-an update below ``1e-6`` of the reference length (gradients that cancel) is left as it is.
-A ``reference`` given with another ``rescale`` is only reported: ``StepInfo.update_ratio``.
+``rescale`` and ``reference``: see :mod:`dtokd.balancing.rescale`.
 
 The losses' structure is checked before anything is computed: a non-empty mapping of string names to
 floating scalar tensors in the autograd graph, all on one device, with the same names on
@@ -28,28 +20,15 @@ every call (the first call fixes them and their order). A NaN or infinite loss r
 undefined) and a loss below ``loss_floor`` (zero included) is taken as ``loss_floor``.
 
 Host synchronisation: a step reads the device once (loss values, Gram, loss scale in one
-copy), and the value checks above use that read. Two paths, chosen in one place
-(:meth:`Balancer._runs_on_device`), checked by one helper (:meth:`Balancer._problem`):
-
-- on the host (rules with no device form, the exact engine's Gram, ``on_nonfinite="skip"``):
-  read, check, run the rule in float64 on the CPU, then write the update; a failed check
-  writes nothing;
-- on the device (rules with a device form, :data:`~dtokd.balancing.rules.RULE_RECORDS`: DTO
-  with m <= 2, anchored, mean, fixed; and amortized DTO; ``on_nonfinite="raise"``; no Gram
-  from an engine that ``checks_before_writing``): the weights and the update are queued on the
-  device first and the read follows, so the CPU never waits for the forward pass; a failed
-  check then raises with ``.grad`` already written.
-
-``deferred_checks=True`` takes the device path one step further: the step's numbers are
-copied to the host asynchronously and checked at the start of the next ``backward`` (or by
-:meth:`Balancer.check_deferred`), so that a step makes no host synchronisation at all, like a
-plain ``loss.backward()``, and the CPU can queue the next step while the device finishes this
-one. The price: a non-finite or negative loss is reported one step late, after
-``optimizer.step()`` has applied that step's non-finite update (call ``check_deferred()``
-before saving a checkpoint). Every step must then take the device path (else a
-``ValueError``); only a ``diagnose=True`` step of a Gram-free balancer with the exact engine
-runs on the host, and is checked at once. ``deferred_checks="auto"`` defers wherever every
-step allows it (decided at the first step from the number of losses), else checks at once.
+copy), and the value checks use that read. The step takes one of two paths, chosen in one place
+(:meth:`Balancer._runs_on_device`): on the host (read, check, run the rule in float64 on the
+CPU, then write; a failed check writes nothing), or on the device (rules with a device form,
+``on_nonfinite="raise"``, no Gram from an engine that ``checks_before_writing``: the update is
+queued first and the read follows, so the CPU never waits for the forward pass; a failed check
+raises with ``.grad`` written). ``deferred_checks=True`` defers even that read to the next
+``backward`` (or :meth:`Balancer.check_deferred`): no host synchronisation in a step, a bad
+step reported one step late; ``"auto"`` defers wherever every step allows it. Why and what it
+costs: docs/methods.md ("No wait at all") and docs/cost.md.
 
 StepInfo's numbers are read from the device on first access (see :class:`StepInfo`).
 
@@ -68,34 +47,29 @@ those of the global batch by default.
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from dtokd.balancing.checks import (
+    NonFiniteStepError,
+    Problem,
+    check_reach,
+    check_reference,
+    check_state_method,
+    checked_losses,
+    deferred_message,
+    find_problem,
+    warn_zero_gradients,
+)
 from dtokd.balancing.distributed import Sync
 from dtokd.balancing.engines import ObjectiveGradients, weighted_sum_backward
-from dtokd.balancing.rules import ZERO_GRADIENT, check_weight_vector
+from dtokd.balancing.rescale import RESCALES, Rescale, reference_vector, rescaled
 from dtokd.balancing.stepinfo import OVERFLOW, StepInfo
 
-Rescale = Literal["none", "unit-sum", "norm"]
-RESCALES = ("none", "unit-sum", "norm")
-NEGLIGIBLE_UPDATE = 1e-12  # (update length / reference length)^2 below which rescale="norm" leaves the update
 NonFinitePolicy = Literal["raise", "skip"]
-
-
-class NonFiniteStepError(ValueError):
-    """A step's losses or gradients were NaN or infinite (with ``on_nonfinite="raise"``): what a
-    diverged run raises, told apart by its type from every other error."""
-
-
-class Problem(NamedTuple):
-    """What is wrong with a step (see :meth:`Balancer._problem`)."""
-
-    kind: Literal["non-finite loss", "negative loss", "non-finite gradient"]
-    message: str
 
 
 class Balancer:
@@ -138,7 +112,7 @@ class Balancer:
             raise ValueError(f"loss_floor must be a positive finite number, got {loss_floor!r}")
         if rescale not in RESCALES:
             raise ValueError(f"rescale={rescale!r} is not allowed; use one of {list(RESCALES)}")
-        _check_reference(reference)
+        check_reference(reference)
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite={on_nonfinite!r} is not allowed; use 'raise' or 'skip'")
         if not isinstance(deferred_checks, bool) and deferred_checks != "auto":
@@ -191,18 +165,8 @@ class Balancer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s state; a state saved by another method is refused (its
         learned weights would be dropped, or this method's learner restarted, silently)."""
-        if not isinstance(state, Mapping) or "names" not in state:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: not a balancer state: {_describe(state)}")
-        saved = state.get("method")
-        if saved is None:  # saved before the method was recorded: recognised by its learned entries
-            learned = set(state) & _learned_entries()
-            if state.get("names") is not None and not (learned & self.learned_state or learned == self.learned_state):
-                saved = f"a method whose state holds {sorted(learned) or 'no learned weights'}"
-        if saved is not None and saved != self.method:
-            raise ValueError(
-                f"this balancer state was saved by method {saved!r}, but it is loaded into {self.method!r}: "
-                "resume with the method that saved it (or start this method afresh, without the state)"
-            )
+        learned_anywhere = frozenset().union(*(cls.learned_state for cls in _subclasses(Balancer)))
+        check_state_method(state, self.method, self.learned_state, learned_anywhere, type(self).__name__)
         names = state.get("names")
         self.names = None if names is None else tuple(names)
 
@@ -220,7 +184,6 @@ class Balancer:
             "learns nothing after the optimizer step (call after_step(), a no-op here, in generic code)"
         )
 
-    # -- the step ---------------------------------------------------------------------------
     def backward(
         self,
         losses: Mapping[str, Tensor],
@@ -240,7 +203,7 @@ class Balancer:
         self.check_deferred()
         ordered = self._checked(losses)
         if not self._reach_checked:
-            _check_reach(ordered, self.engine.params, type(self).__name__)
+            check_reach(ordered, self.engine.params, type(self).__name__)
             self._reach_checked = True
         values = torch.stack([v.detach().reshape(()) for v in ordered.values()]).to(torch.float64)
         device = values.device
@@ -276,14 +239,10 @@ class Balancer:
         ``accelerate``, DeepSpeed, FSDP): its gradient is the update :meth:`backward` would add to
         ``.grad``. Nothing is written to ``.grad``; the step's StepInfo is :attr:`last_info`.
 
-        What the weights cost before the framework's own backward: nothing for ``fixed``,
-        ``mean`` and ``dto-amortized`` (call :meth:`update` after the optimizer step as usual);
-        with ``engine="representation"`` the gradients at the representation (about the loss
-        heads' cost); with ``"subset"`` one backward per loss to the subset; with ``"exact"``
-        one full backward per loss (m extra backward passes: prefer the representation engine
-        or the amortized rule inside a framework). Mixed precision: under autocast as is; give
-        the framework the loss to scale (``scaler=`` is :meth:`backward`'s only). A step that
-        ``on_nonfinite="skip"`` skips returns a zero loss (zero gradients) in the graph.
+        What the weights cost before the framework's own backward, by method and engine:
+        docs/frameworks.md. Mixed precision: under autocast as is; the framework scales the
+        loss (``scaler=`` is :meth:`backward`'s only). A step that ``on_nonfinite="skip"`` skips
+        returns a zero loss (zero gradients) in the graph.
         """
         self._combining = True
         try:
@@ -361,7 +320,7 @@ class Balancer:
         )
         self._write(gradients, scaled, coefficients)
         if raw_gram is not None:
-            self._warn_zero_gradients(raw_gram, pi)
+            warn_zero_gradients(self._names, raw_gram, pi, self._zero_gradient_warned, type(self).__name__)
         return StepInfo(
             self._names,
             values,
@@ -441,33 +400,13 @@ class Balancer:
             error = ValueError if problem.kind == "negative loss" else NonFiniteStepError
             raise error(deferred_message(message) if deferred else message)
         if raw_gram is not None:
-            self._warn_zero_gradients(raw_gram, info.weight_values)
+            warn_zero_gradients(
+                self._names, raw_gram, info.weight_values, self._zero_gradient_warned, type(self).__name__
+            )
 
     def _problem(self, values: Tensor, raw_gram: Tensor | None) -> Problem | None:
-        """The first thing wrong with a step, from its host copy, for both paths: a non-finite
-        loss, a negative loss under the log, then non-finite gradients (``raw_gram``: None when
-        the step had no Gram or it is not to be checked)."""
-        listed = values.tolist()
-        bad = [n for n, v in zip(self._names, listed) if not math.isfinite(v)]
-        if bad:
-            return Problem(
-                "non-finite loss",
-                f"non-finite loss(es) {bad}: " + ", ".join(f"{n}={v}" for n, v in zip(self._names, listed) if n in bad),
-            )
-        negative = [n for n, v in zip(self._names, listed) if v < 0] if self.log_losses else []
-        if negative:
-            return Problem(
-                "negative loss",
-                f"loss(es) {negative} are negative ("
-                + ", ".join(f"{n}={v}" for n, v in zip(self._names, listed) if n in negative)
-                + f"), but method {self.method!r} balances log L (log_losses=True), defined for L >= 0 only: "
-                "give the non-negative form of the loss (a divergence, a cross-entropy or a distance; "
-                "dtokd's own losses are never below 0)",
-            )
-        if raw_gram is not None and not all(map(math.isfinite, raw_gram.reshape(-1).tolist())):
-            diagonal = [n for n, v in zip(self._names, raw_gram.diagonal().tolist()) if not math.isfinite(v)]
-            return Problem("non-finite gradient", f"non-finite gradients for loss(es) {diagonal or list(self._names)}")
-        return None
+        """The first thing wrong with a step, from its host copy (:func:`~dtokd.balancing.checks.find_problem`)."""
+        return find_problem(self._names, values, raw_gram, self.log_losses, self.method)
 
     def _refuse(
         self, problem: Problem, values: Tensor, gradients: ObjectiveGradients | None, scaled: bool, device: torch.device
@@ -486,24 +425,6 @@ class Balancer:
             raise NonFiniteStepError(problem.message + hint)
         return self._skipped(values, problem.message, device)
 
-    def _warn_zero_gradients(self, raw_gram: Tensor, weights: Tensor) -> None:
-        """Warn, once per objective, when its gradient was exactly zero at a step (a loss that
-        does not depend on the trained parameters, or sits at a flat point), with the weight
-        the rule gave it (DTO leaves it out: weight 0; ``ZERO_GRADIENT`` as in the rule)."""
-        diagonal, listed = raw_gram.diagonal().tolist(), weights.tolist()
-        threshold = ZERO_GRADIENT * sum(diagonal)
-        for name, norm2, weight in zip(self._names, diagonal, listed):
-            if norm2 <= threshold and name not in self._zero_gradient_warned:
-                self._zero_gradient_warned.add(name)
-                warnings.warn(
-                    f"{type(self).__name__}: the gradient of loss {name!r} was zero at a step "
-                    f"(a loss that does not depend on the trained parameters, or a flat point); "
-                    f"its weight there: {weight:.4g}. This warning is shown once per loss.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-
-    # -- helpers ----------------------------------------------------------------------------
     def _coefficients(self, weights: Tensor, divisors: Tensor, raw_gram: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The weights every rank applies (rank 0's in global mode, the rank mean in local
         mode) and the coefficients on the raw losses, ``c = pi / divisors``, rescaled (see the
@@ -513,20 +434,7 @@ class Balancer:
             pi = self.sync.agree(pi, self.engine.params)
         elif self.sync.local_mode:
             pi = self.sync.mean(pi)
-        coefficients = pi / divisors
-        if self.rescale == "unit-sum":
-            coefficients = coefficients / coefficients.abs().sum().clamp_min(torch.finfo(torch.float64).tiny)
-        elif self.rescale == "norm":
-            if raw_gram is None:
-                raise RuntimeError("rescale='norm' needs the Gram of the raw loss gradients")
-            raw_gram = raw_gram.to(coefficients.device, torch.float64)
-            reference = self._reference(coefficients)
-            if reference is None:
-                raise RuntimeError("rescale='norm' has a reference by construction")
-            wanted, got = reference @ raw_gram @ reference, coefficients @ raw_gram @ coefficients
-            negligible = got <= NEGLIGIBLE_UPDATE * wanted
-            factor = torch.where(negligible, 1.0, (wanted / got.clamp_min(torch.finfo(torch.float64).tiny)).sqrt())
-            coefficients = coefficients * factor
+        coefficients = rescaled(pi / divisors, self.rescale, raw_gram, self._reference(pi))
         return pi, coefficients
 
     def _reference(self, like: Tensor) -> Tensor | None:
@@ -534,25 +442,9 @@ class Balancer:
         mean when ``rescale="norm"`` is given none), or None."""
         if self.reference is None and self.rescale != "norm":
             return None
-        m = len(self._names)
         cached = self._reference_vector
-        if cached is None or cached.device != like.device or cached.numel() != m:
-            if self.reference is None:
-                values = [1.0 / m] * m
-            elif isinstance(self.reference, Mapping):
-                if set(self.reference) != set(self._names):
-                    raise ValueError(
-                        f"reference={dict(self.reference)!r} must give a weight for each loss {list(self._names)}"
-                    )
-                values = [float(self.reference[n]) for n in self._names]
-            else:
-                if len(self.reference) != m:
-                    raise ValueError(
-                        f"reference={list(self.reference)!r} gives {len(self.reference)} weights "
-                        f"for {m} losses {list(self._names)}"
-                    )
-                values = [float(v) for v in self.reference]
-            cached = self._reference_vector = torch.tensor(values, dtype=torch.float64, device=like.device)
+        if cached is None or cached.device != like.device or cached.numel() != len(self._names):
+            cached = self._reference_vector = reference_vector(self.reference, self._names, like.device)
         return cached
 
     def _write(self, gradients: ObjectiveGradients | None, scaled: dict[str, Tensor], coefficients: Tensor) -> None:
@@ -575,134 +467,20 @@ class Balancer:
         return values.clamp_min(self.loss_floor) if self.log_losses else torch.ones_like(values)
 
     def _checked(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        if not isinstance(losses, Mapping):
-            raise TypeError(f"losses must be a mapping name -> scalar tensor, got {type(losses).__name__}")
-        if not losses:
-            raise ValueError("losses is empty: give at least one named loss")
-        devices = set()
-        for name, value in losses.items():
-            if not isinstance(name, str):
-                raise TypeError(f"loss names must be strings, got {name!r}")
-            if not isinstance(value, Tensor) or value.numel() != 1 or not value.is_floating_point():
-                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(f"loss {name!r} must be a floating-point scalar tensor, got {shape}")
-            if not value.requires_grad:
-                raise ValueError(
-                    f"loss {name!r} does not require grad: it must be computed from the trained parameters"
-                )
-            devices.add(value.device)
-        if len(devices) > 1:
-            raise ValueError(f"losses are on different devices {sorted(map(str, devices))}; move them to one")
-        if self.names is None:
-            self.names = tuple(losses)
-        elif set(losses) != set(self.names):
-            raise ValueError(
-                f"losses have names {sorted(losses)}, but this balancer was first used with "
-                f"{sorted(self.names)}; a balancer balances a fixed set of objectives"
-            )
-        return {n: losses[n] for n in self._names}
+        """The losses in the order of the first step's names (:func:`~dtokd.balancing.checks.checked_losses`)."""
+        ordered = checked_losses(losses, self.names)
+        self.names = tuple(ordered)
+        return ordered
 
     def _skipped(self, values: Tensor, reason: str, device: torch.device) -> StepInfo:
         nan = torch.full_like(values, math.nan)
         return StepInfo(self._names, values, nan, nan, skipped_reason=reason, device=device)
 
 
-def _check_reference(reference: object) -> None:
-    """``reference``: None, or weights (a mapping name -> weight, or a sequence) as
-    :func:`~dtokd.balancing.rules.check_weight_vector` takes them."""
-    if reference is not None:
-        check_weight_vector("reference", reference)
-
-
-def check_non_negative(name: str, value: object) -> None:
-    """A finite number >= 0 (not a boolean), or a ``ValueError`` naming it."""
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def _learned_entries() -> frozenset[str]:
-    """Every method's :attr:`Balancer.learned_state` entries."""
-    found: set[str] = set()
-    pending = [Balancer]
-    while pending:
-        cls = pending.pop()
-        found |= cls.learned_state
-        pending.extend(cls.__subclasses__())
-    return frozenset(found)
-
-
-def _describe(state: object) -> str:
-    return f"keys {sorted(map(str, state))}" if isinstance(state, Mapping) else f"a {type(state).__name__}"
-
-
-def _check_reach(losses: Mapping[str, Tensor], params: Sequence[Tensor], balancer: str) -> None:
-    """The first step's check that the losses reach the balancer's parameters through the
-    autograd graph: none reached is an error (the balancer was built over other parameters, and
-    would write nothing), a loss that reaches none of them a warning (its gradient is zero).
-    A walk of the graph once, not a backward pass."""
-    wanted = {id(p) for p in params if p.requires_grad}
-    if not wanted:  # the engine names this case
-        return
-    unreached = [name for name, loss in losses.items() if not _reaches(loss, wanted)]
-    if len(unreached) == len(losses):
-        raise ValueError(
-            f"{balancer}: no loss {list(losses)} reaches any of the {len(params)} parameters given to the "
-            "balancer: it would write no gradient. Build it over the parameters of the model that computes "
-            "the losses (e.g. make_balancer(method, student.parameters()))"
-        )
-    if unreached:
-        warnings.warn(
-            f"{balancer}: loss(es) {unreached} reach none of the balancer's parameters: their gradient is zero",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-
-
-def _reaches(loss: Tensor, wanted: set[int]) -> bool:
-    """Whether the autograd graph of ``loss`` accumulates into a tensor whose id is in ``wanted``."""
-    if loss.grad_fn is None:  # the loss is a leaf itself
-        return id(loss) in wanted
-    seen: set[Any] = set()
-    pending: list[Any] = [loss.grad_fn]
-    while pending:
-        node = pending.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)  # an AccumulateGrad node: the leaf it writes
-        if variable is not None and id(variable) in wanted:
-            return True
-        pending.extend(following for following, _ in node.next_functions)
-    return False
-
-
-def deferred_message(problem: str) -> str:
-    """The error for a problem found by a deferred check (it concerns the previous step)."""
-    return (
-        "the previous step (deferred_checks=True: its update was written to .grad and applied by "
-        f"optimizer.step() if that ran): {problem}"
-    )
-
-
-def unique_params(params: Iterable[Tensor], argument: str = "params") -> list[Tensor]:
-    """The parameters as a list; errors for non-tensors, non-leaves, duplicates or an empty list."""
-    if isinstance(params, Tensor):
-        params = [params]
-    result, seen = [], set()
-    for k, p in enumerate(params):
-        if isinstance(p, Mapping):
-            raise TypeError(f"{argument}[{k}] is a parameter group dict; pass the tensors themselves")
-        if not isinstance(p, Tensor):
-            raise TypeError(f"{argument}[{k}] must be a torch.Tensor, got {type(p).__name__}")
-        if not p.is_leaf:
-            raise ValueError(f"{argument}[{k}] is not a leaf tensor; pass the model's parameters")
-        if id(p) in seen:
-            raise ValueError(f"{argument}[{k}] appears twice; each parameter must be given once")
-        seen.add(id(p))
-        result.append(p)
-    if not result:
-        raise ValueError(f"{argument} is empty: give the parameters to update (e.g. model.parameters())")
-    return result
+def _subclasses(cls: type[Balancer]) -> list[type[Balancer]]:
+    """``cls`` and every class below it."""
+    below: list[type[Balancer]] = cls.__subclasses__()
+    return [cls, *(sub for direct in below for sub in _subclasses(direct))]
 
 
 def _to_host(

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dtokd.balancing.base import Balancer, check_non_negative
+from dtokd.balancing.base import Balancer
+from dtokd.balancing.checks import check_non_negative
 
 
 class GradNormBalancer(Balancer):
