@@ -17,6 +17,7 @@ from dtokd.balancing.distributed import Sync, SyncMode
 from dtokd.balancing.engines import ENGINES, ExactEngine, RepresentationEngine, SubsetEngine
 from dtokd.balancing.gradnorm import GradNormBalancer
 from dtokd.balancing.loss_size import LossSizeBalancer
+from dtokd.balancing.rule_common import check_weight_vector
 
 
 class RuleBalancer(Balancer):
@@ -34,7 +35,7 @@ class RuleBalancer(Balancer):
         for option in self.rule.per_loss:
             value = rule_options.get(option)
             if value is not None:
-                rules.check_weight_vector(f"{method}: {option}", value)
+                check_weight_vector(f"{method}: {option}", value)
         self.method = method
         self.rule_options = dict(rule_options)
         self.needs_gram = self.rule.needs_gram
@@ -136,22 +137,14 @@ def make_balancer(
     :mod:`dtokd.balancing.engines`. ``batched``: one vmapped VJP instead of m.
     ``log_losses``: balance the gradients of ``log L_i`` (default for ``"dto"``,
     ``"dto-amortized"`` (as in the paper) and ``"anchored"``) or of ``L_i`` (default for the others).
-    ``loss_floor``: the smallest loss value the log transform uses. ``rescale``:
-    ``"unit-sum"`` divides the update's coefficients on the raw losses by their absolute sum
-    (default ``"none"``: the paper's ``g* = sum_i pi_i grad log L_i``; the amortized form
-    always uses ``"unit-sum"``, as FAMO does); ``"norm"`` keeps the rule's direction and gives
-    the update the length of the ``reference`` combination of the raw loss gradients (weights
-    by loss name, e.g. fixed KD's ``{"distill": 0.9, "task": 0.1}``; default their mean), at the
-    cost of the Gram (see :mod:`dtokd.balancing.base`). ``reference`` with another rescale: only
-    reported, as ``StepInfo.update_ratio``. ``on_nonfinite``: ``"raise"`` or ``"skip"``.
-    ``deferred_checks``: no host synchronisation in a step; a non-finite or negative loss is
-    reported by the next ``backward`` (or ``balancer.check_deferred()``), after that step's
-    update was applied (see :class:`~dtokd.balancing.base.Balancer`); ``"auto"``: deferred
-    wherever every step allows it (:meth:`~dtokd.balancing.base.Balancer.can_defer_checks`).
-    ``sync``: under ``torch.distributed``, ``"global"`` (the global batch's Gram and losses,
-    weights identical on all ranks), ``"local"`` or ``"off"``; ``check_sync`` verifies that
-    all ranks computed the same weights (default: ``DTOKD_DEBUG=1``). See
-    :mod:`dtokd.balancing.distributed`.
+    ``loss_floor``: the smallest loss value the log transform uses. ``rescale`` (``"none"``:
+    the paper's ``g* = sum_i pi_i grad log L_i``; ``"unit-sum"``; ``"norm"`` to the length of the
+    ``reference`` combination, e.g. fixed KD's ``{"distill": 0.9, "task": 0.1}``): see
+    :mod:`dtokd.balancing.rescale`. ``on_nonfinite``: ``"raise"`` or ``"skip"``.
+    ``deferred_checks``: no host synchronisation in a step, a bad step reported by the next
+    ``backward``; ``"auto"`` wherever every step allows it (:class:`~dtokd.balancing.base.Balancer`).
+    ``sync`` under ``torch.distributed`` (``"global"``: the global batch's Gram and losses;
+    ``"local"``; ``"off"``) and ``check_sync``: :mod:`dtokd.balancing.distributed`.
     ``options``: the rule's own options (e.g. ``constraint="simplex"`` for ``"dto"``,
     ``weights=`` for ``"fixed"``, ``c=`` for ``"cagrad"``), or those of
     :class:`~dtokd.balancing.amortized.AmortizedDTOBalancer`,
@@ -160,9 +153,7 @@ def make_balancer(
     """
     if method not in BALANCERS:
         raise ValueError(f"unknown balancing method {method!r}; available: {list(BALANCERS)}")
-    for name, flag in (("log_losses", log_losses), ("batched", batched)):
-        if flag is not None and not isinstance(flag, bool):
-            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    _check_flags(log_losses=log_losses, batched=batched)
     param_list = unique_params(params)
     built_engine = _make_engine(engine, param_list, gram_params, batched)
     common: dict[str, Any] = {
@@ -174,13 +165,26 @@ def make_balancer(
         "sync": Sync(sync, check=check_sync),
     }
     if method in BALANCER_CLASSES:
-        cls = BALANCER_CLASSES[method]
-        allowed = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "engine", "kwargs")]
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise TypeError(f"{method!r} does not accept option(s) {unknown}; allowed: {allowed}")
-        return cls(built_engine, rescale=rescale, **common, **options)
+        return _class_balancer(BALANCER_CLASSES[method], built_engine, rescale=rescale, **common, **options)
     return RuleBalancer(method, built_engine, rule_options=options, rescale=rescale, **common)
+
+
+def _check_flags(**flags: object) -> None:
+    """Switches given as anything but a boolean (``"false"`` would read as true) are refused."""
+    for name, flag in flags.items():
+        if flag is not None and not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+
+
+def _class_balancer(cls: type[Balancer], engine: Any, **options: Any) -> Balancer:
+    """A balancer of a method with its own class, an option its constructor does not take named
+    with the ones it does."""
+    own = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "engine", "kwargs")]
+    common = ("log_losses", "loss_floor", "reference", "on_nonfinite", "deferred_checks", "sync", "rescale")
+    unknown = sorted(set(options) - set(own) - set(common))
+    if unknown:
+        raise TypeError(f"{cls.method!r} does not accept option(s) {unknown}; allowed: {own}")
+    return cls(engine, **options)
 
 
 def _make_engine(

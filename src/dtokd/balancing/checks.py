@@ -12,7 +12,8 @@ from typing import Any, Literal, NamedTuple
 
 from torch import Tensor
 
-from dtokd.balancing.rules import ZERO_GRADIENT, check_weight_vector
+from dtokd.balancing.rule_common import check_weight_vector
+from dtokd.balancing.rules import ZERO_GRADIENT
 
 
 class NonFiniteStepError(ValueError):
@@ -88,7 +89,7 @@ def checked_losses(losses: Mapping[str, Tensor], names: Sequence[str] | None) ->
 
 def check_reference(reference: object) -> None:
     """``reference``: None, or weights (a mapping name -> weight, or a sequence) as
-    :func:`~dtokd.balancing.rules.check_weight_vector` takes them."""
+    :func:`~dtokd.balancing.rule_common.check_weight_vector` takes them."""
     if reference is not None:
         check_weight_vector("reference", reference)
 

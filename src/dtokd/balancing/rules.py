@@ -25,14 +25,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from dtokd.balancing._qp import solve_bounded_min_norm
+from dtokd.balancing.mtl_rules import aligned_mtl, cagrad, imtl_g, mgda, nash_mtl, pcgrad, upgrad
+from dtokd.balancing.rule_common import DEFAULT_RTOL, _check_positive, _uniform, check_weight_vector
 
-DEFAULT_RTOL = 1e-6
-"""Relative tolerance below which a curvature of the Gram counts as zero (``* trace(G)``)."""
 ZERO_GRADIENT = 1e-20
 """A gradient counts as zero for :func:`dto` when ``G_ii <= ZERO_GRADIENT * trace(G)``: a norm
 below 1e-10 of the others' (real KD gradients differ by 1e-4 to 1e-5 in norm: far above it)."""
@@ -115,221 +113,6 @@ def _complement_of_ones(m: int, device: torch.device) -> Tensor:
     return helmert
 
 
-def mgda(gram: Tensor) -> Tensor:
-    r"""MGDA (Désidéri 2012; Sener & Koltun, NeurIPS 2018): the min-norm point of the convex hull.
-
-    ``w = argmin_{w >= 0, 1^T w = 1} w^T G w``, solved exactly by an active-set method
-    (not Frank-Wolfe), so ties and singular Grams get the exact minimiser. The result
-    is Pareto-stationary when ``g = 0``. An all-zero Gram gives uniform weights.
-    """
-    m = gram.shape[0]
-    g, scale = _normalised(gram)
-    if scale == 0.0:
-        return _uniform(gram)
-    w = solve_bounded_min_norm(g, np.zeros(m), sum_to_one=True, start=np.full(m, 1.0 / m))
-    return _back(w, gram)
-
-
-def upgrad(gram: Tensor, *, pref_vector: Sequence[float] | None = None, reg_eps: float = 0.0) -> Tensor:
-    r"""UPGrad (Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024).
-
-    Each gradient, scaled by its preference ``p_i`` (default ``1/m``), is projected onto the
-    dual cone ``{x : <x, g_j> >= 0 for all j}``; the projections are summed. In weights::
-
-        w = sum_i argmin_{v >= p_i e_i} v^T (G / tr G + reg_eps I) v
-
-    Each projection is an exact QP solve. ``reg_eps`` (default 0) reproduces TorchJD's
-    diagonal regularisation when set to its 1e-4.
-    """
-    m = gram.shape[0]
-    _check_non_negative("reg_eps", reg_eps)
-    pref = _preference(pref_vector, m)
-    g, scale = _normalised(gram)
-    g = g + reg_eps * np.eye(m)
-    if scale == 0.0 and reg_eps == 0.0:
-        return _back(pref, gram)
-    total = np.zeros(m)
-    for i in range(m):
-        lower = np.zeros(m)
-        lower[i] = pref[i]
-        total += solve_bounded_min_norm(g, lower, sum_to_one=False, start=lower)
-    return _back(total, gram)
-
-
-def pcgrad(gram: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-    r"""PCGrad (Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020).
-
-    For each i, in a random order of the others j: if ``<g_i', g_j> < 0``, remove the
-    conflicting part, ``g_i' <- g_i' - <g_i', g_j> / ||g_j||^2 g_j``; then ``g = sum_i g_i'``.
-    Tracked as weights on the original gradients. The order is drawn with
-    ``torch.randperm(m, generator=generator)`` (global RNG when ``generator`` is None);
-    for m = 2 it does not matter.
-    """
-    m = gram.shape[0]
-    g = gram.detach().to("cpu", torch.float64)
-    total = torch.zeros(m, dtype=torch.float64)
-    for i in range(m):
-        current = torch.zeros(m, dtype=torch.float64)
-        current[i] = 1.0
-        for j in torch.randperm(m, generator=generator).tolist():
-            if j == i:
-                continue
-            inner = float(g[j] @ current)
-            if inner < 0.0:
-                current[j] -= inner / float(g[j, j])
-        total += current
-    return total.to(device=gram.device, dtype=gram.dtype)
-
-
-def imtl_g(gram: Tensor, *, rtol: float = DEFAULT_RTOL) -> Tensor:
-    r"""IMTL-G (Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021).
-
-    Weights on the affine set with equal projections of ``g`` on every unit gradient
-    ``u_i = g_i / ||g_i||``:  ``w = G^+ s / (1^T G^+ s)`` with ``s_i = sqrt(G_ii)`` (the
-    pseudo-inverse form of Quinton & Rey 2024, which allows dependent gradients).
-    Returns zeros when ``1^T G^+ s`` vanishes (no such combination).
-    """
-    _check_positive("rtol", rtol)
-    g, scale = _normalised(gram)
-    if scale == 0.0:
-        return _uniform(gram)
-    s = np.sqrt(np.clip(np.diag(g), 0.0, None))
-    v = np.linalg.pinv(g, rcond=rtol, hermitian=True) @ s
-    total = v.sum()
-    if abs(total) < 1e-12:
-        return _back(np.zeros_like(v), gram)
-    return _back(v / total, gram)
-
-
-def aligned_mtl(
-    gram: Tensor,
-    *,
-    pref_vector: Sequence[float] | None = None,
-    scale_mode: Literal["min", "median", "rmse"] = "min",
-) -> Tensor:
-    r"""Aligned-MTL (Senushkin et al., "Independent Component Alignment for MTL", CVPR 2023).
-
-    With ``G = V diag(lambda) V^T`` restricted to its rank ``r`` (eigenvalues above
-    ``max(lambda) m eps``), ``B = sqrt(s) V diag(lambda)^(-1/2) V^T`` and ``w = B p``, where
-    ``s`` is the smallest (``"min"``), median, or mean (``"rmse"``) kept eigenvalue and ``p``
-    the preference (default ``1/m``). The aligned gradients have equal norms and are
-    orthogonal. A zero Gram gives ``w = p``.
-    """
-    if scale_mode not in ("min", "median", "rmse"):
-        raise ValueError(f"aligned-mtl: scale_mode={scale_mode!r} is not allowed; use 'min', 'median' or 'rmse'")
-    m = gram.shape[0]
-    pref = _preference(pref_vector, m)
-    g = gram.detach().to("cpu", torch.float64).numpy()
-    eigenvalues, vectors = np.linalg.eigh(g)
-    keep = eigenvalues > eigenvalues.max(initial=0.0) * m * np.finfo(np.float64).eps
-    if not keep.any():
-        return _back(pref, gram)
-    eigenvalues, vectors = eigenvalues[keep], vectors[:, keep]
-    scale = {"min": eigenvalues.min(), "median": np.median(eigenvalues), "rmse": eigenvalues.mean()}[scale_mode]
-    balance = math.sqrt(scale) * (vectors / np.sqrt(eigenvalues)) @ vectors.T
-    return _back(balance @ pref, gram)
-
-
-def cagrad(gram: Tensor, *, c: float = 0.4, norm_eps: float = 1e-12) -> Tensor:
-    r"""CAGrad (Liu et al., "Conflict-Averse Gradient Descent for MTL", NeurIPS 2021).
-
-    With ``g0 = mean_i g_i`` and ``phi = c^2 ||g0||^2``::
-
-        w* = argmin_{w in simplex}  g_w^T g0 + sqrt(phi) ||g_w||,    g_w = sum_i w_i g_i
-        g  = g0 + sqrt(phi) / ||g_w*|| g_w*   ->   weights 1/m + sqrt(phi)/||g_w*|| w*
-
-    on the Gram normalised to unit trace (as TorchJD does), solved with SLSQP (as the
-    authors' code does). If ``||g_w*|| < norm_eps`` (relative to the normalised Gram) the
-    weights are zero. TorchJD uses ``norm_eps = 1e-4``, which zeroes the update whenever one
-    gradient is 1e-4 times smaller than the other, a dominance seen in KD; the correction
-    ``sqrt(phi) g_w / ||g_w||`` keeps norm ``sqrt(phi)`` as ``g_w -> 0``, so our default
-    1e-12 only guards against an exactly vanishing ``g_w``.
-    """
-    _check_non_negative("c", c)
-    _check_non_negative("norm_eps", norm_eps)
-    from scipy.optimize import minimize
-
-    m = gram.shape[0]
-    g, scale = _normalised(gram)
-    mean_weights = np.full(m, 1.0 / m)
-    sqrt_phi = c * math.sqrt(max(mean_weights @ g @ mean_weights, 0.0))
-    linear = g @ mean_weights
-
-    def objective(w: np.ndarray) -> float:
-        return float(linear @ w + sqrt_phi * math.sqrt(max(w @ g @ w, 0.0) + 1e-30))
-
-    def gradient(w: np.ndarray) -> np.ndarray:
-        return linear + sqrt_phi * (g @ w) / math.sqrt(max(w @ g @ w, 0.0) + 1e-30)
-
-    result = minimize(
-        objective,
-        mean_weights,
-        jac=gradient,
-        method="SLSQP",
-        bounds=[(0.0, 1.0)] * m,
-        constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)},),
-        options={"ftol": 1e-14, "maxiter": 500},
-    )
-    w = np.clip(result.x, 0.0, None)
-    w /= w.sum()
-    g_w_norm = math.sqrt(max(w @ g @ w, 0.0))
-    if scale == 0.0 or g_w_norm < norm_eps:
-        return _back(np.zeros(m), gram)
-    return _back(mean_weights + sqrt_phi / g_w_norm * w, gram)
-
-
-def nash_mtl(gram: Tensor, *, max_norm: float = 1.0, tol: float = 1e-10) -> Tensor:
-    r"""Nash-MTL (Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022).
-
-    The Nash bargaining solution ``alpha > 0`` with ``G alpha = 1 / alpha`` (element-wise),
-    found exactly as the minimiser of the strictly convex
-    ``f(alpha) = 1/2 alpha^T G alpha - sum_i log alpha_i`` by damped Newton steps (the paper
-    approximates it with a few convex-concave iterations). At the solution
-    ``||g||^2 = alpha^T G alpha = m``; if ``max_norm > 0`` and ``||g|| > max_norm`` the weights
-    are scaled down to ``||g|| = max_norm`` (the authors' and TorchJD's default 1.0).
-
-    No solution exists when the gradients are Pareto-stationary (a convex combination is 0,
-    e.g. exactly opposite gradients); then the weights are zero: no step helps everyone.
-    """
-    _check_non_negative("max_norm", max_norm)
-    _check_positive("tol", tol)
-    m = gram.shape[0]
-    g, scale = _normalised(gram)
-    if scale == 0.0 or float(mgda_value(g)) <= 1e-10:
-        return _back(np.zeros(m), gram)
-    alpha = 1.0 / np.sqrt(np.diag(g))
-    for _ in range(200):
-        residual = g @ alpha - 1.0 / alpha
-        if np.linalg.norm(residual) <= tol * (1.0 + np.linalg.norm(1.0 / alpha)):
-            break
-        hessian = g + np.diag(1.0 / alpha**2)
-        direction = -np.linalg.solve(hessian, residual)
-        step = 1.0
-        objective = 0.5 * alpha @ g @ alpha - np.log(alpha).sum()
-        while True:
-            candidate = alpha + step * direction
-            if (candidate > 0).all():
-                value = 0.5 * candidate @ g @ candidate - np.log(candidate).sum()
-                if value <= objective + 1e-4 * step * (residual @ direction):
-                    break
-            step *= 0.5
-            if step < 1e-12:
-                raise RuntimeError(f"nash-mtl: Newton line search failed on Gram {gram.tolist()}")
-        alpha = candidate
-    alpha = alpha / math.sqrt(scale)  # the solution for G = scale * g
-    norm = math.sqrt(m)
-    if max_norm > 0 and norm > max_norm:
-        alpha = alpha * (max_norm / norm)
-    return _back(alpha, gram)
-
-
-def mgda_value(normalised_gram: np.ndarray) -> float:
-    """``min_{w in simplex} w^T G w``: zero iff the gradients are Pareto-stationary."""
-    m = normalised_gram.shape[0]
-    w = solve_bounded_min_norm(normalised_gram, np.zeros(m), sum_to_one=True, start=np.full(m, 1.0 / m))
-    return float(w @ normalised_gram @ w)
-
-
 def mean(gram: Tensor) -> Tensor:
     """Equal weights ``1/m``: the plain average of the gradients."""
     return _uniform(gram)
@@ -370,21 +153,6 @@ def fixed(gram: Tensor, *, weights: Sequence[float]) -> Tensor:
     if len(values) != m:
         raise ValueError(f"fixed: weights has {len(values)} entries, but there are {m} objectives")
     return torch.tensor(values, dtype=gram.dtype, device=gram.device)
-
-
-def check_weight_vector(name: str, values: object) -> list[float]:
-    """Weights on objectives as floats: numbers (not booleans or strings), finite, >= 0 and not
-    all zero (a weight below 0 ascends its loss; all zero trains nothing). ``values``: a
-    sequence, or a mapping name -> weight."""
-    listed = list(values.values()) if isinstance(values, Mapping) else values
-    if isinstance(listed, (str, bytes)) or not isinstance(listed, Sequence):
-        raise TypeError(f"{name} must be a sequence of numbers or a mapping name -> number, got {values!r}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in listed):
-        raise ValueError(f"{name} must be numbers, got {values!r}")
-    floats = [float(v) for v in listed]
-    if not all(math.isfinite(v) and v >= 0 for v in floats) or not any(floats):
-        raise ValueError(f"{name} must be finite numbers >= 0, not all zero, got {values!r}")
-    return floats
 
 
 def _always(num_objectives: int, options: Mapping[str, object]) -> bool:
@@ -507,39 +275,3 @@ def check_gram(gram: Tensor) -> None:
         raise ValueError(f"gram must be symmetric, got {g}")
     if any(v < 0 for v in diagonal):
         raise ValueError(f"gram must have a non-negative diagonal (squared norms), got {diagonal}")
-
-
-def _normalised(gram: Tensor) -> tuple[np.ndarray, float]:
-    """The Gram as float64 numpy divided by its trace, and the trace (0 for a zero Gram)."""
-    g = gram.detach().to("cpu", torch.float64).numpy()
-    g = 0.5 * (g + g.T)
-    scale = float(np.trace(g))
-    return (g / scale if scale > 0 else g), max(scale, 0.0)
-
-
-def _back(w: np.ndarray, like: Tensor) -> Tensor:
-    return torch.as_tensor(np.asarray(w, dtype=np.float64)).to(device=like.device, dtype=like.dtype)
-
-
-def _uniform(gram: Tensor) -> Tensor:
-    m = gram.shape[0]
-    return torch.full((m,), 1.0 / m, dtype=gram.dtype, device=gram.device)
-
-
-def _preference(pref_vector: Sequence[float] | None, m: int) -> np.ndarray:
-    if pref_vector is None:
-        return np.full(m, 1.0 / m)
-    pref = np.asarray(check_weight_vector("pref_vector", pref_vector), dtype=np.float64)
-    if pref.shape != (m,):
-        raise ValueError(f"pref_vector must be {m} finite non-negative numbers, got {list(pref_vector)}")
-    return pref
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-
-
-def _check_non_negative(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")

@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 OVERFLOW = "non-finite gradients (GradScaler overflow: .grad set to NaN so scaler.step skips)"
+
+
+class PerLoss(NamedTuple):
+    """A step's per-loss numbers by what they are (``m`` each, in the order of the losses'
+    names), as read by :meth:`StepInfo.read_per_loss` from :attr:`StepInfo.per_loss_on_device`
+    or from a sum of it over steps."""
+
+    losses: Tensor
+    weights: Tensor
+    loss_weights: Tensor
 
 
 class StepInfo:
@@ -84,6 +95,19 @@ class StepInfo:
         """The step's losses, weights and coefficients (``3 m`` numbers, in that order) on the
         losses' device with no host read: what a training loop sums over an epoch."""
         return self.packed[: 3 * len(self.names)]
+
+    @staticmethod
+    def read_per_loss(values: Tensor) -> PerLoss:
+        """``values`` laid out as :attr:`per_loss_on_device` (one step's, or their sum or mean
+        over steps) read by name: the losses, the weights and the loss weights, as views of
+        ``values`` where it lies (no copy, no host read)."""
+        if values.dim() != 1 or values.numel() % 3 or not values.numel():
+            raise ValueError(
+                "values must be laid out as StepInfo.per_loss_on_device (3 m numbers: losses, weights, loss "
+                f"weights), got shape {tuple(values.shape)}"
+            )
+        losses, weights, loss_weights = values.chunk(3)
+        return PerLoss(losses, weights, loss_weights)
 
     @property
     def loss_values(self) -> Tensor:
