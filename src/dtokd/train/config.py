@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from dtokd.data.names import DataName, DetectionLabels, Placement
 from dtokd.tasks.names import TaskName
+from dtokd.train import config_file
+from dtokd.train.config_file import ConfigError, apply_override, from_dict
 
 OptimName = Literal["sgd", "adamw"]
 Schedule = Literal["cosine", "step", "constant"]
@@ -208,8 +206,6 @@ CHOICES: dict[str, tuple[str, ...]] = _choices(Config)
 as a config is read, before anything is built; the modules that use them read their choices
 from here."""
 
-_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
 
 def reference_markdown() -> str:
     """The configuration reference as Markdown: one table per section (the top level,
@@ -255,10 +251,6 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
-class ConfigError(ValueError):
-    """A configuration key or value that is not allowed."""
-
-
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML file (or start from the defaults), apply ``key=value`` overrides, validate.
 
@@ -268,7 +260,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     such as ``losses`` or ``balancer.options``) replaces the base's whole."""
     raw: dict[str, Any] = {} if path is None else read_config_file(Path(path))
     for item in overrides:
-        apply_override(raw, item)
+        apply_override(raw, item, SECTIONS)
     return resolve_distillation_form(validate(from_dict(Config, raw, "")))
 
 
@@ -292,42 +284,6 @@ def resolve_distillation_form(config: Config) -> Config:
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory))
 """The keys of ``Config`` that hold a section of keys (merged key by key over a ``base:``)."""
-
-
-def read_config_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The raw mapping of a config file with its ``base:`` chain resolved (see :func:`load_config`)."""
-    if not path.is_file():
-        where = f" (the base of {str(_seen[-1])!r})" if _seen else ""
-        raise ConfigError(f"config file {str(path)!r}{where} does not exist")
-    try:
-        raw = parse_yaml(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_one_line(error)}") from None
-    if raw is None:
-        raise ConfigError(f"config file {str(path)!r} is empty: it must hold a mapping of settings")
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"config file {str(path)!r} must hold a mapping of settings at the top level, "
-            f"got {type(raw).__name__} {raw!r}"
-        )
-    if "base" not in raw:
-        return raw
-    base = raw.pop("base")
-    if not isinstance(base, str) or not base:
-        raise ConfigError(
-            f"{str(path)!r}: base={base!r} must be the path of another config file, relative to this one's folder"
-        )
-    base_path = (path.parent / base).resolve()
-    chain = (*_seen, path.resolve())
-    if base_path in chain:
-        raise ConfigError(f"{str(path)!r}: base={base!r} makes a cycle: {' -> '.join(map(str, (*chain, base_path)))}")
-    merged = read_config_file(base_path, chain)
-    for key, value in raw.items():
-        if key in SECTIONS and isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    return merged
 
 
 def validate(config: Config) -> Config:
@@ -445,148 +401,11 @@ def _check_balancer(balancer: BalancerConfig) -> None:
         raise ConfigError(f"balancer.engine={balancer.engine!r} is not allowed; use one of {list(ENGINES)}")
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """``a.b.c=value`` (value parsed as YAML: numbers, booleans, null, lists, mappings)."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=0.1)")
-    key, text = item.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {item!r} has an empty key segment")
-    node = raw
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {part!r} is not a section")
-    try:
-        value = parse_yaml(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(
-            f"override {item!r}: the value is not valid YAML ({_one_line(error)}); quote lists and "
-            "mappings, e.g. 'optim.milestones=[150, 180]'"
-        ) from None
-    last = parts[-1]
-    if len(parts) == 1 and last in SECTIONS and isinstance(value, dict) and isinstance(node.get(last), dict):
-        node[last] = {**node[last], **value}  # a section is merged key by key, as over a base:
-    else:
-        node[last] = value
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """YAML as configs should mean it: a key given twice in one mapping is an error (PyYAML keeps
-    the last silently; merge keys ``<<`` may still be overridden), and integers are decimal
-    (YAML 1.1 reads ``010`` as 8, ``0x1F`` as 31 and ``1:30`` as 90)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        lines: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if isinstance(key, typing.Hashable) and key in lines:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"key {key!r} is given twice (lines {lines[key]} and {line}): keep one",
-                    key_node.start_mark,
-                )
-            lines[key] = line
-        return super().construct_mapping(node, deep)
-
-    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        text = str(self.construct_scalar(node))
-        if not _DECIMAL.fullmatch(text):
-            raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                f"{text!r} is an integer in YAML 1.1's octal, hex, binary or base-60 form: write it in "
-                "decimal (or quote it for a string)",
-                node.start_mark,
-            )
-        return int(text.replace("_", ""))
-
-
-_DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9_]*)")
-_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
-# YAML 1.1 reads 1e-3 (no dot) as a string, YAML 1.2 as a number: a number, wherever it is written
-_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _SCIENTIFIC, list("-+0123456789."))
-
-
-def parse_yaml(text: str) -> Any:
-    """A YAML document read by :class:`_StrictLoader` (None for an empty one)."""
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-def from_dict(cls: Any, raw: Any, where: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {[_join(where, k) for k in unknown]}; valid keys here: {names}")
-    required = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    missing = [name for name in required if name not in raw]
-    if missing:
-        raise ConfigError(f"missing key(s) {[_join(where, k) for k in missing]}; required here: {required}")
-    values = {}
-    for name in names:
-        if name in raw:
-            values[name] = _coerce(hints[name], raw[name], _join(where, name))
-    return cls(**values)
-
-
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, where)
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(option, value, where)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0] if errors else f"{where}: {value!r} is not allowed")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
-    if origin is Literal:
-        if value in args and isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}={value!r} is not allowed; use one of {list(args)}")
-    if hint is Any:
-        return value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint is bool and isinstance(value, bool):
-        return value
-    if hint is str and isinstance(value, str):
-        return value
-    raise ConfigError(f"{where} must be of type {getattr(hint, '__name__', hint)}, got {value!r}")
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The raw mapping of a config file, its ``base:`` chain laid over key by key within the
+    sections (:func:`dtokd.train.config_file.read_config_file`)."""
+    return config_file.read_config_file(path, SECTIONS)
 
 
 def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
