@@ -441,6 +441,7 @@ def test_a_cell_is_diverged_by_the_error_type_not_its_words(tmp_path, monkeypatc
     """NonFiniteStepError (what the balancer raises for NaN/inf) marks a cell diverged; any other
     error, even one whose message says 'non-finite', fails the cell."""
     from dtokd import NonFiniteStepError, bench
+    from dtokd.bench import training  # where run_cell looks train up
 
     matrix = load_matrix(write_matrix(tmp_path, METHODS))
     teacher = tmp_path / "teacher.pt"
@@ -449,7 +450,7 @@ def test_a_cell_is_diverged_by_the_error_type_not_its_words(tmp_path, monkeypatc
     def diverge(config, folder, **kwargs):
         raise NonFiniteStepError("non-finite loss(es) ['task']: task=nan")
 
-    monkeypatch.setattr(bench, "train", diverge)
+    monkeypatch.setattr(training, "train", diverge)
     bench.run_cell(matrix, tmp_path / "out", "cnn-mlp", "dto", 0, teacher)
     record = json.loads((tmp_path / "out" / "cnn-mlp" / "dto" / "seed0" / "diverged.json").read_text())
     assert record == {"error": "non-finite loss(es) ['task']: task=nan", "epochs_completed": 0}
@@ -457,7 +458,7 @@ def test_a_cell_is_diverged_by_the_error_type_not_its_words(tmp_path, monkeypatc
     def fail(config, folder, **kwargs):
         raise ValueError("data.root holds non-finite pixel values")
 
-    monkeypatch.setattr(bench, "train", fail)
+    monkeypatch.setattr(training, "train", fail)
     with pytest.raises(ValueError, match="non-finite pixel"):
         bench.run_cell(matrix, tmp_path / "out", "cnn-mlp", "dto", 1, teacher)
     assert not (tmp_path / "out" / "cnn-mlp" / "dto" / "seed1" / "diverged.json").exists()

@@ -6,7 +6,7 @@ import csv
 import json
 
 from dtokd import bench
-from dtokd.bench import Pair, aggregate, shared_runs
+from dtokd.bench import Pair, aggregate, shared_runs, training
 
 from helpers import bench_matrix
 
@@ -39,7 +39,7 @@ def test_a_cell_of_a_shared_run_trains_the_first_pairs_folder(tmp_path, monkeypa
     teacher = tmp_path / "teacher.pt"
     teacher.write_bytes(b"")
     trained = []
-    monkeypatch.setattr(bench, "train", lambda config, folder, **_: trained.append((folder, config.teacher.name)))
+    monkeypatch.setattr(training, "train", lambda config, folder, **_: trained.append((folder, config.teacher.name)))
     bench.run_cell(matrix, tmp_path / "out", "b", "alone", 1, teacher)
     bench.run_cell(matrix, tmp_path / "out", "b", "kd", 1, teacher)
     assert trained == [

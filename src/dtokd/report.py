@@ -1,21 +1,23 @@
 """Plots and tables from run folders: accuracy and loss curves, the balancer's weights, conflict
-and dominance over training (PNG), and a markdown summary with several runs side by side."""
+and dominance over training (PNG), and a markdown summary with several runs side by side.
+
+Also the pieces every table and plot of the package is made of, which the bench's results
+(:mod:`dtokd.bench`) use too: a number as a table shows it (:func:`fmt`), a markdown table
+(:func:`markdown_table`), the metrics' axis labels (:data:`METRIC_LABELS`), matplotlib drawing
+into files (:func:`pyplot`, imported when a plot is first drawn) and a labelled plot written to
+its file (:func:`save_plot`)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from dtokd.train.config import Config, load_config  # noqa: E402
-from dtokd.train.loop import summarize  # noqa: E402
-from dtokd.train.records import read_jsonl  # noqa: E402
+from dtokd.train.config import Config, load_config
+from dtokd.train.loop import summarize
+from dtokd.train.records import read_jsonl
 
 
 def load_run(folder: Path) -> dict[str, Any]:
@@ -95,28 +97,83 @@ def table(runs: list[dict[str, Any]]) -> str:
     for detection also the last epoch's AP50, AP75, APs, APm, APl."""
     m = run_metric(runs)
     details = tuple(d for d in DETECTION_DETAILS if d != m) if m in DETECTION_DETAILS else ()
-    rows = [
-        f"| run | method | seed | epochs | teacher val / test {m} | best val {m} | test {m} at best val | "
-        f"best test {m} | last test {m} | " + "".join(f"last test {d} | " for d in details) + "s / epoch |",
-        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(details) + "---|",
-    ]
+    header = ["run", "method", "seed", "epochs", f"teacher val / test {m}", f"best val {m}", f"test {m} at best val"]
+    header += [f"best test {m}", f"last test {m}", *(f"last test {d}" for d in details), "s / epoch"]
+    rows = []
     for run in runs:
         s, t = run["summary"], run["teacher"]
         last = run["metrics"][-1] if run["metrics"] else {}
-        teacher = f"{_fmt(t.get(f'val_{m}'))} / {_fmt(t.get(f'test_{m}'))}" if t else "-"
+        teacher = f"{fmt(t.get(f'val_{m}'))} / {fmt(t.get(f'test_{m}'))}" if t else "-"
         rows.append(
-            f"| {run['name']} | {s.get('method', '?')} | {s.get('seed', '?')} "
-            f"| {s.get('epochs_run', len(run['metrics']))} | "
-            f"{teacher} | {_fmt(s.get(f'best_val_{m}'))} | {_fmt(s.get(f'test_{m}_at_best_val'))} | "
-            f"{_fmt(s.get(f'best_test_{m}'))} | {_fmt(s.get(f'last_test_{m}'))} | "
-            + "".join(f"{_fmt(last.get(f'test_{d}'))} | " for d in details)
-            + f"{_fmt(s.get('seconds_per_epoch'), 1)} |"
+            [
+                run["name"],
+                str(s.get("method", "?")),
+                str(s.get("seed", "?")),
+                str(s.get("epochs_run", len(run["metrics"]))),
+                teacher,
+                *(
+                    fmt(s.get(key))
+                    for key in (f"best_val_{m}", f"test_{m}_at_best_val", f"best_test_{m}", f"last_test_{m}")
+                ),
+                *(fmt(last.get(f"test_{d}")) for d in details),
+                fmt(s.get("seconds_per_epoch"), digits=1),
+            ]
         )
-    return "\n".join(rows)
+    return "\n".join(markdown_table(header, rows))
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def fmt(value: Any, std: float | None = None, digits: int = 2) -> str:
+    """A number as a table shows it: ``value`` to ``digits`` decimal places, with ``± std`` where
+    a standard deviation is given; ``-`` where there is no value (``None``)."""
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """The lines of a markdown table: ``| a | b |`` for the header, its rule, and each row."""
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    return [line(header), "|---" * len(header) + "|", *(line(row) for row in rows)]
+
+
+def pyplot() -> ModuleType:
+    """``matplotlib.pyplot`` drawing into files (the Agg backend, no window), imported on first use
+    so that importing this module, or the bench, does not load matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_plot(
+    fig: Any,
+    ax: Any,
+    path: Path,
+    xlabel: str,
+    ylabel: str,
+    *,
+    title: str | None = None,
+    legend: dict[str, Any] | None = None,
+) -> Path:
+    """Label ``ax`` (axes, then ``title`` where given), draw its grid and, where ``legend`` is
+    given, its legend with those options; write ``fig`` to ``path`` (PNG, 110 dpi), close it and
+    return ``path``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend is not None:
+        ax.legend(**legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
 
 
 def _curves(runs: list[dict[str, Any]], path: Path, key: str, label: str) -> Path | None:
@@ -127,20 +184,14 @@ def _curves(runs: list[dict[str, Any]], path: Path, key: str, label: str) -> Pat
     series = [s for s in series if s[1]]
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for name, x, y in series:
         ax.plot(x, y, marker="o", label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(label)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_plot(fig, ax, path, "epoch", label, legend={})
 
 
 def _step_plot(runs: list[dict[str, Any]], path: Path, key: str, label: str, log: bool = False) -> Path | None:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
     for run in runs:
@@ -156,11 +207,4 @@ def _step_plot(runs: list[dict[str, Any]], path: Path, key: str, label: str, log
         return None
     if log:
         ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel(label)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_plot(fig, ax, path, "step", label, legend={"fontsize": 7})
