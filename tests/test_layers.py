@@ -34,11 +34,20 @@ def layer_of(dotted: str) -> int:
     return LAYERS[part]
 
 
-def imports(path: pathlib.Path) -> list[tuple[int, str]]:
+def imports(path: pathlib.Path, type_checking: bool = True) -> list[tuple[int, str]]:
     """The ``dtokd`` modules ``path`` imports (line, dotted name), function-level ones included;
-    ``from package import submodule`` names the submodule."""
+    ``from package import submodule`` names the submodule. ``type_checking=False`` leaves out the
+    imports under ``if TYPE_CHECKING:``, which never run."""
+    tree = ast.parse(path.read_text())
+    skipped = set()
+    if not type_checking:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                skipped |= {id(inner) for part in node.body for inner in ast.walk(part)}
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dtokd"):
             for alias in node.names:
                 submodule = f"{node.module}.{alias.name}"
@@ -73,7 +82,7 @@ def test_the_layer_check_sees_an_upward_import(tmp_path):
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the modules it imports (a package as its ``__init__``), within dtokd."""
+    """Module -> the modules it imports when it runs (a package as its ``__init__``), within dtokd."""
     names = {name for _, name in modules()}
 
     def resolve(target: str) -> str | None:
@@ -86,7 +95,9 @@ def import_graph() -> dict[str, set[str]]:
             target = target.rsplit(".", 1)[0]
 
     return {
-        name: {found for _, target in imports(path) if (found := resolve(target)) not in (None, name)}
+        name: {
+            found for _, target in imports(path, type_checking=False) if (found := resolve(target)) not in (None, name)
+        }
         for path, name in modules()
     }
 

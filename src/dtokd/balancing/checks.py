@@ -14,6 +14,7 @@ from torch import Tensor
 
 from dtokd.balancing.rule_common import check_weight_vector
 from dtokd.balancing.rules import ZERO_GRADIENT
+from dtokd.balancing.sharded import is_sharded
 
 
 class NonFiniteStepError(ValueError):
@@ -105,9 +106,10 @@ def check_reach(losses: Mapping[str, Tensor], params: Sequence[Tensor], balancer
     autograd graph: none reached is an error (the balancer was built over other parameters, and
     would write nothing), a loss that reaches none of them a warning (its gradient is zero).
     A walk of the graph once, not a backward pass."""
-    wanted = {id(p) for p in params if p.requires_grad}
-    if not wanted:  # the engine names this case
+    trained = [p for p in params if p.requires_grad]
+    if not trained or is_sharded(trained):  # none: the engine names it; FSDP2: the graph ends at its unsharded copies
         return
+    wanted = {id(p) for p in trained}
     unreached = [name for name, loss in losses.items() if not _reaches(loss, wanted)]
     if len(unreached) == len(losses):
         raise ValueError(

@@ -30,7 +30,13 @@ its gradient is the rank average of the local gradients; the modes are:
 ``check=True`` (default: ``DTOKD_DEBUG=1`` in the environment) compares, every step, a
 fingerprint of the parameters and the weights every rank computed before the broadcast, and
 raises if they differ: a desynchronised rank is reported (cost: two reductions of a few numbers
-and one pass over the parameters).
+and one pass over the parameters). Under FSDP2 only the weights are compared (each rank holds
+its own shards).
+
+FSDP2 (``fully_shard``; the balancer's parameters are sharded DTensors): global mode only for
+the exact and subset engines, whose Gram is the rank sum of the partial Grams of each rank's
+gradient shards, ``G = sum_r G_r`` (see :mod:`dtokd.balancing.sharded`); the representation
+engine and the Gram-free rules work as under DDP, FSDP's reduce-scatter averaging the update.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from dtokd.balancing.sharded import is_sharded
 
 SyncMode = Literal["global", "local", "off"]
 SYNC_MODES = ("global", "local", "off")
@@ -100,8 +108,9 @@ class Sync:
 
     def agree(self, weights: Tensor, params: list[Tensor]) -> Tensor:
         """Rank 0's ``weights`` on every rank. With ``check``, first verify that all ranks hold
-        the same parameters (a fingerprint: sum and sum of squares) and computed the same weights."""
-        if self.check:
+        the same parameters (a fingerprint: sum and sum of squares; not for FSDP2-sharded parameters,
+        of which each rank holds its own shard) and computed the same weights."""
+        if self.check and not is_sharded(params):
             fingerprint = torch.stack(
                 [
                     torch.stack([p.detach().double().sum() for p in params]).sum(),
@@ -109,6 +118,7 @@ class Sync:
                 ]
             )
             self._check_equal(fingerprint, "parameters (sum, sum of squares)")
+        if self.check:
             self._check_equal(weights, "balancing weights")
         out = weights.detach().to(self._backend_device(weights), copy=True)
         dist.broadcast(out, src=0, group=self.group)

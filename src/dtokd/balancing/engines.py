@@ -27,18 +27,24 @@ driver passes the student's logits whatever the engine. Every engine accumulates
 (float32 at least) per chunk, summed in float64. Under
 ``torch.distributed`` the engines make the Gram that of the global batch (see
 :mod:`dtokd.balancing.distributed`); the weighted-sum backward relies on DDP's averaging.
+
+Under FSDP2 (the balancer's parameters are DTensors sharded by ``fully_shard``), the exact and
+subset engines take each objective's gradient as FSDP's reduce-scattered shard, one ordinary
+backward per objective, and form the Gram and the update shard by shard (see
+:mod:`dtokd.balancing.sharded`); every backward of these engines runs without ``inputs=``
+(which would stop the gradient at FSDP's unsharded copies), FSDP reducing it into the shards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
 
-from dtokd.balancing import flat
+from dtokd.balancing import flat, sharded
 from dtokd.balancing.distributed import Sync
 from dtokd.balancing.flat import ChunkLayout
 
@@ -68,7 +74,16 @@ def weighted_sum_backward(losses: Sequence[Tensor], coefficients: Tensor, params
     """One ordinary backward pass of ``sum_i c_i L_i`` into ``params`` only (c detached)."""
     stacked = torch.stack([loss.reshape(()) for loss in losses])
     total = torch.dot(coefficients.detach().to(stacked.dtype), stacked)
-    torch.autograd.backward(total, inputs=trainable(params))
+    backward_into([total], None, params)
+
+
+def backward_into(tensors: Sequence[Tensor], grad_tensors: Sequence[Tensor] | None, params: Sequence[Tensor]) -> None:
+    """``torch.autograd.backward(tensors, grad_tensors)`` accumulating into ``params`` only; into
+    every leaf of the graph when ``params`` are FSDP2 shards, which autograd never reaches
+    (FSDP's hooks reduce-scatter the gradients of its unsharded copies into them)."""
+    live = trainable(params)
+    inputs = None if sharded.is_sharded(live) else live
+    torch.autograd.backward(list(tensors), grad_tensors=grad_tensors, inputs=inputs)
 
 
 def _per_objective_grads(
@@ -115,19 +130,45 @@ def _flat_gradients(
 @dataclass
 class _StoredGradients:
     """Exact engine: the gradients are kept as flat chunks and combined chunk by chunk
-    (the combination averaged across ranks when ``average`` is a local-mode Sync)."""
+    (the combination averaged across ranks when ``average`` is a local-mode Sync), and added
+    to ``.grad`` by ``accumulate`` (FSDP2: :func:`~dtokd.balancing.sharded.accumulate_shards`)."""
 
     gram: Tensor
     layout: ChunkLayout
     chunks: list[list[Tensor]]
     params: list[Tensor]
     average: Sync | None = None
+    accumulate: Callable[[Sequence[Tensor], Sequence[Tensor]], None] = flat.accumulate_grads
 
     def backward(self, coefficients: Tensor) -> None:
         combined = flat.combine(self.chunks, coefficients.detach().to("cpu", torch.float64).tolist())
         if self.average is not None:
             self.average.average_in_place(combined)
-        flat.accumulate_grads(self.params, self.layout.views(combined))
+        self.accumulate(self.params, self.layout.views(combined))
+
+
+def _sharded_gradients(
+    engine: str,
+    losses: Sequence[Tensor],
+    gram_params: list[Tensor],
+    other_params: list[Tensor],
+    sync: Sync | None,
+    batched: bool,
+    keep_graph: bool,
+) -> _StoredGradients:
+    """Exact and subset engines under FSDP2: every parameter's shard of each objective's
+    gradient (one backward per objective), the Gram over ``gram_params``' shards summed across
+    ranks, ``G = sum_r G_r``, and the update written from the shards (no further backward)."""
+    params = gram_params + other_params
+    sharded.check_sharded_setup(params, sync, engine, batched)
+    shards = sharded.objective_shards(losses, params, keep_graph)
+    layout = ChunkLayout.of([p.to_local() for p in params], breaks=[len(gram_params)])  # type: ignore[attr-defined]
+    chunks = [layout.flatten(row) for row in shards]  # type: ignore[arg-type]
+    within = layout.chunks_before(len(gram_params))
+    gram = flat.gram([row[:within] for row in chunks])
+    if sync is not None and sync.global_mode:
+        gram = sync.sum(gram)
+    return _StoredGradients(gram, layout, chunks, params, accumulate=sharded.accumulate_shards)
 
 
 @dataclass
@@ -165,13 +206,17 @@ class ExactEngine:
     ) -> ObjectiveGradients:
         """``keep_graph``: leave the losses' graph for a later backward (``Balancer.combine``)."""
         params = trainable(self.params)
+        if sharded.is_sharded(params):
+            return _sharded_gradients(self.name, list(losses.values()), params, [], sync, self.batched, keep_graph)
         layout, chunks, _ = _flat_gradients(list(losses.values()), params, self.batched, keep_graph, sync)
         average = sync if (sync is not None and sync.local_mode) else None
         return _StoredGradients(flat.gram(chunks), layout, chunks, params, average)
 
 
 class SubsetEngine:
-    """Gram over ``gram_params`` (a subset of ``params``); the update still reaches all params."""
+    """Gram over ``gram_params`` (a subset of ``params``); the update still reaches all params.
+    Under FSDP2 a backward cannot stop at the subset: m full backward passes, the update formed
+    from their shards (the exact engine's cost, a Gram over the subset only)."""
 
     name = "subset"
     checks_before_writing = False
@@ -196,6 +241,11 @@ class SubsetEngine:
         keep_graph: bool = False,
     ) -> ObjectiveGradients:
         values = list(losses.values())  # the graph is always kept: the update is a backward of the losses
+        if sharded.is_sharded(trainable(self.params)):  # m full backward passes anyway: update from the shards
+            inside = trainable(self.gram_params)
+            ids = {id(p) for p in inside}
+            outside = [p for p in trainable(self.params) if id(p) not in ids]
+            return _sharded_gradients(self.name, values, inside, outside, sync, self.batched, keep_graph)
         _, chunks, _ = _flat_gradients(values, trainable(self.gram_params), self.batched, True, sync)
         return _BackwardLater(flat.gram(chunks), values, self.params)
 
@@ -215,7 +265,7 @@ class _BackwardFromRepresentation:
     def backward(self, coefficients: Tensor) -> None:
         c = coefficients.detach()
         combined = [c.to(rows[0].dtype) @ torch.stack(rows) for rows in zip(*self.chunks)]
-        torch.autograd.backward(self.tensors, grad_tensors=self.layout.views(combined), inputs=trainable(self.params))
+        backward_into(self.tensors, self.layout.views(combined), self.params)
 
 
 def only_through(losses: Sequence[Tensor], tensors: Sequence[Tensor]) -> bool:

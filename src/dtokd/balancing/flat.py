@@ -37,9 +37,11 @@ class ChunkLayout:
     shapes: tuple[torch.Size, ...]
 
     @classmethod
-    def of(cls, tensors: Sequence[Tensor], max_numel: int | None = None) -> ChunkLayout:
+    def of(cls, tensors: Sequence[Tensor], max_numel: int | None = None, *, breaks: Sequence[int] = ()) -> ChunkLayout:
         """Consecutive tensors of one device and dtype, at most ``max_numel`` (default
-        :data:`CHUNK_NUMEL`) elements per chunk; a larger tensor is a chunk of its own."""
+        :data:`CHUNK_NUMEL`) elements per chunk; a larger tensor is a chunk of its own. A chunk
+        starts at every position in ``breaks`` (so that the chunks before it cover exactly the
+        tensors before it)."""
         max_numel = CHUNK_NUMEL if max_numel is None else max_numel
         if max_numel < 1:
             raise ValueError(f"max_numel must be a positive number of elements, got {max_numel!r}")
@@ -52,13 +54,17 @@ class ChunkLayout:
                 t.device,
                 t.dtype,
             )
-            if fits and same_kind:
+            if fits and same_kind and k not in breaks:
                 current.append(k)  # type: ignore[union-attr]
                 size += t.numel()
             else:
                 groups.append([k])
                 size = t.numel()
         return cls(tuple(map(tuple, groups)), tuple(t.shape for t in tensors))
+
+    def chunks_before(self, position: int) -> int:
+        """How many chunks hold only tensors before ``position`` (a break of :meth:`of`)."""
+        return sum(1 for group in self.groups if group[-1] < position)
 
     def flatten(self, row: list[Tensor | None]) -> list[Tensor]:
         """One flat tensor per chunk from ``row`` (tensors shaped like the layout's). Entries of

@@ -1,0 +1,234 @@
+"""FSDP2 (``fully_shard``), two gloo processes on the CPU, each on half of the batch, against one
+process on the whole batch: the balancers over sharded gradients (dtokd.balancing.sharded).
+
+One spawn of two processes runs every case (a spawn costs most of the time); each test compares
+one case with the one-process run. Float64 throughout; tolerance rel 1e-9 / abs 1e-12: the two
+runs add the same numbers in a different order (FSDP's reduce-scatter averages the two half-batch
+gradients, each rank's partial Gram is summed across ranks), so they differ by rounding only
+(about 1e-15 relative), with room for it to grow over four steps, while a wrong convention (a
+Gram off by a factor, a rank's shard missing) is off by order 1."""
+
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_distributed import GLOBAL_BATCH, batch, losses_of
+from torch import nn
+from torch.nn import functional as F
+
+from dtokd import make_balancer
+from dtokd.balancing import checks, sharded
+
+pytestmark = pytest.mark.slow
+
+if not dist.is_available():  # FSDP2 needs torch.distributed, which some builds leave out
+    pytest.skip("this PyTorch build has no torch.distributed (hence no FSDP2)", allow_module_level=True)
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+
+STEPS = 4
+SCALE_MD = Path(__file__).resolve().parents[1] / "docs" / "scale.md"
+
+CASES = {
+    "fixed": ("fixed", {"weights": [0.9, 0.1]}, False),
+    "fixed-combine": ("fixed", {"weights": [0.9, 0.1]}, True),
+    "dto-exact": ("dto", {}, False),
+    "dto-exact-combine": ("dto", {}, True),
+    "dto-exact-grads-zeroed": ("dto", {}, False),  # zero_grad(set_to_none=False): the update is added to .grad
+    "dto-subset": ("dto", {"engine": "subset"}, False),
+    "dto-representation": ("dto", {"engine": "representation"}, False),
+    "dto-amortized": ("dto-amortized", {}, False),
+    "dto-amortized-combine": ("dto-amortized", {}, True),
+    "dto-amortized-next-step": ("dto-amortized", {"update": "next-step"}, False),
+}
+
+
+def make_model() -> nn.Module:
+    """7 hidden units: the first layer's shards are uneven (4 and 3 rows)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 4)).double()
+
+
+def model_numel() -> int:
+    return sum(p.numel() for p in make_model().parameters())
+
+
+def shard(model: nn.Module) -> nn.Module:
+    fully_shard(model[0])
+    fully_shard(model[2])
+    fully_shard(model)
+    return model
+
+
+def train(model, case, rank=0, world=1):
+    """STEPS balanced SGD steps of ``case`` on this rank's part of each batch; the weights and raw
+    Grams seen, and the parameters at the end."""
+    method, options, combine = CASES[case]
+    if options.get("engine") == "subset":
+        options = {**options, "gram_params": list(model[2].parameters())}
+    params = list(model.parameters())
+    balancer = make_balancer(method, params, **options)
+    optimizer = torch.optim.SGD(params, lr=0.2)
+    representation = options.get("engine") == "representation"
+    set_to_none = not case.endswith("zeroed")
+    weights, grams = [], []
+    part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    for step in range(STEPS):
+        x, y, t = batch(step)
+        optimizer.zero_grad(set_to_none=set_to_none)
+        logits = model(x[part])
+        losses = losses_of(logits, y[part], t[part])
+        z = logits if representation else None
+        if combine:
+            balancer.combine(losses, representation=z).backward()
+            info = balancer.last_info
+        else:
+            info = balancer.backward(losses, representation=z)
+        optimizer.step()
+        if method == "dto-amortized" and options.get("update", "same-batch") == "same-batch":
+            with torch.no_grad():
+                balancer.update(losses_of(model(x[part]), y[part], t[part]))
+        weights.append(list(info.weights.values()))
+        grams.append(None if info.raw_gram is None else info.raw_gram.clone())
+    full = [p.full_tensor() if isinstance(p, sharded.DTensor) else p for p in model.parameters()]
+    return {"weights": weights, "grams": grams, "params": [p.detach().clone() for p in full]}
+
+
+def reach_check_error(rank, world) -> str:
+    """The library's first-step check that the losses reach the balancer's parameters, on a
+    sharded model: its error message, or '' if it accepts them."""
+    model = shard(make_model())
+    x, y, t = batch(0)
+    part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    try:
+        checks.check_reach(losses_of(model(x[part]), y[part], t[part]), list(model.parameters()), "test")
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+def refused(method, options, rank, world) -> str:
+    """The error a wrong combination raises on its first step under FSDP2 ('' if none)."""
+    model = shard(make_model())
+    x, y, t = batch(0)
+    part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    balancer = make_balancer(method, model.parameters(), **options)
+    try:
+        balancer.backward(losses_of(model(x[part]), y[part], t[part]))
+    except (ValueError, NotImplementedError) as error:
+        return str(error)
+    return ""
+
+
+def docs_example(rank, world) -> bool:
+    """docs/scale.md's FSDP2 loop (its ``py`` block) runs on this rank's half of the batch and trains."""
+    (code,) = re.findall(r"```py\n(.*?)```", SCALE_MD.read_text(), re.S)
+    code = textwrap.dedent(code)
+    torch.manual_seed(0)
+    student, teacher = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), nn.Linear(8, 4)
+    g = torch.Generator().manual_seed(rank)
+    loader = [(torch.randn(8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(2)]
+    before = [p.detach().clone() for p in student.parameters()]
+
+    def kd_loss(logits, teacher_logits, temperature=2.0):
+        return F.kl_div(
+            F.log_softmax(logits / temperature, 1), F.softmax(teacher_logits / temperature, 1), reduction="batchmean"
+        )
+
+    names = {"torch": torch, "student": student, "teacher": teacher, "loader": loader, "kd_loss": kd_loss}
+    exec(compile(code, "docs/scale.md", "exec"), {**names, "ce": F.cross_entropy})
+    after = [p.full_tensor() for p in student.parameters()]
+    return any(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+def recording_shard_sizes(sizes: list):
+    """``sharded.objective_shards`` appending the number of elements it keeps per objective."""
+    collect = sharded.objective_shards
+
+    def objective_shards(losses, params, keep_graph):
+        shards = collect(losses, params, keep_graph)
+        sizes.extend(sum(t.numel() for t in row) for row in shards)
+        return shards
+
+    return objective_shards
+
+
+def worker(rank, world, init_file, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results: dict = {"reach_error": reach_check_error(rank, world)}
+        kept: list[int] = []
+        sharded.objective_shards = recording_shard_sizes(kept)
+        for name in CASES:
+            try:
+                results[name] = train(shard(make_model()), name, rank, world)
+            except Exception as error:  # reported by the case's test
+                results[name] = {"error": f"{type(error).__name__}: {error}"}
+        model = shard(make_model())
+        results["kept"] = list(kept), sum(p.to_local().numel() for p in model.parameters()), model_numel()
+        results["refused-local"] = refused("dto", {"sync": "local"}, rank, world)
+        results["refused-batched"] = refused("dto", {"batched": True}, rank, world)
+        results["docs-example"] = docs_example(rank, world)
+        torch.save(results, f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Every case's results on the two ranks (one spawn for the module)."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    out = folder / "result"
+    mp.spawn(worker, args=(2, str(folder / "init"), str(out)), nprocs=2, join=True)
+    return [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+
+
+def close(got, want):
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fsdp_over_two_ranks_equals_one_process_on_the_whole_batch(ranks, case):
+    want = train(make_model(), case)
+    for got in (r[case] for r in ranks):
+        assert "error" not in got, got.get("error")
+        for a, b in zip(got["weights"], want["weights"]):
+            assert a == pytest.approx(b, rel=1e-9, abs=1e-12)
+        for a, b in zip(got["params"], want["params"]):
+            close(a, b)
+
+
+@pytest.mark.parametrize("case", ["dto-exact", "dto-subset", "dto-representation"])
+def test_sharded_gram_equals_the_unsharded_gram(ranks, case):
+    """The Gram every rank's balancer saw (the rank sum of its shards' partial Grams for the
+    exact and subset engines) is the one-process Gram of the whole batch, step by step."""
+    want = train(make_model(), case)
+    for got in (r[case] for r in ranks):
+        assert "error" not in got, got.get("error")
+        for a, b in zip(got["grams"], want["grams"]):
+            close(a, b)
+
+
+def test_only_shards_are_kept(ranks):
+    """Memory: each objective's gradient is kept as this rank's shard, never in full."""
+    for r in ranks:
+        kept, local, full = r["kept"]
+        assert kept and all(n == local for n in kept) and local < full
+
+
+def test_a_partial_gram_is_refused(ranks):
+    """sync='local' (each rank's own Gram) over shards would be a part of a Gram: an error."""
+    assert all("needs sync='global'" in r["refused-local"] for r in ranks)
+    assert all("batched=True is not available under FSDP2" in r["refused-batched"] for r in ranks)
+
+
+def test_the_docs_example_trains_under_fsdp(ranks):
+    assert all(r["docs-example"] for r in ranks)
+
+
+def test_the_reach_check_accepts_a_sharded_model(ranks):
+    assert [r["reach_error"] for r in ranks] == ["", ""]
