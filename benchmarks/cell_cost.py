@@ -63,21 +63,7 @@ def main() -> None:
                 if row == "epoch_teacher":
                     (Path(scratch) / "bench" / f"epoch{epoch}.pt").unlink(missing_ok=True)
                 start = time.perf_counter()
-                loop._train_epoch(
-                    config,
-                    parts.forward,
-                    parts.task,
-                    parts.balancer,
-                    parts.optimizer,
-                    parts.scaler,
-                    parts.data,
-                    epoch,
-                    parts.device,
-                    log,
-                    False,
-                    parts.ranks,
-                    teacher_cache=cache,
-                )
+                loop._train_epoch(config, dataclasses.replace(parts, teacher_cache=cache), epoch, log)
                 times[row].append(time.perf_counter() - start)
             for split in ("val", "test"):
                 start = time.perf_counter()

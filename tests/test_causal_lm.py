@@ -281,7 +281,7 @@ def test_a_run_chosen_on_validation_perplexity_and_its_report(corpus, tmp_path):
 def test_the_task_and_its_losses_are_checked_before_the_corpus_is_read(corpus, tmp_path, monkeypatch):
     """Each setting error is reported before the corpus is read and a tokenizer trained (on a
     real corpus that takes minutes); the model's own kwargs are checked when it is built."""
-    import dtokd.train.loop as loop
+    import dtokd.train.build as build
 
     cases = [
         (["losses={distill: {type: token-kd, divergence: kl}, task: {type: ce}}"], "divergence='kl' is not allowed"),
@@ -294,7 +294,7 @@ def test_the_task_and_its_losses_are_checked_before_the_corpus_is_read(corpus, t
     ]
     with monkeypatch.context() as patch:
         patch.setattr(
-            loop, "data_of", lambda *a, **k: pytest.fail("the data was read before the settings were checked")
+            build, "data_of", lambda *a, **k: pytest.fail("the data was read before the settings were checked")
         )
         for overrides, message in cases:
             with pytest.raises(ValueError, match=message):

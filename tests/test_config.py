@@ -3,7 +3,7 @@
 
 import pytest
 
-from dtokd.train import ConfigError, load_config, loop
+from dtokd.train import ConfigError, build, load_config, loop
 from dtokd.train.config import CHOICES, DataConfig, read_config_file, to_dict
 
 
@@ -83,7 +83,7 @@ def test_task_settings_are_checked_before_any_data_is_read(tmp_path, monkeypatch
     def no_data(*args, **kwargs):
         raise AssertionError("the data was read before the settings were checked")
 
-    monkeypatch.setattr(loop, "data_of", no_data)
+    monkeypatch.setattr(build, "data_of", no_data)  # where the run's build reads the data
     with pytest.raises(ValueError, match=message):
         loop.train(load_config(None, ["device=cpu", *overrides]), tmp_path / "run", progress=False, verbose=False)
 

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from dtokd import cli
-from dtokd.train import ConfigError, load_config, loop, train
+from dtokd.train import ConfigError, load_config, train
+from dtokd.train import teacher as teacher_module
 
 from helpers import interrupt_after
 
@@ -87,13 +88,13 @@ def test_the_teacher_check_is_computed_once_per_teacher_and_data(tmp_path, monke
     teacher_run = tmp_path / "teacher"
     train(load_config(None, BASE + ["student.name=cnn_small", "epochs=1"]), teacher_run, progress=False, verbose=False)
     calls = []
-    real = loop._measure_teacher
+    real = teacher_module.measure_teacher
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_measure_teacher", counting)
+    monkeypatch.setattr(teacher_module, "measure_teacher", counting)  # where the teacher check calls it
     distil = BASE + [
         "epochs=1",
         "teacher.name=cnn_small",

@@ -65,6 +65,28 @@ def test_stepinfo_keeps_packed_on_the_requested_device_and_reads_the_host_copy()
     assert host.per_loss_on_device.tolist() == [1.0, 2.0, 0.25, 0.75, 0.5, 0.5]  # the Grams are left out
 
 
+def test_stepinfo_reads_the_per_loss_numbers_and_their_sums_by_name_where_they_lie():
+    """What a training loop sums over an epoch (``per_loss_on_device``) is read back by name, as
+    views on its own device (no host read): the losses, the weights, the loss weights."""
+    info = stepinfo_module.StepInfo(
+        ("a", "b"),
+        torch.tensor([1.0, 2.0]),
+        torch.tensor([0.25, 0.75]),
+        torch.tensor([0.5, 0.5]),
+        torch.eye(2, dtype=torch.float64),
+        torch.eye(2, dtype=torch.float64),
+    )
+    total = info.per_loss_on_device + info.per_loss_on_device
+    read = stepinfo_module.StepInfo.read_per_loss(total)
+    assert read.losses.tolist() == [2.0, 4.0] and read.weights.tolist() == [0.5, 1.5]
+    assert read.loss_weights.tolist() == [1.0, 1.0]
+    assert read.losses.data_ptr() == total.data_ptr()  # a view, not a copy
+    on_meta = stepinfo_module.StepInfo.read_per_loss(torch.zeros(6, dtype=torch.float64, device="meta"))
+    assert all(part.device.type == "meta" and part.shape == (2,) for part in on_meta)
+    with pytest.raises(ValueError, match=r"laid out as StepInfo.per_loss_on_device .* got shape \(4,\)"):
+        stepinfo_module.StepInfo.read_per_loss(torch.zeros(4))
+
+
 def _spy_steps(monkeypatch):
     """Record every StepInfo's device argument and which path each step took."""
     record = {"host_reads": 0, "infos": []}

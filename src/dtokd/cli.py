@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from dtokd.interrupts import stop_on_signals
-from dtokd.train.config import ConfigError, load_config
+from dtokd.train.config import Config, ConfigError, DataConfig, load_config
 from dtokd.train.records import git_commit
 
 
@@ -184,16 +184,9 @@ def _dry_run(config, command: str) -> int:
     config's image size. The teacher (and a student start, and a detector's backbone) get random
     weights of the same architecture; a causal LM named by a local folder is loaded from it.
     Nothing is written outside a temporary folder."""
-    import dataclasses
     import tempfile
 
-    import torch
-
-    from dtokd.data.fake import write_fake_cifar, write_fake_image_folder, write_fake_text
-    from dtokd.models import create_model
-    from dtokd.models.causal_lm import names_a_local_folder
     from dtokd.train import train
-    from dtokd.train.loop import data_of
 
     if config is None:
         raise ConfigError("--dry-run needs a CONFIG")
@@ -201,55 +194,8 @@ def _dry_run(config, command: str) -> int:
     with tempfile.TemporaryDirectory(prefix="dtokd-dry-run-") as scratch_name:
         scratch = Path(scratch_name)
         os.environ["DTOKD_CACHE"] = str(scratch / "cache")  # the decoded-image cache too stays inside
-        size = config.data.image_size
-        if config.task == "causal-lm":  # generated text, the config's local tokenizer or one trained on it
-            root = write_fake_text(scratch / "text")
-            options = {**(config.data.text or {})}
-            if options.get("tokenizer", "train") == "train":
-                options["vocab_size"] = min(options.get("vocab_size", 300), 300)
-            options.update(block_size=min(options.get("block_size", 16), 16), test_fraction=0.2)  # 12 documents
-            data = dataclasses.replace(config.data, root=str(root), text=options, val_fraction=0.2, limit_train=None)
-            classes = data_of(dataclasses.replace(config, data=data)).num_classes
-        elif config.task == "detection":  # a tiny generated COCO-format set at the config's image size
-            classes = 2
-            data = dataclasses.replace(
-                config.data,
-                name="synthetic-coco",
-                root=None,
-                val_fraction=0.25,
-                limit_train=None,
-                workers=0,
-                synthetic={"train_images": 8, "val_images": 2, "classes": classes},
-            )
-        elif config.data.name in ("cifar10", "cifar100"):
-            classes = 10 if config.data.name == "cifar10" else 100
-            root = write_fake_cifar(scratch / "cifar", classes, per_class=2)
-            data = dataclasses.replace(config.data, root=str(root), val_fraction=0.25, limit_train=None)
-        else:
-            classes = 4
-            root = write_fake_image_folder(
-                scratch / "images", classes=classes, per_class={"train": 4, "val": 1}, image_size=size
-            )
-            streamed = config.data.name == "image-folder-stream"
-            data = dataclasses.replace(
-                config.data,
-                name="image-folder-stream" if streamed else "image-folder",
-                root=str(root),
-                val_fraction=0.25,
-                limit_train=None,
-                workers=0 if streamed else config.data.workers,
-            )
-        teacher = dataclasses.replace(config.teacher, kwargs=_without_weight_files(config.teacher.kwargs))
-        if teacher.name and not names_a_local_folder(teacher.name):  # a local LM folder brings its own weights
-            weights = scratch / "teacher.pt"
-            torch.save(create_model(teacher.name, classes, 3, size, teacher.kwargs).state_dict(), weights)
-            teacher = dataclasses.replace(teacher, checkpoint=str(weights), key_map=None)
-        student = dataclasses.replace(
-            config.student, weights=None, key_map=None, kwargs=_without_weight_files(config.student.kwargs)
-        )
-        dry = dataclasses.replace(
-            config, data=data, teacher=teacher, student=student, batch_size=4, eval_batch_size=4, epochs=1, log_every=1
-        )
+        data, classes = _dry_run_data(config, scratch)
+        dry = _dry_run_config(config, data, classes, scratch)
         try:
             summary = train(dry, scratch / "run", progress=False, verbose=False, max_steps=2)
         finally:
@@ -265,6 +211,78 @@ def _dry_run(config, command: str) -> int:
         f"evaluation ran (test {summary['metric']} {summary['last_test_' + summary['metric']]:.1f} on random data)"
     )
     return 0
+
+
+def _dry_run_data(config: Config, scratch: Path) -> tuple[DataConfig, int]:
+    """The data settings of a dry run of ``config``, on data generated in ``scratch`` (see
+    :func:`_dry_run`), and the number of classes the models are built for."""
+    import dataclasses
+
+    from dtokd.data.fake import write_fake_cifar, write_fake_image_folder, write_fake_text
+    from dtokd.train.build import data_of
+
+    if config.task == "causal-lm":  # generated text, the config's local tokenizer or one trained on it
+        root = write_fake_text(scratch / "text")
+        options = {**(config.data.text or {})}
+        if options.get("tokenizer", "train") == "train":
+            options["vocab_size"] = min(options.get("vocab_size", 300), 300)
+        options.update(block_size=min(options.get("block_size", 16), 16), test_fraction=0.2)  # 12 documents
+        data = dataclasses.replace(config.data, root=str(root), text=options, val_fraction=0.2, limit_train=None)
+        return data, data_of(dataclasses.replace(config, data=data)).num_classes
+    if config.task == "detection":  # a tiny generated COCO-format set at the config's image size
+        classes = 2
+        data = dataclasses.replace(
+            config.data,
+            name="synthetic-coco",
+            root=None,
+            val_fraction=0.25,
+            limit_train=None,
+            workers=0,
+            synthetic={"train_images": 8, "val_images": 2, "classes": classes},
+        )
+        return data, classes
+    if config.data.name in ("cifar10", "cifar100"):
+        classes = 10 if config.data.name == "cifar10" else 100
+        root = write_fake_cifar(scratch / "cifar", classes, per_class=2)
+        return dataclasses.replace(config.data, root=str(root), val_fraction=0.25, limit_train=None), classes
+    classes = 4
+    root = write_fake_image_folder(
+        scratch / "images", classes=classes, per_class={"train": 4, "val": 1}, image_size=config.data.image_size
+    )
+    streamed = config.data.name == "image-folder-stream"
+    data = dataclasses.replace(
+        config.data,
+        name="image-folder-stream" if streamed else "image-folder",
+        root=str(root),
+        val_fraction=0.25,
+        limit_train=None,
+        workers=0 if streamed else config.data.workers,
+    )
+    return data, classes
+
+
+def _dry_run_config(config: Config, data: DataConfig, classes: int, scratch: Path) -> Config:
+    """``config`` for a dry run on ``data`` (``classes`` classes): no weight files read (a
+    teacher, but one named by a local causal-LM folder, gets random weights written to
+    ``scratch``), batches of 4, one epoch, every step logged."""
+    import dataclasses
+
+    import torch
+
+    from dtokd.models import create_model
+    from dtokd.models.causal_lm import names_a_local_folder
+
+    teacher = dataclasses.replace(config.teacher, kwargs=_without_weight_files(config.teacher.kwargs))
+    if teacher.name and not names_a_local_folder(teacher.name):  # a local LM folder brings its own weights
+        weights = scratch / "teacher.pt"
+        torch.save(create_model(teacher.name, classes, 3, config.data.image_size, teacher.kwargs).state_dict(), weights)
+        teacher = dataclasses.replace(teacher, checkpoint=str(weights), key_map=None)
+    student = dataclasses.replace(
+        config.student, weights=None, key_map=None, kwargs=_without_weight_files(config.student.kwargs)
+    )
+    return dataclasses.replace(
+        config, data=data, teacher=teacher, student=student, batch_size=4, eval_batch_size=4, epochs=1, log_every=1
+    )
 
 
 def _without_weight_files(kwargs: dict) -> dict:
@@ -292,9 +310,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         has_distillation_head,
         resolve_loss_specs,
     )
+    from dtokd.train.build import data_of
     from dtokd.train.checkpoint import load_checked
     from dtokd.train.distributed import resolve_device
-    from dtokd.train.loop import data_of
 
     folder = Path(args.run)
     if args.quiet:

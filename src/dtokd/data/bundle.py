@@ -144,6 +144,40 @@ def build_data(
     models from local text (``text`` holds its options; see :mod:`dtokd.data.text`), split by
     document; ``limit_train`` keeps the first N training blocks in a seeded order.
     """
+    _check_settings(
+        name,
+        root,
+        val_fraction=val_fraction,
+        normalize=normalize,
+        transform=transform,
+        synthetic=synthetic,
+        labels=labels,
+        text=text,
+    )
+    if name == "text":
+        return _text(root, text, val_fraction, seed, limit_train)
+    if name in DETECTION_DATASETS:
+        folder = _synthetic_coco(image_size, synthetic or {}) if name == "synthetic-coco" else _coco_root(root)
+        return _detection(name, folder, val_fraction, seed, augment, image_size, limit_train, workers, labels)
+    if name == "image-folder-stream":
+        return _streaming(root, val_fraction, seed, augment, image_size, limit_train, normalize, transform, workers)
+    return _in_memory(name, root, val_fraction, seed, augment, image_size, limit_train, normalize)
+
+
+def _check_settings(
+    name: str,
+    root: str | None,
+    *,
+    val_fraction: float,
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None,
+    transform: dict | None,
+    synthetic: dict | None,
+    labels: str,
+    text: dict | None,
+) -> None:
+    """:func:`build_data`'s arguments checked before anything is read: a known ``name``, a
+    ``val_fraction`` in [0, 1), and the settings that apply to some data sets only refused
+    elsewhere (the setting named, with what was given and what takes it)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
     if not 0.0 <= val_fraction < 1.0:
@@ -158,28 +192,50 @@ def build_data(
         raise ValueError(f"data.synthetic sets the generated 'synthetic-coco' data set, not {name!r}")
     if text and name != "text":
         raise ValueError(f"data.text sets the 'text' data set, not {name!r}")
-    if name == "text":
-        if transform or normalize is not None:
-            raise ValueError("data set 'text' holds token ids: data.transform and student.normalize do not apply")
-        return _text(root, text, val_fraction, seed, limit_train)
-    if name in DETECTION_DATASETS:
-        if transform or normalize is not None:
-            raise ValueError(
-                f"data set {name!r}: detectors resize and normalise their inputs themselves; "
-                "set min_size/max_size/image_mean/image_std in student.kwargs, not data.transform "
-                "or student.normalize"
-            )
-        folder = _synthetic_coco(image_size, synthetic or {}) if name == "synthetic-coco" else _coco_root(root)
-        return _detection(name, folder, val_fraction, seed, augment, image_size, limit_train, workers, labels)
-    if name == "image-folder-stream":
-        return _streaming(root, val_fraction, seed, augment, image_size, limit_train, normalize, transform, workers)
-    if transform:
+    if name == "text" and (transform or normalize is not None):
+        raise ValueError("data set 'text' holds token ids: data.transform and student.normalize do not apply")
+    if name in DETECTION_DATASETS and (transform or normalize is not None):
+        raise ValueError(
+            f"data set {name!r}: detectors resize and normalise their inputs themselves; "
+            "set min_size/max_size/image_mean/image_std in student.kwargs, not data.transform "
+            "or student.normalize"
+        )
+    if transform and name not in ("text", "image-folder-stream", *DETECTION_DATASETS):
         raise ValueError(f"data.transform is for 'image-folder-stream'; {name!r} is augmented in memory (data.augment)")
+
+
+def _in_memory(
+    name: str,
+    root: str | None,
+    val_fraction: float,
+    seed: int,
+    augment: bool,
+    image_size: int,
+    limit_train: int | None,
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None,
+) -> DataBundle:
+    """An image classification set held in memory (see :func:`build_data`): its validation split
+    carved from the training images, every split normalised with ``normalize`` or the training
+    split's statistics, the training split augmented (``augment``) as the data set's default."""
     raw = _load(name, root, image_size)
     n = raw.train_labels.shape[0]
     val_list, train_list = carve_validation(n, val_fraction, seed, limit_train)
     val_idx, train_idx = torch.tensor(val_list, dtype=torch.long), torch.tensor(train_list, dtype=torch.long)
-    channels = raw.train_images.shape[1]
+    mean, std = _normalization(name, raw.train_images, train_idx, normalize)
+    full = TensorImageDataset(raw.train_images, raw.train_labels, mean, std)
+    train = full.subset(train_idx, DEFAULT_AUGMENTATION[name] if augment else None)
+    val = full.subset(val_idx, None) if val_list else None
+    test = TensorImageDataset(raw.test_images, raw.test_labels, mean, std)
+    return DataBundle(name, train, val, test, raw.classes)
+
+
+def _normalization(
+    name: str, images: Tensor, train_idx: Tensor, normalize: tuple[tuple[float, ...], tuple[float, ...]] | None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel ``(mean, std)`` of data set ``name``: ``normalize`` where given (one value per
+    channel of ``images``), else the training split's pixels' (``images[train_idx]`` in [0, 1];
+    the std at least 1e-3)."""
+    channels = images.shape[1]
     if normalize is not None:
         mean, std = normalize
         if len(mean) != channels or len(std) != channels:
@@ -187,15 +243,9 @@ def build_data(
                 f"normalize gives {len(mean)} means and {len(std)} stds, but data set {name!r} has "
                 f"{channels} channel(s)"
             )
-    else:
-        pixels = raw.train_images[train_idx].float() / 255.0
-        mean = tuple(pixels.mean((0, 2, 3)).tolist())
-        std = tuple(pixels.std((0, 2, 3)).clamp_min(1e-3).tolist())
-    full = TensorImageDataset(raw.train_images, raw.train_labels, mean, std)
-    train = full.subset(train_idx, DEFAULT_AUGMENTATION[name] if augment else None)
-    val = full.subset(val_idx, None) if val_list else None
-    test = TensorImageDataset(raw.test_images, raw.test_labels, mean, std)
-    return DataBundle(name, train, val, test, raw.classes)
+        return mean, std
+    pixels = images[train_idx].float() / 255.0
+    return tuple(pixels.mean((0, 2, 3)).tolist()), tuple(pixels.std((0, 2, 3)).clamp_min(1e-3).tolist())
 
 
 def carve_validation(n: int, val_fraction: float, seed: int, limit_train: int | None) -> tuple[list[int], list[int]]:
