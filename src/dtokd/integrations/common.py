@@ -46,7 +46,8 @@ class CausalLMLosses:
     LMs, whose ``labels`` are the input ids (``ignore_index`` where a token does not count) and
     are shifted inside: the logits at position ``i`` are scored on the label at ``i + 1``, as
     the model's own loss does. Both are means over the counted tokens (see
-    :func:`dtokd.losses.token_kd_loss`)."""
+    :func:`dtokd.losses.token_kd_loss`). The teacher is given as its logits, or as its offline
+    top-k outputs (a pair of tensors, compared over the k tokens and the tail)."""
 
     divergence: str = "auto"
     """A :func:`~dtokd.losses.token_kd_loss` divergence, or ``auto``: the form the balancing method
@@ -59,7 +60,12 @@ class CausalLMLosses:
     """The next-token cross-entropy against ``(1 - eps) onehot + eps / V`` (as the Hugging Face
     Trainer's ``label_smoothing_factor``)."""
 
-    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def __call__(
+        self, student_logits: Tensor, teacher_logits: Tensor | tuple[Tensor, Tensor], labels: Tensor
+    ) -> dict[str, Tensor]:
+        """``teacher_logits``: the teacher's logits, or its offline top-k ``(log_probs, indices)``
+        at this temperature, ``(B, L, k)`` each (:mod:`dtokd.data.teacher_outputs`), shifted as
+        the logits are."""
         if self.divergence == "auto":
             raise ValueError(
                 "causal_lm_losses(divergence='auto') takes the form of its balancing method: "
@@ -67,10 +73,17 @@ class CausalLMLosses:
                 "losses yourself give the divergence (e.g. 'forward_kl')"
             )
         logits, targets = student_logits[:, :-1], labels[:, 1:]
+        teacher: Tensor | None = None
+        topk: tuple[Tensor, Tensor] | None = None
+        if isinstance(teacher_logits, tuple):
+            topk = (teacher_logits[0][:, :-1], teacher_logits[1][:, :-1])
+        else:
+            teacher = teacher_logits[:, :-1]
         distill = token_kd_loss(
             logits,
-            teacher_logits[:, :-1],
+            teacher,
             targets,
+            teacher_topk=topk,
             divergence=self.divergence,
             beta=self.beta,
             temperature=self.temperature,

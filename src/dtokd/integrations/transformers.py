@@ -37,6 +37,13 @@ at the first batch, naming it. Checkpoints' balancer states are read with ``weig
 (a file carrying any other pickled object is refused, never run), and one saved by another
 method is refused.
 
+**Offline teacher outputs** (:mod:`dtokd.data.teacher_outputs`): ``teacher=None`` and a
+dataset whose items carry the teacher's top-k as the columns ``teacher_topk_log_probs`` and
+``teacher_topk_indices`` (``WithTeacherTopk(dataset, TeacherOutputs(folder, ...))``, by block
+index); the losses receive the pair ``(log_probs, indices)`` instead of the teacher's logits
+(``causal_lm_losses()`` compares over the k tokens and the tail). No teacher is in memory; a
+batch without the columns is refused, and so is a live teacher given beside them.
+
 TRL: ``class SFTDistillationTrainer(DistillationTrainer, trl.SFTTrainer)`` (this class first,
 so its ``compute_loss`` is used) keeps TRL's data preparation and collation (``-100`` labels on
 padding and prompts) under the balanced loss; give ``losses=causal_lm_losses()``.
@@ -53,9 +60,12 @@ import transformers
 from torch import Tensor, nn
 
 from dtokd.balancing import make_balancer
+from dtokd.data.teacher_outputs import WithTeacherTopk
 from dtokd.integrations.common import FrozenTeacher, default_losses, with_distillation_form, with_label_smoothing
 
 BALANCER_FILE = "dtokd_balancer.pt"
+TOPK_COLUMNS = (WithTeacherTopk.LOG_PROBS, WithTeacherTopk.INDICES)
+"""The batch columns that carry offline top-k teacher outputs."""
 
 
 def _logits(output: Any) -> Tensor:
@@ -79,7 +89,7 @@ class DistillationTrainer(transformers.Trainer):
     def __init__(
         self,
         *args: Any,
-        teacher: nn.Module,
+        teacher: nn.Module | None,
         method: str = "dto",
         engine: str = "representation",
         balancer_options: Mapping[str, Any] | None = None,
@@ -93,7 +103,7 @@ class DistillationTrainer(transformers.Trainer):
                 "dto-amortized in the Hugging Face Trainer needs balancer_options={'update': 'next-step'}: "
                 "the same-batch update needs a re-evaluation after each optimizer step"
             )
-        self.teacher = FrozenTeacher(teacher)
+        self.teacher = FrozenTeacher(teacher) if teacher is not None else None
         self.losses = with_label_smoothing(
             with_distillation_form(losses or default_losses(), method),
             self.args.label_smoothing_factor,
@@ -115,11 +125,15 @@ class DistillationTrainer(transformers.Trainer):
         if "labels" not in inputs:
             raise KeyError(f"the batch has no 'labels' (it has {sorted(inputs)}): the distillation losses need them")
         labels = inputs.pop("labels")
+        teacher_topk = self._pop_teacher_topk(inputs)
         outputs = model(**inputs)
         logits = _logits(outputs)
-        teacher_logits = _logits(self.teacher(**inputs))
-        self.teacher.check_fits(logits, teacher_logits)
-        losses = self.losses(logits, teacher_logits.to(logits.dtype), labels)
+        teacher: Any = teacher_topk
+        if self.teacher is not None:
+            teacher_logits = _logits(self.teacher(**inputs))
+            self.teacher.check_fits(logits, teacher_logits)
+            teacher = teacher_logits.to(logits.dtype)
+        losses = self.losses(logits, teacher, labels)
         if model.training and torch.is_grad_enabled():
             loss = self.balancer.combine(losses, representation=logits)
         else:  # evaluation: nothing to balance, and the balancer's state must not move
@@ -127,6 +141,31 @@ class DistillationTrainer(transformers.Trainer):
                 self._evaluation_losses.setdefault(name, []).append(float(value.detach()))
             loss = losses["task"] if "task" in losses else torch.stack([v.reshape(()) for v in losses.values()]).sum()
         return (loss, outputs) if return_outputs else loss
+
+    def _pop_teacher_topk(self, inputs: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
+        """The batch's offline top-k columns, taken out of ``inputs`` (the model is not given them)."""
+        present = [name for name in TOPK_COLUMNS if name in inputs]
+        if self.teacher is not None:
+            if present:
+                raise ValueError(
+                    f"the batch carries offline teacher outputs ({present}) and a live teacher was given: "
+                    "give one of them (teacher=None to distil from the outputs)"
+                )
+            return None
+        if len(present) != len(TOPK_COLUMNS):
+            raise KeyError(
+                f"teacher=None, but the batch has no columns {list(TOPK_COLUMNS)} (it has {sorted(inputs)}): "
+                "wrap the dataset in dtokd.data.teacher_outputs.WithTeacherTopk, or give a teacher"
+            )
+        return inputs.pop(TOPK_COLUMNS[0]), inputs.pop(TOPK_COLUMNS[1])
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """The model's inputs and labels, as the Trainer keeps them, and the top-k columns (which
+        the Trainer would otherwise remove as unknown to the model's ``forward``)."""
+        super()._set_signature_columns_if_needed()
+        columns = self._signature_columns
+        if columns is not None and not set(TOPK_COLUMNS) <= set(columns):
+            self._signature_columns = [*columns, *TOPK_COLUMNS]
 
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
         """The Trainer's evaluation loop, with each named loss's mean over the batches added to
