@@ -10,22 +10,10 @@ uses its second head), the pair (class head, distillation head), named ``logits`
 ``dist``. Every logit loss says which output it applies to (``output``).
 
 **Loss specs** (one per name, ``type`` plus options; the order given is kept, so list the
-distillation loss before the task loss to get ``conflict = cos(g_distill, g_task)``):
-
-- ``ce``: cross-entropy with the labels, ``label_smoothing`` (0); with mixup/cutmix the
-  labels are soft targets and the smoothing is in them;
-- ``kd``: Hinton's KD, ``temperature`` (4), ``divergence`` (``forward_kl``, the KL to the
-  teacher; ``forward_ce``, the cross-entropy to it: the same gradient, a floor at the teacher's
-  entropy; see :func:`~dtokd.losses.kd.kd_loss`);
-- ``dkd``: decoupled KD, ``alpha`` 1, ``beta`` 8, ``temperature`` 4, ``warmup_epochs`` 20
-  (the loss is scaled by ``min(1, progress / warmup_epochs)``, ``progress`` counting epochs
-  including the current step; a fractional ``warmup_epochs`` is allowed for short schedules);
-- ``deit``: DeiT's distillation-token loss on the ``dist`` output, ``mode`` ``hard`` (CE to the
-  teacher's argmax) or ``soft`` (KL at ``temperature``, DeiT's normalisation);
-- ``feature``: projector feature loss, ``student_tap`` and ``teacher_tap`` (submodule names,
-  ``"features"`` for the pooled feature before the head, ``"patch_mean"`` for a ViT's mean patch
-  token after its final norm), ``orthogonal`` (True), ``teacher_norm`` (``"layernorm"``),
-  ``distance`` (``"smooth_l1"``): VkD's loss with the defaults.
+distillation loss before the task loss to get ``conflict = cos(g_distill, g_task)``): the types
+``ce``, ``kd``, ``dkd``, ``deit`` and ``feature``, their options, defaults and what each needs,
+are records in :mod:`dtokd.tasks.classification_losses`; the task reads them, never a type's
+name.
 
 The projectors are submodules of the task and train with the student. A teacher trained with
 another input normalisation than the student's gets ``teacher_input`` (a
@@ -46,26 +34,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dtokd.data import eval_loader, to_device
-from dtokd.losses.dkd import dkd_loss
 from dtokd.losses.feature import FeatureProjector, feature_shape
-from dtokd.losses.kd import KD_DIVERGENCES, cross_entropy, deit_token_loss, kd_loss
 from dtokd.models.taps import FeatureTaps
+from dtokd.tasks.classification_losses import LOSS_OPTIONS, LOSS_TYPES, OUTPUT_NAMES, LossInputs
 from dtokd.tasks.specs import fill_specs
-
-LOSS_OPTIONS: dict[str, dict[str, Any]] = {
-    "ce": {"output": "logits", "label_smoothing": 0.0},
-    "kd": {"output": "logits", "temperature": 4.0, "divergence": "forward_kl"},
-    "dkd": {"output": "logits", "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 20},
-    "deit": {"output": "dist", "mode": "hard", "temperature": 1.0},
-    "feature": {
-        "student_tap": "features",
-        "teacher_tap": "features",
-        "orthogonal": True,
-        "teacher_norm": "layernorm",
-        "distance": "smooth_l1",
-    },
-}
-OUTPUT_NAMES = ("logits", "dist")
 
 
 def resolve_loss_specs(specs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -75,11 +47,9 @@ def resolve_loss_specs(specs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict
         output = spec.get("output")
         if output is not None and output not in OUTPUT_NAMES:
             raise ValueError(f"losses.{name}.output={output!r} is not allowed; use one of {list(OUTPUT_NAMES)}")
-        divergence = spec.get("divergence")
-        if spec["type"] == "kd" and divergence not in KD_DIVERGENCES:
-            raise ValueError(
-                f"losses.{name}.divergence={divergence!r} is not allowed; use one of {list(KD_DIVERGENCES)}"
-            )
+        check = LOSS_TYPES[spec["type"]].check
+        if check is not None:
+            check(name, spec)
     return resolved
 
 
@@ -114,7 +84,7 @@ class ClassificationTask(nn.Module):
         self.teacher = [teacher]  # a list keeps the frozen teacher out of parameters() and state_dict()
         self.teacher_input = teacher_input if teacher_input is not None else nn.Identity()
         self.specs = resolve_loss_specs(specs)
-        needs_teacher = [n for n, s in self.specs.items() if s["type"] != "ce"]
+        needs_teacher = [n for n, s in self.specs.items() if LOSS_TYPES[s["type"]].needs_teacher]
         if needs_teacher and teacher is None:
             raise ValueError(f"loss(es) {needs_teacher} need a teacher, but none is configured (teacher.name)")
         uses_dist = [n for n, s in self.specs.items() if s.get("output") == "dist"]
@@ -129,7 +99,7 @@ class ClassificationTask(nn.Module):
         self.projectors = nn.ModuleDict()
         student_taps, teacher_taps = [], []
         for name, spec in self.specs.items():
-            if spec["type"] != "feature":
+            if not LOSS_TYPES[spec["type"]].teacher_features:
                 continue
             assert teacher is not None  # a feature loss needs the teacher: refused above without one
             s_shape = feature_shape(student, spec["student_tap"], sample)
@@ -155,10 +125,15 @@ class ClassificationTask(nn.Module):
         self.student_taps = FeatureTaps(student, sorted(set(student_taps)))
         self.teacher_taps = FeatureTaps(teacher, sorted(set(teacher_taps))) if teacher is not None else None
 
+    @property
+    def teacher_feature_losses(self) -> list[str]:
+        """The losses that tap the teacher's features (its calls cannot then be replaced by cached logits)."""
+        return [n for n, s in self.specs.items() if LOSS_TYPES[s["type"]].teacher_features]
+
     def use_teacher(self, call: Any) -> None:
         """Take the teacher's logits from ``call(x)`` in training from now on (a
         :class:`~dtokd.train.teacher_cache.CachedTeacher`); the task needs no teacher features."""
-        if any(spec["type"] == "feature" for spec in self.specs.values()):
+        if self.teacher_feature_losses:
             raise ValueError("the teacher's features are tapped by a feature loss; its calls cannot be replaced")
         self.teacher[0] = call
 
@@ -187,7 +162,7 @@ class ClassificationTask(nn.Module):
             teacher_logits, teacher_features = self._last_teacher
         else:
             teacher_logits, teacher_features = None, {}
-            if teacher is not None and len(self.specs) > sum(s["type"] == "ce" for s in self.specs.values()):
+            if teacher is not None and any(LOSS_TYPES[s["type"]].needs_teacher for s in self.specs.values()):
                 with torch.no_grad():
                     teacher_logits = teacher(self.teacher_input(x))
                 teacher_features = dict(self.teacher_taps.features) if self.teacher_taps is not None else {}
@@ -195,30 +170,17 @@ class ClassificationTask(nn.Module):
         outputs = self.outputs(x)
         losses: dict[str, Tensor] = {}
         for name, spec in self.specs.items():
-            kind = spec["type"]
-            if kind == "feature":
-                losses[name] = self.projectors[name](
-                    self.student_taps.features[spec["student_tap"]], teacher_features[spec["teacher_tap"]]
-                )
-                continue
-            z = outputs[spec["output"]]
-            if kind == "ce":
-                losses[name] = cross_entropy(z, y, spec["label_smoothing"])
-                continue
-            assert teacher_logits is not None  # every other loss needs the teacher: refused above without one
-            if kind == "kd":
-                losses[name] = kd_loss(z, teacher_logits, spec["temperature"], spec["divergence"])
-            elif kind == "deit":
-                losses[name] = deit_token_loss(z, teacher_logits, spec["mode"], spec["temperature"])
-            else:
-                if y.dim() != 1:
-                    raise ValueError(
-                        f"losses.{name}: dkd needs integer labels, but the batch has soft targets "
-                        "(mixup/cutmix); turn mixup off or use kd"
-                    )
-                warmup = spec["warmup_epochs"]
-                ramp = 1.0 if (progress is None or warmup <= 0) else min(1.0, progress / warmup)
-                losses[name] = ramp * dkd_loss(z, teacher_logits, y, spec["alpha"], spec["beta"], spec["temperature"])
+            inputs = LossInputs(
+                name,
+                outputs,
+                y,
+                teacher_logits,
+                progress,
+                self.student_taps.features,
+                teacher_features,
+                self.projectors[name] if name in self.projectors else None,
+            )
+            losses[name] = LOSS_TYPES[spec["type"]].compute(spec, inputs)
         if self.representation != "outputs":
             return self.student_taps.features[self.representation], losses
         return (outputs["logits"], outputs["dist"]) if self.two_heads else outputs["logits"], losses

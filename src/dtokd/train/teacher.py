@@ -79,7 +79,7 @@ def cache_teacher_outputs(
         raise ValueError("teacher.cache_outputs=true needs a teacher (teacher.name)")
     if not isinstance(task, ClassificationTask):
         raise ValueError(f"teacher.cache_outputs=true is for classification; task={config.task!r} is not cached")
-    features = [n for n, spec in task.specs.items() if spec["type"] == "feature"]
+    features = task.teacher_feature_losses
     if features:
         raise ValueError(
             f"teacher.cache_outputs=true caches the teacher's logits only, and losses {features} need "
