@@ -47,8 +47,7 @@ import hashlib
 import io
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +58,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from dtokd.data.text import TokenBlocks
+from dtokd.models.norms import eval_mode
 from dtokd.models.weight_file import checksum
 
 FORMAT = "dtokd-teacher-topk-v1"
@@ -188,6 +188,16 @@ def _block_length(blocks: Any) -> int:
 # ---------------------------------------------------------------------------------------------- writer
 
 
+def _check_write_settings(k: int, temperature: float, tokenizer: str) -> None:
+    """``k`` a positive integer, ``temperature`` a positive number, ``tokenizer`` a non-empty string."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r} must be a positive integer")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature={temperature!r} must be a positive number")
+    if not isinstance(tokenizer, str) or not tokenizer:
+        raise ValueError("tokenizer must be a non-empty string identifying the tokenizer (e.g. its file's SHA-256)")
+
+
 def write_teacher_outputs(
     teacher: nn.Module,
     blocks: Any,
@@ -214,12 +224,7 @@ def write_teacher_outputs(
     already known (computed otherwise). ``shard_bytes``: about how large a shard is.
     """
     dtype_name = _dtype_name(dtype)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k={k!r} must be a positive integer")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature={temperature!r} must be a positive number")
-    if not isinstance(tokenizer, str) or not tokenizer:
-        raise ValueError("tokenizer must be a non-empty string identifying the tokenizer (e.g. its file's SHA-256)")
+    _check_write_settings(k, temperature, tokenizer)
     folder = Path(folder)
     _prepare_folder(folder, overwrite)
     length = _block_length(blocks)
@@ -227,7 +232,7 @@ def write_teacher_outputs(
     per_shard = max(1, shard_bytes // (length * per_token))
     digest = _CorpusDigest(len(blocks), length)
     shards, vocab_size = [], 0
-    with _eval_mode(teacher), torch.no_grad():
+    with eval_mode(teacher), torch.no_grad():
         for number, start in enumerate(range(0, len(blocks), per_shard)):
             stop = min(start + per_shard, len(blocks))
             log_probs, indices, vocab_size = _shard_outputs(
@@ -329,18 +334,6 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
         if dtype in (name, value):
             return name
     raise ValueError(f"dtype={dtype!r} is not allowed for teacher outputs; use one of {sorted(DTYPES)}")
-
-
-@contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """``module`` in eval mode inside the block, each submodule's training flag restored after."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
 
 
 # ---------------------------------------------------------------------------------------------- reader

@@ -6,8 +6,7 @@ sent to spawned processes (Lightning's ``ddp_spawn``, ``torch.multiprocessing``)
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from dtokd.balancing.balancers import distillation_form
 from dtokd.losses.kd import cross_entropy, kd_loss
 from dtokd.losses.token_kd import DEFAULT_CHUNK_TOKENS, token_kd_loss
+from dtokd.models.norms import eval_mode
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Mapping[str, Tensor]]
 
@@ -172,7 +172,7 @@ class FrozenTeacher:
             parameter = next(self.module.parameters())
         dtype = parameter.dtype if parameter is not None else None
         args, kwargs = _cast_floating((args, kwargs), dtype)
-        with torch.no_grad(), _eval_mode(self.module):
+        with torch.no_grad(), eval_mode(self.module):
             return self.module(*args, **kwargs)
 
     def check_fits(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
@@ -186,18 +186,6 @@ class FrozenTeacher:
                 f"{tuple(teacher_logits.shape)}, the student's {tuple(student_logits.shape)} (the last dimension "
                 "is the number of classes, or the vocabulary: teacher and student must predict the same ones)"
             )
-
-
-@contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """``module`` in eval mode inside the block, each submodule's training flag restored after."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
 
 
 def _first_tensor_device(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.device | None:

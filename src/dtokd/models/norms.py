@@ -1,4 +1,4 @@
-"""Batch-norm helpers."""
+"""Module-mode helpers: batch-norm statistics left alone, eval mode for a block."""
 
 from __future__ import annotations
 
@@ -22,3 +22,16 @@ def frozen_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
             m.momentum = momentum
             if tracked is not None and m.num_batches_tracked is not None:
                 m.num_batches_tracked.copy_(tracked)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside the block, each submodule's training flag restored after
+    (a caller's model is left as it was)."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
