@@ -192,6 +192,7 @@ def test_demo_quick_on_fashion_mnist(tmp_path, monkeypatch, capsys):
     assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "| student-alone | student alone |" in out and "| dto-kd | dto |" in out and "| fixed-kd | fixed |" in out
+    assert "| dto-amortized | dto-amortized |" in out  # the rule the README recommends
     assert (tmp_path / "demo" / "report" / "report.md").is_file()
     assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     assert "reusing the trained teacher" in capsys.readouterr().out
