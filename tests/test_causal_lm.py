@@ -286,7 +286,7 @@ def test_the_task_and_its_losses_are_checked_before_the_corpus_is_read(corpus, t
     cases = [
         (["losses={distill: {type: token-kd, divergence: kl}, task: {type: ce}}"], "divergence='kl' is not allowed"),
         (["losses={distill: {type: kd}}"], "losses.distill.type='kd' is not allowed for task 'causal-lm'"),
-        (["task=classification"], "task='causal-lm' and data.name='text' go together"),
+        (["task=classification"], "data.name='text' is a text corpus: set task: causal-lm"),
         (["student.name=mlp_small", "student.kwargs={}"], "must name hf-causal-lm:<model_type>"),
         (["teacher.name=resnet20"], "\\['teacher.name'\\] must name hf-causal-lm"),
         (["balancer.representation=features"], "for causal-lm the representation is the student's logits"),

@@ -76,7 +76,7 @@ def test_bad_bases_are_named(tmp_path):
         (["losses={task: {type: ce, smoothing: 0.1}}"], "smoothing"),
         (["task=detection"], "needs a detection data set"),
         (["data.name=synthetic-coco"], "is a detection data set: set task: detection"),
-        (["data.name=text"], "task='causal-lm' and data.name='text' go together"),
+        (["data.name=text"], "data.name='text' is a text corpus: set task: causal-lm"),
     ],
 )
 def test_task_settings_are_checked_before_any_data_is_read(tmp_path, monkeypatch, overrides, message):

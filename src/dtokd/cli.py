@@ -19,7 +19,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, cast
 
 from dtokd.interrupts import stop_on_signals
 from dtokd.train.config import Config, ConfigError, DataConfig, load_config
@@ -303,13 +302,7 @@ def _default_folder(args: argparse.Namespace, config) -> Path:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from dtokd.models import create_model
-    from dtokd.tasks import (
-        evaluate_causal_lm,
-        evaluate_classifier,
-        evaluate_detector,
-        has_distillation_head,
-        resolve_loss_specs,
-    )
+    from dtokd.tasks import task_kind
     from dtokd.train.build import data_of
     from dtokd.train.checkpoint import load_checked
     from dtokd.train.distributed import resolve_device
@@ -326,18 +319,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     path = folder / ("best.pt" if args.which == "best" else "checkpoint.pt")
     state = load_checked(path, {"student": config.student.name, "num_classes": data.num_classes})
     model.load_state_dict(state["model"] if "model" in state else state["student"])
-    if config.task == "detection":
-        result = evaluate_detector(model, data.test, config.eval_batch_size, device)
-    elif config.task == "causal-lm":
-        result = evaluate_causal_lm(model, data.test, config.eval_batch_size, device)
-    else:
-        if has_distillation_head(model) and any(
-            s.get("output") == "dist" for s in resolve_loss_specs(config.losses).values()
-        ):
-            cast(Any, model).set_distilled_training(
-                True
-            )  # timm's distilled ViTs, as in training: the two heads are averaged and reported
-        result = evaluate_classifier(model, data.test, config.eval_batch_size, device)
+    result = task_kind(config.task).evaluate(model, config.losses, data.test, config.eval_batch_size, device)
     print(json.dumps({"run": str(folder), "checkpoint": path.name, "epoch": state["epoch"], **result}, indent=2))
     return 0
 

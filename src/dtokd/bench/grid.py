@@ -10,7 +10,7 @@ from collections.abc import Container
 from pathlib import Path
 
 from dtokd.bench.matrix import Cell, Matrix
-from dtokd.train.config import LOWER_IS_BETTER
+from dtokd.tasks.names import LOWER_IS_BETTER
 
 
 def grid_members(matrix: Matrix) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 from dtokd.bench.matrix import Matrix
 from dtokd.bench.tables import metric_of
 from dtokd.report import METRIC_LABELS, pyplot, save_plot
-from dtokd.train.config import LOWER_IS_BETTER
+from dtokd.tasks.names import LOWER_IS_BETTER
 
 Row = dict[str, Any]
 """A row of the results (one pair and method), as :func:`~dtokd.bench.results.aggregate` builds it."""

@@ -17,7 +17,7 @@ from dtokd.bench.matrix import Cell, Matrix
 from dtokd.bench.plots import results_plots
 from dtokd.bench.stats import cell_statistics, paired_differences
 from dtokd.bench.tables import results_markdown
-from dtokd.train.config import LOWER_IS_BETTER
+from dtokd.tasks.names import LOWER_IS_BETTER
 
 SERIES = frozenset(
     {"curve", "curve_std", "curve_epochs", "weight_curve", "weight_curve_name", "update_ratio_curve", "other_metrics"}

@@ -4,11 +4,14 @@ detection (:mod:`.detection`) and causal language models (:mod:`.causal_lm`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
 
+import torch
 from torch import nn
 
+from dtokd.data.bundle import DETECTION_DATASETS
 from dtokd.tasks.causal_lm import CausalLMTask, check_lm_representation, evaluate_causal_lm, resolve_lm_specs
 from dtokd.tasks.classification import (
     LOSS_OPTIONS,
@@ -23,6 +26,168 @@ from dtokd.tasks.names import TASKS
 Task = ClassificationTask | DetectionTask | CausalLMTask
 
 
+@dataclass(frozen=True)
+class TaskKind:
+    """A task kind as a record: the data sets it takes, its checks that need only the settings,
+    and how it is built. Adding a task is a module and a record in :data:`TASK_KINDS`; the config
+    (``task``, ``eval.select``: :mod:`dtokd.tasks.names`), :func:`check_task_settings` and
+    :func:`build_task` read the records, never a kind's name."""
+
+    name: str
+    data_sets: tuple[str, ...] | None
+    """The data sets it takes (None: every one that no other kind claims)."""
+    data_hint: str
+    """What its data are, in words, for the errors."""
+    check_settings: Callable[[list[tuple[str, str | None]], Mapping[str, Mapping[str, Any]], str, bool], None]
+    """``(model names as (argument, name), loss specs, representation, teacher normalised)``: the
+    checks that need only the settings (raise ValueError naming what is wrong)."""
+    build: Callable[[nn.Module, nn.Module | None, Mapping[str, Mapping[str, Any]], Any, nn.Module | None, str], Task]
+    """``(student, teacher, specs, data, teacher_input, representation) -> task``, with the checks
+    that need the built models."""
+    evaluate: Callable[[nn.Module, Mapping[str, Mapping[str, Any]], Any, int, torch.device], dict[str, float]]
+    """``(model, loss specs, dataset, batch size, device) -> metrics`` of a trained model alone
+    (``dtokd eval``), set up as its run trained it (the specs say, e.g., whether two heads are averaged)."""
+    reported_metrics: tuple[str, ...] = ()
+    """Test metrics a summary reports beside the one that chooses the epoch (the LM's top-1 and perplexity)."""
+
+
+def _check_classification(
+    model_names: list[tuple[str, str | None]], specs: Mapping[str, Mapping[str, Any]], representation: str, _: bool
+) -> None:
+    resolve_loss_specs(specs)
+
+
+def _check_detection(
+    model_names: list[tuple[str, str | None]], specs: Mapping[str, Mapping[str, Any]], representation: str, _: bool
+) -> None:
+    if representation != "outputs":
+        raise ValueError(
+            f"balancer.representation={representation!r}: for detection the representation is "
+            "the student's FPN levels; leave it at 'outputs'"
+        )
+    resolve_detection_specs(specs)
+
+
+def _check_causal_lm(
+    model_names: list[tuple[str, str | None]],
+    specs: Mapping[str, Mapping[str, Any]],
+    representation: str,
+    teacher_normalized: bool,
+) -> None:
+    from dtokd.models.causal_lm import PREFIX
+
+    wrong = [arg for arg, name in model_names if name is not None and not name.startswith(PREFIX)]
+    if wrong:
+        raise ValueError(f"task='causal-lm' needs language models: {wrong} must name hf-causal-lm:<model_type>")
+    check_lm_representation(representation)
+    if teacher_normalized:
+        raise ValueError("teacher.normalize is for images; a language model's input is token ids")
+    resolve_lm_specs(specs)
+
+
+def _named_models(student: nn.Module, teacher: nn.Module | None) -> list[tuple[str, nn.Module]]:
+    return [("student.name", student)] + ([("teacher.name", teacher)] if teacher is not None else [])
+
+
+def _build_classification(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    specs: Mapping[str, Mapping[str, Any]],
+    data: Any,
+    teacher_input: nn.Module | None,
+    representation: str,
+) -> Task:
+    from dtokd.models.detection import is_detector
+
+    wrong = [arg for arg, model in _named_models(student, teacher) if is_detector(model)]
+    if wrong:
+        raise ValueError(f"{wrong} name detectors: set task: detection (and a detection data set)")
+    sample = data.train.__getitems__([0, 1])[0]
+    return ClassificationTask(student, teacher, specs, sample, teacher_input, representation=representation)
+
+
+def _build_detection(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    specs: Mapping[str, Mapping[str, Any]],
+    data: Any,
+    teacher_input: nn.Module | None,
+    representation: str,
+) -> Task:
+    from dtokd.models.detection import is_detector
+
+    wrong = [arg for arg, model in _named_models(student, teacher) if not is_detector(model)]
+    if wrong:
+        raise ValueError(f"task='detection' needs detectors: {wrong} must name detection:<head>_<backbone>_fpn")
+    return DetectionTask(student, teacher, specs)
+
+
+def _build_causal_lm(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    specs: Mapping[str, Mapping[str, Any]],
+    data: Any,
+    teacher_input: nn.Module | None,
+    representation: str,
+) -> Task:
+    from dtokd.models.causal_lm import CausalLM
+
+    wrong = [arg for arg, model in _named_models(student, teacher) if not isinstance(model, CausalLM)]
+    if wrong:
+        raise ValueError(f"task='causal-lm' needs language models: {wrong} must name hf-causal-lm:<model_type>")
+    assert isinstance(student, CausalLM) and (teacher is None or isinstance(teacher, CausalLM))
+    return CausalLMTask(student, teacher, specs, representation)
+
+
+def _evaluate_classifier(
+    model: nn.Module, specs: Mapping[str, Mapping[str, Any]], dataset: Any, batch_size: int, device: torch.device
+) -> dict[str, float]:
+    """A classifier's metrics; a distilled ViT whose run used its distillation head in distilled
+    training mode, as it trained (its two heads averaged, each reported)."""
+    if has_distillation_head(model) and any(s.get("output") == "dist" for s in resolve_loss_specs(specs).values()):
+        cast(Any, model).set_distilled_training(True)  # timm's distilled ViTs
+    return evaluate_classifier(model, dataset, batch_size, device)
+
+
+def _evaluate_detector(
+    model: nn.Module, specs: Mapping[str, Mapping[str, Any]], dataset: Any, batch_size: int, device: torch.device
+) -> dict[str, float]:
+    return evaluate_detector(model, dataset, batch_size, device)
+
+
+def _evaluate_causal_lm(
+    model: nn.Module, specs: Mapping[str, Mapping[str, Any]], dataset: Any, batch_size: int, device: torch.device
+) -> dict[str, float]:
+    return evaluate_causal_lm(model, dataset, batch_size, device)
+
+
+TASK_KINDS: Mapping[str, TaskKind] = {
+    "classification": TaskKind(
+        "classification", None, "an image data set", _check_classification, _build_classification, _evaluate_classifier
+    ),
+    "detection": TaskKind(
+        "detection", DETECTION_DATASETS, "a detection data set", _check_detection, _build_detection, _evaluate_detector
+    ),
+    "causal-lm": TaskKind(
+        "causal-lm",
+        ("text",),
+        "a text corpus",
+        _check_causal_lm,
+        _build_causal_lm,
+        _evaluate_causal_lm,
+        reported_metrics=("top1", "ppl"),
+    ),
+}
+"""Every task kind by name (the names are :data:`dtokd.tasks.names.TASKS`)."""
+
+
+def task_kind(kind: str) -> TaskKind:
+    """The record of task ``kind``; a ValueError listing the kinds for an unknown name."""
+    if kind not in TASK_KINDS:
+        raise ValueError(f"task={kind!r} is not allowed; use one of {list(TASKS)}")
+    return TASK_KINDS[kind]
+
+
 def check_task_settings(
     kind: str,
     data_name: str,
@@ -32,43 +197,18 @@ def check_task_settings(
     teacher_normalized: bool,
 ) -> None:
     """The task's checks that need only the settings, run before any data is read or model built:
-    the task and the data set belong together (detection data for ``task: detection``, text for
-    ``task: causal-lm``), the loss specs are the task's (types, options, values), and for
-    language models: the models (``(argument, name)`` pairs) named ``hf-causal-lm:...``, the
-    representation ``outputs`` or ``hidden``, no ``teacher.normalize``."""
-    from dtokd.data.bundle import DETECTION_DATASETS
-    from dtokd.models.causal_lm import PREFIX
-
-    if kind not in TASKS:
-        raise ValueError(f"task={kind!r} is not allowed; use one of {list(TASKS)}")
-    if kind == "causal-lm" or data_name == "text":
-        if data_name != "text" or kind != "causal-lm":
-            raise ValueError(
-                "task='causal-lm' and data.name='text' go together (token blocks for language models); "
-                f"got task={kind!r} with data.name={data_name!r}"
-            )
-        wrong = [arg for arg, name in model_names if name is not None and not name.startswith(PREFIX)]
-        if wrong:
-            raise ValueError(f"task='causal-lm' needs language models: {wrong} must name hf-causal-lm:<model_type>")
-        check_lm_representation(representation)
-        if teacher_normalized:
-            raise ValueError("teacher.normalize is for images; a language model's input is token ids")
-        resolve_lm_specs(specs)
-    elif kind == "detection":
-        if data_name not in DETECTION_DATASETS:
-            raise ValueError(
-                f"task='detection' needs a detection data set (data.name 'coco' or 'synthetic-coco'), not {data_name!r}"
-            )
-        if representation != "outputs":
-            raise ValueError(
-                f"balancer.representation={representation!r}: for detection the representation is "
-                "the student's FPN levels; leave it at 'outputs'"
-            )
-        resolve_detection_specs(specs)
-    else:
-        if data_name in DETECTION_DATASETS:
-            raise ValueError(f"data.name={data_name!r} is a detection data set: set task: detection")
-        resolve_loss_specs(specs)
+    the task and the data set belong together (a data set that another kind claims is refused
+    naming that kind), then the kind's own checks (:attr:`TaskKind.check_settings`: loss specs,
+    models, representation)."""
+    record = task_kind(kind)
+    owner = next((r for r in TASK_KINDS.values() if r.data_sets and data_name in r.data_sets), None)
+    if owner is not None and owner is not record:
+        raise ValueError(f"data.name={data_name!r} is {owner.data_hint}: set task: {owner.name}")
+    if record.data_sets is not None and data_name not in record.data_sets:
+        raise ValueError(
+            f"task={kind!r} needs {record.data_hint} (data.name one of {list(record.data_sets)}), not {data_name!r}"
+        )
+    record.check_settings(model_names, specs, representation, teacher_normalized)
 
 
 def build_task(
@@ -81,34 +221,17 @@ def build_task(
     representation: str = "outputs",
 ) -> Task:
     """The task ``kind`` for these models and data, with the checks that they belong to it
-    (:func:`check_task_settings`, then the models')."""
-    from dtokd.models.detection import is_detector
-
+    (:func:`check_task_settings`, then the models': :attr:`TaskKind.build`)."""
     check_task_settings(kind, data.name, [], specs, representation, teacher_input is not None)
-    models = [("student.name", student)] + ([("teacher.name", teacher)] if teacher is not None else [])
-    if kind == "causal-lm":
-        from dtokd.models.causal_lm import CausalLM
-
-        wrong = [arg for arg, model in models if not isinstance(model, CausalLM)]
-        if wrong:
-            raise ValueError(f"task='causal-lm' needs language models: {wrong} must name hf-causal-lm:<model_type>")
-        assert isinstance(student, CausalLM) and (teacher is None or isinstance(teacher, CausalLM))
-        return CausalLMTask(student, teacher, specs, representation)
-    if kind == "detection":
-        wrong = [arg for arg, model in models if not is_detector(model)]
-        if wrong:
-            raise ValueError(f"task='detection' needs detectors: {wrong} must name detection:<head>_<backbone>_fpn")
-        return DetectionTask(student, teacher, specs)
-    wrong = [arg for arg, model in models if is_detector(model)]
-    if wrong:
-        raise ValueError(f"{wrong} name detectors: set task: detection (and a detection data set)")
-    sample = data.train.__getitems__([0, 1])[0]
-    return ClassificationTask(student, teacher, specs, sample, teacher_input, representation=representation)
+    return task_kind(kind).build(student, teacher, specs, data, teacher_input, representation)
 
 
 __all__ = [
     "LOSS_OPTIONS",
     "TASKS",
+    "TASK_KINDS",
+    "TaskKind",
+    "task_kind",
     "CausalLMTask",
     "check_task_settings",
     "ClassificationTask",

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dtokd.data.names import DataName, DetectionLabels, Placement
-from dtokd.tasks.names import TaskName
+from dtokd.tasks.names import SELECTION_METRICS, TaskName
 from dtokd.train import config_file
 from dtokd.train.config_file import ConfigError, apply_override, from_dict
 
@@ -180,19 +180,6 @@ def _choices(kind: Any, prefix: str = "") -> dict[str, tuple[str, ...]]:
         elif typing.get_origin(hint) is Literal:
             found[key] = typing.get_args(hint)
     return found
-
-
-SELECTION_METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("top1", "top5"),
-    "detection": ("AP", "AP50", "AP75"),
-    "causal-lm": ("top1", "ppl", "loss"),
-}
-"""The validation metrics that may choose ``best.pt`` (``eval.select``), by task; the first is the
-task's default. ``ppl`` (perplexity) and ``loss`` (mean next-token cross-entropy) are lower-better
-(:data:`LOWER_IS_BETTER`), the accuracies and APs higher-better."""
-
-LOWER_IS_BETTER = frozenset({"ppl", "loss"})
-"""The selectable metrics for which a lower value is the better epoch."""
 
 
 def selection_metric(config: Config) -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dtokd.train.config import LOWER_IS_BETTER, Config, selection_metric
+from dtokd.tasks import task_kind
+from dtokd.tasks.names import LOWER_IS_BETTER
+from dtokd.train.config import Config, selection_metric
 
 
 def summarize(history: list[dict[str, Any]], config: Config, final: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -62,7 +64,7 @@ def _test_figures(
     figures[f"last_test_{m}"] = tested.get(f"test_{m}")  # None: the metric is undefined on this test split
     if "test_top5" in tested:
         figures["last_test_top5"] = tested["test_top5"]
-    for other in ("top1", "ppl") if config.task == "causal-lm" else ():
+    for other in task_kind(config.task).reported_metrics:
         if other != m:
             figures[f"test_{other}_at_best_val"] = at_best.get(f"test_{other}")
             figures[f"last_test_{other}"] = tested.get(f"test_{other}")
