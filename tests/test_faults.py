@@ -263,13 +263,22 @@ def test_a_negative_loss_is_refused_with_advice_that_holds_for_dto():
 # -- 9. gradient accumulation in a plain loop --------------------------------------------------------
 
 
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1),
+    "adamw-foreach": lambda params: torch.optim.AdamW(params, lr=0.01, foreach=True),
+    # a fused step leaves the parameters' version counters as they were: the step hook sees it
+    "adamw-fused": lambda params: torch.optim.AdamW(params, lr=0.01, fused=True),
+}
+
+
+@pytest.mark.parametrize("optimizer_kind", list(OPTIMIZERS))
 @pytest.mark.parametrize("mode", ["same-batch", "next-step"])
-def test_the_amortized_rule_learns_once_per_optimizer_step_under_accumulation(mode):
+def test_the_amortized_rule_learns_once_per_optimizer_step_under_accumulation(mode, optimizer_kind):
     """Two micro-batches per optimizer step: both weighted alike, the learner stepped once per
-    optimizer step (same-batch: from the last micro-batch re-evaluated)."""
+    optimizer step (same-batch: from the last micro-batch re-evaluated), whatever the optimizer."""
     model = net()
     balancer = make_balancer("dto-amortized", model.parameters(), update=mode)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = OPTIMIZERS[optimizer_kind](model.parameters())
     steps = 3
     for step in range(steps):
         optimizer.zero_grad()
@@ -388,3 +397,48 @@ def test_the_pipeline_names_an_engine_given_among_the_methods_options():
     task = SimpleNamespace(student=net(), loss_names=("distill", "task"))
     with pytest.raises(ValueError, match=r"balancer.options names \['engine'\]: set them as balancer.engine"):
         loop._make_balancer(config, task, list(task.student.parameters()))
+
+
+@pytest.mark.parametrize("optimizer_kind", list(OPTIMIZERS))
+def test_next_step_learning_sees_every_optimizer_step(optimizer_kind):
+    """Without accumulation the next-step learner learns between every two optimizer steps, for
+    fused optimizers too; a backward not followed by a step (a micro-batch) does not learn."""
+    model = net()
+    balancer = make_balancer("dto-amortized", model.parameters(), update="next-step")
+    optimizer = OPTIMIZERS[optimizer_kind](model.parameters())
+    for step in range(5):
+        optimizer.zero_grad()
+        balancer.backward(losses_of(model, *batch(step)))
+        optimizer.step()
+    assert balancer.state_dict()["adam"]["steps"] == 4
+    balancer.backward(losses_of(model, *batch(9)))  # learns from the last step
+    balancer.backward(losses_of(model, *batch(10)))  # no step since: a micro-batch
+    assert balancer.state_dict()["adam"]["steps"] == 5
+
+
+def test_the_step_watch_survives_pickling_and_counts_only_its_parameters():
+    import pickle
+
+    model, other = net(0), net(1)
+    balancer = pickle.loads(pickle.dumps(make_balancer("dto-amortized", model.parameters(), update="next-step")))
+    watched = balancer.engine.params
+    mark = balancer._steps.mark()
+    torch.optim.SGD(other.parameters(), lr=0.1, foreach=False).step()  # another model's optimizer
+    assert balancer._steps.mark() == mark
+    torch.optim.AdamW(watched, lr=0.1, fused=True).step()
+    assert balancer._steps.mark() != mark
+
+
+def test_a_cifar_batch_file_carrying_a_pickled_payload_is_refused_without_running_it(tmp_path):
+    from dtokd.data import sources
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": Payload(str(marker)), b"labels": [0]}, f)
+    with pytest.raises(pickle.UnpicklingError, match="posix.mknod is not allowed in a data file"):
+        sources.load_cifar(tmp_path, 10)
+    assert not marker.exists()

@@ -412,6 +412,16 @@ def test_label_smoothing_cannot_be_applied_to_the_users_own_losses(tmp_path):
         )
 
 
+def test_the_amortized_rule_learns_under_the_trainers_default_fused_optimizer(tmp_path):
+    """transformers' default optimizer is fused AdamW, whose steps leave the parameters' version
+    counters unchanged: the next-step learner must still learn between optimizer steps."""
+    trainer = trainer_of(
+        tmp_path, 3, method="dto-amortized", options={"update": "next-step"}, optim="adamw_torch_fused"
+    )
+    trainer.train()
+    assert trainer.balancer.state_dict()["adam"]["steps"] == 2
+
+
 def test_the_amortized_rule_learns_once_per_optimizer_step_under_accumulation(tmp_path):
     trainer = trainer_of(
         tmp_path,

@@ -20,18 +20,21 @@ instead). With ``deferred_checks=True`` the finiteness check of :meth:`update`'s
 deferred to the next step as well.
 
 Gradient accumulation: the learner learns once per optimizer step. The balancer tells an
-optimizer step from a micro-batch by the parameters' version counters (an optimizer updates
-them in place, which a backward does not): several ``backward`` calls with no optimizer step
-between them are the micro-batches of one step, weighted alike (the learner has not moved),
+optimizer step from a micro-batch by watching the optimizers that step its parameters
+(:class:`~dtokd.balancing.step_watch.StepWatch`: every ``torch.optim.Optimizer``, fused ones
+included, and in-place updates of any other kind): several ``backward`` calls with no optimizer
+step between them are the micro-batches of one step, weighted alike (the learner has not moved),
 and the "before" losses are the last micro-batch's, which same-batch :meth:`update` then
-compares with that micro-batch re-evaluated after the step. (A parameter update made through
-``.data``, which the version counter does not see, is then taken for a micro-batch.)
+compares with that micro-batch re-evaluated after the step. (A parameter update made by hand
+through ``.data`` is not seen, and is taken for a micro-batch.)
 
 Non-finite numbers never reach the learner: a learning step whose loss change is NaN or
 infinite (a step refused as non-finite, or its re-evaluation) leaves ``xi`` and Adam's state as
-they were (decided on the device, with no host read), and a refused step's "before" losses are
-forgotten (those of the step before it kept), so that a caller who catches the error and goes on
-continues as if that step had not been taken.
+they were (decided on the device, with no host read). A refused step is undone whole (its
+"before" losses and any learning it did) when no optimizer step followed it, so that a caller who
+catches the error and goes on continues as if it had not been taken; a step refused late, after
+an optimizer step applied it (``deferred_checks``), ends the learner's pending comparison, which
+starts again at the next step.
 
 The learner's state lives on the device of the losses and its Adam step is written out in
 tensor operations (torch.optim.Adam's update, operation for operation), so that a step on a
@@ -50,6 +53,7 @@ from torch import Tensor
 
 from dtokd.balancing.base import Balancer
 from dtokd.balancing.checks import NonFiniteStepError, check_non_negative, deferred_message
+from dtokd.balancing.step_watch import StepWatch
 from dtokd.balancing.stepinfo import HostCopy, StepInfo
 
 UpdateMode = Literal["same-batch", "next-step"]
@@ -92,41 +96,44 @@ class AmortizedDTOBalancer(Balancer):
         self._exp_avg_sq: Tensor | None = None
         self._adam_steps: Tensor | None = None  # Adam's step count, on the learner's device
         self._before: Tensor | None = None  # log losses of the last step, awaiting their "after"
-        self._before_version = -1  # the parameters' version sum when ``_before`` was taken
-        self._previous_before: tuple[Tensor | None, int] = (None, -1)  # what a refused step restores
+        self._steps = StepWatch(self.engine.params)  # tells an optimizer step from a micro-batch
+        self._before_mark: tuple[int, int] | None = None  # when ``_before`` was taken (None: unknown, a resumed state)
+        self._undo: tuple[Any, ...] | None = None  # this backward's learner state before it, to undo a refusal
         self._unchecked_after: HostCopy | None = None  # update()'s losses, while their check is deferred
 
     def backward(self, losses: Mapping[str, Tensor], **kwargs: Any) -> StepInfo:
-        """:meth:`Balancer.backward`; a step refused as non-finite is forgotten by the learner."""
+        """:meth:`Balancer.backward`; a step refused as non-finite is undone in the learner."""
+        self.check_deferred()  # the previous step's refusal, if its checks were deferred, first
+        self._undo = None
         try:
             return super().backward(losses, **kwargs)
         except NonFiniteStepError:
-            self._forget_refused_step()
+            self._undo_refused_step()
             raise
 
-    def _forget_refused_step(self) -> None:
-        """The "before" losses as they were before the refused step."""
-        self._before, self._before_version = self._previous_before
+    def _undo_refused_step(self) -> None:
+        """The learner as it was before this backward: its "before" losses and, if it learned, its state."""
+        if self._undo is None:
+            return
+        self._before, self._before_mark, saved, self._adam_steps = self._undo
+        for state, value in zip(self._learner(), saved):
+            state.copy_(value)
 
     def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
         log_losses = loss_values.clamp_min(self.loss_floor).log()
         self._place(log_losses.device, len(log_losses))
-        version = self._parameters_version()
-        if self._before is not None and version != self._before_version:  # the optimizer stepped since
+        mark = self._steps.mark()
+        steps = None if self._adam_steps is None else self._adam_steps.clone()
+        self._undo = (self._before, self._before_mark, [t.clone() for t in self._learner()], steps)
+        if self._before is not None and mark != self._before_mark:  # an optimizer stepped since (or a resumed state)
             if self.update_mode == "same-batch":
                 raise RuntimeError(
                     "dto-amortized (update='same-batch'): call balancer.update(losses_after) after "
                     "optimizer.step(), with the losses re-evaluated on the same batch under torch.no_grad()"
                 )
             self._learn(self._before - log_losses)
-        self._previous_before = (self._before, self._before_version)
-        self._before, self._before_version = log_losses, version
+        self._before, self._before_mark = log_losses, mark
         return torch.softmax(self._learner()[0], 0)
-
-    def _parameters_version(self) -> int:
-        """The sum of the parameters' version counters: it changes when an optimizer updates them
-        in place, not when a backward writes their ``.grad``."""
-        return sum(p._version for p in self.engine.params)
 
     def after_step(self, losses_after: Callable[[], Mapping[str, Tensor]] | None = None) -> None:
         """Same-batch: :meth:`update` with ``losses_after()`` (called under ``torch.no_grad()``),
@@ -175,7 +182,10 @@ class AmortizedDTOBalancer(Balancer):
         try:
             super().check_deferred()
         except NonFiniteStepError:
-            self._forget_refused_step()
+            if self._steps.mark() == self._before_mark:  # refused before any optimizer step: undone whole
+                self._undo_refused_step()
+            else:  # its update was applied: the next step starts a new comparison
+                self._before = None
             raise
         if after is not None:
             self._check_after(after.tensor, deferred=True)
@@ -256,3 +266,4 @@ class AmortizedDTOBalancer(Balancer):
             self._adam_steps = torch.tensor(float(adam["steps"]), dtype=torch.float64)
             before = state.get("before")
             self._before = None if before is None else before.to(torch.float64).clone()
+            self._before_mark = None  # saved between steps: the next backward follows an optimizer step

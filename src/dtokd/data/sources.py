@@ -13,6 +13,7 @@ import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -361,18 +362,44 @@ def load_cifar(root: str | Path, num_classes: int) -> RawSplits:
     def read(files: list[str]) -> tuple[Tensor, Tensor]:
         data, labels = [], []
         for name in files:
-            with open(folder / name, "rb") as f:
-                entry = pickle.load(f, encoding="bytes")
+            entry = load_array_pickle(folder / name)
             data.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels += list(entry[label_key])
         return torch.from_numpy(np.concatenate(data)), torch.tensor(labels, dtype=torch.int64)
 
     meta_name = "batches.meta" if num_classes == 10 else "meta"
-    with open(folder / meta_name, "rb") as f:
-        meta = pickle.load(f, encoding="bytes")
+    meta = load_array_pickle(folder / meta_name)
     classes = tuple(c.decode() for c in meta[b"label_names" if num_classes == 10 else b"fine_label_names"])
     (tri, trl), (tei, tel) = read(names[0]), read(names[1])
     return RawSplits(tri, trl, tei, tel, classes)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles containers, numbers, strings, bytes and NumPy arrays only: the CIFAR python
+    files' content. Any other class a file names (what a crafted file would run) is refused."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 pickles an array's bytes at protocol 2
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a data file (only NumPy arrays are)")
+        return super().find_class(module.replace("numpy.core.", "numpy._core."), name)
+
+
+def load_array_pickle(path: Path) -> Any:
+    """A pickled data file (CIFAR's python format, written by Python 2: ``encoding="bytes"``) read
+    with :class:`_ArrayUnpickler`: a file that would construct anything but containers and NumPy
+    arrays is refused without running it."""
+    with open(path, "rb") as f:
+        return _ArrayUnpickler(f, encoding="bytes").load()
 
 
 # ------------------------------------------------------------------------ tests and quick checks
