@@ -40,14 +40,14 @@ def teacher64():
 
 
 def write(folder, teacher=None, blocks=None, **options):
-    settings = {**dict(k=5, tokenizer="tok-1", temperature=2.0, batch_size=3, shard_bytes=1000), **options}
+    settings = {**dict(k=5, tokenizer="tok-1", temperature=2.0, batch_size=3, shard_bytes=1100), **options}
     return write_teacher_outputs(teacher or teacher64(), corpus() if blocks is None else blocks, folder, **settings)
 
 
 def test_outputs_read_back_equal_a_fresh_teacher_forwards_top_k(tmp_path):
     teacher, blocks = teacher64(), corpus()
     manifest = write(tmp_path / "out", teacher, blocks)
-    assert len(manifest.shards) == 3  # 240 bytes a block, ~1000 a shard: 4 + 4 + 2 blocks
+    assert len(manifest.shards) == 3  # 8 x (5 x 6 + 4) = 272 bytes a block, ~1100 a shard: 4 + 4 + 2 blocks
     assert [(s.start, s.stop) for s in manifest.shards] == [(0, 4), (4, 8), (8, 10)]
     assert (manifest.block_length, manifest.num_blocks, manifest.vocab_size) == (LENGTH, BLOCKS, VOCABULARY)
     assert manifest.corpus_digest == corpus_digest(blocks) == corpus_digest(blocks.blocks[:, :-1])
@@ -62,6 +62,7 @@ def test_outputs_read_back_equal_a_fresh_teacher_forwards_top_k(tmp_path):
     torch.testing.assert_close(indices, expected.indices[order], rtol=0, atol=0)
     torch.testing.assert_close(log_probs, expected.values[order].half(), rtol=0, atol=0)
     assert (log_probs[..., :-1] >= log_probs[..., 1:]).all()  # decreasing
+    assert torch.equal(outputs.input_ids(order), blocks.blocks[:, :-1][order])
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -276,7 +277,7 @@ def train_in_order(tmp_path, student, teacher, dataset, steps=3):
 
 
 def test_the_trainer_from_offline_outputs_at_k_equal_to_the_vocabulary_equals_the_live_teacher(tmp_path):
-    from dtokd.data.teacher_outputs import WithTeacherTopk
+    from dtokd.data.offline_teacher import WithTeacherTopk
 
     student, teacher = tiny_llamas()
     ids = corpus(count=12).blocks[:, :-1].long()

@@ -1,4 +1,4 @@
-"""The dtokd command: train, distill, eval, report, bench, demo.
+"""The dtokd command: train, distill, eval, report, bench, teacher-outputs, demo.
 
     dtokd train   CONFIG [key=value ...] [--out DIR] [--force]          a model alone (a teacher, or a baseline)
     dtokd distill CONFIG [key=value ...] [--balancer M] [--out DIR] [--force]
@@ -6,6 +6,7 @@
     dtokd eval    RUN_DIR [--which best|last] [--device D] [--data-root R]
     dtokd report  RUN_DIR [RUN_DIR ...] --out DIR
     dtokd bench   MATRIX.yaml [--out DIR] [--parallel N]                pairs x methods x seeds, resumable
+    dtokd teacher-outputs CONFIG [key=value ...] --out DIR --k K        an LM teacher's top-k, written once
     dtokd demo    [--out DIR] [--quick]
 
 Errors are one line and exit with status 2 (DTOKD_DEBUG=1 shows the traceback); an interrupted
@@ -113,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("PAIR", "METHOD", "SEED"),
         help="run only this cell (a cell that distils needs its teacher trained); used by --parallel",
     )
+    outputs = sub.add_parser(
+        "teacher-outputs",
+        help="run a language-model teacher once over a run's training blocks and write its top-k outputs "
+        "(for teacher.outputs=DIR)",
+    )
+    outputs.add_argument("config", help="the run's YAML config (its data, teacher and token-kd temperature)")
+    outputs.add_argument("overrides", nargs="*", help="key=value overrides, as for dtokd distill")
+    outputs.add_argument("--out", required=True, help="folder to write (refused if it holds anything)")
+    outputs.add_argument("--k", type=int, required=True, help="tokens kept per position (the vocabulary: all)")
+    outputs.add_argument("--dtype", default="float16", help="of the log-probabilities: float16, bfloat16, float32")
+    outputs.add_argument("--batch-size", type=int, help="blocks per teacher forward (default: eval_batch_size)")
+    outputs.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out")
     demo = sub.add_parser("demo", help="Fashion-MNIST: teacher, then a student alone / fixed KD / DTO-KD")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a tiny version for smoke tests")
@@ -263,7 +276,8 @@ def _dry_run_data(config: Config, scratch: Path) -> tuple[DataConfig, int]:
 def _dry_run_config(config: Config, data: DataConfig, classes: int, scratch: Path) -> Config:
     """``config`` for a dry run on ``data`` (``classes`` classes): no weight files read (a
     teacher, but one named by a local causal-LM folder, gets random weights written to
-    ``scratch``), batches of 4, one epoch, every step logged."""
+    ``scratch``; one given as offline outputs is that live teacher), batches of 4, one epoch,
+    every step logged."""
     import dataclasses
 
     import torch
@@ -271,7 +285,7 @@ def _dry_run_config(config: Config, data: DataConfig, classes: int, scratch: Pat
     from dtokd.models import create_model
     from dtokd.models.causal_lm import names_a_local_folder
 
-    teacher = dataclasses.replace(config.teacher, kwargs=_without_weight_files(config.teacher.kwargs))
+    teacher = dataclasses.replace(config.teacher, kwargs=_without_weight_files(config.teacher.kwargs), outputs=None)
     if teacher.name and not names_a_local_folder(teacher.name):  # a local LM folder brings its own weights
         weights = scratch / "teacher.pt"
         torch.save(create_model(teacher.name, classes, 3, config.data.image_size, teacher.kwargs).state_dict(), weights)
@@ -330,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             parser = build_parser()
             args, extra = parser.parse_known_args(argv)
-            if args.command in ("train", "distill") and all("=" in e and not e.startswith("-") for e in extra):
+            if args.command in ("train", "distill", "teacher-outputs") and all(
+                "=" in e and not e.startswith("-") for e in extra
+            ):
                 args.overrides += extra  # key=value overrides may also follow the options
             elif extra:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -404,6 +420,23 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _teacher_outputs(args: argparse.Namespace) -> int:
+    from dtokd.train.offline_outputs import write_run_teacher_outputs
+
+    config = load_config(args.config, args.overrides)
+    manifest = write_run_teacher_outputs(
+        config, Path(args.out), k=args.k, dtype=args.dtype, batch_size=args.batch_size, overwrite=args.overwrite
+    )
+    tokens = manifest.num_blocks * manifest.block_length
+    size = sum(shard.bytes for shard in manifest.shards)
+    print(
+        f"teacher outputs: {args.out}: {manifest.num_blocks} blocks x {manifest.block_length} tokens, k={manifest.k}, "
+        f"T={manifest.temperature}, {manifest.dtype}; {size / 2**20:.1f} MiB ({size / tokens:.0f} bytes per token); "
+        f"use teacher.outputs={args.out}"
+    )
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("train", "distill"):
         return _run_training(args, args.command == "distill")
@@ -416,6 +449,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "bench":
         return _bench(args)
+    if args.command == "teacher-outputs":
+        return _teacher_outputs(args)
     from dtokd.demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick, data_root=args.data_root)

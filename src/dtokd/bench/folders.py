@@ -1,7 +1,8 @@
 """Where a cell's run lives and whether it has ended: ``OUT/<pair>/<method>/seed<k>``, finished
 once it holds ``summary.json`` (or ``diverged.json``); a cell without a teacher whose
 configuration is an earlier pair's is that pair's run (:func:`shared_runs`), read from that
-pair's folder (:func:`cell_folder`)."""
+pair's folder (:func:`cell_folder`); a pair's offline teacher outputs live in
+``OUT/teacher-outputs`` (:func:`teacher_outputs_folder`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ from pathlib import Path
 
 from dtokd.bench.matrix import Cell, Matrix, cell_config
 from dtokd.train.config import to_dict
+
+
+def teacher_outputs_folder(out: Path, matrix: Matrix, pair: str) -> Path | None:
+    """Where a pair's offline teacher outputs live (``OUT/teacher-outputs/<pair>-top<k>``), or
+    None for a matrix that runs its teachers live (no ``teacher_topk``)."""
+    return None if matrix.teacher_topk is None else out / "teacher-outputs" / f"{pair}-top{matrix.teacher_topk}"
 
 
 def cell_finished(folder: Path) -> bool:

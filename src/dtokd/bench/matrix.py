@@ -13,6 +13,7 @@ import yaml
 
 from dtokd.train import load_config
 from dtokd.train.config import ConfigError, from_dict
+from dtokd.train.offline_outputs import offline_temperature
 
 Cell = tuple[str, str, int]
 """A cell of a matrix: (pair, method, seed)."""
@@ -45,6 +46,9 @@ class Matrix:
     base: list[str] = field(default_factory=list)
     grid_prefix: str | None = None
     grid_all_seeds: bool = False
+    teacher_topk: int | None = None
+    """Language models: the cells that distil read their pair's teacher as its top-``k`` offline
+    outputs, written once per pair (:func:`dtokd.bench.folders.teacher_outputs_folder`)."""
 
 
 def load_matrix(path: str | Path) -> Matrix:
@@ -75,6 +79,8 @@ def load_matrix(path: str | Path) -> Matrix:
     for key in ("pairs", "methods"):
         if not getattr(matrix, key):
             raise ValueError(f"{path}: {key} must be a non-empty mapping name -> ..., got {raw[key]!r}")
+    if matrix.teacher_topk is not None and (isinstance(matrix.teacher_topk, bool) or matrix.teacher_topk < 1):
+        raise ValueError(f"{path}: teacher_topk={matrix.teacher_topk!r} must be a positive integer (or null)")
     if matrix.reference not in matrix.methods:
         raise ValueError(f"{path}: reference {matrix.reference!r} is not one of the methods {list(matrix.methods)}")
     root = path.parent.parent if path.parent.name == "configs" else Path.cwd()
@@ -116,23 +122,27 @@ def select_cells(
     ]
 
 
-def cell_config(matrix: Matrix, pair: str, method: str, seed: int, teacher: Path | str):
+def cell_config(
+    matrix: Matrix, pair: str, method: str, seed: int, teacher: Path | str, outputs: Path | str | None = None
+):
     """The run configuration of one cell: the student config with the matrix's shared overrides,
-    the pair's, the cell's name, seed, models and teacher, then the method's."""
+    the pair's, the cell's name, seed, models and teacher, then the method's; a cell that distils
+    reads its teacher from ``outputs`` (offline top-k outputs) where given."""
     given = matrix.pairs[pair]
-    return load_config(
-        matrix.student_config,
-        [
-            *matrix.base,
-            *given.overrides,
-            f"name={method}",
-            f"seed={seed}",
-            f"student.name={given.student}",
-            f"teacher.name={given.teacher}",
-            f"teacher.checkpoint={teacher}",
-            *matrix.methods[method],
-        ],
-    )
+    overrides = [
+        *matrix.base,
+        *given.overrides,
+        f"name={method}",
+        f"seed={seed}",
+        f"student.name={given.student}",
+        f"teacher.name={given.teacher}",
+        f"teacher.checkpoint={teacher}",
+        *matrix.methods[method],
+    ]
+    config = load_config(matrix.student_config, overrides)
+    if outputs is None or config.teacher.name is None:
+        return config
+    return load_config(matrix.student_config, [*overrides, f"teacher.outputs={outputs}"])
 
 
 def needs_teacher(matrix: Matrix, pair: str, method: str, seed: int) -> bool:
@@ -144,11 +154,14 @@ def needs_teacher(matrix: Matrix, pair: str, method: str, seed: int) -> bool:
 def check_cells(matrix: Matrix) -> None:
     """Every cell's configuration, checked before anything runs (a bad override fails now, not
     after hours of other cells); a cell must train (``epochs`` >= 1)."""
+    temperatures: dict[str, dict[float, str]] = {}  # pair -> the offline outputs' temperatures -> a cell
     for pair in matrix.pairs:
         for method in matrix.methods:
             for seed in matrix.seeds:
                 try:
-                    config = cell_config(matrix, pair, method, seed, "teacher.pt")
+                    config = cell_config(
+                        matrix, pair, method, seed, "teacher.pt", "teacher-outputs" if matrix.teacher_topk else None
+                    )
                 except ValueError as error:
                     raise ValueError(f"cell {pair} {method} seed {seed}: {error}") from None
                 if config.epochs < 1:
@@ -156,3 +169,12 @@ def check_cells(matrix: Matrix) -> None:
                         f"cell {pair} {method} seed {seed}: epochs={config.epochs}; a matrix cell must "
                         "train (epochs >= 1)"
                     )
+                if config.teacher.outputs is not None:
+                    temperatures.setdefault(pair, {})[offline_temperature(config)] = f"{method} seed {seed}"
+    for pair, seen in temperatures.items():
+        if len(seen) > 1:
+            cells = ", ".join(f"{cell} at T={t}" for t, cell in seen.items())
+            raise ValueError(
+                f"pair {pair}: teacher_topk writes one set of outputs per pair at one temperature, but its "
+                f"token-kd losses differ ({cells})"
+            )

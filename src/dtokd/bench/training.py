@@ -1,20 +1,24 @@
 """Training in this process: one cell (:func:`run_cell`, resumed from its checkpoint; a run whose
 losses become non-finite recorded as ``diverged.json``), the pairs' teachers
-(:func:`ensure_teachers`, trained once per teacher name into ``OUT/teachers/<name>``), and a
+(:func:`ensure_teachers`, trained once per teacher name into ``OUT/teachers/<name>``, and their
+offline outputs written once per pair where the matrix asks), and a
 list of cells one after another (:func:`run_here`). The parallel bench runs each cell as
 ``dtokd bench MATRIX --cell ...``, which is :func:`run_cell` in a process of its own."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 from dtokd.balancing import NonFiniteStepError
-from dtokd.bench.folders import cell_finished, shared_runs
+from dtokd.bench.folders import cell_finished, shared_runs, teacher_outputs_folder
 from dtokd.bench.grid import grid_gate, say_skipped
 from dtokd.bench.matrix import Cell, Matrix, cell_config, needs_teacher
+from dtokd.data.teacher_outputs import MANIFEST
 from dtokd.train import load_config, train
+from dtokd.train.offline_outputs import write_run_teacher_outputs
 from dtokd.train.records import read_jsonl
 
 
@@ -41,7 +45,13 @@ def run_cell(
             f"teacher {given.teacher!r} of pair {pair!r} is not trained yet ({teacher}); "
             "run the matrix without --cell first"
         )
-    config = cell_config(matrix, pair, method, seed, teacher)
+    outputs = teacher_outputs_folder(out, matrix, pair)
+    config = cell_config(matrix, pair, method, seed, teacher, outputs)
+    if config.teacher.outputs is not None and not (Path(config.teacher.outputs) / MANIFEST).is_file():
+        raise FileNotFoundError(
+            f"the offline outputs of pair {pair!r}'s teacher are not written yet ({outputs}); "
+            "run the matrix without --cell first"
+        )
     try:  # the bench owns its cell folders: a cell killed before its first checkpoint starts afresh
         train(
             config, folder, resume=(folder / "checkpoint.pt").is_file(), force=True, progress=progress, verbose=progress
@@ -56,15 +66,33 @@ def run_cell(
 def ensure_teachers(matrix: Matrix, out: Path, cells: list[Cell], progress: bool) -> dict[str, Path]:
     """The teacher checkpoint of every pair that one of ``cells`` distils from (a cell without a
     teacher waits for none): the pair's given checkpoint, else its teacher trained here (seed 0,
-    from ``teacher_config``) into ``OUT/teachers/<name>`` unless it already has been."""
-    used = {cell[0] for cell in cells if needs_teacher(matrix, *cell)}
-    return {
+    from ``teacher_config``) into ``OUT/teachers/<name>`` unless it already has been; with
+    ``teacher_topk``, the pair's offline outputs written too (:func:`_ensure_outputs`)."""
+    used = [cell for cell in cells if needs_teacher(matrix, *cell)]
+    teachers = {
         name: Path(pair.checkpoint)
         if pair.checkpoint is not None
         else _ensure_teacher(matrix, out / "teachers" / pair.teacher, pair.teacher, progress)
         for name, pair in matrix.pairs.items()
-        if name in used
+        if name in {cell[0] for cell in used}
     }
+    for pair, method, seed in used:
+        _ensure_outputs(matrix, out, pair, method, teachers[pair])
+    return teachers
+
+
+def _ensure_outputs(matrix: Matrix, out: Path, pair: str, method: str, teacher: Path) -> None:
+    """The pair's teacher run once over the whole training split (``data.limit_train=null``, so
+    that every seed's subset is among the blocks) of ``method``'s first-seed cell, its top-k
+    written to the pair's outputs folder unless a finished write is there (an unfinished one is
+    written again)."""
+    folder, k = teacher_outputs_folder(out, matrix, pair), matrix.teacher_topk
+    if folder is None or k is None or (folder / MANIFEST).is_file():
+        return
+    config = cell_config(matrix, pair, method, matrix.seeds[0], teacher)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, limit_train=None))
+    print(f"[bench] writing the top-{k} outputs of pair {pair}'s teacher into {folder}", flush=True)
+    write_run_teacher_outputs(config, folder, k=k, dtype="float16", batch_size=None, overwrite=True)
 
 
 def _ensure_teacher(matrix: Matrix, folder: Path, name: str, progress: bool) -> Path:

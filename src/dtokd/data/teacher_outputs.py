@@ -15,14 +15,17 @@ that distillation needs no teacher in memory (:func:`dtokd.losses.token_kd_loss`
   the blocks it holds (``start`` to ``stop``, exclusive, consecutive from 0), its ``bytes`` and
   its ``sha256``.
 - ``shard-00000.pt``, ...: a ``torch.save`` of ``{"log_probs": (n, L, k) dtype, "indices":
-  (n, L, k) int32}`` for its ``n`` blocks, read back with ``weights_only=True`` (tensors only:
-  nothing in a file runs) and memory-mapped. Position ``i`` of block ``b`` holds the teacher's
-  ``log_softmax(z / T)`` at that position's logits ``z`` (the prediction of token ``i + 1``),
-  its ``k`` largest, in decreasing order, rounded to ``dtype``, and their token ids.
+  (n, L, k) int32, "input_ids": (n, L) int32}`` for its ``n`` blocks, read back with
+  ``weights_only=True`` (tensors only: nothing in a file runs) and memory-mapped. Position ``i``
+  of block ``b`` holds the teacher's ``log_softmax(z / T)`` at that position's logits ``z`` (the
+  prediction of token ``i + 1``), its ``k`` largest, in decreasing order, rounded to ``dtype``,
+  and their token ids; ``input_ids`` are the block's inputs, so that a reader can find a block
+  by its content (:class:`~dtokd.data.offline_teacher.OfflineTeacher`).
 
-**Bytes per token**: ``k * (2 + 4)`` (half-precision log-probability and int32 index; ``k * 8``
-in float32), plus about 2 KB of container per shard: 192 bytes at ``k = 32``, against
-``2 V`` for a half-precision row of full logits (256 KB at a vocabulary of 128K).
+**Bytes per token**: ``k * (2 + 4) + 4`` (half-precision log-probability and int32 index per
+listed token, the int32 input id; ``k * 8 + 4`` in float32), plus about 2 KB of container per
+shard: 196 bytes at ``k = 32``, against ``2 V`` for a half-precision row of full logits (256 KB
+at a vocabulary of 128K).
 
 **The tail** needs nothing stored: the mass outside the top-k, ``1 - sum(exp(log_probs))``, is
 derived by ``token_kd_loss``, which clamps it at the smallest positive float when the rounding
@@ -35,10 +38,11 @@ tail and the listed probabilities are renormalised.
 manifest that does not match what the run expects (one line naming the field and both values),
 and verifies each shard's SHA-256 when it first opens it (a truncated or corrupt shard is refused,
 named); ``topk(blocks)`` returns ``(log_probs (..., L, k), indices (..., L, k) int64)`` aligned
-with those blocks' positions. For :class:`~dtokd.data.text.TokenBlocks` a block's input is
-``block[:-1]``: ``token_kd_loss(student(x).logits, labels=y, teacher_topk=outputs.topk(i))``
-for the batch ``x, y`` of block indices ``i``; for a Hugging Face batch whose labels are its
-input ids, shift both as the model's loss does (``[:, :-1]``).
+with those blocks' positions, ``input_ids(blocks)`` their inputs. For
+:class:`~dtokd.data.text.TokenBlocks` a block's input is ``block[:-1]``:
+``token_kd_loss(student(x).logits, labels=y, teacher_topk=outputs.topk(i))`` for the batch
+``x, y`` of block indices ``i``; for a Hugging Face batch whose labels are its input ids, shift
+both as the model's loss does (``[:, :-1]``).
 """
 
 from __future__ import annotations
@@ -55,13 +59,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from dtokd.data.text import TokenBlocks
 from dtokd.models.norms import eval_mode
 from dtokd.models.weight_file import checksum
 
-FORMAT = "dtokd-teacher-topk-v1"
+FORMAT = "dtokd-teacher-topk-v2"
+"""v2 added each block's ``input_ids`` to its shard (v1 folders are refused by name: write them again)."""
 MANIFEST = "manifest.json"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_SHARD_BYTES = 16 * 2**20
@@ -228,17 +232,17 @@ def write_teacher_outputs(
     folder = Path(folder)
     _prepare_folder(folder, overwrite)
     length = _block_length(blocks)
-    per_token = k * (DTYPES[dtype_name].itemsize + 4)
+    per_token = k * (DTYPES[dtype_name].itemsize + 4) + 4
     per_shard = max(1, shard_bytes // (length * per_token))
     digest = _CorpusDigest(len(blocks), length)
     shards, vocab_size = [], 0
     with eval_mode(teacher), torch.no_grad():
         for number, start in enumerate(range(0, len(blocks), per_shard)):
             stop = min(start + per_shard, len(blocks))
-            log_probs, indices, vocab_size = _shard_outputs(
+            tensors, vocab_size = _shard_outputs(
                 teacher, blocks, range(start, stop), k, float(temperature), DTYPES[dtype_name], batch_size, digest
             )
-            shards.append(_save_shard(folder, number, start, stop, log_probs, indices))
+            shards.append(_save_shard(folder, number, start, stop, tensors))
     manifest = Manifest(
         format=FORMAT,
         teacher_hash=teacher_hash or teacher_checksum(teacher),
@@ -267,11 +271,12 @@ def _shard_outputs(
     dtype: torch.dtype,
     batch_size: int,
     digest: _CorpusDigest,
-) -> tuple[Tensor, Tensor, int]:
-    """The top-k of the blocks in ``block_range``, ``batch_size`` at a time, and the vocabulary."""
+) -> tuple[dict[str, Tensor], int]:
+    """The shard's tensors (``SHARD_TENSORS``) of the blocks in ``block_range``, ``batch_size``
+    at a time, and the vocabulary."""
     parameter = next(teacher.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
-    values, indices, vocab_size = [], [], 0
+    values, indices, inputs, vocab_size = [], [], [], 0
     for start in range(block_range.start, block_range.stop, batch_size):
         ids = _input_ids(blocks, range(start, min(start + batch_size, block_range.stop)))
         digest.update(ids)
@@ -284,7 +289,8 @@ def _shard_outputs(
         top = top_log_probs(logits, k, temperature)
         values.append(top.values.to("cpu", dtype))
         indices.append(top.indices.to("cpu", torch.int32))
-    return torch.cat(values), torch.cat(indices), vocab_size
+        inputs.append(ids.to(torch.int32))
+    return {"log_probs": torch.cat(values), "indices": torch.cat(indices), "input_ids": torch.cat(inputs)}, vocab_size
 
 
 def top_log_probs(logits: Tensor, k: int, temperature: float) -> Any:
@@ -303,9 +309,9 @@ def _logits(output: Any) -> Tensor:
     return logits
 
 
-def _save_shard(folder: Path, number: int, start: int, stop: int, log_probs: Tensor, indices: Tensor) -> Shard:
+def _save_shard(folder: Path, number: int, start: int, stop: int, tensors: Mapping[str, Tensor]) -> Shard:
     buffer = io.BytesIO()
-    torch.save({"log_probs": log_probs.contiguous(), "indices": indices.contiguous()}, buffer)
+    torch.save({key: tensor.contiguous() for key, tensor in tensors.items()}, buffer)
     content = buffer.getvalue()
     name = f"shard-{number:05d}.pt"
     (folder / name).write_bytes(content)
@@ -352,9 +358,13 @@ class TeacherOutputs:
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: no teacher outputs there, or their write did not finish")
         self.manifest = Manifest.from_json(path.read_text(), path)
-        _check_expected(self.manifest, expected, path)
+        self.expect(**expected)
         self._starts = torch.tensor([shard.start for shard in self.manifest.shards], dtype=torch.int64)
-        self._open: dict[int, tuple[Tensor, Tensor]] = {}
+        self._open: dict[int, dict[str, Tensor]] = {}
+
+    def expect(self, **expected: Any) -> None:
+        """Each keyword's value equals the manifest's field, or a ValueError naming it (see the class)."""
+        _check_expected(self.manifest, expected, self.folder / MANIFEST)
 
     def __len__(self) -> int:
         return self.manifest.num_blocks
@@ -366,29 +376,36 @@ class TeacherOutputs:
     def topk(self, blocks: int | Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:
         """``(log_probs, indices)`` of the given blocks: ``(..., L, k)`` in the stored dtype and
         int64, on the CPU, for ``blocks`` of shape ``(...)``."""
+        log_probs, indices = self._gather(blocks, "log_probs", "indices")
+        return log_probs, indices.long()
+
+    def input_ids(self, blocks: int | Sequence[int] | Tensor) -> Tensor:
+        """The input ids ``(..., L)`` (int32, on the CPU) of the given blocks."""
+        return self._gather(blocks, "input_ids")[0]
+
+    def _gather(self, blocks: int | Sequence[int] | Tensor, *keys: str) -> list[Tensor]:
+        """Each of the shards' tensors ``keys`` at the given blocks, shaped ``(*blocks.shape, ...)``."""
         index = torch.as_tensor(blocks, dtype=torch.int64)
         flat = index.reshape(-1)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= len(self)):
             raise IndexError(f"block indices must lie in [0, {len(self)}): {self.folder} holds {len(self)} blocks")
-        m = self.manifest
-        log_probs = torch.empty((flat.numel(), m.block_length, m.k), dtype=DTYPES[m.dtype])
-        indices = torch.empty((flat.numel(), m.block_length, m.k), dtype=torch.int64)
+        first = self._shard(0)
+        gathered = [first[key].new_empty((flat.numel(), *first[key].shape[1:])) for key in keys]
         shard_of = torch.bucketize(flat, self._starts, right=True) - 1
         for number in shard_of.unique().tolist():
             rows = (shard_of == number).nonzero().squeeze(1)
-            shard_log_probs, shard_indices = self._shard(number)
-            local = flat[rows] - m.shards[number].start
-            log_probs[rows] = shard_log_probs[local]
-            indices[rows] = shard_indices[local].long()
-        shape = (*index.shape, m.block_length, m.k)
-        return log_probs.reshape(shape), indices.reshape(shape)
+            tensors = self._shard(number)
+            local = flat[rows] - self.manifest.shards[number].start
+            for out, key in zip(gathered, keys):
+                out[rows] = tensors[key][local]
+        return [out.reshape(*index.shape, *out.shape[1:]) for out in gathered]
 
     def verify(self) -> None:
         """Open (and so verify) every shard."""
         for number in range(len(self.manifest.shards)):
             self._shard(number)
 
-    def _shard(self, number: int) -> tuple[Tensor, Tensor]:
+    def _shard(self, number: int) -> dict[str, Tensor]:
         if number not in self._open:
             self._open[number] = _open_shard(self.folder, self.manifest, self.manifest.shards[number])
         return self._open[number]
@@ -415,8 +432,8 @@ def _check_expected(manifest: Manifest, expected: Mapping[str, Any], path: Path)
             )
 
 
-def _open_shard(folder: Path, manifest: Manifest, shard: Shard) -> tuple[Tensor, Tensor]:
-    """The shard's two tensors, memory-mapped, after its SHA-256 and shapes are verified."""
+def _open_shard(folder: Path, manifest: Manifest, shard: Shard) -> dict[str, Tensor]:
+    """The shard's tensors, memory-mapped, after its SHA-256 and shapes are verified."""
     path = folder / shard.file
     if not path.is_file():
         raise FileNotFoundError(f"teacher-output shard {path} is missing")
@@ -427,17 +444,21 @@ def _open_shard(folder: Path, manifest: Manifest, shard: Shard) -> tuple[Tensor,
             f"the manifest wrote {shard.bytes} bytes, {shard.sha256[:16]}... (write the outputs again)"
         )
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    shape = (shard.stop - shard.start, manifest.block_length, manifest.k)
-    expected = {"log_probs": DTYPES[manifest.dtype], "indices": torch.int32}
+    blocks, length, k = shard.stop - shard.start, manifest.block_length, manifest.k
+    expected = {
+        "log_probs": (DTYPES[manifest.dtype], (blocks, length, k)),
+        "indices": (torch.int32, (blocks, length, k)),
+        "input_ids": (torch.int32, (blocks, length)),
+    }
     if not isinstance(state, dict) or set(state) != set(expected):
-        raise ValueError(f"teacher-output shard {path} does not hold 'log_probs' and 'indices'")
-    for key, dtype in expected.items():
+        raise ValueError(f"teacher-output shard {path} does not hold {sorted(expected)}")
+    for key, (dtype, shape) in expected.items():
         if state[key].dtype != dtype or tuple(state[key].shape) != shape:
             raise ValueError(
                 f"teacher-output shard {path}: {key} is {state[key].dtype} {tuple(state[key].shape)}, "
                 f"the manifest says {dtype} {shape}"
             )
-    return state["log_probs"], state["indices"]
+    return state
 
 
 def _file_sha256(path: Path) -> tuple[int, str]:
@@ -447,33 +468,3 @@ def _file_sha256(path: Path) -> tuple[int, str]:
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
-
-
-# ----------------------------------------------------------------------------- a dataset with the columns
-
-
-class WithTeacherTopk(Dataset):
-    """``dataset`` (items: mappings, e.g. ``{"input_ids", "labels"}``), item ``i`` with the
-    columns ``teacher_topk_log_probs`` and ``teacher_topk_indices`` (``(L, k)``) of block ``i``
-    of ``outputs``: what :class:`~dtokd.integrations.transformers.DistillationTrainer` reads
-    instead of running a teacher. The two must list the same blocks in the same order."""
-
-    LOG_PROBS = "teacher_topk_log_probs"
-    INDICES = "teacher_topk_indices"
-
-    def __init__(self, dataset: Any, outputs: TeacherOutputs) -> None:
-        if len(dataset) != len(outputs):
-            raise ValueError(
-                f"the dataset has {len(dataset)} blocks, the teacher outputs in {outputs.folder} {len(outputs)}"
-            )
-        self.dataset, self.outputs = dataset, outputs
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.dataset[index]
-        if not isinstance(item, Mapping):
-            raise TypeError(f"WithTeacherTopk needs items that are mappings (columns), got {type(item).__name__}")
-        log_probs, indices = self.outputs.topk(index)
-        return {**item, self.LOG_PROBS: log_probs, self.INDICES: indices}

@@ -60,7 +60,7 @@ import transformers
 from torch import Tensor, nn
 
 from dtokd.balancing import make_balancer
-from dtokd.data.teacher_outputs import WithTeacherTopk
+from dtokd.data.offline_teacher import WithTeacherTopk
 from dtokd.integrations.common import FrozenTeacher, default_losses, with_distillation_form, with_label_smoothing
 
 BALANCER_FILE = "dtokd_balancer.pt"
@@ -155,7 +155,7 @@ class DistillationTrainer(transformers.Trainer):
         if len(present) != len(TOPK_COLUMNS):
             raise KeyError(
                 f"teacher=None, but the batch has no columns {list(TOPK_COLUMNS)} (it has {sorted(inputs)}): "
-                "wrap the dataset in dtokd.data.teacher_outputs.WithTeacherTopk, or give a teacher"
+                "wrap the dataset in dtokd.data.offline_teacher.WithTeacherTopk, or give a teacher"
             )
         return inputs.pop(TOPK_COLUMNS[0]), inputs.pop(TOPK_COLUMNS[1])
 

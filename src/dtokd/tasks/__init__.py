@@ -130,12 +130,17 @@ def _build_causal_lm(
     teacher_input: nn.Module | None,
     representation: str,
 ) -> Task:
+    from dtokd.data.offline_teacher import OfflineTeacher
     from dtokd.models.causal_lm import CausalLM
 
-    wrong = [arg for arg, model in _named_models(student, teacher) if not isinstance(model, CausalLM)]
+    wrong = [
+        arg
+        for arg, model in _named_models(student, teacher)
+        if not isinstance(model, CausalLM) and not (arg == "teacher.name" and isinstance(model, OfflineTeacher))
+    ]
     if wrong:
         raise ValueError(f"task='causal-lm' needs language models: {wrong} must name hf-causal-lm:<model_type>")
-    assert isinstance(student, CausalLM) and (teacher is None or isinstance(teacher, CausalLM))
+    assert isinstance(student, CausalLM) and (teacher is None or isinstance(teacher, (CausalLM, OfflineTeacher)))
     return CausalLMTask(student, teacher, specs, representation)
 
 

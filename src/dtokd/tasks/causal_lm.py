@@ -22,6 +22,11 @@ A batch is ``(input_ids, targets)``, both ``(B, L)``: the targets are the next t
   ``projector: false`` compares the student's state itself (equal widths), ``orthogonal: true``
   keeps the projector's rows or columns orthonormal (VkD). 0 for a batch without a counted token.
 
+**A teacher given as its offline top-k outputs** (:class:`~dtokd.data.offline_teacher.OfflineTeacher`,
+``teacher.outputs``): the token-KD losses compare over the ``k`` stored tokens and the tail
+(``token_kd_loss(teacher_topk=...)``), at the temperature the outputs were written at (a loss at
+another is refused); a hidden loss needs the teacher's hidden states and is refused.
+
 The balancer's representation (for the ``representation`` engine) is the student's logits
 ``(B, L, V)`` (``balancer.representation: outputs``), or its last hidden state ``(B, L, H)``
 (``hidden``), which the logits and a hidden loss at the last layer both depend on (a hidden
@@ -45,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dtokd.data import eval_loader, to_device
+from dtokd.data.offline_teacher import OfflineTeacher
 from dtokd.losses.feature import FeatureProjector
 from dtokd.losses.token_kd import DIVERGENCES, token_kd_loss
 from dtokd.models.causal_lm import CausalLM
@@ -136,7 +142,7 @@ class CausalLMTask(nn.Module):
     def __init__(
         self,
         student: CausalLM,
-        teacher: CausalLM | None,
+        teacher: CausalLM | OfflineTeacher | None,
         specs: Mapping[str, Mapping[str, Any]],
         representation: str = "outputs",
     ) -> None:
@@ -149,13 +155,15 @@ class CausalLMTask(nn.Module):
         needs_teacher = [n for n, s in self.specs.items() if s["type"] != "ce"]
         if needs_teacher and teacher is None:
             raise ValueError(f"loss(es) {needs_teacher} need a teacher, but none is configured (teacher.name)")
+        if isinstance(teacher, OfflineTeacher):
+            _check_offline_specs(self.specs, teacher)
         self.projectors = nn.ModuleDict()  # one per hidden loss (the run folder's state holds them)
         self.layers: dict[str, tuple[int, int]] = {}
         """Each hidden loss's (student, teacher) hidden-state indices, non-negative."""
         for name, spec in self.specs.items():
             if spec["type"] != "hidden":
                 continue
-            assert teacher is not None  # refused above without one
+            assert isinstance(teacher, CausalLM)  # refused above without one, or with offline outputs
             self.layers[name] = (
                 _layer(student, spec["student_layer"], f"losses.{name}.student_layer"),
                 _layer(teacher, spec["teacher_layer"], f"losses.{name}.teacher_layer"),
@@ -169,7 +177,7 @@ class CausalLMTask(nn.Module):
                 distance=spec["distance"],
                 learned=spec["projector"],
             )
-        self._last_teacher: Tensor | None = None
+        self._last_teacher: Tensor | tuple[Tensor, Tensor] | None = None
         self._last_teacher_hidden: dict[int, Tensor] = {}
 
     @property
@@ -187,7 +195,9 @@ class CausalLMTask(nn.Module):
             teacher = self.teacher[0]
             if teacher is not None and any(s["type"] != "ce" for s in self.specs.values()):
                 with torch.no_grad():
-                    if teacher_layers:
+                    if isinstance(teacher, OfflineTeacher):
+                        self._last_teacher = teacher(x)
+                    elif teacher_layers:
                         self._last_teacher, hidden = teacher.forward_hidden(x)
                         self._last_teacher_hidden = {t: hidden[t] for t in teacher_layers}
                     else:
@@ -207,15 +217,17 @@ class CausalLMTask(nn.Module):
                     self.projectors[name], student_hidden[s], self._last_teacher_hidden[t], counted
                 )
             else:
+                offline = isinstance(self._last_teacher, tuple)
                 losses[name] = token_kd_loss(
                     logits,
-                    self._last_teacher,
+                    None if offline else self._last_teacher,  # type: ignore[arg-type]
                     y,
                     divergence=spec["divergence"],
                     beta=spec["beta"],
                     temperature=spec["temperature"],
                     ignore_index=IGNORE_INDEX,
                     chunk_tokens=spec["chunk_tokens"],
+                    teacher_topk=self._last_teacher if offline else None,  # type: ignore[arg-type]
                 )
         return (student_hidden[-1] if self.representation == "hidden" else logits), losses
 
@@ -223,6 +235,23 @@ class CausalLMTask(nn.Module):
         self, model: nn.Module, dataset: Any, batch_size: int, device: torch.device, *, channels_last: bool = False
     ) -> dict[str, float]:
         return evaluate_causal_lm(model, dataset, batch_size, device)
+
+
+def _check_offline_specs(specs: Mapping[str, Mapping[str, Any]], teacher: OfflineTeacher) -> None:
+    """A teacher given as top-k outputs serves token-KD losses at the outputs' temperature only."""
+    hidden = [name for name, spec in specs.items() if spec["type"] == "hidden"]
+    if hidden:
+        raise ValueError(
+            f"loss(es) {hidden} need the teacher's hidden states; a teacher given as its top-k outputs "
+            "(teacher.outputs) has none: give the teacher itself"
+        )
+    written = teacher.manifest.temperature
+    for name, spec in specs.items():
+        if spec["type"] == "token-kd" and float(spec["temperature"]) != written:
+            raise ValueError(
+                f"losses.{name}.temperature={spec['temperature']!r}, but the teacher outputs in "
+                f"{teacher.outputs.folder} were written at temperature {written!r}: use it, or write them again"
+            )
 
 
 def hidden_state_loss(projector: nn.Module, student: Tensor, teacher: Tensor, counted: Tensor) -> Tensor:

@@ -85,7 +85,10 @@ class TeacherConfig:
     ``normalize``: the input statistics the teacher was trained with (default: the student's).
     ``cache_outputs``: keep the teacher's logits on the training batches on disk and reuse them
     in every run with the same teacher, data and seed (bit-identical to a fresh forward pass; see
-    :mod:`dtokd.train.teacher_cache`)."""
+    :mod:`dtokd.train.teacher_cache`). ``outputs``: a language-model teacher given as its offline
+    top-k outputs (a folder ``dtokd teacher-outputs`` wrote): the teacher is not built, its
+    ``name`` is the record's, and with ``checkpoint`` set the outputs must come from those weights
+    (:func:`dtokd.train.teacher.load_offline_teacher`)."""
 
     name: str | None = None
     checkpoint: str | None = None
@@ -93,6 +96,7 @@ class TeacherConfig:
     normalize: dict[str, list[float]] | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     cache_outputs: bool = False
+    outputs: str | None = None
 
 
 @dataclass
@@ -310,6 +314,7 @@ def validate(config: Config) -> Config:
             "teacher.cache_outputs=true caches a teacher's outputs, and teacher.name is null (no teacher); "
             "set teacher.cache_outputs=false"
         )
+    _check_teacher_outputs(config)
     allowed_metrics = SELECTION_METRICS[config.task]
     if config.eval.select is not None and config.eval.select not in allowed_metrics:
         raise ConfigError(
@@ -322,6 +327,24 @@ def validate(config: Config) -> Config:
             "split, and data.val_fraction=0 leaves none; give data.val_fraction > 0 or eval.test=every"
         )
     return config
+
+
+def _check_teacher_outputs(config: Config) -> None:
+    """``teacher.outputs`` names the teacher's top-k outputs of a language model: the task is
+    ``causal-lm``, a teacher is named (whose outputs they are) and its logits are not also cached."""
+    if config.teacher.outputs is None:
+        return
+    if config.task != "causal-lm":
+        raise ConfigError(
+            f"teacher.outputs={config.teacher.outputs!r} gives a language model's top-k outputs; "
+            f"task={config.task!r} is not causal-lm"
+        )
+    if config.teacher.name is None:
+        raise ConfigError(
+            f"teacher.outputs={config.teacher.outputs!r} needs teacher.name: the teacher the outputs came from"
+        )
+    if config.teacher.cache_outputs:
+        raise ConfigError("teacher.outputs and teacher.cache_outputs=true both replace the teacher: keep one")
 
 
 def _check_optim(optim: OptimConfig, epochs: int) -> None:

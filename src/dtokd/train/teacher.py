@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,9 @@ import torch
 from torch import nn
 
 from dtokd.data import DataBundle, sources
+from dtokd.data.offline_teacher import OfflineTeacher, vocabulary_identity
+from dtokd.data.teacher_outputs import TeacherOutputs, teacher_checksum
+from dtokd.data.text import TokenBlocks
 from dtokd.models import create_model
 from dtokd.models.causal_lm import names_a_local_folder
 from dtokd.models.foreign import Renormalize, WithInput, check_normalize, remap_keys
@@ -27,9 +31,12 @@ from dtokd.train.teacher_cache import CachedTeacher, cache_key
 
 def load_teacher(config: Config, data: DataBundle) -> tuple[nn.Module | None, Renormalize | None]:
     """The frozen teacher in eval mode and, if it was trained with other input statistics
-    than the student's data (``teacher.normalize``), the map to its own normalisation."""
+    than the student's data (``teacher.normalize``), the map to its own normalisation; a
+    teacher given as offline outputs (``teacher.outputs``): :func:`load_offline_teacher`."""
     if not config.teacher.name:
         return None, None
+    if config.teacher.outputs:
+        return load_offline_teacher(config, data), None
     if not config.teacher.checkpoint and not names_a_local_folder(config.teacher.name):
         raise ValueError(
             "teacher.checkpoint is required: a teacher must be trained (dtokd train) or given as weights "
@@ -68,6 +75,30 @@ def load_teacher(config: Config, data: DataBundle) -> tuple[nn.Module | None, Re
     if len(own[0]) != data.in_channels:
         raise ValueError(f"teacher.normalize gives {len(own[0])} channel(s), but the data have {data.in_channels}")
     return teacher, Renormalize(data.normalization, own)
+
+
+def load_offline_teacher(config: Config, data: DataBundle) -> OfflineTeacher:
+    """The teacher as its top-k outputs in ``teacher.outputs``, refused (naming the field or the
+    file) unless they fit the run: the tokenizer (the corpus's vocabulary), the block length and
+    the vocabulary size; with ``teacher.checkpoint``, the teacher's weights (built once on the
+    CPU to be hashed, then dropped; leave the checkpoint out to skip that); every training block
+    among the stored ones. The loss's temperature is the task's check."""
+    if not isinstance(data.train, TokenBlocks):
+        raise ValueError(f"teacher.outputs gives a language model's top-k outputs; data.name={data.name!r} is not text")
+    expected: dict[str, Any] = {
+        "tokenizer": vocabulary_identity(data.classes),
+        "block_length": data.image_size,
+        "vocab_size": data.num_classes,
+    }
+    outputs = TeacherOutputs(str(config.teacher.outputs), **expected)
+    if config.teacher.checkpoint:
+        live, _ = load_teacher(replace(config, teacher=replace(config.teacher, outputs=None)), data)
+        assert live is not None
+        outputs.expect(teacher_hash=teacher_checksum(live))
+        del live
+    teacher = OfflineTeacher(outputs)
+    teacher.check_covers(data.train.blocks[:, :-1])
+    return teacher
 
 
 def cache_teacher_outputs(
@@ -115,6 +146,17 @@ def teacher_metrics(config: Config, folder: Path, p: Parts, *, verbose: bool) ->
     path = folder / "teacher.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if isinstance(p.teacher, OfflineTeacher):  # nothing to measure: no teacher model
+        manifest = p.teacher.manifest
+        offline = {
+            "name": config.teacher.name,
+            "checkpoint": config.teacher.checkpoint,
+            "outputs": config.teacher.outputs,
+        }
+        offline.update(weights=manifest.teacher_hash, k=manifest.k, temperature=manifest.temperature)
+        if p.ranks.main:
+            path.write_text(json.dumps(offline, indent=2) + "\n")
+        return offline
     weights = ckpt.checksum(p.teacher.state_dict())  # read once: a large teacher takes a while to hash
     model = WithInput(p.teacher, p.teacher_input) if p.teacher_input is not None else p.teacher
     cached = sources.cache_dir() / "teacher-eval" / f"{_teacher_key(config, weights, p.teacher_input)}.json"

@@ -1,0 +1,269 @@
+"""A language-model teacher given to the pipeline as its offline top-k outputs (teacher.outputs,
+written by ``dtokd teacher-outputs``): blocks found by content, a run from outputs at k = the
+vocabulary equal to the run with the live teacher, and every mismatch refused naming the field."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="language models need the optional dependency transformers")
+pytest.importorskip("tokenizers", reason="language-model data need the optional dependency tokenizers")
+
+from dtokd import cli  # noqa: E402
+from dtokd.data.fake import write_fake_text  # noqa: E402
+from dtokd.data.offline_teacher import HASH_BASE, OfflineTeacher, block_hashes  # noqa: E402
+from dtokd.data.teacher_outputs import TeacherOutputs, write_teacher_outputs  # noqa: E402
+from dtokd.models import create_model  # noqa: E402
+from dtokd.train import load_config, train  # noqa: E402
+from dtokd.train.config import ConfigError  # noqa: E402
+
+LLAMA = "{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2, " + (
+    "intermediate_size: 64, max_position_embeddings: 32}"
+)
+KD = "losses={distill: {type: token-kd, divergence: forward_kl, temperature: 2.0}, task: {type: ce}}"
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DTOKD_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    """A fake corpus, a teacher with seeded random weights saved as a plain state dict, and the
+    overrides of a fixed-KD run over them (SGD: a run's weights move linearly with its gradients,
+    so two runs whose losses agree to float32 rounding end close)."""
+    folder = tmp_path_factory.mktemp("offline")
+    corpus = write_fake_text(folder / "text", documents=10, words=200)
+    overrides = [
+        "name=lm",
+        "task=causal-lm",
+        "epochs=2",
+        "batch_size=4",
+        "eval_batch_size=8",
+        "log_every=1",
+        "amp=none",
+        "data.name=text",
+        f"data.root={corpus}",
+        "data.val_fraction=0.2",
+        "data.limit_train=12",
+        "data.text={block_size: 12, vocab_size: 300, test_fraction: 0.2}",
+        "student.name=hf-causal-lm:llama",
+        f"student.kwargs={LLAMA}",
+        "teacher.name=hf-causal-lm:llama",
+        f"teacher.kwargs={LLAMA}",
+        f"teacher.checkpoint={folder / 'teacher.pt'}",
+        "optim.name=sgd",
+        "optim.lr=0.5",
+        "optim.weight_decay=0",
+        "balancer.method=fixed",
+        "balancer.options={weights: {distill: 0.5, task: 0.5}}",
+        KD,
+    ]
+    config = load_config(None, overrides)
+    from dtokd.train.build import data_of
+
+    data = data_of(config)
+    torch.manual_seed(3)
+    teacher = create_model("hf-causal-lm:llama", data.num_classes, 1, data.image_size, config.teacher.kwargs)
+    torch.save(teacher.state_dict(), folder / "teacher.pt")
+    return {"folder": folder, "overrides": overrides, "vocabulary": data.num_classes, "data": data}
+
+
+def _cli_args(setting, out, k, *extra):
+    """``dtokd teacher-outputs`` for the run's settings (an empty config file and overrides)."""
+    config = setting["folder"] / "run.yaml"
+    config.write_text("{}\n")
+    return [
+        "teacher-outputs",
+        str(config),
+        *setting["overrides"],
+        *extra,
+        "--out",
+        str(out),
+        "--k",
+        str(k or setting["vocabulary"]),
+        "--dtype",
+        "float32",
+    ]
+
+
+def test_blocks_are_found_by_content_in_any_order_and_others_are_refused(tmp_path):
+    ids = torch.randint(0, 50, (9, 6), generator=torch.Generator().manual_seed(0))
+    ids[4] = ids[1]  # a duplicate block: either copy answers (their outputs are the same)
+    teacher = create_model(
+        "hf-causal-lm:llama",
+        50,
+        1,
+        6,
+        {
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "intermediate_size": 32,
+        },
+    )
+    write_teacher_outputs(teacher, ids, tmp_path / "out", k=4, tokenizer="t", batch_size=4, shard_bytes=300)
+    offline = OfflineTeacher(TeacherOutputs(tmp_path / "out"))
+    order = torch.tensor([8, 1, 0, 4, 5, 1])
+    located = offline.locate(ids[order])
+    assert torch.equal(offline.outputs.input_ids(located).long(), ids[order])
+    log_probs, indices = offline(ids[order])
+    expected = offline.outputs.topk(located)
+    assert torch.equal(log_probs, expected[0].float()) and torch.equal(indices, expected[1])
+    assert log_probs.dtype == torch.float32 and indices.dtype == torch.int64
+    other = ids[:3].clone()
+    other[1, 2] += 1  # one token changed: not among the stored blocks
+    with pytest.raises(ValueError, match=r"1 of 3 input blocks are not among the teacher outputs"):
+        offline.locate(other)
+    with pytest.raises(ValueError, match=r"2 of 11 input blocks are not among"):
+        offline.check_covers(torch.cat([ids, other[1:2], other[1:2]]), chunk=4)
+    with pytest.raises(ValueError, match=r"hold blocks of 6 input ids; got input ids of shape \(2, 5\)"):
+        offline.locate(ids[:2, :5])
+
+
+def test_the_block_hash_by_hand():
+    row = [3, 0, 7, 1]
+    by_hand = sum((token + 1) * HASH_BASE**i for i, token in enumerate(row)) % 2**64
+    by_hand = by_hand - 2**64 if by_hand >= 2**63 else by_hand
+    assert block_hashes(torch.tensor([row])).item() == by_hand
+
+
+def test_a_run_from_outputs_at_k_equal_to_the_vocabulary_equals_the_live_teachers_run(setting, tmp_path, capsys):
+    assert cli.main(_cli_args(setting, tmp_path / "outputs", None)) == 0
+    printed = capsys.readouterr().out
+    assert "bytes per token" in printed and f"teacher.outputs={tmp_path / 'outputs'}" in printed
+    live = train(load_config(None, setting["overrides"]), tmp_path / "live", progress=False, verbose=False)
+    offline_config = load_config(None, [*setting["overrides"], f"teacher.outputs={tmp_path / 'outputs'}"])
+    offline = train(offline_config, tmp_path / "offline", progress=False, verbose=False)
+
+    def steps(run):
+        return [json.loads(line) for line in (tmp_path / run / "steps.jsonl").read_text().splitlines()]
+
+    assert len(steps("live")) == len(steps("offline")) >= 4
+    for a, b in zip(steps("live"), steps("offline")):
+        assert b["loss/distill"] == pytest.approx(a["loss/distill"], rel=1e-4, abs=1e-6)
+        assert b["loss/task"] == pytest.approx(a["loss/task"], rel=1e-5)
+    assert offline["last_test_ppl"] == pytest.approx(live["last_test_ppl"], rel=1e-4)
+    a, b = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=False)["student"] for r in ("live", "offline"))
+    assert all(torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5) for key in a)
+    recorded = json.loads((tmp_path / "offline" / "teacher.json").read_text())
+    manifest = json.loads((tmp_path / "outputs" / "manifest.json").read_text())
+    assert recorded["outputs"] == str(tmp_path / "outputs") and recorded["weights"] == manifest["teacher_hash"]
+    assert not (tmp_path / "offline" / "teacher.json").read_text().count("test_top1")  # nothing was measured
+
+
+def test_outputs_that_do_not_fit_the_run_are_refused_naming_the_field(setting, tmp_path, capsys):
+    out = tmp_path / "outputs"
+    assert cli.main(_cli_args(setting, out, 5)) == 0
+    base = [*setting["overrides"], f"teacher.outputs={out}"]
+
+    def refused(*extra):
+        with pytest.raises(ValueError) as error:
+            train(load_config(None, [*base, *extra]), tmp_path / "run", progress=False, verbose=False)
+        return str(error.value)
+
+    temperature = KD.replace("temperature: 2.0", "temperature: 1.0")
+    assert "losses.distill.temperature=1.0" in refused(temperature) and "written at temperature 2.0" in refused(
+        temperature
+    )
+    hidden = "losses={distill: {type: token-kd, temperature: 2.0}, h: {type: hidden}, task: {type: ce}}"
+    assert "need the teacher's hidden states" in refused(hidden, "balancer.options={}", "balancer.method=mean")
+    torch.manual_seed(4)
+    other = create_model("hf-causal-lm:llama", setting["vocabulary"], 1, 12, load_config(None, base).teacher.kwargs)
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    assert "field 'teacher_hash'" in refused(f"teacher.checkpoint={tmp_path / 'other.pt'}")
+    assert "field 'block_length'" in refused("data.text={block_size: 10, vocab_size: 300, test_fraction: 0.2}")
+    assert "field 'tokenizer'" in refused("data.text={block_size: 12, vocab_size: 280, test_fraction: 0.2}")
+    assert "input blocks are not among the teacher outputs" in refused("seed=1")  # another seed's subset
+    # written for the whole training split, the outputs serve every seed's subset, with no checkpoint to check
+    assert cli.main(_cli_args(setting, tmp_path / "all", 5, "data.limit_train=null")) == 0
+    config = load_config(None, [*base, f"teacher.outputs={tmp_path / 'all'}", "seed=1", "teacher.checkpoint=null"])
+    summary = train(config, tmp_path / "seed1", progress=False, verbose=False)
+    assert summary["last_test_ppl"] > 1
+    capsys.readouterr()
+    assert cli.main(_cli_args(setting, out, 5)) == 2  # never written over unasked
+    assert "is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["task=classification", "data.name=fashion-mnist"], "task='classification' is not causal-lm"),
+        (["teacher.name=null"], "needs teacher.name"),
+        (["teacher.cache_outputs=true"], "both replace the teacher"),
+    ],
+)
+def test_the_setting_is_checked_when_the_config_is_read(setting, tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*setting["overrides"], f"teacher.outputs={tmp_path}", *extra])
+
+
+def _lm_matrix(setting, tmp_path, methods, teacher_topk=5):
+    import yaml
+
+    student = tmp_path / "student.yaml"
+    student.write_text("{}\n")
+    base = [o for o in setting["overrides"] if not o.startswith(("teacher.", "student.name", "balancer.", "losses="))]
+    matrix = {
+        "name": "lm",
+        "seeds": [0, 1],
+        "base": [*base, "epochs=1"],
+        "student_config": str(student),
+        "teacher_config": str(student),
+        "pairs": {
+            "llama": {
+                "teacher": "hf-causal-lm:llama",
+                "student": "hf-causal-lm:llama",
+                "checkpoint": str(setting["folder"] / "teacher.pt"),
+                "overrides": [f"teacher.kwargs={LLAMA}"],
+            }
+        },
+        "methods": methods,
+        "reference": next(iter(methods)),
+        "teacher_topk": teacher_topk,
+    }
+    path = tmp_path / "matrix.yaml"
+    path.write_text(yaml.safe_dump(matrix))
+    return path
+
+
+def test_a_bench_writes_each_pairs_outputs_once_and_its_distilling_cells_read_them(setting, tmp_path):
+    from dtokd.bench import load_matrix, run_matrix
+
+    fixed = ["balancer.method=fixed", "balancer.options={weights: {distill: 0.5, task: 0.5}}", KD]
+    methods = {
+        "kd": fixed,
+        "amortized": ["balancer.method=dto-amortized", KD.replace("forward_kl", "forward_ce")],
+        "ce": ["teacher.name=null", "teacher.checkpoint=null", "losses={task: {type: ce}}", "balancer.method=fixed"],
+    }
+    path = _lm_matrix(setting, tmp_path, methods)
+    out = tmp_path / "bench"
+    run_matrix(load_matrix(path), out, progress=False)
+    folder = out / "teacher-outputs" / "llama-top5"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["k"] == 5 and manifest["temperature"] == 2.0
+    assert manifest["num_blocks"] > 12  # the whole training split, not one seed's subset of 12
+    written = (folder / "manifest.json").stat().st_mtime_ns
+    for method in ("kd", "amortized"):
+        for seed in (0, 1):
+            recorded = json.loads((out / "llama" / method / f"seed{seed}" / "teacher.json").read_text())
+            assert recorded["outputs"] == str(folder)
+    assert not (out / "llama" / "ce" / "seed0" / "teacher.json").exists()
+    run_matrix(load_matrix(path), out, progress=False)  # finished: nothing is written again
+    assert (folder / "manifest.json").stat().st_mtime_ns == written
+
+
+def test_a_bench_whose_cells_want_outputs_at_two_temperatures_is_refused(setting, tmp_path):
+    from dtokd.bench import load_matrix, run_matrix
+
+    methods = {
+        "kd": ["balancer.method=fixed", "balancer.options={weights: {distill: 0.5, task: 0.5}}", KD],
+        "kd-t1": ["balancer.method=fixed", KD.replace("temperature: 2.0", "temperature: 1.0")],
+    }
+    with pytest.raises(ValueError, match=r"pair llama: teacher_topk writes one set of outputs per pair"):
+        run_matrix(load_matrix(_lm_matrix(setting, tmp_path, methods)), tmp_path / "bench", progress=False)
+    with pytest.raises(ValueError, match=r"teacher_topk=0 must be a positive integer"):
+        load_matrix(_lm_matrix(setting, tmp_path, methods, teacher_topk=0))
