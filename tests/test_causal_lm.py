@@ -332,6 +332,20 @@ def test_the_memory_estimate_counts_a_llamas_parameters_as_by_hand():
         by_hand = 50 * h + 3 * (2 * h * h + 2 * h * kv + 3 * h * 40 + 2 * h) + h + (0 if tied else 50 * h)
         assert lm_memory.parameters(shape) == by_hand
     assert round(lm_memory.parameters(lm_memory.SHAPES["llama-3.1-8b"]) / 1e9, 2) == 8.03  # the published size
+    # sharded over 2 and offline, by hand: the tied shape has n = 50 h + 3 layer + h parameters
+    n, root, gib = lm_memory.parameters(shape | {"tie_word_embeddings": True}), 50 * 24 + 24, 2**30
+    layer = (n - root) / 3
+    tied = shape | {"tie_word_embeddings": True}
+    sharded = lm_memory.estimate(tied, tied, 2, 5, 4, shards=2)
+    assert sharded["student fp32 weights, grads, AdamW (16 B/param / R)"] * gib == pytest.approx(16 * n / 2)
+    assert sharded["student bf16 weights gathered for compute"] * gib == pytest.approx(2 * (root + 2 * layer))
+    assert sharded["teacher bf16 weights (shard)"] * gib == pytest.approx(2 * n / 2)
+    assert sharded["teacher bf16 weights gathered at its peak"] * gib == pytest.approx(2 * (root + 2 * layer) - n)
+    offline = lm_memory.estimate(tied, tied, 2, 5, 4, teacher_mode="offline", k=3)
+    assert offline["teacher bf16 weights (shard)"] == offline["teacher bf16 weights gathered at its peak"] == 0
+    assert offline["logits (student; live teacher's bf16, or its top-k)"] * gib == pytest.approx(
+        2 * 10 * 50 + 12 * 10 * 3
+    )
 
 
 def _pair(vocabulary):

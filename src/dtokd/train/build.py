@@ -19,6 +19,7 @@ from dtokd.train import distributed
 from dtokd.train.config import CHOICES, Config
 from dtokd.train.optim import make_optimizer, make_scheduler
 from dtokd.train.parts import AMP_DTYPES, Parts
+from dtokd.train.sharding import shard_models
 from dtokd.train.teacher import cache_teacher_outputs, load_teacher
 
 COMPILE_MODES = CHOICES["compile"]
@@ -66,6 +67,13 @@ def build_parts(config: Config, verbose: bool) -> Parts:
     if data.detection and config.data.mixup:
         raise ValueError("data.mixup mixes classification labels; it is not available for detection")
     student, teacher, teacher_input, task = _models(config, data, device)
+    if config.parallel == "fsdp":
+        if ranks.world < 2:
+            raise ValueError(
+                "parallel=fsdp shards the models across torchrun's processes, and this run has one: start it "
+                "with torchrun --nproc_per_node N (N >= 2), or use parallel=ddp"
+            )
+        shard_models(task, student, teacher, config.amp)
     data = place_data(data, device, config.data.placement)
     teacher_cache = (
         cache_teacher_outputs(config, task, teacher, device, ranks) if config.teacher.cache_outputs else None
@@ -73,7 +81,7 @@ def build_parts(config: Config, verbose: bool) -> Parts:
     if ranks.main and verbose:
         print(_placement_line(config, device, data), flush=True)
     params = list(task.parameters())
-    forward = nn.parallel.DistributedDataParallel(task) if ranks.world > 1 else task
+    forward = nn.parallel.DistributedDataParallel(task) if ranks.world > 1 and config.parallel == "ddp" else task
     no_weight_decay = getattr(student, "no_weight_decay", None)  # timm's: parameters kept out of weight decay
     no_decay = [f"student.{n}" for n in no_weight_decay()] if callable(no_weight_decay) else []
     optimizer = make_optimizer(task.named_parameters(), config.optim, config.batch_size, no_decay)

@@ -24,6 +24,7 @@ Schedule = Literal["cosine", "step", "constant"]
 EvalTest = Literal["every", "end"]
 Amp = Literal["none", "bf16", "fp16"]
 CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune"]
+Parallelism = Literal["ddp", "fsdp"]
 
 
 @dataclass
@@ -152,6 +153,9 @@ class Config:
     ``reduce-overhead`` = CUDA graphs, ``max-autotune``); ``channels_last``: student, teacher
     and images in channels-last memory format (faster convolutions on tensor cores).
     ``task``: ``classification``, ``detection`` or ``causal-lm`` (see :mod:`dtokd.tasks`).
+    ``parallel``: how ``torchrun`` processes share the models: ``ddp`` (each holds both whole,
+    gradients all-reduced) or ``fsdp`` (FSDP2: student and teacher sharded block by block; see
+    :mod:`dtokd.train.sharding`).
     """
 
     name: str = "run"
@@ -164,6 +168,7 @@ class Config:
     amp: Amp = "none"
     compile: CompileMode = "none"
     channels_last: bool = False
+    parallel: Parallelism = "ddp"
     log_every: int = 50
     data: DataConfig = field(default_factory=DataConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
@@ -315,6 +320,7 @@ def validate(config: Config) -> Config:
             "set teacher.cache_outputs=false"
         )
     _check_teacher_outputs(config)
+    _check_fsdp(config)
     allowed_metrics = SELECTION_METRICS[config.task]
     if config.eval.select is not None and config.eval.select not in allowed_metrics:
         raise ConfigError(
@@ -345,6 +351,21 @@ def _check_teacher_outputs(config: Config) -> None:
         )
     if config.teacher.cache_outputs:
         raise ConfigError("teacher.outputs and teacher.cache_outputs=true both replace the teacher: keep one")
+
+
+def _check_fsdp(config: Config) -> None:
+    """``parallel=fsdp`` with none of the settings it does not support yet, each named."""
+    if config.parallel != "fsdp":
+        return
+    unsupported = [
+        (config.amp == "fp16", "amp=fp16 (a GradScaler over sharded gradients); use amp=bf16 or none"),
+        (config.compile != "none", f"compile={config.compile!r}; use compile=none"),
+        (config.channels_last, "channels_last=true (for convolutions); use false"),
+        (config.optim.ema_decay is not None, "optim.ema_decay (an EMA copy of a sharded student); leave it null"),
+    ]
+    for refused, what in unsupported:
+        if refused:
+            raise ConfigError(f"parallel=fsdp does not support {what}")
 
 
 def _check_optim(optim: OptimConfig, epochs: int) -> None:

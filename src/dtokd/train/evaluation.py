@@ -12,6 +12,7 @@ from torch import nn
 from dtokd.train import checkpoint as ckpt
 from dtokd.train.config import Config
 from dtokd.train.parts import Parts
+from dtokd.train.sharding import FullState
 
 
 def evaluates(config: Config, epoch: int) -> bool:
@@ -47,8 +48,12 @@ def final_test(config: Config, folder: Path, p: Parts) -> dict[str, dict[str, fl
     checkpoint chosen on the validation split), as ``{"last": ..., "best": ..., "best_epoch": k}``."""
     last = evaluate(config, p, p.student, p.ema, ("test",))
     best_state = ckpt.load_checked(folder / "best.pt", p.identity)
-    chosen = copy.deepcopy(p.student)
-    chosen.load_state_dict(best_state["model"])
+    if config.parallel == "fsdp":  # a sharded student is not copied: it takes the chosen weights itself, at the end
+        chosen = p.student
+        FullState(chosen).load_state_dict(best_state["model"])
+    else:
+        chosen = copy.deepcopy(p.student)
+        chosen.load_state_dict(best_state["model"])
     return {"last": last, "best": evaluate(config, p, chosen, None, ("test",)), "best_epoch": best_state["epoch"]}
 
 

@@ -33,6 +33,7 @@ from dtokd.train.optim import lr_factor
 from dtokd.train.parts import Parts
 from dtokd.train.records import MetricLog, metadata, write_yaml
 from dtokd.train.run_folder import config_for_resume, prepare_fresh, record_extension, remove_partial_run
+from dtokd.train.sharding import FullOptimizerState, FullState
 from dtokd.train.state import TrainingState
 from dtokd.train.summary import epoch_line, is_best, summarize
 from dtokd.train.teacher import measure_teacher, teacher_metrics
@@ -77,16 +78,17 @@ def train(
     """
     folder = Path(folder)
     config, saved_epochs = _config_of_run(config, folder, resume=resume, extend_epochs=extend_epochs)
-    if not resume:  # refuse an occupied folder before the (possibly long) build
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    # the main process alone checks and writes the folder (another rank could see its first files)
+    if not resume and main_process:  # refuse an occupied folder before the (possibly long) build
         prepare_fresh(folder, force=force, config_file=config_file, remove=False)
     created = not folder.exists()
-    main_process = int(os.environ.get("RANK", "0")) == 0
     lock = hold_folder(folder) if main_process else None  # one process writes a run folder at a time
     parts, finished = None, False
     try:
         parts = build_parts(config, verbose)
-        if not resume:
-            prepare_fresh(folder, force=force, config_file=config_file, remove=parts.ranks.main)
+        if not resume and parts.ranks.main:
+            prepare_fresh(folder, force=force, config_file=config_file)
         summary = _run(
             config,
             folder,
@@ -143,7 +145,7 @@ def _run(
     folder.mkdir(parents=True, exist_ok=True)
     log = MetricLog(folder, enabled=p.ranks.main)
     progress, verbose = progress and p.ranks.main, verbose and p.ranks.main
-    state = TrainingState(p.student, p.task.projectors, p.optimizer, p.scheduler, p.balancer, p.scaler, p.ema)
+    state = training_state(config, p)
     if resume:
         _restore(config, folder, p, state, log, saved_epochs=saved_epochs, extended=extend_epochs is not None)
     elif p.ranks.main:
@@ -168,6 +170,19 @@ def _run(
     finally:
         log.close()
     return _finish(config, folder, p, history, teacher)
+
+
+def training_state(config: Config, p: Parts) -> TrainingState:
+    """What a checkpoint of this run holds; with ``parallel=fsdp``, the student, its projectors
+    and the optimizer as full state dicts gathered from their shards (:mod:`dtokd.train.sharding`)."""
+    if config.parallel == "fsdp":
+        student, projectors, optimizer = (
+            FullState(p.student),
+            FullState(p.task.projectors),
+            FullOptimizerState(p.task, p.optimizer),
+        )
+        return TrainingState(student, projectors, optimizer, p.scheduler, p.balancer, p.scaler, p.ema)
+    return TrainingState(p.student, p.task.projectors, p.optimizer, p.scheduler, p.balancer, p.scaler, p.ema)
 
 
 def _restore(
@@ -209,13 +224,14 @@ def _save_epoch(config: Config, folder: Path, p: Parts, state: TrainingState, ep
     """After epoch ``epoch`` (0-based, its row last in ``state.history``): ``best.pt`` when it is
     the best evaluated so far, then the checkpoint (atomically, by the main process), then
     every process waits for the others."""
-    if p.ranks.main and is_best(state.history, selection_metric(config)):
-        ckpt.save_atomic(
-            {"model": p.student.state_dict(), "identity": p.identity, "epoch": epoch + 1}, folder / "best.pt"
-        )
+    if is_best(state.history, selection_metric(config)):  # the same history on every rank
+        model = state.student.state_dict()  # every rank takes part where the student is sharded
+        if p.ranks.main:
+            ckpt.save_atomic({"model": model, "identity": p.identity, "epoch": epoch + 1}, folder / "best.pt")
+    state.epoch = epoch + 1
+    checkpoint = state.state_dict()
     if p.ranks.main:
-        state.epoch = epoch + 1
-        ckpt.save_atomic({"identity": p.identity, **state.state_dict()}, folder / "checkpoint.pt")
+        ckpt.save_atomic({"identity": p.identity, **checkpoint}, folder / "checkpoint.pt")
     p.ranks.barrier()
 
 

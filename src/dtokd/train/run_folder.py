@@ -54,7 +54,7 @@ RESUMABLE_CHANGES = frozenset({"device", "data.placement", "teacher.cache_output
 
 def prepare_fresh(folder: Path, *, force: bool, config_file: Path | None = None, remove: bool = True) -> None:
     """Make sure a fresh run may write into ``folder`` (see the module notes); with ``force``,
-    remove the previous run's files (where ``remove``: one process of a distributed run does).
+    remove the previous run's files (where ``remove``: not on a first check before the build).
     ``config_file``: the user's config, never to be replaced."""
     if config_file is not None and config_file.resolve().parent == folder.resolve() and config_file.name in RUN_FILES:
         raise FileExistsError(

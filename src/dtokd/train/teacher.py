@@ -26,6 +26,7 @@ from dtokd.train import distributed
 from dtokd.train.config import Config, selection_metric, to_dict
 from dtokd.train.evaluation import prefixed
 from dtokd.train.parts import Parts
+from dtokd.train.sharding import full_state_dict
 from dtokd.train.teacher_cache import CachedTeacher, cache_key
 
 
@@ -157,7 +158,7 @@ def teacher_metrics(config: Config, folder: Path, p: Parts, *, verbose: bool) ->
         if p.ranks.main:
             path.write_text(json.dumps(offline, indent=2) + "\n")
         return offline
-    weights = ckpt.checksum(p.teacher.state_dict())  # read once: a large teacher takes a while to hash
+    weights = ckpt.checksum(full_state_dict(p.teacher))  # read once: a large teacher takes a while to hash
     model = WithInput(p.teacher, p.teacher_input) if p.teacher_input is not None else p.teacher
     cached = sources.cache_dir() / "teacher-eval" / f"{_teacher_key(config, weights, p.teacher_input)}.json"
     if cached.is_file():
