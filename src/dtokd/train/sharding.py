@@ -19,9 +19,10 @@ one backward pass per objective and form the Gram from the shards
 **Checkpoints** hold full state dicts (``torch.distributed.checkpoint.state_dict`` with
 ``full_state_dict``): every process takes part in gathering them to rank 0's host memory, which
 writes them (:class:`FullState`). ``best.pt`` is the same file as any other run's (``dtokd eval``
-and ``student.weights`` read it); ``checkpoint.pt`` resumes a ``parallel=fsdp`` run on any number
-of processes (each reads the file and keeps its shard; its optimizer state is keyed by parameter
-name, so it does not resume a DDP run, and the config's ``parallel`` cannot change on resume).
+and ``student.weights`` read it); ``checkpoint.pt`` holds whole tensors, each process reads it
+and keeps its shard (resuming at another number of processes is not tested yet); its optimizer
+state is keyed by parameter name, so it does not resume a DDP run (the config's ``parallel``
+cannot change on resume).
 Rank 0 needs host memory for a full copy of the student and its optimizer state at a checkpoint.
 """
 
