@@ -226,51 +226,15 @@ def _dry_run(config, command: str) -> int:
 
 
 def _dry_run_data(config: Config, scratch: Path) -> tuple[DataConfig, int]:
-    """The data settings of a dry run of ``config``, on data generated in ``scratch`` (see
-    :func:`_dry_run`), and the number of classes the models are built for."""
+    """The data settings of a dry run of ``config``, on data its task kind generates in
+    ``scratch`` (:attr:`dtokd.tasks.TaskKind.dry_run_data`), and the number of classes the
+    models are built for."""
     import dataclasses
 
-    from dtokd.data.fake import write_fake_cifar, write_fake_image_folder, write_fake_text
-    from dtokd.train.build import data_of
+    from dtokd.tasks import task_kind
 
-    if config.task == "causal-lm":  # generated text, the config's local tokenizer or one trained on it
-        root = write_fake_text(scratch / "text")
-        options = {**(config.data.text or {})}
-        if options.get("tokenizer", "train") == "train":
-            options["vocab_size"] = min(options.get("vocab_size", 300), 300)
-        options.update(block_size=min(options.get("block_size", 16), 16), test_fraction=0.2)  # 12 documents
-        data = dataclasses.replace(config.data, root=str(root), text=options, val_fraction=0.2, limit_train=None)
-        return data, data_of(dataclasses.replace(config, data=data)).num_classes
-    if config.task == "detection":  # a tiny generated COCO-format set at the config's image size
-        classes = 2
-        data = dataclasses.replace(
-            config.data,
-            name="synthetic-coco",
-            root=None,
-            val_fraction=0.25,
-            limit_train=None,
-            workers=0,
-            synthetic={"train_images": 8, "val_images": 2, "classes": classes},
-        )
-        return data, classes
-    if config.data.name in ("cifar10", "cifar100"):
-        classes = 10 if config.data.name == "cifar10" else 100
-        root = write_fake_cifar(scratch / "cifar", classes, per_class=2)
-        return dataclasses.replace(config.data, root=str(root), val_fraction=0.25, limit_train=None), classes
-    classes = 4
-    root = write_fake_image_folder(
-        scratch / "images", classes=classes, per_class={"train": 4, "val": 1}, image_size=config.data.image_size
-    )
-    streamed = config.data.name == "image-folder-stream"
-    data = dataclasses.replace(
-        config.data,
-        name="image-folder-stream" if streamed else "image-folder",
-        root=str(root),
-        val_fraction=0.25,
-        limit_train=None,
-        workers=0 if streamed else config.data.workers,
-    )
-    return data, classes
+    changes, classes = task_kind(config.task).dry_run_data(config.data, scratch)
+    return dataclasses.replace(config.data, **changes), classes
 
 
 def _dry_run_config(config: Config, data: DataConfig, classes: int, scratch: Path) -> Config:

@@ -17,6 +17,7 @@ Config (YAML)::
     reference: kd-fixed                                     # the baseline for time ratios and convergence
     grid_prefix: kd-grid                                    # methods tuned on the validation split
     grid_all_seeds: false                                   # true: every grid member on every seed
+    teacher_topk: 32                                        # language models: teachers as offline top-k outputs
 
 Relative ``student_config`` / ``teacher_config`` / ``checkpoint`` paths are read from the
 repository root when the matrix file lives in ``configs/``, else from the current directory. A
@@ -39,7 +40,10 @@ is said in the log. Each row is also compared, seed by seed, with the chosen mem
 (``paired_vs_tuned``). ``--pairs`` / ``--methods`` / ``--seeds`` run only some cells first (the aggregate covers
 every finished cell). ``--parallel N`` runs N cells at once, each in its own process. A run whose losses
 become NaN/inf is recorded as diverged (``diverged.json``) and reported as such, not retried. Teachers are trained
-once per teacher name (seed 0) into ``OUT/teachers/<name>``. The aggregate is written as
+once per teacher name (seed 0) into ``OUT/teachers/<name>``. With ``teacher_topk: k`` (causal
+LMs), each pair's teacher runs once over the whole training split and its top-k outputs are
+written to ``OUT/teacher-outputs/<pair>-top<k>``; every cell that distils reads them
+(``teacher.outputs``) instead of running the teacher. The aggregate is written as
 ``results.md`` / ``results.csv`` with plots next to them.
 
 The package, one concept a module (each may import those above it in this list, and

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -21,6 +22,7 @@ from dtokd.tasks.classification import (
     resolve_loss_specs,
 )
 from dtokd.tasks.detection import DetectionTask, evaluate_detector, resolve_detection_specs
+from dtokd.tasks.dry_run import causal_lm_dry_run_data, classification_dry_run_data, detection_dry_run_data
 from dtokd.tasks.names import TASKS
 
 Task = ClassificationTask | DetectionTask | CausalLMTask
@@ -29,9 +31,11 @@ Task = ClassificationTask | DetectionTask | CausalLMTask
 @dataclass(frozen=True)
 class TaskKind:
     """A task kind as a record: the data sets it takes, its checks that need only the settings,
-    and how it is built. Adding a task is a module and a record in :data:`TASK_KINDS`; the config
-    (``task``, ``eval.select``: :mod:`dtokd.tasks.names`), :func:`check_task_settings` and
-    :func:`build_task` read the records, never a kind's name."""
+    how it is built and a trained model evaluated, its dry-run data, whether the teacher-output
+    cache serves it and whether its student may be compiled. Adding a task is a module and a
+    record in :data:`TASK_KINDS`; the config (``task``, ``eval.select``:
+    :mod:`dtokd.tasks.names`), :func:`check_task_settings`, :func:`build_task`, ``dtokd eval``,
+    ``--dry-run``, the teacher cache and the compile check read the records, never a kind's name."""
 
     name: str
     data_sets: tuple[str, ...] | None
@@ -47,8 +51,15 @@ class TaskKind:
     evaluate: Callable[[nn.Module, Mapping[str, Mapping[str, Any]], Any, int, torch.device], dict[str, float]]
     """``(model, loss specs, dataset, batch size, device) -> metrics`` of a trained model alone
     (``dtokd eval``), set up as its run trained it (the specs say, e.g., whether two heads are averaged)."""
+    dry_run_data: Callable[[Any, Path], tuple[dict[str, Any], int]]
+    """``(data settings, scratch folder) -> (changes to the data settings, classes)``: small
+    generated data at the config's shapes for ``--dry-run`` (:mod:`dtokd.tasks.dry_run`)."""
     reported_metrics: tuple[str, ...] = ()
     """Test metrics a summary reports beside the one that chooses the epoch (the LM's top-1 and perplexity)."""
+    caches_teacher_outputs: bool = False
+    """Whether ``teacher.cache_outputs`` serves it (the teacher's logits per training step)."""
+    compile_refusal: str | None = None
+    """Why ``compile`` is refused for it, or None where the student may be compiled."""
 
 
 def _check_classification(
@@ -168,10 +179,25 @@ def _evaluate_causal_lm(
 
 TASK_KINDS: Mapping[str, TaskKind] = {
     "classification": TaskKind(
-        "classification", None, "an image data set", _check_classification, _build_classification, _evaluate_classifier
+        "classification",
+        None,
+        "an image data set",
+        _check_classification,
+        _build_classification,
+        _evaluate_classifier,
+        classification_dry_run_data,
+        caches_teacher_outputs=True,
     ),
     "detection": TaskKind(
-        "detection", DETECTION_DATASETS, "a detection data set", _check_detection, _build_detection, _evaluate_detector
+        "detection",
+        DETECTION_DATASETS,
+        "a detection data set",
+        _check_detection,
+        _build_detection,
+        _evaluate_detector,
+        detection_dry_run_data,
+        compile_refusal="torch.compile of torchvision's detectors (data-dependent proposal and box shapes) "
+        "is not verified here",
     ),
     "causal-lm": TaskKind(
         "causal-lm",
@@ -180,6 +206,7 @@ TASK_KINDS: Mapping[str, TaskKind] = {
         _check_causal_lm,
         _build_causal_lm,
         _evaluate_causal_lm,
+        causal_lm_dry_run_data,
         reported_metrics=("top1", "ppl"),
     ),
 }

@@ -13,7 +13,7 @@ from dtokd.balancing import Balancer, make_balancer
 from dtokd.data import DataBundle, build_data, place_data
 from dtokd.models import create_model, load_weights
 from dtokd.models.foreign import check_normalize
-from dtokd.tasks import Task, build_task, check_task_settings
+from dtokd.tasks import Task, build_task, check_task_settings, task_kind
 from dtokd.train import checkpoint as ckpt
 from dtokd.train import distributed
 from dtokd.train.config import CHOICES, Config
@@ -196,11 +196,9 @@ def _check_compile(config: Config, device: torch.device) -> None:
     student (``engine=representation``)."""
     if config.compile not in COMPILE_MODES:
         raise ValueError(f"compile={config.compile!r} is not allowed; use one of {list(COMPILE_MODES)}")
-    if config.task == "detection" and config.compile != "none":
-        raise ValueError(
-            f"compile={config.compile!r} is refused for detection: torch.compile of torchvision's "
-            "detectors (data-dependent proposal and box shapes) is not verified here; use compile=none"
-        )
+    refusal = task_kind(config.task).compile_refusal
+    if refusal is not None and config.compile != "none":
+        raise ValueError(f"compile={config.compile!r} is refused for {config.task}: {refusal}; use compile=none")
     if config.compile != "reduce-overhead":
         return
     if device.type != "cuda":

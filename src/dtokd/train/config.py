@@ -267,9 +267,7 @@ def resolve_distillation_form(config: Config) -> Config:
     :func:`dtokd.balancing.balancers.distillation_form`), written into the config the run saves."""
     from dtokd.balancing.balancers import distillation_form
 
-    if config.task != "causal-lm":
-        return config
-    losses = {
+    losses = {  # token-kd is a causal LM's loss type (another task refuses it when its specs are checked)
         name: {**spec, "divergence": distillation_form(config.balancer.method)}
         if spec.get("type") == "token-kd" and spec.get("divergence", "auto") == "auto"
         else spec

@@ -7,7 +7,7 @@ import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from dtokd.models import create_model
 from dtokd.models.causal_lm import names_a_local_folder
 from dtokd.models.foreign import Renormalize, WithInput, check_normalize, remap_keys
 from dtokd.models.registry import apply_weights, read_weights
-from dtokd.tasks import ClassificationTask, Task
+from dtokd.tasks import TASK_KINDS, ClassificationTask, Task, task_kind
 from dtokd.train import checkpoint as ckpt
 from dtokd.train import distributed
 from dtokd.train.config import Config, selection_metric, to_dict
@@ -109,8 +109,10 @@ def cache_teacher_outputs(
     training batches (see :mod:`dtokd.train.teacher_cache`)."""
     if teacher is None:
         raise ValueError("teacher.cache_outputs=true needs a teacher (teacher.name)")
-    if not isinstance(task, ClassificationTask):
-        raise ValueError(f"teacher.cache_outputs=true is for classification; task={config.task!r} is not cached")
+    if not task_kind(config.task).caches_teacher_outputs:
+        served = [kind.name for kind in TASK_KINDS.values() if kind.caches_teacher_outputs]
+        raise ValueError(f"teacher.cache_outputs=true is for {', '.join(served)}; task={config.task!r} is not cached")
+    task = cast(ClassificationTask, task)  # the one kind that caches
     features = task.teacher_feature_losses
     if features:
         raise ValueError(
