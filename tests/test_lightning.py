@@ -285,6 +285,16 @@ def test_the_callers_teacher_is_left_as_it_was_and_may_have_another_dtype(tmp_pa
     assert torch.equal(first, second)
 
 
+def test_a_student_whose_parameters_were_replaced_is_refused(tmp_path):
+    """What FSDP2's fully_shard in a configure_model does (Lightning's FSDP strategy needs a GPU;
+    its ModelParallelStrategy runs on the CPU but shards only in configure_model)."""
+    student, teacher = nets()
+    module = DistillationModule(student, teacher, method="dto", engine="exact", optimizer=sgd)
+    student[0].weight = nn.Parameter(student[0].weight.detach().clone())
+    with pytest.raises(ValueError, match="parameters were replaced after the balancer was built over them"):
+        fit(module, loader(), 1)
+
+
 def test_a_checkpoint_of_another_method_is_refused():
     student, teacher = nets()
     saved = DistillationModule(copy.deepcopy(student), teacher, method="dto-amortized", optimizer=sgd)

@@ -443,6 +443,16 @@ def test_a_teacher_of_other_classes_is_refused_by_name(tmp_path):
         trainer_of(tmp_path, 1, student, wrong).train()
 
 
+def test_parameters_replaced_after_the_trainer_was_built_are_refused(tmp_path):
+    """What FSDP's fully_shard does to a model that accelerate shards on GPUs (on the CPU
+    accelerate runs no FSDP: it falls back to its multi-CPU data parallelism)."""
+    student, teacher = models()
+    trainer = trainer_of(tmp_path, 1, student, teacher)
+    student.body[0].weight = nn.Parameter(student.body[0].weight.detach().clone())
+    with pytest.raises(ValueError, match="the model's parameters were replaced after the balancer was built"):
+        trainer.train()
+
+
 def test_the_callers_teacher_is_left_as_it_was_and_may_have_another_dtype(tmp_path):
     student, teacher = models()
     teacher = teacher.double().train()

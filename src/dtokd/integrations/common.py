@@ -206,3 +206,21 @@ def _cast_floating(value: Any, dtype: torch.dtype | None) -> Any:
     if isinstance(value, dict):
         return {k: _cast_floating(v, dtype) for k, v in value.items()}
     return value
+
+
+class ParameterGuard:
+    """The parameters a balancer was built over, by identity: :meth:`check` refuses a model whose
+    parameters were replaced since (FSDP's ``fully_shard``, applied by accelerate on GPUs or in a
+    Lightning ``configure_model``, re-registers them as new tensors), which the balancer would no
+    longer see: the step would weigh stale tensors. ``how``: what works instead, for the message."""
+
+    def __init__(self, params: Any, how: str) -> None:
+        self._ids = [id(p) for p in params]
+        self._how = how
+
+    def check(self, params: Any) -> None:
+        if [id(p) for p in params] != self._ids:
+            raise ValueError(
+                "the model's parameters were replaced after the balancer was built over them (FSDP sharding "
+                f"does this), so it no longer sees them: {self._how}"
+            )

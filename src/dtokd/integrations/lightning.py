@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from dtokd.balancing import make_balancer
-from dtokd.integrations.common import FrozenTeacher, LossFn, default_losses, with_distillation_form
+from dtokd.integrations.common import FrozenTeacher, LossFn, ParameterGuard, default_losses, with_distillation_form
 from dtokd.models.norms import frozen_batchnorm_statistics
 
 
@@ -76,6 +76,11 @@ class DistillationModule(lightning.LightningModule):
         self.losses = with_distillation_form(losses or default_losses(), method)
         self.engine = engine
         self.balancer = make_balancer(method, self.student.parameters(), engine=engine, **dict(balancer_options or {}))
+        self._balanced_parameters = ParameterGuard(
+            self.student.parameters(),
+            "sharding the student (FSDP2 in configure_model) is not supported by DistillationModule yet; "
+            "use dtokd distill with parallel=fsdp",
+        )
         self._optimizer = optimizer or default_optimizer
         self._batch: tuple[Tensor, Tensor, Tensor] | None = None
 
@@ -96,6 +101,7 @@ class DistillationModule(lightning.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = _pair(batch)
+        self._balanced_parameters.check(self.student.parameters())
         logits = self.student(x)
         teacher_logits = self._teacher_logits(x, logits)
         losses = self.losses(logits, teacher_logits, y)
