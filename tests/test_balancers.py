@@ -822,3 +822,33 @@ def test_combine_under_a_grad_scaler_gives_the_unscaled_update(engine):
             balancer.backward(losses, representation=z)
         out.append(written_grad(params))
     torch.testing.assert_close(combined[0], wrote[0], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("engine", ["exact", "subset"])
+def test_parameters_partitioned_by_deepspeed_zero3_are_refused_by_the_gradient_engines(engine):
+    """ZeRO-3 marks its partitioned parameters with ``ds_id`` (DeepSpeed need not be installed to
+    check the refusal); the representation engine, which never takes a parameter gradient, runs."""
+    weight = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+    weight.ds_id = 0
+    x = torch.randn(5, 4, dtype=torch.float64)
+    options = {"gram_params": [weight]} if engine == "subset" else {}
+    balancer = make_balancer("dto", [weight], engine=engine, **options)
+    out = x @ weight.T
+    with pytest.raises(ValueError, match=f"engine='{engine}' takes each objective's parameter gradient"):
+        balancer.backward({"a": out.square().mean(), "b": out.abs().mean()})
+    representation = make_balancer("dto", [weight], engine="representation")
+    out = x @ weight.T
+    representation.backward({"a": out.square().mean(), "b": out.abs().mean()}, representation=out)
+    assert weight.grad is not None and torch.isfinite(weight.grad).all()
+
+
+def test_the_amortized_rule_over_zero3_partitioned_parameters_is_refused():
+    """Under ZeRO-3 the rule would never see an optimizer step over its parameters (DeepSpeed's
+    optimizer steps flat partitions) and would stay at equal weights: checked with DeepSpeed on the
+    CPU (benchmarks/deepspeed_zero3_check.py: its learned logits stayed 0)."""
+    weight = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+    weight.ds_id = 0
+    out = torch.randn(5, 4, dtype=torch.float64) @ weight.T
+    balancer = make_balancer("dto-amortized", [weight], update="next-step")
+    with pytest.raises(ValueError, match="dto-amortized cannot see DeepSpeed ZeRO-3's optimizer steps"):
+        balancer.combine({"a": out.square().mean(), "b": out.abs().mean()}, representation=out)

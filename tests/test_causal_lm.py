@@ -492,3 +492,18 @@ def test_a_hidden_state_loss_in_the_pipeline_trains_its_projector_and_resumes_ex
     for part in ("student", "projectors"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
     assert not torch.equal(first_epoch["hidden.proj.weight"], a["projectors"]["hidden.proj.weight"])  # it trains
+
+
+def test_a_local_model_folder_loads_in_float32_unless_its_kwargs_give_a_dtype(tmp_path):
+    """A bf16 checkpoint is not trained with bf16 weights and optimizer state by accident."""
+    import transformers
+
+    shape = dict(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=32
+    )
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=40, **shape)).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "folder")
+    loaded = create_model(f"hf-causal-lm:{tmp_path / 'folder'}", 40, 1, 12, {})
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    kept = create_model(f"hf-causal-lm:{tmp_path / 'folder'}", 40, 1, 12, {"dtype": "bfloat16"})
+    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}

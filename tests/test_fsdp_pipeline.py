@@ -72,6 +72,7 @@ def overrides(folder: Path) -> list[str]:
         "optim.name=sgd",
         "optim.lr=0.5",
         "optim.weight_decay=0",
+        "eval.test=end",  # the test split on best.pt at the end: a sharded student takes those weights
         KD,
     ]
 
@@ -125,6 +126,7 @@ def teacher_logits_sharded(folder: Path, rank: int) -> dict:
 def worker(rank: int, world: int, folder: str, init_file: str) -> None:
     folder = Path(folder)
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    os.environ["DTOKD_CACHE"] = str(folder / "cache")  # the teacher is measured, not read from a cache
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     results: dict = {"sharded": []}
@@ -157,6 +159,11 @@ def worker(rank: int, world: int, folder: str, init_file: str) -> None:
     finally:
         torch.save(results, folder / f"rank{rank}.pt")
         dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DTOKD_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +220,7 @@ def test_an_interrupted_fsdp_run_resumes_to_the_straight_runs_weights(runs):
         (["amp=fp16"], "parallel=fsdp does not support amp=fp16"),
         (["compile=default"], "does not support compile='default'"),
         (["optim.ema_decay=0.99"], "does not support optim.ema_decay"),
+        (["teacher.cache_outputs=true"], "does not support teacher.cache_outputs=true"),
         (["parallel=zero"], "parallel='zero' is not allowed"),
     ],
 )
@@ -225,3 +233,18 @@ def test_fsdp_in_one_process_is_refused(runs, tmp_path):
     folder, _ = runs
     with pytest.raises(ValueError, match="parallel=fsdp shards the models across torchrun's processes"):
         train(load_config(None, [*overrides(folder), "parallel=fsdp"]), tmp_path / "one", progress=False)
+
+
+def test_the_blocks_sharded_one_by_one_are_the_decoder_layers_and_timms_vit_blocks():
+    from dtokd.train.sharding import blocks
+
+    config = load_config(None, overrides(Path("unused")))
+    llama = create_model("hf-causal-lm:llama", 50, 1, 12, config.student.kwargs)
+    assert [type(b).__name__ for b in blocks(llama)] == ["LlamaDecoderLayer"] * 2
+    timm = pytest.importorskip("timm", reason="timm is a test dependency")
+    vit = timm.create_model(
+        "deit_tiny_distilled_patch16_224", img_size=32, patch_size=4, embed_dim=32, depth=3, num_heads=2
+    )
+    assert blocks(vit) == list(vit.blocks)  # an nn.Sequential of like blocks
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    assert blocks(mlp) == []  # unlike modules: the root alone

@@ -241,7 +241,7 @@ def _dry_run_config(config: Config, data: DataConfig, classes: int, scratch: Pat
     """``config`` for a dry run on ``data`` (``classes`` classes): no weight files read (a
     teacher, but one named by a local causal-LM folder, gets random weights written to
     ``scratch``; one given as offline outputs is that live teacher), batches of 4, one epoch,
-    every step logged."""
+    every step logged, in one process (``parallel=fsdp`` built whole)."""
     import dataclasses
 
     import torch
@@ -258,7 +258,15 @@ def _dry_run_config(config: Config, data: DataConfig, classes: int, scratch: Pat
         config.student, weights=None, key_map=None, kwargs=_without_weight_files(config.student.kwargs)
     )
     return dataclasses.replace(
-        config, data=data, teacher=teacher, student=student, batch_size=4, eval_batch_size=4, epochs=1, log_every=1
+        config,
+        data=data,
+        teacher=teacher,
+        student=student,
+        batch_size=4,
+        eval_batch_size=4,
+        epochs=1,
+        log_every=1,
+        parallel="ddp",  # one process: a sharded config is built whole
     )
 
 

@@ -51,6 +51,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from dtokd.balancing import sharded
 from dtokd.balancing.base import Balancer
 from dtokd.balancing.checks import NonFiniteStepError, check_non_negative, deferred_message
 from dtokd.balancing.step_watch import StepWatch
@@ -120,6 +121,12 @@ class AmortizedDTOBalancer(Balancer):
             state.copy_(value)
 
     def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
+        if self._before is None and sharded.partitioned_by_zero3(self.engine.params):
+            raise ValueError(
+                "dto-amortized cannot see DeepSpeed ZeRO-3's optimizer steps (its optimizer updates flat "
+                "partitions, not these parameters), so it would never learn and stay at equal weights: use "
+                "dto with engine='representation' under ZeRO-3, or FSDP2 (fully_shard, or dtokd's parallel=fsdp)"
+            )
         log_losses = loss_values.clamp_min(self.loss_floor).log()
         self._place(log_losses.device, len(log_losses))
         mark = self._steps.mark()

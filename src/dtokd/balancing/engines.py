@@ -206,6 +206,7 @@ class ExactEngine:
     ) -> ObjectiveGradients:
         """``keep_graph``: leave the losses' graph for a later backward (``Balancer.combine``)."""
         params = trainable(self.params)
+        sharded.refuse_zero3(params, self.name)
         if sharded.is_sharded(params):
             return _sharded_gradients(self.name, list(losses.values()), params, [], sync, self.batched, keep_graph)
         layout, chunks, _ = _flat_gradients(list(losses.values()), params, self.batched, keep_graph, sync)
@@ -241,6 +242,7 @@ class SubsetEngine:
         keep_graph: bool = False,
     ) -> ObjectiveGradients:
         values = list(losses.values())  # the graph is always kept: the update is a backward of the losses
+        sharded.refuse_zero3(self.params, self.name)
         if sharded.is_sharded(trainable(self.params)):  # m full backward passes anyway: update from the shards
             inside = trainable(self.gram_params)
             ids = {id(p) for p in inside}

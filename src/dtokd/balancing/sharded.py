@@ -56,6 +56,24 @@ def is_sharded(params: Sequence[Tensor]) -> bool:
     return kinds == {True}
 
 
+def partitioned_by_zero3(params: Sequence[Tensor]) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions ``params`` (it marks them with ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+def refuse_zero3(params: Sequence[Tensor], engine: str) -> None:
+    """A ValueError for parameters partitioned by DeepSpeed ZeRO-3: outside its own hooks a
+    parameter holds no data and its gradients are partitioned DeepSpeed's way, so one objective's
+    gradient cannot be taken (checked on the CPU: ZeRO-3 under gloo with ``DS_ACCELERATOR=cpu``,
+    where the representation engine equals one process: ``benchmarks/deepspeed_zero3_check.py``)."""
+    if partitioned_by_zero3(params):
+        raise ValueError(
+            f"engine={engine!r} takes each objective's parameter gradient, which DeepSpeed ZeRO-3 partitions "
+            "its own way: use engine='representation' (the Gram at the logits), dto-amortized or fixed weights "
+            "under ZeRO-3, or FSDP2 (fully_shard) for the exact engine"
+        )
+
+
 def check_sharded_setup(params: Sequence[Tensor], sync: Sync | None, engine: str, batched: bool) -> None:
     """The combinations under which ``engine`` cannot form the global Gram from shards, as errors:
     no global sync (``sync`` None or not in mode ``"global"``), a batched

@@ -57,8 +57,11 @@ def create_causal_lm(name: str, vocab_size: int, kwargs: dict[str, Any]) -> Caus
         raise ValueError(f"model {name!r} needs transformers: pip install 'dtokd[lm]'") from None
     spec = name[len(PREFIX) :]
     if Path(spec).is_dir():
+        # float32 unless the kwargs say otherwise (transformers would keep the folder's dtype: a
+        # bf16 checkpoint would train with bf16 weights and optimizer state)
+        options = {"dtype": "float32", **kwargs}
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, **kwargs)
+            model = transformers.AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, **options)
         except (OSError, ValueError) as error:
             raise ValueError(f"{spec} is not a local causal LM folder ({str(error).splitlines()[0][:200]})") from None
         if model.config.vocab_size != vocab_size:

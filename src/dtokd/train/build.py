@@ -53,6 +53,11 @@ def build_parts(config: Config, verbose: bool) -> Parts:
     if config.amp not in AMP_DTYPES:
         raise ValueError(f"amp={config.amp!r} is not allowed; use one of {list(AMP_DTYPES)}")
     ranks, device = distributed.setup(config.device, config.batch_size)
+    if config.parallel == "fsdp" and ranks.world < 2:
+        raise ValueError(
+            "parallel=fsdp shards the models across torchrun's processes, and this run has one: start it "
+            "with torchrun --nproc_per_node N (N >= 2), or use parallel=ddp"
+        )
     _check_compile(config, device)
     ckpt.seed_everything(config.seed)
     check_task_settings(
@@ -68,11 +73,6 @@ def build_parts(config: Config, verbose: bool) -> Parts:
         raise ValueError("data.mixup mixes classification labels; it is not available for detection")
     student, teacher, teacher_input, task = _models(config, data, device)
     if config.parallel == "fsdp":
-        if ranks.world < 2:
-            raise ValueError(
-                "parallel=fsdp shards the models across torchrun's processes, and this run has one: start it "
-                "with torchrun --nproc_per_node N (N >= 2), or use parallel=ddp"
-            )
         shard_models(task, student, teacher, config.amp)
     data = place_data(data, device, config.data.placement)
     teacher_cache = (

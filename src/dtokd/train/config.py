@@ -349,6 +349,12 @@ def _check_teacher_outputs(config: Config) -> None:
         )
     if config.teacher.cache_outputs:
         raise ConfigError("teacher.outputs and teacher.cache_outputs=true both replace the teacher: keep one")
+    hidden = [name for name, spec in config.losses.items() if spec.get("type") == "hidden"]
+    if hidden:
+        raise ConfigError(
+            f"teacher.outputs gives the teacher's top-k outputs, and losses {hidden} need its hidden states: "
+            "give the teacher itself"
+        )
 
 
 def _check_fsdp(config: Config) -> None:
@@ -360,6 +366,7 @@ def _check_fsdp(config: Config) -> None:
         (config.compile != "none", f"compile={config.compile!r}; use compile=none"),
         (config.channels_last, "channels_last=true (for convolutions); use false"),
         (config.optim.ema_decay is not None, "optim.ema_decay (an EMA copy of a sharded student); leave it null"),
+        (config.teacher.cache_outputs, "teacher.cache_outputs=true (per-rank files of a sharded teacher); use false"),
     ]
     for refused, what in unsupported:
         if refused:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,15 @@ class Ranks:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def from_main(self, value: Any) -> Any:
+        """The main process's ``value`` on every rank (a picklable object, broadcast from rank 0;
+        itself in one process): a decision all ranks must take alike."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def close(self, finished: bool) -> None:
         """Tear down the process group this run initialised, after a barrier when the run

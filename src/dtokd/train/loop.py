@@ -89,6 +89,7 @@ def train(
         parts = build_parts(config, verbose)
         if not resume and parts.ranks.main:
             prepare_fresh(folder, force=force, config_file=config_file)
+        parts.ranks.barrier()  # no rank reads the folder (teacher.json) before the main process cleared it
         summary = _run(
             config,
             folder,

@@ -51,15 +51,21 @@ LOADED = StateDictOptions(full_state_dict=True)
 def blocks(model: nn.Module) -> list[nn.Module]:
     """The modules of ``model`` that are sharded one by one: those whose class a Hugging Face
     model lists in ``_no_split_modules`` (its decoder layers), else the items of every
-    ``nn.ModuleList`` of two or more modules of one class (timm's ``blocks``); none inside another."""
+    ``nn.ModuleList`` or ``nn.Sequential`` of two or more modules of one class (timm's ViT
+    ``blocks``); none inside another."""
     names = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
     found: dict[str, nn.Module] = {}
     for path, module in model.named_modules():
         if names:
             chosen = type(module).__name__ in names
         else:
-            parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else None
-            chosen = isinstance(parent, nn.ModuleList) and len(parent) > 1 and len({type(c) for c in parent}) == 1
+            parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+            chosen = (
+                path != ""
+                and isinstance(parent, (nn.ModuleList, nn.Sequential))
+                and len(parent) > 1
+                and len({type(c) for c in parent}) == 1
+            )
         if chosen and not any(path.startswith(f"{outer}.") for outer in found):
             found[path] = module
     return list(found.values())

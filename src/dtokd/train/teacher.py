@@ -147,8 +147,9 @@ def teacher_metrics(config: Config, folder: Path, p: Parts, *, verbose: bool) ->
     if p.teacher is None:
         return None
     path = folder / "teacher.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    saved = p.ranks.from_main(json.loads(path.read_text()) if p.ranks.main and path.is_file() else None)
+    if saved is not None:  # decided by the main process for all (a sharded teacher's measurement is collective)
+        return saved
     if isinstance(p.teacher, OfflineTeacher):  # nothing to measure: no teacher model
         manifest = p.teacher.manifest
         offline = {
@@ -163,9 +164,8 @@ def teacher_metrics(config: Config, folder: Path, p: Parts, *, verbose: bool) ->
     weights = ckpt.checksum(full_state_dict(p.teacher))  # read once: a large teacher takes a while to hash
     model = WithInput(p.teacher, p.teacher_input) if p.teacher_input is not None else p.teacher
     cached = sources.cache_dir() / "teacher-eval" / f"{_teacher_key(config, weights, p.teacher_input)}.json"
-    if cached.is_file():
-        measured = json.loads(cached.read_text())
-    else:
+    measured = p.ranks.from_main(json.loads(cached.read_text()) if p.ranks.main and cached.is_file() else None)
+    if measured is None:
         measured = measure_teacher(config, p.task, model, p.data, p.device)
         if p.ranks.main:
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -219,6 +219,8 @@ def _teacher_key(config: Config, weights: str, teacher_input: nn.Module | None) 
         "teacher": config.teacher.name,
         "eval_batch_size": config.eval_batch_size,
         "channels_last": config.channels_last,
+        "amp": config.amp,
+        "parallel": config.parallel,
         "data_content": data_content,
         "weights": weights,
         "input": ckpt.checksum(teacher_input.state_dict()) if teacher_input is not None else None,
