@@ -124,6 +124,34 @@ def test_blocks_are_found_by_content_in_any_order_and_others_are_refused(tmp_pat
         offline.locate(ids[:2, :5])
 
 
+def test_blocks_whose_hashes_collide_are_told_apart_by_their_ids(tmp_path, monkeypatch):
+    """Every block hashed alike (the worst collision): each is still answered with its own outputs."""
+    from dtokd.data import offline_teacher
+
+    ids = torch.randint(0, 50, (6, 5), generator=torch.Generator().manual_seed(1))
+    teacher = create_model(
+        "hf-causal-lm:llama",
+        50,
+        1,
+        5,
+        {
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "intermediate_size": 32,
+        },
+    )
+    write_teacher_outputs(teacher, ids, tmp_path / "out", k=3, tokenizer="t")
+    monkeypatch.setattr(offline_teacher, "block_hashes", lambda x: torch.zeros(len(x), dtype=torch.int64))
+    offline = OfflineTeacher(TeacherOutputs(tmp_path / "out"))
+    order = torch.tensor([5, 0, 3, 3, 1])
+    assert torch.equal(offline.locate(ids[order]), order)
+    other = ids[:1] + 1
+    with pytest.raises(ValueError, match="1 of 1 input blocks are not among"):
+        offline.locate(other)
+
+
 def test_the_block_hash_by_hand():
     row = [3, 0, 7, 1]
     by_hand = sum((token + 1) * HASH_BASE**i for i, token in enumerate(row)) % 2**64

@@ -6,8 +6,9 @@ block index: the pipeline).
 **Finding a block by its content.** :class:`OfflineTeacher` keys every stored block by a 64-bit
 hash of its input ids, ``h(x) = sum_i (x_i + 1) * P^i mod 2^64`` (``P`` an odd 61-bit constant;
 integer arithmetic, so the same on every device and in any summation order), kept sorted. A batch
-row is looked up by its hash and then compared with the stored ids: a row that is not among
-them, a hash collision included, is refused (never answered with another block's outputs).
+row is looked up by its hash and then compared with the stored ids (every stored block of that
+hash, should two collide): a row that is not among them is refused, never answered with another
+block's outputs.
 Identical blocks have identical teacher outputs (the teacher sees only its input), so which copy
 answers does not matter. The lookup costs one transfer of the batch's ids to the host and back
 with its top-k (``(B, L, k)`` half-precision log-probabilities and int64 ids) per step.
@@ -95,9 +96,16 @@ class OfflineTeacher(nn.Module):
                 f"got input ids of shape {tuple(ids.shape)}"
             )
         hashes = block_hashes(ids)
-        position = torch.searchsorted(self._hashes, hashes).clamp_max(len(self._hashes) - 1)
+        first = torch.searchsorted(self._hashes, hashes)
+        last = torch.searchsorted(self._hashes, hashes, right=True)  # stored blocks of the same hash: first..last-1
+        position = first.clamp_max(len(self._hashes) - 1)
         blocks = self._order[position]
-        found = (self._hashes[position] == hashes) & (self.outputs.input_ids(blocks) == ids).all(-1)
+        found = (first < last) & (self.outputs.input_ids(blocks) == ids).all(-1)
+        for row in (~found & (last - first > 1)).nonzero().flatten().tolist():  # a collision: the other candidates
+            for candidate in self._order[first[row] + 1 : last[row]].tolist():
+                if torch.equal(self.outputs.input_ids(candidate).long(), ids[row]):
+                    blocks[row], found[row] = candidate, True
+                    break
         return blocks, found
 
     def _not_found(self, missing: int, total: int) -> ValueError:
