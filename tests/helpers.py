@@ -63,3 +63,24 @@ def bench_matrix(tmp_path, **changes):
         reference="kd",
     )
     return Matrix(**{**fields, **changes})
+
+
+def tiny_lm_overrides(corpus, llama: str, *, limit_train: int = 12) -> list[str]:
+    """The settings of a tiny causal-LM run (two epochs of batches of 4 blocks of 12 tokens) on the
+    generated text in ``corpus``, a Llama student of the shape ``llama`` (a YAML flow mapping)."""
+    return [
+        "name=lm",
+        "task=causal-lm",
+        "epochs=2",
+        "batch_size=4",
+        "eval_batch_size=8",
+        "log_every=1",
+        "amp=none",
+        "data.name=text",
+        f"data.root={corpus}",
+        "data.val_fraction=0.2",
+        f"data.limit_train={limit_train}",
+        "data.text={block_size: 12, vocab_size: 300, test_fraction: 0.2}",
+        "student.name=hf-causal-lm:llama",
+        f"student.kwargs={llama}",
+    ]

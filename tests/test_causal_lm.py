@@ -20,7 +20,7 @@ from dtokd.models import create_model  # noqa: E402
 from dtokd.tasks import CausalLMTask, evaluate_causal_lm  # noqa: E402
 from dtokd.train import load_config, train  # noqa: E402
 
-from helpers import interrupt_after  # noqa: E402
+from helpers import interrupt_after, tiny_lm_overrides  # noqa: E402
 
 LLAMA = {
     "hidden_size": 32,
@@ -189,20 +189,7 @@ def _config(corpus, *overrides):
     return load_config(
         None,
         [
-            "name=lm",
-            "task=causal-lm",
-            "epochs=2",
-            "batch_size=4",
-            "eval_batch_size=8",
-            "log_every=1",
-            "amp=none",
-            "data.name=text",
-            f"data.root={corpus}",
-            "data.val_fraction=0.2",
-            "data.limit_train=12",
-            "data.text={block_size: 12, vocab_size: 300, test_fraction: 0.2}",
-            "student.name=hf-causal-lm:llama",
-            f"student.kwargs={TINY}",
+            *tiny_lm_overrides(corpus, TINY),
             "optim.name=adamw",
             "optim.lr=0.003",
             "losses={task: {type: ce}}",

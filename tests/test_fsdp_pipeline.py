@@ -30,6 +30,8 @@ from dtokd.train import load_config, loop, train  # noqa: E402
 from dtokd.train.build import data_of  # noqa: E402
 from dtokd.train.config import ConfigError  # noqa: E402
 
+from helpers import tiny_lm_overrides  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 LLAMA = "{hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, num_key_value_heads: 2, " + (
@@ -51,21 +53,8 @@ CASES = {
 
 def overrides(folder: Path) -> list[str]:
     return [
-        "name=lm",
-        "task=causal-lm",
-        "epochs=2",
-        "batch_size=4",
-        "eval_batch_size=8",
-        "log_every=1",
-        "amp=none",
+        *tiny_lm_overrides(folder / "text", LLAMA, limit_train=8),
         "device=cpu",
-        "data.name=text",
-        f"data.root={folder / 'text'}",
-        "data.val_fraction=0.2",
-        "data.limit_train=8",
-        "data.text={block_size: 12, vocab_size: 300, test_fraction: 0.2}",
-        "student.name=hf-causal-lm:llama",
-        f"student.kwargs={LLAMA}",
         "teacher.name=hf-causal-lm:llama",
         f"teacher.kwargs={LLAMA}",
         f"teacher.checkpoint={folder / 'teacher.pt'}",

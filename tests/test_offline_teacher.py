@@ -18,6 +18,8 @@ from dtokd.models import create_model  # noqa: E402
 from dtokd.train import load_config, train  # noqa: E402
 from dtokd.train.config import ConfigError  # noqa: E402
 
+from helpers import tiny_lm_overrides  # noqa: E402
+
 LLAMA = "{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2, " + (
     "intermediate_size: 64, max_position_embeddings: 32}"
 )
@@ -37,20 +39,7 @@ def setting(tmp_path_factory):
     folder = tmp_path_factory.mktemp("offline")
     corpus = write_fake_text(folder / "text", documents=10, words=200)
     overrides = [
-        "name=lm",
-        "task=causal-lm",
-        "epochs=2",
-        "batch_size=4",
-        "eval_batch_size=8",
-        "log_every=1",
-        "amp=none",
-        "data.name=text",
-        f"data.root={corpus}",
-        "data.val_fraction=0.2",
-        "data.limit_train=12",
-        "data.text={block_size: 12, vocab_size: 300, test_fraction: 0.2}",
-        "student.name=hf-causal-lm:llama",
-        f"student.kwargs={LLAMA}",
+        *tiny_lm_overrides(corpus, LLAMA),
         "teacher.name=hf-causal-lm:llama",
         f"teacher.kwargs={LLAMA}",
         f"teacher.checkpoint={folder / 'teacher.pt'}",
@@ -89,22 +78,16 @@ def _cli_args(setting, out, k, *extra):
     ]
 
 
+def tiny_teacher(length: int):
+    """A 1-layer Llama of width 16 over a vocabulary of 50, for blocks of ``length`` tokens."""
+    shape = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}
+    return create_model("hf-causal-lm:llama", 50, 1, length, {**shape, "intermediate_size": 32})
+
+
 def test_blocks_are_found_by_content_in_any_order_and_others_are_refused(tmp_path):
     ids = torch.randint(0, 50, (9, 6), generator=torch.Generator().manual_seed(0))
     ids[4] = ids[1]  # a duplicate block: either copy answers (their outputs are the same)
-    teacher = create_model(
-        "hf-causal-lm:llama",
-        50,
-        1,
-        6,
-        {
-            "hidden_size": 16,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "intermediate_size": 32,
-        },
-    )
+    teacher = tiny_teacher(6)
     write_teacher_outputs(teacher, ids, tmp_path / "out", k=4, tokenizer="t", batch_size=4, shard_bytes=300)
     offline = OfflineTeacher(TeacherOutputs(tmp_path / "out"))
     order = torch.tensor([8, 1, 0, 4, 5, 1])
@@ -129,19 +112,7 @@ def test_blocks_whose_hashes_collide_are_told_apart_by_their_ids(tmp_path, monke
     from dtokd.data import offline_teacher
 
     ids = torch.randint(0, 50, (6, 5), generator=torch.Generator().manual_seed(1))
-    teacher = create_model(
-        "hf-causal-lm:llama",
-        50,
-        1,
-        5,
-        {
-            "hidden_size": 16,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "intermediate_size": 32,
-        },
-    )
+    teacher = tiny_teacher(5)
     write_teacher_outputs(teacher, ids, tmp_path / "out", k=3, tokenizer="t")
     monkeypatch.setattr(offline_teacher, "block_hashes", lambda x: torch.zeros(len(x), dtype=torch.int64))
     offline = OfflineTeacher(TeacherOutputs(tmp_path / "out"))
