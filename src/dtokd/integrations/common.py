@@ -208,19 +208,14 @@ def _cast_floating(value: Any, dtype: torch.dtype | None) -> Any:
     return value
 
 
-class ParameterGuard:
-    """The parameters a balancer was built over, by identity: :meth:`check` refuses a model whose
-    parameters were replaced since (FSDP's ``fully_shard``, applied by accelerate on GPUs or in a
-    Lightning ``configure_model``, re-registers them as new tensors), which the balancer would no
-    longer see: the step would weigh stale tensors. ``how``: what works instead, for the message."""
-
-    def __init__(self, params: Any, how: str) -> None:
-        self._ids = [id(p) for p in params]
-        self._how = how
-
-    def check(self, params: Any) -> None:
-        if [id(p) for p in params] != self._ids:
-            raise ValueError(
-                "the model's parameters were replaced after the balancer was built over them (FSDP sharding "
-                f"does this), so it no longer sees them: {self._how}"
-            )
+def check_balanced_parameters(balancer: Any, params: Any, how: str) -> None:
+    """``params`` (the model's, now) are the ones ``balancer`` was built over, by identity and in
+    order; else a ValueError saying ``how`` to train instead. A wrapper that replaces them (FSDP's
+    ``fully_shard``, applied by accelerate on GPUs or in a Lightning ``configure_model``,
+    re-registers them as new tensors) would leave the balancer weighing stale tensors. Compared
+    with the balancer's own list, so a module pickled together with it (``ddp_spawn``) passes."""
+    if [id(p) for p in params] != [id(p) for p in balancer.engine.params]:
+        raise ValueError(
+            "the model's parameters were replaced after the balancer was built over them (FSDP sharding "
+            f"does this), so it no longer sees them: {how}"
+        )

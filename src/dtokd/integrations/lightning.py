@@ -43,8 +43,19 @@ import torch
 from torch import Tensor, nn
 
 from dtokd.balancing import make_balancer
-from dtokd.integrations.common import FrozenTeacher, LossFn, ParameterGuard, default_losses, with_distillation_form
+from dtokd.integrations.common import (
+    FrozenTeacher,
+    LossFn,
+    check_balanced_parameters,
+    default_losses,
+    with_distillation_form,
+)
 from dtokd.models.norms import frozen_batchnorm_statistics
+
+SHARDING = (
+    "sharding the student (FSDP2 in configure_model) is not supported by DistillationModule yet; "
+    "use dtokd distill with parallel=fsdp"
+)
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -76,11 +87,6 @@ class DistillationModule(lightning.LightningModule):
         self.losses = with_distillation_form(losses or default_losses(), method)
         self.engine = engine
         self.balancer = make_balancer(method, self.student.parameters(), engine=engine, **dict(balancer_options or {}))
-        self._balanced_parameters = ParameterGuard(
-            self.student.parameters(),
-            "sharding the student (FSDP2 in configure_model) is not supported by DistillationModule yet; "
-            "use dtokd distill with parallel=fsdp",
-        )
         self._optimizer = optimizer or default_optimizer
         self._batch: tuple[Tensor, Tensor, Tensor] | None = None
 
@@ -101,7 +107,7 @@ class DistillationModule(lightning.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = _pair(batch)
-        self._balanced_parameters.check(self.student.parameters())
+        check_balanced_parameters(self.balancer, self.student.parameters(), SHARDING)
         logits = self.student(x)
         teacher_logits = self._teacher_logits(x, logits)
         losses = self.losses(logits, teacher_logits, y)

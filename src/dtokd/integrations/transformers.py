@@ -63,7 +63,7 @@ from dtokd.balancing import make_balancer
 from dtokd.data.offline_teacher import WithTeacherTopk
 from dtokd.integrations.common import (
     FrozenTeacher,
-    ParameterGuard,
+    check_balanced_parameters,
     default_losses,
     with_distillation_form,
     with_label_smoothing,
@@ -71,6 +71,7 @@ from dtokd.integrations.common import (
 
 BALANCER_FILE = "dtokd_balancer.pt"
 TOPK_COLUMNS = (WithTeacherTopk.LOG_PROBS, WithTeacherTopk.INDICES)
+SHARDING = "sharded training is not supported in the Trainer yet; use dtokd distill with parallel=fsdp"
 """The batch columns that carry offline top-k teacher outputs."""
 
 
@@ -119,10 +120,6 @@ class DistillationTrainer(transformers.Trainer):
         if self.model is None:
             raise ValueError("DistillationTrainer needs model=, the student to distil into")
         self.balancer = make_balancer(method, self.model.parameters(), engine=engine, **options)
-        self._balanced_parameters = ParameterGuard(
-            self.model.parameters(),
-            "sharded training is not supported in the Trainer yet; use dtokd distill with parallel=fsdp",
-        )
         self.model_accepts_loss_kwargs = False  # what transformers < 5.19 reads instead of loss_is_scaled_for_ga
         if "labels" not in self.label_names:  # kept for the losses even if the model's forward takes none
             self.label_names = [*self.label_names, "labels"]
@@ -145,7 +142,7 @@ class DistillationTrainer(transformers.Trainer):
             teacher = teacher_logits.to(logits.dtype)
         losses = self.losses(logits, teacher, labels)
         if model.training and torch.is_grad_enabled():
-            self._balanced_parameters.check(model.parameters())
+            check_balanced_parameters(self.balancer, model.parameters(), SHARDING)
             loss = self.balancer.combine(losses, representation=logits)
         else:  # evaluation: nothing to balance, and the balancer's state must not move
             for name, value in losses.items():
