@@ -1,6 +1,10 @@
 """Helpers shared by the tests."""
 
+import gc
+from collections.abc import Callable
+
 import torch
+import torch.distributed as dist
 
 from dtokd.train import loop
 
@@ -84,3 +88,20 @@ def tiny_lm_overrides(corpus, llama: str, *, limit_train: int = 12) -> list[str]
         "student.name=hf-causal-lm:llama",
         f"student.kwargs={llama}",
     ]
+
+
+def run_in_gloo_group(rank: int, world: int, init_file: str, body: Callable[..., bool], *args) -> None:
+    """``body(*args)`` as process ``rank`` of a ``world``-process gloo group (file store
+    ``init_file``), then the group torn down, after a barrier when ``body`` returned True (every
+    rank finished alike, so no peer's collective is still in flight; after an error a peer may
+    never arrive). ``body`` keeps its models in its own frame, so they are gone
+    (a DDP reducer or an FSDP module holds the group) and the group's threads joined before the
+    interpreter exits: threads that outlive it abort the process at exit ("terminate called
+    without an active exception")."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        if body(*args):
+            dist.barrier()
+    finally:
+        gc.collect()  # models caught in reference cycles, and what they hold, go now
+        dist.destroy_process_group()

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 from dtokd import make_balancer
+
+from helpers import run_in_gloo_group
 
 pytestmark = pytest.mark.slow
 
@@ -69,21 +70,22 @@ def train_steps(model, forward, method, options, rank=0, world=1, combine=False)
 
 
 def worker(rank, world, init_file, method, options, out, desync, combine=False):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    run_in_gloo_group(rank, world, init_file, train_and_save, rank, world, method, options, out, desync, combine)
+
+
+def train_and_save(rank, world, method, options, out, desync, combine) -> bool:
+    """Train, save this rank's weights and parameters (or the error every rank raises alike)."""
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    if desync and rank == 1:
+        with torch.no_grad():
+            model[0].bias.add_(0.01)
     try:
-        model = make_model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        if desync and rank == 1:
-            with torch.no_grad():
-                model[0].bias.add_(0.01)
-        try:
-            weights, params = train_steps(model, ddp, method, options, rank, world, combine)
-            torch.save({"weights": weights, "params": params}, f"{out}.{rank}")
-        except RuntimeError as error:
-            torch.save({"error": str(error)}, f"{out}.{rank}")
-        dist.barrier()  # no collective of the peer still in flight when the group is torn down
-    finally:
-        dist.destroy_process_group()
+        weights, params = train_steps(model, ddp, method, options, rank, world, combine)
+        torch.save({"weights": weights, "params": params}, f"{out}.{rank}")
+    except RuntimeError as error:
+        torch.save({"error": str(error)}, f"{out}.{rank}")
+    return True
 
 
 def run_two_processes(tmp_path, method, options, desync=False, combine=False):

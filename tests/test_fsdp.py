@@ -23,6 +23,8 @@ from torch.nn import functional as F
 from dtokd import make_balancer
 from dtokd.balancing import checks, sharded
 
+from helpers import run_in_gloo_group
+
 pytestmark = pytest.mark.slow
 
 if not dist.is_available():  # FSDP2 needs torch.distributed, which some builds leave out
@@ -157,25 +159,26 @@ def recording_shard_sizes(sizes: list):
 
 
 def worker(rank, world, init_file, out):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        results: dict = {"reach_error": reach_check_error(rank, world)}
-        kept: list[int] = []
-        sharded.objective_shards = recording_shard_sizes(kept)
-        for name in CASES:
-            try:
-                results[name] = train(shard(make_model()), name, rank, world)
-            except Exception as error:  # reported by the case's test
-                results[name] = {"error": f"{type(error).__name__}: {error}"}
-        model = shard(make_model())
-        results["kept"] = list(kept), sum(p.to_local().numel() for p in model.parameters()), model_numel()
-        results["refused-local"] = refused("dto", {"sync": "local"}, rank, world)
-        results["refused-batched"] = refused("dto", {"batched": True}, rank, world)
-        results["docs-example"] = docs_example(rank, world)
-        torch.save(results, f"{out}.{rank}")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    run_in_gloo_group(rank, world, init_file, run_cases, rank, world, out)
+
+
+def run_cases(rank, world, out) -> bool:
+    """Every case on this rank (a case's error is its result), saved."""
+    results: dict = {"reach_error": reach_check_error(rank, world)}
+    kept: list[int] = []
+    sharded.objective_shards = recording_shard_sizes(kept)
+    for name in CASES:
+        try:
+            results[name] = train(shard(make_model()), name, rank, world)
+        except Exception as error:  # reported by the case's test
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+    model = shard(make_model())
+    results["kept"] = list(kept), sum(p.to_local().numel() for p in model.parameters()), model_numel()
+    results["refused-local"] = refused("dto", {"sync": "local"}, rank, world)
+    results["refused-batched"] = refused("dto", {"batched": True}, rank, world)
+    results["docs-example"] = docs_example(rank, world)
+    torch.save(results, f"{out}.{rank}")
+    return True
 
 
 @pytest.fixture(scope="module")

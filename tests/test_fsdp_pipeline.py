@@ -30,7 +30,7 @@ from dtokd.train import load_config, loop, train  # noqa: E402
 from dtokd.train.build import data_of  # noqa: E402
 from dtokd.train.config import ConfigError  # noqa: E402
 
-from helpers import tiny_lm_overrides  # noqa: E402
+from helpers import run_in_gloo_group, tiny_lm_overrides  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,11 @@ def worker(rank: int, world: int, folder: str, init_file: str) -> None:
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     os.environ["DTOKD_CACHE"] = str(folder / "cache")  # the teacher is measured, not read from a cache
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    run_in_gloo_group(rank, world, init_file, run_cases, rank, folder)
+
+
+def run_cases(rank: int, folder: Path) -> bool:
+    """Every pipeline case on this rank, its results saved; False after an error (reported by the tests)."""
     results: dict = {"sharded": []}
     real_build = loop.build_parts
 
@@ -147,7 +151,7 @@ def worker(rank: int, world: int, folder: str, init_file: str) -> None:
         results["error"] = f"{type(error).__name__}: {error} {traceback.format_exc()[-1500:]}"
     finally:
         torch.save(results, folder / f"rank{rank}.pt")
-        dist.destroy_process_group()
+    return "error" not in results
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ BatchNorm differ slightly from a one-process run; BatchNorm-free models match it
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -53,12 +54,15 @@ class Ranks:
     def close(self, finished: bool) -> None:
         """Tear down the process group this run initialised, after a barrier when the run
         ``finished`` (so no peer's collective is still in flight; after an error a peer may
-        never arrive). A group left to the interpreter's exit can abort the process (gloo's
-        worker threads outliving it)."""
+        never arrive). The caller drops its models first: a DDP reducer or an FSDP module
+        holds the group, and a group that outlives the interpreter's exit aborts the process
+        (gloo's worker threads outliving it); the garbage collection frees models caught in
+        reference cycles, so the group's threads are joined here."""
         if not self.owns_group or not dist.is_initialized():
             return
         if finished:
             dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 

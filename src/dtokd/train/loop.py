@@ -109,7 +109,8 @@ def train(
         raise
     finally:
         if parts is not None:
-            parts.ranks.close(finished)
+            ranks, parts = parts.ranks, None  # the models (a DDP reducer holds the group) go first
+            ranks.close(finished)
         if lock is not None:
             lock.close()
 
