@@ -494,3 +494,32 @@ def test_a_local_model_folder_loads_in_float32_unless_its_kwargs_give_a_dtype(tm
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}
     kept = create_model(f"hf-causal-lm:{tmp_path / 'folder'}", 40, 1, 12, {"dtype": "bfloat16"})
     assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
+
+
+def test_a_loss_type_added_as_a_record_is_checked_computed_and_needs_its_teacher(corpus, monkeypatch):
+    """Adding a loss is a function and a record: the task fills its defaults, refuses a bad option
+    and a missing teacher, and computes it, with no other edit."""
+    from dtokd.tasks.causal_lm_losses import LOSS_TYPES, TokenLossInputs
+    from dtokd.tasks.specs import LossType
+
+    def logit_mse(spec, inputs: TokenLossInputs):
+        counted = inputs.targets != -100
+        return spec["scale"] * (inputs.logits[counted] - inputs.teacher_outputs[counted]).pow(2).mean()
+
+    monkeypatch.setitem(LOSS_TYPES, "logit-mse", LossType({"scale": 0.5}, logit_mse))
+    data = build_data("text", str(corpus), val_fraction=0.2, text=TEXT)
+    student, teacher = _models(data.num_classes)
+    task = CausalLMTask(student, teacher, {"mse": {"type": "logit-mse"}, "task": {"type": "ce"}})
+    assert task.specs["mse"] == {"type": "logit-mse", "scale": 0.5}
+    x, y = data.train.__getitems__([0, 1])
+    y = y.clone()  # the targets may share the blocks' storage with the inputs
+    y[:, :2] = -100
+    _, losses = task(x, y)
+    counted = y != -100
+    with torch.no_grad():
+        expected = 0.5 * (student(x).double()[counted] - teacher(x).double()[counted]).pow(2).mean()
+    torch.testing.assert_close(losses["mse"].double(), expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match=r"losses.mse: unknown option\(s\) \['scal'\]"):
+        CausalLMTask(student, teacher, {"mse": {"type": "logit-mse", "scal": 1.0}})
+    with pytest.raises(ValueError, match=r"loss\(es\) \['mse'\] need a teacher"):
+        CausalLMTask(student, None, {"mse": {"type": "logit-mse"}, "task": {"type": "ce"}})

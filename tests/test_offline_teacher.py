@@ -11,8 +11,9 @@ pytest.importorskip("transformers", reason="language models need the optional de
 pytest.importorskip("tokenizers", reason="language-model data need the optional dependency tokenizers")
 
 from dtokd import cli  # noqa: E402
+from dtokd.data.block_hash import HASH_BASE, block_hashes  # noqa: E402
 from dtokd.data.fake import write_fake_text  # noqa: E402
-from dtokd.data.offline_teacher import HASH_BASE, OfflineTeacher, block_hashes  # noqa: E402
+from dtokd.data.offline_teacher import OfflineTeacher  # noqa: E402
 from dtokd.data.teacher_outputs import TeacherOutputs, write_teacher_outputs  # noqa: E402
 from dtokd.models import create_model  # noqa: E402
 from dtokd.train import load_config, train  # noqa: E402
@@ -88,8 +89,12 @@ def test_blocks_are_found_by_content_in_any_order_and_others_are_refused(tmp_pat
     ids = torch.randint(0, 50, (9, 6), generator=torch.Generator().manual_seed(0))
     ids[4] = ids[1]  # a duplicate block: either copy answers (their outputs are the same)
     teacher = tiny_teacher(6)
-    write_teacher_outputs(teacher, ids, tmp_path / "out", k=4, tokenizer="t", batch_size=4, shard_bytes=300)
+    write_teacher_outputs(
+        teacher, ids, tmp_path / "out", k=4, tokenizer="t", teacher_name="tiny", batch_size=4, shard_bytes=300
+    )
     offline = OfflineTeacher(TeacherOutputs(tmp_path / "out"))
+    offline.check_covers(ids[[3, 1, 8]])
+    assert offline.outputs._open == {}  # starting and the coverage check read the block index only
     order = torch.tensor([8, 1, 0, 4, 5, 1])
     located = offline.locate(ids[order])
     assert torch.equal(offline.outputs.input_ids(located).long(), ids[order])
@@ -102,19 +107,23 @@ def test_blocks_are_found_by_content_in_any_order_and_others_are_refused(tmp_pat
     with pytest.raises(ValueError, match=r"1 of 3 input blocks are not among the teacher outputs"):
         offline.locate(other)
     with pytest.raises(ValueError, match=r"2 of 11 input blocks are not among"):
-        offline.check_covers(torch.cat([ids, other[1:2], other[1:2]]), chunk=4)
+        offline.check_covers(torch.cat([ids, other[1:2], other[1:2]]))
     with pytest.raises(ValueError, match=r"hold blocks of 6 input ids; got input ids of shape \(2, 5\)"):
         offline.locate(ids[:2, :5])
 
 
 def test_blocks_whose_hashes_collide_are_told_apart_by_their_ids(tmp_path, monkeypatch):
     """Every block hashed alike (the worst collision): each is still answered with its own outputs."""
-    from dtokd.data import offline_teacher
+    from dtokd.data import offline_teacher, teacher_outputs
 
+    def colliding(ids):
+        return torch.zeros(len(ids), dtype=torch.int64)
+
+    monkeypatch.setattr(teacher_outputs, "block_hashes", colliding)  # the index the writer keeps
+    monkeypatch.setattr(offline_teacher, "block_hashes", colliding)  # the reader's lookup
     ids = torch.randint(0, 50, (6, 5), generator=torch.Generator().manual_seed(1))
     teacher = tiny_teacher(5)
-    write_teacher_outputs(teacher, ids, tmp_path / "out", k=3, tokenizer="t")
-    monkeypatch.setattr(offline_teacher, "block_hashes", lambda x: torch.zeros(len(x), dtype=torch.int64))
+    write_teacher_outputs(teacher, ids, tmp_path / "out", k=3, tokenizer="t", teacher_name="tiny")
     offline = OfflineTeacher(TeacherOutputs(tmp_path / "out"))
     order = torch.tensor([5, 0, 3, 3, 1])
     assert torch.equal(offline.locate(ids[order]), order)
@@ -174,6 +183,7 @@ def test_outputs_that_do_not_fit_the_run_are_refused_naming_the_field(setting, t
     other = create_model("hf-causal-lm:llama", setting["vocabulary"], 1, 12, load_config(None, base).teacher.kwargs)
     torch.save(other.state_dict(), tmp_path / "other.pt")
     assert "field 'teacher_hash'" in refused(f"teacher.checkpoint={tmp_path / 'other.pt'}")
+    assert "field 'teacher_name'" in refused("teacher.name=hf-causal-lm:gpt2")
     assert "field 'block_length'" in refused("data.text={block_size: 10, vocab_size: 300, test_fraction: 0.2}")
     assert "field 'tokenizer'" in refused("data.text={block_size: 12, vocab_size: 280, test_fraction: 0.2}")
     assert "input blocks are not among the teacher outputs" in refused("seed=1")  # another seed's subset
@@ -190,7 +200,7 @@ def test_outputs_that_do_not_fit_the_run_are_refused_naming_the_field(setting, t
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["task=classification", "data.name=fashion-mnist"], "task='classification' is not causal-lm"),
+        (["task=classification", "data.name=fashion-mnist"], "task='classification' takes none"),
         (["teacher.name=null"], "needs teacher.name"),
         (["teacher.cache_outputs=true"], "both replace the teacher"),
     ],

@@ -13,6 +13,7 @@ from helpers import tiny_llamas
 
 pytest.importorskip("transformers", reason="the teacher is a tiny Hugging Face Llama")
 
+from dtokd.data.block_hash import block_hashes  # noqa: E402
 from dtokd.data.teacher_outputs import (  # noqa: E402
     TeacherOutputs,
     corpus_digest,
@@ -40,7 +41,10 @@ def teacher64():
 
 
 def write(folder, teacher=None, blocks=None, **options):
-    settings = {**dict(k=5, tokenizer="tok-1", temperature=2.0, batch_size=3, shard_bytes=1100), **options}
+    settings = {
+        **dict(k=5, tokenizer="tok-1", teacher_name="teacher-64", temperature=2.0, batch_size=3, shard_bytes=1100),
+        **options,
+    }
     return write_teacher_outputs(teacher or teacher64(), corpus() if blocks is None else blocks, folder, **settings)
 
 
@@ -148,6 +152,7 @@ def test_matching_expectations_are_accepted(tmp_path):
     write(tmp_path / "out", teacher, blocks)
     outputs = TeacherOutputs(
         tmp_path / "out",
+        teacher_name="teacher-64",
         teacher_hash=teacher_checksum(teacher),
         tokenizer="tok-1",
         corpus_digest=corpus_digest(blocks),
@@ -164,6 +169,7 @@ def test_matching_expectations_are_accepted(tmp_path):
 @pytest.mark.parametrize(
     "field, value",
     [
+        ("teacher_name", "hf-causal-lm:/elsewhere"),
         ("teacher_hash", "0" * 64),
         ("tokenizer", "tok-2"),
         ("corpus_digest", corpus_digest(corpus(seed=1))),
@@ -191,18 +197,50 @@ def test_an_unknown_expected_field_and_an_unfinished_write_are_refused(tmp_path)
         TeacherOutputs(tmp_path / "out")
 
 
+def damage_file(path, damage):
+    content = bytearray(path.read_bytes())
+    if damage == "truncated":
+        path.write_bytes(content[: len(content) // 2])
+    elif damage == "flipped byte":
+        content[len(content) // 2] ^= 0x01
+        path.write_bytes(content)
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "missing"])
+def test_a_damaged_index_is_refused_naming_the_file_and_opens_no_shard(tmp_path, damage):
+    write(tmp_path / "out")
+    damage_file(tmp_path / "out" / "blocks.pt", damage)
+    outputs = TeacherOutputs(tmp_path / "out")
+    with pytest.raises((ValueError, FileNotFoundError), match="blocks.pt"):
+        outputs.block_hashes()
+    assert outputs._open == {}
+    outputs.topk([0, 9])  # the shards themselves are intact
+
+
+def test_the_index_holds_each_blocks_content_hash_in_order(tmp_path):
+    blocks = corpus()
+    write(tmp_path / "out", blocks=blocks)
+    outputs = TeacherOutputs(tmp_path / "out")
+    torch.testing.assert_close(outputs.block_hashes(), block_hashes(blocks.blocks[:, :-1]), rtol=0, atol=0)
+    assert outputs._open == {}  # read without a shard
+
+
+def test_a_folder_of_an_older_format_is_refused_by_name(tmp_path):
+    write(tmp_path / "out")
+    path = tmp_path / "out" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["index"], manifest["teacher_name"]
+    path.write_text(json.dumps({**manifest, "format": "dtokd-teacher-topk-v2"}))
+    with pytest.raises(ValueError, match="'dtokd-teacher-topk-v2', this dtokd reads 'dtokd-teacher-topk-v3'.*write"):
+        TeacherOutputs(tmp_path / "out")
+
+
 @pytest.mark.parametrize("damage", ["truncated", "flipped byte", "missing"])
 def test_a_damaged_shard_is_refused_naming_the_file_when_first_opened(tmp_path, damage):
     write(tmp_path / "out")
-    shard = tmp_path / "out" / "shard-00001.pt"
-    content = bytearray(shard.read_bytes())
-    if damage == "truncated":
-        shard.write_bytes(content[: len(content) // 2])
-    elif damage == "flipped byte":
-        content[len(content) // 2] ^= 0x01
-        shard.write_bytes(content)
-    else:
-        shard.unlink()
+    damage_file(tmp_path / "out" / "shard-00001.pt", damage)
     outputs = TeacherOutputs(tmp_path / "out")
     outputs.topk([0, 9])  # shards 0 and 2 are intact
     with pytest.raises((ValueError, FileNotFoundError), match="shard-00001.pt"):
@@ -219,7 +257,12 @@ def test_a_folder_that_would_be_overwritten_is_refused_unless_asked(tmp_path):
     assert (tmp_path / "out" / "manifest.json").read_text() == before
     (tmp_path / "out" / "notes.txt").write_text("mine")
     manifest = write(tmp_path / "out", k=3, shard_bytes=10**6, overwrite=True)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "notes.txt", "shard-00000.pt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "blocks.pt",
+        "manifest.json",
+        "notes.txt",
+        "shard-00000.pt",
+    ]
     assert manifest.k == 3 and TeacherOutputs(tmp_path / "out", k=3).topk(0)[0].shape == (LENGTH, 3)
 
 

@@ -3,12 +3,11 @@ with the top-k as columns (for a trainer that takes them from the batch, by bloc
 teacher that answers a batch of input ids with their top-k (for a loop whose batches carry no
 block index: the pipeline).
 
-**Finding a block by its content.** :class:`OfflineTeacher` keys every stored block by a 64-bit
-hash of its input ids, ``h(x) = sum_i (x_i + 1) * P^i mod 2^64`` (``P`` an odd 61-bit constant;
-integer arithmetic, so the same on every device and in any summation order), kept sorted. A batch
-row is looked up by its hash and then compared with the stored ids (every stored block of that
-hash, should two collide): a row that is not among them is refused, never answered with another
-block's outputs.
+**Finding a block by its content.** :class:`OfflineTeacher` keys every stored block by the 64-bit
+hash of its input ids (:mod:`dtokd.data.block_hash`) that the outputs' index holds, kept sorted:
+starting one reads the index only, no shard. A batch row is looked up by its hash and then
+compared with the stored ids (every stored block of that hash, should two collide): a row that
+is not among them is refused, never answered with another block's outputs.
 Identical blocks have identical teacher outputs (the teacher sees only its input), so which copy
 answers does not matter. The lookup costs one transfer of the batch's ids to the host and back
 with its top-k (``(B, L, k)`` half-precision log-probabilities and int64 ids) per step.
@@ -16,7 +15,6 @@ with its top-k (``(B, L, k)`` half-precision log-probabilities and int64 ids) pe
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -26,10 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from dtokd.data.block_hash import block_hashes
 from dtokd.data.teacher_outputs import TeacherOutputs
-
-HASH_BASE = 0x1FFFFFFFFFFFFFC5
-"""``P``, odd and below 2^61, so every power is non-zero modulo 2^64."""
 
 
 def vocabulary_identity(vocabulary: Sequence[str]) -> str:
@@ -37,22 +33,6 @@ def vocabulary_identity(vocabulary: Sequence[str]) -> str:
     pipeline's text corpora): ``vocabulary-sha256:`` and the SHA-256 of the vocabulary as a JSON
     list, in order."""
     return "vocabulary-sha256:" + hashlib.sha256(json.dumps(list(vocabulary)).encode()).hexdigest()
-
-
-def block_hashes(input_ids: Tensor) -> Tensor:
-    """``h`` of each row of ``input_ids`` ``(N, L)`` (see the module notes), int64 with wrap-around."""
-    weights = _hash_weights(input_ids.shape[-1]).to(input_ids.device)
-    return ((input_ids.to(torch.int64) + 1) * weights).sum(-1)
-
-
-@functools.lru_cache(maxsize=8)
-def _hash_weights(length: int) -> Tensor:
-    """``P^i mod 2^64`` for ``i < length``, as signed 64-bit integers."""
-    powers, power = [], 1
-    for _ in range(length):
-        powers.append(power - (1 << 64) if power >= 1 << 63 else power)
-        power = power * HASH_BASE % (1 << 64)
-    return torch.tensor(powers, dtype=torch.int64)
 
 
 class OfflineTeacher(nn.Module):
@@ -65,8 +45,7 @@ class OfflineTeacher(nn.Module):
     def __init__(self, outputs: TeacherOutputs) -> None:
         super().__init__()
         self.outputs = outputs
-        inputs = outputs.input_ids(range(len(outputs)))
-        self._hashes, self._order = block_hashes(inputs).sort()
+        self._hashes, self._order = outputs.block_hashes().sort()
 
     @property
     def manifest(self) -> Any:
@@ -80,21 +59,19 @@ class OfflineTeacher(nn.Module):
             raise self._not_found(int((~found).sum()), len(found))
         return blocks
 
-    def check_covers(self, input_ids: Tensor, chunk: int = 4096) -> None:
-        """Every row of ``input_ids`` ``(N, L)`` (a run's training blocks) is among the stored
-        blocks, or a ValueError naming how many are not."""
-        missing = sum(int((~self._find(input_ids[i : i + chunk])[1]).sum()) for i in range(0, len(input_ids), chunk))
+    def check_covers(self, input_ids: Tensor) -> None:
+        """Every row of ``input_ids`` ``(N, L)`` (a run's training blocks) has a stored block of
+        its hash, or a ValueError naming how many have none: a start-up check that opens no
+        shard (each batch's rows are compared with the stored ids when they are looked up)."""
+        hashes = block_hashes(self._checked_ids(input_ids))
+        position = torch.searchsorted(self._hashes, hashes).clamp_max(len(self._hashes) - 1)
+        missing = int((self._hashes[position] != hashes).sum())
         if missing:
             raise self._not_found(missing, len(input_ids))
 
     def _find(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         """``(blocks, found)``: the candidate stored block of each row, and whether it holds it."""
-        ids = input_ids.detach().to("cpu", torch.int64)
-        if ids.dim() != 2 or ids.shape[1] != self.manifest.block_length:
-            raise ValueError(
-                f"teacher outputs {self.outputs.folder} hold blocks of {self.manifest.block_length} input ids; "
-                f"got input ids of shape {tuple(ids.shape)}"
-            )
+        ids = self._checked_ids(input_ids)
         hashes = block_hashes(ids)
         first = torch.searchsorted(self._hashes, hashes)
         last = torch.searchsorted(self._hashes, hashes, right=True)  # stored blocks of the same hash: first..last-1
@@ -107,6 +84,16 @@ class OfflineTeacher(nn.Module):
                     blocks[row], found[row] = candidate, True
                     break
         return blocks, found
+
+    def _checked_ids(self, input_ids: Tensor) -> Tensor:
+        """``input_ids`` as int64 on the CPU, refused unless ``(N, block_length)``."""
+        ids = input_ids.detach().to("cpu", torch.int64)
+        if ids.dim() != 2 or ids.shape[1] != self.manifest.block_length:
+            raise ValueError(
+                f"teacher outputs {self.outputs.folder} hold blocks of {self.manifest.block_length} input ids; "
+                f"got input ids of shape {tuple(ids.shape)}"
+            )
+        return ids
 
     def _not_found(self, missing: int, total: int) -> ValueError:
         return ValueError(

@@ -6,6 +6,7 @@ that distillation needs no teacher in memory (:func:`dtokd.losses.token_kd_loss`
 **The format** (``FORMAT``), one folder:
 
 - ``manifest.json``, written last (a folder without it is an unfinished write): ``format``,
+  ``teacher_name`` (what the writer called the teacher: the pipeline's ``teacher.name``),
   ``teacher_hash`` (:func:`teacher_checksum`: :func:`dtokd.models.weight_file.checksum` of the
   teacher's state dict), ``tokenizer`` (the caller's identity string, e.g. the tokenizer file's
   SHA-256), ``corpus_digest`` (:func:`corpus_digest`: SHA-256 of the blocks' input ids, in
@@ -13,7 +14,10 @@ that distillation needs no teacher in memory (:func:`dtokd.losses.token_kd_loss`
   ``num_blocks``, ``vocab_size``, ``k``, ``temperature``, ``dtype`` (of the log-probabilities:
   ``float16``, the default, ``bfloat16`` or ``float32``) and ``shards``: for each, its ``file``,
   the blocks it holds (``start`` to ``stop``, exclusive, consecutive from 0), its ``bytes`` and
-  its ``sha256``.
+  its ``sha256``; ``index``: the same for ``blocks.pt``.
+- ``blocks.pt``: ``{"hashes": (N,) int64}``, each block's content hash
+  (:func:`dtokd.data.block_hash.block_hashes` of its input ids), in block order: what a reader
+  needs to find blocks by content without opening a shard.
 - ``shard-00000.pt``, ...: a ``torch.save`` of ``{"log_probs": (n, L, k) dtype, "indices":
   (n, L, k) int32, "input_ids": (n, L) int32}`` for its ``n`` blocks, read back with
   ``weights_only=True`` (tensors only: nothing in a file runs) and memory-mapped. Position ``i``
@@ -60,16 +64,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dtokd.data.block_hash import block_hashes
 from dtokd.data.text import TokenBlocks
 from dtokd.models.norms import eval_mode
 from dtokd.models.weight_file import checksum
 
-FORMAT = "dtokd-teacher-topk-v2"
-"""v2 added each block's ``input_ids`` to its shard (v1 folders are refused by name: write them again)."""
+FORMAT = "dtokd-teacher-topk-v3"
+"""v2 added each block's ``input_ids`` to its shard, v3 the block index and the teacher's name
+(older folders are refused by name: write them again)."""
+INDEX = "blocks.pt"
 MANIFEST = "manifest.json"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_SHARD_BYTES = 16 * 2**20
 CHECKED_FIELDS = (
+    "teacher_name",
     "teacher_hash",
     "tokenizer",
     "corpus_digest",
@@ -94,6 +102,7 @@ class Shard:
 @dataclass(frozen=True)
 class Manifest:
     format: str
+    teacher_name: str
     teacher_hash: str
     tokenizer: str
     corpus_digest: str
@@ -104,6 +113,7 @@ class Manifest:
     temperature: float
     dtype: str
     shards: tuple[Shard, ...]
+    index: Shard
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -113,12 +123,16 @@ class Manifest:
         """The manifest in ``text`` (read from ``path``, named in errors), its structure checked."""
         try:
             raw = json.loads(text)
+            if raw.get("format") != FORMAT:
+                raise _FormatError(raw.get("format"))
             shards = tuple(Shard(**shard) for shard in raw.pop("shards"))
-            manifest = cls(**raw, shards=shards)
+            manifest = cls(**{**raw, "shards": shards, "index": Shard(**raw["index"])})
+        except _FormatError as error:
+            raise ValueError(
+                f"{path}: field 'format' is {error.args[0]!r}, this dtokd reads {FORMAT!r} (write the outputs again)"
+            ) from None
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             raise ValueError(f"{path} is not a teacher-outputs manifest ({type(error).__name__}: {error})") from None
-        if manifest.format != FORMAT:
-            raise ValueError(f"{path}: field 'format' is {manifest.format!r}, this dtokd reads {FORMAT!r}")
         if manifest.dtype not in DTYPES:
             raise ValueError(f"{path}: field 'dtype' is {manifest.dtype!r}, not one of {sorted(DTYPES)}")
         expected_start = 0
@@ -128,7 +142,14 @@ class Manifest:
             expected_start = shard.stop
         if expected_start != manifest.num_blocks:
             raise ValueError(f"{path}: the shards hold {expected_start} blocks, 'num_blocks' is {manifest.num_blocks}")
+        index = manifest.index
+        if index.file != INDEX or (index.start, index.stop) != (0, manifest.num_blocks):
+            raise ValueError(f"{path}: field 'index' is not {INDEX} over blocks 0-{manifest.num_blocks}")
         return manifest
+
+
+class _FormatError(Exception):
+    """A manifest of another format (its ``format`` field)."""
 
 
 # ----------------------------------------------------------------------------------------- identities
@@ -192,14 +213,17 @@ def _block_length(blocks: Any) -> int:
 # ---------------------------------------------------------------------------------------------- writer
 
 
-def _check_write_settings(k: int, temperature: float, tokenizer: str) -> None:
-    """``k`` a positive integer, ``temperature`` a positive number, ``tokenizer`` a non-empty string."""
+def _check_write_settings(k: int, temperature: float, tokenizer: str, teacher_name: str) -> None:
+    """``k`` a positive integer, ``temperature`` a positive number, ``tokenizer`` and
+    ``teacher_name`` non-empty strings."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k={k!r} must be a positive integer")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature={temperature!r} must be a positive number")
     if not isinstance(tokenizer, str) or not tokenizer:
         raise ValueError("tokenizer must be a non-empty string identifying the tokenizer (e.g. its file's SHA-256)")
+    if not isinstance(teacher_name, str) or not teacher_name:
+        raise ValueError("teacher_name must be a non-empty string naming the teacher (e.g. its model name)")
 
 
 def write_teacher_outputs(
@@ -209,6 +233,7 @@ def write_teacher_outputs(
     *,
     k: int,
     tokenizer: str,
+    teacher_name: str,
     temperature: float = 1.0,
     dtype: torch.dtype | str = torch.float16,
     batch_size: int = 8,
@@ -224,27 +249,30 @@ def write_teacher_outputs(
     its parameters' device, ``batch_size`` blocks at a time. ``blocks``: a
     :class:`~dtokd.data.text.TokenBlocks`, an integer tensor ``(N, L)`` or an indexable of
     blocks (see :func:`corpus_digest`), all of one length. ``tokenizer``: the tokenizer's
-    identity, recorded for readers to check. ``teacher_hash``: its :func:`teacher_checksum` if
-    already known (computed otherwise). ``shard_bytes``: about how large a shard is.
+    identity, and ``teacher_name``, what the teacher is called (a model name, a folder), recorded
+    for readers to check. ``teacher_hash``: its :func:`teacher_checksum` if already known
+    (computed otherwise). ``shard_bytes``: about how large a shard is.
     """
     dtype_name = _dtype_name(dtype)
-    _check_write_settings(k, temperature, tokenizer)
+    _check_write_settings(k, temperature, tokenizer, teacher_name)
     folder = Path(folder)
     _prepare_folder(folder, overwrite)
     length = _block_length(blocks)
     per_token = k * (DTYPES[dtype_name].itemsize + 4) + 4
     per_shard = max(1, shard_bytes // (length * per_token))
     digest = _CorpusDigest(len(blocks), length)
-    shards, vocab_size = [], 0
+    shards, hashes, vocab_size = [], [], 0
     with eval_mode(teacher), torch.no_grad():
         for number, start in enumerate(range(0, len(blocks), per_shard)):
             stop = min(start + per_shard, len(blocks))
             tensors, vocab_size = _shard_outputs(
                 teacher, blocks, range(start, stop), k, float(temperature), DTYPES[dtype_name], batch_size, digest
             )
-            shards.append(_save_shard(folder, number, start, stop, tensors))
+            shards.append(_save_file(folder, f"shard-{number:05d}.pt", start, stop, tensors))
+            hashes.append(block_hashes(tensors["input_ids"]))
     manifest = Manifest(
         format=FORMAT,
+        teacher_name=teacher_name,
         teacher_hash=teacher_hash or teacher_checksum(teacher),
         tokenizer=tokenizer,
         corpus_digest=digest.hexdigest(),
@@ -255,6 +283,7 @@ def write_teacher_outputs(
         temperature=float(temperature),
         dtype=dtype_name,
         shards=tuple(shards),
+        index=_save_file(folder, INDEX, 0, len(blocks), {"hashes": torch.cat(hashes)}),
     )
     temporary = folder / f"{MANIFEST}.tmp"
     temporary.write_text(manifest.to_json())
@@ -309,18 +338,19 @@ def _logits(output: Any) -> Tensor:
     return logits
 
 
-def _save_shard(folder: Path, number: int, start: int, stop: int, tensors: Mapping[str, Tensor]) -> Shard:
+def _save_file(folder: Path, name: str, start: int, stop: int, tensors: Mapping[str, Tensor]) -> Shard:
+    """``tensors`` saved as ``folder / name`` (blocks ``start`` to ``stop``), with its size and SHA-256."""
     buffer = io.BytesIO()
     torch.save({key: tensor.contiguous() for key, tensor in tensors.items()}, buffer)
     content = buffer.getvalue()
-    name = f"shard-{number:05d}.pt"
     (folder / name).write_bytes(content)
     return Shard(name, start, stop, len(content), hashlib.sha256(content).hexdigest())
 
 
 def _prepare_folder(folder: Path, overwrite: bool) -> None:
     """An empty (or new) folder; with ``overwrite``, an earlier write's manifest (first: the
-    folder is then an unfinished write, never a finished one) and shards are removed, nothing else."""
+    folder is then an unfinished write, never a finished one), index and shards are removed,
+    nothing else."""
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder} is a file, not a folder for teacher outputs")
     if folder.is_dir() and any(folder.iterdir()):
@@ -330,6 +360,7 @@ def _prepare_folder(folder: Path, overwrite: bool) -> None:
                 "(give another folder, or overwrite=True)"
             )
         (folder / MANIFEST).unlink(missing_ok=True)
+        (folder / INDEX).unlink(missing_ok=True)
         for shard in folder.glob("shard-*.pt"):
             shard.unlink()
     folder.mkdir(parents=True, exist_ok=True)
@@ -400,8 +431,14 @@ class TeacherOutputs:
                 out[rows] = tensors[key][local]
         return [out.reshape(*index.shape, *out.shape[1:]) for out in gathered]
 
+    def block_hashes(self) -> Tensor:
+        """Each block's content hash ``(N,)`` int64, in block order (the index file, its SHA-256
+        verified; no shard is opened)."""
+        return _open_file(self.folder, self.manifest.index, {"hashes": (torch.int64, (len(self),))})["hashes"]
+
     def verify(self) -> None:
-        """Open (and so verify) every shard."""
+        """Open (and so verify) the index and every shard."""
+        self.block_hashes()
         for number in range(len(self.manifest.shards)):
             self._shard(number)
 
@@ -434,28 +471,39 @@ def _check_expected(manifest: Manifest, expected: Mapping[str, Any], path: Path)
 
 def _open_shard(folder: Path, manifest: Manifest, shard: Shard) -> dict[str, Tensor]:
     """The shard's tensors, memory-mapped, after its SHA-256 and shapes are verified."""
-    path = folder / shard.file
+    blocks, length, k = shard.stop - shard.start, manifest.block_length, manifest.k
+    return _open_file(
+        folder,
+        shard,
+        {
+            "log_probs": (DTYPES[manifest.dtype], (blocks, length, k)),
+            "indices": (torch.int32, (blocks, length, k)),
+            "input_ids": (torch.int32, (blocks, length)),
+        },
+    )
+
+
+def _open_file(
+    folder: Path, entry: Shard, expected: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
+) -> dict[str, Tensor]:
+    """The tensors of the manifest's file ``entry``, memory-mapped, after its size, SHA-256 and
+    the ``expected`` dtypes and shapes (by key) are verified."""
+    path = folder / entry.file
     if not path.is_file():
-        raise FileNotFoundError(f"teacher-output shard {path} is missing")
+        raise FileNotFoundError(f"teacher-output file {path} is missing")
     size, sha = _file_sha256(path)
-    if size != shard.bytes or sha != shard.sha256:
+    if size != entry.bytes or sha != entry.sha256:
         raise ValueError(
-            f"teacher-output shard {path} is truncated or corrupt: {size} bytes, SHA-256 {sha[:16]}..., "
-            f"the manifest wrote {shard.bytes} bytes, {shard.sha256[:16]}... (write the outputs again)"
+            f"teacher-output file {path} is truncated or corrupt: {size} bytes, SHA-256 {sha[:16]}..., "
+            f"the manifest wrote {entry.bytes} bytes, {entry.sha256[:16]}... (write the outputs again)"
         )
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    blocks, length, k = shard.stop - shard.start, manifest.block_length, manifest.k
-    expected = {
-        "log_probs": (DTYPES[manifest.dtype], (blocks, length, k)),
-        "indices": (torch.int32, (blocks, length, k)),
-        "input_ids": (torch.int32, (blocks, length)),
-    }
     if not isinstance(state, dict) or set(state) != set(expected):
-        raise ValueError(f"teacher-output shard {path} does not hold {sorted(expected)}")
+        raise ValueError(f"teacher-output file {path} does not hold {sorted(expected)}")
     for key, (dtype, shape) in expected.items():
         if state[key].dtype != dtype or tuple(state[key].shape) != shape:
             raise ValueError(
-                f"teacher-output shard {path}: {key} is {state[key].dtype} {tuple(state[key].shape)}, "
+                f"teacher-output file {path}: {key} is {state[key].dtype} {tuple(state[key].shape)}, "
                 f"the manifest says {dtype} {shape}"
             )
     return state

@@ -1,5 +1,5 @@
 """What the framework integrations share: the default distillation losses, for classifiers and
-for causal language models, and the teacher as they run it (:class:`FrozenTeacher`). The losses
+for causal language models (the teacher as they run it: :class:`dtokd.tasks.teacher.Teacher`). The losses
 are picklable (frozen dataclasses, not closures), so a module or trainer holding them can be
 sent to spawned processes (Lightning's ``ddp_spawn``, ``torch.multiprocessing``)."""
 
@@ -10,14 +10,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from dtokd.balancing.balancers import distillation_form
 from dtokd.losses.kd import cross_entropy, kd_loss
 from dtokd.losses.token_kd import DEFAULT_CHUNK_TOKENS, token_kd_loss
-from dtokd.models.norms import eval_mode
+from dtokd.tasks.causal_lm_losses import IGNORE_INDEX, next_token_cross_entropy
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Mapping[str, Tensor]]
 
@@ -55,7 +53,7 @@ class CausalLMLosses:
     temperature: float = 1.0
     beta: float = 0.5
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     label_smoothing: float = 0.0
     """The next-token cross-entropy against ``(1 - eps) onehot + eps / V`` (as the Hugging Face
     Trainer's ``label_smoothing_factor``)."""
@@ -90,15 +88,10 @@ class CausalLMLosses:
             ignore_index=self.ignore_index,
             chunk_tokens=self.chunk_tokens,
         )
-        flat = logits.reshape(-1, logits.shape[-1]).float()
-        task = F.cross_entropy(
-            flat,
-            targets.reshape(-1),
-            ignore_index=self.ignore_index,
-            reduction="sum",
-            label_smoothing=self.label_smoothing,
+        task = next_token_cross_entropy(
+            logits, targets, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing
         )
-        return {"distill": distill, "task": task / (targets != self.ignore_index).sum().clamp_min(1)}
+        return {"distill": distill, "task": task}
 
 
 def default_losses(temperature: float = 4.0, divergence: str = "forward_kl", label_smoothing: float = 0.0) -> LossFn:
@@ -111,7 +104,7 @@ def causal_lm_losses(
     temperature: float = 1.0,
     beta: float = 0.5,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     label_smoothing: float = 0.0,
 ) -> LossFn:
     """The causal-LM losses (see :class:`CausalLMLosses`)."""
@@ -149,63 +142,6 @@ def with_label_smoothing(losses: LossFn, factor: float, setting: str) -> LossFn:
             f"{setting}={factor}, but the losses smooth with label_smoothing={losses.label_smoothing}: give one of them"
         )
     return dataclasses.replace(losses, label_smoothing=float(factor))
-
-
-class FrozenTeacher:
-    """The caller's teacher as the integrations run it: under ``torch.no_grad()``, in eval mode
-    for its forward only (the module's own training flags and ``requires_grad`` are left as the
-    caller set them: a student copied from it later is not frozen), on the inputs' device
-    (moved there once), floating inputs cast to its parameters' dtype. :meth:`check_fits`
-    refuses outputs that cannot be compared with the student's, naming the teacher."""
-
-    def __init__(self, module: nn.Module) -> None:
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"teacher must be a torch.nn.Module, got {type(module).__name__}")
-        self.module = module
-        self.name = type(module).__name__
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        device = _first_tensor_device(args, kwargs)
-        parameter = next(self.module.parameters(), None)
-        if parameter is not None and device is not None and parameter.device != device:
-            self.module.to(device)
-            parameter = next(self.module.parameters())
-        dtype = parameter.dtype if parameter is not None else None
-        args, kwargs = _cast_floating((args, kwargs), dtype)
-        with torch.no_grad(), eval_mode(self.module):
-            return self.module(*args, **kwargs)
-
-    def check_fits(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
-        """The teacher's logits must have the student's shape (batch, [positions,] classes or
-        vocabulary) and be floating point."""
-        if not isinstance(teacher_logits, Tensor) or not teacher_logits.is_floating_point():
-            raise TypeError(f"the teacher {self.name} must return floating-point logits, got {teacher_logits!r:.80}")
-        if teacher_logits.shape != student_logits.shape:
-            raise ValueError(
-                f"the teacher {self.name} does not fit its student: its logits have shape "
-                f"{tuple(teacher_logits.shape)}, the student's {tuple(student_logits.shape)} (the last dimension "
-                "is the number of classes, or the vocabulary: teacher and student must predict the same ones)"
-            )
-
-
-def _first_tensor_device(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.device | None:
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, Tensor):
-            return value.device
-    return None
-
-
-def _cast_floating(value: Any, dtype: torch.dtype | None) -> Any:
-    """``value`` with its floating tensors (in tuples, lists and dicts) cast to ``dtype``."""
-    if dtype is None:
-        return value
-    if isinstance(value, Tensor):
-        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_cast_floating(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: _cast_floating(v, dtype) for k, v in value.items()}
-    return value
 
 
 def check_balanced_parameters(balancer: Any, params: Any, how: str) -> None:

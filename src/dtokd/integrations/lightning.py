@@ -27,7 +27,7 @@ the Gram of the summed gradients). The amortized rule learns once per optimizer 
 Validation and test sets (``trainer.fit(module, train, val)``, ``trainer.validate``,
 ``trainer.test``): the student's top-1 accuracy and each named loss against the teacher, logged
 as ``val/accuracy``, ``val/loss/<name>`` (``test/...``), averaged over the set. The teacher is
-the caller's module, run frozen (:class:`~dtokd.integrations.common.FrozenTeacher`: eval mode
+the caller's module, run frozen (:class:`~dtokd.tasks.teacher.Teacher`: eval mode
 and no gradients for its forward only; the caller's object keeps its flags), on the student's
 device and dtype; one whose logits do not match the student's is refused at the first batch.
 Batches are ``(inputs, labels)`` pairs.
@@ -44,13 +44,13 @@ from torch import Tensor, nn
 
 from dtokd.balancing import make_balancer
 from dtokd.integrations.common import (
-    FrozenTeacher,
     LossFn,
     check_balanced_parameters,
     default_losses,
     with_distillation_form,
 )
 from dtokd.models.norms import frozen_batchnorm_statistics
+from dtokd.tasks.teacher import Teacher
 
 SHARDING = (
     "sharding the student (FSDP2 in configure_model) is not supported by DistillationModule yet; "
@@ -83,7 +83,7 @@ class DistillationModule(lightning.LightningModule):
     ) -> None:
         super().__init__()
         self.student = student
-        self.teacher = [FrozenTeacher(teacher)]  # a list: not a submodule, not in state_dict
+        self.teacher = Teacher(teacher)  # not a submodule: not trained, not in state_dict
         self.losses = with_distillation_form(losses or default_losses(), method)
         self.engine = engine
         self.balancer = make_balancer(method, self.student.parameters(), engine=engine, **dict(balancer_options or {}))
@@ -98,10 +98,9 @@ class DistillationModule(lightning.LightningModule):
         return logits, self.losses(logits, teacher_logits, y)
 
     def _teacher_logits(self, x: Tensor, student_logits: Tensor | None = None) -> Tensor:
-        teacher = self.teacher[0]
-        teacher_logits = teacher(x)
+        teacher_logits = self.teacher(x)
         if student_logits is not None:
-            teacher.check_fits(student_logits, teacher_logits)
+            self.teacher.check_fits(student_logits, teacher_logits)
             teacher_logits = teacher_logits.to(student_logits.dtype)
         return teacher_logits
 

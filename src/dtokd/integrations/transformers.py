@@ -31,7 +31,7 @@ must smooth by itself). Evaluation (``eval_dataset``, ``trainer.evaluate()``,
 ``trainer.predict()``): no balancing and no balancer state changes; ``eval_loss`` is the task
 loss (the losses' ``"task"`` entry, else their sum), and each named loss is logged as
 ``eval_dtokd/loss/<name>``. The teacher is the caller's module, run frozen
-(:class:`~dtokd.integrations.common.FrozenTeacher`: eval mode and no gradients for its forward
+(:class:`~dtokd.tasks.teacher.Teacher`: eval mode and no gradients for its forward
 only), on the student's device and dtype; one whose logits do not match the student's is refused
 at the first batch, naming it. Checkpoints' balancer states are read with ``weights_only=True``
 (a file carrying any other pickled object is refused, never run), and one saved by another
@@ -62,12 +62,12 @@ from torch import Tensor, nn
 from dtokd.balancing import make_balancer
 from dtokd.data.offline_teacher import WithTeacherTopk
 from dtokd.integrations.common import (
-    FrozenTeacher,
     check_balanced_parameters,
     default_losses,
     with_distillation_form,
     with_label_smoothing,
 )
+from dtokd.tasks.teacher import Teacher
 
 BALANCER_FILE = "dtokd_balancer.pt"
 TOPK_COLUMNS = (WithTeacherTopk.LOG_PROBS, WithTeacherTopk.INDICES)
@@ -110,7 +110,7 @@ class DistillationTrainer(transformers.Trainer):
                 "dto-amortized in the Hugging Face Trainer needs balancer_options={'update': 'next-step'}: "
                 "the same-batch update needs a re-evaluation after each optimizer step"
             )
-        self.teacher = FrozenTeacher(teacher) if teacher is not None else None
+        self.teacher = Teacher(teacher) if teacher is not None else None
         self.losses = with_label_smoothing(
             with_distillation_form(losses or default_losses(), method),
             self.args.label_smoothing_factor,

@@ -5,7 +5,7 @@ detection (:mod:`.detection`) and causal language models (:mod:`.causal_lm`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -14,16 +14,18 @@ from torch import nn
 
 from dtokd.data.bundle import DETECTION_DATASETS
 from dtokd.tasks.causal_lm import CausalLMTask, check_lm_representation, evaluate_causal_lm, resolve_lm_specs
+from dtokd.tasks.causal_lm_losses import LOSS_TYPES as CAUSAL_LM_LOSS_TYPES
 from dtokd.tasks.classification import (
-    LOSS_OPTIONS,
     ClassificationTask,
     evaluate_classifier,
     has_distillation_head,
     resolve_loss_specs,
 )
+from dtokd.tasks.classification_losses import LOSS_TYPES as CLASSIFICATION_LOSS_TYPES
 from dtokd.tasks.detection import DetectionTask, evaluate_detector, resolve_detection_specs
 from dtokd.tasks.dry_run import causal_lm_dry_run_data, classification_dry_run_data, detection_dry_run_data
 from dtokd.tasks.names import TASKS
+from dtokd.tasks.specs import LossType
 
 Task = ClassificationTask | DetectionTask | CausalLMTask
 
@@ -60,6 +62,11 @@ class TaskKind:
     """Whether ``teacher.cache_outputs`` serves it (the teacher's logits per training step)."""
     compile_refusal: str | None = None
     """Why ``compile`` is refused for it, or None where the student may be compiled."""
+    loss_types: Mapping[str, LossType[Any]] = field(default_factory=dict)
+    """Its loss types by name (:class:`~dtokd.tasks.specs.LossType` records)."""
+    takes_teacher_outputs: bool = False
+    """Whether its teacher may be given as precomputed top-k outputs (``teacher.outputs``,
+    :mod:`dtokd.data.offline_teacher`) instead of a model."""
 
 
 def _check_classification(
@@ -187,6 +194,7 @@ TASK_KINDS: Mapping[str, TaskKind] = {
         _evaluate_classifier,
         classification_dry_run_data,
         caches_teacher_outputs=True,
+        loss_types=CLASSIFICATION_LOSS_TYPES,
     ),
     "detection": TaskKind(
         "detection",
@@ -208,6 +216,8 @@ TASK_KINDS: Mapping[str, TaskKind] = {
         _evaluate_causal_lm,
         causal_lm_dry_run_data,
         reported_metrics=("top1", "ppl"),
+        loss_types=CAUSAL_LM_LOSS_TYPES,
+        takes_teacher_outputs=True,
     ),
 }
 """Every task kind by name (the names are :data:`dtokd.tasks.names.TASKS`)."""
@@ -259,7 +269,6 @@ def build_task(
 
 
 __all__ = [
-    "LOSS_OPTIONS",
     "TASKS",
     "TASK_KINDS",
     "TaskKind",

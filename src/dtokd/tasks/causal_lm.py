@@ -2,30 +2,25 @@
 a model is evaluated by held-out perplexity and next-token accuracy.
 
 A batch is ``(input_ids, targets)``, both ``(B, L)``: the targets are the next tokens
-(:class:`~dtokd.data.text.TokenBlocks`), ``-100`` where a position does not count. Loss specs:
-
-- ``ce``: next-token cross-entropy, the mean over counted tokens;
-- ``token-kd``: :func:`~dtokd.losses.token_kd.token_kd_loss` to the teacher's next-token
-  distribution: ``divergence`` (``forward_kl``, ``forward_ce``, ``reverse_kl``, ``jsd``; a config
-  that leaves it out or gives ``auto`` gets the balancing method's form as it is read:
-  :func:`dtokd.train.config.resolve_distillation_form`),
-  ``beta`` (jsd's mix, 0.5), ``temperature`` (1), ``chunk_tokens`` (1024): the mean over
-  counted tokens;
-- ``hidden``: a hidden-state loss through a learned projector
-  (:class:`~dtokd.losses.feature.FeatureProjector` over the hidden width): the student's hidden
-  state ``student_layer`` and the teacher's ``teacher_layer`` (indices into the
-  ``num_hidden_layers + 1`` hidden states, embeddings first; -1, the default, is the last, after
-  the final norm) at the counted tokens only, ``loss = distance(P h_s, norm(h_t))``
-  averaged over counted tokens and the teacher's width; ``distance`` ``mse`` (default) or
-  ``smooth_l1``, ``teacher_norm`` ``layernorm`` (default, over the width, no parameters),
-  ``standardize`` (per channel over the batch's counted tokens) or ``none``;
-  ``projector: false`` compares the student's state itself (equal widths), ``orthogonal: true``
-  keeps the projector's rows or columns orthonormal (VkD). 0 for a batch without a counted token.
+(:class:`~dtokd.data.text.TokenBlocks`), ``-100`` where a position does not count. The loss
+types ``ce``, ``token-kd`` and ``hidden``, their options, defaults and what each needs, are
+records in :mod:`dtokd.tasks.causal_lm_losses`; the task reads them, never a type's name.
+A ``token-kd`` loss that leaves ``divergence`` out or gives ``auto`` gets the balancing
+method's form as the config is read (:func:`dtokd.train.config.resolve_distillation_form`).
+A ``hidden`` loss compares the student's hidden state ``student_layer`` with the teacher's
+``teacher_layer`` (indices into the ``num_hidden_layers + 1`` hidden states, embeddings first;
+-1, the default, is the last, after the final norm) at the counted tokens only, through a
+learned projector (:class:`~dtokd.losses.feature.FeatureProjector` over the hidden width):
+``loss = distance(P h_s, norm(h_t))`` averaged over counted tokens and the teacher's width;
+``distance`` ``mse`` (default) or ``smooth_l1``, ``teacher_norm`` ``layernorm`` (default, over
+the width, no parameters), ``standardize`` (per channel over the batch's counted tokens) or
+``none``; ``projector: false`` compares the student's state itself (equal widths),
+``orthogonal: true`` keeps the projector's rows or columns orthonormal (VkD).
 
 **A teacher given as its offline top-k outputs** (:class:`~dtokd.data.offline_teacher.OfflineTeacher`,
 ``teacher.outputs``): the token-KD losses compare over the ``k`` stored tokens and the tail
 (``token_kd_loss(teacher_topk=...)``), at the temperature the outputs were written at (a loss at
-another is refused); a hidden loss needs the teacher's hidden states and is refused.
+another is refused); a loss that reads the teacher's hidden states is refused.
 
 The balancer's representation (for the ``representation`` engine) is the student's logits
 ``(B, L, V)`` (``balancer.representation: outputs``), or its last hidden state ``(B, L, H)``
@@ -52,46 +47,18 @@ from torch import Tensor, nn
 from dtokd.data import eval_loader, to_device
 from dtokd.data.offline_teacher import OfflineTeacher
 from dtokd.losses.feature import FeatureProjector
-from dtokd.losses.token_kd import DIVERGENCES, token_kd_loss
 from dtokd.models.causal_lm import CausalLM
-from dtokd.tasks.specs import fill_specs
+from dtokd.tasks.causal_lm_losses import IGNORE_INDEX, LOSS_TYPES, TokenLossInputs
+from dtokd.tasks.specs import losses_where, refuse_without_teacher, resolve_specs
+from dtokd.tasks.teacher import Teacher
 
-LOSS_OPTIONS: dict[str, dict[str, Any]] = {
-    "ce": {},
-    "token-kd": {"divergence": "forward_kl", "beta": 0.5, "temperature": 1.0, "chunk_tokens": 1024},
-    "hidden": {
-        "student_layer": -1,
-        "teacher_layer": -1,
-        "distance": "mse",
-        "teacher_norm": "layernorm",
-        "projector": True,
-        "orthogonal": False,
-    },
-}
-HIDDEN_NORMS = ("layernorm", "standardize", "none")
-HIDDEN_DISTANCES = ("mse", "smooth_l1")
 REPRESENTATIONS = ("outputs", "hidden")
 """``balancer.representation`` for causal LMs: the student's logits or its last hidden state."""
-IGNORE_INDEX = -100
 
 
 def resolve_lm_specs(specs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Fill in defaults and reject unknown types, options or values, naming them."""
-    resolved = fill_specs(specs, LOSS_OPTIONS, "causal-lm", "{task: {type: ce}}")
-    for name, spec in resolved.items():
-        if spec["type"] == "hidden":
-            _check_hidden_spec(name, spec)
-        if spec["type"] != "token-kd":
-            continue
-        if spec["divergence"] not in DIVERGENCES:
-            raise ValueError(
-                f"losses.{name}.divergence={spec['divergence']!r} is not allowed; use one of {list(DIVERGENCES)}"
-            )
-        if spec["divergence"] == "jsd" and not 0 < spec["beta"] < 1:
-            raise ValueError(f"losses.{name}.beta={spec['beta']!r} must lie strictly between 0 and 1 for jsd")
-        if not isinstance(spec["chunk_tokens"], int) or spec["chunk_tokens"] < 1:
-            raise ValueError(f"losses.{name}.chunk_tokens={spec['chunk_tokens']!r} must be a positive integer")
-    return resolved
+    return resolve_specs(specs, LOSS_TYPES, "causal-lm", "{task: {type: ce}}")
 
 
 def check_lm_representation(representation: str) -> None:
@@ -100,20 +67,6 @@ def check_lm_representation(representation: str) -> None:
         raise ValueError(
             f"balancer.representation={representation!r}: for causal-lm the representation is the student's "
             f"logits ('outputs') or its last hidden state ('hidden'); use one of {list(REPRESENTATIONS)}"
-        )
-
-
-def _check_hidden_spec(name: str, spec: Mapping[str, Any]) -> None:
-    for key in ("student_layer", "teacher_layer"):
-        if not isinstance(spec[key], int):  # a number already (fill_specs), and not a flag
-            raise ValueError(f"losses.{name}.{key}={spec[key]!r} must be an integer (a hidden state's index)")
-    if spec["distance"] not in HIDDEN_DISTANCES:
-        raise ValueError(
-            f"losses.{name}.distance={spec['distance']!r} is not allowed; use one of {list(HIDDEN_DISTANCES)}"
-        )
-    if spec["teacher_norm"] not in HIDDEN_NORMS:
-        raise ValueError(
-            f"losses.{name}.teacher_norm={spec['teacher_norm']!r} is not allowed; use one of {list(HIDDEN_NORMS)}"
         )
 
 
@@ -126,14 +79,6 @@ def _layer(model: CausalLM, index: int, where: str) -> int:
             f"(embeddings and {count - 1} layers), so use {-count} to {count - 1}"
         )
     return index % count
-
-
-def next_token_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """The mean over counted tokens (targets not -100) of ``-log softmax(logits)[target]``, in
-    float32 (0 for a batch without a counted token)."""
-    flat = logits.reshape(-1, logits.shape[-1]).float()
-    total = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
 
 
 class CausalLMTask(nn.Module):
@@ -149,20 +94,17 @@ class CausalLMTask(nn.Module):
         super().__init__()
         check_lm_representation(representation)
         self.student = student
-        self.teacher = [teacher]  # a list keeps the frozen teacher out of parameters() and state_dict()
+        self.teacher = Teacher(teacher) if teacher is not None else None  # not a submodule (tasks.teacher)
         self.specs = resolve_lm_specs(specs)
         self.representation = representation
-        needs_teacher = [n for n, s in self.specs.items() if s["type"] != "ce"]
-        if needs_teacher and teacher is None:
-            raise ValueError(f"loss(es) {needs_teacher} need a teacher, but none is configured (teacher.name)")
+        refuse_without_teacher(self.specs, LOSS_TYPES, teacher)
         if isinstance(teacher, OfflineTeacher):
             _check_offline_specs(self.specs, teacher)
         self.projectors = nn.ModuleDict()  # one per hidden loss (the run folder's state holds them)
         self.layers: dict[str, tuple[int, int]] = {}
         """Each hidden loss's (student, teacher) hidden-state indices, non-negative."""
-        for name, spec in self.specs.items():
-            if spec["type"] != "hidden":
-                continue
+        for name in losses_where(self.specs, LOSS_TYPES, lambda record: record.teacher_features):
+            spec = self.specs[name]
             assert isinstance(teacher, CausalLM)  # refused above without one, or with offline outputs
             self.layers[name] = (
                 _layer(student, spec["student_layer"], f"losses.{name}.student_layer"),
@@ -192,43 +134,30 @@ class CausalLMTask(nn.Module):
         teacher_layers = sorted({t for _, t in self.layers.values()})
         if not reuse_teacher:
             self._last_teacher, self._last_teacher_hidden = None, {}
-            teacher = self.teacher[0]
-            if teacher is not None and any(s["type"] != "ce" for s in self.specs.values()):
-                with torch.no_grad():
-                    if isinstance(teacher, OfflineTeacher):
-                        self._last_teacher = teacher(x)
-                    elif teacher_layers:
-                        self._last_teacher, hidden = teacher.forward_hidden(x)
-                        self._last_teacher_hidden = {t: hidden[t] for t in teacher_layers}
-                    else:
-                        self._last_teacher = teacher(x)
+            if self.teacher is not None and losses_where(self.specs, LOSS_TYPES, lambda record: record.needs_teacher):
+                if teacher_layers:
+                    assert isinstance(self.teacher.model, CausalLM)  # hidden losses refuse offline outputs
+                    self._last_teacher, hidden = self.teacher.run(self.teacher.model.forward_hidden, x)
+                    self._last_teacher_hidden = {t: hidden[t] for t in teacher_layers}
+                else:
+                    self._last_teacher = self.teacher(x)
         if self.layers or self.representation == "hidden":
             logits, student_hidden = self.student.forward_hidden(x)
         else:
             logits, student_hidden = self.student(x), ()
-        counted = y != IGNORE_INDEX
         losses: dict[str, Tensor] = {}
         for name, spec in self.specs.items():
-            if spec["type"] == "ce":
-                losses[name] = next_token_cross_entropy(logits, y)
-            elif spec["type"] == "hidden":
-                s, t = self.layers[name]
-                losses[name] = hidden_state_loss(
-                    self.projectors[name], student_hidden[s], self._last_teacher_hidden[t], counted
-                )
-            else:
-                offline = isinstance(self._last_teacher, tuple)
-                losses[name] = token_kd_loss(
-                    logits,
-                    None if offline else self._last_teacher,  # type: ignore[arg-type]
-                    y,
-                    divergence=spec["divergence"],
-                    beta=spec["beta"],
-                    temperature=spec["temperature"],
-                    ignore_index=IGNORE_INDEX,
-                    chunk_tokens=spec["chunk_tokens"],
-                    teacher_topk=self._last_teacher if offline else None,  # type: ignore[arg-type]
-                )
+            inputs = TokenLossInputs(
+                name,
+                logits,
+                y,
+                self._last_teacher,
+                student_hidden,
+                self._last_teacher_hidden,
+                self.layers.get(name),
+                self.projectors[name] if name in self.projectors else None,
+            )
+            losses[name] = LOSS_TYPES[spec["type"]].compute(spec, inputs)
         return (student_hidden[-1] if self.representation == "hidden" else logits), losses
 
     def evaluate(
@@ -238,30 +167,21 @@ class CausalLMTask(nn.Module):
 
 
 def _check_offline_specs(specs: Mapping[str, Mapping[str, Any]], teacher: OfflineTeacher) -> None:
-    """A teacher given as top-k outputs serves token-KD losses at the outputs' temperature only."""
-    hidden = [name for name, spec in specs.items() if spec["type"] == "hidden"]
+    """A teacher given as top-k outputs serves losses of its output distribution at the outputs'
+    temperature only, and no loss that reads its hidden states."""
+    hidden = losses_where(specs, LOSS_TYPES, lambda record: record.teacher_features)
     if hidden:
         raise ValueError(
             f"loss(es) {hidden} need the teacher's hidden states; a teacher given as its top-k outputs "
             "(teacher.outputs) has none: give the teacher itself"
         )
     written = teacher.manifest.temperature
-    for name, spec in specs.items():
-        if spec["type"] == "token-kd" and float(spec["temperature"]) != written:
+    for name in losses_where(specs, LOSS_TYPES, lambda record: record.teacher_distribution):
+        if float(specs[name]["temperature"]) != written:
             raise ValueError(
-                f"losses.{name}.temperature={spec['temperature']!r}, but the teacher outputs in "
+                f"losses.{name}.temperature={specs[name]['temperature']!r}, but the teacher outputs in "
                 f"{teacher.outputs.folder} were written at temperature {written!r}: use it, or write them again"
             )
-
-
-def hidden_state_loss(projector: nn.Module, student: Tensor, teacher: Tensor, counted: Tensor) -> Tensor:
-    """The projector's loss between the student's and the teacher's hidden states ``(B, L, H)``
-    at the counted positions (``counted``: ``(B, L)`` booleans) only: the mean over those
-    tokens and the teacher's width (0, in the graph, for a batch without a counted token).
-    Selecting the counted tokens reads their number on the host: one device sync per step."""
-    if not bool(counted.any()):
-        return student.sum() * 0.0
-    return projector(student[counted], teacher[counted])
 
 
 @torch.no_grad()

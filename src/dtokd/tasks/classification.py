@@ -36,20 +36,18 @@ from torch import Tensor, nn
 from dtokd.data import eval_loader, to_device
 from dtokd.losses.feature import FeatureProjector, feature_shape
 from dtokd.models.taps import FeatureTaps
-from dtokd.tasks.classification_losses import LOSS_OPTIONS, LOSS_TYPES, OUTPUT_NAMES, LossInputs
-from dtokd.tasks.specs import fill_specs
+from dtokd.tasks.classification_losses import LOSS_TYPES, OUTPUT_NAMES, LossInputs
+from dtokd.tasks.specs import losses_where, refuse_without_teacher, resolve_specs
+from dtokd.tasks.teacher import Teacher
 
 
 def resolve_loss_specs(specs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Fill in defaults and reject unknown types or options, naming them."""
-    resolved = fill_specs(specs, LOSS_OPTIONS, "classification", "{task: {type: ce}}")
+    resolved = resolve_specs(specs, LOSS_TYPES, "classification", "{task: {type: ce}}")
     for name, spec in resolved.items():
         output = spec.get("output")
         if output is not None and output not in OUTPUT_NAMES:
             raise ValueError(f"losses.{name}.output={output!r} is not allowed; use one of {list(OUTPUT_NAMES)}")
-        check = LOSS_TYPES[spec["type"]].check
-        if check is not None:
-            check(name, spec)
     return resolved
 
 
@@ -81,12 +79,10 @@ class ClassificationTask(nn.Module):
     ) -> None:
         super().__init__()
         self.student = student
-        self.teacher = [teacher]  # a list keeps the frozen teacher out of parameters() and state_dict()
+        self.teacher = Teacher(teacher) if teacher is not None else None  # not a submodule (tasks.teacher)
         self.teacher_input = teacher_input if teacher_input is not None else nn.Identity()
         self.specs = resolve_loss_specs(specs)
-        needs_teacher = [n for n, s in self.specs.items() if LOSS_TYPES[s["type"]].needs_teacher]
-        if needs_teacher and teacher is None:
-            raise ValueError(f"loss(es) {needs_teacher} need a teacher, but none is configured (teacher.name)")
+        refuse_without_teacher(self.specs, LOSS_TYPES, teacher)
         uses_dist = [n for n, s in self.specs.items() if s.get("output") == "dist"]
         self.two_heads = bool(uses_dist)
         if uses_dist:
@@ -128,14 +124,15 @@ class ClassificationTask(nn.Module):
     @property
     def teacher_feature_losses(self) -> list[str]:
         """The losses that tap the teacher's features (its calls cannot then be replaced by cached logits)."""
-        return [n for n, s in self.specs.items() if LOSS_TYPES[s["type"]].teacher_features]
+        return losses_where(self.specs, LOSS_TYPES, lambda record: record.teacher_features)
 
     def use_teacher(self, call: Any) -> None:
         """Take the teacher's logits from ``call(x)`` in training from now on (a
         :class:`~dtokd.train.teacher_cache.CachedTeacher`); the task needs no teacher features."""
         if self.teacher_feature_losses:
             raise ValueError("the teacher's features are tapped by a feature loss; its calls cannot be replaced")
-        self.teacher[0] = call
+        assert self.teacher is not None  # the pipeline caches a teacher it has
+        self.teacher.replace(call)
 
     @property
     def loss_names(self) -> list[str]:
@@ -157,14 +154,12 @@ class ClassificationTask(nn.Module):
         only warm-ups use it, and ``None`` means warm-up is over. ``reuse_teacher=True`` takes
         the teacher's outputs of the previous call (same batch), e.g. to re-evaluate the
         losses after an optimizer step without a second teacher pass."""
-        teacher = self.teacher[0]
         if reuse_teacher:
             teacher_logits, teacher_features = self._last_teacher
         else:
             teacher_logits, teacher_features = None, {}
-            if teacher is not None and any(LOSS_TYPES[s["type"]].needs_teacher for s in self.specs.values()):
-                with torch.no_grad():
-                    teacher_logits = teacher(self.teacher_input(x))
+            if self.teacher is not None and losses_where(self.specs, LOSS_TYPES, lambda record: record.needs_teacher):
+                teacher_logits = self.teacher(self.teacher_input(x))
                 teacher_features = dict(self.teacher_taps.features) if self.teacher_taps is not None else {}
             self._last_teacher = (teacher_logits, teacher_features)
         outputs = self.outputs(x)

@@ -19,7 +19,7 @@ Every compute function takes the loss's resolved spec and the step's :class:`Los
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from dtokd.losses.dkd import dkd_loss
 from dtokd.losses.kd import KD_DIVERGENCES, cross_entropy, deit_token_loss, kd_loss
+from dtokd.tasks.specs import LossType
 
 OUTPUT_NAMES = ("logits", "dist")
 """The student's named outputs a logit loss applies to (``dist``: a DeiT distillation head)."""
@@ -52,22 +53,6 @@ class LossInputs:
         if self.teacher_logits is None:
             raise RuntimeError(f"loss {self.name!r} needs the teacher's logits, and this step has none")
         return self.teacher_logits
-
-
-@dataclass(frozen=True)
-class LossType:
-    """A loss type of the classification task."""
-
-    defaults: Mapping[str, Any]
-    """Its options and their defaults (what a spec may give)."""
-    compute: Callable[[Mapping[str, Any], LossInputs], Tensor]
-    """``(spec, inputs) -> loss``."""
-    needs_teacher: bool = True
-    """Whether it compares the student with a teacher (refused without one)."""
-    teacher_features: bool = False
-    """Whether it taps the teacher's features (so the teacher's calls cannot be replaced by cached logits)."""
-    check: Callable[[str, Mapping[str, Any]], None] | None = None
-    """Checks of the resolved spec beyond the options' kinds and ranges (``(name, spec)``)."""
 
 
 def _cross_entropy(spec: Mapping[str, Any], inputs: LossInputs) -> Tensor:
@@ -107,10 +92,19 @@ def _check_divergence(name: str, spec: Mapping[str, Any]) -> None:
         )
 
 
-LOSS_TYPES: Mapping[str, LossType] = {
+LOSS_TYPES: Mapping[str, LossType[LossInputs]] = {
     "ce": LossType({"output": "logits", "label_smoothing": 0.0}, _cross_entropy, needs_teacher=False),
-    "kd": LossType({"output": "logits", "temperature": 4.0, "divergence": "forward_kl"}, _kd, check=_check_divergence),
-    "dkd": LossType({"output": "logits", "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 20}, _dkd),
+    "kd": LossType(
+        {"output": "logits", "temperature": 4.0, "divergence": "forward_kl"},
+        _kd,
+        teacher_distribution=True,
+        check=_check_divergence,
+    ),
+    "dkd": LossType(
+        {"output": "logits", "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 20},
+        _dkd,
+        teacher_distribution=True,
+    ),
     "deit": LossType({"output": "dist", "mode": "hard", "temperature": 1.0}, _deit),
     "feature": LossType(
         {
@@ -125,6 +119,3 @@ LOSS_TYPES: Mapping[str, LossType] = {
     ),
 }
 """Every classification loss type by name."""
-
-LOSS_OPTIONS: dict[str, dict[str, Any]] = {kind: dict(record.defaults) for kind, record in LOSS_TYPES.items()}
-"""Each type's options and defaults (what :func:`~dtokd.tasks.specs.fill_specs` checks specs against)."""

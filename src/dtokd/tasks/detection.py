@@ -44,6 +44,7 @@ from dtokd.models.detection import TERM_KINDS, loss_terms
 from dtokd.models.foreign import Renormalize
 from dtokd.tasks.coco_eval import coco_box_ap, detections_to_coco
 from dtokd.tasks.specs import fill_specs
+from dtokd.tasks.teacher import Teacher
 
 LOSS_OPTIONS: dict[str, dict[str, Any]] = {
     "detector": {"terms": "sum"},
@@ -82,7 +83,7 @@ class DetectionTask(nn.Module):
     def __init__(self, student: nn.Module, teacher: nn.Module | None, specs: Mapping[str, Mapping[str, Any]]) -> None:
         super().__init__()
         self.student = student
-        self.teacher = [teacher]  # a list keeps the frozen teacher out of parameters() and state_dict()
+        self.teacher = Teacher(teacher) if teacher is not None else None  # not a submodule (tasks.teacher)
         self.specs = resolve_detection_specs(specs)
         self.terms = loss_terms(student)
         needs_teacher = [n for n, s in self.specs.items() if s["type"] == "fpn"]
@@ -165,10 +166,9 @@ class DetectionTask(nn.Module):
         levels: dict[str, Tensor] = self._captured["levels"]
         if not reuse_teacher:
             self._last_teacher = {}
-            teacher = self.teacher[0]
-            if self.pairs and teacher is not None:  # pairs exist only with a teacher
-                with torch.no_grad():
-                    self._last_teacher = dict(_backbone(teacher)(self.teacher_input(self._captured["input"])))
+            if self.pairs and self.teacher is not None and self.teacher.model is not None:  # pairs need one
+                backbone = _backbone(self.teacher.model)
+                self._last_teacher = dict(self.teacher.run(backbone, self.teacher_input(self._captured["input"])))
         losses: dict[str, Tensor] = {}
         for name, spec in self.specs.items():
             if spec["type"] == "detector":

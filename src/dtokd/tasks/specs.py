@@ -1,10 +1,73 @@
-"""Loss specs of a config (``{name: {type: ..., option: value}}``), checked against a task's table."""
+"""Loss specs of a config (``{name: {type: ..., option: value}}``), checked against a task's
+loss types: each task keeps its types as :class:`LossType` records (its ``LOSS_TYPES``), and the
+task, the config and the trainer read a record, never a type's name."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from torch import Tensor
+
+Inputs = TypeVar("Inputs")
+
+
+@dataclass(frozen=True)
+class LossType(Generic[Inputs]):
+    """A loss type of a task: its options, what it needs, and how it is computed from the step's
+    inputs (``Inputs``: the task's record of what one step offers a loss)."""
+
+    defaults: Mapping[str, Any]
+    """Its options and their defaults (what a spec may give)."""
+    compute: Callable[[Mapping[str, Any], Inputs], Tensor]
+    """``(spec, inputs) -> loss``."""
+    needs_teacher: bool = True
+    """Whether it compares the student with a teacher (refused without one)."""
+    teacher_features: bool = False
+    """Whether it reads the teacher's internals (tapped features, hidden states), so the teacher's
+    calls cannot be replaced by its outputs alone (cached logits, offline top-k outputs)."""
+    teacher_distribution: bool = False
+    """Whether it compares with the teacher's softened output distribution at the spec's
+    ``temperature`` (a language model's offline outputs are written at that temperature and
+    serve only losses at it)."""
+    check: Callable[[str, Mapping[str, Any]], None] | None = None
+    """Checks of the resolved spec beyond the options' kinds and ranges (``(name, spec)``)."""
+    form_option: str | None = None
+    """The option that picks among the loss's equivalent forms (forms that differ by a constant
+    of the teacher alone, such as forward KL and forward cross-entropy). Where a spec leaves it
+    out or gives ``auto``, the config writes the form the balancing method is measured best with
+    (:func:`dtokd.train.config.resolve_distillation_form`)."""
+
+
+def resolve_specs(
+    specs: Mapping[str, Mapping[str, Any]], types: Mapping[str, LossType[Any]], task: str, example: str
+) -> dict[str, dict[str, Any]]:
+    """:func:`fill_specs` against the types' defaults, then each type's own check."""
+    resolved = fill_specs(specs, {kind: dict(record.defaults) for kind, record in types.items()}, task, example)
+    for name, spec in resolved.items():
+        check = types[spec["type"]].check
+        if check is not None:
+            check(name, spec)
+    return resolved
+
+
+def losses_where(
+    specs: Mapping[str, Mapping[str, Any]], types: Mapping[str, LossType[Any]], has: Callable[[LossType[Any]], bool]
+) -> list[str]:
+    """The names of the (resolved) losses whose type ``has`` the property, in order."""
+    return [name for name, spec in specs.items() if has(types[spec["type"]])]
+
+
+def refuse_without_teacher(
+    specs: Mapping[str, Mapping[str, Any]], types: Mapping[str, LossType[Any]], teacher: object | None
+) -> None:
+    """A ValueError naming the losses that need a teacher when ``teacher`` is None."""
+    needing = losses_where(specs, types, lambda record: record.needs_teacher)
+    if needing and teacher is None:
+        raise ValueError(f"loss(es) {needing} need a teacher, but none is configured (teacher.name)")
+
 
 RANGES: dict[str, tuple[float, float, str]] = {
     "temperature": (0.0, math.inf, "> 0"),

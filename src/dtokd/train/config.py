@@ -261,18 +261,22 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
 
 
 def resolve_distillation_form(config: Config) -> Config:
-    """A causal LM's token-level KD loss whose ``divergence`` is left out or ``auto`` gets the form
-    its balancing method is measured best with (``forward_ce`` for ``dto-amortized``, whose
-    coefficients go as ``1 / L``; ``forward_kl`` otherwise: see
-    :func:`dtokd.balancing.balancers.distillation_form`), written into the config the run saves."""
+    """A loss whose form option (:attr:`dtokd.tasks.specs.LossType.form_option`: a causal LM's
+    token-level KD ``divergence``) is left out or ``auto`` gets the form its balancing method is
+    measured best with (``forward_ce`` for ``dto-amortized``, whose coefficients go as ``1 / L``;
+    ``forward_kl`` otherwise: see :func:`dtokd.balancing.balancers.distillation_form`), written
+    into the config the run saves."""
     from dtokd.balancing.balancers import distillation_form
+    from dtokd.tasks import task_kind
 
-    losses = {  # token-kd is a causal LM's loss type (another task refuses it when its specs are checked)
-        name: {**spec, "divergence": distillation_form(config.balancer.method)}
-        if spec.get("type") == "token-kd" and spec.get("divergence", "auto") == "auto"
-        else spec
-        for name, spec in config.losses.items()
-    }
+    types = task_kind(config.task).loss_types
+    losses = {}
+    for name, spec in config.losses.items():
+        record = types.get(str(spec.get("type")))
+        option = record.form_option if record is not None else None
+        if option is not None and spec.get(option, "auto") == "auto":
+            spec = {**spec, option: distillation_form(config.balancer.method)}
+        losses[name] = spec
     return dataclasses.replace(config, losses=losses)
 
 
@@ -334,14 +338,18 @@ def validate(config: Config) -> Config:
 
 
 def _check_teacher_outputs(config: Config) -> None:
-    """``teacher.outputs`` names the teacher's top-k outputs of a language model: the task is
-    ``causal-lm``, a teacher is named (whose outputs they are) and its logits are not also cached."""
+    """``teacher.outputs`` names a teacher's precomputed top-k outputs: the task takes them, a
+    teacher is named (whose outputs they are), its logits are not also cached, and no loss reads
+    the teacher's internals (its hidden states), which outputs do not hold."""
     if config.teacher.outputs is None:
         return
-    if config.task != "causal-lm":
+    from dtokd.tasks import task_kind
+
+    kind = task_kind(config.task)
+    if not kind.takes_teacher_outputs:
         raise ConfigError(
             f"teacher.outputs={config.teacher.outputs!r} gives a language model's top-k outputs; "
-            f"task={config.task!r} is not causal-lm"
+            f"task={config.task!r} takes none (a teacher model: teacher.name)"
         )
     if config.teacher.name is None:
         raise ConfigError(
@@ -349,10 +357,14 @@ def _check_teacher_outputs(config: Config) -> None:
         )
     if config.teacher.cache_outputs:
         raise ConfigError("teacher.outputs and teacher.cache_outputs=true both replace the teacher: keep one")
-    hidden = [name for name, spec in config.losses.items() if spec.get("type") == "hidden"]
-    if hidden:
+    internals = [
+        name
+        for name, spec in config.losses.items()
+        if (record := kind.loss_types.get(str(spec.get("type")))) is not None and record.teacher_features
+    ]
+    if internals:
         raise ConfigError(
-            f"teacher.outputs gives the teacher's top-k outputs, and losses {hidden} need its hidden states: "
+            f"teacher.outputs gives the teacher's top-k outputs, and losses {internals} need its hidden states: "
             "give the teacher itself"
         )
 

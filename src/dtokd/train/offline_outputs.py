@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dtokd.data.offline_teacher import vocabulary_identity
 from dtokd.data.teacher_outputs import Manifest, write_teacher_outputs
-from dtokd.tasks.causal_lm import LOSS_OPTIONS as LM_LOSS_OPTIONS
+from dtokd.tasks import task_kind
 from dtokd.train import distributed
 from dtokd.train.build import data_of
 from dtokd.train.config import Config
@@ -16,11 +16,13 @@ from dtokd.train.teacher import load_teacher
 
 
 def offline_temperature(config: Config) -> float:
-    """The one temperature of the config's token-KD losses (what offline outputs are written at)."""
+    """The one temperature of the config's losses of the teacher's output distribution (its
+    token-KD losses: what offline outputs are written at)."""
+    types = task_kind(config.task).loss_types
     temperatures = {
-        float(spec.get("temperature", LM_LOSS_OPTIONS["token-kd"]["temperature"]))
+        float(spec.get("temperature", types[spec["type"]].defaults["temperature"]))
         for spec in config.losses.values()
-        if spec.get("type") == "token-kd"
+        if spec.get("type") in types and types[spec["type"]].teacher_distribution
     }
     if len(temperatures) != 1:
         raise ValueError(
@@ -36,14 +38,14 @@ def write_run_teacher_outputs(
     """``dtokd teacher-outputs``: the configured teacher's top-``k`` outputs over the run's
     training blocks (its data settings, seed included), at the temperature of its token-KD loss,
     written to ``folder`` for ``teacher.outputs`` (:func:`dtokd.data.teacher_outputs.write_teacher_outputs`)."""
-    if config.task != "causal-lm":
-        raise ValueError(f"teacher outputs are a language model's; task={config.task!r} is not causal-lm")
+    if not task_kind(config.task).takes_teacher_outputs:
+        raise ValueError(f"teacher outputs are a language model's; task={config.task!r} takes none")
     if config.teacher.outputs:
         raise ValueError(f"teacher.outputs={config.teacher.outputs!r}: give the teacher itself to write its outputs")
     temperature = offline_temperature(config)
     data = data_of(config)
     teacher, _ = load_teacher(config, data)
-    if teacher is None:
+    if teacher is None or config.teacher.name is None:
         raise ValueError("dtokd teacher-outputs needs a teacher: set teacher.name (and teacher.checkpoint)")
     teacher.to(distributed.resolve_device(config.device))
     return write_teacher_outputs(
@@ -52,6 +54,7 @@ def write_run_teacher_outputs(
         folder,
         k=k,
         tokenizer=vocabulary_identity(data.classes),
+        teacher_name=config.teacher.name,
         temperature=temperature,
         dtype=dtype,
         batch_size=batch_size or config.eval_batch_size,

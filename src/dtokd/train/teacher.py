@@ -80,13 +80,15 @@ def load_teacher(config: Config, data: DataBundle) -> tuple[nn.Module | None, Re
 
 def load_offline_teacher(config: Config, data: DataBundle) -> OfflineTeacher:
     """The teacher as its top-k outputs in ``teacher.outputs``, refused (naming the field or the
-    file) unless they fit the run: the tokenizer (the corpus's vocabulary), the block length and
-    the vocabulary size; with ``teacher.checkpoint``, the teacher's weights (built once on the
+    file) unless they fit the run: the teacher's name (``teacher.name``), the tokenizer (the
+    corpus's vocabulary), the block length and the vocabulary size; with
+    ``teacher.checkpoint``, the teacher's weights (built once on the
     CPU to be hashed, then dropped; leave the checkpoint out to skip that); every training block
     among the stored ones. The loss's temperature is the task's check."""
     if not isinstance(data.train, TokenBlocks):
         raise ValueError(f"teacher.outputs gives a language model's top-k outputs; data.name={data.name!r} is not text")
     expected: dict[str, Any] = {
+        "teacher_name": config.teacher.name,
         "tokenizer": vocabulary_identity(data.classes),
         "block_length": data.image_size,
         "vocab_size": data.num_classes,
