@@ -1,5 +1,6 @@
 """The package's layers (docs/layout.md): a module imports only from its own layer or lower ones,
-at the top of the file or inside a function, and the modules import without a circle."""
+at the top of the file or inside a function, the modules import without a circle, and no module or
+function outgrows the sizes the layout page states."""
 
 import ast
 import pathlib
@@ -137,3 +138,29 @@ def test_no_module_imports_another_that_imports_it_back():
 
 def test_the_circle_check_sees_a_circle():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 500, 60
+
+
+def oversized(path) -> list[str]:
+    """The module (over MAX_MODULE_LINES lines) and the functions (over MAX_FUNCTION_LINES,
+    docstring included) in ``path`` that are too long, named with their sizes."""
+    text = path.read_text()
+    found = [f"{path.name}: {text.count(chr(10))} lines"] if text.count("\n") > MAX_MODULE_LINES else []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            if length > MAX_FUNCTION_LINES:
+                found.append(f"{path.name}:{node.lineno} {node.name}: {length} lines")
+    return found
+
+
+def test_no_module_over_500_lines_and_no_function_over_60():
+    assert [entry for path, _ in modules() for entry in oversized(path)] == []
+
+
+def test_the_size_check_sees_a_long_function_and_a_long_module(tmp_path):
+    long = tmp_path / "long.py"
+    long.write_text("def f():\n" + "    x = 1\n" * 60 + "\n" * 450)
+    assert oversized(long) == ["long.py: 511 lines", "long.py:1 f: 61 lines"]

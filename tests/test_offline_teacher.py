@@ -14,7 +14,8 @@ from dtokd import cli  # noqa: E402
 from dtokd.data.block_hash import HASH_BASE, block_hashes  # noqa: E402
 from dtokd.data.fake import write_fake_text  # noqa: E402
 from dtokd.data.offline_teacher import OfflineTeacher  # noqa: E402
-from dtokd.data.teacher_outputs import TeacherOutputs, write_teacher_outputs  # noqa: E402
+from dtokd.data.teacher_outputs import TeacherOutputs  # noqa: E402
+from dtokd.data.teacher_outputs_writer import write_teacher_outputs  # noqa: E402
 from dtokd.models import create_model  # noqa: E402
 from dtokd.train import load_config, train  # noqa: E402
 from dtokd.train.config import ConfigError  # noqa: E402
@@ -114,12 +115,12 @@ def test_blocks_are_found_by_content_in_any_order_and_others_are_refused(tmp_pat
 
 def test_blocks_whose_hashes_collide_are_told_apart_by_their_ids(tmp_path, monkeypatch):
     """Every block hashed alike (the worst collision): each is still answered with its own outputs."""
-    from dtokd.data import offline_teacher, teacher_outputs
+    from dtokd.data import offline_teacher, teacher_outputs_writer
 
     def colliding(ids):
         return torch.zeros(len(ids), dtype=torch.int64)
 
-    monkeypatch.setattr(teacher_outputs, "block_hashes", colliding)  # the index the writer keeps
+    monkeypatch.setattr(teacher_outputs_writer, "block_hashes", colliding)  # the index the writer keeps
     monkeypatch.setattr(offline_teacher, "block_hashes", colliding)  # the reader's lookup
     ids = torch.randint(0, 50, (6, 5), generator=torch.Generator().manual_seed(1))
     teacher = tiny_teacher(5)

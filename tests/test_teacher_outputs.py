@@ -14,8 +14,8 @@ from helpers import tiny_llamas
 pytest.importorskip("transformers", reason="the teacher is a tiny Hugging Face Llama")
 
 from dtokd.data.block_hash import block_hashes  # noqa: E402
-from dtokd.data.teacher_outputs import (  # noqa: E402
-    TeacherOutputs,
+from dtokd.data.teacher_outputs import TeacherOutputs  # noqa: E402
+from dtokd.data.teacher_outputs_writer import (  # noqa: E402
     corpus_digest,
     teacher_checksum,
     top_log_probs,

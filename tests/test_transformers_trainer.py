@@ -380,7 +380,7 @@ def test_evaluation_reports_the_task_loss_and_each_named_loss_and_moves_no_balan
     data = Pairs(32)
     with torch.no_grad():
         student = trainer.model.eval()(data.x)["logits"]
-        expected = default_losses()(student, trainer.teacher.module(data.x)["logits"], data.y)
+        expected = default_losses()(student, trainer.teacher.model(data.x)["logits"], data.y)
     assert metrics["eval_loss"] == pytest.approx(expected["task"].item(), rel=1e-5)
     for name, value in expected.items():  # one evaluation batch of 32: its mean is the set's
         assert metrics[f"eval_dtokd/loss/{name}"] == pytest.approx(value.item(), rel=1e-5)

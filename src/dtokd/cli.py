@@ -85,7 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="plots and a markdown table from run folders")
     report.add_argument("runs", nargs="+")
     report.add_argument("--out", required=True)
-    bench = sub.add_parser("bench", help="run (or finish) an accuracy matrix and aggregate it")
+    _bench_arguments(sub.add_parser("bench", help="run (or finish) an accuracy matrix and aggregate it"))
+    _teacher_outputs_arguments(
+        sub.add_parser(
+            "teacher-outputs",
+            help="run a language-model teacher once over a run's training blocks and write its top-k outputs "
+            "(for teacher.outputs=DIR)",
+        )
+    )
+    demo = sub.add_parser("demo", help="Fashion-MNIST: teacher, then a student alone / fixed KD / DTO-KD")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--quick", action="store_true", help="a tiny version for smoke tests")
+    demo.add_argument("--data-root", help="where Fashion-MNIST lives")
+    return parser
+
+
+def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("matrix", help="matrix YAML (see configs/bench_fmnist.yaml)")
     bench.add_argument("--out", help="output folder (default: runs/bench_<file stem>)")
     bench.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables and plots")
@@ -114,11 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("PAIR", "METHOD", "SEED"),
         help="run only this cell (a cell that distils needs its teacher trained); used by --parallel",
     )
-    outputs = sub.add_parser(
-        "teacher-outputs",
-        help="run a language-model teacher once over a run's training blocks and write its top-k outputs "
-        "(for teacher.outputs=DIR)",
-    )
+
+
+def _teacher_outputs_arguments(outputs: argparse.ArgumentParser) -> None:
     outputs.add_argument("config", help="the run's YAML config (its data, teacher and token-kd temperature)")
     outputs.add_argument("overrides", nargs="*", help="key=value overrides, as for dtokd distill")
     outputs.add_argument("--out", required=True, help="folder to write (refused if it holds anything)")
@@ -126,11 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     outputs.add_argument("--dtype", default="float16", help="of the log-probabilities: float16, bfloat16, float32")
     outputs.add_argument("--batch-size", type=int, help="blocks per teacher forward (default: eval_batch_size)")
     outputs.add_argument("--overwrite", action="store_true", help="replace earlier outputs in --out")
-    demo = sub.add_parser("demo", help="Fashion-MNIST: teacher, then a student alone / fixed KD / DTO-KD")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--quick", action="store_true", help="a tiny version for smoke tests")
-    demo.add_argument("--data-root", help="where Fashion-MNIST lives")
-    return parser
 
 
 def _run_training(args: argparse.Namespace, distill: bool) -> int:

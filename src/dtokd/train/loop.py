@@ -74,8 +74,7 @@ def train(
     ``extend_epochs`` (see :mod:`dtokd.train.run_folder`). ``progress``: progress bars (drawn
     on a terminal only); ``verbose``: a line per epoch. ``config_file``: the user's config
     file, which the run must never replace. ``max_steps``: stop each epoch after that many
-    steps (a dry run).
-    """
+    steps (a dry run)."""
     folder = Path(folder)
     config, saved_epochs = _config_of_run(config, folder, resume=resume, extend_epochs=extend_epochs)
     main_process = int(os.environ.get("RANK", "0")) == 0

@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dtokd.data.offline_teacher import vocabulary_identity
-from dtokd.data.teacher_outputs import Manifest, write_teacher_outputs
+from dtokd.data.teacher_outputs import Manifest
+from dtokd.data.teacher_outputs_writer import write_teacher_outputs
 from dtokd.tasks import task_kind
 from dtokd.train import distributed
 from dtokd.train.build import data_of
@@ -37,7 +38,7 @@ def write_run_teacher_outputs(
 ) -> Manifest:
     """``dtokd teacher-outputs``: the configured teacher's top-``k`` outputs over the run's
     training blocks (its data settings, seed included), at the temperature of its token-KD loss,
-    written to ``folder`` for ``teacher.outputs`` (:func:`dtokd.data.teacher_outputs.write_teacher_outputs`)."""
+    written to ``folder`` for ``teacher.outputs`` (:func:`dtokd.data.teacher_outputs_writer.write_teacher_outputs`)."""
     if not task_kind(config.task).takes_teacher_outputs:
         raise ValueError(f"teacher outputs are a language model's; task={config.task!r} takes none")
     if config.teacher.outputs:

@@ -14,7 +14,8 @@ from torch import nn
 
 from dtokd.data import DataBundle, sources
 from dtokd.data.offline_teacher import OfflineTeacher, vocabulary_identity
-from dtokd.data.teacher_outputs import TeacherOutputs, teacher_checksum
+from dtokd.data.teacher_outputs import TeacherOutputs
+from dtokd.data.teacher_outputs_writer import teacher_checksum
 from dtokd.data.text import TokenBlocks
 from dtokd.models import create_model
 from dtokd.models.causal_lm import names_a_local_folder
