@@ -11,6 +11,7 @@ below what a wrong convention (a gradient halved, a shard missing) moves."""
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,8 @@ LLAMA = "{hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, num_key
     "intermediate_size: 64, max_position_embeddings: 32}"
 )
 KD = "losses={distill: {type: token-kd, divergence: forward_kl}, task: {type: ce}}"
+RESUME_WORLD = 4
+"""The processes the interrupted two-process run resumes on (the global batch of 4: one block each)."""
 CASES = {
     "fixed": ["balancer.method=fixed", "balancer.options={weights: {distill: 0.5, task: 0.5}}"],
     "dto-representation": ["balancer.method=dto", "balancer.engine=representation"],
@@ -112,12 +115,24 @@ def teacher_logits_sharded(folder: Path, rank: int) -> dict:
         }
 
 
-def worker(rank: int, world: int, folder: str, init_file: str) -> None:
+def worker(rank: int, world: int, folder: str, init_file: str, resume_only: bool = False) -> None:
+    """``run_cases``, or (``resume_only``) the resume of a copy of the interrupted run alone."""
     folder = Path(folder)
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     os.environ["DTOKD_CACHE"] = str(folder / "cache")  # the teacher is measured, not read from a cache
     torch.set_num_threads(1)
-    run_in_gloo_group(rank, world, init_file, run_cases, rank, folder)
+    run_in_gloo_group(rank, world, init_file, resume_copy if resume_only else run_cases, rank, folder)
+
+
+def resume_copy(rank: int, folder: Path) -> bool:
+    """The copy of the interrupted two-process run (``resumed-copy``) resumed here; False after an error."""
+    try:
+        train(None, folder / "resumed-copy", resume=True, progress=False, verbose=False)
+        error = None
+    except Exception as caught:  # reported by the test
+        error = f"{type(caught).__name__}: {caught}"
+    torch.save({"error": error}, folder / f"resumed-copy-rank{rank}.pt")
+    return error is None
 
 
 def run_cases(rank: int, folder: Path) -> bool:
@@ -144,6 +159,8 @@ def run_cases(rank: int, folder: Path) -> bool:
             results["interrupted"] = True
         finally:
             loop._train_epoch = real
+        if rank == 0:  # resumed on another number of processes by the fixture (rank 0 writes the run alone)
+            shutil.copytree(folder / "resumed", folder / "resumed-copy")
         train(None, folder / "resumed", resume=True, progress=False, verbose=False)
     except Exception as error:  # reported by the tests
         import traceback
@@ -167,6 +184,7 @@ def runs(tmp_path_factory):
     results = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
     errors = [f"rank {r}: {result['error']}" for r, result in enumerate(results) if "error" in result]
     assert not errors, "; ".join(errors)
+    mp.spawn(worker, args=(RESUME_WORLD, str(folder), str(folder / "init-resume"), True), nprocs=RESUME_WORLD)
     return folder, results
 
 
@@ -205,6 +223,19 @@ def test_an_interrupted_fsdp_run_resumes_to_the_straight_runs_weights(runs):
     a, b = weights(folder / "resumed"), weights(folder / "fsdp-dto-exact")
     for key in b:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_an_fsdp_run_resumes_on_another_number_of_processes(runs):
+    """Checkpoints hold full state dicts: the run interrupted on two processes resumes on
+    RESUME_WORLD to the straight two-process run's weights (to float32 rounding: the reductions
+    differ)."""
+    folder, _ = runs
+    errors = [torch.load(folder / f"resumed-copy-rank{r}.pt")["error"] for r in range(RESUME_WORLD)]
+    assert errors == [None] * RESUME_WORLD, errors
+    a, b = weights(folder / "resumed-copy"), weights(folder / "fsdp-dto-exact")
+    assert sorted(a) == sorted(b)
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(

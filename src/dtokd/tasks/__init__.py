@@ -23,6 +23,7 @@ from dtokd.tasks.classification import (
 )
 from dtokd.tasks.classification_losses import LOSS_TYPES as CLASSIFICATION_LOSS_TYPES
 from dtokd.tasks.detection import DetectionTask, evaluate_detector, resolve_detection_specs
+from dtokd.tasks.detection_losses import LOSS_TYPES as DETECTION_LOSS_TYPES
 from dtokd.tasks.dry_run import causal_lm_dry_run_data, classification_dry_run_data, detection_dry_run_data
 from dtokd.tasks.names import TASKS
 from dtokd.tasks.specs import LossType
@@ -62,7 +63,7 @@ class TaskKind:
     """Whether ``teacher.cache_outputs`` serves it (the teacher's logits per training step)."""
     compile_refusal: str | None = None
     """Why ``compile`` is refused for it, or None where the student may be compiled."""
-    loss_types: Mapping[str, LossType[Any]] = field(default_factory=dict)
+    loss_types: Mapping[str, LossType[Any, Any]] = field(default_factory=dict)
     """Its loss types by name (:class:`~dtokd.tasks.specs.LossType` records)."""
     takes_teacher_outputs: bool = False
     """Whether its teacher may be given as precomputed top-k outputs (``teacher.outputs``,
@@ -204,6 +205,7 @@ TASK_KINDS: Mapping[str, TaskKind] = {
         _build_detection,
         _evaluate_detector,
         detection_dry_run_data,
+        loss_types=DETECTION_LOSS_TYPES,
         compile_refusal="torch.compile of torchvision's detectors (data-dependent proposal and box shapes) "
         "is not verified here",
     ),

@@ -131,7 +131,7 @@ def _check_hidden(name: str, spec: Mapping[str, Any]) -> None:
         )
 
 
-LOSS_TYPES: Mapping[str, LossType[TokenLossInputs]] = {
+LOSS_TYPES: Mapping[str, LossType[TokenLossInputs, Tensor]] = {
     "ce": LossType({}, _cross_entropy, needs_teacher=False),
     "token-kd": LossType(
         {"divergence": "forward_kl", "beta": 0.5, "temperature": 1.0, "chunk_tokens": 1024},

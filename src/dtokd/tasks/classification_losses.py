@@ -92,7 +92,7 @@ def _check_divergence(name: str, spec: Mapping[str, Any]) -> None:
         )
 
 
-LOSS_TYPES: Mapping[str, LossType[LossInputs]] = {
+LOSS_TYPES: Mapping[str, LossType[LossInputs, Tensor]] = {
     "ce": LossType({"output": "logits", "label_smoothing": 0.0}, _cross_entropy, needs_teacher=False),
     "kd": LossType(
         {"output": "logits", "temperature": 4.0, "divergence": "forward_kl"},

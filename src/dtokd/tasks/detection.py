@@ -9,21 +9,17 @@ detectors normalise differently), so every FPN level of the student has a teache
 same spatial size to imitate.
 
 **Loss specs** (one per name, ``type`` plus options; the objectives the balancer gets are named
-from them):
-
-- ``detector``: the student's own losses; ``terms``: ``sum`` (one objective, the detector's
-  usual total), ``kind`` (one per kind: ``<name>/cls`` classification, ``<name>/box`` box
-  regression, ``<name>/obj`` objectness or FCOS's centerness), or ``each`` (one per loss-dict
-  entry, ``<name>/<key>``);
-- ``fpn``: feature imitation at every FPN level through a per-level projector (a linear map
-  over channels, orthogonal by default, as VkD; see
-  :class:`~dtokd.losses.feature.FeatureProjector`; ``projector: false`` compares the student's
-  levels themselves, as PKD does); ``norm``: ``layernorm`` (VkD's teacher
-  normalisation), ``pearson`` (PKD's standardisation of both sides), ``standardize`` or
-  ``none``; ``distance`` ``mse`` (default) or ``smooth_l1``; ``per_level`` (True: one objective
-  per level, ``<name>/<level>``; False: their mean as one); ``levels``: the student levels to
-  use (default all). Student levels are paired with the teacher level of the same spatial
-  size (the first such, by the teacher's order).
+from them): the types ``detector`` (the student's own losses, grouped by ``terms``) and ``fpn``,
+their options, defaults, objectives and what each needs, are records in
+:mod:`dtokd.tasks.detection_losses`; the task reads them, never a type's name. ``fpn`` is
+feature imitation at every FPN level through a per-level projector (a linear map over channels,
+orthogonal by default, as VkD; see :class:`~dtokd.losses.feature.FeatureProjector`;
+``projector: false`` compares the student's levels themselves, as PKD does); ``norm``:
+``layernorm`` (VkD's teacher normalisation), ``pearson`` (PKD's standardisation of both sides),
+``standardize`` or ``none``; ``distance`` ``mse`` (default) or ``smooth_l1``; ``per_level``
+(True: one objective per level, ``<name>/<level>``; False: their mean as one); ``levels``: the
+student levels to use (default all). Student levels are paired with the teacher level of the
+same spatial size (the first such, by the teacher's order).
 
 Head distillation (teacher logits on proposals or dense predictions) is not implemented.
 
@@ -39,40 +35,22 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from dtokd.losses.feature import TEACHER_NORMS, FeatureProjector
-from dtokd.models.detection import TERM_KINDS, loss_terms
+from dtokd.losses.feature import FeatureProjector
+from dtokd.models.detection import loss_terms
 from dtokd.models.foreign import Renormalize
 from dtokd.tasks.coco_eval import coco_box_ap, detections_to_coco
-from dtokd.tasks.specs import fill_specs
+from dtokd.tasks.detection_losses import LOSS_TYPES, DetectionLossInputs
+from dtokd.tasks.specs import losses_where, refuse_without_teacher, resolve_specs
 from dtokd.tasks.teacher import Teacher
 
-LOSS_OPTIONS: dict[str, dict[str, Any]] = {
-    "detector": {"terms": "sum"},
-    "fpn": {
-        "norm": "layernorm",
-        "distance": "mse",
-        "projector": True,
-        "orthogonal": True,
-        "per_level": True,
-        "levels": None,
-    },
-}
-TERM_GROUPINGS = ("sum", "kind", "each")
 PROBE_SIZE = 256
 
 
 def resolve_detection_specs(specs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Fill in defaults and reject unknown types or options, naming them."""
-    resolved = fill_specs(specs, LOSS_OPTIONS, "detection", "{det: {type: detector}}")
-    for name, full in resolved.items():
-        kind = full["type"]
-        if kind == "detector" and full["terms"] not in TERM_GROUPINGS:
-            raise ValueError(f"losses.{name}.terms={full['terms']!r} is not allowed; use one of {list(TERM_GROUPINGS)}")
-        if kind == "fpn" and full["norm"] not in TEACHER_NORMS:
-            raise ValueError(f"losses.{name}.norm={full['norm']!r} is not allowed; use one of {list(TEACHER_NORMS)}")
-        if kind == "fpn" and full["distance"] not in ("mse", "smooth_l1"):
-            raise ValueError(f"losses.{name}.distance={full['distance']!r} is not allowed; use 'mse' or 'smooth_l1'")
-    if not any(s["type"] == "detector" for s in resolved.values()):
+    """Fill in defaults and reject unknown types or options, naming them; at least one loss
+    must be the student's own (a type that needs no teacher)."""
+    resolved = resolve_specs(specs, LOSS_TYPES, "detection", "{det: {type: detector}}")
+    if not losses_where(resolved, LOSS_TYPES, lambda record: not record.needs_teacher):
         raise ValueError("task 'detection' needs a loss of type 'detector' (the student's own losses)")
     return resolved
 
@@ -86,17 +64,14 @@ class DetectionTask(nn.Module):
         self.teacher = Teacher(teacher) if teacher is not None else None  # not a submodule (tasks.teacher)
         self.specs = resolve_detection_specs(specs)
         self.terms = loss_terms(student)
-        needs_teacher = [n for n, s in self.specs.items() if s["type"] == "fpn"]
-        if needs_teacher and teacher is None:
-            raise ValueError(f"loss(es) {needs_teacher} need a teacher, but none is configured (teacher.name)")
+        refuse_without_teacher(self.specs, LOSS_TYPES, teacher)
         self.teacher_input = _renormalize(student, teacher) if teacher is not None else nn.Identity()
         student_shapes = _level_shapes(student)
         teacher_shapes = _level_shapes(teacher) if teacher is not None else {}
         self.projectors = nn.ModuleDict()
         self.pairs: dict[str, dict[str, str]] = {}  # fpn loss -> {student level: teacher level}
-        for name, spec in self.specs.items():
-            if spec["type"] != "fpn":
-                continue
+        for name in losses_where(self.specs, LOSS_TYPES, lambda record: record.teacher_features):
+            spec = self.specs[name]
             levels = spec["levels"] or list(student_shapes)
             unknown = [level for level in levels if level not in student_shapes]
             if unknown:
@@ -138,19 +113,14 @@ class DetectionTask(nn.Module):
         """The objectives, in order: what the balancer balances."""
         names = []
         for name, spec in self.specs.items():
-            if spec["type"] == "detector":
-                names += [name] if spec["terms"] == "sum" else [f"{name}/{g}" for g in self._groups(spec)]
-            else:
-                names += [f"{name}/{level}" for level in self.pairs[name]] if spec["per_level"] else [name]
+            record = LOSS_TYPES[spec["type"]]
+            names += record.objectives(spec, self._inputs(name)) if record.objectives else [name]
         return names
 
-    def _groups(self, spec: Mapping[str, Any]) -> dict[str, list[str]]:
-        if spec["terms"] == "each":
-            return {term: [term] for term in self.terms}
-        groups: dict[str, list[str]] = {}
-        for term in self.terms:
-            groups.setdefault(TERM_KINDS[term], []).append(term)
-        return groups
+    def _inputs(self, name: str, **step: Any) -> DetectionLossInputs:
+        """What loss ``name`` is given: the task's own facts, and ``step``'s tensors."""
+        projectors = {level: self.projectors[f"{name}__{level}"] for level in self.pairs.get(name, {})}
+        return DetectionLossInputs(name, self.terms, pairs=self.pairs.get(name, {}), projectors=projectors, **step)
 
     def forward(
         self,
@@ -171,22 +141,8 @@ class DetectionTask(nn.Module):
                 self._last_teacher = dict(self.teacher.run(backbone, self.teacher_input(self._captured["input"])))
         losses: dict[str, Tensor] = {}
         for name, spec in self.specs.items():
-            if spec["type"] == "detector":
-                if spec["terms"] == "sum":
-                    losses[name] = sum(terms[t] for t in self.terms)
-                else:
-                    losses.update(
-                        {f"{name}/{g}": sum(terms[t] for t in members) for g, members in self._groups(spec).items()}
-                    )
-                continue
-            per_level = {
-                f"{name}/{s}": self.projectors[f"{name}__{s}"](levels[s], self._last_teacher[t])
-                for s, t in self.pairs[name].items()
-            }
-            if spec["per_level"]:
-                losses.update(per_level)
-            else:
-                losses[name] = torch.stack(list(per_level.values())).mean()
+            inputs = self._inputs(name, terms=terms, levels=levels, teacher_levels=self._last_teacher)
+            losses.update(LOSS_TYPES[spec["type"]].compute(spec, inputs))
         return tuple(levels.values()), losses
 
     def evaluate(

@@ -9,20 +9,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from torch import Tensor
-
 Inputs = TypeVar("Inputs")
+Output = TypeVar("Output")
 
 
 @dataclass(frozen=True)
-class LossType(Generic[Inputs]):
+class LossType(Generic[Inputs, Output]):
     """A loss type of a task: its options, what it needs, and how it is computed from the step's
-    inputs (``Inputs``: the task's record of what one step offers a loss)."""
+    inputs (``Inputs``: the task's record of what one step offers a loss; ``Output``: a loss, or
+    ``{objective: loss}`` for a type whose spec gives several objectives)."""
 
     defaults: Mapping[str, Any]
     """Its options and their defaults (what a spec may give)."""
-    compute: Callable[[Mapping[str, Any], Inputs], Tensor]
-    """``(spec, inputs) -> loss``."""
+    compute: Callable[[Mapping[str, Any], Inputs], Output]
+    """``(spec, inputs) -> loss`` (or the objectives' losses by name)."""
     needs_teacher: bool = True
     """Whether it compares the student with a teacher (refused without one)."""
     teacher_features: bool = False
@@ -39,10 +39,13 @@ class LossType(Generic[Inputs]):
     of the teacher alone, such as forward KL and forward cross-entropy). Where a spec leaves it
     out or gives ``auto``, the config writes the form the balancing method is measured best with
     (:func:`dtokd.train.config.resolve_distillation_form`)."""
+    objectives: Callable[[Mapping[str, Any], Inputs], list[str]] | None = None
+    """``(spec, inputs) -> names``: the objectives a spec gives, in order, for a type that gives
+    several (None: one, named as the loss)."""
 
 
 def resolve_specs(
-    specs: Mapping[str, Mapping[str, Any]], types: Mapping[str, LossType[Any]], task: str, example: str
+    specs: Mapping[str, Mapping[str, Any]], types: Mapping[str, LossType[Any, Any]], task: str, example: str
 ) -> dict[str, dict[str, Any]]:
     """:func:`fill_specs` against the types' defaults, then each type's own check."""
     resolved = fill_specs(specs, {kind: dict(record.defaults) for kind, record in types.items()}, task, example)
@@ -54,14 +57,16 @@ def resolve_specs(
 
 
 def losses_where(
-    specs: Mapping[str, Mapping[str, Any]], types: Mapping[str, LossType[Any]], has: Callable[[LossType[Any]], bool]
+    specs: Mapping[str, Mapping[str, Any]],
+    types: Mapping[str, LossType[Any, Any]],
+    has: Callable[[LossType[Any, Any]], bool],
 ) -> list[str]:
     """The names of the (resolved) losses whose type ``has`` the property, in order."""
     return [name for name, spec in specs.items() if has(types[spec["type"]])]
 
 
 def refuse_without_teacher(
-    specs: Mapping[str, Mapping[str, Any]], types: Mapping[str, LossType[Any]], teacher: object | None
+    specs: Mapping[str, Mapping[str, Any]], types: Mapping[str, LossType[Any, Any]], teacher: object | None
 ) -> None:
     """A ValueError naming the losses that need a teacher when ``teacher`` is None."""
     needing = losses_where(specs, types, lambda record: record.needs_teacher)
