@@ -3,6 +3,7 @@ written by ``dtokd teacher-outputs``): blocks found by content, a run from outpu
 vocabulary equal to the run with the live teacher, and every mismatch refused naming the field."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -108,7 +109,7 @@ def test_blocks_are_found_by_content_in_any_order_and_others_are_refused(tmp_pat
     with pytest.raises(ValueError, match=r"1 of 3 input blocks are not among the teacher outputs"):
         offline.locate(other)
     with pytest.raises(ValueError, match=r"2 of 11 input blocks are not among"):
-        offline.check_covers(torch.cat([ids, other[1:2], other[1:2]]))
+        offline.check_covers(torch.cat([ids, other[1:2], other[1:2]]), chunk=4)
     with pytest.raises(ValueError, match=r"hold blocks of 6 input ids; got input ids of shape \(2, 5\)"):
         offline.locate(ids[:2, :5])
 
@@ -264,6 +265,12 @@ def test_a_bench_writes_each_pairs_outputs_once_and_its_distilling_cells_read_th
     assert not (out / "llama" / "ce" / "seed0" / "teacher.json").exists()
     run_matrix(load_matrix(path), out, progress=False)  # finished: nothing is written again
     assert (folder / "manifest.json").stat().st_mtime_ns == written
+    # outputs of an older format, and a cell still to run: they are written again, then read
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "format": "dtokd-teacher-topk-v2"}))
+    shutil.rmtree(out / "llama" / "kd" / "seed1")
+    run_matrix(load_matrix(path), out, progress=False)
+    assert json.loads((folder / "manifest.json").read_text())["format"] == "dtokd-teacher-topk-v3"
+    assert (out / "llama" / "kd" / "seed1" / "summary.json").is_file()
 
 
 def test_a_bench_whose_cells_want_outputs_at_two_temperatures_is_refused(setting, tmp_path):

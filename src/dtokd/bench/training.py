@@ -16,7 +16,7 @@ from dtokd.balancing import NonFiniteStepError
 from dtokd.bench.folders import cell_finished, shared_runs, teacher_outputs_folder
 from dtokd.bench.grid import grid_gate, say_skipped
 from dtokd.bench.matrix import Cell, Matrix, cell_config, needs_teacher
-from dtokd.data.teacher_outputs import MANIFEST
+from dtokd.data.teacher_outputs import FORMAT, MANIFEST
 from dtokd.train import load_config, train
 from dtokd.train.offline_outputs import write_run_teacher_outputs
 from dtokd.train.records import read_jsonl
@@ -84,15 +84,25 @@ def ensure_teachers(matrix: Matrix, out: Path, cells: list[Cell], progress: bool
 def _ensure_outputs(matrix: Matrix, out: Path, pair: str, method: str, teacher: Path) -> None:
     """The pair's teacher run once over the whole training split (``data.limit_train=null``, so
     that every seed's subset is among the blocks) of ``method``'s first-seed cell, its top-k
-    written to the pair's outputs folder unless a finished write is there (an unfinished one is
-    written again)."""
+    written to the pair's outputs folder unless a finished write of this format is there (an
+    unfinished one, or one of an older format, is written again)."""
     folder, k = teacher_outputs_folder(out, matrix, pair), matrix.teacher_topk
-    if folder is None or k is None or (folder / MANIFEST).is_file():
+    if folder is None or k is None or _written(folder / MANIFEST):
         return
     config = cell_config(matrix, pair, method, matrix.seeds[0], teacher)
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, limit_train=None))
     print(f"[bench] writing the top-{k} outputs of pair {pair}'s teacher into {folder}", flush=True)
     write_run_teacher_outputs(config, folder, k=k, dtype="float16", batch_size=None, overwrite=True)
+
+
+def _written(manifest: Path) -> bool:
+    """Whether ``manifest`` is there and of this dtokd's format (a damaged one is the reader's to refuse)."""
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("format") == FORMAT
+    except ValueError:
+        return True
 
 
 def _ensure_teacher(matrix: Matrix, folder: Path, name: str, progress: bool) -> Path:

@@ -59,13 +59,16 @@ class OfflineTeacher(nn.Module):
             raise self._not_found(int((~found).sum()), len(found))
         return blocks
 
-    def check_covers(self, input_ids: Tensor) -> None:
+    def check_covers(self, input_ids: Tensor, chunk: int = 4096) -> None:
         """Every row of ``input_ids`` ``(N, L)`` (a run's training blocks) has a stored block of
         its hash, or a ValueError naming how many have none: a start-up check that opens no
-        shard (each batch's rows are compared with the stored ids when they are looked up)."""
-        hashes = block_hashes(self._checked_ids(input_ids))
-        position = torch.searchsorted(self._hashes, hashes).clamp_max(len(self._hashes) - 1)
-        missing = int((self._hashes[position] != hashes).sum())
+        shard (each batch's rows are compared with the stored ids when they are looked up),
+        ``chunk`` rows at a time (host memory for ``chunk`` rows, whatever ``N``)."""
+        missing = 0
+        for start in range(0, len(input_ids), chunk):
+            hashes = block_hashes(self._checked_ids(input_ids[start : start + chunk]))
+            position = torch.searchsorted(self._hashes, hashes).clamp_max(len(self._hashes) - 1)
+            missing += int((self._hashes[position] != hashes).sum())
         if missing:
             raise self._not_found(missing, len(input_ids))
 

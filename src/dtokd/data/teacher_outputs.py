@@ -29,9 +29,9 @@ reader.
   by its content (:class:`~dtokd.data.offline_teacher.OfflineTeacher`).
 
 **Bytes per token**: ``k * (2 + 4) + 4`` (half-precision log-probability and int32 index per
-listed token, the int32 input id; ``k * 8 + 4`` in float32), plus about 2 KB of container per
-shard: 196 bytes at ``k = 32``, against ``2 V`` for a half-precision row of full logits (256 KB
-at a vocabulary of 128K).
+listed token, the int32 input id; ``k * 8 + 4`` in float32), plus 8 bytes per block in the index
+and about 2 KB of container per shard: 196 bytes at ``k = 32``, against ``2 V`` for a
+half-precision row of full logits (256 KB at a vocabulary of 128K).
 
 **The tail** needs nothing stored: the mass outside the top-k, ``1 - sum(exp(log_probs))``, is
 derived by ``token_kd_loss``, which clamps it at the smallest positive float when the rounding
@@ -159,7 +159,7 @@ def dtype_name(dtype: torch.dtype | str) -> str:
 
 class TeacherOutputs:
     """The teacher outputs in ``folder``, checked against what the run expects: each keyword
-    given (``teacher_hash``, ``tokenizer``, ``corpus_digest``, ``block_length``, ``vocab_size``,
+    given (``teacher_name``, ``teacher_hash``, ``tokenizer``, ``corpus_digest``, ``block_length``, ``vocab_size``,
     ``k``, ``temperature``, ``dtype``) must equal the manifest's field, or the folder is refused
     naming the field and both values. Shards are opened (their SHA-256 verified, then
     memory-mapped) when first read; :meth:`verify` opens them all."""

@@ -13,7 +13,8 @@ teacher's outputs:
   or precomputed over a corpus (:class:`~dtokd.data.offline_teacher.OfflineTeacher`): called
   as they are.
 
-Every call runs under ``torch.no_grad()``. :attr:`Teacher.model` is the live model, for what
+Every call runs under ``torch.no_grad()``. A plain callable is called as it is too (no device
+move, no cast). :attr:`Teacher.model` is the live model, for what
 reads the teacher's internals (tapped features, hidden states, a detector's backbone), and
 :meth:`Teacher.replace` swaps the source (the pipeline's cache) while those stay with the model.
 """
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dtokd.data.offline_teacher import OfflineTeacher
 from dtokd.models.norms import eval_mode
 
 
@@ -36,7 +38,8 @@ class Teacher:
         if not callable(source):
             raise TypeError(f"teacher must be a torch.nn.Module or a callable, got {type(source).__name__}")
         self.source = source
-        self.model: nn.Module | None = source if isinstance(source, nn.Module) else None
+        live = isinstance(source, nn.Module) and not isinstance(source, OfflineTeacher)
+        self.model: nn.Module | None = source if isinstance(source, nn.Module) and live else None
         """The live model (None where the teacher was given as its outputs alone)."""
         self.name = type(source).__name__
 

@@ -3,6 +3,7 @@ the teacher, the task, the optimizer and schedule, the balancer, the GradScaler 
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,6 +54,16 @@ def build_parts(config: Config, verbose: bool) -> Parts:
     if config.amp not in AMP_DTYPES:
         raise ValueError(f"amp={config.amp!r} is not allowed; use one of {list(AMP_DTYPES)}")
     ranks, device = distributed.setup(config.device, config.batch_size)
+    try:
+        return _parts(config, verbose, ranks, device)
+    except BaseException as error:  # a group this build joined is torn down (see Ranks.close)
+        traceback.clear_frames(error.__traceback__)
+        ranks.close(finished=False)
+        raise
+
+
+def _parts(config: Config, verbose: bool, ranks: distributed.Ranks, device: torch.device) -> Parts:
+    """:func:`build_parts` once the process group is joined."""
     if config.parallel == "fsdp" and ranks.world < 2:
         raise ValueError(
             "parallel=fsdp shards the models across torchrun's processes, and this run has one: start it "

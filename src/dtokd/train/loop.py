@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -102,16 +103,25 @@ def train(
         )
         finished = True
         return summary
-    except BaseException:
-        if not resume and main_process and not (folder / "checkpoint.pt").exists():
-            remove_partial_run(folder, created)  # nothing half-written stays behind
+    except BaseException as error:
+        _after_failure(error, folder, created, remove_partial=not resume and main_process)
         raise
     finally:
-        if parts is not None:
-            ranks, parts = parts.ranks, None  # the models (a DDP reducer holds the group) go first
+        if parts is not None:  # the models (a DDP reducer holds the group) go before the group
+            ranks, parts = parts.ranks, None
             ranks.close(finished)
         if lock is not None:
             lock.close()
+
+
+def _after_failure(error: BaseException, folder: Path, created: bool, *, remove_partial: bool) -> None:
+    """A run that failed or was interrupted: with ``remove_partial``, the files of a fresh run
+    that has no checkpoint yet are removed (nothing half-written stays behind); the error's
+    frames are cleared of their locals, which hold the models, which hold the process group, so
+    that :meth:`~dtokd.train.distributed.Ranks.close` tears it down while the interpreter lives."""
+    if remove_partial and not (folder / "checkpoint.pt").exists():
+        remove_partial_run(folder, created)
+    traceback.clear_frames(error.__traceback__)
 
 
 def _config_of_run(
