@@ -242,6 +242,8 @@ def test_a_damaged_shard_is_refused_naming_the_file_when_first_opened(tmp_path, 
     write(tmp_path / "out")
     damage_file(tmp_path / "out" / "shard-00001.pt", damage)
     outputs = TeacherOutputs(tmp_path / "out")
+    outputs.topk([9])
+    assert sorted(outputs._open) == [2]  # a read opens the shards of its blocks only
     outputs.topk([0, 9])  # shards 0 and 2 are intact
     with pytest.raises((ValueError, FileNotFoundError), match="shard-00001.pt"):
         outputs.topk([5])

@@ -201,8 +201,8 @@ class TeacherOutputs:
         flat = index.reshape(-1)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= len(self)):
             raise IndexError(f"block indices must lie in [0, {len(self)}): {self.folder} holds {len(self)} blocks")
-        first = self._shard(0)
-        gathered = [first[key].new_empty((flat.numel(), *first[key].shape[1:])) for key in keys]
+        layout = block_layout(self.manifest)
+        gathered = [torch.empty((flat.numel(), *layout[key][1]), dtype=layout[key][0]) for key in keys]
         shard_of = torch.bucketize(flat, self._starts, right=True) - 1
         for number in shard_of.unique().tolist():
             rows = (shard_of == number).nonzero().squeeze(1)
@@ -250,18 +250,21 @@ def _check_expected(manifest: Manifest, expected: Mapping[str, Any], path: Path)
             )
 
 
+def block_layout(manifest: Manifest) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Each shard tensor's dtype and shape per block (a shard of ``n`` blocks holds ``(n, *shape)``)."""
+    length, k = manifest.block_length, manifest.k
+    return {
+        "log_probs": (DTYPES[manifest.dtype], (length, k)),
+        "indices": (torch.int32, (length, k)),
+        "input_ids": (torch.int32, (length,)),
+    }
+
+
 def _open_shard(folder: Path, manifest: Manifest, shard: Shard) -> dict[str, Tensor]:
     """The shard's tensors, memory-mapped, after its SHA-256 and shapes are verified."""
-    blocks, length, k = shard.stop - shard.start, manifest.block_length, manifest.k
-    return _open_file(
-        folder,
-        shard,
-        {
-            "log_probs": (DTYPES[manifest.dtype], (blocks, length, k)),
-            "indices": (torch.int32, (blocks, length, k)),
-            "input_ids": (torch.int32, (blocks, length)),
-        },
-    )
+    blocks = shard.stop - shard.start
+    layout = block_layout(manifest)
+    return _open_file(folder, shard, {key: (dtype, (blocks, *shape)) for key, (dtype, shape) in layout.items()})
 
 
 def _open_file(
