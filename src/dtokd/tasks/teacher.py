@@ -22,7 +22,7 @@ reads the teacher's internals (tapped features, hidden states, a detector's back
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,7 @@ class Teacher:
             raise TypeError(f"teacher must be a torch.nn.Module or a callable, got {type(source).__name__}")
         self.source = source
         live = isinstance(source, nn.Module) and not isinstance(source, OfflineTeacher)
-        self.model: nn.Module | None = source if isinstance(source, nn.Module) and live else None
+        self.model: nn.Module | None = cast(nn.Module, source) if live else None
         """The live model (None where the teacher was given as its outputs alone)."""
         self.name = type(source).__name__
 
