@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from dtokd import make_balancer, weights
+from dtokd.balancing import BALANCERS
+from dtokd.balancing.balancers import options_for_one_objective, options_without_losses_after
 from dtokd.balancing.rules import RULE_RECORDS, RULES
 
 
@@ -360,3 +362,34 @@ def test_a_negative_loss_under_the_log_is_refused_on_every_path(on_nonfinite, en
         balancer.check_deferred()
     on_host = on_nonfinite == "skip" or engine == "exact"
     assert all(p.grad is None for p in net.parameters()) == on_host  # the host path writes nothing
+
+
+@pytest.mark.parametrize("method", BALANCERS)
+def test_every_method_takes_one_objective_with_what_one_objective_settles(method):
+    w = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    options = options_for_one_objective(method, {})
+    make_balancer(method, [w], **options).backward({"task": (w**2).sum()})
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+    if method == "fixed":  # weights=[1.0]: the plain backward pass
+        assert options == {"weights": [1.0]}
+        torch.testing.assert_close(w.grad, 2 * w.detach(), rtol=0, atol=0)
+
+
+def test_one_objective_keeps_what_the_user_gave_and_fixed_needs_weights_without_it():
+    assert options_for_one_objective("fixed", {"weights": [2.0]}) == {"weights": [2.0]}
+    assert options_for_one_objective("anchored", {}) == {"anchor": 0}
+    assert options_for_one_objective("dto", {"constraint": "simplex"}) == {"constraint": "simplex"}
+    with pytest.raises(TypeError, match="needs weights="):
+        make_balancer("fixed", [nn.Parameter(torch.ones(2))])
+    with pytest.raises(ValueError, match="unknown balancing method 'nope'"):
+        options_for_one_objective("nope", {})
+
+
+def test_a_driver_without_losses_after_gets_the_next_step_update_and_refuses_the_same_batch_one():
+    assert options_without_losses_after("dto-amortized", {}, "a loop") == {"update": "next-step"}
+    assert options_without_losses_after("dto-amortized", {"lr": 0.1}, "a loop") == {"lr": 0.1, "update": "next-step"}
+    for method in BALANCERS:
+        if method != "dto-amortized":
+            assert options_without_losses_after(method, {"x": 1}, "a loop") == {"x": 1}
+    with pytest.raises(ValueError, match="dto-amortized in a loop needs update='next-step', not 'same-batch'"):
+        options_without_losses_after("dto-amortized", {"update": "same-batch"}, "a loop")

@@ -164,7 +164,7 @@ def test_a_trainer_checkpoint_resumes_with_the_balancer_state(tmp_path):
 
 def test_same_batch_amortized_is_refused_with_the_alternative(tmp_path):
     student, teacher = models()
-    with pytest.raises(ValueError, match="needs balancer_options=\\{'update': 'next-step'\\}"):
+    with pytest.raises(ValueError, match="needs update='next-step', not 'same-batch'"):
         DistillationTrainer(
             model=student,
             teacher=teacher,

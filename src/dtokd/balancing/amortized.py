@@ -71,6 +71,7 @@ class AmortizedDTOBalancer(Balancer):
     log_losses_by_default = True
     distillation_form = "forward_ce"  # a KL nearing 0 would take the weight (LM record: +2.46 ppl with forward_kl)
     learned_state = frozenset({"logits", "adam", "before"})
+    without_losses_after = {"update": "next-step"}  # the same-batch update re-evaluates after the step
 
     def __init__(
         self,

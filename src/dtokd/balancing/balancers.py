@@ -96,9 +96,41 @@ BALANCERS: tuple[str, ...] = (*rules.RULES, *BALANCER_CLASSES)
 def distillation_form(method: str) -> str:
     """The token-level KD loss's form for ``method`` where the user leaves it to the library
     (:attr:`~dtokd.balancing.base.Balancer.distillation_form`; ``forward_kl`` for every rule)."""
+    _check_method(method)
+    return BALANCER_CLASSES[method].distillation_form if method in BALANCER_CLASSES else Balancer.distillation_form
+
+
+def options_for_one_objective(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` for ``method`` over a single objective, with what one objective settles filled
+    in where the user left it out (the rule's record,
+    :attr:`~dtokd.balancing.rules.Rule.one_objective`: ``fixed`` gets ``weights=[1.0]``, the
+    plain backward pass)."""
+    _check_method(method)
+    settled = rules.RULE_RECORDS[method].one_objective if method in rules.RULE_RECORDS else {}
+    return {**settled, **options}
+
+
+def options_without_losses_after(method: str, options: Mapping[str, Any], driver: str) -> dict[str, Any]:
+    """``options`` for ``method`` in ``driver``, a loop that cannot re-evaluate a step's losses
+    after the optimizer step: the method's settings for that case
+    (:attr:`~dtokd.balancing.base.Balancer.without_losses_after`; ``dto-amortized`` learns from
+    the next step's losses, ``update="next-step"``) filled in; a ``ValueError`` for one the user
+    set otherwise."""
+    _check_method(method)
+    needed = BALANCER_CLASSES[method].without_losses_after if method in BALANCER_CLASSES else {}
+    result = dict(options)
+    for name, value in needed.items():
+        if result.setdefault(name, value) != value:
+            raise ValueError(
+                f"{method} in {driver} needs {name}={value!r}, not {result[name]!r}: {driver} cannot "
+                "re-evaluate a step's losses after the optimizer step"
+            )
+    return result
+
+
+def _check_method(method: str) -> None:
     if method not in BALANCERS:
         raise ValueError(f"unknown balancing method {method!r}; available: {list(BALANCERS)}")
-    return BALANCER_CLASSES[method].distillation_form if method in BALANCER_CLASSES else Balancer.distillation_form
 
 
 def _log_losses_by_default(method: str) -> bool:
@@ -151,8 +183,7 @@ def make_balancer(
     :class:`~dtokd.balancing.gradnorm.GradNormBalancer` and
     :class:`~dtokd.balancing.loss_size.LossSizeBalancer` (``task=``, ``scale=``).
     """
-    if method not in BALANCERS:
-        raise ValueError(f"unknown balancing method {method!r}; available: {list(BALANCERS)}")
+    _check_method(method)
     _check_flags(log_losses=log_losses, batched=batched)
     param_list = unique_params(params)
     built_engine = _make_engine(engine, param_list, gram_params, batched)

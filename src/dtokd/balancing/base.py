@@ -13,35 +13,32 @@ One step, for losses ``L_i`` (a mapping name -> scalar tensor)::
 ``rescale`` and ``reference``: see :mod:`dtokd.balancing.rescale`.
 
 The losses' structure is checked before anything is computed: a non-empty mapping of string names to
-floating scalar tensors in the autograd graph, all on one device, with the same names on
-every call (the first call fixes them and their order). A NaN or infinite loss raises a
-:class:`NonFiniteStepError` (a ``ValueError``) naming it (``on_nonfinite="skip"`` instead writes no gradient and reports
-``StepInfo.skipped``). With ``log_losses=True`` a negative loss is an error (its log is
-undefined) and a loss below ``loss_floor`` (zero included) is taken as ``loss_floor``.
+floating scalar tensors in the autograd graph, all on one device, with the same names on every call (the
+first call fixes them and their order). A NaN or infinite loss raises a :class:`NonFiniteStepError` (a
+``ValueError``) naming it (``on_nonfinite="skip"`` instead writes no gradient and reports
+``StepInfo.skipped``). With ``log_losses=True`` a negative loss is an error (its log is undefined) and a
+loss below ``loss_floor`` (zero included) is taken as ``loss_floor``.
 
-Host synchronisation: a step reads the device once (loss values, Gram, loss scale in one
-copy), and the value checks use that read. The step takes one of two paths, chosen in one place
-(:meth:`Balancer._runs_on_device`): on the host (read, check, run the rule in float64 on the
-CPU, then write; a failed check writes nothing), or on the device (rules with a device form,
-``on_nonfinite="raise"``, no Gram from an engine that ``checks_before_writing``: the update is
-queued first and the read follows, so the CPU never waits for the forward pass; a failed check
-raises with ``.grad`` written). ``deferred_checks=True`` defers even that read to the next
-``backward`` (or :meth:`Balancer.check_deferred`): no host synchronisation in a step, a bad
-step reported one step late; ``"auto"`` defers wherever every step allows it. Why and what it
-costs: docs/methods.md ("No wait at all") and docs/cost.md.
+Host synchronisation: a step reads the device once (loss values, Gram, loss scale in one copy), and the
+value checks use that read. The step takes one of two paths, chosen in one place
+(:meth:`Balancer._runs_on_device`): on the host (read, check, run the rule in float64 on the CPU, then
+write; a failed check writes nothing), or on the device (rules with a device form, ``on_nonfinite="raise"``,
+no Gram from an engine that ``checks_before_writing``: the update is queued first and the read follows, so
+the CPU never waits for the forward pass; a failed check raises with ``.grad`` written).
+``deferred_checks=True`` defers even that read to the next ``backward`` (or
+:meth:`Balancer.check_deferred`): no host synchronisation in a step, a bad step reported one step late;
+``"auto"`` defers wherever every step allows it. Why and what it costs: docs/methods.md ("No wait at all")
+and docs/cost.md.
 
-StepInfo's numbers are read from the device on first access (see :class:`StepInfo`).
-
-Mixed precision: under ``torch.autocast`` nothing changes (the Gram's dot products run in
-float32 at least and are summed in float64). With ``torch.amp.GradScaler`` pass ``scaler=``
-to :meth:`Balancer.backward` instead of scaling the losses yourself: gradients are computed
-from the scaled losses (so fp16 does not underflow), the Gram is unscaled before the rule
-sees it, and ``.grad`` receives the scaled combination that ``scaler.step`` expects. If the
-scaled gradients overflow, ``.grad`` is filled with NaN so that ``scaler.step`` skips the step
-and lowers the scale, and the step is reported as skipped.
+Mixed precision: under ``torch.autocast`` nothing changes (the Gram's dot products run in float32 at least
+and are summed in float64). With ``torch.amp.GradScaler`` pass ``scaler=`` to :meth:`Balancer.backward`
+instead of scaling the losses yourself: gradients are computed from the scaled losses (so fp16 does not
+underflow), the Gram is unscaled before the rule sees it, and ``.grad`` receives the scaled combination that
+``scaler.step`` expects. If the scaled gradients overflow, ``.grad`` is filled with NaN so that
+``scaler.step`` skips the step and lowers the scale, and the step is reported as skipped.
 
 Data parallelism: see :mod:`dtokd.balancing.distributed` (``sync=``); losses and Gram are
-those of the global batch by default.
+those of the global batch by default. StepInfo's numbers are read from the device on first access.
 """
 
 from __future__ import annotations
@@ -91,6 +88,10 @@ class Balancer:
     it to the library (``divergence: auto``): ``forward_kl`` (floor 0), or ``forward_ce`` (the
     cross-entropy to the teacher, floor at its entropy) for a method whose coefficient on a raw
     loss goes as ``1 / L`` with weights learned across steps (docs/methods.md, "Which to pick")."""
+
+    without_losses_after: Mapping[str, object] = {}
+    """The options a driver that cannot re-evaluate a step's losses after the optimizer step
+    builds this method with (:func:`~dtokd.balancing.balancers.options_without_losses_after`)."""
 
     learned_state: frozenset[str] = frozenset()
     """The :meth:`state_dict` entries that hold what the method learned (none for a stateless
@@ -144,7 +145,6 @@ class Balancer:
         self._zero_gradient_warned: set[str] = set()
         self._reach_checked = False  # whether the losses were seen to reach the parameters (first step)
 
-    # -- to be provided by subclasses -------------------------------------------------------
     def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
         """Weights ``pi`` (m, float64) from the Gram of the objective gradients (None if not
         ``needs_gram``) and the detached float64 loss values of this step."""

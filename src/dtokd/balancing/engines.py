@@ -50,6 +50,9 @@ from dtokd.balancing.flat import ChunkLayout
 
 EngineName = Literal["exact", "subset", "representation"]
 ENGINES: tuple[str, ...] = ("exact", "subset", "representation")
+ONE_BACKWARD_PASS: frozenset[str] = frozenset({"representation"})
+"""The engines whose step runs one backward pass through the model (the others run one per
+objective, keeping the forward graph between them)."""
 
 
 class ObjectiveGradients(Protocol):

@@ -184,6 +184,9 @@ class Rule:
     name and orders them like the losses."""
     loss_index: tuple[str, ...] = ()
     """Options naming one objective by its index: a balancer also takes the loss's name."""
+    one_objective: Mapping[str, object] = field(default_factory=dict)
+    """Options that a single objective settles (a required option with only one possible value
+    then): filled in by :func:`~dtokd.balancing.balancers.options_for_one_objective`."""
 
     def runs_on_device(self, num_objectives: int, options: Mapping[str, object]) -> bool:
         """Whether this rule, for ``num_objectives`` objectives and ``options``, needs no host read."""
@@ -206,6 +209,7 @@ RULE_RECORDS: Mapping[str, Rule] = {
         device_form=_always,
         per_loss=("weights",),
         required={"weights": "weights=..., e.g. weights={'distill': 0.9, 'task': 0.1}"},
+        one_objective={"weights": [1.0]},
     ),
     "anchored": Rule(
         anchored,
@@ -213,6 +217,7 @@ RULE_RECORDS: Mapping[str, Rule] = {
         device_form=_always,
         loss_index=("anchor",),
         required={"anchor": "anchor=..., the name of the loss to keep whole (e.g. anchor='task')"},
+        one_objective={"anchor": 0},
     ),
 }
 """Every weight rule by name, with its facts."""

@@ -60,6 +60,7 @@ import transformers
 from torch import Tensor, nn
 
 from dtokd.balancing import make_balancer
+from dtokd.balancing.balancers import options_without_losses_after
 from dtokd.data.offline_teacher import WithTeacherTopk
 from dtokd.integrations.common import (
     check_balanced_parameters,
@@ -104,12 +105,7 @@ class DistillationTrainer(transformers.Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        options = dict(balancer_options or {})
-        if method == "dto-amortized" and options.setdefault("update", "next-step") != "next-step":
-            raise ValueError(
-                "dto-amortized in the Hugging Face Trainer needs balancer_options={'update': 'next-step'}: "
-                "the same-batch update needs a re-evaluation after each optimizer step"
-            )
+        options = options_without_losses_after(method, balancer_options or {}, "the Hugging Face Trainer")
         self.teacher = Teacher(teacher) if teacher is not None else None
         self.losses = with_label_smoothing(
             with_distillation_form(losses or default_losses(), method),

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from dtokd.balancing import Balancer, make_balancer
+from dtokd.balancing.balancers import options_for_one_objective
+from dtokd.balancing.engines import ONE_BACKWARD_PASS
 from dtokd.data import DataBundle, build_data, place_data
 from dtokd.models import create_model, load_weights
 from dtokd.models.foreign import check_normalize
@@ -188,8 +190,8 @@ def make_run_balancer(config: Config, task: Task, params: Sequence[torch.Tensor]
     own = sorted(set(options) & {"engine", "gram_params"})
     if own:
         raise ValueError(f"balancer.options names {own}: set them as balancer.{own[0]}, not among the method's options")
-    if cfg.method == "fixed" and "weights" not in options and len(task.loss_names) == 1:
-        options["weights"] = [1.0]  # a single loss: the plain backward pass
+    if len(task.loss_names) == 1:
+        options = options_for_one_objective(cfg.method, options)
     # by default the checks are deferred wherever every step allows it: no host wait per step,
     # the checks before each checkpoint
     options.setdefault("deferred_checks", "auto")
@@ -217,7 +219,7 @@ def _check_compile(config: Config, device: torch.device) -> None:
             f"compile='reduce-overhead' captures CUDA graphs and needs a CUDA device, not {device}; "
             "use compile=default on the CPU"
         )
-    if config.balancer.engine != "representation":
+    if config.balancer.engine not in ONE_BACKWARD_PASS:
         raise ValueError(
             f"compile='reduce-overhead' with balancer.engine={config.balancer.engine!r} is refused: that engine runs "
             "one backward pass per objective through the same captured forward graph (retain_graph), which "
