@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
             "(for teacher.outputs=DIR)",
         )
     )
+    summary = sub.add_parser(
+        "summary", help="the recommended rule against KD and the student alone in every setting, from the records"
+    )
+    summary.add_argument("file", help="summary YAML (see benchmarks/summary.yaml)")
+    summary.add_argument("--figure", help="write the figure (PNG) here")
+    summary.add_argument("--write", nargs="+", default=[], metavar="PAGE", help="pages to put the table into")
     demo = sub.add_parser("demo", help="Fashion-MNIST: teacher, then a student alone / fixed KD / DTO-KD")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a tiny version for smoke tests")
@@ -431,6 +437,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _bench(args)
     if args.command == "teacher-outputs":
         return _teacher_outputs(args)
+    if args.command == "summary":
+        from dtokd.bench.summary import write_summary
+
+        print(write_summary(args.file, args.figure, args.write), end="")
+        return 0
     from dtokd.demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick, data_root=args.data_root)

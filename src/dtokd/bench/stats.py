@@ -15,7 +15,7 @@ from typing import Any
 from dtokd.train.records import read_jsonl
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value; NaN and NaN for none)."""
     if not values:
         return math.nan, math.nan
@@ -34,7 +34,7 @@ def cell_statistics(folders: list[Path]) -> dict[str, Any]:
     keys = [f"test_{m}_at_best_val", f"best_val_{m}", f"best_test_{m}", f"last_test_{m}", "seconds_per_epoch"]
     keys += [key for x in others for key in (f"test_{x}_at_best_val", f"last_test_{x}")]
     for key in keys:
-        cell[key], cell[key + "_std"] = _mean_std([s[key] for s in summaries if s.get(key) is not None])
+        cell[key], cell[key + "_std"] = mean_std([s[key] for s in summaries if s.get(key) is not None])
     times = [s["seconds_per_epoch"] for s in summaries]
     cell["seconds_per_epoch_min"] = min(times) if times else math.nan  # interference only adds time
     split = _curve_split(metrics, m)
@@ -98,10 +98,16 @@ def _curve_split(metrics: list[list[dict[str, Any]]], metric: str) -> str:
 
 
 def paired_differences(folders: list[tuple[Path, Path]], metric: str) -> tuple[float, float, int]:
-    """Mean and standard deviation over seeds of ``method - reference`` in test metric at the
-    epoch chosen on validation, from one (method's, reference's) pair of cell folders per seed,
-    over the seeds both finished with the same teacher (same seed: same initialisation and
-    batches; see :func:`same_teacher`), and how many seeds that is."""
+    """Mean and standard deviation over seeds of :func:`paired_values`, and how many seeds that is."""
+    differences = paired_values(folders, metric)
+    mean, std = mean_std(differences)
+    return mean, std, len(differences)
+
+
+def paired_values(folders: list[tuple[Path, Path]], metric: str) -> list[float]:
+    """``method - reference`` in test metric at the epoch chosen on validation, seed by seed, from
+    one (method's, reference's) pair of cell folders per seed, over the seeds both finished with
+    the same teacher (same seed: same initialisation and batches; see :func:`same_teacher`)."""
     differences = []
     for method_folder, reference_folder in folders:
         pair = [method_folder / "summary.json", reference_folder / "summary.json"]
@@ -109,8 +115,7 @@ def paired_differences(folders: list[tuple[Path, Path]], metric: str) -> tuple[f
             values = [json.loads(p.read_text()).get(f"test_{metric}_at_best_val") for p in pair]
             if None not in values:
                 differences.append(values[0] - values[1])
-    mean, std = _mean_std(differences)
-    return mean, std, len(differences)
+    return differences
 
 
 def same_teacher(first: Path, second: Path) -> bool:
