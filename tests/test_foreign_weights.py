@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from dtokd.data import build_data
-from dtokd.models import create_model
+from dtokd.models import create_model, load_weights
 from dtokd.models.foreign import KEY_MAP_PRESETS, Renormalize, check_normalize, remap_keys
+from dtokd.models.weight_file import read_weights
 from dtokd.report import report
 from dtokd.tasks import evaluate_classifier as evaluate
 from dtokd.train import load_config, train
@@ -220,3 +221,17 @@ def test_shared_pretrained_teachers_load_strictly_with_the_preset(name, classes)
     with torch.no_grad():
         logits = model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     assert logits.shape == (2, classes) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_weights_load_memory_mapped_and_from_the_pre_1_6_format(tmp_path, zip_format):
+    model = create_model("mlp_small", num_classes=10, in_channels=1)
+    path = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), path, _use_new_zipfile_serialization=zip_format)
+    state, identity = read_weights(path)
+    assert identity == {} and state.keys() == model.state_dict().keys()
+    for a, b in zip(state.values(), model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    loaded = create_model("mlp_small", num_classes=10, in_channels=1)
+    load_weights(loaded, path)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +56,20 @@ NUMPY_RNG_GLOBALS = (np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multi
 
 
 def load_weights_only(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True``: tensors, numbers, strings, containers and the
-    NumPy random state's array; a file that would construct any other object (run code on
-    load) raises ``pickle.UnpicklingError`` instead."""
+    """:func:`mapped_load` of a checkpoint: tensors, numbers, strings, containers and the NumPy
+    random state's array; a file that would construct any other object (run code on load)
+    raises ``pickle.UnpicklingError`` instead."""
     with torch.serialization.safe_globals(list(NUMPY_RNG_GLOBALS)):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return mapped_load(path)
+
+
+def mapped_load(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU, memory-mapped where the file is in
+    torch's zip format (any file ``torch.save`` wrote since 1.6): the processes of a run that read
+    one file (each rank resuming, or loading the teacher) share its pages in the page cache
+    instead of each holding a private copy (measured: a 400 MB file adds 400 MB of private memory
+    to a process without the map, none with it; benchmarks/results/lm_memory/README.md)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
 
 
 def verify_checksum(state: dict[str, Any], path: Path) -> None:
@@ -88,7 +98,7 @@ def read_weights(path: str | Path) -> tuple[dict, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = mapped_load(path)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the file is not plain weights
         hint = (
             "; a run's checkpoint.pt holds the whole training state: give its best.pt"
