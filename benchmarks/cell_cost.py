@@ -1,21 +1,19 @@
-"""The cost of one cell of the CPU evidence matrix, before and after cheapening it.
+"""The training cost of a matrix's methods, measured side by side in one process.
 
-One cell is a fixed-KD run of ``configs/bench_cifar10_cpu.yaml`` (CIFAR-10 JPEG, released
-ResNet-56 -> ResNet-20, 5,000 training images, 30 epochs). Its parts are timed here in one
-process, side by side, each the median of ``--repeats`` rounds (rows interleaved round by round):
+Each method's cell (``--pair``, the matrix's first seed) is built once, with its training split cut
+to ``--steps`` batches, so that one epoch is ``--steps`` steps; then, round by round, every method
+trains that epoch (the methods interleaved within a round, the same epoch each time, the scheduler
+not stepped). Round 0 is a warm-up, not counted: it also fills the teacher-output cache of the
+methods that read one (``teacher.cache_outputs``, in a scratch folder), so the counted rounds read
+it as a cell's later epochs do. Per method: the median seconds per step over ``--repeats`` counted
+rounds, its ratio to the matrix's reference method, and the training part of a whole cell (seconds
+per step x the steps of the cell's epochs; evaluation, the same for every method, not included)::
 
-- a training epoch with the teacher run on every batch, and with its outputs read from the
-  teacher-output cache (``teacher.cache_outputs``: what every cell of a seed but the first pays);
-- an evaluation of the validation split (5,000 images) and of the test split (10,000);
-- the teacher's accuracy check (validation + test), which the cache by content makes once per
-  teacher and seed instead of once per cell (counted as zero in a cell after).
+    OMP_NUM_THREADS=1 python benchmarks/cell_cost.py configs/bench_cifar10_vit_cpu.yaml --pair released \
+        --steps 12 --repeats 3 --output benchmarks/results/cifar10_vit_cpu/cell_cost
 
-From them, the cost of a 30-epoch cell: before (validation and test after every epoch, the teacher
-check in the cell, the teacher on every batch) and after (validation every 3 epochs and at the last,
-the test split twice at the end, the teacher check and the teacher's outputs cached), with the share
-of evaluation and of the teacher in each.
-
-    OMP_NUM_THREADS=1 python benchmarks/cell_cost.py --output benchmarks/results/cifar10_cpu/cell_cost
+(``benchmarks/results/cifar10_cpu/cell_cost.*`` was made by an earlier script of this name, at the
+commit its files name: one cell's parts before and after its evaluation and teacher were cheapened.)
 """
 
 from __future__ import annotations
@@ -23,119 +21,114 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from dtokd.bench import cell_config, load_matrix
-from dtokd.train import loop
+from dtokd.bench import Matrix, cell_config, load_matrix
+from dtokd.train.build import build_parts
+from dtokd.train.config import Config
+from dtokd.train.epoch import train_epoch
+from dtokd.train.parts import Parts
 from dtokd.train.records import MetricLog, git_commit, machine
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--matrix", default=str(ROOT / "configs" / "bench_cifar10_cpu.yaml"))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=30, help="epochs of the cell the totals are for")
-    parser.add_argument("--every", type=int, default=3, help="validation cadence of the cheapened cell")
+    parser.add_argument("matrix")
+    parser.add_argument("--pair", required=True)
+    parser.add_argument("--methods", nargs="+", help="default: every method of the matrix")
+    parser.add_argument("--steps", type=int, default=12, help="training steps a method runs per round")
+    parser.add_argument("--repeats", type=int, default=3, help="counted rounds (after one warm-up round)")
     parser.add_argument("--output", required=True, help="path stem for .json and .md")
     args = parser.parse_args()
-    matrix = load_matrix(args.matrix)
-    spec = matrix.pairs["released"]
-    config = cell_config(matrix, "released", "kd-fixed", 0, spec["checkpoint"])
-    config = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, cache_outputs=False))
-    times: dict[str, list[float]] = {k: [] for k in ("epoch_teacher", "epoch_cached", "val", "test", "teacher_check")}
+    result = measure(args.matrix, args.pair, args.methods, steps=args.steps, repeats=args.repeats)
+    result["command"] = "python benchmarks/cell_cost.py " + " ".join(sys.argv[1:])
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output + ".json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.output + ".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def measure(matrix_path: str, pair: str, methods: list[str] | None, *, steps: int, repeats: int) -> dict:
+    """The measurement described above, as the JSON record holds it."""
+    matrix = load_matrix(matrix_path)
+    methods = methods or list(matrix.methods)
+    teacher = matrix.pairs[pair].checkpoint
+    if teacher is None:
+        raise ValueError(f"pair {pair!r} has no teacher checkpoint given: train its teacher with the bench first")
+    saved = os.environ.get("DTOKD_CACHE")
     with tempfile.TemporaryDirectory() as scratch:
-        parts = loop._build(config, verbose=False)  # the cell's data, models, balancer, optimizer
-        teacher = (
-            loop.WithInput(parts.teacher, parts.teacher_input) if parts.teacher_input is not None else parts.teacher
-        )
-        cache = loop.CachedTeacher(parts.teacher, Path(scratch), "bench")  # a scratch cache, never the user's
-        parts.task.use_teacher(cache)
-        log = MetricLog(Path(scratch), enabled=False)
-        for round_ in range(args.repeats):
-            for row, epoch in (("epoch_teacher", 2 * round_), ("epoch_cached", 2 * round_)):
-                if row == "epoch_teacher":
-                    (Path(scratch) / "bench" / f"epoch{epoch}.pt").unlink(missing_ok=True)
-                start = time.perf_counter()
-                loop._train_epoch(config, dataclasses.replace(parts, teacher_cache=cache), epoch, log)
-                times[row].append(time.perf_counter() - start)
-            for split in ("val", "test"):
-                start = time.perf_counter()
-                parts.task.evaluate(parts.student, getattr(parts.data, split), config.eval_batch_size, parts.device)
-                times[split].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            loop._measure_teacher(config, parts.task, teacher, parts.data, parts.device)
-            times["teacher_check"].append(time.perf_counter() - start)
-    median = {k: statistics.median(v) for k, v in times.items()}
-    n, evals = args.epochs, len([e for e in range(args.epochs) if (e + 1) % args.every == 0 or e + 1 == args.epochs])
-    before = {
-        "training": n * median["epoch_teacher"],
-        "evaluation": n * (median["val"] + median["test"]),
-        "teacher check": median["teacher_check"],
-    }
-    after = {
-        "training": median["epoch_teacher"] + (n - 1) * median["epoch_cached"],
-        "evaluation": evals * median["val"] + 2 * median["test"],
-        "teacher check": 0.0,
-    }
-    result = {
+        os.environ["DTOKD_CACHE"] = str(Path(scratch) / "cache")  # the caches made here stay in scratch
+        try:
+            cells = {m: _short_cell(matrix, pair, m, teacher, steps) for m in methods}
+            times = _interleaved(cells, steps, repeats, MetricLog(Path(scratch), enabled=False))
+        finally:
+            if saved is None:
+                os.environ.pop("DTOKD_CACHE", None)
+            else:
+                os.environ["DTOKD_CACHE"] = saved
+    per_step = {m: statistics.median(t) for m, t in times.items()}
+    reference = per_step.get(matrix.reference)
+    return {
+        "matrix": matrix.name,
         "commit": git_commit(),
         "machine": machine(),
         "threads": torch.get_num_threads(),
-        "repeats": args.repeats,
-        "median_seconds": median,
-        "samples": times,
-        "epochs": n,
-        "every": args.every,
-        "cell_before_seconds": before,
-        "cell_after_seconds": after,
+        "steps": steps,
+        "repeats": repeats,
+        "reference": matrix.reference,
+        "seconds_per_step": times,
+        "median_seconds_per_step": per_step,
+        "ratio_to_reference": {m: s / reference for m, s in per_step.items()} if reference else None,
+        "cell_training_minutes": {m: None if n is None else per_step[m] * n / 60 for m, (_, _, n) in cells.items()},
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output + ".json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(args.output + ".md").write_text(_markdown(result))
-    print(_markdown(result))
 
 
-def _markdown(r: dict) -> str:
-    m = r["median_seconds"]
+def _short_cell(matrix: Matrix, pair: str, method: str, teacher: str, steps: int) -> tuple[Config, Parts, int | None]:
+    """A cell cut to ``steps`` batches an epoch, built; with the steps of the whole cell (None
+    where its configuration does not set the training split's size)."""
+    config = cell_config(matrix, pair, method, matrix.seeds[0], teacher)
+    limit = config.data.limit_train
+    full_steps = None if limit is None else math.ceil(limit / config.batch_size) * config.epochs
+    short = dataclasses.replace(config, data=dataclasses.replace(config.data, limit_train=steps * config.batch_size))
+    return short, build_parts(short, verbose=False), full_steps
+
+
+def _interleaved(cells: dict, steps: int, repeats: int, log: MetricLog) -> dict[str, list[float]]:
+    """Seconds per step of each cell's epoch 0, round by round, after a warm-up round."""
+    times: dict[str, list[float]] = {m: [] for m in cells}
+    for round_ in range(repeats + 1):
+        for method, (config, parts, _) in cells.items():
+            start = time.perf_counter()
+            train_epoch(config, parts, 0, log)
+            if round_:  # round 0: the warm-up
+                times[method].append((time.perf_counter() - start) / steps)
+    return times
+
+
+def markdown(r: dict) -> str:
+    """The table of one measurement."""
     lines = [
-        "# Cost of one CPU evidence-matrix cell (fixed KD, released ResNet-56 -> ResNet-20, 5,000 images)",
+        f"# Training cost per method, side by side: {r['matrix']}",
         "",
-        f"commit `{r['commit'][:10]}`; {r['machine']}; {r['threads']} thread(s); medians of {r['repeats']} rounds",
+        f"commit `{r['commit'][:10]}`; {r['machine']}; {r['threads']} thread(s); {r['steps']} steps a round, "
+        f"medians of {r['repeats']} rounds after a warm-up; `{r.get('command', '')}`",
         "",
-        "| part | seconds |",
-        "|---|---|",
-        f"| training epoch, teacher on every batch | {m['epoch_teacher']:.1f} |",
-        f"| training epoch, teacher outputs cached | {m['epoch_cached']:.1f} "
-        f"({m['epoch_cached'] / m['epoch_teacher']:.2f}x) |",
-        f"| validation split (5,000) | {m['val']:.1f} |",
-        f"| test split (10,000) | {m['test']:.1f} |",
-        f"| teacher check (validation + test, ResNet-56) | {m['teacher_check']:.1f} |",
-        "",
-        "After: the first epoch of a seed runs the teacher, the others read its cached outputs; validation "
-        f"every {r['every']} epochs and at the last; the test split on best.pt and on the last model; the "
-        "teacher check read from its cache.",
-        "",
-        f"| {r['epochs']}-epoch cell | training | evaluation | teacher check | total | evaluation share "
-        "| teacher share |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | seconds per step | vs {r['reference']} | training part of a cell |",
+        "|---|---|---|---|",
     ]
-    for name, parts in (("before", r["cell_before_seconds"]), ("after", r["cell_after_seconds"])):
-        total = sum(parts.values())
-        teacher = (m["epoch_teacher"] - m["epoch_cached"]) * (r["epochs"] if name == "before" else 1) + parts[
-            "teacher check"
-        ]
-        lines.append(
-            f"| {name} | {parts['training'] / 60:.1f} min | {parts['evaluation'] / 60:.1f} min | "
-            f"{parts['teacher check'] / 60:.1f} min | {total / 60:.1f} min | {parts['evaluation'] / total:.0%} | "
-            f"{teacher / total:.0%} |"
-        )
+    for method, seconds in r["median_seconds_per_step"].items():
+        ratio = f"{r['ratio_to_reference'][method]:.2f}x" if r["ratio_to_reference"] else "-"
+        minutes = r["cell_training_minutes"][method]
+        cell = "-" if minutes is None else f"{minutes:.1f} min"
+        lines.append(f"| {method} | {seconds:.3f} | {ratio} | {cell} |")
     return "\n".join(lines) + "\n"
 
 

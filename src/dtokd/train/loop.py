@@ -24,7 +24,6 @@ from typing import Any
 import torch  # noqa: F401  (tests read loop.torch)
 
 from dtokd.interrupts import hold_folder
-from dtokd.models.foreign import WithInput  # noqa: F401  (read from here by benchmarks/cell_cost.py)
 from dtokd.train import checkpoint as ckpt
 from dtokd.train.build import build_parts, data_of, make_run_balancer
 from dtokd.train.config import Config, ConfigError, load_config, selection_metric, to_dict
@@ -37,19 +36,16 @@ from dtokd.train.run_folder import config_for_resume, prepare_fresh, record_exte
 from dtokd.train.sharding import FullOptimizerState, FullState
 from dtokd.train.state import TrainingState
 from dtokd.train.summary import epoch_line, is_best, summarize
-from dtokd.train.teacher import measure_teacher, teacher_metrics
-from dtokd.train.teacher_cache import CachedTeacher  # noqa: F401  (read from here by benchmarks/cell_cost.py)
+from dtokd.train.teacher import teacher_metrics
 
 __all__ = ["data_of", "summarize", "train"]
 
 # The epoch and its evaluation are called through these names, so that a test can replace them
 # here (tests/helpers.py interrupts a run at an epoch); the others are read from this module by
-# tests and benchmarks/cell_cost.py.
+# tests.
 _train_epoch = train_epoch
 _evaluate = evaluate
-_build = build_parts
 _make_balancer = make_run_balancer
-_measure_teacher = measure_teacher
 _is_best = is_best
 
 
