@@ -4,8 +4,9 @@ Each method's cell (``--pair``, the matrix's first seed) is built once, with its
 to ``--steps`` batches, so that one epoch is ``--steps`` steps; then, round by round, every method
 trains that epoch (the methods interleaved within a round, the same epoch each time, the scheduler
 not stepped). Round 0 is a warm-up, not counted: it also fills the teacher-output cache of the
-methods that read one (``teacher.cache_outputs``, in a scratch folder), so the counted rounds read
-it as a cell's later epochs do. Per method: the median seconds per step over ``--repeats`` counted
+methods that use one (``teacher.cache_outputs``, kept in a scratch folder), so their counted rounds
+read it, as every cell of a seed but the one that first runs an epoch does (that one pays the live
+teacher, as the methods without the cache do). Per method: the median seconds per step over ``--repeats`` counted
 rounds, its ratio to the matrix's reference method, and the training part of a whole cell (seconds
 per step x the steps of the cell's epochs; evaluation, the same for every method, not included)::
 
@@ -21,8 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
-import os
 import statistics
 import sys
 import tempfile
@@ -60,20 +59,16 @@ def measure(matrix_path: str, pair: str, methods: list[str] | None, *, steps: in
     """The measurement described above, as the JSON record holds it."""
     matrix = load_matrix(matrix_path)
     methods = methods or list(matrix.methods)
+    if pair not in matrix.pairs:
+        raise ValueError(f"--pair {pair!r} is not one of the matrix's pairs {list(matrix.pairs)}")
+    if steps < 1 or repeats < 1:
+        raise ValueError(f"--steps {steps} and --repeats {repeats} must be at least 1")
     teacher = matrix.pairs[pair].checkpoint
     if teacher is None:
         raise ValueError(f"pair {pair!r} has no teacher checkpoint given: train its teacher with the bench first")
-    saved = os.environ.get("DTOKD_CACHE")
     with tempfile.TemporaryDirectory() as scratch:
-        os.environ["DTOKD_CACHE"] = str(Path(scratch) / "cache")  # the caches made here stay in scratch
-        try:
-            cells = {m: _short_cell(matrix, pair, m, teacher, steps) for m in methods}
-            times = _interleaved(cells, steps, repeats, MetricLog(Path(scratch), enabled=False))
-        finally:
-            if saved is None:
-                os.environ.pop("DTOKD_CACHE", None)
-            else:
-                os.environ["DTOKD_CACHE"] = saved
+        cells = {m: _short_cell(matrix, pair, m, teacher, steps, Path(scratch)) for m in methods}
+        times = _interleaved(cells, steps, repeats, MetricLog(Path(scratch), enabled=False))
     per_step = {m: statistics.median(t) for m, t in times.items()}
     reference = per_step.get(matrix.reference)
     return {
@@ -91,14 +86,20 @@ def measure(matrix_path: str, pair: str, methods: list[str] | None, *, steps: in
     }
 
 
-def _short_cell(matrix: Matrix, pair: str, method: str, teacher: str, steps: int) -> tuple[Config, Parts, int | None]:
-    """A cell cut to ``steps`` batches an epoch, built; with the steps of the whole cell (None
-    where its configuration does not set the training split's size)."""
+def _short_cell(
+    matrix: Matrix, pair: str, method: str, teacher: str, steps: int, scratch: Path
+) -> tuple[Config, Parts, int | None]:
+    """A cell cut to ``steps`` batches an epoch, built, its teacher-output cache (if any) moved to
+    ``scratch``; with the steps of the whole cell (None where its configuration does not set the
+    training split's size; the last partial batch of an epoch is dropped)."""
     config = cell_config(matrix, pair, method, matrix.seeds[0], teacher)
     limit = config.data.limit_train
-    full_steps = None if limit is None else math.ceil(limit / config.batch_size) * config.epochs
+    full_steps = None if limit is None else limit // config.batch_size * config.epochs
     short = dataclasses.replace(config, data=dataclasses.replace(config.data, limit_train=steps * config.batch_size))
-    return short, build_parts(short, verbose=False), full_steps
+    parts = build_parts(short, verbose=False)
+    if parts.teacher_cache is not None:  # the user's cache is not written
+        parts.teacher_cache.folder = scratch / parts.teacher_cache.key
+    return short, parts, full_steps
 
 
 def _interleaved(cells: dict, steps: int, repeats: int, log: MetricLog) -> dict[str, list[float]]:

@@ -26,7 +26,7 @@ import torch
 from dtokd.train.records import git_commit, machine
 
 READ = """
-import sys, torch
+import json, sys, torch
 from pathlib import Path
 from dtokd.models.weight_file import mapped_load
 def status():
@@ -37,14 +37,14 @@ path = Path(sys.argv[1])
 state = mapped_load(path) if sys.argv[2] == "mapped" else torch.load(path, map_location="cpu", weights_only=True)
 float(state["w"].sum())
 after = status()
-print({k: after[k] - before[k] for k in ("RssAnon", "RssFile")})
+print(json.dumps({k: after[k] - before[k] for k in ("RssAnon", "RssFile")}))
 """
 
 
 def measure(path: Path, way: str) -> dict[str, float]:
     """One fresh process's growth in private and file-backed memory (MiB) from reading ``path``."""
     out = subprocess.run([sys.executable, "-c", READ, str(path), way], check=True, capture_output=True, text=True)
-    return eval(out.stdout.strip().splitlines()[-1])  # noqa: S307 - a dict printed by READ above
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

@@ -72,8 +72,40 @@ def test_paired_differences_seeds_ahead_and_the_tuned_choice(tmp_path):
     std = statistics.stdev([1.0, -0.5, 2.0])
     assert f"| tiny setting | rule | top1 | kd-a (tuned on seed 0) | 0.83 ± {std:.2f} (n=3) | 2/3 |" in table
     assert f"| 5.25 ± {statistics.stdev([7.0, 3.5]):.2f} (n=2) | 2/2 | 1 |" in table
-    assert "missing: alone seed 2. Runs them: `python benchmarks/bench_record.py restore records/tiny " in table
-    assert "dtokd bench configs/matrix.yaml --out runs/bench_tiny --pairs p --methods alone --seeds 2`" in table
+    assert (
+        "missing: alone seed 2. Runs them: `python benchmarks/bench_record.py restore records/tiny runs/matrix && "
+        in table
+    )
+    assert "dtokd bench configs/matrix.yaml --out runs/matrix --pairs p --methods alone --seeds 2 && " in table
+    assert "python benchmarks/bench_record.py save runs/matrix records/tiny`" in table
+    assert "The bench trains this pair's teacher again" in table  # the matrix gives no checkpoint
+
+
+def test_a_diverged_cell_another_teacher_and_one_seed_are_said(tmp_path):
+    project = _filled(tmp_path)
+    folder = project / "records" / "tiny" / "cells" / "p"
+    (folder / "rule" / "seed1" / "summary.json").unlink()
+    (folder / "rule" / "seed1" / "diverged.json").write_text("{}")
+    for method, weights in (("rule", "aaa"), ("kd-a", "bbb")):
+        (folder / method / "seed2" / "teacher.json").write_text(json.dumps({"weights": weights}))
+    (found,) = summaries(project / "benchmarks" / "summary.yaml")
+    assert found.versus_kd.values == [1.0]  # seed 1 diverged, seed 2 had another teacher
+    assert found.diverged == [("rule", 1)] and found.unpaired == [("kd-a", 2)]
+    table = summary_markdown([found])
+    assert "| 1.00 (n=1) | 1/1 |" in table  # one seed: no spread shown
+    assert "diverged (no figures, not compared): rule seed 1" in table
+    assert "not paired (the rule's cell had another teacher): kd-a seed 2" in table
+
+
+def test_a_record_without_cells_gets_no_restore_and_a_missing_metric_is_named(tmp_path):
+    project = _project(tmp_path)
+    (found,) = summaries(project / "benchmarks" / "summary.yaml")
+    assert found.versus_kd.values == [] and len(found.missing) == 3 * 3 + 1
+    assert found.resume.startswith("OMP_NUM_THREADS=1 dtokd bench configs/matrix.yaml --out runs/matrix ")
+    (tmp_path / "again").mkdir()
+    project = _filled(tmp_path / "again", recommended_override=", metric: ppl")
+    with pytest.raises(ValueError, match="metric 'ppl' is not recorded by the cells; they have \\['top1'\\]"):
+        summaries(project / "benchmarks" / "summary.yaml")
 
 
 def test_an_unfinished_grid_compares_with_the_reference_and_lists_the_grid_cell(tmp_path):
@@ -116,10 +148,23 @@ def test_the_block_is_written_between_the_markers_only_and_a_page_without_them_i
     assert read_block(page) == "| new |\n"
     assert not write_block(page, "| new |\n")  # unchanged: not rewritten
     plain = tmp_path / "plain.md"
-    plain.write_text("mine\n")
+    plain.write_text(f"mine, naming {END} first\n{BEGIN}\n")
     with pytest.raises(ValueError, match="has no <!-- summary --> ... <!-- /summary --> block"):
         write_block(plain, "| new |\n")
-    assert plain.read_text() == "mine\n"
+    assert plain.read_text() == f"mine, naming {END} first\n{BEGIN}\n"
+    named_first = tmp_path / "named.md"
+    named_first.write_text(f"the end marker {END} named in the text\n{BEGIN}\nold\n{END}\n")
+    assert write_block(named_first, "| new |\n") and read_block(named_first) == "| new |\n"
+
+
+def test_no_page_is_written_when_one_of_them_has_no_block(tmp_path):
+    project = _filled(tmp_path)
+    good, bad = project / "good.md", project / "bad.md"
+    good.write_text(f"{BEGIN}\nold\n{END}\n")
+    bad.write_text("no block\n")
+    with pytest.raises(ValueError, match="bad.md has no"):
+        write_summary(project / "benchmarks" / "summary.yaml", pages=[good, bad])
+    assert good.read_text() == f"{BEGIN}\nold\n{END}\n"
 
 
 def test_the_command_writes_the_figure_and_the_pages(tmp_path, monkeypatch, capsys):

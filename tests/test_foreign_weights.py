@@ -224,11 +224,14 @@ def test_shared_pretrained_teachers_load_strictly_with_the_preset(name, classes)
 
 
 @pytest.mark.parametrize("zip_format", [True, False])
-def test_weights_load_memory_mapped_and_from_the_pre_1_6_format(tmp_path, zip_format):
+def test_weights_load_memory_mapped_and_from_the_pre_1_6_format(tmp_path, zip_format, monkeypatch):
     model = create_model("mlp_small", num_classes=10, in_channels=1)
     path = tmp_path / "weights.pt"
     torch.save(model.state_dict(), path, _use_new_zipfile_serialization=zip_format)
+    maps, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: maps.append(k.get("mmap")) or real_load(*a, **k))
     state, identity = read_weights(path)
+    assert maps == [zip_format]  # mapped where torch's zip format allows it
     assert identity == {} and state.keys() == model.state_dict().keys()
     for a, b in zip(state.values(), model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

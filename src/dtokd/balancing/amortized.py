@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -71,7 +72,8 @@ class AmortizedDTOBalancer(Balancer):
     log_losses_by_default = True
     distillation_form = "forward_ce"  # a KL nearing 0 would take the weight (LM record: +2.46 ppl with forward_kl)
     learned_state = frozenset({"logits", "adam", "before"})
-    without_losses_after = {"update": "next-step"}  # the same-batch update re-evaluates after the step
+    # the same-batch update needs the losses re-evaluated after the optimizer step
+    without_losses_after = MappingProxyType({"update": "next-step"})
 
     def __init__(
         self,

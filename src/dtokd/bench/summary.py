@@ -29,8 +29,8 @@ import yaml
 
 from dtokd.bench.folders import cell_finished, cell_folder, shared_runs
 from dtokd.bench.grid import grid_choice, grid_members
-from dtokd.bench.matrix import load_matrix
-from dtokd.bench.stats import mean_std, paired_values
+from dtokd.bench.matrix import Matrix, load_matrix
+from dtokd.bench.stats import mean_std, paired_values, same_teacher
 from dtokd.report import fmt, markdown_table, pyplot, save_plot
 from dtokd.tasks.names import LOWER_IS_BETTER
 from dtokd.train.config import ConfigError, from_dict
@@ -51,7 +51,7 @@ class Setting:
     recommended: str | None = None
     metric: str | None = None
     """The figure compared, one the cells record at the validation-chosen epoch (default: the
-    metric they were chosen by; ``ppl`` for a language model chosen by token accuracy)."""
+    metric they were chosen by)."""
     note: str = ""
 
 
@@ -72,12 +72,14 @@ class Comparison:
 
     @property
     def mean_std(self) -> tuple[float, float]:
+        """Mean and sample standard deviation of the values."""
         return mean_std(self.values)
 
 
 @dataclass(frozen=True)
 class SettingSummary:
-    """A setting's comparisons, its metric, how KD was chosen, and the cells still missing."""
+    """A setting's comparisons, its metric, how KD was chosen, the cells still missing, the
+    diverged ones (finished, without figures) and the seeds that could not be paired."""
 
     setting: Setting
     recommended: str
@@ -86,7 +88,13 @@ class SettingSummary:
     versus_kd: Comparison
     versus_student: Comparison
     missing: list[tuple[str, int]]
+    diverged: list[tuple[str, int]]
+    unpaired: list[tuple[str, int]]
+    """Seeds of ``(other, seed)`` where both the rule's and the other's cells finished with
+    different teachers (not compared)."""
     resume: str | None
+    retrained_teacher: bool
+    """Whether the bench trains the pair's teacher (so a fresh checkout's cells have another one)."""
 
     def ahead(self, comparison: Comparison) -> int:
         """On how many seeds the recommended rule was ahead (lower is ahead for a perplexity or loss)."""
@@ -113,41 +121,63 @@ def summarize(setting: Setting, recommended: str, root: Path) -> SettingSummary:
     matrix = load_matrix(root / setting.matrix)
     method = setting.recommended or recommended
     cells = root / setting.record / "cells"
-    for name in (method, setting.student_alone):
-        if name not in matrix.methods:
-            raise ValueError(f"{setting.name}: method {name!r} is not one of {setting.matrix}'s {list(matrix.methods)}")
+    _check_setting(setting, matrix, method)
     chosen = grid_choice(matrix, cells / setting.pair) if matrix.grid_prefix else None
     kd = chosen or matrix.reference
-    if chosen is not None:
-        kd_choice = f"{kd} (tuned on seed {matrix.seeds[0]})"
-    elif matrix.grid_prefix:
-        kd_choice = f"{kd} (grid unfinished)"
-    else:
-        kd_choice = f"{kd} (set by hand)"
+    how = f"tuned on seed {matrix.seeds[0]}" if chosen else ("grid unfinished" if matrix.grid_prefix else "set by hand")
     shared = shared_runs(matrix)
 
-    def folders(name: str) -> list[Path]:
-        return [cell_folder(cells, (setting.pair, name, seed), shared) for seed in matrix.seeds]
+    def folder(name: str, seed: int) -> Path:
+        return cell_folder(cells, (setting.pair, name, seed), shared)
 
     needed = [(name, seed) for name in dict.fromkeys((method, kd, setting.student_alone)) for seed in matrix.seeds]
     if matrix.grid_prefix and chosen is None:
         needed += [(name, matrix.seeds[0]) for name in grid_members(matrix) if name != kd]
-    missing = [c for c in needed if not cell_finished(cell_folder(cells, (setting.pair, *c), shared))]
-    metric = setting.metric or _metric(folders(method) + folders(kd))
-    measure = metric or "top1"  # no finished cell: nothing to compare
+    missing = [c for c in needed if not cell_finished(folder(*c))]
+    diverged = [c for c in needed if (folder(*c) / "diverged.json").is_file()]
+    metric = setting.metric or _metric([folder(n, s) for n, s in needed])
+    comparisons = {}
+    unpaired = []
+    for other in (kd, setting.student_alone):
+        pairs = [(folder(method, seed), folder(other, seed)) for seed in matrix.seeds]
+        comparisons[other] = Comparison(other, paired_values(pairs, metric or "top1"))
+        unpaired += [(other, seed) for seed, (a, b) in zip(matrix.seeds, pairs) if _unpairable(a, b, metric)]
     return SettingSummary(
         setting=setting,
         recommended=method,
         metric=metric,
-        kd_choice=kd_choice,
-        versus_kd=Comparison(kd, paired_values(list(zip(folders(method), folders(kd))), measure)),
-        versus_student=Comparison(
-            setting.student_alone,
-            paired_values(list(zip(folders(method), folders(setting.student_alone))), measure),
-        ),
+        kd_choice=f"{kd} ({how})",
+        versus_kd=comparisons[kd],
+        versus_student=comparisons[setting.student_alone],
         missing=missing,
+        diverged=diverged,
+        unpaired=sorted(set(unpaired)),
         resume=_resume_command(setting, missing, cells.is_dir()) if missing else None,
+        retrained_teacher=matrix.pairs[setting.pair].checkpoint is None
+        and matrix.pairs[setting.pair].teacher is not None,
     )
+
+
+def _check_setting(setting: Setting, matrix: Matrix, method: str) -> None:
+    """The setting's pair and methods must be the matrix's."""
+    if setting.pair not in matrix.pairs:
+        raise ValueError(f"{setting.name}: pair {setting.pair!r} is not one of {setting.matrix}'s {list(matrix.pairs)}")
+    for name in (method, setting.student_alone):
+        if name not in matrix.methods:
+            raise ValueError(f"{setting.name}: method {name!r} is not one of {setting.matrix}'s {list(matrix.methods)}")
+
+
+def _unpairable(first: Path, second: Path, metric: str | None) -> bool:
+    """Whether two cells both finished but cannot be paired (another teacher); a finished cell
+    without ``metric`` at its validation-chosen epoch is an error naming what it has."""
+    summaries = [
+        json.loads((f / "summary.json").read_text()) for f in (first, second) if (f / "summary.json").is_file()
+    ]
+    for summary in summaries:
+        if metric is not None and f"test_{metric}_at_best_val" not in summary:
+            have = sorted(k[5:-12] for k in summary if k.startswith("test_") and k.endswith("_at_best_val"))
+            raise ValueError(f"metric {metric!r} is not recorded by the cells; they have {have}")
+    return len(summaries) == 2 and not same_teacher(first, second)
 
 
 def _metric(folders: list[Path]) -> str | None:
@@ -159,24 +189,27 @@ def _metric(folders: list[Path]) -> str | None:
 
 
 def _resume_command(setting: Setting, missing: list[tuple[str, int]], has_cells: bool) -> str:
-    """The command that runs ``missing`` into ``runs/bench_<record's name>``, first seeded with
-    the record's cells where it has any (the bench skips cells that have finished)."""
-    out = f"runs/bench_{Path(setting.record).name}"
+    """The command that runs ``missing`` into ``runs/<matrix file's stem>`` (first seeded with the
+    record's cells where it has any: the bench skips cells that have finished) and saves the
+    finished cells back into the record."""
+    out = f"runs/{Path(setting.matrix).stem}"
     methods = " ".join(dict.fromkeys(name for name, _ in missing))
     seeds = " ".join(str(s) for s in sorted({seed for _, seed in missing}))
     restore = f"python benchmarks/bench_record.py restore {setting.record} {out} && " if has_cells else ""
     return (
         f"{restore}OMP_NUM_THREADS=1 dtokd bench {setting.matrix} --out {out} "
-        f"--pairs {setting.pair} --methods {methods} --seeds {seeds}"
+        f"--pairs {setting.pair} --methods {methods} --seeds {seeds} && "
+        f"python benchmarks/bench_record.py save {out} {setting.record}"
     )
 
 
 def _difference(summary: SettingSummary, comparison: Comparison) -> list[str]:
+    """A comparison's table cells: ``mean ± std (n=N)`` (the mean alone for one seed), and seeds ahead."""
     if not comparison.values:
         return ["-", "-"]
     mean, std = comparison.mean_std
     n = len(comparison.values)
-    return [f"{fmt(mean, std)} (n={n})", f"{summary.ahead(comparison)}/{n}"]
+    return [f"{fmt(mean, std if n > 1 else None)} (n={n})", f"{summary.ahead(comparison)}/{n}"]
 
 
 def summary_markdown(summaries: list[SettingSummary]) -> str:
@@ -207,10 +240,31 @@ def summary_markdown(summaries: list[SettingSummary]) -> str:
     ]
     notes = [f"- {s.setting.name}: {s.setting.note}" for s in summaries if s.setting.note]
     for s in summaries:
-        if s.missing:
-            listed = ", ".join(f"{name} seed {seed}" for name, seed in s.missing)
-            notes.append(f"- {s.setting.name}, missing: {listed}. Runs them: `{s.resume}`")
+        notes += _cell_notes(s)
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def _cell_notes(s: SettingSummary) -> list[str]:
+    """What a setting's table row leaves out: diverged cells, seeds not paired, missing cells and the command."""
+    notes = []
+    if s.diverged:
+        notes.append(f"- {s.setting.name}, diverged (no figures, not compared): {_cells(s.diverged)}")
+    if s.unpaired:
+        notes.append(f"- {s.setting.name}, not paired (the rule's cell had another teacher): {_cells(s.unpaired)}")
+    if s.missing:
+        notes.append(f"- {s.setting.name}, missing: {_cells(s.missing)}. Runs them: `{s.resume}`")
+        if s.retrained_teacher:
+            notes.append(
+                "  The bench trains this pair's teacher again in a fresh checkout, and a cell pairs only "
+                "with cells of its own teacher: run new cells as a block of seeds with their reference "
+                "(the record's README)."
+            )
+    return notes
+
+
+def _cells(cells: list[tuple[str, int]]) -> str:
+    """``method seed N, ...``."""
+    return ", ".join(f"{name} seed {seed}" for name, seed in cells)
 
 
 def summary_plot(summaries: list[SettingSummary], path: Path) -> Path:
@@ -250,9 +304,7 @@ def write_block(page: Path, table: str) -> bool:
     """Put ``table`` between ``page``'s summary markers; whether the page changed. A page without
     both markers, in order, is refused (nothing of the user's is overwritten outside them)."""
     text = page.read_text()
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < start:
-        raise ValueError(f"{page} has no {BEGIN} ... {END} block to write the summary into")
+    start, end = _markers(page, text)
     updated = text[: start + len(BEGIN)] + "\n" + table + text[end:]
     if updated != text:
         page.write_text(updated)
@@ -262,8 +314,18 @@ def write_block(page: Path, table: str) -> bool:
 def read_block(page: Path) -> str | None:
     """The text between ``page``'s summary markers (None where it has none)."""
     text = page.read_text()
-    start, end = text.find(BEGIN), text.find(END)
-    return text[start + len(BEGIN) + 1 : end] if 0 <= start < end else None
+    start = text.find(BEGIN)
+    end = text.find(END, start + len(BEGIN)) if start >= 0 else -1
+    return text[start + len(BEGIN) :].split(END, 1)[0].removeprefix("\n") if end >= 0 else None
+
+
+def _markers(page: Path, text: str) -> tuple[int, int]:
+    """Where ``page``'s first summary block starts and its end marker (a ``ValueError`` where it has none)."""
+    start = text.find(BEGIN)
+    end = text.find(END, start + len(BEGIN)) if start >= 0 else -1
+    if end < 0:
+        raise ValueError(f"{page} has no {BEGIN} ... {END} block to write the summary into")
+    return start, end
 
 
 def summaries(path: str | Path, root: Path | None = None) -> list[SettingSummary]:
@@ -281,6 +343,8 @@ def write_summary(path: str | Path, figure: str | Path | None = None, pages: Seq
     into each of ``pages`` (:func:`write_block`) where given."""
     found = summaries(path)
     table = summary_markdown(found)
+    for page in pages:  # every page checked before any is written
+        _markers(Path(page), Path(page).read_text())
     if figure is not None:
         summary_plot(found, Path(figure))
     for page in pages:

@@ -56,19 +56,22 @@ NUMPY_RNG_GLOBALS = (np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multi
 
 
 def load_weights_only(path: Path) -> Any:
-    """:func:`mapped_load` of a checkpoint: tensors, numbers, strings, containers and the NumPy
-    random state's array; a file that would construct any other object (run code on load)
-    raises ``pickle.UnpicklingError`` instead."""
+    """``torch.load`` of a checkpoint with ``weights_only=True``: tensors, numbers, strings,
+    containers and the NumPy random state's array; a file that would construct any other object
+    (run code on load) raises ``pickle.UnpicklingError`` instead. Not memory-mapped: an optimizer
+    keeps the loaded state tensors as they are, which would hold the file (and its disk space,
+    after the next checkpoint replaces it) for the rest of the run."""
     with torch.serialization.safe_globals(list(NUMPY_RNG_GLOBALS)):
-        return mapped_load(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def mapped_load(path: Path) -> Any:
     """``torch.load(path, weights_only=True)`` onto the CPU, memory-mapped where the file is in
     torch's zip format (any file ``torch.save`` wrote since 1.6): the processes of a run that read
-    one file (each rank resuming, or loading the teacher) share its pages in the page cache
-    instead of each holding a private copy (measured: a 400 MB file adds 400 MB of private memory
-    to a process without the map, none with it; benchmarks/results/lm_memory/README.md)."""
+    one weights file (each rank loading the teacher) share its pages in the page cache instead of
+    each holding a private copy (measured: a 400 MB file adds 400 MB of private memory to a process
+    without the map, none with it; benchmarks/results/lm_memory/README.md). For weights copied
+    into a model (``load_state_dict``), after which the map is released with the returned dict."""
     return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
 
 

@@ -19,12 +19,12 @@ one backward pass per objective and form the Gram from the shards
 **Checkpoints** hold full state dicts (``torch.distributed.checkpoint.state_dict`` with
 ``full_state_dict``): every process takes part in gathering them to rank 0's host memory, which
 writes them (:class:`FullState`). ``best.pt`` is the same file as any other run's (``dtokd eval``
-and ``student.weights`` read it); ``checkpoint.pt`` holds whole tensors, each process reads it
-(memory-mapped: the processes of a node share one copy of its pages) and keeps its shard, so a run
-resumes on another number of processes too (tested: two to four, to float32 rounding); its optimizer
-state is keyed by parameter name, so it does not resume a DDP run (the config's ``parallel`` cannot
-change on resume).
-Rank 0 needs host memory for a full copy of the student and its optimizer state at a checkpoint.
+and ``student.weights`` read it); ``checkpoint.pt`` holds whole tensors, each process reads it and
+keeps its shard, so a run resumes on another number of processes too (tested: two to four, to
+float32 rounding); its optimizer state is keyed by parameter name, so it does not resume a DDP run
+(the config's ``parallel`` cannot change on resume). Rank 0 needs host memory for a full copy of the
+student and its optimizer state at a checkpoint, and every process holds the whole checkpoint while
+it resumes (not memory-mapped: the optimizer would keep the map).
 """
 
 from __future__ import annotations
