@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from dtokd import bench
-from dtokd.interrupts import Interrupted, hold_folder, stop_on_signals
+from dtokd.interrupts import Interrupted, hold_folder, stop_on_signals, uninterrupted
 from dtokd.train import load_config, train
+from dtokd.train.records import MetricLog
 
 FAKE_CELL = textwrap.dedent("""
     import signal, sys, time, pathlib
@@ -153,6 +154,43 @@ def test_stop_on_signals_handles_sigint_even_when_the_process_started_with_it_ig
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "stopped by SIGINT"
+
+
+class _SignalledWriter:
+    """A TensorBoard writer stand-in that is sent SIGTERM in the middle of each ``add_scalar``
+    (between taking and releasing its queue's lock, where TensorBoard's would be left taken)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def add_scalar(self, tag, value, step):
+        self.calls.append(("start", tag))
+        signal.raise_signal(signal.SIGTERM)
+        self.calls.append(("end", tag))
+
+    def close(self):
+        self.calls.append(("close", None))
+
+
+def test_a_stop_signal_during_a_log_write_comes_after_the_whole_row(tmp_path):
+    log = MetricLog(tmp_path, tensorboard=False)
+    log.writer = writer = _SignalledWriter()
+    with stop_on_signals(), pytest.raises(Interrupted, match="SIGTERM"):
+        log.write("steps.jsonl", {"step": 3, "loss": 1.5, "weight": 0.5}, 3)
+    assert writer.calls == [
+        ("start", "steps/loss"),
+        ("end", "steps/loss"),
+        ("start", "steps/weight"),
+        ("end", "steps/weight"),
+    ]
+    assert json.loads((tmp_path / "steps.jsonl").read_text()) == {"step": 3, "loss": 1.5, "weight": 0.5}
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals(), pytest.raises(Interrupted) as stop:  # a signal during a failing block is not lost
+        with uninterrupted():
+            signal.raise_signal(signal.SIGTERM)
+            raise ZeroDivisionError
+    assert isinstance(stop.value.__context__, ZeroDivisionError)
+    assert signal.getsignal(signal.SIGTERM) is before  # every handler restored
 
 
 def test_the_cli_stops_on_a_signal_during_its_start(monkeypatch, capsys):

@@ -9,7 +9,10 @@ without that, Ctrl-C or a time limit's SIGINT would do nothing.
 
 :func:`deferred_stop` is for code that must not be cut between two statements (starting a child
 process and recording it): inside it the signals are only noted, and the caller polls
-:attr:`StopRequest.signal` at the points where it can stop.
+:attr:`StopRequest.signal` at the points where it can stop. :func:`uninterrupted` runs a block to
+its end and delivers a signal that came meanwhile after it: for code that takes a lock the rest of
+the shutdown needs (TensorBoard's event queue: a ``KeyboardInterrupt`` raised while its lock is
+held left the lock taken, and closing the writer then waited for it forever).
 
 :func:`hold_folder` takes an exclusive lock on a run folder (``run.lock``, released by the
 operating system when the process ends, however it ends), so two processes never write one
@@ -23,6 +26,7 @@ import errno
 import fcntl
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -63,6 +67,24 @@ class StopRequest:
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
         self.signal = self.signal or signum
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Run the block to its end; a stop signal received inside is delivered again after it, to
+    whatever handler was in place (raised as :class:`Interrupted` inside :func:`stop_on_signals`,
+    ignored where it was ignored). Outside the main thread, where no handler can be set, the block
+    just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    request: StopRequest | None = None
+    try:
+        with deferred_stop() as request:
+            yield
+    finally:  # after an error in the block too
+        if request is not None and request.signal is not None:
+            signal.raise_signal(request.signal)
 
 
 @contextlib.contextmanager

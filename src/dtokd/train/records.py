@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import yaml
 
+from dtokd.interrupts import uninterrupted
+
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
@@ -85,14 +87,17 @@ class MetricLog:
                 pass
 
     def write(self, file: str, row: dict[str, Any], step: int) -> None:
+        """Append ``row`` to ``file`` and to TensorBoard, whole: a stop signal during the write is
+        delivered after it (:func:`dtokd.interrupts.uninterrupted`)."""
         if not self.enabled:
             return
-        with open(self.folder / file, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                    self.writer.add_scalar(f"{file.split('.')[0]}/{key}", value, step)
+        with uninterrupted():
+            with open(self.folder / file, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.writer is not None:
+                for key, value in row.items():
+                    if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                        self.writer.add_scalar(f"{file.split('.')[0]}/{key}", value, step)
 
     def truncate_after(self, epoch: int) -> None:
         """On resume: drop lines written after the checkpoint's epoch (a killed epoch's partial log)."""
@@ -105,8 +110,10 @@ class MetricLog:
                 path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def close(self) -> None:
+        """Flush and close the TensorBoard writer (not cut by a stop signal, which comes after)."""
         if self.writer is not None:
-            self.writer.close()
+            with uninterrupted():
+                self.writer.close()
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
