@@ -2,6 +2,7 @@
 
 import gc
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -105,3 +106,14 @@ def run_in_gloo_group(rank: int, world: int, init_file: str, body: Callable[...,
     finally:
         gc.collect()  # models caught in reference cycles, and what they hold, go now
         dist.destroy_process_group()
+
+
+def benchmark_script(name: str):
+    """``benchmarks/<name>.py`` imported as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,19 +1,14 @@
 """benchmarks/bench_record.py: a bench's finished cells kept as a record and brought back,
 with nothing overwritten that differs and no checkpoint or weights copied."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+
+from helpers import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def bench_record():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_record.py"
-    spec = importlib.util.spec_from_file_location("bench_record", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("bench_record")
 
 
 def _bench_output(out):

@@ -4,7 +4,6 @@ DTO, exact resume, eval) on generated text with tiny Llamas."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from dtokd.models import create_model  # noqa: E402
 from dtokd.tasks import CausalLMTask, evaluate_causal_lm  # noqa: E402
 from dtokd.train import load_config, train  # noqa: E402
 
-from helpers import interrupt_after, tiny_lm_overrides  # noqa: E402
+from helpers import benchmark_script, interrupt_after, tiny_lm_overrides  # noqa: E402
 
 LLAMA = {
     "hidden_size": 32,
@@ -299,12 +298,7 @@ def test_the_memory_estimate_counts_a_llamas_parameters_as_by_hand():
     """benchmarks/lm_memory.py counts parameters on the meta device; by hand a Llama has
     embeddings V h, per layer q and o (h x h), k and v (h x kv d), the MLP 3 h i and two norms
     2 h, a final norm h, and an untied head V h."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lm_memory.py"
-    spec = importlib.util.spec_from_file_location("lm_memory", path)
-    lm_memory = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lm_memory)
+    lm_memory = benchmark_script("lm_memory")
     for tied in (True, False):
         shape = dict(
             vocab_size=50,

@@ -2,25 +2,21 @@
 matrix (synthetic data, a teacher trained here), its ratios to the reference and a cell's
 training part computed from what it measured, and the user's cache left alone."""
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 
 from dtokd import cli
+
+from helpers import benchmark_script
 
 HALVES = "'balancer.options={weights: [0.5, 0.5]}'"
 
 
 @pytest.fixture(scope="module")
 def cell_cost():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cell_cost.py"
-    spec = importlib.util.spec_from_file_location("cell_cost", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("cell_cost")
 
 
 def test_every_method_is_timed_against_the_reference(cell_cost, tmp_path, monkeypatch):
