@@ -13,6 +13,7 @@ from dtokd.balancing import rules
 from dtokd.balancing.amortized import AmortizedDTOBalancer
 from dtokd.balancing.base import Balancer, NonFinitePolicy, Rescale
 from dtokd.balancing.checks import unique_params
+from dtokd.balancing.cross_batch import CrossBatchBalancer
 from dtokd.balancing.distributed import Sync, SyncMode
 from dtokd.balancing.engines import ENGINES, ExactEngine, RepresentationEngine, SubsetEngine
 from dtokd.balancing.gradnorm import GradNormBalancer
@@ -85,7 +86,7 @@ class RuleBalancer(Balancer):
 
 
 BALANCER_CLASSES: dict[str, type[Balancer]] = {
-    cls.method: cls for cls in (AmortizedDTOBalancer, GradNormBalancer, LossSizeBalancer)
+    cls.method: cls for cls in (AmortizedDTOBalancer, CrossBatchBalancer, GradNormBalancer, LossSizeBalancer)
 }
 """The methods that are not a weight rule of :mod:`dtokd.balancing.rules`, by name: a class each."""
 
@@ -180,7 +181,8 @@ def make_balancer(
     ``options``: the rule's own options (e.g. ``constraint="simplex"`` for ``"dto"``,
     ``weights=`` for ``"fixed"``, ``c=`` for ``"cagrad"``), or those of
     :class:`~dtokd.balancing.amortized.AmortizedDTOBalancer`,
-    :class:`~dtokd.balancing.gradnorm.GradNormBalancer` and
+    :class:`~dtokd.balancing.gradnorm.GradNormBalancer`,
+    :class:`~dtokd.balancing.cross_batch.CrossBatchBalancer` (``task=``, ``beta=``, ``rho=``) and
     :class:`~dtokd.balancing.loss_size.LossSizeBalancer` (``task=``, ``scale=``).
     """
     _check_method(method)

@@ -131,7 +131,7 @@ def _flat_gradients(
 
 
 @dataclass
-class _StoredGradients:
+class StoredGradients:
     """Exact engine: the gradients are kept as flat chunks and combined chunk by chunk
     (the combination averaged across ranks when ``average`` is a local-mode Sync), and added
     to ``.grad`` by ``accumulate`` (FSDP2: :func:`~dtokd.balancing.sharded.accumulate_shards`)."""
@@ -158,7 +158,7 @@ def _sharded_gradients(
     sync: Sync | None,
     batched: bool,
     keep_graph: bool,
-) -> _StoredGradients:
+) -> StoredGradients:
     """Exact and subset engines under FSDP2: every parameter's shard of each objective's
     gradient (one backward per objective), the Gram over ``gram_params``' shards summed across
     ranks, ``G = sum_r G_r``, and the update written from the shards (no further backward)."""
@@ -171,7 +171,7 @@ def _sharded_gradients(
     gram = flat.gram([row[:within] for row in chunks])
     if sync is not None and sync.global_mode:
         gram = sync.sum(gram)
-    return _StoredGradients(gram, layout, chunks, params, accumulate=sharded.accumulate_shards)
+    return StoredGradients(gram, layout, chunks, params, accumulate=sharded.accumulate_shards)
 
 
 @dataclass
@@ -214,7 +214,7 @@ class ExactEngine:
             return _sharded_gradients(self.name, list(losses.values()), params, [], sync, self.batched, keep_graph)
         layout, chunks, _ = _flat_gradients(list(losses.values()), params, self.batched, keep_graph, sync)
         average = sync if (sync is not None and sync.local_mode) else None
-        return _StoredGradients(flat.gram(chunks), layout, chunks, params, average)
+        return StoredGradients(flat.gram(chunks), layout, chunks, params, average)
 
 
 class SubsetEngine:

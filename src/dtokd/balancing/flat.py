@@ -103,6 +103,14 @@ def gram(chunks: Sequence[Sequence[Tensor]]) -> Tensor:
     return upper[_symmetric_index(m, device)]
 
 
+def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """``<a, b>`` of two gradients held as matching chunks, as a float64 scalar on ``a``'s
+    device (each chunk's dot in its own precision, float32 at least, as in :func:`gram`)."""
+    device = a[0].device
+    dots = [torch.dot(_at_least_float32(x), _at_least_float32(y)).to(device, torch.float64) for x, y in zip(a, b)]
+    return torch.stack(dots).sum()
+
+
 def combine(chunks: Sequence[Sequence[Tensor]], coefficients: Sequence[float]) -> list[Tensor]:
     """``sum_i coefficients[i] * chunks[i][k]`` for every chunk k (new tensors)."""
     combined = []

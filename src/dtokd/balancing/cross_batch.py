@@ -1,0 +1,171 @@
+"""Cross-batch weights (dtokd, beyond the paper; the one-default issue's rule design): each
+objective weighted by how well its gradient served the task on a batch it had not seen.
+
+The exact engine gives each objective's gradient ``g_i`` on this step's batch. With ``g_i'``
+the gradients of the previous accepted step (another batch) and ``t`` the task loss::
+
+    u_i  = cos(g_t, g_i')                       (0 where either norm is 0)
+    a   <- (1 - rho) a + rho u                  (a starts at 0: equal weights at first)
+    pi   = softmax(beta a)
+    .grad += ||g_t|| sum_i pi_i g_i / ||g_i||   (c_i = pi_i ||g_t|| / ||g_i||; 0 where g_i = 0)
+
+Why: to first order, a step ``-lr c_i g_i'`` changes the task loss on a new batch by
+``-lr c_i <g_t, g_i'>``, so ``u_i`` is objective i's one-step hypergradient on held-out data,
+made scale-free; ``a`` averages it over about ``1 / rho`` steps (the cosines of single
+batches are noisy) and ``beta`` sets how far apart the weights go (``beta |a_i - a_j| = 1``:
+weights 0.73 / 0.27). The update is a mixture of unit directions as long as the task's own
+gradient, so that no objective takes the step by its scale; ``rescale="norm"`` gives it the
+length of the ``reference`` combination instead (the fixed weights a learning rate was tuned
+for, as the other rules take it). A zero task gradient gives a zero step.
+
+No loss value enters, only gradients: adding a constant to a loss changes nothing (the
+failure of the rules that balance ``log L``: a KL to a weak teacher that nears 0 takes the
+weight as ``1 / L``), and neither does multiplying a loss other than the task by a positive
+factor. A teacher whose advice does not carry to new batches loses weight; one whose
+advice carries better than the labels' own gradient (a cleaner signal) gains it.
+
+Gradient accumulation: every accepted ``backward`` is a batch of its own, so micro-batches
+compare with the one before them whether or not an optimizer step came between (the
+cosine of two batches' gradients does not need one). A step refused as non-finite changes
+nothing. Cost: the exact engine's (m backward passes) and m more gradients kept in memory
+(the previous step's, as flat chunks; saved in :meth:`state_dict` so that a resumed run
+continues the same). Under DDP (global mode) every rank sees the averaged gradients and
+learns the same; FSDP2 shards and ``sync="local"`` are refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dtokd.balancing import flat, sharded
+from dtokd.balancing.base import Balancer
+from dtokd.balancing.distributed import Sync
+from dtokd.balancing.engines import ExactEngine, ObjectiveGradients, StoredGradients
+from dtokd.balancing.rescale import Rescale
+
+_TINY = torch.finfo(torch.float64).tiny
+
+
+class _KeepingEngine(ExactEngine):
+    """The exact engine, keeping the last step's per-objective gradients for the balancer."""
+
+    def __init__(self, engine: ExactEngine) -> None:
+        super().__init__(engine.params, batched=engine.batched)
+        self.last: StoredGradients | None = None
+
+    def gradients(
+        self,
+        losses: Mapping[str, Tensor],
+        representation: object = None,
+        sync: Sync | None = None,
+        *,
+        keep_graph: bool = False,
+    ) -> ObjectiveGradients:
+        if sharded.is_sharded(self.params):
+            raise ValueError("cross-batch does not run on FSDP2 shards yet: use DDP, or dto-amortized / fixed")
+        gradients = super().gradients(losses, representation, sync, keep_graph=keep_graph)
+        assert isinstance(gradients, StoredGradients)  # the exact engine's, unsharded
+        self.last = gradients
+        return gradients
+
+
+class CrossBatchBalancer(Balancer):
+    """Weights from each objective's cross-batch usefulness to the task (see the module)."""
+
+    method = "cross-batch"
+    needs_gram = True
+    log_losses_by_default = False  # no loss value enters the rule
+    learned_state = frozenset({"usefulness", "previous"})
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        task: str = "task",
+        beta: float = 10.0,
+        rho: float = 0.01,
+        rescale: Rescale = "none",
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(engine, ExactEngine):
+            raise ValueError(f"cross-batch needs each objective's whole gradient: engine='exact', not {engine.name!r}")
+        if kwargs.get("log_losses", False):
+            raise ValueError(
+                "cross-batch uses the gradients only (no loss value enters): log_losses=True is not allowed"
+            )
+        if rescale not in ("none", "norm"):
+            raise ValueError(
+                f"cross-batch: rescale={rescale!r} is not allowed; 'none' (the task gradient's length) or "
+                "'norm' (the reference combination's)"
+            )
+        super().__init__(_KeepingEngine(engine), rescale=rescale, **kwargs)
+        if self.sync.mode == "local":
+            raise ValueError("cross-batch needs the same gradients on every rank: sync='global' (or one process)")
+        if not isinstance(task, str):
+            raise TypeError(f"cross-batch: task must be the task loss's name, got {task!r}")
+        if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
+            raise ValueError(f"cross-batch: beta must be a finite number >= 0, got {beta!r}")
+        if isinstance(rho, bool) or not (isinstance(rho, (int, float)) and 0 < rho <= 1):
+            raise ValueError(f"cross-batch: rho must be in (0, 1], got {rho!r}")
+        self.task, self.beta, self.rho = task, float(beta), float(rho)
+        self.usefulness: Tensor | None = None
+        """``a``: each objective's cosine with the next batch's task gradient, averaged (float64)."""
+        self._previous: tuple[list[list[Tensor]], Tensor] | None = None
+        """The last accepted step's gradients (flat chunks) and their norms."""
+
+    def _task_index(self) -> int:
+        if self.task not in self._names:
+            raise ValueError(f"cross-batch: task={self.task!r} is not one of the losses {list(self._names)}")
+        return self._names.index(self.task)
+
+    def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
+        """The coefficients ``pi_i ||g_t|| / ||g_i||`` of an accepted step (called after its checks),
+        after learning from its task gradient against the previous step's gradients."""
+        current = self.engine.last
+        if gram is None or current is None:
+            raise RuntimeError("cross-batch: no gradients for this step (a backward() through the balancer makes them)")
+        chunks: list[list[Tensor]] = current.chunks
+        t = self._task_index()
+        norms = gram.diagonal().clamp_min(0).sqrt()
+        if self.usefulness is None or self.usefulness.numel() != len(norms):
+            self.usefulness = torch.zeros(len(norms), dtype=torch.float64)
+        # the cosines from the chunks themselves, whose scale (a GradScaler's) may differ by step
+        chunk_norms = torch.stack([flat.dot(row, row) for row in chunks]).cpu().clamp_min(0).sqrt()
+        if self._previous is not None:
+            previous, previous_norms = self._previous
+            dots = torch.stack([flat.dot(chunks[t], row) for row in previous]).cpu()
+            scale = chunk_norms[t] * previous_norms
+            cosines = torch.where(scale > 0, dots / scale.clamp_min(_TINY), 0.0)
+            self.usefulness = (1 - self.rho) * self.usefulness + self.rho * cosines
+        self._previous = (chunks, chunk_norms)
+        pi = torch.softmax(self.beta * self.usefulness, 0)
+        length = norms[t] / norms.clamp_min(_TINY)
+        return torch.where(norms > 0, pi * length, 0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.usefulness is not None:
+            state["usefulness"] = self.usefulness.clone()
+        if self._previous is not None:
+            chunks, norms = self._previous
+            state["previous"] = {
+                "chunks": [[c.detach().cpu().clone() for c in row] for row in chunks],
+                "norms": norms.clone(),
+            }
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        usefulness = state.get("usefulness")
+        self.usefulness = None if usefulness is None else usefulness.to(torch.float64).clone()
+        previous = state.get("previous")
+        self._previous = None
+        if previous is not None:
+            device = self.engine.params[0].device
+            chunks = [[c.to(device) for c in row] for row in previous["chunks"]]
+            self._previous = (chunks, previous["norms"].to(torch.float64).clone())
