@@ -73,7 +73,8 @@ def test_each_step_follows_the_formula_by_hand():
         info = balancer.backward(losses(step))
         torch.testing.assert_close(written(model), expected, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(balancer.usefulness, usefulness, rtol=1e-12, atol=1e-15)
-        assert info.loss_weights["task"] == pytest.approx(pi[1].item(), rel=1e-12)
+        assert info.weights == pytest.approx(dict(zip(("distill", "task"), pi.tolist())), rel=1e-12)
+        assert info.loss_weights["distill"] == pytest.approx((pi[0] * g[1].norm() / g[0].norm()).item(), rel=1e-12)
         optimizer.step()
     assert usefulness.abs().min() > 0  # the learner moved: the check above is not of zeros
 

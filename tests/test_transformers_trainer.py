@@ -97,6 +97,7 @@ CASES = [
     ("dto", "exact", {}),
     ("dto-amortized", "exact", {"update": "next-step"}),
     ("anchored", "representation", {"anchor": "task"}),
+    ("cross-batch", "exact", {}),
 ]
 
 

@@ -123,29 +123,37 @@ class CrossBatchBalancer(Balancer):
             raise ValueError(f"cross-batch: task={self.task!r} is not one of the losses {list(self._names)}")
         return self._names.index(self.task)
 
-    def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
-        """The coefficients ``pi_i ||g_t|| / ||g_i||`` of an accepted step (called after its checks),
-        after learning from its task gradient against the previous step's gradients."""
-        current = self.engine.last
-        if gram is None or current is None:
+    def _current(self) -> StoredGradients:
+        if self.engine.last is None:
             raise RuntimeError("cross-batch: no gradients for this step (a backward() through the balancer makes them)")
-        chunks: list[list[Tensor]] = current.chunks
+        return self.engine.last
+
+    def _divisors(self, values: Tensor) -> Tensor:
+        """``||g_i|| / ||g_t||`` (inf where ``g_i = 0``), so that the coefficient on a raw loss,
+        ``pi_i`` over it, makes ``pi`` the weights of the unit directions in a step as long as
+        the task's gradient (all inf when the task's gradient is zero: no step)."""
+        norms = self._current().gram.diagonal().to(values.device).clamp_min(0).sqrt()
+        divisors = norms / norms[self._task_index()]
+        return torch.where(norms > 0, divisors, math.inf)
+
+    def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
+        """``pi = softmax(beta a)`` of an accepted step (called after its checks), after learning
+        ``a`` from its task gradient against the previous step's gradients."""
+        chunks = self._current().chunks
         t = self._task_index()
-        norms = gram.diagonal().clamp_min(0).sqrt()
-        if self.usefulness is None or self.usefulness.numel() != len(norms):
-            self.usefulness = torch.zeros(len(norms), dtype=torch.float64)
+        m = len(chunks)
+        if self.usefulness is None or self.usefulness.numel() != m:
+            self.usefulness = torch.zeros(m, dtype=torch.float64)
         # the cosines from the chunks themselves, whose scale (a GradScaler's) may differ by step
-        chunk_norms = torch.stack([flat.dot(row, row) for row in chunks]).cpu().clamp_min(0).sqrt()
+        norms = torch.stack([flat.dot(row, row) for row in chunks]).cpu().clamp_min(0).sqrt()
         if self._previous is not None:
             previous, previous_norms = self._previous
             dots = torch.stack([flat.dot(chunks[t], row) for row in previous]).cpu()
-            scale = chunk_norms[t] * previous_norms
+            scale = norms[t] * previous_norms
             cosines = torch.where(scale > 0, dots / scale.clamp_min(_TINY), 0.0)
             self.usefulness = (1 - self.rho) * self.usefulness + self.rho * cosines
-        self._previous = (chunks, chunk_norms)
-        pi = torch.softmax(self.beta * self.usefulness, 0)
-        length = norms[t] / norms.clamp_min(_TINY)
-        return torch.where(norms > 0, pi * length, 0.0)
+        self._previous = (chunks, norms)
+        return torch.softmax(self.beta * self.usefulness, 0)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
