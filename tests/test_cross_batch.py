@@ -10,7 +10,7 @@ from dtokd import make_balancer
 from dtokd.balancing.checks import NonFiniteStepError
 
 
-def setup(teacher_logits=None, seed=0):
+def setup(teacher_logits=None, seed=0, three=False):
     """A float64 MLP, batches drawn by step, a distillation loss to ``teacher_logits(x)`` and the CE."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
@@ -30,17 +30,23 @@ def setup(teacher_logits=None, seed=0):
             reduction="batchmean",
             log_target=True,
         )
-        return {"distill": factor * kl + shift, "task": nn.functional.cross_entropy(logits, y)}
+        named = {"distill": factor * kl + shift, "task": nn.functional.cross_entropy(logits, y)}
+        if three:  # a third objective, the task first
+            feature = (model[0](x) - x.sum(1, keepdim=True)).pow(2).mean()
+            return {"task": named["task"], "feature": feature, "distill": named["distill"]}
+        return named
 
     return model, losses
 
 
 def gradient(loss, model):
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
 
 
 def written(model):
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in model.parameters()])
 
 
 def run(balancer, model, losses, steps, **loss_options):
@@ -55,28 +61,32 @@ def run(balancer, model, losses, steps, **loss_options):
     return updates
 
 
-def test_each_step_follows_the_formula_by_hand():
+@pytest.mark.parametrize("three", [False, True], ids=["task last of two", "task first of three"])
+def test_each_step_follows_the_formula_by_hand(three):
     beta, rho = 7.0, 0.3
-    model, losses = setup()
+    model, losses = setup(three=three)
+    names = list(losses(0))
+    t = names.index("task")
     balancer = make_balancer("cross-batch", model.parameters(), beta=beta, rho=rho)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    usefulness, previous = torch.zeros(2, dtype=torch.float64), None
+    usefulness, previous = torch.zeros(len(names), dtype=torch.float64), None
     for step in range(4):
-        g = [gradient(losses(step)[n], model) for n in ("distill", "task")]
+        g = [gradient(losses(step)[n], model) for n in names]
         if previous is not None:
-            cosines = torch.stack([torch.dot(g[1], p) / (g[1].norm() * p.norm()) for p in previous])
+            cosines = torch.stack([torch.dot(g[t], p) / (g[t].norm() * p.norm()) for p in previous])
             usefulness = (1 - rho) * usefulness + rho * cosines
         previous = g
         pi = torch.softmax(beta * usefulness, 0)
-        expected = g[1].norm() * (pi[0] * g[0] / g[0].norm() + pi[1] * g[1] / g[1].norm())
+        expected = g[t].norm() * sum(pi[i] * g[i] / g[i].norm() for i in range(len(names)))
         optimizer.zero_grad()
         info = balancer.backward(losses(step))
         torch.testing.assert_close(written(model), expected, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(balancer.usefulness, usefulness, rtol=1e-12, atol=1e-15)
-        assert info.weights == pytest.approx(dict(zip(("distill", "task"), pi.tolist())), rel=1e-12)
-        assert info.loss_weights["distill"] == pytest.approx((pi[0] * g[1].norm() / g[0].norm()).item(), rel=1e-12)
+        assert info.weights == pytest.approx(dict(zip(names, pi.tolist())), rel=1e-12)
+        coefficients = {n: (pi[i] * g[t].norm() / g[i].norm()).item() for i, n in enumerate(names)}
+        assert info.loss_weights == pytest.approx(coefficients, rel=1e-12)
         optimizer.step()
-    assert usefulness.abs().min() > 0  # the learner moved: the check above is not of zeros
+    assert len(set(usefulness.tolist())) == len(names)  # the learner moved and told the objectives apart
 
 
 def test_a_constant_added_to_a_loss_or_a_factor_on_it_changes_nothing():
@@ -200,3 +210,62 @@ def test_rescale_norm_takes_the_reference_length_and_keeps_the_direction():
         torch.testing.assert_close(update.norm(), wanted, rtol=1e-12, atol=0)
         torch.testing.assert_close(update / update.norm(), direction / direction.norm(), rtol=1e-10, atol=1e-13)
         optimizer.step()
+
+
+def test_micro_batches_add_up_and_each_is_a_batch_of_its_own():
+    model, losses = setup()
+    accumulating = make_balancer("cross-batch", model.parameters())
+    accumulating.backward(losses(0))
+    accumulating.backward(losses(1))  # no optimizer step between: gradient accumulation
+    total = written(model).clone()
+    model.zero_grad()
+    stepwise = make_balancer("cross-batch", model.parameters())
+    stepwise.backward(losses(0))
+    first = written(model).clone()
+    model.zero_grad()
+    stepwise.backward(losses(1))
+    torch.testing.assert_close(total, first + written(model), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(accumulating.usefulness, stepwise.usefulness, rtol=0, atol=0)
+
+
+def test_combine_gives_the_backward_update_and_a_skipped_step_changes_nothing():
+    model, losses = setup()
+    make_balancer("cross-batch", model.parameters()).backward(losses(0))
+    by_backward = written(model).clone()
+    model.zero_grad()
+    make_balancer("cross-batch", model.parameters()).combine(losses(0)).backward()
+    torch.testing.assert_close(written(model), by_backward, rtol=1e-12, atol=1e-14)
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    straight = run(make_balancer("cross-batch", model.parameters()), model, losses, range(3))
+    model.load_state_dict(state)
+    skipping = make_balancer("cross-batch", model.parameters(), on_nonfinite="skip")
+    run(skipping, model, losses, range(2))
+    learned = skipping.usefulness.clone()
+    bad = losses(2)
+    info = skipping.backward({"distill": bad["distill"] * math.inf, "task": bad["task"]})
+    assert info.skipped and torch.equal(skipping.usefulness, learned) and skipping.engine.last is None
+    model.zero_grad()
+    torch.testing.assert_close(run(skipping, model, losses, [2])[0], straight[2], rtol=0, atol=0)
+
+
+def test_a_frozen_layer_starts_the_comparison_again_and_states_are_checked(tmp_path):
+    model, losses = setup()
+    balancer = make_balancer("cross-batch", model.parameters(), rho=0.5)
+    run(balancer, model, losses, range(2))
+    learned = balancer.usefulness.clone()
+    model[0].requires_grad_(False)  # fewer gradients than the previous step's
+    run(balancer, model, losses, [2])
+    assert torch.equal(balancer.usefulness, learned)  # nothing to compare with: no learning
+    run(balancer, model, losses, [3])
+    assert not torch.equal(balancer.usefulness, learned)  # the new layout's steps compare again
+
+    fresh = make_balancer("cross-batch", model.parameters())
+    torch.save(fresh.state_dict(), tmp_path / "before_any_step.pt")
+    fresh.load_state_dict(torch.load(tmp_path / "before_any_step.pt", weights_only=True))
+    torch.save(balancer.state_dict(), tmp_path / "state.pt")
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)
+    make_balancer("cross-batch", model.parameters()).load_state_dict(saved)
+    saved["names"] = ["distill", "task", "feature"]
+    with pytest.raises(ValueError, match="'usefulness' holds 2 objectives, its names 3"):
+        make_balancer("cross-batch", model.parameters()).load_state_dict(saved)

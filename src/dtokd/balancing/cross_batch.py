@@ -4,8 +4,8 @@ objective weighted by how well its gradient served the task on a batch it had no
 The exact engine gives each objective's gradient ``g_i`` on this step's batch. With ``g_i'``
 the gradients of the previous accepted step (another batch) and ``t`` the task loss::
 
-    u_i  = cos(g_t, g_i')                       (0 where either norm is 0)
-    a   <- (1 - rho) a + rho u                  (a starts at 0: equal weights at first)
+    u_i  = cos(g_t, g_i')
+    a_i <- (1 - rho) a_i + rho u_i              (where both norms are > 0; a starts at 0: equal weights)
     pi   = softmax(beta a)
     .grad += ||g_t|| sum_i pi_i g_i / ||g_i||   (c_i = pi_i ||g_t|| / ||g_i||; 0 where g_i = 0)
 
@@ -13,8 +13,8 @@ Why: to first order, a step ``-lr c_i g_i'`` changes the task loss on a new batc
 ``-lr c_i <g_t, g_i'>``, so ``u_i`` is objective i's one-step hypergradient on held-out data,
 made scale-free; ``a`` averages it over about ``1 / rho`` steps (the cosines of single
 batches are noisy) and ``beta`` sets how far apart the weights go (``beta |a_i - a_j| = 1``:
-weights 0.73 / 0.27). The update is a mixture of unit directions as long as the task's own
-gradient, so that no objective takes the step by its scale; ``rescale="norm"`` gives it the
+weights 0.73 / 0.27). The update is a mixture of unit directions, at most as long as the
+task's own gradient, so that no objective takes the step by its scale; ``rescale="norm"`` gives it the
 length of the ``reference`` combination instead (the fixed weights a learning rate was tuned
 for, as the other rules take it). A zero task gradient gives a zero step.
 
@@ -130,30 +130,38 @@ class CrossBatchBalancer(Balancer):
 
     def _divisors(self, values: Tensor) -> Tensor:
         """``||g_i|| / ||g_t||`` (inf where ``g_i = 0``), so that the coefficient on a raw loss,
-        ``pi_i`` over it, makes ``pi`` the weights of the unit directions in a step as long as
-        the task's gradient (all inf when the task's gradient is zero: no step)."""
+        ``pi_i`` over it, makes ``pi`` the weights of the unit directions in a step at most as
+        long as the task's gradient (all inf when the task's gradient is zero: no step)."""
         norms = self._current().gram.diagonal().to(values.device).clamp_min(0).sqrt()
         divisors = norms / norms[self._task_index()]
         return torch.where(norms > 0, divisors, math.inf)
 
     def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
         """``pi = softmax(beta a)`` of an accepted step (called after its checks), after learning
-        ``a`` from its task gradient against the previous step's gradients."""
-        chunks = self._current().chunks
-        t = self._task_index()
-        m = len(chunks)
-        if self.usefulness is None or self.usefulness.numel() != m:
-            self.usefulness = torch.zeros(m, dtype=torch.float64)
-        # the cosines from the chunks themselves, whose scale (a GradScaler's) may differ by step
-        norms = torch.stack([flat.dot(row, row) for row in chunks]).cpu().clamp_min(0).sqrt()
-        if self._previous is not None:
+        ``a`` from its task gradient against the previous step's gradients (where both norms are
+        positive; a change of the gradients' layout, a layer frozen or a dtype cast, starts the
+        comparison again)."""
+        current = self._current()
+        self.engine.last = None  # kept below as the previous step's, or released
+        chunks, t = current.chunks, self._task_index()
+        if self.usefulness is None:
+            self.usefulness = torch.zeros(len(chunks), dtype=torch.float64)
+        # the engine's Gram has the chunks' own scale (a GradScaler's, which may differ by step)
+        norms = current.gram.diagonal().clamp_min(0).sqrt()
+        if self._previous is not None and _layout(self._previous[0][0]) == _layout(chunks[t]):
             previous, previous_norms = self._previous
-            dots = torch.stack([flat.dot(chunks[t], row) for row in previous]).cpu()
-            scale = norms[t] * previous_norms
-            cosines = torch.where(scale > 0, dots / scale.clamp_min(_TINY), 0.0)
-            self.usefulness = (1 - self.rho) * self.usefulness + self.rho * cosines
+            device = chunks[t][0].device
+            dots = torch.stack([flat.dot(chunks[t], [c.to(device) for c in row]) for row in previous])
+            scale = norms[t] * previous_norms.to(norms.device)
+            update = (1 - self.rho) * self.usefulness + self.rho * (dots / scale.clamp_min(_TINY)).cpu()
+            self.usefulness = torch.where((scale > 0).cpu(), update, self.usefulness)
         self._previous = (chunks, norms)
         return torch.softmax(self.beta * self.usefulness, 0)
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        """A refused step's gradients are not kept (nor learned from)."""
+        self.engine.last = None
+        return super()._refuse(*args, **kwargs)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -163,17 +171,25 @@ class CrossBatchBalancer(Balancer):
             chunks, norms = self._previous
             state["previous"] = {
                 "chunks": [[c.detach().cpu().clone() for c in row] for row in chunks],
-                "norms": norms.clone(),
+                "norms": norms.detach().cpu().clone(),
             }
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
-        usefulness = state.get("usefulness")
+        usefulness, previous = state.get("usefulness"), state.get("previous")
+        m = None if self.names is None else len(self.names)
+        for key, length in (("usefulness", usefulness), ("previous", previous and previous["chunks"])):
+            if length is not None and len(length) != m:
+                raise ValueError(f"cross-batch state: {key!r} holds {len(length)} objectives, its names {m}")
         self.usefulness = None if usefulness is None else usefulness.to(torch.float64).clone()
-        previous = state.get("previous")
         self._previous = None
         if previous is not None:
             device = self.engine.params[0].device
             chunks = [[c.to(device) for c in row] for row in previous["chunks"]]
             self._previous = (chunks, previous["norms"].to(torch.float64).clone())
+
+
+def _layout(chunks: list[Tensor]) -> list[tuple[int, torch.dtype]]:
+    """What two gradients must share for their dot product: each chunk's size and dtype."""
+    return [(c.numel(), c.dtype) for c in chunks]

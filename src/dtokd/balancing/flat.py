@@ -107,7 +107,10 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """``<a, b>`` of two gradients held as matching chunks, as a float64 scalar on ``a``'s
     device (each chunk's dot in its own precision, float32 at least, as in :func:`gram`)."""
     device = a[0].device
-    dots = [torch.dot(_at_least_float32(x), _at_least_float32(y)).to(device, torch.float64) for x, y in zip(a, b)]
+    dots = [
+        torch.dot(_at_least_float32(x), _at_least_float32(y)).to(device, torch.float64)
+        for x, y in zip(a, b, strict=True)
+    ]
     return torch.stack(dots).sum()
 
 
