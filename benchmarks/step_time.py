@@ -171,6 +171,7 @@ CORE = (
     "DTO amortized, same-batch",
     "DTO amortized, same-batch, teacher reused",
     "anchored exact (task)",
+    "cross-batch exact (task)",
 )
 """The core rows, after the baseline (:func:`plain_name`)."""
 DEFERRED = (
@@ -271,6 +272,7 @@ def make_steps(s: Workload) -> dict[str, Callable[[], None]]:
         "MGDA exact (ours)": balanced("mgda"),
         "UPGrad exact (ours)": balanced("upgrad"),
         "anchored exact (task)": balanced("anchored", anchor="task"),
+        "cross-batch exact (task)": balanced("cross-batch", task="task"),
     }
     try:
         steps["fixed via balancer, deferred checks"] = balanced("fixed", weights=[a, b], deferred_checks=True)
@@ -306,14 +308,15 @@ def selected_steps(s: Workload, methods: str) -> dict[str, Callable[[], None]]:
     if methods == "all":
         return steps
     wanted = (
-        (plain_name(s.fixed), *CORE, *(d for d in DEFERRED if d in steps))
+        (*CORE, *(d for d in DEFERRED if d in steps))
         if methods == "core"
         else tuple(m.strip() for m in methods.split(";"))
     )
     unknown = [m for m in wanted if m not in steps]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; available: {list(steps)} (or 'all', 'core')")
-    return {m: steps[m] for m in wanted}
+    baselines = (plain_name(s.fixed), "two-backward floor")  # every ratio is against them: always timed
+    return {m: steps[m] for m in dict.fromkeys((*baselines, *wanted))}
 
 
 def time_steps(args: argparse.Namespace) -> dict[str, list[float]]:
