@@ -26,9 +26,7 @@ from torch import nn
 
 from dtokd import make_balancer
 from dtokd.profiling import ComputeOpCounter
-
-sys.path.insert(0, str(Path(__file__).parent))
-from step_time import commit, machine  # noqa: E402
+from dtokd.train.records import git_commit, machine
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -103,7 +101,7 @@ def main() -> None:
     record = {
         "benchmark": "host overhead per step, 4->3 linear student, 8 samples, 1 CPU thread",
         "command": command,
-        "commit": commit(),
+        "commit": git_commit()[:10],
         "machine": machine(),
         "rounds": args.rounds,
         "steps_per_round": args.steps,

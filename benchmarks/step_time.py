@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 
 from dtokd import make_balancer
 from dtokd.models.cifar_resnet import cifar_resnet
+from dtokd.train.records import git_commit, machine
 
 RESULTS = Path(__file__).parent / "results"
 LM_CONFIG = Path(__file__).parent.parent / "configs" / "lm" / "stdlib_distill.yaml"
@@ -422,33 +422,6 @@ def peak_resident_kb() -> int:
     raise RuntimeError("/proc/self/status has no VmHWM line (not Linux?)")
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (
-        f"{cpu}, {torch.get_num_threads()} threads{gpu}; torch {torch.__version__}; Python {platform.python_version()}"
-    )
-
-
-def commit() -> str:
-    """``DTOKD_COMMIT`` if set (a copy of the tree without its git history, e.g. on a lent GPU), else git's HEAD."""
-    if os.environ.get("DTOKD_COMMIT"):
-        return os.environ["DTOKD_COMMIT"]
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="cifar-resnet")
@@ -511,8 +484,8 @@ def main() -> None:
         "steps_per_round": args.steps,
         "timing": args.timing,
         "command": command,
-        "commit": commit(),
-        "machine": machine(),
+        "commit": git_commit()[:10],
+        "machine": f"{machine()}; torch {torch.__version__}; Python {platform.python_version()}",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rows": rows,
     }

@@ -61,6 +61,15 @@ def run(balancer, model, losses, steps, **loss_options):
     return updates
 
 
+def straight_run(model, losses, steps, method="cross-batch", options=None, **loss_options):
+    """The updates of a fresh balancer's run from the model's weights, which are put back after."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    balancer = make_balancer(method, model.parameters(), **(options or {}))
+    updates = run(balancer, model, losses, steps, **loss_options)
+    model.load_state_dict(state)
+    return updates
+
+
 @pytest.mark.parametrize("three", [False, True], ids=["task last of two", "task first of three"])
 def test_each_step_follows_the_formula_by_hand(three):
     beta, rho = 7.0, 0.3
@@ -91,19 +100,14 @@ def test_each_step_follows_the_formula_by_hand(three):
 
 def test_a_constant_added_to_a_loss_or_a_factor_on_it_changes_nothing():
     model, losses = setup()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    plain = run(make_balancer("cross-batch", model.parameters()), model, losses, range(6))
-    model.load_state_dict(state)
-    shifted = run(make_balancer("cross-batch", model.parameters()), model, losses, range(6), shift=3.0, factor=0.01)
+    plain = straight_run(model, losses, range(6))
+    shifted = straight_run(model, losses, range(6), shift=3.0, factor=0.01)
     for a, b in zip(plain, shifted):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
     # the rule it replaces moves with the constant: the check can tell
-    model.load_state_dict(state)
-    amortized = make_balancer("dto-amortized", model.parameters(), update="next-step")
-    first = run(amortized, model, losses, range(2))[-1]
-    model.load_state_dict(state)
-    amortized = make_balancer("dto-amortized", model.parameters(), update="next-step")
-    second = run(amortized, model, losses, range(2), shift=3.0)[-1]
+    amortized = {"method": "dto-amortized", "options": {"update": "next-step"}}
+    first = straight_run(model, losses, range(2), **amortized)[-1]
+    second = straight_run(model, losses, range(2), shift=3.0, **amortized)[-1]
     assert not torch.allclose(first, second, rtol=1e-3)
 
 
@@ -125,9 +129,7 @@ def test_a_teacher_that_contradicts_the_labels_loses_its_weight_and_one_that_agr
 
 def test_a_resumed_balancer_continues_as_the_straight_run():
     model, losses = setup()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    straight = run(make_balancer("cross-batch", model.parameters()), model, losses, range(6))
-    model.load_state_dict(state)
+    straight = straight_run(model, losses, range(6))
     first = make_balancer("cross-batch", model.parameters())
     run(first, model, losses, range(3))
     saved = first.state_dict()
@@ -143,9 +145,7 @@ def test_a_resumed_balancer_continues_as_the_straight_run():
 
 def test_a_refused_non_finite_step_changes_nothing():
     model, losses = setup()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    straight = run(make_balancer("cross-batch", model.parameters()), model, losses, range(4))
-    model.load_state_dict(state)
+    straight = straight_run(model, losses, range(4))
     balancer = make_balancer("cross-batch", model.parameters())
     run(balancer, model, losses, range(2))
     learned = balancer.usefulness.clone()
@@ -236,9 +236,7 @@ def test_combine_gives_the_backward_update_and_a_skipped_step_changes_nothing():
     make_balancer("cross-batch", model.parameters()).combine(losses(0)).backward()
     torch.testing.assert_close(written(model), by_backward, rtol=1e-12, atol=1e-14)
 
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    straight = run(make_balancer("cross-batch", model.parameters()), model, losses, range(3))
-    model.load_state_dict(state)
+    straight = straight_run(model, losses, range(3))
     skipping = make_balancer("cross-batch", model.parameters(), on_nonfinite="skip")
     run(skipping, model, losses, range(2))
     learned = skipping.usefulness.clone()

@@ -478,6 +478,26 @@ def test_nothing_asks_git_at_import():
     assert out.stdout.strip() == "0"
 
 
+def test_a_tree_without_its_history_takes_its_commit_from_the_environment(tmp_path):
+    """On a lent GPU the tree is a copy without .git: DTOKD_COMMIT (set by benchmarks/gpu_*.sh)
+    is the commit every record of the run names; without it, a tree outside git says unknown."""
+    code = "from dtokd.train import records; print(records.git_commit())"
+    env = {k: v for k, v in os.environ.items() if k != "DTOKD_COMMIT"}
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    copy = tmp_path / "src"
+    shutil.copytree(src, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    for extra, expected in (({"DTOKD_COMMIT": "abc1234"}, "abc1234"), ({}, "unknown")):
+        run = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=tmp_path,
+            env={**env, **extra, "PYTHONPATH": str(copy)},
+        )
+        assert run.stdout.strip() == expected
+
+
 def test_a_checkpoint_holds_the_training_state_and_its_identity(tmp_path):
     """checkpoint.pt = the run's identity + TrainingState.state_dict() (its keys spelled once)."""
     from dtokd.train.state import TrainingState

@@ -23,7 +23,10 @@ from dtokd.interrupts import uninterrupted
 def git_commit() -> str:
     """The commit of the code this process runs: read once, the first time it is asked for (the
     command line asks before it dispatches, so that a long command, a bench matrix, does not
-    record commits made while it ran; nothing asks at import)."""
+    record commits made while it ran; nothing asks at import). ``DTOKD_COMMIT`` where it is set:
+    a copy of the tree without its git history, as on a lent GPU (``benchmarks/gpu_*.sh``)."""
+    if os.environ.get("DTOKD_COMMIT"):
+        return os.environ["DTOKD_COMMIT"]
     try:
         here = Path(__file__).resolve().parent
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
