@@ -44,7 +44,6 @@ from torch import Tensor
 
 from dtokd.balancing import flat, sharded
 from dtokd.balancing.base import Balancer
-from dtokd.balancing.distributed import Sync
 from dtokd.balancing.engines import ExactEngine, ObjectiveGradients, StoredGradients
 from dtokd.balancing.rescale import Rescale
 
@@ -58,17 +57,11 @@ class _KeepingEngine(ExactEngine):
         super().__init__(engine.params, batched=engine.batched)
         self.last: StoredGradients | None = None
 
-    def gradients(
-        self,
-        losses: Mapping[str, Tensor],
-        representation: object = None,
-        sync: Sync | None = None,
-        *,
-        keep_graph: bool = False,
-    ) -> ObjectiveGradients:
+    def gradients(self, *args: Any, **kwargs: Any) -> ObjectiveGradients:
+        """:meth:`ExactEngine.gradients`, kept as :attr:`last` (FSDP2 shards refused)."""
         if sharded.is_sharded(self.params):
             raise ValueError("cross-batch does not run on FSDP2 shards yet: use DDP, or dto-amortized / fixed")
-        gradients = super().gradients(losses, representation, sync, keep_graph=keep_graph)
+        gradients = super().gradients(*args, **kwargs)
         assert isinstance(gradients, StoredGradients)  # the exact engine's, unsharded
         self.last = gradients
         return gradients
