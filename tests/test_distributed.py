@@ -111,6 +111,7 @@ CASES = [
     ("dto-amortized", {}),
     ("dto-amortized", {"update": "next-step"}),
     ("mgda", {}),
+    ("cross-batch", {}),
     ("fixed", {"weights": [0.9, 0.1]}),
 ]
 

@@ -92,6 +92,7 @@ CASES = [
     ("dto", "exact", {}),
     ("dto-amortized", "exact", {}),
     ("anchored", "exact", {"anchor": "task"}),
+    ("cross-batch", "exact", {}),
     ("fixed", "exact", {"weights": {"distill": 0.9, "task": 0.1}}),
 ]
 
