@@ -212,7 +212,7 @@ def test_the_setting_is_checked_when_the_config_is_read(setting, tmp_path, extra
         load_config(None, [*setting["overrides"], f"teacher.outputs={tmp_path}", *extra])
 
 
-def _lm_matrix(setting, tmp_path, methods, teacher_topk=5):
+def _lm_matrix(setting, tmp_path, methods, teacher_topk=5, seeds=(0, 1)):
     import yaml
 
     student = tmp_path / "student.yaml"
@@ -220,7 +220,7 @@ def _lm_matrix(setting, tmp_path, methods, teacher_topk=5):
     base = [o for o in setting["overrides"] if not o.startswith(("teacher.", "student.name", "balancer.", "losses="))]
     matrix = {
         "name": "lm",
-        "seeds": [0, 1],
+        "seeds": list(seeds),
         "base": [*base, "epochs=1"],
         "student_config": str(student),
         "teacher_config": str(student),
@@ -280,7 +280,41 @@ def test_a_bench_whose_cells_want_outputs_at_two_temperatures_is_refused(setting
         "kd": ["balancer.method=fixed", "balancer.options={weights: {distill: 0.5, task: 0.5}}", KD],
         "kd-t1": ["balancer.method=fixed", KD.replace("temperature: 2.0", "temperature: 1.0")],
     }
-    with pytest.raises(ValueError, match=r"pair llama: teacher_topk writes one set of outputs per pair"):
+    with pytest.raises(ValueError, match=r"pair llama: teacher_topk writes one set of top-5 outputs per pair"):
         run_matrix(load_matrix(_lm_matrix(setting, tmp_path, methods)), tmp_path / "bench", progress=False)
+    # at two k's the two temperatures are two sets of outputs: allowed
+    load_matrix(_lm_matrix(setting, tmp_path, methods, teacher_topk={"kd": 5, "kd-t1": 8}))
     with pytest.raises(ValueError, match=r"teacher_topk=0 must be a positive integer"):
         load_matrix(_lm_matrix(setting, tmp_path, methods, teacher_topk=0))
+    with pytest.raises(ValueError, match=r"teacher_topk names \['kd-t2'\], not among the methods"):
+        load_matrix(_lm_matrix(setting, tmp_path, methods, teacher_topk={"kd-t2": 5}))
+    with pytest.raises(ValueError, match=r"teacher_topk \{'kd': 0\}: each k must be a positive integer"):
+        load_matrix(_lm_matrix(setting, tmp_path, methods, teacher_topk={"kd": 0}))
+
+
+def test_a_bench_with_a_k_per_method_pairs_offline_cells_with_live_ones_on_one_teacher(setting, tmp_path):
+    """``teacher_topk: {method: k}``: the named methods read their pair's outputs at their own k
+    (written once per k), the others run the teacher live; at k = the vocabulary the offline
+    cell trains as the live one does (the pipeline's equality, here through the bench)."""
+    from dtokd.bench import load_matrix, run_matrix
+
+    fixed = ["balancer.method=fixed", "balancer.options={weights: {distill: 0.5, task: 0.5}}", KD]
+    vocabulary = setting["vocabulary"]
+    methods = {"kd": fixed, "kd-top5": fixed, "kd-full": fixed}
+    path = _lm_matrix(setting, tmp_path, methods, teacher_topk={"kd-top5": 5, "kd-full": vocabulary}, seeds=[0])
+    out = tmp_path / "bench"
+    run_matrix(load_matrix(path), out, progress=False)
+    assert sorted(p.name for p in (out / "teacher-outputs").iterdir()) == sorted(
+        ["llama-top5", f"llama-top{vocabulary}"]
+    )
+    for method, k in (("kd-top5", 5), ("kd-full", vocabulary)):
+        folder = out / "teacher-outputs" / f"llama-top{k}"
+        assert json.loads((folder / "manifest.json").read_text())["k"] == k
+        assert json.loads((out / "llama" / method / "seed0" / "teacher.json").read_text())["outputs"] == str(folder)
+    assert "outputs" not in json.loads((out / "llama" / "kd" / "seed0" / "teacher.json").read_text())
+    live, full, top5 = (
+        json.loads((out / "llama" / m / "seed0" / "summary.json").read_text())["last_test_ppl"]
+        for m in ("kd", "kd-full", "kd-top5")
+    )
+    assert full == pytest.approx(live, rel=1e-4)
+    assert top5 != pytest.approx(live, rel=1e-4)  # the top-5 divergence is another loss: the check can fail

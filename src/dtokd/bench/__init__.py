@@ -18,6 +18,7 @@ Config (YAML)::
     grid_prefix: kd-grid                                    # methods tuned on the validation split
     grid_all_seeds: false                                   # true: every grid member on every seed
     teacher_topk: 32                                        # language models: teachers as offline top-k outputs
+                                                            # (or {method: k, ...}: those methods only)
 
 Relative ``student_config`` / ``teacher_config`` / ``checkpoint`` paths are read from the
 repository root when the matrix file lives in ``configs/``, else from the current directory. A
@@ -43,8 +44,10 @@ become NaN/inf is recorded as diverged (``diverged.json``) and reported as such,
 once per teacher name (seed 0) into ``OUT/teachers/<name>``. With ``teacher_topk: k`` (causal
 LMs), each pair's teacher runs once over the whole training split and its top-k outputs are
 written to ``OUT/teacher-outputs/<pair>-top<k>``; every cell that distils reads them
-(``teacher.outputs``) instead of running the teacher. The aggregate is written as
-``results.md`` / ``results.csv`` with plots next to them.
+(``teacher.outputs``) instead of running the teacher. With ``teacher_topk: {method: k, ...}``
+only the methods named read outputs, each at its own ``k`` (written once per pair and ``k``) and
+the others run the teacher live: offline cells pair seed by seed with live ones on one teacher.
+The aggregate is written as ``results.md`` / ``results.csv`` with plots next to them.
 
 The package, one concept a module (each may import those above it in this list, and
 :mod:`dtokd.report` and the layers below; callers take the names from ``dtokd.bench``, and

@@ -13,10 +13,12 @@ from dtokd.bench.matrix import Cell, Matrix, cell_config
 from dtokd.train.config import to_dict
 
 
-def teacher_outputs_folder(out: Path, matrix: Matrix, pair: str) -> Path | None:
-    """Where a pair's offline teacher outputs live (``OUT/teacher-outputs/<pair>-top<k>``), or
-    None for a matrix that runs its teachers live (no ``teacher_topk``)."""
-    return None if matrix.teacher_topk is None else out / "teacher-outputs" / f"{pair}-top{matrix.teacher_topk}"
+def teacher_outputs_folder(out: Path, matrix: Matrix, pair: str, method: str) -> Path | None:
+    """Where the offline teacher outputs ``method``'s cells of ``pair`` read live
+    (``OUT/teacher-outputs/<pair>-top<k>``, shared by every method at that ``k``), or None for a
+    method that runs its teacher live (``Matrix.topk``)."""
+    k = matrix.topk(method)
+    return None if k is None else out / "teacher-outputs" / f"{pair}-top{k}"
 
 
 def cell_finished(folder: Path) -> bool:

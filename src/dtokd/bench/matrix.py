@@ -46,9 +46,17 @@ class Matrix:
     base: list[str] = field(default_factory=list)
     grid_prefix: str | None = None
     grid_all_seeds: bool = False
-    teacher_topk: int | None = None
-    """Language models: the cells that distil read their pair's teacher as its top-``k`` offline
-    outputs, written once per pair (:func:`dtokd.bench.folders.teacher_outputs_folder`)."""
+    teacher_topk: int | dict[str, int] | None = None
+    """Language models: cells that distil read their pair's teacher as its top-``k`` offline
+    outputs, written once per pair and ``k`` (:func:`dtokd.bench.folders.teacher_outputs_folder`):
+    an integer for every such cell, or a mapping method -> ``k`` for the methods it names only (the
+    others run the teacher live, so that offline cells pair with live ones on one teacher)."""
+
+    def topk(self, method: str) -> int | None:
+        """The ``k`` of the offline teacher outputs ``method``'s cells read (None: the live teacher)."""
+        if isinstance(self.teacher_topk, dict):
+            return self.teacher_topk.get(method)
+        return self.teacher_topk
 
 
 def load_matrix(path: str | Path) -> Matrix:
@@ -79,8 +87,7 @@ def load_matrix(path: str | Path) -> Matrix:
     for key in ("pairs", "methods"):
         if not getattr(matrix, key):
             raise ValueError(f"{path}: {key} must be a non-empty mapping name -> ..., got {raw[key]!r}")
-    if matrix.teacher_topk is not None and (isinstance(matrix.teacher_topk, bool) or matrix.teacher_topk < 1):
-        raise ValueError(f"{path}: teacher_topk={matrix.teacher_topk!r} must be a positive integer (or null)")
+    _check_topk(path, matrix)
     if matrix.reference not in matrix.methods:
         raise ValueError(f"{path}: reference {matrix.reference!r} is not one of the methods {list(matrix.methods)}")
     root = path.parent.parent if path.parent.name == "configs" else Path.cwd()
@@ -94,6 +101,21 @@ def load_matrix(path: str | Path) -> Matrix:
         student_config=str(root / matrix.student_config),
         teacher_config=str(root / matrix.teacher_config),
     )
+
+
+def _check_topk(path: Path, matrix: Matrix) -> None:
+    """``teacher_topk``: null, a positive integer, or a mapping of the matrix's methods to positive integers."""
+    given = matrix.teacher_topk
+    allowed = "a positive integer, a mapping method -> positive integer, or null"
+    if isinstance(given, dict):
+        unknown = [name for name in given if name not in matrix.methods]
+        if unknown:
+            raise ValueError(f"{path}: teacher_topk names {unknown}, not among the methods {list(matrix.methods)}")
+        bad = {name: k for name, k in given.items() if isinstance(k, bool) or k < 1}
+        if bad:
+            raise ValueError(f"{path}: teacher_topk {bad}: each k must be a positive integer")
+    elif given is not None and (isinstance(given, bool) or given < 1):
+        raise ValueError(f"{path}: teacher_topk={given!r} must be {allowed}")
 
 
 def select_cells(
@@ -154,14 +176,13 @@ def needs_teacher(matrix: Matrix, pair: str, method: str, seed: int) -> bool:
 def check_cells(matrix: Matrix) -> None:
     """Every cell's configuration, checked before anything runs (a bad override fails now, not
     after hours of other cells); a cell must train (``epochs`` >= 1)."""
-    temperatures: dict[str, dict[float, str]] = {}  # pair -> the offline outputs' temperatures -> a cell
+    temperatures: dict[tuple[str, int], dict[float, str]] = {}  # (pair, k) -> the outputs' temperatures -> a cell
     for pair in matrix.pairs:
         for method in matrix.methods:
+            k = matrix.topk(method)
             for seed in matrix.seeds:
                 try:
-                    config = cell_config(
-                        matrix, pair, method, seed, "teacher.pt", "teacher-outputs" if matrix.teacher_topk else None
-                    )
+                    config = cell_config(matrix, pair, method, seed, "teacher.pt", "teacher-outputs" if k else None)
                 except ValueError as error:
                     raise ValueError(f"cell {pair} {method} seed {seed}: {error}") from None
                 if config.epochs < 1:
@@ -169,12 +190,12 @@ def check_cells(matrix: Matrix) -> None:
                         f"cell {pair} {method} seed {seed}: epochs={config.epochs}; a matrix cell must "
                         "train (epochs >= 1)"
                     )
-                if config.teacher.outputs is not None:
-                    temperatures.setdefault(pair, {})[offline_temperature(config)] = f"{method} seed {seed}"
-    for pair, seen in temperatures.items():
+                if config.teacher.outputs is not None and k is not None:
+                    temperatures.setdefault((pair, k), {})[offline_temperature(config)] = f"{method} seed {seed}"
+    for (pair, k), seen in temperatures.items():
         if len(seen) > 1:
             cells = ", ".join(f"{cell} at T={t}" for t, cell in seen.items())
             raise ValueError(
-                f"pair {pair}: teacher_topk writes one set of outputs per pair at one temperature, but its "
-                f"token-kd losses differ ({cells})"
+                f"pair {pair}: teacher_topk writes one set of top-{k} outputs per pair at one temperature, but "
+                f"its token-kd losses differ ({cells})"
             )

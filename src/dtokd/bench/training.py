@@ -45,7 +45,7 @@ def run_cell(
             f"teacher {given.teacher!r} of pair {pair!r} is not trained yet ({teacher}); "
             "run the matrix without --cell first"
         )
-    outputs = teacher_outputs_folder(out, matrix, pair)
+    outputs = teacher_outputs_folder(out, matrix, pair, method)
     config = cell_config(matrix, pair, method, seed, teacher, outputs)
     if config.teacher.outputs is not None and not (Path(config.teacher.outputs) / MANIFEST).is_file():
         raise FileNotFoundError(
@@ -67,7 +67,7 @@ def ensure_teachers(matrix: Matrix, out: Path, cells: list[Cell], progress: bool
     """The teacher checkpoint of every pair that one of ``cells`` distils from (a cell without a
     teacher waits for none): the pair's given checkpoint, else its teacher trained here (seed 0,
     from ``teacher_config``) into ``OUT/teachers/<name>`` unless it already has been; with
-    ``teacher_topk``, the pair's offline outputs written too (:func:`_ensure_outputs`)."""
+    ``teacher_topk``, the pair's offline outputs written too, once per ``k`` (:func:`_ensure_outputs`)."""
     used = [cell for cell in cells if needs_teacher(matrix, *cell)]
     teachers = {
         name: Path(pair.checkpoint)
@@ -83,10 +83,10 @@ def ensure_teachers(matrix: Matrix, out: Path, cells: list[Cell], progress: bool
 
 def _ensure_outputs(matrix: Matrix, out: Path, pair: str, method: str, teacher: Path) -> None:
     """The pair's teacher run once over the whole training split (``data.limit_train=null``, so
-    that every seed's subset is among the blocks) of ``method``'s first-seed cell, its top-k
-    written to the pair's outputs folder unless a finished write of this format is there (an
-    unfinished one, or one of an older format, is written again)."""
-    folder, k = teacher_outputs_folder(out, matrix, pair), matrix.teacher_topk
+    that every seed's subset is among the blocks) of ``method``'s first-seed cell, its top-k (the
+    method's ``k``) written to the pair's outputs folder for that ``k`` unless a finished write of
+    this format is there (an unfinished one, or one of an older format, is written again)."""
+    folder, k = teacher_outputs_folder(out, matrix, pair, method), matrix.topk(method)
     if folder is None or k is None or _written(folder / MANIFEST):
         return
     config = cell_config(matrix, pair, method, matrix.seeds[0], teacher)
