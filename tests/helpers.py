@@ -117,3 +117,54 @@ def benchmark_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def write_tiny_matrix(tmp_path, methods: str) -> str:
+    """A matrix of one synthetic pair (a small CNN teacher trained by the bench -> an MLP), seeds
+    0 and 1, 3 epochs, the grid `kd-grid`, the reference `kd-fixed`, and `methods` (YAML lines)."""
+    student = tmp_path / "student.yaml"
+    student.write_text(
+        "\n".join(
+            [
+                "name: s",
+                "batch_size: 32",
+                "log_every: 2",
+                "data: {name: synthetic}",
+                "student: {name: mlp_small}",
+                "teacher: {name: cnn_small, checkpoint: none}",
+                "losses: {distill: {type: kd}, task: {type: ce}}",
+            ]
+        )
+    )
+    teacher = tmp_path / "teacher.yaml"
+    teacher.write_text(
+        "\n".join(["name: t", "epochs: 2", "batch_size: 32", "data: {name: synthetic}", "student: {name: cnn_small}"])
+    )
+    matrix = tmp_path / "matrix.yaml"
+    matrix.write_text(
+        "\n".join(
+            [
+                "name: tiny",
+                "seeds: [0, 1]",
+                f"student_config: {student}",
+                f"teacher_config: {teacher}",
+                "base: [epochs=3]",
+                "pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}",
+                "reference: kd-fixed",
+                "grid_prefix: kd-grid",
+                "methods:",
+                methods,
+            ]
+        )
+    )
+    return str(matrix)
+
+
+TINY_METHODS = "\n".join(
+    [
+        "  kd-fixed: [balancer.method=fixed, 'balancer.options={weights: {distill: 0.9, task: 0.1}}']",
+        "  kd-grid-a0.5: [balancer.method=fixed, 'balancer.options={weights: {distill: 0.5, task: 0.5}}']",
+        "  dto: [balancer.method=dto]",
+        "  blowup: [balancer.method=fixed, 'balancer.options={weights: {distill: 0.9, task: 0.1}}', optim.lr=1.0e+12]",
+    ]
+)

@@ -9,56 +9,9 @@ import pytest
 from dtokd import cli
 from dtokd.bench import grid_choice, load_matrix
 
+from helpers import TINY_METHODS, write_tiny_matrix
+
 pytestmark = pytest.mark.slow
-
-
-def write_matrix(tmp_path, methods: str) -> str:
-    student = tmp_path / "student.yaml"
-    student.write_text(
-        "\n".join(
-            [
-                "name: s",
-                "batch_size: 32",
-                "log_every: 2",
-                "data: {name: synthetic}",
-                "student: {name: mlp_small}",
-                "teacher: {name: cnn_small, checkpoint: none}",
-                "losses: {distill: {type: kd}, task: {type: ce}}",
-            ]
-        )
-    )
-    teacher = tmp_path / "teacher.yaml"
-    teacher.write_text(
-        "\n".join(["name: t", "epochs: 2", "batch_size: 32", "data: {name: synthetic}", "student: {name: cnn_small}"])
-    )
-    matrix = tmp_path / "matrix.yaml"
-    matrix.write_text(
-        "\n".join(
-            [
-                "name: tiny",
-                "seeds: [0, 1]",
-                f"student_config: {student}",
-                f"teacher_config: {teacher}",
-                "base: [epochs=3]",
-                "pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}}",
-                "reference: kd-fixed",
-                "grid_prefix: kd-grid",
-                "methods:",
-                methods,
-            ]
-        )
-    )
-    return str(matrix)
-
-
-METHODS = "\n".join(
-    [
-        "  kd-fixed: [balancer.method=fixed, 'balancer.options={weights: {distill: 0.9, task: 0.1}}']",
-        "  kd-grid-a0.5: [balancer.method=fixed, 'balancer.options={weights: {distill: 0.5, task: 0.5}}']",
-        "  dto: [balancer.method=dto]",
-        "  blowup: [balancer.method=fixed, 'balancer.options={weights: {distill: 0.9, task: 0.1}}', optim.lr=1.0e+12]",
-    ]
-)
 
 
 def test_bench_runs_resumes_and_aggregates(tmp_path, capsys):
@@ -67,7 +20,7 @@ def test_bench_runs_resumes_and_aggregates(tmp_path, capsys):
         "  kd-grid-still: [balancer.method=fixed, 'balancer.options={weights: {distill: 0.9, task: 0.1}}', "
         "optim.lr=1.0e-9]"
     )
-    matrix = write_matrix(tmp_path, METHODS + "\n" + hopeless)
+    matrix = write_tiny_matrix(tmp_path, TINY_METHODS + "\n" + hopeless)
     out = tmp_path / "out"
     assert cli.main(["bench", matrix, "--out", str(out)]) == 0
     log = capsys.readouterr().out
@@ -130,7 +83,7 @@ def test_a_run_without_a_teacher_runs_once_for_the_pairs_that_share_it(tmp_path,
         "  alone: [teacher.name=null, teacher.checkpoint=null, 'losses={task: {type: ce}}', balancer.method=fixed, "
         "'balancer.options={weights: {task: 1.0}}']"
     )
-    matrix = Path(write_matrix(tmp_path, METHODS.splitlines()[0] + "\n" + alone))
+    matrix = Path(write_tiny_matrix(tmp_path, TINY_METHODS.splitlines()[0] + "\n" + alone))
     two_pairs = (
         "pairs: {cnn-mlp: {teacher: cnn_small, student: mlp_small}, mlp-mlp: {teacher: mlp_small, student: mlp_small}}"
     )
@@ -156,7 +109,7 @@ def test_a_cell_without_a_teacher_neither_waits_for_nor_trains_one(tmp_path, cap
         "  alone: [teacher.name=null, teacher.checkpoint=null, 'losses={task: {type: ce}}', balancer.method=fixed, "
         "'balancer.options={weights: {task: 1.0}}']"
     )
-    matrix = Path(write_matrix(tmp_path, METHODS.splitlines()[0] + "\n" + alone))
+    matrix = Path(write_tiny_matrix(tmp_path, TINY_METHODS.splitlines()[0] + "\n" + alone))
     matrix.write_text(matrix.read_text().replace("epochs=3", "epochs=1"))
     out = tmp_path / "out"
     assert cli.main(["bench", str(matrix), "--out", str(out), "--cell", "cnn-mlp", "alone", "1"]) == 0
@@ -171,7 +124,7 @@ def test_a_cell_without_a_teacher_neither_waits_for_nor_trains_one(tmp_path, cap
 
 
 def test_bad_matrix_is_named(tmp_path):
-    matrix = write_matrix(tmp_path, METHODS)
+    matrix = write_tiny_matrix(tmp_path, TINY_METHODS)
     text = open(matrix).read().replace("reference: kd-fixed", "reference: kd-none")
     open(matrix, "w").write(text)
     with pytest.raises(ValueError, match="reference 'kd-none' is not one of the methods"):
@@ -179,8 +132,8 @@ def test_bad_matrix_is_named(tmp_path):
 
 
 def test_parallel_cells_give_the_same_results_as_one_at_a_time(tmp_path, capsys):
-    methods = "\n".join(METHODS.splitlines()[:3])
-    matrix = write_matrix(tmp_path, methods)
+    methods = "\n".join(TINY_METHODS.splitlines()[:3])
+    matrix = write_tiny_matrix(tmp_path, methods)
     assert cli.main(["bench", matrix, "--out", str(tmp_path / "serial")]) == 0
     assert cli.main(["bench", matrix, "--out", str(tmp_path / "parallel"), "--parallel", "3"]) == 0
     log = capsys.readouterr().out
@@ -208,8 +161,8 @@ def test_parallel_cells_give_the_same_results_as_one_at_a_time(tmp_path, capsys)
 
 
 def test_a_failing_parallel_cell_is_reported_with_its_log(tmp_path, capsys):
-    methods = "\n".join([METHODS.splitlines()[0], "  broken: [balancer.method=fixed]"])  # fixed without weights
-    matrix = write_matrix(tmp_path, methods)
+    methods = "\n".join([TINY_METHODS.splitlines()[0], "  broken: [balancer.method=fixed]"])  # fixed without weights
+    matrix = write_tiny_matrix(tmp_path, methods)
     assert cli.main(["bench", matrix, "--out", str(tmp_path / "out"), "--parallel", "2"]) == 1
     err = capsys.readouterr().err
     assert "2 of 4 cell(s) failed: cnn-mlp broken 0 (see" in err and "bench.log" in err
@@ -219,7 +172,7 @@ def test_a_failing_parallel_cell_is_reported_with_its_log(tmp_path, capsys):
 
 
 def test_a_selection_runs_only_its_cells_and_names_what_it_does_not_know(tmp_path, capsys):
-    matrix = write_matrix(tmp_path, "\n".join(METHODS.splitlines()[:3]))
+    matrix = write_tiny_matrix(tmp_path, "\n".join(TINY_METHODS.splitlines()[:3]))
     text = (
         open(matrix)
         .read()
@@ -259,7 +212,7 @@ def test_a_pair_with_a_given_teacher_checkpoint_trains_no_teacher(tmp_path):
         "name: t\nepochs: 2\nbatch_size: 32\ndata: {name: synthetic}\nstudent: {name: cnn_small}\n"
     )
     assert cli.main(["train", str(teacher_config), "--out", str(tmp_path / "given"), "--quiet"]) == 0
-    matrix = write_matrix(tmp_path, METHODS.splitlines()[0])
+    matrix = write_tiny_matrix(tmp_path, TINY_METHODS.splitlines()[0])
     text = (
         open(matrix)
         .read()
@@ -336,7 +289,7 @@ def test_shipped_matrices_resolve_every_cell(name):
     ],
 )
 def test_a_malformed_matrix_file_is_named(tmp_path, edit, message):
-    matrix = write_matrix(tmp_path, METHODS)
+    matrix = write_tiny_matrix(tmp_path, TINY_METHODS)
     text = edit(open(matrix).read())
     open(matrix, "w").write(text)
     with pytest.raises(ValueError, match=message):
@@ -352,8 +305,8 @@ def test_a_binary_matrix_file_is_named(tmp_path, capsys):
 
 
 def test_every_cell_is_checked_before_any_runs(tmp_path, capsys):
-    methods = "\n".join([METHODS.splitlines()[0], "  broken: [optim.name=adamw2]", "  idle: [epochs=0]"])
-    matrix = write_matrix(tmp_path, methods)
+    methods = "\n".join([TINY_METHODS.splitlines()[0], "  broken: [optim.name=adamw2]", "  idle: [epochs=0]"])
+    matrix = write_tiny_matrix(tmp_path, methods)
     assert cli.main(["bench", matrix, "--out", str(tmp_path / "out")]) == 2
     assert "cell cnn-mlp broken seed 0: optim.name='adamw2' is not allowed" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing was trained, not even the teacher
@@ -388,8 +341,8 @@ def test_interrupted_parallel_bench_keeps_its_cells_and_finishes_on_rerun(tmp_pa
     import sys
     import time
 
-    methods = "\n".join(METHODS.splitlines()[:1] + METHODS.splitlines()[2:3])
-    matrix = write_matrix(tmp_path, methods)
+    methods = "\n".join(TINY_METHODS.splitlines()[:1] + TINY_METHODS.splitlines()[2:3])
+    matrix = write_tiny_matrix(tmp_path, methods)
     text = open(matrix).read().replace("base: [epochs=3]", "base: [epochs=40]")
     open(matrix, "w").write(text)
     command = [sys.executable, "-m", "dtokd", "bench", matrix, "--parallel", "2"]
@@ -443,7 +396,7 @@ def test_a_cell_is_diverged_by_the_error_type_not_its_words(tmp_path, monkeypatc
     from dtokd import NonFiniteStepError, bench
     from dtokd.bench import training  # where run_cell looks train up
 
-    matrix = load_matrix(write_matrix(tmp_path, METHODS))
+    matrix = load_matrix(write_tiny_matrix(tmp_path, TINY_METHODS))
     teacher = tmp_path / "teacher.pt"
     teacher.write_bytes(b"stand-in: train() is replaced below")
 

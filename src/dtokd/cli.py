@@ -108,8 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("matrix", help="matrix YAML (see configs/bench_fmnist.yaml)")
-    bench.add_argument("--out", help="output folder (default: runs/bench_<file stem>)")
+    bench.add_argument("--out", help="output folder (default: runs/<file stem>, with bench_ before it if it lacks one)")
     bench.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables and plots")
+    bench.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check every cell, say what a run would do (teachers, offline outputs, each cell's state); run nothing",
+    )
     bench.add_argument("--progress", action="store_true", help="progress bars for every run")
     bench.add_argument(
         "--parallel",
@@ -358,7 +363,8 @@ def _one_line(error: BaseException) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    out = Path(args.out or Path("runs") / f"bench_{Path(args.matrix).stem}")
+    stem = Path(args.matrix).stem
+    out = Path(args.out or Path("runs") / (stem if stem.startswith("bench_") else f"bench_{stem}"))
     try:
         from dtokd.bench import CellsFailed, aggregate, load_matrix, run_cell, run_matrix, select_cells
 
@@ -370,6 +376,13 @@ def _bench(args: argparse.Namespace) -> int:
             run_cell(matrix, out, pair, method, int(seed), progress=args.progress)
             return 0
         cells = select_cells(matrix, pairs=args.pairs, methods=args.methods, seeds=args.seeds)
+        if args.dry_run:
+            from dtokd.bench.plan import plan
+
+            if args.aggregate_only:
+                raise ValueError("--dry-run and --aggregate-only: give one")
+            print("\n".join(plan(matrix, out, cells)))
+            return 0
         try:
             path = (
                 aggregate(matrix, out)

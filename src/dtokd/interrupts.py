@@ -126,6 +126,24 @@ def hold_folder(folder: Path):
     return handle
 
 
+def folder_holder(folder: Path) -> str | None:
+    """The process that holds ``folder``'s lock (:func:`hold_folder`) now, as the pid it wrote,
+    or None when none does; creates and writes nothing (a shared lock tried and let go at once)."""
+    try:
+        handle = open(folder / LOCK_FILE)
+    except FileNotFoundError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            return handle.read().strip() or "unknown"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
 @contextlib.contextmanager
 def exclusive(lock_path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``lock_path`` (created, with its folder, if missing) for the

@@ -59,6 +59,7 @@ nothing of the package but ``cli.py`` imports the bench):
   (:func:`cell_finished`, :func:`shared_runs`, :func:`cell_folder`);
 - ``grid.py``: the grid's choice and the gate it puts on later seeds (:func:`grid_choice`, :func:`grid_gate`);
 - ``training.py``: a cell and the teachers trained in this process (:func:`run_cell`);
+- ``plan.py``: what an invocation would do, said without doing it (``--dry-run``);
 - ``processes.py``: cells as concurrent processes, and the stop signals meanwhile (:class:`CellsFailed`);
 - ``stats.py``: statistics over a cell's seeds, paired differences (:func:`cell_statistics`,
   :func:`same_teacher`);
