@@ -29,7 +29,7 @@ from dtokd.train.build import build_parts, data_of, make_run_balancer
 from dtokd.train.config import Config, ConfigError, load_config, selection_metric, to_dict
 from dtokd.train.epoch import train_epoch
 from dtokd.train.evaluation import evaluate, evaluates, final_test
-from dtokd.train.floor_watch import warn_on_floor
+from dtokd.train.floor_watch import label_losses, warn_on_floor, warned_before
 from dtokd.train.optim import lr_factor
 from dtokd.train.parts import Parts
 from dtokd.train.records import MetricLog, metadata, write_yaml
@@ -160,7 +160,8 @@ def _run(
         _record_setup(config, folder, p)
     teacher = teacher_metrics(config, folder, p, verbose=verbose)
     start_epoch, history = state.epoch, state.history  # the rows appended to history are the ones saved
-    warned = False
+    labels = label_losses(p.task.specs, config.task)
+    warned = warned_before(history, p.balancer, labels)  # a resumed run's restored epochs
     if config.compile != "none":
         p.student.compile(mode=config.compile)
     try:
@@ -173,9 +174,9 @@ def _run(
                 )
             history.append(row)
             log.write("metrics.jsonl", row, epoch)
-            if not warned and p.ranks.main:
-                warned = warn_on_floor(row, p.balancer, config.name, epoch)
             _save_epoch(config, folder, p, state, epoch)
+            if not warned and p.ranks.main:
+                warned = warn_on_floor(row, p.balancer, config.name, epoch, labels)
             if verbose:
                 print(epoch_line(config, row, epoch), flush=True)
     finally:
