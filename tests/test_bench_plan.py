@@ -5,7 +5,7 @@ import json
 import os
 
 from dtokd import cli
-from dtokd.interrupts import folder_holder, hold_folder
+from dtokd.interrupts import folder_holder, hold_folder, release_folder
 
 from helpers import TINY_METHODS, write_tiny_matrix
 
@@ -35,7 +35,8 @@ def test_a_dry_run_says_each_cells_state_and_runs_nothing(tmp_path, capsys):
     lines = dry_run(matrix, out, capsys)
     assert not out.exists()
     assert (
-        lines[0] == f"teacher of pair cnn-mlp: {out / 'teachers' / 'cnn_small'}: to train (seed 0, from teacher_config)"
+        lines[0]
+        == f"teacher of pair(s) cnn-mlp: {out / 'teachers' / 'cnn_small'}: to train (seed 0, from teacher_config)"
     )
     assert "cell cnn-mlp kd-fixed 0: to run" in lines
     assert "cell cnn-mlp kd-grid-a0.5 1: waits for the grid (runs if the grid chooses it on seed 0)" in lines
@@ -45,7 +46,7 @@ def test_a_dry_run_says_each_cells_state_and_runs_nothing(tmp_path, capsys):
     teacher.mkdir(parents=True)
     (teacher / "checkpoint.pt").write_bytes(b"")
     (teacher / "metrics.jsonl").write_text('{"epoch": 0}\n')
-    assert dry_run(matrix, out, capsys)[0].endswith(": resumes after 1 epoch(s)")
+    assert dry_run(matrix, out, capsys)[0].endswith(": resumes from its last checkpoint")
     (teacher / "summary.json").write_text("{}")
     assert dry_run(matrix, out, capsys)[0].endswith(": trained")
 
@@ -59,23 +60,23 @@ def test_a_dry_run_says_each_cells_state_and_runs_nothing(tmp_path, capsys):
         assert folder_holder(out / "cnn-mlp" / "dto" / "seed1") == str(os.getpid())
         lines = dry_run(matrix, out, capsys)
     finally:
-        held.close()
+        release_folder(held)
     assert folder_holder(out / "cnn-mlp" / "dto" / "seed1") is None
     states = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in lines if line.startswith("cell ")}
     assert states == {
         "cell cnn-mlp kd-fixed 0": "finished",
         "cell cnn-mlp kd-grid-a0.5 0": "finished",
-        "cell cnn-mlp dto 0": "resumes (after 2 epoch(s))",
+        "cell cnn-mlp dto 0": "resumes (from its last checkpoint)",
         "cell cnn-mlp blowup 0": "diverged (loss/distill is nan)",
         "cell cnn-mlp kd-fixed 1": "to run",
         "cell cnn-mlp kd-grid-a0.5 1": "skipped (the grid chose kd-fixed on seed 0)",
-        "cell cnn-mlp dto 1": f"running (pid {os.getpid()}: a run now would be refused for this cell)",
+        "cell cnn-mlp dto 1": f"running (pid {os.getpid()}: a run now would stop at this cell)",
         "cell cnn-mlp blowup 1": "to run",
     }
     assert lines[-1] == "in all: 2 finished, 1 resumes, 1 diverged, 2 to run, 1 skipped, 1 running; nothing was run"
     # a selection plans only its cells
     assert [line for line in dry_run(matrix, out, capsys, "--methods", "dto") if line.startswith("cell ")] == [
-        "cell cnn-mlp dto 0: resumes (after 2 epoch(s))",
+        "cell cnn-mlp dto 0: resumes (from its last checkpoint)",
         "cell cnn-mlp dto 1: to run",
     ]
 
@@ -87,3 +88,8 @@ def test_a_dry_run_refuses_what_a_run_refuses_and_aggregate_only(tmp_path, capsy
     matrix = write_tiny_matrix(tmp_path, TINY_METHODS)
     assert cli.main(["bench", matrix, "--out", str(tmp_path / "out"), "--dry-run", "--aggregate-only"]) != 0
     assert "--dry-run and --aggregate-only: give one" in capsys.readouterr().err
+    assert (
+        cli.main(["bench", matrix, "--out", str(tmp_path / "out"), "--dry-run", "--cell", "cnn-mlp", "dto", "0"]) != 0
+    )
+    assert "--dry-run and --cell: give one" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

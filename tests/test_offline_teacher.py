@@ -296,14 +296,23 @@ def test_a_bench_with_a_k_per_method_pairs_offline_cells_with_live_ones_on_one_t
     """``teacher_topk: {method: k}``: the named methods read their pair's outputs at their own k
     (written once per k), the others run the teacher live; at k = the vocabulary the offline
     cell trains as the live one does (the pipeline's equality, here through the bench)."""
-    from dtokd.bench import load_matrix, run_matrix
+    from dtokd.bench import load_matrix, run_matrix, same_teacher, select_cells
+    from dtokd.bench.plan import plan
 
     fixed = ["balancer.method=fixed", "balancer.options={weights: {distill: 0.5, task: 0.5}}", KD]
     vocabulary = setting["vocabulary"]
     methods = {"kd": fixed, "kd-top5": fixed, "kd-full": fixed}
     path = _lm_matrix(setting, tmp_path, methods, teacher_topk={"kd-top5": 5, "kd-full": vocabulary}, seeds=[0])
     out = tmp_path / "bench"
+    planned = plan(load_matrix(path), out, select_cells(load_matrix(path)))
+    for k in (5, vocabulary):
+        assert (
+            f"offline outputs of pair llama, top-{k}: {out / 'teacher-outputs' / f'llama-top{k}'}: to write"
+            in "\n".join(planned)
+        )
     run_matrix(load_matrix(path), out, progress=False)
+    planned = plan(load_matrix(path), out, select_cells(load_matrix(path)))
+    assert sum(line.endswith(": written") for line in planned) == 2 and planned[-1].startswith("in all: 3 finished")
     assert sorted(p.name for p in (out / "teacher-outputs").iterdir()) == sorted(
         ["llama-top5", f"llama-top{vocabulary}"]
     )
@@ -318,3 +327,6 @@ def test_a_bench_with_a_k_per_method_pairs_offline_cells_with_live_ones_on_one_t
     )
     assert full == pytest.approx(live, rel=1e-4)
     assert top5 != pytest.approx(live, rel=1e-4)  # the top-5 divergence is another loss: the check can fail
+    # offline cells pair with the live one: the same teacher by the weights' hash
+    for method in ("kd-top5", "kd-full"):
+        assert same_teacher(out / "llama" / "kd" / "seed0", out / "llama" / method / "seed0")

@@ -369,6 +369,8 @@ def _bench(args: argparse.Namespace) -> int:
         from dtokd.bench import CellsFailed, aggregate, load_matrix, run_cell, run_matrix, select_cells
 
         matrix = load_matrix(args.matrix)
+        if args.cell and args.dry_run:
+            raise ValueError("--dry-run and --cell: give one (the dry run plans the matrix's cells)")
         if args.cell:
             pair, method, seed = args.cell
             if not seed.lstrip("-").isdigit():

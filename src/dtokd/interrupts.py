@@ -16,7 +16,9 @@ held left the lock taken, and closing the writer then waited for it forever).
 
 :func:`hold_folder` takes an exclusive lock on a run folder (``run.lock``, released by the
 operating system when the process ends, however it ends), so two processes never write one
-folder at once; :func:`exclusive` waits its turn for a shared cache entry instead of refusing.
+folder at once; :func:`release_folder` lets go of it and empties the file, so that
+:func:`folder_holder` can tell, without locking, which live process holds a folder;
+:func:`exclusive` waits its turn for a shared cache entry instead of refusing.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import IO
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 LOCK_FILE = "run.lock"
@@ -100,7 +103,7 @@ def deferred_stop() -> Iterator[StopRequest]:
             signal.signal(s, handler)
 
 
-def hold_folder(folder: Path):
+def hold_folder(folder: Path) -> IO[str]:
     """Lock ``folder`` (created if missing) for this process; returns the open lock file, which
     holds the lock until it is closed or the process ends. Raises ``FileExistsError`` naming
     the process that holds it."""
@@ -126,22 +129,32 @@ def hold_folder(folder: Path):
     return handle
 
 
+def release_folder(handle: IO[str]) -> None:
+    """Let go of a folder held by :func:`hold_folder`, its lock file emptied first (so that it
+    names no process: :func:`folder_holder`)."""
+    handle.seek(0)
+    handle.truncate()
+    handle.close()
+
+
 def folder_holder(folder: Path) -> str | None:
-    """The process that holds ``folder``'s lock (:func:`hold_folder`) now, as the pid it wrote,
-    or None when none does; creates and writes nothing (a shared lock tried and let go at once)."""
+    """The pid that ``folder``'s lock file (:func:`hold_folder`) names, if that process is alive,
+    else None (a lock let go by :func:`release_folder` names none). It takes no lock (a probe
+    that did could make a run starting at that moment refuse the folder); a process that died
+    holding the folder and whose pid was reused since is its one false positive."""
     try:
-        handle = open(folder / LOCK_FILE)
+        named = (folder / LOCK_FILE).read_text().strip()
     except FileNotFoundError:
         return None
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            return handle.read().strip() or "unknown"
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return None
+    if not named.isdigit():
+        return None
+    try:
+        os.kill(int(named), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        pass
+    return named
 
 
 @contextlib.contextmanager

@@ -111,10 +111,10 @@ def _check_topk(path: Path, matrix: Matrix) -> None:
         unknown = [name for name in given if name not in matrix.methods]
         if unknown:
             raise ValueError(f"{path}: teacher_topk names {unknown}, not among the methods {list(matrix.methods)}")
-        bad = {name: k for name, k in given.items() if isinstance(k, bool) or k < 1}
+        bad = {name: k for name, k in given.items() if k < 1}
         if bad:
             raise ValueError(f"{path}: teacher_topk {bad}: each k must be a positive integer")
-    elif given is not None and (isinstance(given, bool) or given < 1):
+    elif given is not None and given < 1:
         raise ValueError(f"{path}: teacher_topk={given!r} must be {allowed}")
 
 

@@ -87,7 +87,7 @@ def _ensure_outputs(matrix: Matrix, out: Path, pair: str, method: str, teacher: 
     method's ``k``) written to the pair's outputs folder for that ``k`` unless a finished write of
     this format is there (an unfinished one, or one of an older format, is written again)."""
     folder, k = teacher_outputs_folder(out, matrix, pair, method), matrix.topk(method)
-    if folder is None or k is None or _written(folder / MANIFEST):
+    if folder is None or k is None or outputs_written(folder / MANIFEST):
         return
     config = cell_config(matrix, pair, method, matrix.seeds[0], teacher)
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, limit_train=None))
@@ -95,7 +95,7 @@ def _ensure_outputs(matrix: Matrix, out: Path, pair: str, method: str, teacher: 
     write_run_teacher_outputs(config, folder, k=k, dtype="float16", batch_size=None, overwrite=True)
 
 
-def _written(manifest: Path) -> bool:
+def outputs_written(manifest: Path) -> bool:
     """Whether ``manifest`` is there and of this dtokd's format (a damaged one is the reader's to refuse)."""
     if not manifest.is_file():
         return False

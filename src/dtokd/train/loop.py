@@ -23,7 +23,7 @@ from typing import Any
 
 import torch  # noqa: F401  (tests read loop.torch)
 
-from dtokd.interrupts import hold_folder
+from dtokd.interrupts import hold_folder, release_folder
 from dtokd.train import checkpoint as ckpt
 from dtokd.train.build import build_parts, data_of, make_run_balancer
 from dtokd.train.config import Config, ConfigError, load_config, selection_metric, to_dict
@@ -108,7 +108,7 @@ def train(
             ranks, parts = parts.ranks, None
             ranks.close(finished)
         if lock is not None:
-            lock.close()
+            release_folder(lock)
 
 
 def _after_failure(error: BaseException, folder: Path, created: bool, *, remove_partial: bool) -> None:
