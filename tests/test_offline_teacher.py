@@ -290,6 +290,9 @@ def test_a_bench_whose_cells_want_outputs_at_two_temperatures_is_refused(setting
         load_matrix(_lm_matrix(setting, tmp_path, methods, teacher_topk={"kd-t2": 5}))
     with pytest.raises(ValueError, match=r"teacher_topk \{'kd': 0\}: each k must be a positive integer"):
         load_matrix(_lm_matrix(setting, tmp_path, methods, teacher_topk={"kd": 0}))
+    for k in (8.0, "8", True, None):
+        with pytest.raises(ValueError, match=r"teacher_topk \{'kd': .*\}: each k must be a positive integer"):
+            load_matrix(_lm_matrix(setting, tmp_path, methods, teacher_topk={"kd": k}))
 
 
 def test_a_bench_with_a_k_per_method_pairs_offline_cells_with_live_ones_on_one_teacher(setting, tmp_path):

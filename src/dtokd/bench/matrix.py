@@ -76,6 +76,11 @@ def load_matrix(path: str | Path) -> Matrix:
             f"{path}: a matrix is a mapping with keys {keys}; the file holds "
             f"{'nothing' if raw is None else type(raw).__name__}"
         )
+    topk = raw.get("teacher_topk")
+    if isinstance(topk, dict):  # named here: the typed reading would say only that it is not an int
+        bad = {name: k for name, k in topk.items() if isinstance(k, bool) or not isinstance(k, int) or k < 1}
+        if bad:
+            raise ValueError(f"{path}: teacher_topk {bad}: each k must be a positive integer")
     try:
         matrix = from_dict(Matrix, raw, "")
     except ConfigError as error:
@@ -104,16 +109,14 @@ def load_matrix(path: str | Path) -> Matrix:
 
 
 def _check_topk(path: Path, matrix: Matrix) -> None:
-    """``teacher_topk``: null, a positive integer, or a mapping of the matrix's methods to positive integers."""
+    """``teacher_topk``: null, a positive integer, or a mapping of the matrix's methods to positive
+    integers (its values checked as the file is read, by :func:`load_matrix`)."""
     given = matrix.teacher_topk
     allowed = "a positive integer, a mapping method -> positive integer, or null"
     if isinstance(given, dict):
         unknown = [name for name in given if name not in matrix.methods]
         if unknown:
             raise ValueError(f"{path}: teacher_topk names {unknown}, not among the methods {list(matrix.methods)}")
-        bad = {name: k for name, k in given.items() if k < 1}
-        if bad:
-            raise ValueError(f"{path}: teacher_topk {bad}: each k must be a positive integer")
     elif given is not None and given < 1:
         raise ValueError(f"{path}: teacher_topk={given!r} must be {allowed}")
 
