@@ -4,8 +4,12 @@
 import json
 import os
 
+import yaml
+
 from dtokd import cli
+from dtokd.bench import cell_config, load_matrix
 from dtokd.interrupts import folder_holder, hold_folder, release_folder
+from dtokd.train.config import to_dict
 
 from helpers import TINY_METHODS, write_tiny_matrix
 
@@ -50,10 +54,17 @@ def test_a_dry_run_says_each_cells_state_and_runs_nothing(tmp_path, capsys):
     (teacher / "summary.json").write_text("{}")
     assert dry_run(matrix, out, capsys)[0].endswith(": trained")
 
-    # the grid chose the reference on seed 0; one cell resumable, one diverged, one held by a process
+    # the grid chose the reference on seed 0; one cell resumable, one saved with another configuration
+    # (a run's resume refuses it), one diverged, one held by a process
     cell(out, "kd-fixed", 0, summary_json=json.dumps({"metric": "top1", "best_val_top1": 60.0}))
     cell(out, "kd-grid-a0.5", 0, summary_json=json.dumps({"metric": "top1", "best_val_top1": 50.0}))
-    cell(out, "dto", 0, checkpoint_pt="", metrics_jsonl='{"epoch": 0}\n{"epoch": 1}\n')
+    loaded = load_matrix(matrix)
+
+    def saved_config(method, seed):
+        return yaml.safe_dump(to_dict(cell_config(loaded, "cnn-mlp", method, seed, teacher / "best.pt")))
+
+    cell(out, "dto", 0, checkpoint_pt="", config_yaml=saved_config("dto", 0))
+    cell(out, "blowup", 1, checkpoint_pt="", config_yaml=saved_config("kd-fixed", 1))
     cell(out, "blowup", 0, diverged_json=json.dumps({"error": "loss/distill is nan", "epochs_completed": 0}))
     held = hold_folder(cell(out, "dto", 1))
     try:
@@ -63,6 +74,9 @@ def test_a_dry_run_says_each_cells_state_and_runs_nothing(tmp_path, capsys):
         release_folder(held)
     assert folder_holder(out / "cnn-mlp" / "dto" / "seed1") is None
     states = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in lines if line.startswith("cell ")}
+    blowup = states.pop("cell cnn-mlp blowup 1")
+    assert blowup.startswith("cannot resume (a run would stop here: name: saved 'kd-fixed', given 'blowup'")
+    assert "optim.lr: saved 0.05, given 1000000000000.0" in blowup
     assert states == {
         "cell cnn-mlp kd-fixed 0": "finished",
         "cell cnn-mlp kd-grid-a0.5 0": "finished",
@@ -71,9 +85,10 @@ def test_a_dry_run_says_each_cells_state_and_runs_nothing(tmp_path, capsys):
         "cell cnn-mlp kd-fixed 1": "to run",
         "cell cnn-mlp kd-grid-a0.5 1": "skipped (the grid chose kd-fixed on seed 0)",
         "cell cnn-mlp dto 1": f"running (pid {os.getpid()}: a run now would stop at this cell)",
-        "cell cnn-mlp blowup 1": "to run",
     }
-    assert lines[-1] == "in all: 2 finished, 1 resumes, 1 diverged, 2 to run, 1 skipped, 1 running; nothing was run"
+    assert lines[-1] == (
+        "in all: 2 finished, 1 resumes, 1 diverged, 1 to run, 1 skipped, 1 running, 1 cannot resume; nothing was run"
+    )
     # a selection plans only its cells
     assert [line for line in dry_run(matrix, out, capsys, "--methods", "dto") if line.startswith("cell ")] == [
         "cell cnn-mlp dto 0: resumes (from its last checkpoint)",

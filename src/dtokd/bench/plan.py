@@ -2,7 +2,8 @@
 every cell's configuration checked, then the teachers it would train, the offline teacher
 outputs it would write, and each selected cell's state (finished, diverged, skipped by the
 grid's choice, running in another process, waiting for the grid, resumed from its checkpoint,
-or to run), decided in the order a run decides it. Reads files only: it trains, writes, locks
+unable to resume with the configuration it would be given now, or to run), decided in the order
+a run decides it. Reads files only: it trains, writes, locks
 and creates nothing."""
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from pathlib import Path
 from dtokd.bench.folders import cell_finished, cell_folder, shared_runs, teacher_outputs_folder
 from dtokd.bench.folders import the_runs as _the_runs
 from dtokd.bench.grid import grid_gate
-from dtokd.bench.matrix import Cell, Matrix, check_cells, needs_teacher
+from dtokd.bench.matrix import Cell, Matrix, cell_config, check_cells, needs_teacher
 from dtokd.bench.training import outputs_written
 from dtokd.data.teacher_outputs import MANIFEST
 from dtokd.interrupts import folder_holder
+from dtokd.train.config import ConfigError
+from dtokd.train.run_folder import config_for_resume
 
 
 def plan(matrix: Matrix, out: Path, cells: list[Cell]) -> list[str]:
@@ -84,8 +87,22 @@ def _cell_state(matrix: Matrix, out: Path, cell: Cell, unfinished: list[Cell]) -
     if gate == "wait":
         return "waits for the grid", f"runs if the grid chooses it on seed {matrix.seeds[0]}"
     if (folder / "checkpoint.pt").is_file():
-        return "resumes", "from its last checkpoint"
+        return _resume_state(matrix, out, cell, folder)
     return "to run", ""
+
+
+def _resume_state(matrix: Matrix, out: Path, cell: Cell, folder: Path) -> tuple[str, str]:
+    """Whether the cell's saved run resumes with the configuration a run would give it now (the
+    run's own check, :func:`~dtokd.train.run_folder.config_for_resume`)."""
+    pair, method, seed = cell
+    teacher = Path(matrix.pairs[pair].checkpoint or out / "teachers" / matrix.pairs[pair].teacher / "best.pt")
+    config = cell_config(matrix, pair, method, seed, teacher, teacher_outputs_folder(out, matrix, pair, method))
+    try:
+        config_for_resume(folder, config)
+    except (ConfigError, FileNotFoundError) as error:
+        reason = str(error).split("the configuration given differs: ")[-1]  # the differences, where that is why
+        return "cannot resume", f"a run would stop here: {reason}"
+    return "resumes", "from its last checkpoint"
 
 
 def _diverged_error(path: Path) -> str:
