@@ -3,8 +3,7 @@ every cell's configuration checked, then the teachers it would train, the offlin
 outputs it would write, and each selected cell's state (finished, diverged, skipped by the
 grid's choice, running in another process, waiting for the grid, resumed from its checkpoint,
 unable to resume with the configuration it would be given now, or to run), decided in the order
-a run decides it. Reads files only: it trains, writes, locks
-and creates nothing."""
+a run decides it. Reads files only: it trains, writes, locks and creates nothing."""
 
 from __future__ import annotations
 
