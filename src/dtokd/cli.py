@@ -369,8 +369,9 @@ def _bench(args: argparse.Namespace) -> int:
         from dtokd.bench import CellsFailed, aggregate, load_matrix, run_cell, run_matrix, select_cells
 
         matrix = load_matrix(args.matrix)
-        if args.cell and args.dry_run:
-            raise ValueError("--dry-run and --cell: give one (the dry run plans the matrix's cells)")
+        if args.dry_run and (args.cell or args.aggregate_only):
+            given = "--cell" if args.cell else "--aggregate-only"
+            raise ValueError(f"--dry-run and {given}: give one (the dry run plans the matrix's cells)")
         if args.cell:
             pair, method, seed = args.cell
             if not seed.lstrip("-").isdigit():
@@ -381,8 +382,6 @@ def _bench(args: argparse.Namespace) -> int:
         if args.dry_run:
             from dtokd.bench.plan import plan
 
-            if args.aggregate_only:
-                raise ValueError("--dry-run and --aggregate-only: give one")
             print("\n".join(plan(matrix, out, cells)))
             return 0
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -76,11 +77,7 @@ def load_matrix(path: str | Path) -> Matrix:
             f"{path}: a matrix is a mapping with keys {keys}; the file holds "
             f"{'nothing' if raw is None else type(raw).__name__}"
         )
-    topk = raw.get("teacher_topk")
-    if isinstance(topk, dict):  # named here: the typed reading would say only that it is not an int
-        bad = {name: k for name, k in topk.items() if isinstance(k, bool) or not isinstance(k, int) or k < 1}
-        if bad:
-            raise ValueError(f"{path}: teacher_topk {bad}: each k must be a positive integer")
+    _check_topk(path, raw)
     try:
         matrix = from_dict(Matrix, raw, "")
     except ConfigError as error:
@@ -92,7 +89,6 @@ def load_matrix(path: str | Path) -> Matrix:
     for key in ("pairs", "methods"):
         if not getattr(matrix, key):
             raise ValueError(f"{path}: {key} must be a non-empty mapping name -> ..., got {raw[key]!r}")
-    _check_topk(path, matrix)
     if matrix.reference not in matrix.methods:
         raise ValueError(f"{path}: reference {matrix.reference!r} is not one of the methods {list(matrix.methods)}")
     root = path.parent.parent if path.parent.name == "configs" else Path.cwd()
@@ -108,17 +104,22 @@ def load_matrix(path: str | Path) -> Matrix:
     )
 
 
-def _check_topk(path: Path, matrix: Matrix) -> None:
-    """``teacher_topk``: null, a positive integer, or a mapping of the matrix's methods to positive
-    integers (its values checked as the file is read, by :func:`load_matrix`)."""
-    given = matrix.teacher_topk
-    allowed = "a positive integer, a mapping method -> positive integer, or null"
+def _check_topk(path: Path, raw: dict[str, Any]) -> None:
+    """The file's ``teacher_topk``: null, a positive integer, or a mapping of its methods to
+    positive integers, checked before the typed reading (which would say of a bad mapping only
+    that it is not an integer); other types are left to that reading's error."""
+    given, methods = raw.get("teacher_topk"), raw.get("methods")
     if isinstance(given, dict):
-        unknown = [name for name in given if name not in matrix.methods]
+        bad = {name: k for name, k in given.items() if isinstance(k, bool) or not isinstance(k, int) or k < 1}
+        if bad:
+            raise ValueError(f"{path}: teacher_topk {bad}: each k must be a positive integer")
+        unknown = [name for name in given if name not in methods] if isinstance(methods, dict) else []
         if unknown:
-            raise ValueError(f"{path}: teacher_topk names {unknown}, not among the methods {list(matrix.methods)}")
-    elif given is not None and given < 1:
-        raise ValueError(f"{path}: teacher_topk={given!r} must be {allowed}")
+            raise ValueError(f"{path}: teacher_topk names {unknown}, not among the methods {list(methods or {})}")
+    elif isinstance(given, int) and not isinstance(given, bool) and given < 1:
+        raise ValueError(
+            f"{path}: teacher_topk={given!r} must be a positive integer, a mapping method -> positive integer, or null"
+        )
 
 
 def select_cells(

@@ -14,7 +14,7 @@ from dtokd.bench.folders import cell_finished, cell_folder, shared_runs, teacher
 from dtokd.bench.folders import the_runs as _the_runs
 from dtokd.bench.grid import grid_gate
 from dtokd.bench.matrix import Cell, Matrix, cell_config, check_cells, needs_teacher
-from dtokd.bench.training import outputs_written
+from dtokd.bench.training import outputs_written, teacher_checkpoint
 from dtokd.data.teacher_outputs import MANIFEST
 from dtokd.interrupts import folder_holder
 from dtokd.train.config import ConfigError
@@ -94,7 +94,7 @@ def _resume_state(matrix: Matrix, out: Path, cell: Cell, folder: Path) -> tuple[
     """Whether the cell's saved run resumes with the configuration a run would give it now (the
     run's own check, :func:`~dtokd.train.run_folder.config_for_resume`)."""
     pair, method, seed = cell
-    teacher = Path(matrix.pairs[pair].checkpoint or out / "teachers" / matrix.pairs[pair].teacher / "best.pt")
+    teacher = teacher_checkpoint(matrix, out, pair)
     config = cell_config(matrix, pair, method, seed, teacher, teacher_outputs_folder(out, matrix, pair, method))
     try:
         config_for_resume(folder, config)

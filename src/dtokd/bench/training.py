@@ -39,7 +39,7 @@ def run_cell(
     if cell_finished(folder):
         return
     given = matrix.pairs[pair]
-    teacher = teacher or Path(given.checkpoint or out / "teachers" / given.teacher / "best.pt")
+    teacher = teacher or teacher_checkpoint(matrix, out, pair)
     if needs_teacher(matrix, pair, method, seed) and not teacher.is_file():
         raise FileNotFoundError(
             f"teacher {given.teacher!r} of pair {pair!r} is not trained yet ({teacher}); "
@@ -61,6 +61,13 @@ def run_cell(
         epochs = len(read_jsonl(folder / "metrics.jsonl"))
         (folder / "diverged.json").write_text(json.dumps({"error": str(error), "epochs_completed": epochs}) + "\n")
         print(f"[bench] {pair} {method} seed {seed} diverged in epoch {epochs + 1}: {error}", flush=True)
+
+
+def teacher_checkpoint(matrix: Matrix, out: Path, pair: str) -> Path:
+    """The checkpoint ``pair``'s cells distil from: the pair's given one, else its teacher's
+    ``best.pt`` in ``OUT/teachers/<name>`` (where :func:`ensure_teachers` trains it)."""
+    given = matrix.pairs[pair]
+    return Path(given.checkpoint or out / "teachers" / given.teacher / "best.pt")
 
 
 def ensure_teachers(matrix: Matrix, out: Path, cells: list[Cell], progress: bool) -> dict[str, Path]:
