@@ -725,6 +725,7 @@ COMBINE_OPTIONS = {
     "fixed": {"weights": {"distill": 0.9, "task": 0.1}},
     "anchored": {"anchor": "task"},
     "dto-amortized": {"update": "next-step"},
+    "dto-amortized-gated": {"update": "next-step"},
 }
 
 

@@ -62,7 +62,7 @@ def train_steps(model, forward, method, options, rank=0, world=1, combine=False)
         else:
             info = balancer.backward(losses, representation=logits if representation else None)
         optimizer.step()
-        if method == "dto-amortized" and options.get("update", "same-batch") == "same-batch":
+        if method.startswith("dto-amortized") and options.get("update", "same-batch") == "same-batch":
             with torch.no_grad():
                 balancer.update(losses_of(forward(x[shard]), y[shard], t[shard]))
         weights.append(list(info.weights.values()))
@@ -112,6 +112,7 @@ CASES = [
     ("dto-amortized", {"update": "next-step"}),
     ("mgda", {}),
     ("cross-batch", {}),
+    ("dto-amortized-gated", {"every": 3}),  # steps 0 and 1 sampled, 2 one backward, 3 kept
     ("fixed", {"weights": [0.9, 0.1]}),
 ]
 

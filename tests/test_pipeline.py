@@ -66,7 +66,16 @@ def test_distillation_actually_learns(teacher, tmp_path):
     assert summary["best_test_top1"] > 50.0  # 4 classes: chance is 25 %
 
 
-@pytest.mark.parametrize("method, extra", [("dto", []), ("dto-amortized", []), ("pcgrad", []), ("cross-batch", [])])
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("dto", []),
+        ("dto-amortized", []),
+        ("pcgrad", []),
+        ("cross-batch", []),
+        ("dto-amortized-gated", ["balancer.options={every: 3}"]),
+    ],
+)
 def test_killed_and_resumed_run_ends_with_the_same_weights(teacher, tmp_path, monkeypatch, method, extra):
     overrides = student_overrides(teacher, method=method, epochs=3) + extra
     train(load_config(None, overrides), tmp_path / "straight", progress=False)

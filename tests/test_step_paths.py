@@ -386,10 +386,12 @@ def test_one_objective_keeps_what_the_user_gave_and_fixed_needs_weights_without_
 
 
 def test_a_driver_without_losses_after_gets_the_next_step_update_and_refuses_the_same_batch_one():
-    assert options_without_losses_after("dto-amortized", {}, "a loop") == {"update": "next-step"}
-    assert options_without_losses_after("dto-amortized", {"lr": 0.1}, "a loop") == {"lr": 0.1, "update": "next-step"}
+    amortized = ("dto-amortized", "dto-amortized-gated")  # the rules that learn from the losses after a step
+    for method in amortized:
+        assert options_without_losses_after(method, {}, "a loop") == {"update": "next-step"}
+        assert options_without_losses_after(method, {"lr": 0.1}, "a loop") == {"lr": 0.1, "update": "next-step"}
     for method in BALANCERS:
-        if method != "dto-amortized":
+        if method not in amortized:
             assert options_without_losses_after(method, {"x": 1}, "a loop") == {"x": 1}
     with pytest.raises(ValueError, match="dto-amortized in a loop needs update='next-step', not 'same-batch'"):
         options_without_losses_after("dto-amortized", {"update": "same-batch"}, "a loop")

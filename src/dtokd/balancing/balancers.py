@@ -16,6 +16,7 @@ from dtokd.balancing.checks import unique_params
 from dtokd.balancing.cross_batch import CrossBatchBalancer
 from dtokd.balancing.distributed import Sync, SyncMode
 from dtokd.balancing.engines import ENGINES, ExactEngine, RepresentationEngine, SubsetEngine
+from dtokd.balancing.gated import GatedAmortizedBalancer
 from dtokd.balancing.gradnorm import GradNormBalancer
 from dtokd.balancing.loss_size import LossSizeBalancer
 from dtokd.balancing.rule_common import check_weight_vector
@@ -86,7 +87,8 @@ class RuleBalancer(Balancer):
 
 
 BALANCER_CLASSES: dict[str, type[Balancer]] = {
-    cls.method: cls for cls in (AmortizedDTOBalancer, CrossBatchBalancer, GradNormBalancer, LossSizeBalancer)
+    cls.method: cls
+    for cls in (AmortizedDTOBalancer, CrossBatchBalancer, GatedAmortizedBalancer, GradNormBalancer, LossSizeBalancer)
 }
 """The methods that are not a weight rule of :mod:`dtokd.balancing.rules`, by name: a class each."""
 
@@ -210,9 +212,13 @@ def _check_flags(**flags: object) -> None:
 
 
 def _class_balancer(cls: type[Balancer], engine: Any, **options: Any) -> Balancer:
-    """A balancer of a method with its own class, an option its constructor does not take named
-    with the ones it does."""
-    own = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "engine", "kwargs")]
+    """A balancer of a method with its own class, an option its constructors (its own and those
+    of the method classes it extends) do not take named with the ones they do."""
+    own: list[str] = []
+    for klass in cls.__mro__[: cls.__mro__.index(Balancer)]:
+        if "__init__" in vars(klass):
+            names = inspect.signature(vars(klass)["__init__"]).parameters
+            own += [n for n in names if n not in ("self", "engine", "kwargs", *own)]
     common = ("log_losses", "loss_floor", "reference", "on_nonfinite", "deferred_checks", "sync", "rescale")
     unknown = sorted(set(options) - set(own) - set(common))
     if unknown:

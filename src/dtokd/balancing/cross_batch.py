@@ -50,21 +50,91 @@ from dtokd.balancing.rescale import Rescale
 _TINY = torch.finfo(torch.float64).tiny
 
 
-class _KeepingEngine(ExactEngine):
+class KeepingEngine(ExactEngine):
     """The exact engine, keeping the last step's per-objective gradients for the balancer."""
 
-    def __init__(self, engine: ExactEngine) -> None:
+    def __init__(self, engine: ExactEngine, method: str) -> None:
         super().__init__(engine.params, batched=engine.batched)
+        self.method = method
         self.last: StoredGradients | None = None
 
     def gradients(self, *args: Any, **kwargs: Any) -> ObjectiveGradients:
         """:meth:`ExactEngine.gradients`, kept as :attr:`last` (FSDP2 shards refused)."""
         if sharded.is_sharded(self.params):
-            raise ValueError("cross-batch does not run on FSDP2 shards yet: use DDP, or dto-amortized / fixed")
+            raise ValueError(f"{self.method} does not run on FSDP2 shards yet: use DDP, or dto-amortized / fixed")
         gradients = super().gradients(*args, **kwargs)
         assert isinstance(gradients, StoredGradients)  # the exact engine's, unsharded
         self.last = gradients
         return gradients
+
+
+class CrossBatchUsefulness:
+    """``a``: each objective's cosine with a later batch's task gradient, averaged (float64)::
+
+        u_i  = cos(g_t, g_i')        (g_t: this step's task gradient, g_i': the kept step's gradients)
+        a_i <- (1 - rho) a_i + rho u_i       (where both norms are > 0; a starts at 0)
+
+    :meth:`observe` takes a step's gradients, learns from them against the kept ones (if any,
+    and if their layout matches: a layer frozen or a dtype cast starts the comparison again),
+    then keeps them or drops the kept ones."""
+
+    def __init__(self, rho: float) -> None:
+        self.rho = rho
+        self.usefulness: Tensor | None = None
+        self.previous: tuple[list[list[Tensor]], Tensor] | None = None
+        """The kept step's gradients (flat chunks) and their norms."""
+
+    def observe(self, current: StoredGradients, task: int, *, keep: bool = True) -> bool:
+        """Learn ``a`` from ``current``'s task gradient; keep ``current`` (``keep``) or nothing.
+        Whether ``a`` was learned from (a comparison was made)."""
+        chunks = current.chunks
+        if self.usefulness is None:
+            self.usefulness = torch.zeros(len(chunks), dtype=torch.float64)
+        # the engine's Gram has the chunks' own scale (a GradScaler's, which may differ by step)
+        norms = current.gram.diagonal().clamp_min(0).sqrt()
+        compared = self.previous is not None and _layout(self.previous[0][0]) == _layout(chunks[task])
+        if compared:
+            previous, previous_norms = self.previous  # type: ignore[misc]
+            device = chunks[task][0].device
+            dots = torch.stack([flat.dot(chunks[task], [c.to(device) for c in row]) for row in previous])
+            scale = norms[task] * previous_norms.to(norms.device)
+            update = (1 - self.rho) * self.usefulness + self.rho * (dots / scale.clamp_min(_TINY)).cpu()
+            self.usefulness = torch.where((scale > 0).cpu(), update, self.usefulness)
+        self.previous = (chunks, norms) if keep else None
+        return compared
+
+    def state_dict(self) -> dict[str, Any]:
+        """CPU copies of ``a`` and the kept gradients, where there are any."""
+        state: dict[str, Any] = {}
+        if self.usefulness is not None:
+            state["usefulness"] = self.usefulness.clone()
+        if self.previous is not None:
+            chunks, norms = self.previous
+            state["previous"] = {
+                "chunks": [[c.detach().cpu().clone() for c in row] for row in chunks],
+                "norms": norms.detach().cpu().clone(),
+            }
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any], m: int | None, device: torch.device, who: str) -> None:
+        """Restore :meth:`state_dict`'s entries (absent ones: nothing learned, nothing kept) for
+        ``m`` objectives, the kept gradients on ``device``."""
+        usefulness, previous = state.get("usefulness"), state.get("previous")
+        for key, length in (("usefulness", usefulness), ("previous", previous and previous["chunks"])):
+            if length is not None and len(length) != m:
+                raise ValueError(f"{who} state: {key!r} holds {len(length)} objectives, its names {m}")
+        self.usefulness = None if usefulness is None else usefulness.to(torch.float64).clone()
+        self.previous = None
+        if previous is not None:
+            chunks = [[c.to(device) for c in row] for row in previous["chunks"]]
+            self.previous = (chunks, previous["norms"].to(torch.float64).clone())
+
+
+def task_index(method: str, task: str, names: tuple[str, ...]) -> int:
+    """The position of the task loss ``task`` among the losses ``names`` (refused by name if absent)."""
+    if task not in names:
+        raise ValueError(f"{method}: task={task!r} is not one of the losses {list(names)}")
+    return names.index(task)
 
 
 class CrossBatchBalancer(Balancer):
@@ -96,25 +166,21 @@ class CrossBatchBalancer(Balancer):
                 f"cross-batch: rescale={rescale!r} is not allowed; 'none' (the task gradient's length) or "
                 "'norm' (the reference combination's)"
             )
-        super().__init__(_KeepingEngine(engine), rescale=rescale, **kwargs)
+        super().__init__(KeepingEngine(engine, self.method), rescale=rescale, **kwargs)
         if self.sync.mode == "local":
             raise ValueError("cross-batch needs the same gradients on every rank: sync='global' (or one process)")
         if not isinstance(task, str):
             raise TypeError(f"cross-batch: task must be the task loss's name, got {task!r}")
         if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
             raise ValueError(f"cross-batch: beta must be a finite number >= 0, got {beta!r}")
-        if isinstance(rho, bool) or not (isinstance(rho, (int, float)) and 0 < rho <= 1):
-            raise ValueError(f"cross-batch: rho must be in (0, 1], got {rho!r}")
+        check_rate("cross-batch: rho", rho)
         self.task, self.beta, self.rho = task, float(beta), float(rho)
-        self.usefulness: Tensor | None = None
-        """``a``: each objective's cosine with the next batch's task gradient, averaged (float64)."""
-        self._previous: tuple[list[list[Tensor]], Tensor] | None = None
-        """The last accepted step's gradients (flat chunks) and their norms."""
+        self._usefulness = CrossBatchUsefulness(self.rho)
 
-    def _task_index(self) -> int:
-        if self.task not in self._names:
-            raise ValueError(f"cross-batch: task={self.task!r} is not one of the losses {list(self._names)}")
-        return self._names.index(self.task)
+    @property
+    def usefulness(self) -> Tensor | None:
+        """``a``: each objective's cosine with the next batch's task gradient, averaged (float64)."""
+        return self._usefulness.usefulness
 
     def _current(self) -> StoredGradients:
         if self.engine.last is None:
@@ -126,30 +192,18 @@ class CrossBatchBalancer(Balancer):
         ``pi_i`` over it, makes ``pi`` the weights of the unit directions in a step at most as
         long as the task's gradient (all inf when the task's gradient is zero: no step)."""
         norms = self._current().gram.diagonal().to(values.device).clamp_min(0).sqrt()
-        divisors = norms / norms[self._task_index()]
+        divisors = norms / norms[task_index(self.method, self.task, self._names)]
         return torch.where(norms > 0, divisors, math.inf)
 
     def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
         """``pi = softmax(beta a)`` of an accepted step (called after its checks), after learning
-        ``a`` from its task gradient against the previous step's gradients (where both norms are
-        positive; a change of the gradients' layout, a layer frozen or a dtype cast, starts the
-        comparison again)."""
+        ``a`` from its task gradient against the previous step's gradients."""
         current = self._current()
-        self.engine.last = None  # kept below as the previous step's, or released
-        chunks, t = current.chunks, self._task_index()
-        if self.usefulness is None:
-            self.usefulness = torch.zeros(len(chunks), dtype=torch.float64)
-        # the engine's Gram has the chunks' own scale (a GradScaler's, which may differ by step)
-        norms = current.gram.diagonal().clamp_min(0).sqrt()
-        if self._previous is not None and _layout(self._previous[0][0]) == _layout(chunks[t]):
-            previous, previous_norms = self._previous
-            device = chunks[t][0].device
-            dots = torch.stack([flat.dot(chunks[t], [c.to(device) for c in row]) for row in previous])
-            scale = norms[t] * previous_norms.to(norms.device)
-            update = (1 - self.rho) * self.usefulness + self.rho * (dots / scale.clamp_min(_TINY)).cpu()
-            self.usefulness = torch.where((scale > 0).cpu(), update, self.usefulness)
-        self._previous = (chunks, norms)
-        return torch.softmax(self.beta * self.usefulness, 0)
+        self.engine.last = None  # kept by the learner as the previous step's
+        self._usefulness.observe(current, task_index(self.method, self.task, self._names))
+        usefulness = self._usefulness.usefulness
+        assert usefulness is not None  # made by observe
+        return torch.softmax(self.beta * usefulness, 0)
 
     def _refuse(self, *args: Any, **kwargs: Any) -> Any:
         """A refused step's gradients are not kept (nor learned from)."""
@@ -157,30 +211,18 @@ class CrossBatchBalancer(Balancer):
         return super()._refuse(*args, **kwargs)
 
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        if self.usefulness is not None:
-            state["usefulness"] = self.usefulness.clone()
-        if self._previous is not None:
-            chunks, norms = self._previous
-            state["previous"] = {
-                "chunks": [[c.detach().cpu().clone() for c in row] for row in chunks],
-                "norms": norms.detach().cpu().clone(),
-            }
-        return state
+        return {**super().state_dict(), **self._usefulness.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
-        usefulness, previous = state.get("usefulness"), state.get("previous")
         m = None if self.names is None else len(self.names)
-        for key, length in (("usefulness", usefulness), ("previous", previous and previous["chunks"])):
-            if length is not None and len(length) != m:
-                raise ValueError(f"cross-batch state: {key!r} holds {len(length)} objectives, its names {m}")
-        self.usefulness = None if usefulness is None else usefulness.to(torch.float64).clone()
-        self._previous = None
-        if previous is not None:
-            device = self.engine.params[0].device
-            chunks = [[c.to(device) for c in row] for row in previous["chunks"]]
-            self._previous = (chunks, previous["norms"].to(torch.float64).clone())
+        self._usefulness.load_state_dict(state, m, self.engine.params[0].device, "cross-batch")
+
+
+def check_rate(name: str, rho: object) -> None:
+    """``rho``, a running mean's rate, must be a number in (0, 1]."""
+    if isinstance(rho, bool) or not (isinstance(rho, (int, float)) and 0 < rho <= 1):
+        raise ValueError(f"{name} must be in (0, 1], got {rho!r}")
 
 
 def _layout(chunks: list[Tensor]) -> list[tuple[int, torch.dtype]]:
