@@ -201,3 +201,14 @@ def test_a_task_that_is_not_among_the_losses_is_named():
         ValueError, match=r"dto-amortized-gated: task='labels' is not one of the losses \['distill', 'task'\]"
     ):
         gated.backward(losses(0))
+
+
+def test_the_step_record_names_what_the_gate_has_learned():
+    model, losses = setup()
+    gated, _ = lockstep(model, losses, range(5), 2, 0.3)
+    assert gated.diagnostics() == {
+        **{f"usefulness/{n}": float(v) for n, v in zip(gated.names, gated.usefulness)},
+        **{f"gate/{n}": float(v) for n, v in zip(gated.names, gated.gate())},
+    }
+    assert gated.diagnostics()["gate/task"] == 1.0
+    assert make_balancer("dto-amortized-gated", model.parameters()).diagnostics() == {}  # before any step

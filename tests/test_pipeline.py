@@ -92,6 +92,10 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(teacher, tmp_path, mo
     assert a["history"][-1]["test_top1"] == b["history"][-1]["test_top1"]
     metrics = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in metrics] == [0, 1, 2]
+    if method in ("cross-batch", "dto-amortized-gated"):  # the step record says what the rule learned
+        steps = [json.loads(line) for line in (tmp_path / "resumed" / "steps.jsonl").read_text().splitlines()]
+        assert steps and all("usefulness/distill" in row and "usefulness/task" in row for row in steps)
+        assert all(("gate/distill" in row) == (method == "dto-amortized-gated") for row in steps)
 
 
 def test_corrupt_checkpoint_is_reported_and_never_overwritten(teacher, tmp_path):

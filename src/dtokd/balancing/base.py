@@ -150,6 +150,12 @@ class Balancer:
         ``needs_gram``) and the detached float64 loss values of this step."""
         raise NotImplementedError
 
+    def diagnostics(self) -> dict[str, float]:
+        """What the rule has learned, by name, for a step record (``steps.jsonl``): nothing here;
+        a rule with learned quantities beyond its weights names them (read on the host: call it
+        on logged steps only)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """The balancer's state: its method, the losses' names and, for learned weights, their
         parameters (tensors, numbers and strings only: loadable with ``weights_only=True``)."""

@@ -103,6 +103,12 @@ class CrossBatchUsefulness:
         self.previous = (chunks, norms) if keep else None
         return compared
 
+    def diagnostics(self, names: tuple[str, ...] | None) -> dict[str, float]:
+        """``usefulness/NAME``: ``a_i`` by the losses' ``names`` (none before the first observation)."""
+        if self.usefulness is None or names is None:
+            return {}
+        return {f"usefulness/{n}": float(v) for n, v in zip(names, self.usefulness.tolist())}
+
     def state_dict(self) -> dict[str, Any]:
         """CPU copies of ``a`` and the kept gradients, where there are any."""
         state: dict[str, Any] = {}
@@ -181,6 +187,10 @@ class CrossBatchBalancer(Balancer):
     def usefulness(self) -> Tensor | None:
         """``a``: each objective's cosine with the next batch's task gradient, averaged (float64)."""
         return self._usefulness.usefulness
+
+    def diagnostics(self) -> dict[str, float]:
+        """``usefulness/NAME``: ``a_i`` (none before the first step)."""
+        return self._usefulness.diagnostics(self.names)
 
     def _current(self) -> StoredGradients:
         if self.engine.last is None:

@@ -105,6 +105,13 @@ class GatedAmortizedBalancer(AmortizedDTOBalancer):
         gate[t] = 1.0
         return gate
 
+    def diagnostics(self) -> dict[str, float]:
+        """``usefulness/NAME`` (``a_i``) and ``gate/NAME`` (none before the first step)."""
+        if self.names is None:
+            return {}
+        gate = {f"gate/{n}": float(v) for n, v in zip(self.names, self.gate().tolist())}
+        return {**self._usefulness.diagnostics(self.names), **gate}
+
     def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
         """The amortized rule's ``pi``, after learning ``a`` from this step's gradients where it has them."""
         current, self.engine.last = self.engine.last, None

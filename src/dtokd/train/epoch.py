@@ -55,7 +55,8 @@ def train_epoch(
         skipped += not applied
         sums.add(info)
         if diagnose:
-            log.write("steps.jsonl", {"epoch": epoch, "step": step, **info.as_dict()}, step)
+            row = {"epoch": epoch, "step": step, **info.as_dict(), **p.balancer.diagnostics()}
+            log.write("steps.jsonl", row, step)
         if max_steps is not None and sums.count >= max_steps:
             break
     if p.teacher_cache is not None:
