@@ -76,6 +76,7 @@ def balanced_step(device, method, **options):
         ("dto", {"batched": True}),
         ("mgda", {}),
         ("dto-amortized", {"update": "next-step"}),
+        ("dto-amortized-gated", {"update": "next-step"}),
         ("fixed", {"weights": [0.9, 0.1]}),
     ],
 )
@@ -93,6 +94,7 @@ def test_cuda_update_equals_cpu_update(method, options):
         ("dto", {}, True, 1),  # the exact engine reads the Gram with .cpu() before its update
         ("dto", {"engine": "representation"}, True, 0),  # device path: waits on the copy's event
         ("dto-amortized", {"update": "next-step"}, True, 0),
+        ("dto-amortized-gated", {"update": "next-step", "every": 10}, True, 0),  # between its sampled steps
         ("fixed", {"weights": [0.9, 0.1]}, True, 0),
         ("dto", {"engine": "representation", "deferred_checks": True}, False, 0),
         ("dto-amortized", {"update": "next-step", "deferred_checks": True}, False, 0),
@@ -113,7 +115,8 @@ def test_where_a_step_waits_for_the_device(method, options, waits, syncs):
         representation = logits if options.get("engine") == "representation" else None
         infos.append(balancer.backward(losses_of(logits, y, t), representation=representation))
 
-    step()  # one-off set-up (cached index tensors) left out
+    for _ in range(2 if method == "dto-amortized-gated" else 1):  # one-off set-up, and the gated rule's sampled steps
+        step()
     assert waits_for_device(step) is waits
     assert host_syncs(step) == syncs
     assert all(torch.isfinite(torch.tensor(list(info.losses.values()))).all() for info in infos)  # read after the fact

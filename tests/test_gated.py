@@ -139,18 +139,19 @@ def test_a_resumed_balancer_continues_as_the_straight_run():
         three.load_state_dict({**saved, "names": ["a", "b", "c"], "previous": None})
 
 
-@pytest.mark.parametrize("sampled", [True, False], ids=["on a sampled step", "between samples"])
-def test_a_non_finite_step_is_not_counted_and_learns_nothing(sampled):
+@pytest.mark.parametrize("before", [3, 4, 2], ids=["on a kept step", "on a comparing step", "between samples"])
+def test_a_non_finite_step_is_not_counted_and_learns_nothing(before):
     model, losses = setup()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for on_nonfinite in ("skip", "raise"):
         gated = make_balancer(
             "dto-amortized-gated", model.parameters(), every=3, rho=0.5, on_nonfinite=on_nonfinite, update="next-step"
         )
-        for step in range(3 if sampled else 2):  # the next step is 3 (sampled) or 2 (not)
+        for step in range(before):  # every=3: step 3 is kept, 4 compares with it, 2 has no gradients
             optimizer.zero_grad()
             gated.backward(losses(step))
         learned, count, kept = gated.usefulness.clone(), gated.gradient_steps, gated._usefulness.previous
+        assert (kept is not None) == (before == 4)
         bad = losses(9)
         bad["distill"] = bad["distill"] * math.nan
         optimizer.zero_grad()
@@ -161,16 +162,33 @@ def test_a_non_finite_step_is_not_counted_and_learns_nothing(sampled):
                 gated.backward(bad)
         assert torch.equal(gated.usefulness, learned) and gated.gradient_steps == count
         assert gated._usefulness.previous is kept and gated.engine.last is None
+        optimizer.zero_grad()
+        gated.backward(losses(10))  # the step taken instead is the one the schedule awaited
+        assert (gated.usefulness != learned).any() == (before == 4)
 
 
-def test_one_objective_is_the_plain_backward_pass():
+def test_a_step_the_amortized_rule_refuses_teaches_the_gate_nothing():
+    model, losses = setup()
+    gated = make_balancer("dto-amortized-gated", model.parameters(), every=2)  # same-batch: update() is due
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    gated.backward(losses(0))
+    optimizer.step()
+    kept = gated._usefulness.previous
+    with pytest.raises(RuntimeError, match=r"call balancer.update\(losses_after\)"):
+        gated.backward(losses(1))  # the update() after step 0 was forgotten
+    assert gated._usefulness.previous is kept and torch.equal(gated.usefulness, torch.zeros(2, dtype=torch.float64))
+    assert gated.engine.last is None and gated.gradient_steps == 1
+
+
+@pytest.mark.parametrize("name", ["task", "distill"])
+def test_one_objective_is_the_plain_backward_pass(name):
     w = nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
     gated = make_balancer("dto-amortized-gated", [w], update="next-step")
     for _ in range(3):
         w.grad = None
-        info = gated.backward({"task": (w**2).sum()})
+        info = gated.backward({name: (w**2).sum()})
         torch.testing.assert_close(w.grad, 2 * w.detach(), rtol=0, atol=1e-15)
-        assert info.loss_weights == {"task": 1.0}
+        assert info.loss_weights == {name: 1.0}
         with torch.no_grad():
             w -= 0.1 * w.grad
 
@@ -186,6 +204,7 @@ def test_one_objective_is_the_plain_backward_pass():
         ({"task": 3}, TypeError, "task must be the task loss's name, got 3"),
         ({"beta": 1.0}, TypeError, r"does not accept option\(s\) \['beta'\]; allowed: \['task', 'every', 'rho', 'lr'"),
         ({"log_losses": False}, ValueError, "log_losses=False is not allowed"),
+        ({"deferred_checks": True}, ValueError, "deferred_checks=True is not allowed: its sampled steps"),
     ],
 )
 def test_bad_options_are_named(options, error, message):
@@ -212,3 +231,17 @@ def test_the_step_record_names_what_the_gate_has_learned():
     }
     assert gated.diagnostics()["gate/task"] == 1.0
     assert make_balancer("dto-amortized-gated", model.parameters()).diagnostics() == {}  # before any step
+
+
+def test_a_state_that_does_not_name_its_method_is_refused():
+    model, losses = setup()
+    gated, _ = lockstep(model, losses, range(2), 2, 0.3)
+    saved = gated.state_dict()
+    for other in (
+        {k: v for k, v in saved.items() if k != "method"},
+        {"names": ["distill", "task"], "usefulness": None},
+    ):
+        with pytest.raises(ValueError, match="does not say which method saved it"):
+            make_balancer("dto-amortized-gated", model.parameters()).load_state_dict(other)
+    with pytest.raises(ValueError, match="saved by method 'cross-batch'"):
+        make_balancer("dto-amortized-gated", model.parameters()).load_state_dict({**saved, "method": "cross-batch"})

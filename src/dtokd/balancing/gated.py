@@ -20,6 +20,9 @@ relative to the labels' own direction: one that carries as well keeps its share,
 carries half as well keeps half, one that works against the task (``a_i <= 0``) keeps none
 and the student learns from the labels. The shares still sum to one, as the amortized rule's;
 the learner of ``pi`` is the amortized rule's, unchanged (``update``, ``lr``, ``weight_decay``).
+A step's ``StepInfo.weights`` (``weight/NAME`` in a step record) are that learner's ``pi``; its
+``loss_weights`` (``loss_weight/NAME``) are the gated shares applied, and :meth:`diagnostics`
+gives ``a`` and the gate (``usefulness/NAME``, ``gate/NAME``).
 
 Cost: every ``every``-th accepted backward ("kept", then compared at the next one) the exact
 engine's per-objective gradients (m backward passes, m flat copies kept until the next step);
@@ -64,6 +67,11 @@ class GatedAmortizedBalancer(AmortizedDTOBalancer):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"{self.method}: every must be a whole number of steps >= 1, got {every!r}")
         check_rate(f"{self.method}: rho", rho)
+        if kwargs.get("deferred_checks") is True:
+            raise ValueError(
+                f"{self.method}: deferred_checks=True is not allowed: its sampled steps are checked on the host "
+                "before their update (the exact engine's); leave it 'auto' or False"
+            )
         super().__init__(KeepingEngine(engine, self.method), **kwargs)
         if self.sync.mode == "local":
             raise ValueError(f"{self.method} needs the same gradients on every rank: sync='global' (or one process)")
@@ -71,7 +79,7 @@ class GatedAmortizedBalancer(AmortizedDTOBalancer):
         self._usefulness = CrossBatchUsefulness(self.rho)
         self.gradient_steps = 0
         """Accepted backward calls so far: the schedule of the sampled steps."""
-        self._gate: Tensor | None = None  # on the losses' device; None: to compute from ``a``
+        self._gate: tuple[Tensor, Tensor] | None = None  # the gate and the task's one-hot, on the losses' device
 
     @property
     def usefulness(self) -> Tensor | None:
@@ -94,13 +102,16 @@ class GatedAmortizedBalancer(AmortizedDTOBalancer):
             self.gradient_steps += 1
         return info
 
+    def _task(self) -> int:
+        """The task loss's position (a single objective is the task, whatever its name)."""
+        return 0 if len(self._names) == 1 else task_index(self.method, self.task, self._names)
+
     def gate(self) -> Tensor:
         """``gate_i`` for each objective (1 for the task; all 1 before the task's own usefulness is positive)."""
         a = self._usefulness.usefulness
-        names = self._names
-        t = task_index(self.method, self.task, names)
+        t = self._task()
         if a is None or not a[t] > 0:
-            return torch.ones(len(names), dtype=torch.float64)
+            return torch.ones(len(self._names), dtype=torch.float64)
         gate = (a / a[t]).clamp(0.0, 1.0)
         gate[t] = 1.0
         return gate
@@ -113,22 +124,26 @@ class GatedAmortizedBalancer(AmortizedDTOBalancer):
         return {**self._usefulness.diagnostics(self.names), **gate}
 
     def _weights(self, gram: Tensor | None, loss_values: Tensor) -> Tensor:
-        """The amortized rule's ``pi``, after learning ``a`` from this step's gradients where it has them."""
+        """The amortized rule's ``pi``; then ``a`` learns from this step's gradients where it has
+        them (not where the amortized rule refused the step)."""
         current, self.engine.last = self.engine.last, None
-        if current is not None:
-            t = task_index(self.method, self.task, self._names)
-            if self._usefulness.observe(current, t, keep=self.gradient_steps % self.every == 0):
-                self._gate = None
-        return super()._weights(gram, loss_values)
+        pi = super()._weights(gram, loss_values)
+        if current is not None and self._usefulness.observe(
+            current, self._task(), keep=self.gradient_steps % self.every == 0
+        ):
+            self._gate = None
+        return pi
 
     def _coefficients(self, weights: Tensor, divisors: Tensor, raw_gram: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The amortized rule's shares ``s``, gated: ``s_i' = gate_i s_i``, the rest to the task."""
         pi, shares = super()._coefficients(weights, divisors, raw_gram)
-        if self._gate is None or self._gate.device != shares.device:
-            self._gate = self.gate().to(shares.device)
-        gated = shares * self._gate
-        t = task_index(self.method, self.task, self._names)
-        return pi, gated.index_add(0, torch.tensor([t], device=shares.device), (shares - gated).sum().reshape(1))
+        if self._gate is None or self._gate[0].device != shares.device:  # after a comparison (a host step)
+            task = torch.zeros(len(self._names), dtype=torch.float64)
+            task[self._task()] = 1.0
+            self._gate = (self.gate().to(shares.device), task.to(shares.device))
+        gate, task = self._gate
+        gated = shares * gate
+        return pi, gated + task * (shares - gated).sum()
 
     def _refuse(self, *args: Any, **kwargs: Any) -> Any:
         """A refused step's gradients are not kept (nor learned from)."""
@@ -139,6 +154,11 @@ class GatedAmortizedBalancer(AmortizedDTOBalancer):
         return {**super().state_dict(), **self._usefulness.state_dict(), "gradient_steps": self.gradient_steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if isinstance(state, Mapping) and "names" in state and state.get("method") is None:
+            raise ValueError(
+                f"this balancer state does not say which method saved it (keys {sorted(map(str, state))}); "
+                f"every {self.method} state does: resume with the method that saved it"
+            )
         super().load_state_dict(state)
         m = None if self.names is None else len(self.names)
         self._usefulness.load_state_dict(state, m, self.engine.params[0].device, self.method)
