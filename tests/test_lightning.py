@@ -58,7 +58,7 @@ def plain_loop(student, teacher, data, steps, method, engine, options, accumulat
     balancer = make_balancer(method, student.parameters(), engine=engine, **options)
     optimizer = sgd(student.parameters())
     losses_of = default_losses()
-    same_batch = method == "dto-amortized" and options.get("update", "same-batch") == "same-batch"
+    same_batch = method.startswith("dto-amortized") and options.get("update", "same-batch") == "same-batch"
     done, k = 0, 0
     while done < steps:
         for x, y in data:
@@ -93,6 +93,7 @@ CASES = [
     ("dto-amortized", "exact", {}),
     ("anchored", "exact", {"anchor": "task"}),
     ("cross-batch", "exact", {}),
+    ("dto-amortized-gated", "exact", {"every": 3}),
     ("fixed", "exact", {"weights": {"distill": 0.9, "task": 0.1}}),
 ]
 

@@ -98,6 +98,7 @@ CASES = [
     ("dto-amortized", "exact", {"update": "next-step"}),
     ("anchored", "representation", {"anchor": "task"}),
     ("cross-batch", "exact", {}),
+    ("dto-amortized-gated", "exact", {"update": "next-step", "every": 3}),
 ]
 
 
