@@ -84,10 +84,9 @@ class Balancer:
     told otherwise (a rule's own default is in its record)."""
 
     distillation_form: str = "forward_kl"
-    """The form of a token-level KD loss this method is measured best with, where the user leaves
-    it to the library (``divergence: auto``): ``forward_kl`` (floor 0), or ``forward_ce`` (the
-    cross-entropy to the teacher, floor at its entropy) for a method whose coefficient on a raw
-    loss goes as ``1 / L`` with weights learned across steps (docs/methods.md, "Which to pick")."""
+    """The token-level KD loss's form this method is measured best with, where the user leaves it to the library
+    (``divergence: auto``): ``forward_kl`` (floor 0), or ``forward_ce`` (the cross-entropy to the teacher, floor
+    at its entropy) for a method whose raw-loss coefficient goes as ``1 / L`` (docs/methods.md, "Which to pick")."""
 
     without_losses_after: Mapping[str, object] = {}
     """The options a driver that cannot re-evaluate a step's losses after the optimizer step
@@ -125,11 +124,8 @@ class Balancer:
             )
         if not isinstance(log_losses, bool):
             raise TypeError(f"log_losses must be True or False, got {log_losses!r}")
-        self.engine = engine
-        self.log_losses = log_losses
-        self.loss_floor = float(loss_floor)
-        self.rescale = rescale
-        self.reference = reference
+        self.engine, self.log_losses, self.loss_floor = engine, log_losses, float(loss_floor)
+        self.rescale, self.reference = rescale, reference
         self._reference_vector: Tensor | None = None
         self.on_nonfinite = on_nonfinite
         self.deferred_checks: bool | Literal["auto"] = deferred_checks
@@ -151,9 +147,7 @@ class Balancer:
         raise NotImplementedError
 
     def diagnostics(self) -> dict[str, float]:
-        """What the rule has learned, by name, for a step record (``steps.jsonl``): nothing here;
-        a rule with learned quantities beyond its weights names them (read on the host: call it
-        on logged steps only)."""
+        """What the rule learned beyond its weights, by name, for ``steps.jsonl`` (a host read; none here)."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

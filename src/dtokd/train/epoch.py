@@ -27,9 +27,10 @@ def train_epoch(
     """Epoch ``epoch`` (0-based) of the run built as ``p``: each rank trains on its shard of
     every global batch (``p.teacher_cache``: the teacher's outputs read or stored); every
     ``log_every``-th step's :class:`~dtokd.balancing.StepInfo`, with the balancer's
-    ``diagnostics()``, goes to ``steps.jsonl`` in ``log``; ``progress``: a progress bar; ``max_steps``: stop after that many steps (a dry
-    run). Returns the epoch's row: ``epoch``, ``lr``, ``epoch_seconds``, ``skipped_steps``, the
-    mean ``loss/NAME`` and ``loss_weight/NAME`` over its steps, and ``train_loss`` (their sum)."""
+    ``diagnostics()``, goes to ``steps.jsonl`` in ``log``; ``progress``: a progress bar;
+    ``max_steps``: stop after that many steps (a dry run). Returns the epoch's row: ``epoch``,
+    ``lr``, ``epoch_seconds``, ``skipped_steps``, the mean ``loss/NAME`` and
+    ``loss_weight/NAME`` over its steps, and ``train_loss`` (their sum)."""
     p.task.student.train()
     loader = train_loader(
         p.data.train,
