@@ -245,3 +245,27 @@ def test_a_state_that_does_not_name_its_method_is_refused():
             make_balancer("dto-amortized-gated", model.parameters()).load_state_dict(other)
     with pytest.raises(ValueError, match="saved by method 'cross-batch'"):
         make_balancer("dto-amortized-gated", model.parameters()).load_state_dict({**saved, "method": "cross-batch"})
+
+
+def test_micro_batches_add_up_each_counts_on_the_schedule_and_the_same_batch_update_follows_the_step():
+    model, losses = setup()
+    accumulating = make_balancer("dto-amortized-gated", model.parameters(), every=2)
+    accumulating.backward(losses(0))  # kept
+    accumulating.backward(losses(1))  # compared with it: no optimizer step between (gradient accumulation)
+    total = written(model).clone()
+    model.zero_grad()
+    stepwise = make_balancer("dto-amortized-gated", model.parameters(), every=2)
+    stepwise.backward(losses(0))
+    first = written(model).clone()
+    model.zero_grad()
+    stepwise.backward(losses(1))
+    torch.testing.assert_close(total, first + written(model), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(accumulating.usefulness, stepwise.usefulness, rtol=0, atol=0)
+    assert accumulating.gradient_steps == 2 and (accumulating.usefulness != 0).all()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for p, g in zip(model.parameters(), total.split([p.numel() for p in model.parameters()])):
+        p.grad = g.view_as(p).clone()
+    optimizer.step()
+    with torch.no_grad():
+        accumulating.update(losses(1))  # the last micro-batch after the step: the learner moves once
+    assert accumulating.logits.abs().sum() > 0
