@@ -8,6 +8,7 @@ gradients, each rank's partial Gram is summed across ranks), so they differ by r
 (about 1e-15 relative), with room for it to grow over four steps, while a wrong convention (a
 Gram off by a factor, a rank's shard missing) is off by order 1."""
 
+import io
 import re
 import textwrap
 from pathlib import Path
@@ -45,7 +46,13 @@ CASES = {
     "dto-amortized": ("dto-amortized", {}, False),
     "dto-amortized-combine": ("dto-amortized", {}, True),
     "dto-amortized-next-step": ("dto-amortized", {"update": "next-step"}, False),
+    "cross-batch": ("cross-batch", {}, False),
+    "dto-amortized-gated": ("dto-amortized-gated", {"every": 2}, False),  # kept at steps 0, 2; compared at 1, 3
 }
+KEEPING = ["cross-batch", "dto-amortized-gated"]
+"""The rules that keep each objective's gradient from one step to the next (checked on resume too)."""
+RESUME_AT = 1
+"""The step at which a resumed run's new balancer takes over: both rules hold step 0's gradients then."""
 
 
 def make_model() -> nn.Module:
@@ -65,20 +72,28 @@ def shard(model: nn.Module) -> nn.Module:
     return model
 
 
-def train(model, case, rank=0, world=1):
+def train(model, case, rank=0, world=1, *, resume=False, state=None):
     """STEPS balanced SGD steps of ``case`` on this rank's part of each batch; the weights and raw
-    Grams seen, and the parameters at the end."""
+    Grams seen, the parameters at the end and, for the cross-batch rules, the usefulness learned.
+    ``resume``: at step RESUME_AT a new balancer takes over from the old one's ``state_dict``
+    (through ``torch.save``, as a checkpoint) or from ``state`` where given (another run's);
+    the state it took over from is returned too."""
     method, options, combine = CASES[case]
     if options.get("engine") == "subset":
         options = {**options, "gram_params": list(model[2].parameters())}
     params = list(model.parameters())
     balancer = make_balancer(method, params, **options)
+    taken_over = None
     optimizer = torch.optim.SGD(params, lr=0.2)
     representation = options.get("engine") == "representation"
     set_to_none = not case.endswith("zeroed")
     weights, grams = [], []
     part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     for step in range(STEPS):
+        if resume and step == RESUME_AT:
+            taken_over = state if state is not None else checkpointed(balancer.state_dict())
+            balancer = make_balancer(method, params, **options)
+            balancer.load_state_dict(taken_over)
         x, y, t = batch(step)
         optimizer.zero_grad(set_to_none=set_to_none)
         logits = model(x[part])
@@ -90,13 +105,28 @@ def train(model, case, rank=0, world=1):
         else:
             info = balancer.backward(losses, representation=z)
         optimizer.step()
-        if method == "dto-amortized" and options.get("update", "same-batch") == "same-batch":
+        if method.startswith("dto-amortized") and options.get("update", "same-batch") == "same-batch":
             with torch.no_grad():
                 balancer.update(losses_of(model(x[part]), y[part], t[part]))
         weights.append(list(info.weights.values()))
         grams.append(None if info.raw_gram is None else info.raw_gram.clone())
     full = [p.full_tensor() if isinstance(p, sharded.DTensor) else p for p in model.parameters()]
-    return {"weights": weights, "grams": grams, "params": [p.detach().clone() for p in full]}
+    usefulness = getattr(balancer, "usefulness", None)
+    return {
+        "weights": weights,
+        "grams": grams,
+        "params": [p.detach().clone() for p in full],
+        "usefulness": None if usefulness is None else usefulness.clone(),
+        "state": taken_over,
+    }
+
+
+def checkpointed(state: dict) -> dict:
+    """``state`` written and read back as a checkpoint file is."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
 
 
 def reach_check_error(rank, world) -> str:
@@ -174,6 +204,12 @@ def run_cases(rank, world, out) -> bool:
             results[name] = {"error": f"{type(error).__name__}: {error}"}
     model = shard(make_model())
     results["kept"] = list(kept), sum(p.to_local().numel() for p in model.parameters()), model_numel()
+    for name in KEEPING:
+        results[f"resumed/{name}"] = train(shard(make_model()), name, rank, world, resume=True)
+        one_process_state = train(make_model(), name, resume=True)["state"]  # the whole batch on each rank
+        results[f"resumed-from-one-process/{name}"] = train(
+            shard(make_model()), name, rank, world, resume=True, state=one_process_state
+        )
     results["refused-local"] = refused("dto", {"sync": "local"}, rank, world)
     results["refused-batched"] = refused("dto", {"batched": True}, rank, world)
     results["docs-example"] = docs_example(rank, world)
@@ -194,15 +230,51 @@ def close(got, want):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
+def assert_same_run(got, want):
+    """Two runs' weights, usefulness (where learned) and final parameters agree (see the module)."""
+    assert "error" not in got, got.get("error")
+    for a, b in zip(got["weights"], want["weights"], strict=True):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12)
+    if want["usefulness"] is not None:
+        close(got["usefulness"], want["usefulness"])
+    for a, b in zip(got["params"], want["params"], strict=True):
+        close(a, b)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_fsdp_over_two_ranks_equals_one_process_on_the_whole_batch(ranks, case):
     want = train(make_model(), case)
     for got in (r[case] for r in ranks):
-        assert "error" not in got, got.get("error")
-        for a, b in zip(got["weights"], want["weights"]):
-            assert a == pytest.approx(b, rel=1e-9, abs=1e-12)
-        for a, b in zip(got["params"], want["params"]):
-            close(a, b)
+        assert_same_run(got, want)
+
+
+@pytest.mark.parametrize("case", KEEPING)
+def test_a_cross_batch_rule_learns_under_fsdp_as_in_one_process(ranks, case):
+    """The usefulness is learned (not its initial zeros) and equals one process's: each rank's
+    partial dot products with the kept shards are summed across the ranks."""
+    want = train(make_model(), case)
+    assert want["usefulness"] is not None and want["usefulness"].abs().min() > 1e-3
+    for got in (r[case] for r in ranks):
+        close(got["usefulness"], want["usefulness"])
+
+
+@pytest.mark.parametrize("case", KEEPING)
+def test_a_cross_batch_rule_resumes_under_fsdp_on_any_number_of_processes(ranks, case):
+    """Resumed at a step where the kept gradients are in the state (gathered whole from the two
+    ranks' shards), the run equals the straight one: on two ranks from their own state, on two
+    ranks from one process's state, and on one process from the two ranks' state."""
+    want = train(make_model(), case)
+    saved = [r[f"resumed/{case}"]["state"] for r in ranks]
+    assert "full" in saved[0]["previous"] and "chunks" not in saved[0]["previous"]
+    for a, b in zip(saved[0]["previous"]["full"], saved[1]["previous"]["full"], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))  # every rank holds the whole gradients
+    assert [tuple(t.shape) for t in saved[0]["previous"]["full"][0]] == [
+        tuple(p.shape) for p in make_model().parameters()
+    ]
+    for r in ranks:
+        assert_same_run(r[f"resumed/{case}"], want)
+        assert_same_run(r[f"resumed-from-one-process/{case}"], want)
+    assert_same_run(train(make_model(), case, resume=True, state=saved[0]), want)
 
 
 @pytest.mark.parametrize("case", ["dto-exact", "dto-subset", "dto-representation"])

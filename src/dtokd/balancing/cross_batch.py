@@ -30,7 +30,9 @@ cosine of two batches' gradients does not need one). A step refused as non-finit
 nothing. Cost: the exact engine's (m backward passes) and m more gradients kept in memory
 (the previous step's, as flat chunks; saved in :meth:`state_dict` so that a resumed run
 continues the same). Under DDP (global mode) every rank sees the averaged gradients and
-learns the same; FSDP2 shards and ``sync="local"`` are refused.
+learns the same; under FSDP2 each rank keeps its shards (m shards, not m gradients), the dot
+products are summed across ranks (m numbers), and a checkpoint gathers the kept gradients whole
+(:mod:`~dtokd.balancing.kept_gradients`); ``sync="local"`` is refused.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dtokd.balancing import flat, sharded
+from dtokd.balancing import flat, kept_gradients
 from dtokd.balancing.base import Balancer
-from dtokd.balancing.engines import ExactEngine, ObjectiveGradients, StoredGradients
+from dtokd.balancing.distributed import Sync
+from dtokd.balancing.engines import ExactEngine, ObjectiveGradients, StoredGradients, trainable
+from dtokd.balancing.kept_gradients import KeptGradients
 from dtokd.balancing.rescale import Rescale
 
 _TINY = torch.finfo(torch.float64).tiny
@@ -59,11 +63,9 @@ class KeepingEngine(ExactEngine):
         self.last: StoredGradients | None = None
 
     def gradients(self, *args: Any, **kwargs: Any) -> ObjectiveGradients:
-        """:meth:`ExactEngine.gradients`, kept as :attr:`last` (FSDP2 shards refused)."""
-        if sharded.is_sharded(self.params):
-            raise ValueError(f"{self.method} does not run on FSDP2 shards yet: use DDP, or dto-amortized / fixed")
+        """:meth:`ExactEngine.gradients`, kept as :attr:`last`."""
         gradients = super().gradients(*args, **kwargs)
-        assert isinstance(gradients, StoredGradients)  # the exact engine's, unsharded
+        assert isinstance(gradients, StoredGradients)  # the exact engine's
         self.last = gradients
         return gradients
 
@@ -76,13 +78,14 @@ class CrossBatchUsefulness:
 
     :meth:`observe` takes a step's gradients, learns from them against the kept ones (if any,
     and if their layout matches: a layer frozen or a dtype cast starts the comparison again),
-    then keeps them or drops the kept ones."""
+    then keeps them or drops the kept ones. Under FSDP2 the gradients are this rank's shards:
+    each dot product is the sum of the ranks' partial ones (``sync``, an all-reduce of m numbers)."""
 
-    def __init__(self, rho: float) -> None:
-        self.rho = rho
+    def __init__(self, rho: float, sync: Sync) -> None:
+        self.rho, self.sync = rho, sync
         self.usefulness: Tensor | None = None
-        self.previous: tuple[list[list[Tensor]], Tensor] | None = None
-        """The kept step's gradients (flat chunks) and their norms."""
+        self.previous: KeptGradients | None = None
+        """The kept step's gradients and their norms."""
 
     def observe(self, current: StoredGradients, task: int, *, keep: bool = True) -> bool:
         """Learn ``a`` from ``current``'s task gradient; keep ``current`` (``keep``) or nothing.
@@ -92,15 +95,17 @@ class CrossBatchUsefulness:
             self.usefulness = torch.zeros(len(chunks), dtype=torch.float64)
         # the engine's Gram has the chunks' own scale (a GradScaler's, which may differ by step)
         norms = current.gram.diagonal().clamp_min(0).sqrt()
-        compared = self.previous is not None and _layout(self.previous[0][0]) == _layout(chunks[task])
-        if compared:
-            previous, previous_norms = self.previous  # type: ignore[misc]
+        previous = self.previous
+        compared = previous is not None and _layout(previous.chunks[0]) == _layout(chunks[task])
+        if previous is not None and compared:
             device = chunks[task][0].device
-            dots = torch.stack([flat.dot(chunks[task], [c.to(device) for c in row]) for row in previous])
-            scale = norms[task] * previous_norms.to(norms.device)
+            dots = torch.stack([flat.dot(chunks[task], [c.to(device) for c in row]) for row in previous.chunks])
+            if current.sharded and self.sync.global_mode:
+                dots = self.sync.sum(dots)
+            scale = norms[task] * previous.norms.to(norms.device)
             update = (1 - self.rho) * self.usefulness + self.rho * (dots / scale.clamp_min(_TINY)).cpu()
             self.usefulness = torch.where((scale > 0).cpu(), update, self.usefulness)
-        self.previous = (chunks, norms) if keep else None
+        self.previous = KeptGradients.of(current, norms) if keep else None
         return compared
 
     def diagnostics(self, names: tuple[str, ...] | None) -> dict[str, float]:
@@ -110,30 +115,26 @@ class CrossBatchUsefulness:
         return {f"usefulness/{n}": float(v) for n, v in zip(names, self.usefulness.tolist())}
 
     def state_dict(self) -> dict[str, Any]:
-        """CPU copies of ``a`` and the kept gradients, where there are any."""
+        """CPU copies of ``a`` and the kept gradients, where there are any (under FSDP2 a
+        collective: see :mod:`~dtokd.balancing.kept_gradients`)."""
         state: dict[str, Any] = {}
         if self.usefulness is not None:
             state["usefulness"] = self.usefulness.clone()
         if self.previous is not None:
-            chunks, norms = self.previous
-            state["previous"] = {
-                "chunks": [[c.detach().cpu().clone() for c in row] for row in chunks],
-                "norms": norms.detach().cpu().clone(),
-            }
+            state["previous"] = self.previous.state()
         return state
 
-    def load_state_dict(self, state: Mapping[str, Any], m: int | None, device: torch.device, who: str) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], m: int | None, params: list[Tensor], who: str) -> None:
         """Restore :meth:`state_dict`'s entries (absent ones: nothing learned, nothing kept) for
-        ``m`` objectives, the kept gradients on ``device``."""
+        ``m`` objectives, the kept gradients for the trainable ``params`` (sharded or not, on
+        any number of ranks)."""
         usefulness, previous = state.get("usefulness"), state.get("previous")
-        for key, length in (("usefulness", usefulness), ("previous", previous and previous["chunks"])):
+        rows = previous and (previous["full"] if "full" in previous else previous["chunks"])
+        for key, length in (("usefulness", usefulness), ("previous", rows)):
             if length is not None and len(length) != m:
                 raise ValueError(f"{who} state: {key!r} holds {len(length)} objectives, its names {m}")
         self.usefulness = None if usefulness is None else usefulness.to(torch.float64).clone()
-        self.previous = None
-        if previous is not None:
-            chunks = [[c.to(device) for c in row] for row in previous["chunks"]]
-            self.previous = (chunks, previous["norms"].to(torch.float64).clone())
+        self.previous = None if previous is None else kept_gradients.restore(previous, params, who)
 
 
 def task_index(method: str, task: str, names: tuple[str, ...]) -> int:
@@ -181,7 +182,7 @@ class CrossBatchBalancer(Balancer):
             raise ValueError(f"cross-batch: beta must be a finite number >= 0, got {beta!r}")
         check_rate("cross-batch: rho", rho)
         self.task, self.beta, self.rho = task, float(beta), float(rho)
-        self._usefulness = CrossBatchUsefulness(self.rho)
+        self._usefulness = CrossBatchUsefulness(self.rho, self.sync)
 
     @property
     def usefulness(self) -> Tensor | None:
@@ -226,7 +227,7 @@ class CrossBatchBalancer(Balancer):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         m = None if self.names is None else len(self.names)
-        self._usefulness.load_state_dict(state, m, self.engine.params[0].device, "cross-batch")
+        self._usefulness.load_state_dict(state, m, trainable(self.engine.params), "cross-batch")
 
 
 def check_rate(name: str, rho: object) -> None:

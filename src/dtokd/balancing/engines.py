@@ -142,6 +142,8 @@ class StoredGradients:
     params: list[Tensor]
     average: Sync | None = None
     accumulate: Callable[[Sequence[Tensor], Sequence[Tensor]], None] = flat.accumulate_grads
+    sharded: bool = False
+    """Whether the chunks are this rank's FSDP2 shards of the gradients (the Gram is still the global one)."""
 
     def backward(self, coefficients: Tensor) -> None:
         combined = flat.combine(self.chunks, coefficients.detach().to("cpu", torch.float64).tolist())
@@ -171,7 +173,7 @@ def _sharded_gradients(
     gram = flat.gram([row[:within] for row in chunks])
     if sync is not None and sync.global_mode:
         gram = sync.sum(gram)
-    return StoredGradients(gram, layout, chunks, params, accumulate=sharded.accumulate_shards)
+    return StoredGradients(gram, layout, chunks, params, accumulate=sharded.accumulate_shards, sharded=True)
 
 
 @dataclass

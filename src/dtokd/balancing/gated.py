@@ -32,7 +32,8 @@ have gradients only, ``rho = 0.1`` a comparison (about ten comparisons, 100 step
 default); gradient accumulation counts each micro-batch as a step, as the cross-batch rule does.
 A step refused as non-finite is not counted and learns nothing. Resume restores ``a``, the kept
 gradients and the count. Under DDP (global mode) every rank sees the averaged gradients and
-gates alike; FSDP2 shards and ``sync="local"`` are refused.
+gates alike; under FSDP2 each rank keeps its shards and the cosines are summed across ranks, as
+in the cross-batch rule; ``sync="local"`` is refused.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from torch import Tensor
 
 from dtokd.balancing.amortized import AmortizedDTOBalancer
 from dtokd.balancing.cross_batch import CrossBatchUsefulness, KeepingEngine, check_rate, task_index
-from dtokd.balancing.engines import ExactEngine
+from dtokd.balancing.engines import ExactEngine, trainable
 from dtokd.balancing.stepinfo import StepInfo
 
 
@@ -76,7 +77,7 @@ class GatedAmortizedBalancer(AmortizedDTOBalancer):
         if self.sync.mode == "local":
             raise ValueError(f"{self.method} needs the same gradients on every rank: sync='global' (or one process)")
         self.task, self.every, self.rho = task, every, float(rho)
-        self._usefulness = CrossBatchUsefulness(self.rho)
+        self._usefulness = CrossBatchUsefulness(self.rho, self.sync)
         self.gradient_steps = 0
         """Accepted backward calls so far: the schedule of the sampled steps."""
         self._gate: tuple[Tensor, Tensor] | None = None  # the gate and the task's one-hot, on the losses' device
@@ -161,6 +162,6 @@ class GatedAmortizedBalancer(AmortizedDTOBalancer):
             )
         super().load_state_dict(state)
         m = None if self.names is None else len(self.names)
-        self._usefulness.load_state_dict(state, m, self.engine.params[0].device, self.method)
+        self._usefulness.load_state_dict(state, m, trainable(self.engine.params), self.method)
         self.gradient_steps = int(state.get("gradient_steps", 0))
         self._gate = None

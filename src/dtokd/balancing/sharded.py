@@ -34,9 +34,9 @@ import torch
 from torch import Tensor
 
 try:
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 except ImportError:  # pragma: no cover - a build without torch.distributed has no FSDP either
-    DTensor = Shard = None  # type: ignore[misc,assignment]
+    DTensor = Shard = distribute_tensor = None  # type: ignore[misc,assignment]
 
 if TYPE_CHECKING:
     from dtokd.balancing.distributed import Sync
@@ -145,11 +145,35 @@ def accumulate_shards(params: Sequence[Tensor], updates: Sequence[Tensor]) -> No
         if p.grad is not None:
             p.grad.to_local().add_(update)  # type: ignore[attr-defined]  # the local shard, in place
             continue
-        p.grad = DTensor.from_local(
-            update,
-            p.device_mesh,  # type: ignore[attr-defined]
-            p.placements,  # type: ignore[attr-defined]
-            run_check=False,
-            shape=p.shape,
-            stride=p.stride(),
-        )
+        p.grad = placed_like(p, update)
+
+
+def placed_like(p: Tensor, shard: Tensor) -> Tensor:
+    """This rank's ``shard`` (a local tensor shaped like ``p``'s) as a DTensor placed as the
+    sharded parameter ``p`` (its mesh, placements, global shape and stride)."""
+    return DTensor.from_local(
+        shard,
+        p.device_mesh,  # type: ignore[attr-defined]
+        p.placements,  # type: ignore[attr-defined]
+        run_check=False,
+        shape=p.shape,
+        stride=p.stride(),
+    )
+
+
+def gather_whole(params: Sequence[Tensor], shards: Sequence[Tensor]) -> list[Tensor]:
+    """Each parameter's whole tensor on the CPU from this rank's ``shards`` of it (local tensors
+    shaped like its shard): an all-gather per parameter, so every rank calls it."""
+    return [placed_like(p, shard).full_tensor().cpu() for p, shard in zip(params, shards)]  # type: ignore[attr-defined]
+
+
+def local_shard(whole: Tensor, p: Tensor) -> Tensor:
+    """This rank's shard of ``whole`` (shaped like the sharded parameter ``p``), placed as ``p``
+    is: cut from the whole tensor every rank holds, no communication."""
+    placed = distribute_tensor(
+        whole.to(device=p.device, dtype=p.dtype),
+        p.device_mesh,  # type: ignore[attr-defined]
+        p.placements,  # type: ignore[attr-defined]
+        src_data_rank=None,
+    )
+    return placed.to_local()
