@@ -195,8 +195,9 @@ class DistillationTrainer(transformers.Trainer):
             Path(self._get_output_dir(trial=trial))
             / f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         )
+        state = self.balancer.state_dict()  # on every process: a collective for a cross-batch rule under FSDP2
         if self.args.should_save:
-            torch.save(self.balancer.state_dict(), folder / BALANCER_FILE)
+            torch.save(state, folder / BALANCER_FILE)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
