@@ -267,3 +267,32 @@ def test_a_frozen_layer_starts_the_comparison_again_and_states_are_checked(tmp_p
     saved["names"] = ["distill", "task", "feature"]
     with pytest.raises(ValueError, match="'usefulness' holds 2 objectives, its names 3"):
         make_balancer("cross-batch", model.parameters()).load_state_dict(saved)
+
+
+def test_fsdps_whole_gradient_state_resumes_on_one_process_and_is_dropped_where_it_no_longer_fits():
+    """The state an FSDP2 run writes (each parameter's whole gradient, ``"full"``) resumes on one
+    process as the straight run; loaded after a layer was frozen, its kept gradients no longer fit
+    the trainable parameters and are dropped (the comparison starts again), as the unsharded
+    chunks are at the next step."""
+    model, losses = setup()
+    straight = straight_run(model, losses, range(6))
+    first = make_balancer("cross-batch", model.parameters())
+    run(first, model, losses, range(3))
+    saved = first.state_dict()
+    chunks = saved["previous"].pop("chunks")
+    assert len(chunks[0]) == 1  # the small model's gradient is one flat chunk
+    params = list(model.parameters())
+    sizes = [p.numel() for p in params]
+    saved["previous"]["full"] = [[t.view(p.shape) for t, p in zip(row[0].split(sizes), params)] for row in chunks]
+    second = make_balancer("cross-batch", model.parameters())
+    second.load_state_dict(saved)
+    for a, b in zip(straight[3:], run(second, model, losses, range(3, 6))):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    model[0].requires_grad_(False)
+    third = make_balancer("cross-batch", model.parameters())
+    third.load_state_dict(saved)
+    assert third._usefulness.previous is None and torch.equal(third.usefulness, saved["usefulness"])
+    saved["previous"]["full"] = None  # another rank's state: nothing gathered there
+    with pytest.raises(ValueError, match="gathered to the first rank only"):
+        make_balancer("cross-batch", model.parameters()).load_state_dict(saved)

@@ -52,6 +52,8 @@ CASES = {
 KEEPING = ["cross-batch", "dto-amortized-gated"]
 """The rules that keep each objective's gradient from one step to the next (checked on resume too)."""
 RESUME_AT = 1
+FREEZE_AT = 2
+"""The step from which a parameter whose second shard is empty is frozen (Scaled)."""
 """The step at which a resumed run's new balancer takes over: both rules hold step 0's gradients then."""
 
 
@@ -66,24 +68,40 @@ def model_numel() -> int:
 
 
 def shard(model: nn.Module) -> nn.Module:
-    fully_shard(model[0])
-    fully_shard(model[2])
+    layers = model.net if isinstance(model, Scaled) else model
+    fully_shard(layers[0])
+    fully_shard(layers[2])
     fully_shard(model)
     return model
 
 
-def train(model, case, rank=0, world=1, *, resume=False, state=None):
+class Scaled(nn.Module):
+    """make_model's network with a learned (1, 4) scale on its logits: on two FSDP ranks the
+    scale's second shard is empty (a rank that holds nothing of a parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_model()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4, dtype=torch.float64).reshape(1, 4))
+
+    def forward(self, x):
+        return self.net(x) * self.scale
+
+
+def train(model, case, rank=0, world=1, *, resume=False, state=None, freeze_at=None):
     """STEPS balanced SGD steps of ``case`` on this rank's part of each batch; the weights and raw
     Grams seen, the parameters at the end and, for the cross-batch rules, the usefulness learned.
-    ``resume``: at step RESUME_AT a new balancer takes over from the old one's ``state_dict``
-    (through ``torch.save``, as a checkpoint) or from ``state`` where given (another run's);
-    the state it took over from is returned too."""
+    ``resume``: at step RESUME_AT a new balancer takes over from the first rank's ``state_dict``
+    (through ``torch.save``, as a checkpoint: every rank takes part, every rank reads the first
+    rank's) or from ``state`` where given (another run's); the state it took over from and this
+    rank's own are returned too. ``freeze_at``: the step from which Scaled's scale is frozen."""
     method, options, combine = CASES[case]
     if options.get("engine") == "subset":
         options = {**options, "gram_params": list(model[2].parameters())}
     params = list(model.parameters())
+    scale = dict(model.named_parameters()).get("scale")  # Scaled's, as the balancer holds it
     balancer = make_balancer(method, params, **options)
-    taken_over = None
+    taken_over = own_state = None
     optimizer = torch.optim.SGD(params, lr=0.2)
     representation = options.get("engine") == "representation"
     set_to_none = not case.endswith("zeroed")
@@ -91,9 +109,14 @@ def train(model, case, rank=0, world=1, *, resume=False, state=None):
     part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     for step in range(STEPS):
         if resume and step == RESUME_AT:
-            taken_over = state if state is not None else checkpointed(balancer.state_dict())
+            own_state = checkpointed(balancer.state_dict())
+            taken_over = state if state is not None else first_ranks(own_state, world)
             balancer = make_balancer(method, params, **options)
             balancer.load_state_dict(taken_over)
+        if step == freeze_at:  # the sharded parameter, with the root resharded (a no-grad forward leaves it unsharded)
+            if hasattr(model, "reshard"):
+                model.reshard()
+            scale.requires_grad_(False)
         x, y, t = batch(step)
         optimizer.zero_grad(set_to_none=set_to_none)
         logits = model(x[part])
@@ -118,7 +141,17 @@ def train(model, case, rank=0, world=1, *, resume=False, state=None):
         "params": [p.detach().clone() for p in full],
         "usefulness": None if usefulness is None else usefulness.clone(),
         "state": taken_over,
+        "own_state": own_state,
     }
+
+
+def first_ranks(state: dict, world: int) -> dict:
+    """The first rank's ``state`` on every rank (as every rank reads the first rank's checkpoint)."""
+    if world == 1:
+        return state
+    shared = [state]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def checkpointed(state: dict) -> dict:
@@ -210,6 +243,7 @@ def run_cases(rank, world, out) -> bool:
         results[f"resumed-from-one-process/{name}"] = train(
             shard(make_model()), name, rank, world, resume=True, state=one_process_state
         )
+        results[f"frozen/{name}"] = train(shard(Scaled()), name, rank, world, freeze_at=FREEZE_AT)
     results["refused-local"] = refused("dto", {"sync": "local"}, rank, world)
     results["refused-batched"] = refused("dto", {"batched": True}, rank, world)
     results["docs-example"] = docs_example(rank, world)
@@ -264,17 +298,29 @@ def test_a_cross_batch_rule_resumes_under_fsdp_on_any_number_of_processes(ranks,
     ranks' shards), the run equals the straight one: on two ranks from their own state, on two
     ranks from one process's state, and on one process from the two ranks' state."""
     want = train(make_model(), case)
-    saved = [r[f"resumed/{case}"]["state"] for r in ranks]
-    assert "full" in saved[0]["previous"] and "chunks" not in saved[0]["previous"]
-    for a, b in zip(saved[0]["previous"]["full"], saved[1]["previous"]["full"], strict=True):
-        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))  # every rank holds the whole gradients
-    assert [tuple(t.shape) for t in saved[0]["previous"]["full"][0]] == [
-        tuple(p.shape) for p in make_model().parameters()
-    ]
+    own = [r[f"resumed/{case}"]["own_state"]["previous"] for r in ranks]
+    assert "chunks" not in own[0]  # the whole gradients, on the first rank only
+    assert [tuple(t.shape) for t in own[0]["full"][0]] == [tuple(p.shape) for p in make_model().parameters()]
+    assert own[1]["full"] is None
+    with pytest.raises(ValueError, match="gathered to the first rank only"):
+        balancer = make_balancer(CASES[case][0], make_model().parameters())
+        balancer.load_state_dict(ranks[1][f"resumed/{case}"]["own_state"])
+    saved = [r[f"resumed/{case}"]["state"] for r in ranks]  # the first rank's, on both
     for r in ranks:
         assert_same_run(r[f"resumed/{case}"], want)
         assert_same_run(r[f"resumed-from-one-process/{case}"], want)
     assert_same_run(train(make_model(), case, resume=True, state=saved[0]), want)
+
+
+@pytest.mark.parametrize("case", KEEPING)
+def test_a_parameter_frozen_midway_starts_the_comparison_again_on_every_rank(ranks, case):
+    """A parameter of which the second rank holds an empty shard is frozen at step FREEZE_AT: both
+    ranks see the change (the parameters' global shapes, not their own shards), start the
+    comparison again together (no rank waits alone in the sum of the dot products) and end as one
+    process that froze it at the same step."""
+    want = train(Scaled(), case, freeze_at=FREEZE_AT)
+    for r in ranks:
+        assert_same_run(r[f"frozen/{case}"], want)
 
 
 @pytest.mark.parametrize("case", ["dto-exact", "dto-subset", "dto-representation"])

@@ -47,7 +47,7 @@ from torch import Tensor
 from dtokd.balancing import flat, kept_gradients
 from dtokd.balancing.base import Balancer
 from dtokd.balancing.distributed import Sync
-from dtokd.balancing.engines import ExactEngine, ObjectiveGradients, StoredGradients, trainable
+from dtokd.balancing.engines import ExactEngine, ObjectiveGradients, StoredGradients
 from dtokd.balancing.kept_gradients import KeptGradients
 from dtokd.balancing.rescale import Rescale
 
@@ -77,7 +77,8 @@ class CrossBatchUsefulness:
         a_i <- (1 - rho) a_i + rho u_i       (where both norms are > 0; a starts at 0)
 
     :meth:`observe` takes a step's gradients, learns from them against the kept ones (if any,
-    and if their layout matches: a layer frozen or a dtype cast starts the comparison again),
+    and if they share its :func:`~dtokd.balancing.kept_gradients.signature`: a layer frozen or a
+    dtype cast starts the comparison again),
     then keeps them or drops the kept ones. Under FSDP2 the gradients are this rank's shards:
     each dot product is the sum of the ranks' partial ones (``sync``, an all-reduce of m numbers)."""
 
@@ -96,7 +97,7 @@ class CrossBatchUsefulness:
         # the engine's Gram has the chunks' own scale (a GradScaler's, which may differ by step)
         norms = current.gram.diagonal().clamp_min(0).sqrt()
         previous = self.previous
-        compared = previous is not None and _layout(previous.chunks[0]) == _layout(chunks[task])
+        compared = previous is not None and previous.signature == kept_gradients.signature(current)
         if previous is not None and compared:
             device = chunks[task][0].device
             dots = torch.stack([flat.dot(chunks[task], [c.to(device) for c in row]) for row in previous.chunks])
@@ -126,10 +127,10 @@ class CrossBatchUsefulness:
 
     def load_state_dict(self, state: Mapping[str, Any], m: int | None, params: list[Tensor], who: str) -> None:
         """Restore :meth:`state_dict`'s entries (absent ones: nothing learned, nothing kept) for
-        ``m`` objectives, the kept gradients for the trainable ``params`` (sharded or not, on
-        any number of ranks)."""
+        ``m`` objectives, the kept gradients for the trainable ones of ``params`` (sharded or
+        not, on any number of ranks; dropped where they no longer fit them)."""
         usefulness, previous = state.get("usefulness"), state.get("previous")
-        rows = previous and (previous["full"] if "full" in previous else previous["chunks"])
+        rows = previous and (previous["full"] if "full" in previous else previous["chunks"])  # None: not gathered here
         for key, length in (("usefulness", usefulness), ("previous", rows)):
             if length is not None and len(length) != m:
                 raise ValueError(f"{who} state: {key!r} holds {len(length)} objectives, its names {m}")
@@ -227,15 +228,10 @@ class CrossBatchBalancer(Balancer):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         m = None if self.names is None else len(self.names)
-        self._usefulness.load_state_dict(state, m, trainable(self.engine.params), "cross-batch")
+        self._usefulness.load_state_dict(state, m, self.engine.params, "cross-batch")
 
 
 def check_rate(name: str, rho: object) -> None:
     """``rho``, a running mean's rate, must be a number in (0, 1]."""
     if isinstance(rho, bool) or not (isinstance(rho, (int, float)) and 0 < rho <= 1):
         raise ValueError(f"{name} must be in (0, 1], got {rho!r}")
-
-
-def _layout(chunks: list[Tensor]) -> list[tuple[int, torch.dtype]]:
-    """What two gradients must share for their dot product: each chunk's size and dtype."""
-    return [(c.numel(), c.dtype) for c in chunks]

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from dtokd.balancing.amortized import AmortizedDTOBalancer
 from dtokd.balancing.cross_batch import CrossBatchUsefulness, KeepingEngine, check_rate, task_index
-from dtokd.balancing.engines import ExactEngine, trainable
+from dtokd.balancing.engines import ExactEngine
 from dtokd.balancing.stepinfo import StepInfo
 
 
@@ -162,6 +162,6 @@ class GatedAmortizedBalancer(AmortizedDTOBalancer):
             )
         super().load_state_dict(state)
         m = None if self.names is None else len(self.names)
-        self._usefulness.load_state_dict(state, m, trainable(self.engine.params), self.method)
+        self._usefulness.load_state_dict(state, m, self.engine.params, self.method)
         self.gradient_steps = int(state.get("gradient_steps", 0))
         self._gate = None

@@ -161,10 +161,17 @@ def placed_like(p: Tensor, shard: Tensor) -> Tensor:
     )
 
 
-def gather_whole(params: Sequence[Tensor], shards: Sequence[Tensor]) -> list[Tensor]:
-    """Each parameter's whole tensor on the CPU from this rank's ``shards`` of it (local tensors
-    shaped like its shard): an all-gather per parameter, so every rank calls it."""
-    return [placed_like(p, shard).full_tensor().cpu() for p, shard in zip(params, shards)]  # type: ignore[attr-defined]
+def gather_whole(params: Sequence[Tensor], shards: Sequence[Tensor]) -> list[Tensor] | None:
+    """Each parameter's whole tensor, on the CPU of the first rank of its mesh, from this rank's
+    ``shards`` of it (local tensors shaped like its shard): an all-gather per parameter, so every
+    rank calls it; the other ranks get None."""
+    first = all(p.device_mesh.get_local_rank() == 0 for p in params)  # type: ignore[attr-defined]
+    whole = []
+    for p, shard in zip(params, shards):
+        gathered = placed_like(p, shard).full_tensor()  # type: ignore[attr-defined]
+        if first:
+            whole.append(gathered.cpu())
+    return whole if first else None
 
 
 def local_shard(whole: Tensor, p: Tensor) -> Tensor:
