@@ -275,3 +275,17 @@ def test_an_error_in_a_data_loader_worker_keeps_its_reason_on_the_one_line():
     line = _one_line(raised.value)
     assert "DataLoader worker process 0" in line and "images/0.jpg: cannot identify image file" in line
     assert "\n" not in line
+
+
+def test_the_resume_command_printed_for_a_run_under_torchrun_goes_through_torchrun(monkeypatch, tmp_path):
+    """A run started by torchrun resumes through torchrun on as many processes per node (an FSDP
+    run refuses one process); a plain run through dtokd itself."""
+    from dtokd.cli import _resume_command
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert _resume_command("distill", tmp_path) == f"dtokd distill --resume --out {tmp_path}"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert _resume_command("distill", tmp_path) == (
+        f"torchrun --nproc_per_node 2 -m dtokd.cli distill --resume --out {tmp_path}"
+    )

@@ -50,9 +50,11 @@ def write(folder, teacher=None, blocks=None, **options):
 
 def test_outputs_read_back_equal_a_fresh_teacher_forwards_top_k(tmp_path):
     teacher, blocks = teacher64(), corpus()
-    manifest = write(tmp_path / "out", teacher, blocks)
+    reported: list[tuple[int, int]] = []
+    manifest = write(tmp_path / "out", teacher, blocks, progress=lambda done, total: reported.append((done, total)))
     assert len(manifest.shards) == 3  # 8 x (5 x 6 + 4) = 272 bytes a block, ~1100 a shard: 4 + 4 + 2 blocks
     assert [(s.start, s.stop) for s in manifest.shards] == [(0, 4), (4, 8), (8, 10)]
+    assert reported == [(4, 10), (8, 10), (10, 10)]  # after each shard
     assert (manifest.block_length, manifest.num_blocks, manifest.vocab_size) == (LENGTH, BLOCKS, VOCABULARY)
     assert manifest.corpus_digest == corpus_digest(blocks) == corpus_digest(blocks.blocks[:, :-1])
     assert manifest.teacher_hash == teacher_checksum(teacher)

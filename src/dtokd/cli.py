@@ -192,11 +192,8 @@ def _run_training(args: argparse.Namespace, distill: bool) -> int:
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
             if (folder / "checkpoint.pt").is_file():
-                print(
-                    f"\ninterrupted; the last checkpoint is kept. Resume with:\n  dtokd {args.command} --resume "
-                    f"--out {folder}",
-                    file=sys.stderr,
-                )
+                resume = _resume_command(args.command, folder)
+                print(f"\ninterrupted; the last checkpoint is kept. Resume with:\n  {resume}", file=sys.stderr)
             else:
                 print("\ninterrupted before the first checkpoint; nothing was kept", file=sys.stderr)
         return 130
@@ -293,6 +290,16 @@ def _without_weight_files(kwargs: dict) -> dict:
     """Model kwargs without the ones that name weight files (a detector's ``backbone_weights``):
     a dry run starts from random weights."""
     return {k: v for k, v in kwargs.items() if k != "backbone_weights"}
+
+
+def _resume_command(command: str, folder: Path) -> str:
+    """The command that resumes the run in ``folder``: under torchrun (``WORLD_SIZE`` > 1) through
+    torchrun on as many processes per node (a run with ``parallel=fsdp`` cannot resume on one)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", str(world))
+        return f"torchrun --nproc_per_node {per_node} -m dtokd.cli {command} --resume --out {folder}"
+    return f"dtokd {command} --resume --out {folder}"
 
 
 def _default_folder(args: argparse.Namespace, config) -> Path:
@@ -424,8 +431,18 @@ def _teacher_outputs(args: argparse.Namespace) -> int:
     from dtokd.train.offline_outputs import write_run_teacher_outputs
 
     config = load_config(args.config, args.overrides)
+
+    def progress(done: int, total: int) -> None:
+        print(f"teacher outputs: {done}/{total} blocks written", file=sys.stderr, flush=True)
+
     manifest = write_run_teacher_outputs(
-        config, Path(args.out), k=args.k, dtype=args.dtype, batch_size=args.batch_size, overwrite=args.overwrite
+        config,
+        Path(args.out),
+        k=args.k,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        progress=progress,
     )
     tokens = manifest.num_blocks * manifest.block_length
     size = sum(shard.bytes for shard in manifest.shards)

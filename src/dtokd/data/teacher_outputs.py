@@ -246,8 +246,17 @@ def _check_expected(manifest: Manifest, expected: Mapping[str, Any], path: Path)
         if actual != value:
             raise ValueError(
                 f"teacher outputs {path.parent} do not match this run: field {field!r} is {actual!r} "
-                f"there, the run expects {value!r}"
+                f"there, the run expects {value!r}{_MISMATCH_HINTS.get(field, '')}"
             )
+
+
+_MISMATCH_HINTS = {
+    "tokenizer": (
+        " (the tokenizer is trained from the run's data.text settings: a different vocab_size, split_seed, "
+        "tokenizer or corpus gives another vocabulary; write the outputs with the run's settings)"
+    ),
+}
+"""What a mismatch of a field whose values are hashes usually means."""
 
 
 def block_layout(manifest: Manifest) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:

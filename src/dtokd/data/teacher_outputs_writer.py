@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,7 @@ def write_teacher_outputs(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     teacher_hash: str | None = None,
     overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Manifest:
     """Run ``teacher`` once over ``blocks`` and write its top-``k`` log-probabilities at
     ``temperature`` into ``folder`` (the module notes give the format).
@@ -129,7 +130,8 @@ def write_teacher_outputs(
     :class:`~dtokd.data.text.TokenBlocks`, an integer tensor ``(N, L)`` or an indexable of
     blocks (see :func:`corpus_digest`), all of one length. ``tokenizer``: the tokenizer's
     identity, and ``teacher_name`` (a model name, a folder), recorded for readers to check.
-    ``teacher_hash``: its :func:`teacher_checksum` if known. ``shard_bytes``: a shard's size, about."""
+    ``teacher_hash``: its :func:`teacher_checksum` if known. ``shard_bytes``: a shard's size, about.
+    ``progress``: called with (blocks written, blocks) after each shard."""
     stored = DTYPES[dtype_name(dtype)]
     _check_write_settings(k, temperature, tokenizer, teacher_name)
     folder = Path(folder)
@@ -147,6 +149,8 @@ def write_teacher_outputs(
             )
             shards.append(_save_file(folder, f"shard-{number:05d}.pt", start, stop, tensors))
             hashes.append(block_hashes(tensors["input_ids"]))
+            if progress is not None:
+                progress(stop, len(blocks))
     manifest = Manifest(
         format=FORMAT,
         teacher_name=teacher_name,

@@ -69,7 +69,8 @@ def _parts(config: Config, verbose: bool, ranks: distributed.Ranks, device: torc
     if config.parallel == "fsdp" and ranks.world < 2:
         raise ValueError(
             "parallel=fsdp shards the models across torchrun's processes, and this run has one: start it "
-            "with torchrun --nproc_per_node N (N >= 2), or use parallel=ddp"
+            "with torchrun --nproc_per_node N (N >= 2) -m dtokd.cli ..., or a new run with parallel=ddp (a run "
+            "cannot change parallel on resume)"
         )
     _check_compile(config, device)
     ckpt.seed_everything(config.seed)
@@ -144,9 +145,9 @@ def _models(
 
 
 def _placement_line(config: Config, device: torch.device, data: DataBundle) -> str:
-    """The line a verbose run starts with: its device and where its training images are held."""
+    """The line a verbose run starts with: its device and where its training data are held."""
     where = "the device" if data.train.device.type != "cpu" else "the host"
-    return f"[{config.name}] device {device}{' (auto)' if config.device == 'auto' else ''}; training images on {where}"
+    return f"[{config.name}] device {device}{' (auto)' if config.device == 'auto' else ''}; training data on {where}"
 
 
 def _identity(config: Config, data: DataBundle, task: Task) -> dict[str, Any]:

@@ -29,7 +29,10 @@ Parallelism = Literal["ddp", "fsdp"]
 
 @dataclass
 class DataConfig:
-    """``placement``: where the in-memory images live during training: ``device`` (moved to
+    """``limit_train``: train on N examples of the training split only (images, or token blocks
+    for a language model: the first N in the order the run's ``seed`` shuffles them; None: all
+    of it), for quick runs and CPU-sized matrices.
+    ``placement``: where the in-memory images live during training: ``device`` (moved to
     the accelerator once; batches gathered and augmented there), ``host`` (batches built on
     the CPU, copied from pinned memory), ``auto`` (``device`` when they take at most a quarter
     of the accelerator's memory, else ``host``; the CPU when training on the CPU).

@@ -4,6 +4,7 @@ format, :func:`dtokd.train.teacher.load_offline_teacher` how a run reads them)."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from dtokd.data.offline_teacher import vocabulary_identity
@@ -34,11 +35,19 @@ def offline_temperature(config: Config) -> float:
 
 
 def write_run_teacher_outputs(
-    config: Config, folder: Path, *, k: int, dtype: str, batch_size: int | None, overwrite: bool
+    config: Config,
+    folder: Path,
+    *,
+    k: int,
+    dtype: str,
+    batch_size: int | None,
+    overwrite: bool,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Manifest:
     """``dtokd teacher-outputs``: the configured teacher's top-``k`` outputs over the run's
     training blocks (its data settings, seed included), at the temperature of its token-KD loss,
-    written to ``folder`` for ``teacher.outputs`` (:func:`dtokd.data.teacher_outputs_writer.write_teacher_outputs`)."""
+    written to ``folder`` for ``teacher.outputs`` (:func:`dtokd.data.teacher_outputs_writer.write_teacher_outputs`;
+    ``progress`` as there)."""
     if not task_kind(config.task).takes_teacher_outputs:
         raise ValueError(f"teacher outputs are a language model's; task={config.task!r} takes none")
     if config.teacher.outputs:
@@ -60,4 +69,5 @@ def write_run_teacher_outputs(
         dtype=dtype,
         batch_size=batch_size or config.eval_batch_size,
         overwrite=overwrite,
+        progress=progress,
     )
