@@ -140,17 +140,10 @@ def write_teacher_outputs(
     per_token = k * (stored.itemsize + 4) + 4
     per_shard = max(1, shard_bytes // (length * per_token))
     digest = _CorpusDigest(len(blocks), length)
-    shards, hashes, vocab_size = [], [], 0
     with eval_mode(teacher), torch.no_grad():
-        for number, start in enumerate(range(0, len(blocks), per_shard)):
-            stop = min(start + per_shard, len(blocks))
-            tensors, vocab_size = _shard_outputs(
-                teacher, blocks, range(start, stop), k, float(temperature), stored, batch_size, digest
-            )
-            shards.append(_save_file(folder, f"shard-{number:05d}.pt", start, stop, tensors))
-            hashes.append(block_hashes(tensors["input_ids"]))
-            if progress is not None:
-                progress(stop, len(blocks))
+        shards, hashes, vocab_size = _write_shards(
+            teacher, blocks, folder, per_shard, (k, float(temperature), stored, batch_size), digest, progress
+        )
     manifest = Manifest(
         format=FORMAT,
         teacher_name=teacher_name,
@@ -169,6 +162,28 @@ def write_teacher_outputs(
     (folder / f"{MANIFEST}.tmp").write_text(manifest.to_json())
     (folder / f"{MANIFEST}.tmp").replace(folder / MANIFEST)
     return manifest
+
+
+def _write_shards(
+    teacher: nn.Module,
+    blocks: Any,
+    folder: Path,
+    per_shard: int,
+    settings: tuple[int, float, torch.dtype, int],
+    digest: _CorpusDigest,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[list[Shard], list[Tensor], int]:
+    """Every shard's file (``per_shard`` blocks each) with its record, its blocks' content
+    hashes, and the vocabulary; ``settings``: k, the temperature, the stored dtype, the batch size."""
+    shards, hashes, vocab_size = [], [], 0
+    for number, start in enumerate(range(0, len(blocks), per_shard)):
+        stop = min(start + per_shard, len(blocks))
+        tensors, vocab_size = _shard_outputs(teacher, blocks, range(start, stop), *settings, digest)
+        shards.append(_save_file(folder, f"shard-{number:05d}.pt", start, stop, tensors))
+        hashes.append(block_hashes(tensors["input_ids"]))
+        if progress is not None:
+            progress(stop, len(blocks))
+    return shards, hashes, vocab_size
 
 
 def _shard_outputs(
