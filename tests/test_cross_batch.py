@@ -212,19 +212,27 @@ def test_rescale_norm_takes_the_reference_length_and_keeps_the_direction():
         optimizer.step()
 
 
-def test_micro_batches_add_up_and_each_is_a_batch_of_its_own():
-    model, losses = setup()
-    accumulating = make_balancer("cross-batch", model.parameters())
+def accumulated_and_stepwise(method, model, losses, **options):
+    """Two micro-batches (steps 0 and 1) through one balancer with no optimizer step between
+    (gradient accumulation), and through another whose ``.grad`` is cleared between them: both
+    balancers, what the first wrote in all and the sum of what the second wrote at each."""
+    accumulating = make_balancer(method, model.parameters(), **options)
     accumulating.backward(losses(0))
-    accumulating.backward(losses(1))  # no optimizer step between: gradient accumulation
+    accumulating.backward(losses(1))
     total = written(model).clone()
     model.zero_grad()
-    stepwise = make_balancer("cross-batch", model.parameters())
+    stepwise = make_balancer(method, model.parameters(), **options)
     stepwise.backward(losses(0))
     first = written(model).clone()
     model.zero_grad()
     stepwise.backward(losses(1))
-    torch.testing.assert_close(total, first + written(model), rtol=1e-12, atol=1e-14)
+    return accumulating, stepwise, total, first + written(model)
+
+
+def test_micro_batches_add_up_and_each_is_a_batch_of_its_own():
+    model, losses = setup()
+    accumulating, stepwise, total, summed = accumulated_and_stepwise("cross-batch", model, losses)
+    torch.testing.assert_close(total, summed, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(accumulating.usefulness, stepwise.usefulness, rtol=0, atol=0)
 
 

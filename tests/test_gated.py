@@ -11,7 +11,7 @@ from torch import nn
 from dtokd import make_balancer
 from dtokd.balancing.checks import NonFiniteStepError
 
-from tests.test_cross_batch import gradient, setup, written
+from tests.test_cross_batch import accumulated_and_stepwise, gradient, setup, written
 
 
 def cosine(a, b):
@@ -249,17 +249,9 @@ def test_a_state_that_does_not_name_its_method_is_refused():
 
 def test_micro_batches_add_up_each_counts_on_the_schedule_and_the_same_batch_update_follows_the_step():
     model, losses = setup()
-    accumulating = make_balancer("dto-amortized-gated", model.parameters(), every=2)
-    accumulating.backward(losses(0))  # kept
-    accumulating.backward(losses(1))  # compared with it: no optimizer step between (gradient accumulation)
-    total = written(model).clone()
-    model.zero_grad()
-    stepwise = make_balancer("dto-amortized-gated", model.parameters(), every=2)
-    stepwise.backward(losses(0))
-    first = written(model).clone()
-    model.zero_grad()
-    stepwise.backward(losses(1))
-    torch.testing.assert_close(total, first + written(model), rtol=1e-12, atol=1e-14)
+    # step 0 kept, step 1 compared with it, no optimizer step between (gradient accumulation)
+    accumulating, stepwise, total, summed = accumulated_and_stepwise("dto-amortized-gated", model, losses, every=2)
+    torch.testing.assert_close(total, summed, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(accumulating.usefulness, stepwise.usefulness, rtol=0, atol=0)
     assert accumulating.gradient_steps == 2 and (accumulating.usefulness != 0).all()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)

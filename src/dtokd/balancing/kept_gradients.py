@@ -71,7 +71,7 @@ def signature(gradients: StoredGradients) -> Signature:
     each parameter's global shape and dtype, else each chunk's size and dtype."""
     if gradients.sharded:
         return _of_params(gradients.params)
-    return tuple(((c.numel(),), c.dtype) for c in gradients.chunks[0])
+    return _of_chunks(gradients.chunks[0])
 
 
 def restore(state: Mapping[str, Any], params: Sequence[Tensor], who: str) -> KeptGradients | None:
@@ -89,14 +89,14 @@ def restore(state: Mapping[str, Any], params: Sequence[Tensor], who: str) -> Kep
     is_sharded = sharded.is_sharded(params)
     if "chunks" in state and not is_sharded:
         chunks = [[c.to(params[0].device) for c in row] for row in state["chunks"]]
-        return KeptGradients(chunks, norms, tuple(((c.numel(),), c.dtype) for c in chunks[0]))
+        return KeptGradients(chunks, norms, _of_chunks(chunks[0]))
     whole_layout = ChunkLayout.of(params)  # a DTensor's numel and shape are the whole parameter's
     rows = state["full"] if "full" in state else _split(state["chunks"], whole_layout)
     if rows is None or any([tuple(t.shape) for t in row] != [tuple(p.shape) for p in params] for row in rows):
         return None
     if not is_sharded:
         chunks = [whole_layout.flatten([t.to(p) for t, p in zip(row, params)]) for row in rows]
-        return KeptGradients(chunks, norms, tuple(((c.numel(),), c.dtype) for c in chunks[0]))
+        return KeptGradients(chunks, norms, _of_chunks(chunks[0]))
     local: list[list[Tensor | None]] = [[sharded.local_shard(t, p) for t, p in zip(row, params)] for row in rows]
     layout = ChunkLayout.of([p.to_local() for p in params], breaks=[len(params)])  # type: ignore[attr-defined]
     return KeptGradients([layout.flatten(row) for row in local], norms, _of_params(params), (layout, list(params)))
@@ -104,6 +104,10 @@ def restore(state: Mapping[str, Any], params: Sequence[Tensor], who: str) -> Kep
 
 def _of_params(params: Sequence[Tensor]) -> Signature:
     return tuple((tuple(p.shape), p.dtype) for p in params)
+
+
+def _of_chunks(row: Sequence[Tensor]) -> Signature:
+    return tuple(((c.numel(),), c.dtype) for c in row)
 
 
 def _split(rows: list[list[Tensor]], layout: ChunkLayout) -> list[list[Tensor]] | None:
