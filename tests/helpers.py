@@ -2,6 +2,7 @@
 
 import gc
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -91,15 +92,23 @@ def tiny_lm_overrides(corpus, llama: str, *, limit_train: int = 12) -> list[str]
     ]
 
 
-def run_in_gloo_group(rank: int, world: int, init_file: str, body: Callable[..., bool], *args) -> None:
+# How long a rank waits in one collective before it fails: far above any wait in these tests' tiny
+# runs, far below gloo's default 30 min, so a collective some rank never joins (a deadlock) fails the
+# test within minutes instead of stalling the suite.
+COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+
+
+def run_in_gloo_group(
+    rank: int, world: int, init_file: str, body: Callable[..., bool], *args, timeout: timedelta = COLLECTIVE_TIMEOUT
+) -> None:
     """``body(*args)`` as process ``rank`` of a ``world``-process gloo group (file store
-    ``init_file``), then the group torn down, after a barrier when ``body`` returned True (every
-    rank finished alike, so no peer's collective is still in flight; after an error a peer may
-    never arrive). ``body`` keeps its models in its own frame, so they are gone
-    (a DDP reducer or an FSDP module holds the group) and the group's threads joined before the
-    interpreter exits: threads that outlive it abort the process at exit ("terminate called
+    ``init_file``, collectives failing after ``timeout``), then the group torn down, after a
+    barrier when ``body`` returned True (every rank finished alike, so no peer's collective is
+    still in flight; after an error a peer may never arrive). ``body`` keeps its models in its
+    own frame, so they are gone (a DDP reducer or an FSDP module holds the group) and the group's
+    threads joined before the interpreter exits: threads that outlive it abort the process at exit ("terminate called
     without an active exception")."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
     try:
         if body(*args):
             dist.barrier()

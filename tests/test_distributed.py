@@ -1,7 +1,10 @@
 """Two processes (gloo, CPU) against one process on the concatenated batch."""
 
+from datetime import timedelta
+
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -157,3 +160,20 @@ def test_local_mode_averages_the_rank_weights(tmp_path):
 def test_desynchronised_rank_is_detected(tmp_path):
     results = run_two_processes(tmp_path, "dto", {"check_sync": True}, desync=True)
     assert all("ranks disagree on the parameters" in r.get("error", "") for r in results)
+
+
+def wait_for_each_other(rank: int) -> bool:
+    """Each rank waits to receive from the other, which never sends (a deadlock: both alive)."""
+    dist.recv(torch.zeros(1), src=1 - rank)
+    return True
+
+
+def deadlock_worker(rank, world, init_file):
+    run_in_gloo_group(rank, world, init_file, wait_for_each_other, rank, timeout=timedelta(seconds=2))
+
+
+def test_a_collective_one_rank_never_joins_fails_instead_of_hanging(tmp_path):
+    """The tests' process groups time out (helpers.COLLECTIVE_TIMEOUT, here 2 s): a deadlock
+    introduced by a change fails its test instead of stalling the suite for gloo's 30 min."""
+    with pytest.raises(mp.ProcessRaisedException, match="(?i)timed? ?out"):
+        mp.spawn(deadlock_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
