@@ -172,7 +172,7 @@ def deadlock_worker(rank, world, init_file):
     run_in_gloo_group(rank, world, init_file, wait_for_each_other, rank, timeout=timedelta(seconds=2))
 
 
-def test_a_collective_one_rank_never_joins_fails_instead_of_hanging(tmp_path):
+def test_a_wait_no_rank_answers_fails_instead_of_hanging(tmp_path):
     """The tests' process groups time out (helpers.COLLECTIVE_TIMEOUT, here 2 s): a deadlock
     introduced by a change fails its test instead of stalling the suite for gloo's 30 min."""
     with pytest.raises(mp.ProcessRaisedException, match="(?i)timed? ?out"):
